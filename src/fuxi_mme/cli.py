@@ -1,0 +1,223 @@
+"""Command line: ``fuxi-mme {train,evaluate,data,presets}``. Parses, builds a config, calls one
+function; user errors are printed as one clear line (exit code 2), never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from . import __version__
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def metrics_table(rows: dict[str, dict[str, Any]], title: str = "") -> str:
+    """Plain-text table: one row per split/model, metric columns in a stable order."""
+    cols: list[str] = []
+    for m in rows.values():
+        cols.extend(k for k in m if k not in cols and isinstance(m[k], (int, float)))
+    first = max([len("split")] + [len(r) for r in rows])
+    widths = [max(len(c), 7) for c in cols]
+    lines = [title] if title else []
+    lines.append("  ".join(["split".ljust(first)] + [c.rjust(w) for c, w in zip(cols, widths)]))
+    for name, m in rows.items():
+        lines.append("  ".join([name.ljust(first)] + [_fmt(m.get(c, "")).rjust(w) for c, w in zip(cols, widths)]))
+    return "\n".join(lines)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="named preset (see `fuxi-mme presets`); default demo-fuxi-mme-base")
+    p.add_argument("--dataset", help="dataset of the preset: demo, ml-1m, amazon-beauty, ... (or use --data-path)")
+    p.add_argument("--model", help="model family: fuxi-mme, fuxi-alpha, hstu, sasrec, llama, popularity")
+    p.add_argument("--size", choices=("base", "large"), help="model size of the preset")
+    p.add_argument("--config", help="YAML file with sections data:, model:, train:, eval:, log:")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field (repeatable), e.g. --set model.moe.num_experts=8")
+    p.add_argument("--data-path", help="a user interactions file, or the folder of a named dataset")
+    p.add_argument("--data-dir", help="cache folder for prepared datasets (env FUXI_MME_DATA)")
+    p.add_argument("--protocol", choices=("loo-val", "paper"))
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--run-dir", help="where the run is written (default runs/<time>-<preset>)")
+
+
+def build_config(args: argparse.Namespace):
+    from .config import apply_mapping, apply_overrides, load_yaml, validate
+    from .presets import build_preset, parse_preset, preset_name
+
+    if args.preset:
+        dataset, model, size = parse_preset(args.preset)
+    else:
+        dataset, model, size = "demo", "fuxi-mme", "base"
+    if args.data_path and not args.dataset and not args.preset:
+        dataset = "file"
+    dataset = args.dataset or dataset
+    model = args.model or model
+    size = args.size or size
+    cfg = build_preset(preset_name(dataset, model, size))
+    if args.config:
+        apply_mapping(cfg, load_yaml(args.config))
+    direct = {
+        "data.path": args.data_path,
+        "data.data_dir": args.data_dir,
+        "data.protocol": args.protocol,
+        "train.epochs": args.epochs,
+        "train.device": args.device,
+        "train.seed": args.seed,
+        "log.run_dir": args.run_dir,
+    }
+    apply_overrides(cfg, [f"{k}={v}" for k, v in direct.items() if v is not None])
+    apply_overrides(cfg, args.overrides)
+    validate(cfg)
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.run import load_run, train
+
+    if args.resume:
+        cfg = load_run(args.resume)
+        if args.epochs:
+            cfg.train.epochs = args.epochs
+    else:
+        cfg = build_config(args)
+    if args.no_progress:
+        cfg.log.progress = False
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    res = train(cfg, resume=args.resume)
+    rows = {}
+    if "valid_best" in res:
+        rows[f"valid (epoch {res.get('selected_epoch', '-')})"] = res["valid_best"]
+    rows["test"] = res["test"]
+    title = f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, full ranking ({res.get('selection', 'no training')})"
+    print(metrics_table(rows, title))
+    print(f"results: {res['run_dir']}/metrics.json")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .train.run import evaluate_run
+
+    res = evaluate_run(args.run, args.split, args.checkpoint, args.device or "auto")
+    print(metrics_table({args.split: res[args.split]}, f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, checkpoint {res['checkpoint']}"))
+    if args.json:
+        print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from .config import DataConfig
+    from .data import check_expected, load_dataset
+
+    cfg = DataConfig(name=args.name if args.name else ("file" if args.data_path else "demo"))
+    cfg.path = args.data_path
+    cfg.data_dir = args.data_dir
+    cfg.ordering = args.ordering
+    for item in args.overrides:
+        from .config import Config, apply_overrides
+
+        c = Config(data=cfg)
+        apply_overrides(c, [item])
+    ds = load_dataset(cfg, rebuild=getattr(args, "rebuild", False))
+    st = ds.stats
+    print(f"dataset {ds.name}  (cache: {ds.cache_dir})")
+    print(f"  users {st['users']:,}   items {st['items']:,}   interactions {st['interactions']:,}")
+    pct = st["seq_len_percentiles"]
+    print("  sequence length: mean {:.1f}; min {:.0f}, p25 {:.0f}, median {:.0f}, p75 {:.0f}, p90 {:.0f}, p99 {:.0f}, max {:.0f}".format(st["seq_len_mean"], *[pct[k] for k in ("0", "25", "50", "75", "90", "99", "100")]))
+    if ds.has_timestamps:
+        import datetime as dt
+
+        f = lambda s: dt.datetime.fromtimestamp(s, dt.timezone.utc).strftime("%Y-%m-%d")  # noqa: E731
+        print(f"  time span: {f(st['time_min'])} to {f(st['time_max'])} ({st['time_span_days']:.0f} days)")
+    else:
+        print("  timestamps: none (order only); the temporal attention channel is disabled for this dataset")
+    for n in st.get("notes", []):
+        print(f"  note: {n}")
+    for w in check_expected(ds):
+        print(w)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .presets import SHAPES, all_presets, build_preset
+
+    names = all_presets()
+    if args.show:
+        print(build_preset(args.show).to_json())
+        return 0
+    print("Presets (<dataset>-<model>-<size>); `fuxi-mme presets --show NAME` prints one in full.")
+    for ds in SHAPES:
+        mine = [n for n in names if n.startswith(ds + "-") and (n[len(ds) + 1 :].split("-")[0] in ("fuxi", "hstu", "sasrec", "llama", "popularity"))]
+        print(f"  {ds}:")
+        for n in mine:
+            c = build_preset(n)
+            m = c.model
+            desc = "no parameters" if m.name == "popularity" else f"d={m.dim} L={m.num_layers} H={m.num_heads}"
+            if m.name == "fuxi-mme":
+                desc += f" M={m.num_embeddings} E={m.moe.num_experts} top{m.moe.top_k}"
+            print(f"    {n:34s} {desc}, max_len={c.data.max_len}, epochs={c.train.epochs}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fuxi-mme", description="Generative sequential recommendation: Fuxi-MME, FuXi-alpha, HSTU, SASRec.")
+    p.add_argument("--version", action="version", version=f"fuxi-mme {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model and evaluate it (full ranking)")
+    _add_config_args(t)
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a trained run (full ranking)")
+    e.add_argument("--run", required=True, metavar="RUN_DIR")
+    e.add_argument("--split", default="test", choices=("test", "valid"))
+    e.add_argument("--checkpoint", default="auto", help="best, last, or auto (best when the run kept one)")
+    e.add_argument("--device")
+    e.add_argument("--json", action="store_true", help="also print the result as JSON")
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("data", help="dataset commands")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    for name, helptext in (("info", "prepare (cached) and describe a dataset"), ("prepare", "prepare a dataset into the cache")):
+        di = dsub.add_parser(name, help=helptext)
+        di.add_argument("name", nargs="?", help="dataset name (demo, ml-100k, ml-1m-ts70, amazon-beauty, ...); omit with --data-path")
+        di.add_argument("--data-path", help="source file or folder")
+        di.add_argument("--data-dir", help="cache folder (env FUXI_MME_DATA)")
+        di.add_argument("--ordering", default="stable", choices=("stable", "hstu"))
+        di.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.FIELD=VALUE")
+        if name == "prepare":
+            di.add_argument("--rebuild", action="store_true", help="ignore the cache")
+        di.set_defaults(func=cmd_data_info)
+
+    pr = sub.add_parser("presets", help="list named presets")
+    pr.add_argument("--show", metavar="NAME", help="print one preset's full config")
+    pr.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        # ConfigError, DataError and CheckpointError derive from these; -v shows the traceback.
+        if args.verbose:
+            raise
+        print(f"fuxi-mme: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

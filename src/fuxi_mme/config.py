@@ -1,0 +1,331 @@
+"""Typed run configuration: one dataclass per component, YAML files and ``--set`` overrides.
+
+A :class:`Config` is the single source of truth for a run. It is built from a named preset
+(:mod:`fuxi_mme.presets`), optionally a YAML file, then ``section.field=value`` overrides, and
+written fully resolved to ``config.json`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, how it is split and how sequences are cut."""
+
+    name: str = "demo"  # a named dataset ("demo", "ml-100k", ...) or "file" with `path`
+    path: str | None = None  # user file (CSV/TSV/Parquet/JSONL) or the source of a named dataset
+    user_col: str = "user"
+    item_col: str = "item"
+    time_col: str | None = "timestamp"  # None: no timestamps, file order is the sequence order
+    rating_col: str | None = None
+    sep: str | None = None  # CSV separator; None: from the file suffix
+    min_rating: float | None = None  # keep only interactions with rating >= this
+    min_user_interactions: int = 2
+    ordering: str = "stable"  # "stable" (ties keep file order) or "hstu"
+    protocol: str = "loo-val"  # "loo-val" (leak-free) or "paper" (HSTU/FuXi-alpha compatible)
+    max_len: int = 200  # most recent items the model sees
+    data_dir: str | None = None  # cache folder; None: $FUXI_MME_DATA or the user cache dir
+    demo_users: int = 3000  # size of the built-in demo dataset
+    demo_seed: int = 0
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts layer (Fuxi-MME). ``num_experts == 0`` disables it."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    placement: str = "ffn"  # "ffn" (stage-2 SwiGLU), "u" (u projection), "out" (stage-1 output)
+    shared_expert: bool = False
+    router_noise: float = 0.0  # std of Gaussian noise added to router logits while training
+    balance: str = "aux_loss"  # "aux_loss", "aux_free" (bias updates) or "none"
+    aux_loss_weight: float = 0.01
+    bias_update_rate: float = 1e-3  # aux_free: step of the per-expert selection bias
+    stream_embedding: bool = False  # add a learned per-stream vector before the router
+    backend: str = "auto"  # "loop" (reference), "batched", or "auto"
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Fields a model family does not use are ignored by it."""
+
+    name: str = "fuxi-alpha"  # fuxi-alpha, fuxi-mme, hstu, sasrec, llama, popularity
+    dim: int = 50  # d: item embedding width (total, over all streams for fuxi-mme)
+    num_layers: int = 2
+    num_heads: int = 1
+    qk_dim: int = 50  # per head
+    v_dim: int = 50  # per head
+    ffn_multiply: float = 1.0  # SwiGLU hidden = ffn_multiply * width (FuXi blocks, llama)
+    ffn_dim: int = 50  # sasrec ReLU FFN width
+    dropout: float = 0.2
+    num_time_buckets: int = 128  # bucket ids 0..num_time_buckets (129 scalars)
+    time_bucket_divisor: float = 0.301
+    use_temporal: bool = True  # disabled automatically when the dataset has no timestamps
+    attention: str = "auto"  # "reference" (plain PyTorch) or "auto" (fused where available)
+    # Fuxi-MME
+    num_embeddings: int = 1  # M: item sub-tables of width dim / M
+    shared_decoder: bool = True  # one stack for all streams (folded into the batch) or one per stream
+    shared_positions: bool = False  # one positional table for all streams
+    combine: str = "concat"  # "concat" (cosine of concatenated streams) or "mean" (mean of per-stream cosines)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 101
+    batch_size: int = 128
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    num_negatives: int = 128
+    temperature: float = 0.05
+    seed: int = 42
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    tf32: bool = True
+    amp: str = "none"  # "none" or "bf16" (autocast on GPU; fp32 master weights)
+    compile: bool = False
+    grad_clip: float | None = None
+    schedule: str = "constant"  # "constant" or "cosine"
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    eval_every: int = 1  # epochs between evaluations (validation under loo-val)
+    patience: int | None = 10  # loo-val early stopping, in evaluations; None: never stop early
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
+    deterministic: bool = False
+    num_threads: int | None = None  # CPU threads; None: torch's default
+
+
+@dataclass
+class EvalConfig:
+    ks: tuple[int, ...] = (10, 50, 200)
+    filter_history: bool = True
+    batch_size: int = 1024
+    # Report the per-epoch test curve under `paper` (labelled; never used for selection).
+    log_test_curve: bool = False
+
+
+@dataclass
+class LogConfig:
+    run_dir: str | None = None  # None: runs/<time>-<preset>
+    progress: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    preset: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- coercion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert ``value`` (from YAML, JSON or a ``--set`` string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: cannot read {value!r} as {_type_name(tp)}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+def _fields(obj: Any) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(type(obj))
+    out = {}
+    for f in dataclasses.fields(obj):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def set_field(cfg: Config, dotted: str, value: Any) -> None:
+    """Set ``section.field`` (nested: ``model.moe.num_experts``) with type checking."""
+    parts = dotted.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts):
+        fields = _fields(obj)
+        where = ".".join(parts[: i + 1])
+        if part not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {where!r}; known keys here: {known}")
+        f = fields[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where} is a section; set one of its fields, e.g. {where}.<field>=...")
+                for k, v in value.items():
+                    set_field(cfg, f"{dotted}.{k}", v)
+            else:
+                setattr(obj, part, _coerce(value, f.type, where))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"{where} is a value, not a section")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.field=value`` strings (``--set``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.field=value, got {item!r}")
+        key, value = item.split("=", 1)
+        set_field(cfg, key.strip(), value.strip())
+    return cfg
+
+
+def apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> Config:
+    """Apply a nested mapping (from YAML or JSON) on top of ``cfg``."""
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if key == "preset" and not prefix:
+            cfg.preset = str(value)
+            continue
+        set_field(cfg, dotted, value)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections (data:, model:, ...)")
+    return data
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``config.json`` (unknown keys are an error)."""
+    cfg = Config()
+    return apply_mapping(cfg, d)
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone do not catch; raise ConfigError naming the fix."""
+    choices = {
+        "data.protocol": (cfg.data.protocol, ("loo-val", "paper")),
+        "data.ordering": (cfg.data.ordering, ("stable", "hstu")),
+        "model.combine": (cfg.model.combine, ("concat", "mean")),
+        "model.moe.placement": (cfg.model.moe.placement, ("ffn", "u", "out")),
+        "model.moe.balance": (cfg.model.moe.balance, ("aux_loss", "aux_free", "none")),
+        "model.moe.backend": (cfg.model.moe.backend, ("auto", "loop", "batched")),
+        "model.attention": (cfg.model.attention, ("auto", "reference", "fused")),
+        "train.amp": (cfg.train.amp, ("none", "bf16")),
+        "train.schedule": (cfg.train.schedule, ("constant", "cosine")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    m = cfg.model
+    if m.num_embeddings < 1 or m.dim % m.num_embeddings:
+        raise ConfigError(
+            f"model.num_embeddings={m.num_embeddings} must be >= 1 and divide model.dim={m.dim}"
+        )
+    if m.moe.num_experts and not (1 <= m.moe.top_k <= m.moe.num_experts):
+        raise ConfigError(f"model.moe.top_k={m.moe.top_k} must be in 1..model.moe.num_experts={m.moe.num_experts}")
+    positive = {
+        "data.max_len": cfg.data.max_len,
+        "train.batch_size": cfg.train.batch_size,
+        "train.num_negatives": cfg.train.num_negatives,
+        "train.grad_accum": cfg.train.grad_accum,
+        "model.dim": m.dim,
+        "model.num_layers": m.num_layers,
+        "model.num_heads": m.num_heads,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if cfg.train.temperature <= 0:
+        raise ConfigError(f"train.temperature={cfg.train.temperature} must be positive")
+    if not cfg.eval.ks or min(cfg.eval.ks) < 1:
+        raise ConfigError(f"eval.ks={cfg.eval.ks} must be positive cut-offs such as 10,50,200")

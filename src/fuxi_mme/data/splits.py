@@ -1,0 +1,129 @@
+"""Protocol splits and padded batches.
+
+Legend: U users in a split, N = max_len, B batch rows.
+
+Protocols (SPEC section 5):
+* ``paper``: train on everything but each user's last item; test target = last item.
+* ``loo-val``: train on everything but the last two; validation target = second-to-last
+  (history = the items before it); test target = last (history includes the validation item).
+
+Sequences are left-aligned: real items at positions 0..len-1, zeros after. For position i the
+*query timestamp* is the timestamp of the item that follows it (the target's timestamp at
+the last real position), which the temporal attention channel reads; the target id is never
+part of the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .prepared import PreparedDataset
+
+
+def split_points(ds: PreparedDataset, protocol: str) -> dict[str, np.ndarray]:
+    """Absolute flat indices: ``train_end`` per user and the target index of each eval split."""
+    ends = ds.offsets[1:]
+    if protocol == "paper":
+        return {"train_end": ends - 1, "test": ends - 1}
+    if protocol == "loo-val":
+        return {"train_end": ends - 2, "valid": ends - 2, "test": ends - 1}
+    raise ValueError(f"unknown protocol {protocol!r}; use 'loo-val' or 'paper'")
+
+
+def _windows(ds: PreparedDataset, start: np.ndarray, end: np.ndarray, width: int):
+    """Gather ``items[start:end]`` and timestamps, keeping the last ``width``; left-aligned."""
+    first = np.maximum(start, end - width)
+    n = end - first
+    idx = first[:, None] + np.arange(width)[None, :]
+    mask = np.arange(width)[None, :] < n[:, None]
+    idx = np.where(mask, idx, 0)
+    items = np.where(mask, ds.items[idx], 0)
+    ts = np.where(mask, ds.timestamps[idx], 0)
+    return items, ts, n
+
+
+@dataclass
+class TrainArrays:
+    """Padded training windows: inputs and next-item targets at every position."""
+
+    ids: np.ndarray  # (U, N) int64
+    ts: np.ndarray  # (U, N) int64, timestamps of the inputs
+    targets: np.ndarray  # (U, N) int64, 0 where no target
+    query_ts: np.ndarray  # (U, N) int64, timestamps of the targets
+    lengths: np.ndarray  # (U,)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def train_arrays(ds: PreparedDataset, protocol: str, max_len: int) -> TrainArrays:
+    pts = split_points(ds, protocol)
+    start = ds.offsets[:-1]
+    items, ts, n = _windows(ds, start, pts["train_end"], max_len + 1)
+    keep = n >= 2
+    items, ts, n = items[keep], ts[keep], n[keep]
+    ids, targets = items[:, :-1].copy(), items[:, 1:].copy()
+    in_ts, q_ts = ts[:, :-1].copy(), ts[:, 1:].copy()
+    return TrainArrays(ids=ids, ts=in_ts, targets=targets, query_ts=q_ts, lengths=n - 1)
+
+
+@dataclass
+class EvalArrays:
+    """One evaluation split: the most recent history, the target and its timestamp."""
+
+    users: np.ndarray  # (U,) dataset user index
+    ids: np.ndarray  # (U, N)
+    ts: np.ndarray  # (U, N)
+    query_ts: np.ndarray  # (U, N), the last real position holds the target's timestamp
+    lengths: np.ndarray  # (U,)
+    targets: np.ndarray  # (U,)
+    hist_start: np.ndarray  # (U,) flat index where the full history starts (for filtering)
+    hist_end: np.ndarray  # (U,) flat index one past the history (= target index)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def eval_arrays(ds: PreparedDataset, protocol: str, split: str, max_len: int) -> EvalArrays:
+    pts = split_points(ds, protocol)
+    if split not in pts or split == "train_end":
+        raise ValueError(f"protocol {protocol!r} has no {split!r} split (it has: {', '.join(k for k in pts if k != 'train_end')})")
+    tgt = pts[split]
+    start = ds.offsets[:-1]
+    users = np.flatnonzero(tgt - start >= 1)  # at least one history item
+    start, tgt = start[users], tgt[users]
+    ids, ts, n = _windows(ds, start, tgt, max_len)
+    q_ts = np.zeros_like(ts)
+    q_ts[:, :-1] = ts[:, 1:]
+    rows = np.arange(len(users))
+    q_ts[rows, n - 1] = ds.timestamps[tgt]
+    q_ts = np.where(np.arange(max_len)[None, :] < n[:, None], q_ts, 0)
+    return EvalArrays(
+        users=users,
+        ids=ids,
+        ts=ts,
+        query_ts=q_ts,
+        lengths=n,
+        targets=ds.items[tgt],
+        hist_start=start,
+        hist_end=tgt,
+    )
+
+
+def to_batch(arrs, rows: np.ndarray, device: torch.device | str = "cpu", trim: bool = True) -> dict[str, torch.Tensor]:
+    """Slice rows of Train/EvalArrays into tensors, trimmed to the longest row (padding after)."""
+    n = int(arrs.lengths[rows].max()) if trim and len(rows) else arrs.ids.shape[1]
+    out = {
+        "ids": torch.from_numpy(arrs.ids[rows, :n]),
+        "ts": torch.from_numpy(arrs.ts[rows, :n]),
+        "query_ts": torch.from_numpy(arrs.query_ts[rows, :n]),
+        "lengths": torch.from_numpy(arrs.lengths[rows]),
+    }
+    if isinstance(arrs, TrainArrays):
+        out["targets"] = torch.from_numpy(arrs.targets[rows, :n])
+    else:
+        out["target"] = torch.from_numpy(arrs.targets[rows])
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}

@@ -1,0 +1,94 @@
+"""Full-ranking evaluation over all items, in batches (ML-20M-sized catalogues fit).
+
+Legend: B users in a batch, I items (+1 padding column), D scoring width.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..data.prepared import PreparedDataset
+from ..data.splits import EvalArrays, split_points, to_batch
+from ..models.common import SequenceModel
+from .metrics import metrics_from_ranks, ranks_from_scores
+
+Scorer = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # batch -> (B, I+1) scores
+
+
+def history_pairs(arrs: EvalArrays, rows: np.ndarray, ds: PreparedDataset) -> tuple[np.ndarray, np.ndarray]:
+    """(row-in-batch, item) for every item in each user's full history (not only the last N)."""
+    start, end = arrs.hist_start[rows], arrs.hist_end[rows]
+    lens = end - start
+    total = int(lens.sum())
+    row_rep = np.repeat(np.arange(len(rows)), lens)
+    base = np.repeat(start - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return row_rep, ds.items[np.arange(total) + base]
+
+
+def model_scorer(model: SequenceModel, autocast_dtype: torch.dtype | None = None) -> Scorer:
+    """Scores = last-position user vector . every item vector (items computed once)."""
+    items_ID = None
+
+    def score(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        nonlocal items_ID
+        dev = batch["ids"].device
+        with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if items_ID is None:
+                items_ID = model.item_vectors().float()
+            user_BND = model(batch["ids"], batch["ts"], batch["query_ts"])
+        last = batch["lengths"] - 1
+        user_BD = user_BND[torch.arange(len(last), device=dev), last].float()
+        return user_BD @ items_ID.T
+
+    return score
+
+
+def popularity_scorer(ds: PreparedDataset, protocol: str, device: torch.device | str = "cpu") -> Scorer:
+    """Item counts in the training part of each sequence (no test or validation targets)."""
+    train_end = split_points(ds, protocol)["train_end"]
+    start = ds.offsets[:-1]
+    lens = np.maximum(train_end - start, 0)
+    idx = np.repeat(start - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(int(lens.sum()))
+    counts = torch.from_numpy(np.bincount(ds.items[idx], minlength=ds.num_items + 1).astype(np.float32)).to(device)
+
+    def score(batch):
+        return counts.expand(len(batch["lengths"]), -1).clone()
+
+    return score
+
+
+@torch.no_grad()
+def evaluate_ranks(
+    scorer: Scorer,
+    arrs: EvalArrays,
+    ds: PreparedDataset,
+    filter_history: bool = True,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """1-based rank of each target among all items (padding never a candidate)."""
+    rows_all = np.arange(len(arrs)) if rows is None else rows
+    out = []
+    for s in range(0, len(rows_all), batch_size):
+        rows_b = rows_all[s : s + batch_size]
+        batch = to_batch(arrs, rows_b, device)
+        scores = scorer(batch).float()
+        scores[:, 0] = -torch.inf
+        if filter_history:
+            r, it = history_pairs(arrs, rows_b, ds)
+            tgt = torch.from_numpy(arrs.targets[rows_b])
+            keep = it != tgt.numpy()[r]  # the target stays a candidate even if seen before
+            scores[torch.from_numpy(r[keep]).to(scores.device), torch.from_numpy(it[keep]).to(scores.device)] = -torch.inf
+        out.append(ranks_from_scores(scores, batch["target"]).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def evaluate(scorer: Scorer, arrs: EvalArrays, ds: PreparedDataset, ks=(10, 50, 200), filter_history=True, batch_size=1024, device="cpu") -> dict[str, float]:
+    ranks = evaluate_ranks(scorer, arrs, ds, filter_history, batch_size, device)
+    m = metrics_from_ranks(ranks, ks)
+    m["users"] = int(len(ranks))
+    return m

@@ -1,0 +1,148 @@
+"""FuXi-alpha (arXiv 2502.03036), exactly as SPEC section 2, and its block.
+
+Legend: B batch, N positions, D width, H heads, Dq / Dv per-head widths.
+
+The block optionally swaps one of its projections for a Mixture-of-Experts layer, which is how
+Fuxi-MME reuses it (:mod:`fuxi_mme.models.fuxi_mme`); with ``moe=None`` it is plain FuXi-alpha.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MoEConfig, ModelConfig
+from .attention import fuxi_attention_reference
+from .common import ItemInput, SequenceModel, SwiGLU, l2_normalize, rms_norm
+from .moe import MoE
+
+
+def _make_moe(moe: MoEConfig, dim: int, out_dim: int, kind: str, hidden: int | None, bias: bool, num_streams: int) -> MoE:
+    return MoE(
+        dim,
+        out_dim,
+        moe.num_experts,
+        moe.top_k,
+        kind=kind,
+        hidden=hidden,
+        bias=bias,
+        shared_expert=moe.shared_expert,
+        router_noise=moe.router_noise,
+        balance=moe.balance,
+        aux_loss_weight=moe.aux_loss_weight,
+        bias_update_rate=moe.bias_update_rate,
+        num_streams=num_streams,
+        stream_embedding=moe.stream_embedding,
+        backend=moe.backend,
+    )
+
+
+class FuxiBlock(nn.Module):
+    """One FuXi block: fused projection -> multi-channel attention -> multi-stage FFN."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qk_dim: int,
+        v_dim: int,
+        ffn_multiply: float,
+        dropout: float,
+        max_len: int,
+        num_time_buckets: int = 128,
+        time_bucket_divisor: float = 0.301,
+        use_temporal: bool = True,
+        moe: MoEConfig | None = None,
+        num_streams: int = 1,
+    ):
+        super().__init__()
+        H = num_heads
+        self.H, self.qk_dim, self.v_dim = H, qk_dim, v_dim
+        self.max_len, self.divisor, self.use_temporal = max_len, time_bucket_divisor, use_temporal
+        self.moe_placement = moe.placement if moe is not None and moe.num_experts > 0 else None
+        u_width = 3 * H * v_dim
+        hidden = int(round(ffn_multiply * dim))
+        # Fused bias-free projection to u | v | q | k (u by experts when placement == "u").
+        proj_out = H * v_dim + 2 * H * qk_dim + (0 if self.moe_placement == "u" else u_width)
+        self.uvqk = nn.Linear(dim, proj_out, bias=False)
+        self.u_moe = _make_moe(moe, dim, u_width, "linear", None, False, num_streams) if self.moe_placement == "u" else None
+        self.pos_w = nn.Parameter(torch.empty(max_len).normal_(std=0.02))
+        self.time_w = nn.Parameter(torch.empty(num_time_buckets + 1).normal_(std=0.02))
+        self.drop = nn.Dropout(dropout)
+        if self.moe_placement == "out":
+            self.out_moe = _make_moe(moe, u_width, dim, "linear", None, True, num_streams)
+            self.out = None
+        else:
+            self.out = nn.Linear(u_width, dim, bias=True)
+        if self.moe_placement == "ffn":
+            self.ffn_moe = _make_moe(moe, dim, dim, "swiglu", hidden, False, num_streams)
+            self.ffn = None
+        else:
+            self.ffn = SwiGLU(dim, hidden)
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in (getattr(self, "u_moe", None), getattr(self, "out_moe", None), getattr(self, "ffn_moe", None)) if m is not None]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        ts: torch.Tensor,
+        query_ts: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        stream: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, N, D); ts, query_ts (B, N); valid (B, N) bool; stream (B, N) stream index."""
+        B, N, _ = x.shape
+        H, Dq, Dv = self.H, self.qk_dim, self.v_dim
+        xn = rms_norm(x)
+        proj = F.silu(self.uvqk(xn))
+        if self.u_moe is not None:
+            u = F.silu(self.u_moe(xn, valid, stream))
+            v, q, k = proj.split([H * Dv, H * Dq, H * Dq], dim=-1)
+        else:
+            u, v, q, k = proj.split([3 * H * Dv, H * Dv, H * Dq, H * Dq], dim=-1)
+        q = q.view(B, N, H, Dq).transpose(1, 2)
+        k = k.view(B, N, H, Dq).transpose(1, 2)
+        v = v.view(B, N, H, Dv).transpose(1, 2)
+        attn = fuxi_attention_reference(
+            q, k, v, self.pos_w, self.time_w if self.use_temporal else None, ts, query_ts, float(self.max_len), self.divisor
+        )
+        h = rms_norm(attn) * u
+        hd = self.drop(h)
+        o = (self.out_moe(hd, valid, stream) if self.out is None else self.out(hd)) + x
+        z = self.drop(rms_norm(o))
+        return (self.ffn_moe(z, valid, stream) if self.ffn is None else self.ffn(z)) + o
+
+
+class FuxiAlpha(SequenceModel):
+    """Item input layer -> L FuXi blocks -> L2-normalised user vectors (no final norm)."""
+
+    def __init__(self, cfg: ModelConfig, num_items: int, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+        self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout)
+        self.blocks = nn.ModuleList(
+            FuxiBlock(
+                cfg.dim,
+                cfg.num_heads,
+                cfg.qk_dim,
+                cfg.v_dim,
+                cfg.ffn_multiply,
+                cfg.dropout,
+                max_len,
+                cfg.num_time_buckets,
+                cfg.time_bucket_divisor,
+                cfg.use_temporal,
+            )
+            for _ in range(cfg.num_layers)
+        )
+
+    def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor) -> torch.Tensor:
+        x = self.input(ids)
+        for blk in self.blocks:
+            x = blk(x, ts, query_ts)
+        return l2_normalize(x)
+
+    def item_vectors(self) -> torch.Tensor:
+        return l2_normalize(self.input.item_emb.weight)

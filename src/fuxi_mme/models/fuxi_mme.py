@@ -1,0 +1,134 @@
+"""Fuxi-MME (arXiv 2510.25285): multi-embedding + Mixture-of-Experts on FuXi blocks.
+
+Legend: B batch, M streams, N positions, D = d / M stream width, I items.
+
+The item table (I x d) is split into M tables of width d / M (total size unchanged). Each item
+gives M sub-embeddings, hence M input sequences, processed by a shared stack of FuXi blocks
+(streams folded into the batch dimension) or by one stack per stream. Inside the blocks an
+MoE layer may replace the stage-2 SwiGLU (default), the u projection or the stage-1 output
+projection. Streams are combined for scoring by:
+
+* ``concat``: the M outputs are concatenated to d and scored by cosine against the
+  concatenated sub-embeddings (a dot product that sums per-facet dot products);
+* ``mean``: the mean over streams of per-stream cosine scores (each stream normalised, the
+  user side scaled by 1/M, so a plain dot product still gives the score).
+
+With M = 1 and MoE off the parameters map one-to-one onto :class:`FuxiAlpha` and the outputs
+are identical (tested).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .common import SequenceModel, l2_normalize
+from .fuxi_alpha import FuxiBlock
+
+
+class FuxiMME(SequenceModel):
+    def __init__(self, cfg: ModelConfig, num_items: int, max_len: int):
+        super().__init__()
+        M = cfg.num_embeddings
+        self.M, self.D, self.max_len = M, cfg.dim // M, max_len
+        self.combine, self.shared_decoder = cfg.combine, cfg.shared_decoder
+        self.item_embs = nn.ModuleList(nn.Embedding(num_items + 1, self.D, padding_idx=0) for _ in range(M))
+        self.pos_embs = nn.ModuleList(nn.Embedding(max_len, self.D) for _ in range(1 if cfg.shared_positions else M))
+        for emb in [*self.item_embs, *self.pos_embs]:
+            nn.init.trunc_normal_(emb.weight, std=0.02)
+        with torch.no_grad():
+            for emb in self.item_embs:
+                emb.weight[0].zero_()
+        self.drop = nn.Dropout(cfg.dropout)
+        moe = cfg.moe if cfg.moe.num_experts > 0 else None
+
+        def stack() -> nn.ModuleList:
+            return nn.ModuleList(
+                FuxiBlock(
+                    self.D,
+                    cfg.num_heads,
+                    cfg.qk_dim,
+                    cfg.v_dim,
+                    cfg.ffn_multiply,
+                    cfg.dropout,
+                    max_len,
+                    cfg.num_time_buckets,
+                    cfg.time_bucket_divisor,
+                    cfg.use_temporal,
+                    moe=moe,
+                    num_streams=M,
+                )
+                for _ in range(cfg.num_layers)
+            )
+
+        if self.shared_decoder:
+            self.blocks = stack()
+        else:
+            self.stream_blocks = nn.ModuleList(stack() for _ in range(M))
+
+    # ---------------------------------------------------------------- helpers
+    def _moe_layers(self):
+        stacks = [self.blocks] if self.shared_decoder else list(self.stream_blocks)
+        return [m for s in stacks for blk in s for m in blk.moe_layers()]
+
+    def _input(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, N) -> (B, M, N, D)."""
+        N = ids.shape[1]
+        xs = []
+        for m, emb in enumerate(self.item_embs):
+            pos = self.pos_embs[m if len(self.pos_embs) > 1 else 0].weight[:N]
+            xs.append(emb(ids) * math.sqrt(self.D) + pos)
+        x = self.drop(torch.stack(xs, dim=1))
+        return x * (ids != 0)[:, None, :, None].to(x.dtype)
+
+    def _combine(self, x: torch.Tensor, user: bool) -> torch.Tensor:
+        """(..., M, D) -> (..., M*D) scoring vectors."""
+        if self.combine == "concat":
+            return l2_normalize(x.flatten(-2))
+        x = l2_normalize(x)
+        if user:
+            x = x / self.M
+        return x.flatten(-2)
+
+    # ---------------------------------------------------------------- interface
+    def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor) -> torch.Tensor:
+        B, N = ids.shape
+        M = self.M
+        x = self._input(ids)  # (B, M, N, D)
+        valid = ids != 0
+        if self.shared_decoder:
+            x = x.reshape(B * M, N, self.D)
+            ts_f, qts_f = ts.repeat_interleave(M, 0), query_ts.repeat_interleave(M, 0)
+            valid_f = valid.repeat_interleave(M, 0)
+            stream = torch.arange(M, device=ids.device).repeat(B)[:, None].expand(B * M, N)
+            for blk in self.blocks:
+                x = blk(x, ts_f, qts_f, valid_f, stream)
+            x = x.view(B, M, N, self.D)
+        else:
+            outs = []
+            for m, blocks in enumerate(self.stream_blocks):
+                xm = x[:, m]
+                stream = torch.full_like(ids, m)
+                for blk in blocks:
+                    xm = blk(xm, ts, query_ts, valid, stream)
+                outs.append(xm)
+            x = torch.stack(outs, dim=1)
+        return self._combine(x.transpose(1, 2), user=True)  # (B, N, M*D)
+
+    def item_vectors(self) -> torch.Tensor:
+        w = torch.stack([e.weight for e in self.item_embs], dim=1)  # (I+1, M, D)
+        return self._combine(w, user=False)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        losses = [m.last_aux for m in self._moe_layers() if m.last_aux is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def router_stats(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, m in enumerate(self._moe_layers()):
+            for k, v in m.last_stats.items():
+                out[f"moe{i}/{k}"] = v
+        return out

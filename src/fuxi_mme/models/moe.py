@@ -1,0 +1,194 @@
+"""Sparsely-gated Mixture-of-Experts layer with two interchangeable expert back ends.
+
+Legend: T tokens, D input width, F expert hidden width, O output width, E experts, K top-k,
+A = T*K token-expert assignments.
+
+Routing: softmax over router logits; the top-k experts are chosen (on logits plus the
+aux-free balancing bias, if used); gates are the chosen probabilities renormalised over the
+k choices when k > 1 (Switch-style raw probability when k = 1, so the router still learns
+from the task loss). Balancing: Switch auxiliary loss E * sum_e f_e * P_e (f_e = share of
+assignments, P_e = mean router probability), or DeepSeek-style aux-free bias updates.
+
+Back ends (same parameters, same result):
+* ``loop``: reference, one masked matmul per expert.
+* ``batched``: assignments sorted by expert without Python loops over tokens, then one grouped
+  GEMM (``torch._grouped_mm``, CUDA + bf16 + aligned widths) or, elsewhere, one padded ``bmm``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _grouped_mm_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.device.type != "cuda" or x.dtype != torch.bfloat16:
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return all(w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in ws)
+
+
+class MoE(nn.Module):
+    """Drop-in replacement for a SwiGLU FFN (``kind='swiglu'``) or a linear projection
+    (``kind='linear'``, optional bias)."""
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        num_experts: int,
+        top_k: int,
+        kind: str = "swiglu",
+        hidden: int | None = None,
+        bias: bool = False,
+        shared_expert: bool = False,
+        router_noise: float = 0.0,
+        balance: str = "aux_loss",
+        aux_loss_weight: float = 0.01,
+        bias_update_rate: float = 1e-3,
+        num_streams: int = 1,
+        stream_embedding: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in 1..num_experts={num_experts}")
+        self.kind, self.E, self.K = kind, num_experts, top_k
+        self.balance, self.aux_loss_weight, self.bias_update_rate = balance, aux_loss_weight, bias_update_rate
+        self.router_noise = router_noise
+        self.backend = backend
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.stream_emb = nn.Embedding(num_streams, dim) if stream_embedding else None
+        if self.stream_emb is not None:
+            nn.init.normal_(self.stream_emb.weight, std=0.02)
+        E = num_experts
+        if kind == "swiglu":
+            F_ = hidden or dim
+            self.w1 = nn.Parameter(torch.empty(E, dim, F_))
+            self.w3 = nn.Parameter(torch.empty(E, dim, F_))
+            self.w2 = nn.Parameter(torch.empty(E, F_, out_dim))
+            for w, fan_in in ((self.w1, dim), (self.w3, dim), (self.w2, F_)):
+                nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            self.b = None
+        elif kind == "linear":
+            self.w = nn.Parameter(torch.empty(E, dim, out_dim))
+            nn.init.uniform_(self.w, -1 / math.sqrt(dim), 1 / math.sqrt(dim))
+            self.b = nn.Parameter(torch.zeros(E, out_dim)) if bias else None
+        else:
+            raise ValueError(f"unknown expert kind {kind!r}")
+        self.shared = None
+        if shared_expert:
+            if kind == "swiglu":
+                from .common import SwiGLU
+
+                self.shared = SwiGLU(dim, hidden or dim, out_dim)
+            else:
+                self.shared = nn.Linear(dim, out_dim, bias=bias)
+        self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
+        self.last_aux: torch.Tensor | None = None
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------- experts
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
+        y = x @ self.w[e]
+        return y + self.b[e] if self.b is not None else y
+
+    def _loop(self, x_TD, top_TK, gate_TK):
+        y = x_TD.new_zeros(x_TD.shape[0], self._out_dim())
+        for e in range(self.E):
+            tok, slot = torch.nonzero(top_TK == e, as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            y.index_add_(0, tok, self._expert(x_TD[tok], e) * gate_TK[tok, slot, None].to(x_TD.dtype))
+        return y
+
+    def _out_dim(self) -> int:
+        return (self.w2 if self.kind == "swiglu" else self.w).shape[-1]
+
+    def _batched(self, x_TD, top_TK, gate_TK):
+        T, K = top_TK.shape
+        expert_A = top_TK.reshape(-1)
+        order = torch.argsort(expert_A, stable=True)
+        expert_A = expert_A[order]
+        token_A = torch.div(order, K, rounding_mode="floor")
+        gate_A = gate_TK.reshape(-1)[order]
+        x_AD = x_TD[token_A]
+        counts_E = torch.bincount(expert_A, minlength=self.E)
+        ws = (self.w1, self.w3, self.w2) if self.kind == "swiglu" else (self.w,)
+        if _grouped_mm_ok(x_AD, *ws):
+            offs = torch.cumsum(counts_E, 0).to(torch.int32)
+            mm = lambda a, w: torch._grouped_mm(a, w.to(a.dtype), offs=offs)  # noqa: E731
+            out_A = self._apply(x_AD, mm, expert_A)
+        else:
+            # Padded batch: (E, C, D) with C = the busiest expert's count.
+            starts = torch.cumsum(counts_E, 0) - counts_E
+            slot_A = torch.arange(expert_A.numel(), device=x_TD.device) - starts[expert_A]
+            C = int(counts_E.max()) if expert_A.numel() else 0
+            buf = x_AD.new_zeros(self.E, max(C, 1), x_AD.shape[-1])
+            buf[expert_A, slot_A] = x_AD
+            mm = lambda a, w: torch.bmm(a, w.to(a.dtype))  # noqa: E731
+            out = self._apply(buf, mm, None)
+            out_A = out[expert_A, slot_A]
+        y = x_TD.new_zeros(T, out_A.shape[-1])
+        return y.index_add_(0, token_A, out_A * gate_A[:, None].to(out_A.dtype))
+
+    def _apply(self, a, mm, expert_A):
+        if self.kind == "swiglu":
+            return mm(F.silu(mm(a, self.w1)) * mm(a, self.w3), self.w2)
+        y = mm(a, self.w)
+        if self.b is not None:
+            y = y + (self.b[expert_A] if expert_A is not None else self.b[:, None, :]).to(y.dtype)
+        return y
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, stream: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., D) -> (..., O). ``valid`` (...) bool excludes padding from the statistics and
+        the aux loss; ``stream`` (...) long selects the per-stream router embedding."""
+        shape = x.shape[:-1]
+        x_TD = x.reshape(-1, x.shape[-1])
+        r_in = x_TD
+        if self.stream_emb is not None and stream is not None:
+            r_in = x_TD + self.stream_emb(stream.reshape(-1)).to(x_TD.dtype)
+        logits = self.router(r_in).float()
+        if self.training and self.router_noise > 0:
+            logits = logits + torch.randn_like(logits) * self.router_noise
+        probs = logits.softmax(-1)
+        sel = logits + self.expert_bias if self.balance == "aux_free" else logits
+        top_TK = sel.topk(self.K, dim=-1).indices
+        gate_TK = probs.gather(-1, top_TK)
+        if self.K > 1:
+            gate_TK = gate_TK / gate_TK.sum(-1, keepdim=True)
+        backend = self.backend
+        if backend == "auto":
+            backend = "batched"
+        y = self._loop(x_TD, top_TK, gate_TK) if backend == "loop" else self._batched(x_TD, top_TK, gate_TK)
+        if self.shared is not None:
+            y = y + self.shared(x_TD)
+        self._statistics(probs, top_TK, valid)
+        return y.reshape(*shape, -1)
+
+    def _statistics(self, probs_TE, top_TK, valid):
+        w_T = valid.reshape(-1).to(probs_TE.dtype) if valid is not None else probs_TE.new_ones(probs_TE.shape[0])
+        n = w_T.sum().clamp(min=1)
+        counts_E = torch.zeros(self.E, device=probs_TE.device, dtype=probs_TE.dtype)
+        counts_E.index_add_(0, top_TK.reshape(-1), w_T.repeat_interleave(self.K))
+        load_E = counts_E / (n * self.K)  # share of assignments
+        mean_prob_E = (probs_TE * w_T[:, None]).sum(0) / n
+        aux = self.E * (load_E * mean_prob_E).sum()
+        ent = -(probs_TE * probs_TE.clamp(min=1e-9).log()).sum(-1)
+        self.last_aux = aux * self.aux_loss_weight if self.balance == "aux_loss" else None
+        self.last_stats = {
+            "load": load_E.detach(),
+            "aux": aux.detach(),
+            "entropy": ((ent * w_T).sum() / n).detach(),
+        }
+        if self.balance == "aux_free" and self.training:
+            with torch.no_grad():  # raise the bias of under-loaded experts, lower the others
+                self.expert_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)

@@ -1,0 +1,120 @@
+"""Named presets: ``<dataset>-<model>-<size>``, e.g. ``ml-1m-fuxi-alpha-base``.
+
+A preset combines a dataset *shape* (data and training settings) with a model family's
+published dimensions for that shape (SPEC sections 2-4). Shapes without published dimensions
+(demo, Amazon, user files) use choices documented in ``docs/models.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Config, ConfigError
+
+# (dim, layers, heads, qk_dim = v_dim, ffn_multiply) per model family and size, per dim group.
+FUXI_DIMS = {
+    "ml-1m": {"base": (50, 2, 1, 50, 1.0), "large": (50, 8, 2, 25, 1.0)},
+    "ml-20m": {"base": (256, 2, 4, 64, 4.0), "large": (256, 8, 8, 32, 4.0)},
+    "amazon": {"base": (64, 2, 2, 32, 1.0), "large": (64, 4, 2, 32, 1.0)},
+    "demo": {"base": (48, 2, 1, 48, 1.0), "large": (48, 4, 2, 24, 1.0)},
+}
+SASREC_DIMS = {  # (dim, layers, heads, ffn_dim)
+    "ml-1m": {"base": (50, 2, 1, 50), "large": (50, 8, 2, 50)},
+    "ml-20m": {"base": (256, 4, 4, 256), "large": (256, 8, 8, 256)},
+    "amazon": {"base": (64, 2, 2, 64), "large": (64, 4, 2, 64)},
+    "demo": {"base": (48, 2, 1, 48), "large": (48, 4, 2, 48)},
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    dataset: str
+    dims: str  # key of the *_DIMS tables
+    max_len: int
+    epochs: int
+    dropout: float = 0.2
+    patience: int | None = 10
+
+
+SHAPES: dict[str, Shape] = {
+    s.dataset: s
+    for s in [
+        Shape("demo", "demo", max_len=50, epochs=30, patience=5),
+        Shape("ml-100k", "ml-1m", max_len=200, epochs=101),
+        Shape("ml-1m", "ml-1m", max_len=200, epochs=101),
+        Shape("ml-1m-ts70", "ml-1m", max_len=200, epochs=101),
+        Shape("ml-20m", "ml-20m", max_len=200, epochs=101),
+        Shape("amazon-beauty", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10),
+        Shape("amazon-sports", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10),
+        Shape("amazon-toys", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10),
+        Shape("file", "ml-1m", max_len=200, epochs=101),
+    ]
+}
+MODEL_FAMILIES = ("fuxi-mme", "fuxi-alpha", "hstu", "sasrec", "llama", "popularity")
+SIZES = ("base", "large")
+
+# Fuxi-MME defaults (SPEC section 4 leaves them open; see docs/models.md for the evidence).
+MME_DEFAULTS = {
+    "num_embeddings": 2,
+    "moe.num_experts": 4,
+    "moe.top_k": 2,
+    "moe.placement": "ffn",
+    "moe.balance": "aux_loss",
+    "moe.aux_loss_weight": 0.01,
+}
+
+
+def preset_name(dataset: str, model: str, size: str = "base") -> str:
+    return f"{dataset}-{model}" if model == "popularity" else f"{dataset}-{model}-{size}"
+
+
+def parse_preset(name: str) -> tuple[str, str, str]:
+    """``ml-1m-fuxi-mme-base`` -> (``ml-1m``, ``fuxi-mme``, ``base``)."""
+    for ds in sorted(SHAPES, key=len, reverse=True):
+        if not name.startswith(ds + "-"):
+            continue
+        rest = name[len(ds) + 1 :]
+        if rest == "popularity":
+            return ds, "popularity", "base"
+        for m in MODEL_FAMILIES:
+            for s in SIZES:
+                if rest == f"{m}-{s}":
+                    return ds, m, s
+    raise ConfigError(f"unknown preset {name!r}; `fuxi-mme presets` lists them (form: <dataset>-<model>-<size>)")
+
+
+def all_presets() -> list[str]:
+    out = []
+    for ds in SHAPES:
+        for m in MODEL_FAMILIES:
+            if m == "popularity":
+                out.append(preset_name(ds, m))
+            else:
+                out.extend(preset_name(ds, m, s) for s in SIZES)
+    return out
+
+
+def build_preset(name: str) -> Config:
+    from .config import set_field
+
+    dataset, model, size = parse_preset(name)
+    shape = SHAPES[dataset]
+    cfg = Config(preset=name)
+    cfg.data.name = dataset
+    cfg.data.max_len = shape.max_len
+    cfg.train.epochs = shape.epochs
+    cfg.train.patience = shape.patience
+    m = cfg.model
+    m.name = model
+    m.dropout = shape.dropout
+    if model in ("fuxi-alpha", "fuxi-mme", "hstu", "llama", "popularity"):
+        m.dim, m.num_layers, m.num_heads, qk, m.ffn_multiply = FUXI_DIMS[shape.dims][size]
+        m.qk_dim = m.v_dim = qk
+    if model == "sasrec":
+        m.dim, m.num_layers, m.num_heads, m.ffn_dim = SASREC_DIMS[shape.dims][size]
+    if model == "fuxi-mme":
+        for k, v in MME_DEFAULTS.items():
+            set_field(cfg, f"model.{k}", v)
+        # The shared decoder runs at width d / M; per-head widths shrink with it.
+        m.qk_dim = m.v_dim = max(1, m.qk_dim // m.num_embeddings)
+    return cfg

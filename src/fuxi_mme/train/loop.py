@@ -1,0 +1,289 @@
+"""The training loop: epochs of sampled-softmax steps, evaluation, selection, checkpoints.
+
+Model selection follows the protocol (SPEC section 5):
+* ``loo-val``: evaluate validation every ``eval_every`` epochs, keep the best checkpoint by
+  validation NDCG@10, stop after ``patience`` evaluations without improvement, then evaluate
+  test once with the best checkpoint.
+* ``paper``: train the fixed number of epochs and report the final epoch on test. A per-epoch
+  test curve can be logged (``eval.log_test_curve``), labelled as such, never used to choose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..data.prepared import PreparedDataset
+from ..data.splits import EvalArrays, TrainArrays, eval_arrays, to_batch, train_arrays
+from ..eval.evaluator import evaluate_ranks, model_scorer
+from ..eval.metrics import metrics_from_ranks
+from ..models.common import SequenceModel
+from ..utils.runinfo import atomic_write_json
+from .checkpoint import config_fingerprint, load_state, load_weights, optimizer_state, save_checkpoint
+from .loss import sample_negatives, sampled_softmax_loss
+
+log = logging.getLogger(__name__)
+SELECT_METRIC = "NDCG@10"
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=fused)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: Config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    t = cfg.train
+    warm = max(t.warmup_steps, 0)
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if t.schedule == "cosine":
+            progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class MetricsLog:
+    """Append-only JSON-lines log (``metrics.jsonl``), plus optional TensorBoard scalars."""
+
+    def __init__(self, path: Path | None, tensorboard: bool = False):
+        self.path = path
+        self.tb = None
+        if path is not None and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard is not installed; pip install tensorboard (or fuxi-mme[tensorboard])")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps done
+    best_value: float = -1.0
+    best_epoch: int = -1
+    bad_evals: int = 0
+    stopped_early: bool = False
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        ds: PreparedDataset,
+        model: SequenceModel,
+        device: torch.device,
+        run_dir: Path | None,
+        progress: bool = True,
+    ):
+        self.cfg, self.ds, self.device, self.run_dir = cfg, ds, device, run_dir
+        self.model = model
+        self.fwd = torch.compile(model) if cfg.train.compile else model
+        self.train_arrs: TrainArrays = train_arrays(ds, cfg.data.protocol, cfg.data.max_len)
+        if len(self.train_arrs) == 0:
+            raise ValueError(f"{ds.name}: no user has 2 or more training items under protocol {cfg.data.protocol!r}; nothing to train on")
+        self.valid_arrs: EvalArrays | None = eval_arrays(ds, cfg.data.protocol, "valid", cfg.data.max_len) if cfg.data.protocol == "loo-val" else None
+        self.test_arrs: EvalArrays = eval_arrays(ds, cfg.data.protocol, "test", cfg.data.max_len)
+        t = cfg.train
+        self.steps_per_epoch = math.ceil(len(self.train_arrs) / t.batch_size)
+        total = self.steps_per_epoch * t.epochs // t.grad_accum
+        self.opt = build_optimizer(model, cfg)
+        self.sched = build_scheduler(self.opt, cfg, total)
+        self.neg_gen = torch.Generator(device=device)
+        self.neg_gen.manual_seed(t.seed + 1)
+        self.state = TrainState()
+        self.progress = progress
+        self.amp_dtype = torch.bfloat16 if (t.amp == "bf16" and device.type == "cuda") else None
+        self.metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, cfg.log.tensorboard)
+        self.fingerprint = config_fingerprint(cfg.to_dict())
+
+    # ------------------------------------------------------------------ steps
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 100003 + epoch)
+        return torch.randperm(len(self.train_arrs), generator=g).numpy()
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        t = self.cfg.train
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            user = self.fwd(batch["ids"], batch["ts"], batch["query_ts"])
+            items = self.model.item_vectors()
+            negs = sample_negatives((*batch["targets"].shape, t.num_negatives), self.ds.num_items, self.device, self.neg_gen)
+            loss = sampled_softmax_loss(user, batch["targets"], items, negs, t.temperature)
+        aux = self.model.aux_loss()
+        return loss, aux
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        t = self.cfg.train
+        self.model.train()
+        order = self._epoch_order(epoch)
+        sum_loss = torch.zeros((), device=self.device)
+        sum_aux = torch.zeros((), device=self.device)
+        n_batches, n_seq, t0 = 0, 0, time.perf_counter()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True)
+        self.opt.zero_grad(set_to_none=True)
+        for i in range(self.steps_per_epoch):
+            rows = order[i * t.batch_size : (i + 1) * t.batch_size]
+            batch = to_batch(self.train_arrs, rows, self.device)
+            loss, aux = self._loss(batch)
+            total = loss + aux if aux is not None else loss
+            (total / t.grad_accum).backward()
+            if (i + 1) % t.grad_accum == 0 or i + 1 == self.steps_per_epoch:
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.state.step += 1
+            sum_loss += loss.detach()
+            if aux is not None:
+                sum_aux += aux.detach()
+            n_batches += 1
+            n_seq += len(rows)
+            if bar is not None:
+                bar.update(1)
+                if (i + 1) % 20 == 0 or i + 1 == self.steps_per_epoch:
+                    bar.set_postfix(loss=f"{(sum_loss / n_batches).item():.4f}", seq_s=f"{n_seq / (time.perf_counter() - t0):.0f}")
+            if t.max_steps is not None and self.state.step >= t.max_steps:
+                break
+        if bar is not None:
+            bar.close()
+        dt = time.perf_counter() - t0
+        rec = {
+            "kind": "train",
+            "epoch": epoch + 1,
+            "step": self.state.step,
+            "loss": float(sum_loss / max(n_batches, 1)),
+            "lr": self.sched.get_last_lr()[0],
+            "seq_per_s": n_seq / dt,
+            "epoch_seconds": dt,
+        }
+        if self.model.aux_loss() is not None or self.model.router_stats():
+            rec["aux_loss"] = float(sum_aux / max(n_batches, 1))
+            for k, v in self.model.router_stats().items():
+                rec[k] = v.tolist() if v.numel() > 1 else float(v)
+        if self.device.type == "cuda":
+            rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.metrics_log.write(rec)
+        return rec
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, arrs: EvalArrays) -> dict[str, float]:
+        self.model.eval()
+        scorer = model_scorer(self.model, self.amp_dtype)
+        e = self.cfg.eval
+        ranks = evaluate_ranks(scorer, arrs, self.ds, e.filter_history, e.batch_size, self.device)
+        m = metrics_from_ranks(ranks, e.ks)
+        m["users"] = int(len(ranks))
+        return m
+
+    # ------------------------------------------------------------------ checkpoints
+    def _rng(self) -> dict[str, torch.Tensor]:
+        rng = {"torch": torch.get_rng_state(), "neg": self.neg_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def save(self, tag: str, resumable: bool) -> None:
+        if self.run_dir is None:
+            return
+        state = {**self.state.__dict__, "fingerprint": self.fingerprint, "scheduler": self.sched.state_dict()}
+        save_checkpoint(self.run_dir / "checkpoints" / tag, self.model, state, self.opt if resumable else None, self._rng() if resumable else None)
+
+    def restore(self, folder: Path) -> None:
+        state, tensors = load_state(folder)
+        if state.get("fingerprint") != self.fingerprint:
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(f"checkpoint {folder} was written with a different model or data config; resume needs the same config")
+        load_weights(folder, self.model, self.device)
+        self.opt.load_state_dict(optimizer_state(state, tensors))
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.neg_gen.set_state(tensors["rng.neg"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        for k in TrainState.__dataclass_fields__:
+            setattr(self.state, k, state[k])
+
+    # ------------------------------------------------------------------ fit
+    def fit(self) -> dict[str, Any]:
+        t, proto = self.cfg.train, self.cfg.data.protocol
+        valid_best: dict[str, float] | None = None
+        while self.state.epoch < t.epochs and not self.state.stopped_early:
+            epoch = self.state.epoch
+            rec = self.train_epoch(epoch)
+            self.state.epoch += 1
+            msg = f"epoch {epoch + 1}: loss {rec['loss']:.4f}, {rec['seq_per_s']:.0f} seq/s"
+            if self.state.epoch % t.eval_every == 0 or self.state.epoch == t.epochs:
+                if self.valid_arrs is not None:
+                    vm = self.evaluate(self.valid_arrs)
+                    self.metrics_log.write({"kind": "valid", "epoch": self.state.epoch, "step": self.state.step, **vm})
+                    msg += f", valid {SELECT_METRIC} {vm[SELECT_METRIC]:.4f}"
+                    if vm[SELECT_METRIC] > self.state.best_value:
+                        self.state.best_value, self.state.best_epoch, self.state.bad_evals = vm[SELECT_METRIC], self.state.epoch, 0
+                        valid_best = vm
+                        self.save("best", resumable=False)
+                    else:
+                        self.state.bad_evals += 1
+                        if t.patience is not None and self.state.bad_evals >= t.patience:
+                            self.state.stopped_early = True
+                            msg += f" (no improvement for {t.patience} evaluations: stopping)"
+                elif self.cfg.eval.log_test_curve:
+                    tm = self.evaluate(self.test_arrs)
+                    self.metrics_log.write({"kind": "test_curve", "note": "per-epoch test curve; never used for selection", "epoch": self.state.epoch, **tm})
+                    msg += f", test-curve {SELECT_METRIC} {tm[SELECT_METRIC]:.4f}"
+            log.info(msg)
+            self.save("last", resumable=True)
+            if t.max_steps is not None and self.state.step >= t.max_steps:
+                break
+        # ---- final test, once
+        if proto == "loo-val" and self.run_dir is not None and (self.run_dir / "checkpoints" / "best").exists():
+            load_weights(self.run_dir / "checkpoints" / "best", self.model, self.device)
+            selected = self.state.best_epoch
+        else:
+            selected = self.state.epoch
+        test = self.evaluate(self.test_arrs)
+        self.metrics_log.write({"kind": "test", "epoch": selected, "step": self.state.step, **test})
+        result = {
+            "protocol": proto,
+            "split": "test",
+            "selected_epoch": selected,
+            "selection": f"best validation {SELECT_METRIC}" if proto == "loo-val" else "final epoch (paper protocol)",
+            "epochs_trained": self.state.epoch,
+            "test": test,
+        }
+        if valid_best is not None or self.state.best_epoch > 0:
+            result["valid_best"] = valid_best or {SELECT_METRIC: self.state.best_value}
+        if self.run_dir is not None:
+            atomic_write_json(self.run_dir / "metrics.json", result)
+        return result
