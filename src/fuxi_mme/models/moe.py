@@ -7,7 +7,8 @@ Routing: softmax over router logits; the top-k experts are chosen (on logits plu
 aux-free balancing bias, if used); gates are the chosen probabilities renormalised over the
 k choices when k > 1 (Switch-style raw probability when k = 1, so the router still learns
 from the task loss). Balancing: Switch auxiliary loss E * sum_e f_e * P_e (f_e = share of
-assignments, P_e = mean router probability), or DeepSeek-style aux-free bias updates.
+assignments, P_e = mean router probability), or DeepSeek-style aux-free bias updates (a selection-only bias moved in proportion to each
+expert's relative load error; the sign-only update cycles on small batches).
 
 Back ends (same parameters, same result):
 * ``loop``: reference, one masked matmul per expert.
@@ -125,7 +126,7 @@ class MoE(nn.Module):
         if _grouped_mm_ok(x_AD, *ws):
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
             mm = lambda a, w: torch._grouped_mm(a, w.to(a.dtype), offs=offs)  # noqa: E731
-            out_A = self._apply(x_AD, mm, expert_A)
+            out_A = self._run_experts(x_AD, mm, expert_A)
         else:
             # Padded batch: (E, C, D) with C = the busiest expert's count.
             starts = torch.cumsum(counts_E, 0) - counts_E
@@ -134,12 +135,12 @@ class MoE(nn.Module):
             buf = x_AD.new_zeros(self.E, max(C, 1), x_AD.shape[-1])
             buf[expert_A, slot_A] = x_AD
             mm = lambda a, w: torch.bmm(a, w.to(a.dtype))  # noqa: E731
-            out = self._apply(buf, mm, None)
+            out = self._run_experts(buf, mm, None)
             out_A = out[expert_A, slot_A]
         y = x_TD.new_zeros(T, out_A.shape[-1])
         return y.index_add_(0, token_A, out_A * gate_A[:, None].to(out_A.dtype))
 
-    def _apply(self, a, mm, expert_A):
+    def _run_experts(self, a, mm, expert_A):
         if self.kind == "swiglu":
             return mm(F.silu(mm(a, self.w1)) * mm(a, self.w3), self.w2)
         y = mm(a, self.w)
@@ -190,5 +191,5 @@ class MoE(nn.Module):
             "entropy": ((ent * w_T).sum() / n).detach(),
         }
         if self.balance == "aux_free" and self.training:
-            with torch.no_grad():  # raise the bias of under-loaded experts, lower the others
-                self.expert_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+            with torch.no_grad():  # raise under-loaded experts' bias, lower the others', in proportion
+                self.expert_bias += self.bias_update_rate * (load_E.mean() - load_E) / load_E.mean()

@@ -1,0 +1,49 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED_DATA = Path(os.environ.get("FUXI_MME_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own dataset cache, so tests never see each other's files."""
+    monkeypatch.setenv("FUXI_MME_DATA", str(tmp_path / "cache"))
+    yield
+
+
+def shared(*parts: str) -> Path:
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} is absent (benchmark data lives in ../shared/data)")
+    return p
+
+
+def tiny_config(model: str = "fuxi-alpha", **over):
+    """A small, fast configuration on a small demo dataset."""
+    from fuxi_mme.config import apply_overrides
+    from fuxi_mme.presets import build_preset, preset_name
+
+    cfg = build_preset(preset_name("demo", model, "base"))
+    base = {
+        "data.demo_users": 200,
+        "data.max_len": 20,
+        "model.dim": 16,
+        "model.qk_dim": 8,
+        "model.v_dim": 8,
+        "model.num_heads": 2,
+        "model.ffn_dim": 16,
+        "model.dropout": 0.0,
+        "train.epochs": 2,
+        "train.batch_size": 32,
+        "train.num_negatives": 16,
+        "train.device": "cpu",
+        "log.progress": False,
+    }
+    base.update(over)
+    apply_overrides(cfg, [f"{k}={v}" for k, v in base.items()])
+    return cfg

@@ -1,0 +1,74 @@
+import pytest
+
+from fuxi_mme.config import Config, ConfigError, apply_mapping, apply_overrides, config_from_dict, load_yaml, validate
+from fuxi_mme.presets import all_presets, build_preset, parse_preset
+
+
+def test_overrides_are_typed():
+    cfg = Config()
+    apply_overrides(cfg, ["model.moe.num_experts=8", "train.lr=3e-4", "train.betas=0.9,0.99", "eval.ks=5,10", "data.time_col=none", "train.tf32=false"])
+    assert cfg.model.moe.num_experts == 8 and cfg.train.lr == 3e-4
+    assert cfg.train.betas == (0.9, 0.99) and cfg.eval.ks == (5, 10)
+    assert cfg.data.time_col is None and cfg.train.tf32 is False
+
+
+@pytest.mark.parametrize(
+    "item, needle",
+    [
+        ("model.nope=1", "unknown config key 'model.nope'"),
+        ("modle.dim=1", "unknown config key 'modle'"),
+        ("model.dim=abc", "expected an integer"),
+        ("train.tf32=maybe", "expected true/false"),
+        ("model.dim", "section.field=value"),
+        ("model.moe=3", "is a section"),
+    ],
+)
+def test_bad_overrides_name_the_problem(item, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        apply_overrides(Config(), [item])
+
+
+def test_validate_catches_bad_values():
+    cfg = Config()
+    cfg.model.num_embeddings = 3  # 50 is not divisible by 3
+    with pytest.raises(ConfigError, match="divide model.dim"):
+        validate(cfg)
+    cfg = Config()
+    cfg.data.protocol = "random"
+    with pytest.raises(ConfigError, match="loo-val"):
+        validate(cfg)
+
+
+def test_yaml_and_json_round_trip(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  dim: 64\n  moe:\n    num_experts: 4\ntrain:\n  epochs: 3\n")
+    cfg = apply_mapping(Config(), load_yaml(f))
+    assert (cfg.model.dim, cfg.model.moe.num_experts, cfg.train.epochs) == (64, 4, 3)
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_presets_match_spec_shapes():
+    c = build_preset("ml-1m-fuxi-alpha-base")
+    m = c.model
+    assert (m.dim, m.num_layers, m.num_heads, m.qk_dim, m.v_dim, m.ffn_multiply) == (50, 2, 1, 50, 50, 1.0)
+    assert (c.data.max_len, c.train.batch_size, c.train.lr, c.train.betas, c.train.num_negatives, c.train.temperature, c.train.epochs) == (200, 128, 1e-3, (0.9, 0.98), 128, 0.05, 101)
+    m = build_preset("ml-1m-fuxi-alpha-large").model
+    assert (m.dim, m.num_layers, m.num_heads, m.qk_dim) == (50, 8, 2, 25)
+    m = build_preset("ml-20m-fuxi-alpha-base").model
+    assert (m.dim, m.num_layers, m.num_heads, m.qk_dim, m.ffn_multiply) == (256, 2, 4, 64, 4.0)
+    m = build_preset("ml-20m-fuxi-alpha-large").model
+    assert (m.dim, m.num_layers, m.num_heads, m.qk_dim, m.ffn_multiply) == (256, 8, 8, 32, 4.0)
+    m = build_preset("ml-20m-sasrec-base").model
+    assert (m.dim, m.num_layers, m.num_heads, m.ffn_dim) == (256, 4, 4, 256)
+    for name in all_presets():
+        validate(build_preset(name))
+        assert parse_preset(name)[0] in name
+    with pytest.raises(ConfigError, match="unknown preset"):
+        parse_preset("ml-1m-transformer-xl")

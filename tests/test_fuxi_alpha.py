@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fuxi_mme.config import ModelConfig
+from fuxi_mme.models.attention import fuxi_attention_reference
+from fuxi_mme.models.common import time_bucket
+from fuxi_mme.models.fuxi_alpha import FuxiAlpha, FuxiBlock
+from fuxi_mme.presets import build_preset
+
+
+def test_ml1m_base_block_weight_count():
+    cfg = build_preset("ml-1m-fuxi-alpha-base")
+    model = FuxiAlpha(cfg.model, num_items=3706, max_len=200)
+    blocks = sum(p.numel() for n, p in model.blocks.named_parameters() if not n.endswith(("pos_w", "time_w")))
+    assert blocks == 2 * (15_000 + 7_550 + 7_500) == 60_100
+    scalars = sum(p.numel() for n, p in model.blocks.named_parameters() if n.endswith(("pos_w", "time_w")))
+    assert scalars == 2 * (200 + 129)
+    blk = model.blocks[0]
+    assert blk.uvqk.weight.shape == (300, 50) and blk.uvqk.bias is None
+    assert blk.out.weight.shape == (50, 150) and blk.out.bias.shape == (50,)
+    assert model.input.item_emb.weight.shape == (3707, 50)
+
+
+@pytest.mark.parametrize(
+    "dt, bucket",
+    # floor(ln(max(|x|, 1)) / 0.301), clipped to [0, 128]: worked out by hand
+    [(0, 0), (1, 0), (-1, 0), (2, 2), (10, 7), (60, 13), (3600, 27), (-3600, 27), (86400, 37), (86400 * 365, 57), (2**62, 128)],
+)
+def test_temporal_bucketing_known_gaps(dt, bucket):
+    assert time_bucket(torch.tensor([dt])).item() == bucket
+
+
+def test_attention_matches_elementwise_definition():
+    torch.manual_seed(0)
+    B, H, N, D = 2, 2, 5, 3
+    q, k, v = torch.randn(B, H, N, D), torch.randn(B, H, N, D), torch.randn(B, H, N, D)
+    pos_w, time_w = torch.randn(N), torch.randn(129)
+    ts = torch.tensor([[0, 5, 100, 4000, 90000], [1, 2, 3, 4, 5]])
+    qts = torch.tensor([[5, 100, 4000, 90000, 10**7], [2, 3, 4, 5, 6]])
+    out = fuxi_attention_reference(q, k, v, pos_w, time_w, ts, qts, norm=7.0)
+    want = torch.zeros(B, N, 3 * H * D)
+    for b in range(B):
+        for h in range(H):
+            for i in range(N):
+                for j in range(i + 1):
+                    sem = F.silu(q[b, h, i] @ k[b, h, j]) / 7.0
+                    tb = min(128, math.floor(math.log(max(abs(int(qts[b, i] - ts[b, j])), 1)) / 0.301))
+                    want[b, i, h * D : (h + 1) * D] += sem * v[b, h, j]
+                    want[b, i, (H + h) * D : (H + h + 1) * D] += pos_w[i - j] * v[b, h, j]
+                    want[b, i, (2 * H + h) * D : (2 * H + h + 1) * D] += time_w[tb] * v[b, h, j]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def tiny_model(**kw):
+    cfg = ModelConfig(name="fuxi-alpha", dim=16, num_layers=2, num_heads=2, qk_dim=8, v_dim=8, dropout=0.0, **kw)
+    return FuxiAlpha(cfg, num_items=30, max_len=12).eval()
+
+
+def batch(B=3, N=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 31, (B, N), generator=g)
+    ts = torch.cumsum(torch.randint(1, 10_000, (B, N), generator=g), 1)
+    qts = torch.cat([ts[:, 1:], ts[:, -1:] + 50], 1)
+    return ids, ts, qts
+
+
+def test_causal_later_items_never_change_earlier_outputs():
+    torch.manual_seed(0)
+    model = tiny_model()
+    ids, ts, qts = batch()
+    out = model(ids, ts, qts)
+    for t in (3, 7):
+        ids2, ts2, qts2 = ids.clone(), ts.clone(), qts.clone()
+        ids2[:, t:] = torch.randint(1, 31, ids2[:, t:].shape)
+        ts2[:, t:] += 12345
+        qts2[:, t:] += 12345  # query time of positions >= t (the future) changes too
+        out2 = model(ids2, ts2, qts2)
+        torch.testing.assert_close(out[:, :t], out2[:, :t])
+        assert not torch.allclose(out[:, t:], out2[:, t:])
+
+
+def test_padding_after_the_sequence_does_not_change_it():
+    torch.manual_seed(0)
+    model = tiny_model()
+    ids, ts, qts = batch(N=6)
+    pad = torch.zeros(3, 4, dtype=torch.long)
+    out = model(ids, ts, qts)
+    out_p = model(torch.cat([ids, pad], 1), torch.cat([ts, pad], 1), torch.cat([qts, pad], 1))
+    torch.testing.assert_close(out, out_p[:, :6])
+
+
+def test_temporal_channel_reads_query_time():
+    torch.manual_seed(0)
+    model = tiny_model()
+    ids, ts, qts = batch()
+    out = model(ids, ts, qts)
+    qts2 = qts.clone()
+    qts2[:, -1] += 10**6  # a longer gap before the target
+    out2 = model(ids, ts, qts2)
+    torch.testing.assert_close(out[:, :-1], out2[:, :-1])
+    assert not torch.allclose(out[:, -1], out2[:, -1])
+    off = tiny_model(use_temporal=False)
+    off.load_state_dict(model.state_dict())
+    torch.testing.assert_close(off(ids, ts, qts), off(ids, ts, qts2))
+
+
+def test_outputs_and_items_are_unit_vectors():
+    model = tiny_model()
+    out = model(*batch())
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(out.shape[:2]))
+    items = model.item_vectors()
+    torch.testing.assert_close(items[1:].norm(dim=-1), torch.ones(30))

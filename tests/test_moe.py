@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from fuxi_mme.models.moe import MoE
+
+
+def make(kind="swiglu", E=4, K=2, **kw):
+    torch.manual_seed(0)
+    return MoE(8, 6, E, K, kind=kind, hidden=10, bias=(kind == "linear"), **kw)
+
+
+def run_both(moe, x, valid=None):
+    outs = []
+    for backend in ("loop", "batched"):
+        moe.backend = backend
+        moe.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        y = moe(xx, valid)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), xx.grad.clone(), {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}))
+    return outs
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "linear"])
+@pytest.mark.parametrize("E,K", [(4, 1), (4, 2), (4, 4), (1, 1)])
+@pytest.mark.parametrize("shared", [False, True])
+def test_backends_agree_values_and_gradients(kind, E, K, shared):
+    moe = make(kind, E, K, shared_expert=shared)
+    x = torch.randn(3, 7, 8)
+    (y1, gx1, gp1), (y2, gx2, gp2) = run_both(moe, x)
+    assert y1.shape == (3, 7, 6)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-6)
+    assert gp1.keys() == gp2.keys()
+    for n in gp1:
+        torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_expert_with_no_tokens_and_all_tokens_to_one_expert():
+    moe = make("swiglu", E=4, K=1)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[2] += 1.0  # expert 2 wins whenever sum(x) > 0
+    x = torch.rand(20, 8) + 0.1  # positive: every token goes to expert 2, experts 0, 1, 3 idle
+    (y1, gx1, gp1), (y2, gx2, gp2) = run_both(moe, x)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gp1["w1"], gp2["w1"], rtol=1e-5, atol=1e-6)
+    assert gp1["w1"][[0, 1, 3]].abs().sum() == 0 and gp1["w1"][2].abs().sum() > 0
+    assert moe.last_stats["load"].tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_k_equals_e_is_the_gate_weighted_sum_of_all_experts():
+    moe = make("linear", E=3, K=3)
+    x = torch.randn(5, 8)
+    y = moe(x)
+    probs = moe.router(x).softmax(-1)
+    want = sum(probs[:, e : e + 1] * (x @ moe.w[e] + moe.b[e]) for e in range(3))
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_valid_mask_excludes_padding_from_statistics():
+    moe = make("swiglu", E=4, K=1)
+    x = torch.randn(10, 8)
+    valid = torch.zeros(10, dtype=torch.bool)
+    valid[:4] = True
+    moe(x, valid)
+    load_masked = moe.last_stats["load"]
+    moe(x[:4])
+    torch.testing.assert_close(load_masked, moe.last_stats["load"])
+
+
+def _skewed_task(balance, weight=1.0, steps=300):
+    """Regression where 4 experts are useful, with a router skewed towards expert 0 at start."""
+    torch.manual_seed(0)
+    moe = MoE(8, 8, 4, 1, kind="linear", balance=balance, aux_loss_weight=weight, bias_update_rate=0.01)
+    with torch.no_grad():
+        moe.router.weight.mul_(0.1)
+        moe.router.weight[0] += 0.5
+    g = torch.Generator().manual_seed(1)
+    maps = torch.randn(4, 8, 8, generator=g)
+    x = torch.randn(1024, 8, generator=g)
+    x[:, 0] += 3.0
+    cluster = (x[:, 1] > 0).long() * 2 + (x[:, 2] > 0).long()
+    y = torch.einsum("td,tdo->to", x, maps[cluster])
+    moe(x)
+    start = moe.last_stats["load"].clone()
+    opt = torch.optim.Adam(moe.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = (moe(x) - y).pow(2).mean()
+        if moe.last_aux is not None:
+            loss = loss + moe.last_aux
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moe.eval()
+    moe(x)
+    return start, moe.last_stats["load"]
+
+
+def test_aux_loss_balances_a_skewed_router():
+    start, plain = _skewed_task("none")
+    _, balanced = _skewed_task("aux_loss")
+    assert start.max() > 0.8  # the toy really is skewed
+    assert plain.min() < 0.01  # without balancing an expert starves
+    assert balanced.min() > 0.1 and balanced.max() < plain.max() + 0.05
+
+
+def test_aux_free_bias_balances_a_frozen_skewed_router():
+    torch.manual_seed(0)
+    moe = MoE(8, 8, 4, 1, kind="linear", balance="aux_free", bias_update_rate=0.01)
+    with torch.no_grad():
+        moe.router.weight.mul_(0.1)
+        moe.router.weight[0] += 0.5
+    x = torch.randn(1024, 8)
+    x[:, 0] += 3.0
+    moe.eval()
+    moe(x)
+    before = moe.last_stats["load"].clone()
+    moe.train()
+    for _ in range(300):  # only the selection bias moves (no optimizer)
+        moe(x)
+    moe.eval()
+    moe(x)
+    after = moe.last_stats["load"]
+    assert before.max() > 0.8 and after.max() < 0.4 and after.min() > 0.02
+    assert moe.expert_bias[0] < 0 < moe.expert_bias[1:].max()
