@@ -39,7 +39,7 @@ class Shape:
 SHAPES: dict[str, Shape] = {
     s.dataset: s
     for s in [
-        Shape("demo", "demo", max_len=50, epochs=30, patience=5),
+        Shape("demo", "demo", max_len=50, epochs=15, patience=5),
         Shape("ml-100k", "ml-1m", max_len=200, epochs=101),
         Shape("ml-1m", "ml-1m", max_len=200, epochs=101),
         Shape("ml-1m-ts70", "ml-1m", max_len=200, epochs=101),
