@@ -166,6 +166,29 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .experiment import SUITES, run_suite
+
+    if args.suite not in SUITES:
+        raise ValueError(f"unknown suite {args.suite!r}; known: {', '.join(SUITES)}")
+    suite = SUITES[args.suite]
+    if args.seeds:
+        suite.seeds = args.seeds
+    if args.aggregate_only:
+        from .experiment import aggregate, plan
+
+        todo = plan(suite, Path(args.root), Path(args.data_root or "."), args.overrides, args.datasets)
+        res = aggregate(suite, todo, Path(args.root), [])
+    else:
+        res = run_suite(suite, Path(args.root), Path(args.data_root) if args.data_root else None, args.jobs, args.overrides, args.datasets)
+    from .experiment import markdown
+
+    print(markdown(res))
+    return 1 if res["failed"] else 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fuxi-mme", description="Generative sequential recommendation: Fuxi-MME, FuXi-alpha, HSTU, SASRec.")
     p.add_argument("--version", action="version", version=f"fuxi-mme {__version__}")
@@ -199,6 +222,17 @@ def make_parser() -> argparse.ArgumentParser:
         if name == "prepare":
             di.add_argument("--rebuild", action="store_true", help="ignore the cache")
         di.set_defaults(func=cmd_data_info)
+
+    x = sub.add_parser("experiment", help="run a suite of runs (ablation, sweep, main) and aggregate over seeds")
+    x.add_argument("suite", help="ablation, sweep or main")
+    x.add_argument("--root", default="experiments", help="folder for the runs and the aggregated results")
+    x.add_argument("--data-root", help="folder with the dataset files (the layout of ../shared/data)")
+    x.add_argument("--jobs", type=int, default=1, help="runs at once (several small runs share one GPU)")
+    x.add_argument("--seeds", type=int, nargs="+")
+    x.add_argument("--datasets", nargs="+", help="a subset of the suite's datasets")
+    x.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="applied to every run")
+    x.add_argument("--aggregate-only", action="store_true", help="only aggregate finished runs under --root")
+    x.set_defaults(func=cmd_experiment)
 
     pr = sub.add_parser("presets", help="list named presets")
     pr.add_argument("--show", metavar="NAME", help="print one preset's full config")

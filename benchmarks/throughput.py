@@ -1,0 +1,150 @@
+"""Training and evaluation throughput on synthetic data shaped like ML-1M / ML-20M.
+
+Times the library's real training step (``Trainer._loss`` + backward + AdamW step, batches
+built by ``to_batch`` from the padded arrays) and the full-ranking evaluator. Step times are
+medians after warm-up, bracketed by ``torch.cuda.synchronize()`` on GPU. Every path is
+compared with the fp32 reference path of the same model measured in the same run.
+
+    PYTHONPATH=src python benchmarks/throughput.py --shapes ml-1m ml-20m --models fuxi-alpha fuxi-mme
+
+Writes ``benchmarks/results/throughput-<device>.json`` and a Markdown table next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from fuxi_mme.config import apply_overrides  # noqa: E402
+from fuxi_mme.data.prepared import PreparedDataset, compute_stats  # noqa: E402
+from fuxi_mme.data.splits import eval_arrays, to_batch  # noqa: E402
+from fuxi_mme.eval.evaluator import evaluate_ranks, model_scorer  # noqa: E402
+from fuxi_mme.models import build_model  # noqa: E402
+from fuxi_mme.presets import build_preset, preset_name  # noqa: E402
+from fuxi_mme.train.loop import Trainer  # noqa: E402
+from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, run_info  # noqa: E402
+
+# SPEC section 5 statistics: users, items, interactions (mean length = interactions / users).
+SHAPES = {"ml-1m": (6040, 3706, 1_000_209), "ml-20m": (138_493, 26_744, 20_000_263)}
+
+
+def synthetic(shape: str, seed: int = 0) -> PreparedDataset:
+    """Users with lognormal lengths (min 20, as MovieLens) matching the mean; Zipf items."""
+    U, I, nnz = SHAPES[shape]
+    rng = np.random.default_rng(seed)
+    mean = nnz / U
+    sigma = 1.0
+    lens = np.maximum(20, rng.lognormal(np.log(mean - 20) - sigma**2 / 2, sigma, U).astype(np.int64) + 20)
+    offsets = np.zeros(U + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    p = 1.0 / np.arange(1, I + 1) ** 0.8
+    items = rng.choice(np.arange(1, I + 1), size=int(offsets[-1]), p=p / p.sum())
+    ts = np.cumsum(rng.integers(1, 3600, size=int(offsets[-1])))
+    ds = PreparedDataset(f"synthetic-{shape}", offsets, items, ts, np.arange(I + 1), np.arange(U), True)
+    ds.stats = compute_stats(ds)
+    return ds
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(cfg.model, ds.num_items, cfg.data.max_len).to(dev)
+    tr = Trainer(cfg, ds, model, dev, None, progress=False)
+    model.train()
+    order = tr._epoch_order(0)
+    B = cfg.train.batch_size
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times, tokens = [], []
+    for i in range(warmup + steps):
+        rows = order[(i * B) % (len(order) - B) :][:B]
+        sync(dev)
+        t0 = time.perf_counter()
+        batch = to_batch(tr.train_arrs, rows, dev)
+        loss, aux = tr._loss(batch)
+        (loss + aux if aux is not None else loss).backward()
+        tr.opt.step()
+        tr.opt.zero_grad(set_to_none=True)
+        sync(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            tokens.append(int(tr.train_arrs.lengths[rows].sum()))
+    med = statistics.median(times)
+    out = {
+        "step_ms_median": med * 1e3,
+        "step_ms_p90": float(np.percentile(times, 90)) * 1e3,
+        "seq_per_s": B / med,
+        "tokens_per_s": float(np.mean(tokens)) / med,
+        "steps_per_epoch": tr.steps_per_epoch,
+        "epoch_s_projected": tr.steps_per_epoch * med,
+        "loss_last": float(loss),
+    }
+    if dev.type == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    ev = eval_arrays(ds, "paper", "test", cfg.data.max_len)
+    model.eval()
+    scorer = model_scorer(model, tr.amp_dtype)
+    evaluate_ranks(scorer, ev, ds, True, 2048, dev, rows=np.arange(min(2048, len(ev))))  # warm-up
+    sync(dev)
+    t0 = time.perf_counter()
+    evaluate_ranks(scorer, ev, ds, True, 2048, dev)
+    sync(dev)
+    dt = time.perf_counter() - t0
+    out.update(eval_users=len(ev), eval_s=dt, eval_users_per_s=len(ev) / dt)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=["ml-1m", "ml-20m"])
+    ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "fuxi-mme"])
+    ap.add_argument("--paths", nargs="+", default=["fp32", "bf16"], help="fp32 = reference; bf16 = autocast")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
+    info = run_info(dev)
+    results = []
+    for shape in args.shapes:
+        ds = synthetic(shape)
+        for model in args.models:
+            ref = None
+            for path in args.paths:
+                cfg = build_preset(preset_name(shape, model, "base"))
+                apply_overrides(cfg, [f"train.device={dev}", f"train.amp={'bf16' if path == 'bf16' else 'none'}"])
+                r = {"shape": shape, "model": model, "path": path, "preset": cfg.preset, "config": cfg.to_dict(), **bench_train(cfg, ds, dev, args.steps, args.warmup)}
+                if ref is None:
+                    ref = r
+                r["speedup_vs_reference"] = r["seq_per_s"] / ref["seq_per_s"]
+                print(f"{shape} {model} {path}: {r['seq_per_s']:.0f} seq/s, step {r['step_ms_median']:.1f} ms, epoch {r['epoch_s_projected']:.1f} s, "
+                      f"eval {r['eval_users_per_s']:.0f} users/s, mem {r.get('peak_mem_gb', 0):.2f} GB", flush=True)
+                results.append(r)
+    name = (info["device"].get("gpu") or "cpu").replace(" ", "_")
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"throughput-{name}.json"
+    atomic_write_json(out, {"benchmark": "throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": results})
+    lines = [f"Device: {info['device'].get('gpu', 'cpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`.", "",
+             "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | peak GB | eval users/s | vs fp32 reference |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['shape']} | {r['model']} | {r['path']} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {r['speedup_vs_reference']:.2f}x |")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
