@@ -124,3 +124,17 @@ def test_aux_free_bias_balances_a_frozen_skewed_router():
     after = moe.last_stats["load"]
     assert before.max() > 0.8 and after.max() < 0.4 and after.min() > 0.02
     assert moe.expert_bias[0] < 0 < moe.expert_bias[1:].max()
+
+
+@pytest.mark.parametrize("backend", ["loop", "batched"])
+@pytest.mark.parametrize("kind", ["swiglu", "linear"])
+def test_backends_run_under_bf16_autocast(backend, kind):
+    moe = make(kind, E=4, K=2, shared_expert=True)
+    moe.backend = backend
+    x = torch.randn(10, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+    y.float().sum().backward()
+    ref = make(kind, E=4, K=2, shared_expert=True)(x.detach())
+    assert y.dtype == torch.float32 and x.grad is not None
+    torch.testing.assert_close(y, ref, rtol=5e-2, atol=5e-2)

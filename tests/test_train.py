@@ -118,3 +118,11 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     (tmp_path / "c" / "checkpoints" / "best" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
         evaluate_run(tmp_path / "c", "test", "best", "cpu")
+
+
+@pytest.mark.parametrize("model", ["fuxi-mme", "hstu", "sasrec"])
+def test_bf16_autocast_training_path(tmp_path, model):
+    res = train(tiny_config(model, **{"train.amp": "bf16", "train.epochs": 1, "log.run_dir": str(tmp_path / model)}))
+    assert 0 <= res["test"]["NDCG@10"] <= 1
+    log = [json.loads(x) for x in (tmp_path / model / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(log[0]["loss"])

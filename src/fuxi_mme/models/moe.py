@@ -107,7 +107,7 @@ class MoE(nn.Module):
             tok, slot = torch.nonzero(top_TK == e, as_tuple=True)
             if tok.numel() == 0:
                 continue
-            y.index_add_(0, tok, self._expert(x_TD[tok], e) * gate_TK[tok, slot, None].to(x_TD.dtype))
+            y.index_add_(0, tok, (self._expert(x_TD[tok], e) * gate_TK[tok, slot, None]).to(y.dtype))
         return y
 
     def _out_dim(self) -> int:
@@ -137,8 +137,8 @@ class MoE(nn.Module):
             mm = lambda a, w: torch.bmm(a, w.to(a.dtype))  # noqa: E731
             out = self._run_experts(buf, mm, None)
             out_A = out[expert_A, slot_A]
-        y = x_TD.new_zeros(T, out_A.shape[-1])
-        return y.index_add_(0, token_A, out_A * gate_A[:, None].to(out_A.dtype))
+        y = x_TD.new_zeros(T, out_A.shape[-1])  # accumulate in the input's dtype (fp32 under autocast)
+        return y.index_add_(0, token_A, (out_A * gate_A[:, None]).to(y.dtype))
 
     def _run_experts(self, a, mm, expert_A):
         if self.kind == "swiglu":

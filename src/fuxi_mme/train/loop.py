@@ -119,7 +119,7 @@ class Trainer:
         self.neg_gen.manual_seed(t.seed + 1)
         self.state = TrainState()
         self.progress = progress
-        self.amp_dtype = torch.bfloat16 if (t.amp == "bf16" and device.type == "cuda") else None
+        self.amp_dtype = torch.bfloat16 if t.amp == "bf16" else None  # CPU autocast works too (slow; used by tests)
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, cfg.log.tensorboard)
         self.fingerprint = config_fingerprint(cfg.to_dict())
 
