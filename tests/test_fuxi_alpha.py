@@ -113,3 +113,17 @@ def test_outputs_and_items_are_unit_vectors():
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(out.shape[:2]))
     items = model.item_vectors()
     torch.testing.assert_close(items[1:].norm(dim=-1), torch.ones(30))
+
+
+def test_small_table_lookup_matches_indexing_values_and_gradients():
+    from fuxi_mme.models.attention import lookup
+
+    table = torch.randn(129, requires_grad=True)
+    idx = torch.randint(0, 129, (4, 30, 30))
+    w = torch.randn(4, 30, 30)
+    (lookup(table, idx) * w).sum().backward()
+    g1 = table.grad.clone()
+    table.grad = None
+    (table[idx] * w).sum().backward()
+    torch.testing.assert_close(g1, table.grad)
+    torch.testing.assert_close(lookup(table, idx), table[idx])
