@@ -11,6 +11,7 @@ dot product of unit vectors (the models return normalised vectors).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def sample_negatives(shape: tuple[int, ...], num_items: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -30,21 +31,23 @@ def sampled_softmax_loss(
 
     Two equivalent ways to get the negative logits: ``gather`` the K negative embeddings per
     position (memory and work ~ B*N*K*D), or score ``all`` items and gather K logits
-    (~ B*N*I). ``auto`` takes the cheaper: ``all`` when I <= K*D.
+    (~ B*N*I). ``auto`` scores all items unless that tensor passes 2**30 elements (4 GB in
+    fp32): a dense matmul plus a gather is far faster than back-propagating B*N*K row gathers
+    (on CUDA those accumulate through a sort-based kernel).
     """
     valid = targets_BN != 0
     I, D = items_ID.shape
     K = negatives_BNK.shape[-1]
     items = items_ID.to(user_BND.dtype)
     if method == "auto":
-        method = "all" if I <= K * D else "gather"
+        method = "all" if user_BND.shape[0] * user_BND.shape[1] * I <= 2**30 else "gather"
     if method == "all":
         all_BNI = user_BND @ items.T
         pos = all_BNI.gather(-1, targets_BN.unsqueeze(-1))  # (B, N, 1)
         neg = all_BNI.gather(-1, negatives_BNK)  # (B, N, K)
     elif method == "gather":
-        pos = (user_BND * items[targets_BN]).sum(-1, keepdim=True)
-        neg = torch.einsum("bnd,bnkd->bnk", user_BND, items[negatives_BNK])
+        pos = (user_BND * F.embedding(targets_BN, items)).sum(-1, keepdim=True)
+        neg = torch.einsum("bnd,bnkd->bnk", user_BND, F.embedding(negatives_BNK, items))
     else:
         raise ValueError(f"unknown loss method {method!r}; use auto, all or gather")
     neg = neg.masked_fill(negatives_BNK == targets_BN.unsqueeze(-1), float("-inf"))
