@@ -32,7 +32,7 @@ from fuxi_mme.eval.evaluator import evaluate_ranks, model_scorer  # noqa: E402
 from fuxi_mme.models import build_model  # noqa: E402
 from fuxi_mme.presets import build_preset, preset_name  # noqa: E402
 from fuxi_mme.train.loop import Trainer  # noqa: E402
-from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, run_info  # noqa: E402
+from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, git_commit, run_info  # noqa: E402
 
 # SPEC section 5 statistics: users, items, interactions (mean length = interactions / users).
 SHAPES = {"ml-1m": (6040, 3706, 1_000_209), "ml-20m": (138_493, 26_744, 20_000_263)}
@@ -120,6 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
     info = run_info(dev)
+    info["commit"] = info["commit"] or git_commit(ROOT)
     results = []
     for shape in args.shapes:
         ds = synthetic(shape)
