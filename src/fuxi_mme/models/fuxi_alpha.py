@@ -81,6 +81,10 @@ class FuxiBlock(nn.Module):
         else:
             self.ffn = SwiGLU(dim, hidden)
 
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, width: int, max_len: int, moe: MoEConfig | None = None, num_streams: int = 1) -> "FuxiBlock":
+        return cls(width, cfg.num_heads, cfg.qk_dim, cfg.v_dim, cfg.ffn_multiply, cfg.dropout, max_len, cfg.num_time_buckets, cfg.time_bucket_divisor, cfg.use_temporal, moe=moe, num_streams=num_streams)
+
     def moe_layers(self) -> list[MoE]:
         return [m for m in (getattr(self, "u_moe", None), getattr(self, "out_moe", None), getattr(self, "ffn_moe", None)) if m is not None]
 
@@ -122,21 +126,7 @@ class FuxiAlpha(SequenceModel):
         super().__init__()
         self.max_len = max_len
         self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout)
-        self.blocks = nn.ModuleList(
-            FuxiBlock(
-                cfg.dim,
-                cfg.num_heads,
-                cfg.qk_dim,
-                cfg.v_dim,
-                cfg.ffn_multiply,
-                cfg.dropout,
-                max_len,
-                cfg.num_time_buckets,
-                cfg.time_bucket_divisor,
-                cfg.use_temporal,
-            )
-            for _ in range(cfg.num_layers)
-        )
+        self.blocks = nn.ModuleList(FuxiBlock.from_config(cfg, cfg.dim, max_len) for _ in range(cfg.num_layers))
 
     def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor) -> torch.Tensor:
         x = self.input(ids)

@@ -46,23 +46,7 @@ class FuxiMME(SequenceModel):
         moe = cfg.moe if cfg.moe.num_experts > 0 else None
 
         def stack() -> nn.ModuleList:
-            return nn.ModuleList(
-                FuxiBlock(
-                    self.D,
-                    cfg.num_heads,
-                    cfg.qk_dim,
-                    cfg.v_dim,
-                    cfg.ffn_multiply,
-                    cfg.dropout,
-                    max_len,
-                    cfg.num_time_buckets,
-                    cfg.time_bucket_divisor,
-                    cfg.use_temporal,
-                    moe=moe,
-                    num_streams=M,
-                )
-                for _ in range(cfg.num_layers)
-            )
+            return nn.ModuleList(FuxiBlock.from_config(cfg, self.D, max_len, moe, M) for _ in range(cfg.num_layers))
 
         if self.shared_decoder:
             self.blocks = stack()
