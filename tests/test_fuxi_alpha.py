@@ -40,7 +40,8 @@ def test_attention_matches_elementwise_definition():
     pos_w, time_w = torch.randn(N), torch.randn(129)
     ts = torch.tensor([[0, 5, 100, 4000, 90000], [1, 2, 3, 4, 5]])
     qts = torch.tensor([[5, 100, 4000, 90000, 10**7], [2, 3, 4, 5, 6]])
-    out = fuxi_attention_reference(q, k, v, pos_w, time_w, ts, qts, norm=7.0)
+    buckets = time_bucket(qts[:, :, None] - ts[:, None, :])
+    out = fuxi_attention_reference(q, k, v, pos_w, time_w, buckets, norm=7.0)
     want = torch.zeros(B, N, 3 * H * D)
     for b in range(B):
         for h in range(H):

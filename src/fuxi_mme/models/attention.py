@@ -2,9 +2,10 @@
 
 Legend: B batch, H heads, N positions, Dq / Dv per-head widths.
 
-Both take ``q, k`` (B, H, N, Dq), ``v`` (B, H, N, Dv), the learned bias tables and the input /
-query timestamps, and are exactly the equations of SPEC sections 2 and 3. They are the
-reference every fused kernel is tested against.
+Both take ``q, k`` (B, H, N, Dq), ``v`` (B, H, N, Dv), the learned bias tables and the
+temporal bucket ids from :class:`~fuxi_mme.models.common.TemporalBuckets` (computed once per
+forward, shared by all blocks), and are exactly the equations of SPEC sections 2 and 3. They
+are the reference every fused kernel is tested against.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import causal_mask, time_bucket
+from .common import causal_mask
 
 
 class _SmallTableLookup(torch.autograd.Function):
@@ -50,34 +51,27 @@ def relative_position_bias(pos_w: torch.Tensor, n: int) -> torch.Tensor:
     return lookup(pos_w, rel)
 
 
-def temporal_bias(time_w: torch.Tensor, ts_BN: torch.Tensor, query_ts_BN: torch.Tensor, divisor: float) -> torch.Tensor:
-    """(B, N, N) with A[b, i, j] = time_w[bucket(query_ts[b, i] - ts[b, j])]."""
-    dt = query_ts_BN[:, :, None] - ts_BN[:, None, :]
-    return lookup(time_w, time_bucket(dt, divisor, time_w.numel() - 1))
-
-
 def fuxi_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     pos_w: torch.Tensor,
-    time_w: torch.Tensor | None,
-    ts: torch.Tensor,
-    query_ts: torch.Tensor,
+    time_w: torch.Tensor,
+    buckets: torch.Tensor | None,
     norm: float,
-    divisor: float = 0.301,
 ) -> torch.Tensor:
     """FuXi-alpha adaptive multi-channel attention. Returns (B, N, 3*H*Dv), channel-major
-    (semantic heads, then positional heads, then temporal heads). ``time_w=None`` turns the
-    temporal channel off (its output is zero), e.g. for datasets without timestamps."""
+    (semantic heads, then positional heads, then temporal heads). ``buckets`` (B, N, N) comes
+    from :class:`~fuxi_mme.models.common.TemporalBuckets`; ``None`` turns the temporal channel off (its output is zero),
+    e.g. for datasets without timestamps."""
     B, H, N, _ = q.shape
     mask = causal_mask(N, q.device).to(q.dtype)
     a_sem = F.silu(q @ k.transpose(-1, -2)) / norm * mask  # (B, H, N, N)
     a_pos = relative_position_bias(pos_w, N).to(q.dtype) * mask  # (N, N)
     out_sem = a_sem @ v
     out_pos = a_pos @ v  # broadcast over B, H
-    if time_w is not None:
-        a_time = temporal_bias(time_w, ts, query_ts, divisor).to(q.dtype) * mask  # (B, N, N)
+    if buckets is not None:
+        a_time = lookup(time_w, buckets).to(q.dtype) * mask  # (B, N, N)
         out_time = a_time.unsqueeze(1) @ v
     else:
         out_time = torch.zeros_like(out_sem)
@@ -90,17 +84,15 @@ def hstu_attention_reference(
     k: torch.Tensor,
     v: torch.Tensor,
     pos_w: torch.Tensor,
-    time_w: torch.Tensor | None,
-    ts: torch.Tensor,
-    query_ts: torch.Tensor,
+    time_w: torch.Tensor,
+    buckets: torch.Tensor | None,
     norm: float,
-    divisor: float = 0.301,
 ) -> torch.Tensor:
     """HSTU: A = phi(q k^T + rel_pos + rel_time) / N, causal. Returns (B, N, H*Dv)."""
     B, H, N, _ = q.shape
     mask = causal_mask(N, q.device).to(q.dtype)
     logits = q @ k.transpose(-1, -2) + relative_position_bias(pos_w, N).to(q.dtype)
-    if time_w is not None:
-        logits = logits + temporal_bias(time_w, ts, query_ts, divisor).to(q.dtype).unsqueeze(1)
+    if buckets is not None:
+        logits = logits + lookup(time_w, buckets).to(q.dtype).unsqueeze(1)
     a = F.silu(logits) / norm * mask
     return (a @ v).transpose(1, 2).reshape(B, N, H * v.shape[-1])

@@ -23,7 +23,8 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def time_bucket(dt: torch.Tensor, divisor: float = 0.301, max_bucket: int = 128) -> torch.Tensor:
     """bucket(x) = floor(ln(max(|x|, 1)) / divisor) clipped to [0, max_bucket]; ``dt`` integer seconds."""
-    x = dt.abs().clamp(min=1).to(torch.float64 if dt.device.type == "cpu" else torch.float32)
+    # float64 on every device, so CPU and GPU agree on bucket boundaries (computed once a forward).
+    x = dt.abs().clamp(min=1).to(torch.float64)
     return torch.floor(torch.log(x) / divisor).clamp(0, max_bucket).long()
 
 
@@ -66,6 +67,20 @@ class ItemInput(nn.Module):
             x = x + self.pos_emb.weight[: ids_BN.shape[1]]
         x = self.dropout(x)
         return x * (ids_BN != 0).unsqueeze(-1).to(x.dtype)
+
+
+class TemporalBuckets(nn.Module):
+    """The models' temporal bucket ids, once per forward: (B, N, N), or None when the config
+    (or a dataset without timestamps) turns the temporal channel off."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.enabled, self.divisor, self.max_bucket = cfg.use_temporal, cfg.time_bucket_divisor, cfg.num_time_buckets
+
+    def forward(self, ts_BN: torch.Tensor, query_ts_BN: torch.Tensor) -> torch.Tensor | None:
+        if not self.enabled:
+            return None
+        return time_bucket(query_ts_BN[:, :, None] - ts_BN[:, None, :], self.divisor, self.max_bucket)
 
 
 class SequenceModel(nn.Module):

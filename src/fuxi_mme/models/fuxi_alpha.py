@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import MoEConfig, ModelConfig
 from .attention import fuxi_attention_reference
-from .common import ItemInput, SequenceModel, SwiGLU, l2_normalize, rms_norm
+from .common import ItemInput, SequenceModel, SwiGLU, TemporalBuckets, l2_normalize, rms_norm
 from .moe import MoE
 
 
@@ -51,15 +51,13 @@ class FuxiBlock(nn.Module):
         dropout: float,
         max_len: int,
         num_time_buckets: int = 128,
-        time_bucket_divisor: float = 0.301,
-        use_temporal: bool = True,
         moe: MoEConfig | None = None,
         num_streams: int = 1,
     ):
         super().__init__()
         H = num_heads
         self.H, self.qk_dim, self.v_dim = H, qk_dim, v_dim
-        self.max_len, self.divisor, self.use_temporal = max_len, time_bucket_divisor, use_temporal
+        self.max_len = max_len
         self.moe_placement = moe.placement if moe is not None and moe.num_experts > 0 else None
         u_width = 3 * H * v_dim
         hidden = int(round(ffn_multiply * dim))
@@ -83,7 +81,7 @@ class FuxiBlock(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, width: int, max_len: int, moe: MoEConfig | None = None, num_streams: int = 1) -> "FuxiBlock":
-        return cls(width, cfg.num_heads, cfg.qk_dim, cfg.v_dim, cfg.ffn_multiply, cfg.dropout, max_len, cfg.num_time_buckets, cfg.time_bucket_divisor, cfg.use_temporal, moe=moe, num_streams=num_streams)
+        return cls(width, cfg.num_heads, cfg.qk_dim, cfg.v_dim, cfg.ffn_multiply, cfg.dropout, max_len, cfg.num_time_buckets, moe=moe, num_streams=num_streams)
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in (getattr(self, "u_moe", None), getattr(self, "out_moe", None), getattr(self, "ffn_moe", None)) if m is not None]
@@ -91,12 +89,12 @@ class FuxiBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        ts: torch.Tensor,
-        query_ts: torch.Tensor,
+        buckets: torch.Tensor | None,
         valid: torch.Tensor | None = None,
         stream: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, N, D); ts, query_ts (B, N); valid (B, N) bool; stream (B, N) stream index."""
+        """x (B, N, D); buckets (B, N, N) temporal bucket ids or None (temporal channel off);
+        valid (B, N) bool; stream (B, N) stream index."""
         B, N, _ = x.shape
         H, Dq, Dv = self.H, self.qk_dim, self.v_dim
         xn = rms_norm(x)
@@ -109,9 +107,7 @@ class FuxiBlock(nn.Module):
         q = q.view(B, N, H, Dq).transpose(1, 2)
         k = k.view(B, N, H, Dq).transpose(1, 2)
         v = v.view(B, N, H, Dv).transpose(1, 2)
-        attn = fuxi_attention_reference(
-            q, k, v, self.pos_w, self.time_w if self.use_temporal else None, ts, query_ts, float(self.max_len), self.divisor
-        )
+        attn = fuxi_attention_reference(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len))
         h = rms_norm(attn) * u
         hd = self.drop(h)
         o = (self.out_moe(hd, valid, stream) if self.out is None else self.out(hd)) + x
@@ -125,13 +121,15 @@ class FuxiAlpha(SequenceModel):
     def __init__(self, cfg: ModelConfig, num_items: int, max_len: int):
         super().__init__()
         self.max_len = max_len
+        self.temporal = TemporalBuckets(cfg)
         self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout)
         self.blocks = nn.ModuleList(FuxiBlock.from_config(cfg, cfg.dim, max_len) for _ in range(cfg.num_layers))
 
     def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor) -> torch.Tensor:
         x = self.input(ids)
+        buckets = self.temporal(ts, query_ts)
         for blk in self.blocks:
-            x = blk(x, ts, query_ts)
+            x = blk(x, buckets)
         return l2_normalize(x)
 
     def item_vectors(self) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .common import SequenceModel, l2_normalize
+from .common import SequenceModel, TemporalBuckets, l2_normalize
 from .fuxi_alpha import FuxiBlock
 
 
@@ -43,6 +43,7 @@ class FuxiMME(SequenceModel):
             for emb in self.item_embs:
                 emb.weight[0].zero_()
         self.drop = nn.Dropout(cfg.dropout)
+        self.temporal = TemporalBuckets(cfg)
         moe = cfg.moe if cfg.moe.num_experts > 0 else None
 
         def stack() -> nn.ModuleList:
@@ -83,13 +84,14 @@ class FuxiMME(SequenceModel):
         M = self.M
         x = self._input(ids)  # (B, M, N, D)
         valid = ids != 0
+        buckets = self.temporal(ts, query_ts)  # (B, N, N), shared by every stream and block
         if self.shared_decoder:
             x = x.reshape(B * M, N, self.D)
-            ts_f, qts_f = ts.repeat_interleave(M, 0), query_ts.repeat_interleave(M, 0)
+            buckets_f = buckets.repeat_interleave(M, 0) if buckets is not None and M > 1 else buckets
             valid_f = valid.repeat_interleave(M, 0)
             stream = torch.arange(M, device=ids.device).repeat(B)[:, None].expand(B * M, N)
             for blk in self.blocks:
-                x = blk(x, ts_f, qts_f, valid_f, stream)
+                x = blk(x, buckets_f, valid_f, stream)
             x = x.view(B, M, N, self.D)
         else:
             outs = []
@@ -97,7 +99,7 @@ class FuxiMME(SequenceModel):
                 xm = x[:, m]
                 stream = torch.full_like(ids, m)
                 for blk in blocks:
-                    xm = blk(xm, ts, query_ts, valid, stream)
+                    xm = blk(xm, buckets, valid, stream)
                 outs.append(xm)
             x = torch.stack(outs, dim=1)
         return self._combine(x.transpose(1, 2), user=True)  # (B, N, M*D)

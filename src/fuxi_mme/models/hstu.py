@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import hstu_attention_reference
-from .common import ItemInput, SequenceModel, l2_normalize
+from .common import ItemInput, SequenceModel, TemporalBuckets, l2_normalize
 
 
 def _ln(x: torch.Tensor) -> torch.Tensor:
@@ -24,21 +24,20 @@ class HSTUBlock(nn.Module):
         super().__init__()
         H, Dq, Dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
         self.H, self.Dq, self.Dv, self.max_len = H, Dq, Dv, max_len
-        self.divisor, self.use_temporal = cfg.time_bucket_divisor, cfg.use_temporal
         self.uvqk = nn.Linear(cfg.dim, 2 * H * Dv + 2 * H * Dq, bias=False)
         self.pos_w = nn.Parameter(torch.empty(max_len).normal_(std=0.02))
         self.time_w = nn.Parameter(torch.empty(cfg.num_time_buckets + 1).normal_(std=0.02))
         self.out = nn.Linear(H * Dv, cfg.dim, bias=True)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, ts, query_ts):
+    def forward(self, x, buckets):
         B, N, _ = x.shape
         H, Dq, Dv = self.H, self.Dq, self.Dv
         u, v, q, k = F.silu(self.uvqk(_ln(x))).split([H * Dv, H * Dv, H * Dq, H * Dq], dim=-1)
         q = q.view(B, N, H, Dq).transpose(1, 2)
         k = k.view(B, N, H, Dq).transpose(1, 2)
         v = v.view(B, N, H, Dv).transpose(1, 2)
-        a = hstu_attention_reference(q, k, v, self.pos_w, self.time_w if self.use_temporal else None, ts, query_ts, float(self.max_len), self.divisor)
+        a = hstu_attention_reference(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len))
         return x + self.out(self.drop(u * _ln(a)))
 
 
@@ -46,13 +45,15 @@ class HSTU(SequenceModel):
     def __init__(self, cfg: ModelConfig, num_items: int, max_len: int):
         super().__init__()
         self.max_len = max_len
+        self.temporal = TemporalBuckets(cfg)
         self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout)
         self.blocks = nn.ModuleList(HSTUBlock(cfg, max_len) for _ in range(cfg.num_layers))
 
     def forward(self, ids, ts, query_ts):
         x = self.input(ids)
+        buckets = self.temporal(ts, query_ts)
         for blk in self.blocks:
-            x = blk(x, ts, query_ts)
+            x = blk(x, buckets)
         return l2_normalize(x)
 
     def item_vectors(self):
