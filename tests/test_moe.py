@@ -16,6 +16,7 @@ def run_both(moe, x, valid=None):
         moe.zero_grad()
         xx = x.clone().requires_grad_(True)
         y = moe(xx, valid)
+        assert moe.last_path == ("loop" if backend == "loop" else "padded")  # CPU: no grouped GEMM
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         outs.append((y.detach(), xx.grad.clone(), {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}))
     return outs

@@ -7,8 +7,9 @@ Routing: softmax over router logits; the top-k experts are chosen (on logits plu
 aux-free balancing bias, if used); gates are the chosen probabilities renormalised over the
 k choices when k > 1 (Switch-style raw probability when k = 1, so the router still learns
 from the task loss). Balancing: Switch auxiliary loss E * sum_e f_e * P_e (f_e = share of
-assignments, P_e = mean router probability), or DeepSeek-style aux-free bias updates (a selection-only bias moved in proportion to each
-expert's relative load error; the sign-only update cycles on small batches).
+assignments, P_e = mean router probability), or DeepSeek-style aux-free bias updates (a
+selection-only bias moved in proportion to each expert's relative load error; the sign-only
+update cycles on small batches).
 
 Back ends (same parameters, same result):
 * ``loop``: reference, one masked matmul per expert.
@@ -92,6 +93,7 @@ class MoE(nn.Module):
                 self.shared = nn.Linear(dim, out_dim, bias=bias)
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
         self.last_aux: torch.Tensor | None = None
+        self.last_path = ""  # which expert path the last forward took: loop, grouped or padded
         self.last_stats: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- experts
@@ -102,6 +104,7 @@ class MoE(nn.Module):
         return y + self.b[e] if self.b is not None else y
 
     def _loop(self, x_TD, top_TK, gate_TK):
+        self.last_path = "loop"
         y = x_TD.new_zeros(x_TD.shape[0], self._out_dim())
         for e in range(self.E):
             tok, slot = torch.nonzero(top_TK == e, as_tuple=True)
@@ -123,12 +126,19 @@ class MoE(nn.Module):
         x_AD = x_TD[token_A]
         counts_E = torch.bincount(expert_A, minlength=self.E)
         ws = (self.w1, self.w3, self.w2) if self.kind == "swiglu" else (self.w,)
+        # Under autocast the residual stream (and so x) stays fp32; the experts' matmuls run in
+        # the autocast dtype, which is what makes the grouped GEMM applicable.
+        if x_AD.is_cuda and torch.is_autocast_enabled("cuda"):
+            x_AD = x_AD.to(torch.get_autocast_dtype("cuda"))
         if _grouped_mm_ok(x_AD, *ws):
+            self.last_path = "grouped"
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
             mm = lambda a, w: torch._grouped_mm(a, w.to(a.dtype), offs=offs)  # noqa: E731
             out_A = self._run_experts(x_AD, mm, expert_A)
         else:
-            # Padded batch: (E, C, D) with C = the busiest expert's count.
+            # Padded batch: (E, C, D) with C = the busiest expert's count (one host sync to size
+            # the buffer; the grouped GEMM above needs none).
+            self.last_path = "padded"
             starts = torch.cumsum(counts_E, 0) - counts_E
             slot_A = torch.arange(expert_A.numel(), device=x_TD.device) - starts[expert_A]
             C = int(counts_E.max()) if expert_A.numel() else 0
