@@ -72,3 +72,17 @@ def test_presets_match_spec_shapes():
         assert parse_preset(name)[0] in name
     with pytest.raises(ConfigError, match="unknown preset"):
         parse_preset("ml-1m-transformer-xl")
+
+
+def test_commit_is_read_without_git(tmp_path):
+    from fuxi_mme.utils.runinfo import _read_git_head
+
+    git = tmp_path / "repo" / ".git"
+    (git / "refs" / "heads").mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "refs" / "heads" / "main").write_text("a" * 40 + "\n")
+    (tmp_path / "repo" / "src").mkdir()
+    assert _read_git_head(tmp_path / "repo" / "src") == "a" * 40
+    (git / "refs" / "heads" / "main").unlink()
+    (git / "packed-refs").write_text("# pack-refs\n" + "b" * 40 + " refs/heads/main\n")
+    assert _read_git_head(tmp_path / "repo" / "src") == "b" * 40

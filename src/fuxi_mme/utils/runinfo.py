@@ -14,16 +14,37 @@ from typing import Any
 import torch
 
 
+def _read_git_head(start: Path) -> str | None:
+    """The commit of HEAD read from the .git folder itself, for machines without a usable git."""
+    for d in [start, *start.parents]:
+        git = d / ".git"
+        if not git.is_dir():
+            continue
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        packed = git / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0]
+        return None
+    return None
+
+
 def git_commit(path: str | Path | None = None) -> str | None:
     here = Path(path or Path(__file__).resolve().parent)
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
-            return None
+            return _read_git_head(here)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return _read_git_head(here)
 
 
 def versions() -> dict[str, str | None]:
