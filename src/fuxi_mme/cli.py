@@ -120,11 +120,10 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     cfg.path = args.data_path
     cfg.data_dir = args.data_dir
     cfg.ordering = args.ordering
-    for item in args.overrides:
+    if args.overrides:
         from .config import Config, apply_overrides
 
-        c = Config(data=cfg)
-        apply_overrides(c, [item])
+        apply_overrides(Config(data=cfg), args.overrides)  # edits cfg in place
     ds = load_dataset(cfg, rebuild=getattr(args, "rebuild", False))
     st = ds.stats
     print(f"dataset {ds.name}  (cache: {ds.cache_dir})")
@@ -146,7 +145,7 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import SHAPES, all_presets, build_preset
+    from .presets import SHAPES, all_presets, build_preset, parse_preset
 
     names = all_presets()
     if args.show:
@@ -154,7 +153,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
         return 0
     print("Presets (<dataset>-<model>-<size>); `fuxi-mme presets --show NAME` prints one in full.")
     for ds in SHAPES:
-        mine = [n for n in names if n.startswith(ds + "-") and (n[len(ds) + 1 :].split("-")[0] in ("fuxi", "hstu", "sasrec", "llama", "popularity"))]
+        mine = [n for n in names if parse_preset(n)[0] == ds]
         print(f"  {ds}:")
         for n in mine:
             c = build_preset(n)

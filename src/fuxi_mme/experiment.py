@@ -84,9 +84,9 @@ def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], dat
 
     jobs = []
     for ds in datasets or suite.datasets:
+        base = build_preset(preset_name(ds, "fuxi-alpha", "base")).model
+        fmt = {"qk_full": base.qk_dim, "qk_quarter": max(1, base.qk_dim // 4)}
         for variant, (model, over) in suite.variants.items():
-            base = build_preset(preset_name(ds, "fuxi-alpha", "base")).model
-            fmt = {"qk_full": base.qk_dim, "qk_quarter": max(1, base.qk_dim // 4)}
             for seed in suite.seeds:
                 safe = variant.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus-").replace("=", "-")
                 run_dir = root / suite.name / ds / safe / f"seed{seed}"
@@ -168,8 +168,9 @@ def markdown(res: dict[str, Any]) -> str:
     lines.append("|---|---|---|---|---|---|---|---|")
     f = lambda e, k: f"{e[k]['mean']:.4f} ± {e[k]['std']:.4f}" if k in e else "-"  # noqa: E731
     for e in res["results"]:
-        p = e.get("parameters", {})
-        lines.append(f"| {e['dataset']} | {e['variant']} | {e['seeds']} | {f(e, 'valid_best/NDCG@10')} | {f(e, 'test/NDCG@10')} | {f(e, 'test/HR@10')} | {f(e, 'test/MRR')} | {p.get('total', '-'):,} ({p.get('non_embedding', '-'):,}) |" if p else f"| {e['dataset']} | {e['variant']} | {e['seeds']} | {f(e, 'valid_best/NDCG@10')} | {f(e, 'test/NDCG@10')} | {f(e, 'test/HR@10')} | {f(e, 'test/MRR')} | - |")
+        p = e.get("parameters")
+        params = f"{p['total']:,} ({p['non_embedding']:,})" if p else "-"
+        lines.append(f"| {e['dataset']} | {e['variant']} | {e['seeds']} | {f(e, 'valid_best/NDCG@10')} | {f(e, 'test/NDCG@10')} | {f(e, 'test/HR@10')} | {f(e, 'test/MRR')} | {params} |")
     if res.get("failed"):
         lines += ["", "Failed runs: " + ", ".join(res["failed"])]
     return "\n".join(lines) + "\n"

@@ -69,6 +69,13 @@ class PreparedDataset:
         return {k: i for i, k in enumerate(self.item_raw.tolist()) if i > 0}
 
 
+def flat_ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(start[i], end[i])`` over i, vectorised (empty ranges allowed)."""
+    lens = np.maximum(end - start, 0)
+    first = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    return np.arange(int(lens.sum())) + np.repeat(start - first, lens)
+
+
 def order_interactions(df: pd.DataFrame, ordering: str) -> pd.DataFrame:
     """Sort by user then time. ``stable`` keeps file order among equal timestamps.
 
@@ -134,9 +141,8 @@ def build_prepared(
     np.cumsum(np.bincount(user_codes, minlength=len(user_raw)), out=offsets[1:])
     items = (item_codes + 1).astype(np.int64)
     ts = df["timestamp"].to_numpy().astype(np.int64)
-    item_raw = np.empty(len(item_raw_sorted) + 1, dtype=item_raw_sorted.dtype if item_raw_sorted.dtype != object else object)
-    item_raw[1:] = item_raw_sorted
-    item_raw[0] = item_raw_sorted[0] if item_raw.dtype != object else ""
+    # Slot 0 (padding) repeats the first raw id as a placeholder; item_index() skips it.
+    item_raw = np.concatenate([item_raw_sorted[:1], item_raw_sorted])
     titles = None
     if item_titles:
         titles = [""] + [str(item_titles.get(k, "")) for k in item_raw_sorted.tolist()]

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data.prepared import PreparedDataset
+from ..data.prepared import PreparedDataset, flat_ranges
 from ..data.splits import EvalArrays, split_points, to_batch
 from ..models.common import SequenceModel
 from .metrics import metrics_from_ranks, ranks_from_scores
@@ -21,11 +21,7 @@ Scorer = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # batch -> (B, I+1) 
 def history_pairs(arrs: EvalArrays, rows: np.ndarray, ds: PreparedDataset) -> tuple[np.ndarray, np.ndarray]:
     """(row-in-batch, item) for every item in each user's full history (not only the last N)."""
     start, end = arrs.hist_start[rows], arrs.hist_end[rows]
-    lens = end - start
-    total = int(lens.sum())
-    row_rep = np.repeat(np.arange(len(rows)), lens)
-    base = np.repeat(start - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-    return row_rep, ds.items[np.arange(total) + base]
+    return np.repeat(np.arange(len(rows)), end - start), ds.items[flat_ranges(start, end)]
 
 
 def model_scorer(model: SequenceModel, autocast_dtype: torch.dtype | None = None) -> Scorer:
@@ -48,10 +44,7 @@ def model_scorer(model: SequenceModel, autocast_dtype: torch.dtype | None = None
 
 def popularity_scorer(ds: PreparedDataset, protocol: str, device: torch.device | str = "cpu") -> Scorer:
     """Item counts in the training part of each sequence (no test or validation targets)."""
-    train_end = split_points(ds, protocol)["train_end"]
-    start = ds.offsets[:-1]
-    lens = np.maximum(train_end - start, 0)
-    idx = np.repeat(start - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(int(lens.sum()))
+    idx = flat_ranges(ds.offsets[:-1], split_points(ds, protocol)["train_end"])
     counts = torch.from_numpy(np.bincount(ds.items[idx], minlength=ds.num_items + 1).astype(np.float32)).to(device)
 
     def score(batch):

@@ -27,7 +27,6 @@ from ..data.splits import EvalArrays, TrainArrays, eval_arrays, to_batch, train_
 from ..eval.evaluator import evaluate_ranks, model_scorer
 from ..eval.metrics import metrics_from_ranks
 from ..models.common import SequenceModel
-from ..utils.runinfo import atomic_write_json
 from .checkpoint import config_fingerprint, load_state, load_weights, optimizer_state, save_checkpoint
 from .loss import sample_negatives, sampled_softmax_loss
 
@@ -284,6 +283,4 @@ class Trainer:
         }
         if valid_best is not None or self.state.best_epoch > 0:
             result["valid_best"] = valid_best or {SELECT_METRIC: self.state.best_value}
-        if self.run_dir is not None:
-            atomic_write_json(self.run_dir / "metrics.json", result)
         return result

@@ -36,11 +36,9 @@ def sampled_softmax_loss(
     (on CUDA those accumulate through a sort-based kernel).
     """
     valid = targets_BN != 0
-    I, D = items_ID.shape
-    K = negatives_BNK.shape[-1]
     items = items_ID.to(user_BND.dtype)
     if method == "auto":
-        method = "all" if user_BND.shape[0] * user_BND.shape[1] * I <= 2**30 else "gather"
+        method = "all" if targets_BN.numel() * items.shape[0] <= 2**30 else "gather"
     if method == "all":
         all_BNI = user_BND @ items.T
         pos = all_BNI.gather(-1, targets_BN.unsqueeze(-1))  # (B, N, 1)
