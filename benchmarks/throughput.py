@@ -13,7 +13,6 @@ Writes ``benchmarks/results/throughput-<device>.json`` and a Markdown table next
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

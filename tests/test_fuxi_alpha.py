@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from fuxi_mme.config import ModelConfig
 from fuxi_mme.models.attention import fuxi_attention_reference
 from fuxi_mme.models.common import time_bucket
-from fuxi_mme.models.fuxi_alpha import FuxiAlpha, FuxiBlock
+from fuxi_mme.models.fuxi_alpha import FuxiAlpha
 from fuxi_mme.presets import build_preset
 
 
