@@ -73,8 +73,7 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
         rows = order[(i * B) % (len(order) - B) :][:B]
         sync(dev)
         t0 = time.perf_counter()
-        batch = to_batch(tr.train_arrs, rows, dev)
-        loss, aux = tr._loss(batch)
+        loss, aux = tr.loss_for_rows(rows)
         (loss + aux if aux is not None else loss).backward()
         tr.opt.step()
         tr.opt.zero_grad(set_to_none=True)

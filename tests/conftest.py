@@ -13,6 +13,7 @@ SHARED_DATA = Path(os.environ.get("FUXI_MME_SHARED_DATA", Path(__file__).resolve
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own dataset cache, so tests never see each other's files."""
     monkeypatch.setenv("FUXI_MME_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("FUXI_MME_OFFLINE", "1")  # tests never reach the internet; download tests use 127.0.0.1
     yield
 
 

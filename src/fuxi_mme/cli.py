@@ -37,7 +37,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=("base", "large"), help="model size of the preset")
     p.add_argument("--config", help="YAML file with sections data:, model:, train:, eval:, log:")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field (repeatable), e.g. --set model.moe.num_experts=8")
-    p.add_argument("--data-path", help="a user interactions file, or the folder of a named dataset")
+    p.add_argument("--data-path", "--source", dest="data_path", help="a user interactions file, or a named dataset's folder, file, archive or URL")
     p.add_argument("--data-dir", help="cache folder for prepared datasets (env FUXI_MME_DATA)")
     p.add_argument("--protocol", choices=("loo-val", "paper"))
     p.add_argument("--epochs", type=int)
@@ -213,10 +213,10 @@ def make_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True)
     for name, helptext in (("info", "prepare (cached) and describe a dataset"), ("prepare", "prepare a dataset into the cache")):
         di = dsub.add_parser(name, help=helptext)
-        di.add_argument("name", nargs="?", help="dataset name (demo, ml-100k, ml-1m-ts70, amazon-beauty, ...); omit with --data-path")
-        di.add_argument("--data-path", help="source file or folder")
+        di.add_argument("name", nargs="?", help="dataset name (demo, ml-100k, ml-1m, ml-1m-ts70, ml-20m, kuairand-pure, kuairand-1k, amazon-beauty, amazon-<category>, file); `file` or omitted with --source reads your own file")
+        di.add_argument("--source", "--data-path", dest="data_path", help="folder, file, archive (.zip/.tar.gz) or http(s) URL; omitted: <data-dir>/raw/NAME, else the official download")
         di.add_argument("--data-dir", help="cache folder (env FUXI_MME_DATA)")
-        di.add_argument("--ordering", default="stable", choices=("stable", "hstu"))
+        di.add_argument("--ordering", default="stable", choices=("stable", "hstu"), help="stable: ties keep file order (default); hstu: imitate the published HSTU/FuXi code's unstable sort")
         di.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.FIELD=VALUE")
         if name == "prepare":
             di.add_argument("--rebuild", action="store_true", help="ignore the cache")

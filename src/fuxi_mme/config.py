@@ -27,14 +27,15 @@ class DataConfig:
     """Which dataset, how it is split and how sequences are cut."""
 
     name: str = "demo"  # a named dataset ("demo", "ml-100k", ...) or "file" with `path`
-    path: str | None = None  # user file (CSV/TSV/Parquet/JSONL) or the source of a named dataset
+    path: str | None = None  # user file (CSV/TSV/Parquet/JSONL), or a named dataset's folder, archive or URL
     user_col: str = "user"
     item_col: str = "item"
     time_col: str | None = "timestamp"  # None: no timestamps, file order is the sequence order
     rating_col: str | None = None
     sep: str | None = None  # CSV separator; None: from the file suffix
     min_rating: float | None = None  # keep only interactions with rating >= this
-    min_user_interactions: int = 2
+    min_user_interactions: int | None = None  # None: the dataset's published filter (KuaiRand 5), else 2
+    duplicates: str = "auto"  # exact duplicate (user, item, timestamp) rows: "error", "drop", "keep", "auto" (per dataset)
     ordering: str = "stable"  # "stable" (ties keep file order) or "hstu"
     protocol: str = "loo-val"  # "loo-val" (leak-free) or "paper" (HSTU/FuXi-alpha compatible)
     max_len: int = 200  # most recent items the model sees
@@ -107,6 +108,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
     deterministic: bool = False
     num_threads: int | None = None  # CPU threads; None: torch's default
+    dist_timeout: float = 900.0  # seconds a collective may wait under torchrun before failing
 
 
 @dataclass
@@ -294,6 +296,7 @@ def validate(cfg: Config) -> None:
     choices = {
         "data.protocol": (cfg.data.protocol, ("loo-val", "paper")),
         "data.ordering": (cfg.data.ordering, ("stable", "hstu")),
+        "data.duplicates": (cfg.data.duplicates, ("auto", "error", "drop", "keep")),
         "model.combine": (cfg.model.combine, ("concat", "mean")),
         "model.moe.placement": (cfg.model.moe.placement, ("ffn", "u", "out")),
         "model.moe.balance": (cfg.model.moe.balance, ("aux_loss", "aux_free", "none")),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from ..config import DataConfig
 from . import demo
 from .prepared import (
@@ -16,6 +18,7 @@ from .prepared import (
     load_prepared,
     save_prepared,
 )
+from .download import Remote, fetch, is_archive, is_url, safe_extract
 from .sources import SOURCES, get_source
 from .table import DataError
 
@@ -24,24 +27,54 @@ log = logging.getLogger(__name__)
 __all__ = ["DataError", "PreparedDataset", "load_dataset", "resolve_source_path", "SOURCES", "check_expected"]
 
 
-def resolve_source_path(cfg: DataConfig) -> Path | None:
+def raw_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.data_dir or default_data_dir()) / "raw" / cfg.name
+
+
+def resolve_source_path(cfg: DataConfig, progress: bool = True) -> Path | None:
+    """The local folder or file a named dataset is read from, downloading it when needed.
+
+    ``cfg.path`` may be a folder, a plain or gzipped file, an archive (extracted safely into
+    the raw folder) or a URL (downloaded there). Without it, ``<data_dir>/raw/<name>`` is
+    used if present, else the dataset's official files are downloaded into it.
+    """
     src = get_source(cfg.name)
     if not src.needs_files:
         return None
+    raw = raw_dir(cfg)
+    where = f" (or the extracted files into {raw})"
+    if cfg.path and is_url(cfg.path):
+        if cfg.name == "file":
+            raise DataError("dataset 'file' reads a local file; download it first and pass its path")
+        return fetch([Remote(cfg.path)], raw, progress=progress, where_hint=where)
     if cfg.path:
         p = Path(cfg.path).expanduser()
         if not p.exists():
-            raise DataError(f"{p} does not exist; pass the {'file' if cfg.name == 'file' else 'dataset folder'} with --data-path")
+            raise DataError(f"{p} does not exist; pass the {'file' if cfg.name == 'file' else 'dataset folder, file or archive'} with --source/--data-path")
+        if p.is_file() and is_archive(p) and cfg.name != "file":
+            stem = raw / ("from-" + p.name.replace(".", "_"))
+            marker = stem.with_name(stem.name + ".done")
+            if not marker.exists() or marker.read_text() != _stamp(p):
+                safe_extract(p, stem)
+                marker.write_text(_stamp(p))
+            return stem
         return p
     if cfg.name == "file":
         return None  # the reader raises the clear error
-    raw = Path(cfg.data_dir or default_data_dir()) / "raw" / cfg.name
-    if raw.exists():
+    if raw.exists() and any(not f.name.startswith(".") for f in raw.iterdir()):
         return raw
+    if src.remotes:
+        log.warning("%s is not in %s; downloading it from %s (licence: %s)", cfg.name, raw, src.remotes[0].url, src.licence)
+        return fetch(src.remotes, raw, progress=progress, where_hint=where)
     raise DataError(
-        f"dataset {cfg.name!r} needs its files: put {src.files_hint} in {raw} or pass --data-path FOLDER "
+        f"dataset {cfg.name!r} needs its files: put {src.files_hint} in {raw} or pass --source PATH "
         f"(licence: {src.licence})"
     )
+
+
+def _stamp(p: Path) -> str:
+    st = p.stat()
+    return f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _key_parts(cfg: DataConfig, path: Path | None) -> dict:
@@ -50,6 +83,7 @@ def _key_parts(cfg: DataConfig, path: Path | None) -> dict:
         "ordering": cfg.ordering,
         "min_user_interactions": cfg.min_user_interactions,
         "min_rating": cfg.min_rating,
+        "duplicates": cfg.duplicates,
     }
     if cfg.name == "demo":
         parts.update(demo_users=cfg.demo_users, demo_seed=cfg.demo_seed, demo_version=demo.DEMO_VERSION)
@@ -58,6 +92,23 @@ def _key_parts(cfg: DataConfig, path: Path | None) -> dict:
     if path is not None:
         parts["source"] = file_fingerprint(path)
     return parts
+
+
+def handle_duplicates(df, policy: str, source: str) -> tuple[object, list[str]]:
+    """Exact duplicate (user, item, timestamp) rows: refuse, drop or keep them."""
+    dup = df.duplicated(["user", "item", "timestamp"], keep="first").to_numpy()
+    n = int(dup.sum())
+    if n == 0 or policy == "keep":
+        return df, ([f"kept {n:,} exact duplicate (user, item, timestamp) rows"] if n else [])
+    if policy == "drop":
+        return df[~dup].reset_index(drop=True), [f"dropped {n:,} exact duplicate (user, item, timestamp) rows"]
+    first = int(np.flatnonzero(dup)[0])
+    row = df.iloc[first]
+    raise DataError(
+        f"{source}: {n:,} row(s) repeat an earlier (user, item, timestamp) exactly, first at data row {first + 1} "
+        f"(user {row['user']!r}, item {row['item']!r}, timestamp {row['timestamp']}); this usually means a file was "
+        "concatenated twice. Fix the file, or pass --set data.duplicates=drop (or keep)"
+    )
 
 
 def check_expected(ds: PreparedDataset) -> list[str]:
@@ -86,17 +137,24 @@ def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
         except (OSError, ValueError, KeyError) as exc:
             log.warning("cached dataset %s is unreadable (%s); rebuilding", folder, exc)
     df, titles = src.read(path, cfg)
-    has_ts = src.has_timestamps and (cfg.name != "file" or cfg.time_col is not None)
+    has_ts = bool(df.attrs.get("has_timestamps", src.has_timestamps))
+    read_notes = list(df.attrs.get("notes", []))
+    if has_ts:
+        policy = src.duplicates if cfg.duplicates == "auto" else cfg.duplicates
+        df, dup_notes = handle_duplicates(df, policy, str(path) if path else cfg.name)
+        read_notes += dup_notes
+    min_inter = cfg.min_user_interactions if cfg.min_user_interactions is not None else (src.min_user_interactions or 2)
     ds, notes = build_prepared(
         df,
         cfg.name,
         ordering=cfg.ordering,
-        min_user_interactions=cfg.min_user_interactions,
+        min_user_interactions=min_inter,
         min_rating=cfg.min_rating,
         has_timestamps=has_ts,
         item_titles=titles,
         source=str(path) if path else cfg.name,
     )
+    notes = read_notes + notes
     for n in notes:
         log.warning("%s: %s", cfg.name, n)
     ds.stats["notes"] = notes

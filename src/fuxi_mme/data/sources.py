@@ -1,14 +1,16 @@
 """Named datasets and how each is read into the canonical table.
 
-Each :class:`Source` knows where its files come from, how to parse them, whether they carry
-timestamps, and the statistics published for it (a mismatch after preparation is a loud
-warning naming the expected numbers). ``file`` is the generic loader for user files.
+Each :class:`Source` knows where its files come from (official download locations), how to
+parse them, whether they carry timestamps, and the statistics published for it (a mismatch
+after preparation is a loud warning naming the expected numbers). ``file`` is the generic
+loader for user files. ``docs/datasets.md`` documents every dataset and its preprocessing.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from . import demo
-from .table import DataError, canonicalize, load_user_file
+from .download import Remote
+from .table import DataError, canonicalize, load_user_file, read_table_file
 
 
 @dataclass
@@ -25,24 +28,42 @@ class Source:
     name: str
     description: str
     read: Callable[[Path | None, Any], tuple[pd.DataFrame, dict[Any, str] | None]]
-    has_timestamps: bool = True
+    has_timestamps: bool = True  # a reader may override per file via df.attrs["has_timestamps"]
     needs_files: bool = True
     expected: dict[str, int] = field(default_factory=dict)  # users/items/interactions
     files_hint: str = ""
     licence: str = ""
+    remotes: list[Remote] = field(default_factory=list)  # official download locations
+    duplicates: str = "error"  # default policy for exact duplicate (user, item, timestamp) rows
+    min_user_interactions: int | None = None  # the published preprocessing's user filter, if any
 
-
-def _open_text(path: Path, encoding: str = "utf-8") -> io.TextIOBase:
+def _read_bytes(path: Path) -> bytes:
     raw = path.read_bytes()
     if path.suffix == ".gz":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as exc:
-            raise DataError(f"{path} is not a valid gzip file ({exc}); download it again") from exc
+            raise DataError(f"{path} is truncated or not a valid gzip file ({exc}); download it again") from exc
+    return raw
+
+
+def _open_text(path: Path, encoding: str = "utf-8") -> io.TextIOBase:
     try:
-        return io.StringIO(raw.decode(encoding))
+        return io.StringIO(_read_bytes(path).decode(encoding))
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not {encoding} text ({exc})") from exc
+        raise DataError(
+            f"{path} is not {encoding} text (byte {exc.start}: {exc.reason}); convert it to {encoding} or check that "
+            "this is the right file"
+        ) from exc
+
+
+def _decode_titles(path: Path) -> str:
+    """MovieLens metadata is ISO-8859-1 in the original archives; UTF-8 copies exist too."""
+    raw = _read_bytes(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")  # never fails; the original encoding of movies.dat / u.item
 
 
 def _find(folder: Path, names: list[str], what: str) -> Path:
@@ -51,20 +72,33 @@ def _find(folder: Path, names: list[str], what: str) -> Path:
     for n in names:
         if (folder / n).is_file():
             return folder / n
-        hits = list(folder.glob(f"*/{n}"))  # an extracted archive's sub-folder
+        # an extracted archive's sub-folders (skipping partial downloads in dot-folders)
+        hits = sorted((h for h in folder.rglob(n) if not any(x.startswith(".") for x in h.relative_to(folder).parts)), key=lambda h: (len(h.parts), str(h)))
         if hits:
             return hits[0]
-    raise DataError(f"{folder} holds none of {', '.join(names)} ({what}); point --data-path at the dataset's files")
+    present = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) if folder.is_dir() else "nothing"
+    raise DataError(
+        f"{folder} holds none of {', '.join(names)} ({what}); it has {present or 'no files'}. "
+        "Point --source at the dataset's files or archive"
+    )
 
 
 def _read_sep_ratings(path: Path, sep: str, cols: list[str]) -> pd.DataFrame:
     text = _open_text(path, "latin-1")
     rows = [line.rstrip("\r\n").split(sep) for line in text if line.strip()]
+    if not rows:
+        raise DataError(f"{path} is empty; download it again")
     bad = [i for i, r in enumerate(rows) if len(r) != len(cols)]
     if bad:
+        got = len(rows[bad[0]])
+        hint = "is this the right file and separator?"
+        if got == 1:
+            other = next((c for c in ("\t", "::", ",", ";", "|", " ") if c != sep and c in rows[bad[0]][0]), None)
+            if other:
+                hint = f"the line is separated by {other!r}, not {sep!r}: this is not the original file format"
         raise DataError(
-            f"{path}: line {bad[0] + 1} has {len(rows[bad[0]])} fields separated by {sep!r}, expected {len(cols)} "
-            f"({', '.join(cols)}); is this the right file and separator?"
+            f"{path}: line {bad[0] + 1} has {got} field(s) separated by {sep!r}, expected {len(cols)} "
+            f"({', '.join(cols)}); {hint}"
         )
     df = pd.DataFrame(rows, columns=cols)
     for c in cols:
@@ -80,8 +114,8 @@ def _movie_titles(path: Path | None, sep: str) -> dict[Any, str] | None:
     if path is None or not path.is_file():
         return None
     titles = {}
-    for line in _open_text(path, "latin-1"):
-        parts = line.rstrip("\r\n").split(sep)
+    for line in _decode_titles(path).splitlines():
+        parts = line.split(sep)
         if len(parts) >= 2 and parts[0].strip().isdigit():
             titles[int(parts[0])] = parts[1]
     return titles
@@ -91,14 +125,33 @@ def _read_ml100k(path: Path | None, cfg: Any):
     assert path is not None
     f = _find(path, ["u.data"], "MovieLens-100K ratings")
     df = _read_sep_ratings(f, "\t", ["user", "item", "rating", "timestamp"])
-    return canonicalize(df, str(f), rating_col="rating"), _movie_titles(f.parent / "u.item", "|")
+    return canonicalize(df, str(f), rating_col="rating", header_lines=0), _movie_titles(f.parent / "u.item", "|")
 
 
-def _read_ml1m(path: Path | None, cfg: Any, names=("ratings.dat", "ratings.dat.gz")):
+_ML1M_NAMES = ("ratings.dat", "ratings.dat.gz")
+_ML1M_NO_TS = ("ratings_notimestamp.dat.gz", "ratings_notimestamp.dat")
+
+
+def _read_ml1m(path: Path | None, cfg: Any, names=_ML1M_NAMES + _ML1M_NO_TS):
+    """``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``), plain, gzipped or in the archive.
+
+    ``ratings_notimestamp.dat[.gz]`` (``UserID::MovieID::Rating``, as in ../shared/data) is
+    accepted too: every rating, file order, no timestamps (so not the published chronological
+    order; a note says so).
+    """
     assert path is not None
     f = _find(path, list(names), "MovieLens-1M ratings")
-    df = _read_sep_ratings(f, "::", ["user", "item", "rating", "timestamp"])
-    return canonicalize(df, str(f), rating_col="rating"), _movie_titles(f.parent / "movies.dat", "::")
+    no_ts = "notimestamp" in f.name
+    cols = ["user", "item", "rating"] + ([] if no_ts else ["timestamp"])
+    df = _read_sep_ratings(f, "::", cols)
+    out = canonicalize(df, str(f), time_col=None if no_ts else "timestamp", rating_col="rating", header_lines=0)
+    if no_ts:
+        out.attrs["has_timestamps"] = False
+        out.attrs["notes"] = [
+            f"{f.name} has no timestamps: sequences follow file order, which is not the chronological order the "
+            "published ML-1M numbers use; the temporal channel is disabled"
+        ]
+    return out, _movie_titles(f.parent / "movies.dat", "::")
 
 
 def _read_ml1m_ts70(path: Path | None, cfg: Any):
@@ -108,45 +161,163 @@ def _read_ml1m_ts70(path: Path | None, cfg: Any):
 def _read_ml20m(path: Path | None, cfg: Any):
     assert path is not None
     f = _find(path, ["ratings.csv", "ratings.csv.gz"], "MovieLens-20M ratings")
-    df = pd.read_csv(f)
+    df = read_table_file(f, sep=",")
     df = canonicalize(df, str(f), "userId", "movieId", "timestamp", "rating")
     titles = None
     movies = f.parent / "movies.csv"
     if movies.is_file():
-        m = pd.read_csv(movies)
+        m = pd.read_csv(io.StringIO(_decode_titles(movies)))
         titles = dict(zip(m["movieId"].tolist(), m["title"].tolist()))
     return df, titles
 
 
+# --------------------------------------------------------------------------- KuaiRand
+
+
+def _read_kuairand(variant: str):
+    """The standard-policy logs (both periods) of KuaiRand-Pure or KuaiRand-1K.
+
+    Every logged exposure is an interaction (FuXi-alpha/HSTU treat the log as the sequence),
+    ordered by ``time_ms``; the random-exposure log is left out because it is an intervention,
+    not the user's own feed. Timestamps become seconds after the millisecond order is fixed.
+    """
+
+    def read(path: Path | None, cfg: Any):
+        assert path is not None
+        pattern = f"log_standard_*_{variant}.csv"
+        files = [path] if path.is_file() else sorted(path.rglob(pattern))
+        if not files:
+            raise DataError(
+                f"{path} holds no {pattern} files (KuaiRand-{variant.capitalize() if variant == 'pure' else '1K'} "
+                "standard logs); point --source at the extracted KuaiRand folder or its archive"
+            )
+        parts = []
+        for f in files:
+            t = read_table_file(f, sep=",")
+            missing = [c for c in ("user_id", "video_id", "time_ms") if c not in t.columns]
+            if missing:
+                raise DataError(
+                    f"{f} lacks column(s) {', '.join(missing)} (has {', '.join(map(str, t.columns[:8]))}); "
+                    "is this a KuaiRand log_standard file?"
+                )
+            parts.append(canonicalize(t, str(f), "user_id", "video_id", "time_ms"))
+        df = pd.concat(parts, ignore_index=True)
+        order = np.lexsort((np.arange(len(df)), df["timestamp"].to_numpy(), df["user"].to_numpy()))
+        df = df.iloc[order].reset_index(drop=True)
+        df["timestamp"] = df["timestamp"] // 1000  # ms -> s, after the ms order is fixed
+        return df, None
+
+    return read
+
+
+# --------------------------------------------------------------------------- Amazon
+
+
 def read_sequence_file(path: Path) -> pd.DataFrame:
-    """``user item item ...`` per line (S3-Rec) in chronological order; no timestamps."""
+    """Preprocessed order-only sequences, in one of the two common layouts:
+
+    * S3-Rec: ``user item item ...`` per line, items in chronological order;
+    * SASRec: ``user item`` per line, each user's lines in chronological order.
+
+    The layout is recognised by users repeating over lines (SASRec). No timestamps.
+    """
     users, items = [], []
+    lines_per_user: dict[str, int] = {}
     for n, line in enumerate(_open_text(path), start=1):
         parts = line.split()
         if not parts:
             continue
+        if "," in line:
+            raise DataError(f"{path}: line {n} contains commas; sequence files are whitespace-separated ('user item ...')")
         if len(parts) < 2:
-            raise DataError(f"{path}: line {n} has a user but no items; expected 'user item item ...'")
+            raise DataError(f"{path}: line {n} has a user but no items; expected 'user item item ...' (S3-Rec) or 'user item' (SASRec)")
+        lines_per_user[parts[0]] = lines_per_user.get(parts[0], 0) + 1
         users.extend([parts[0]] * (len(parts) - 1))
         items.extend(parts[1:])
     if not users:
         raise DataError(f"{path} holds no sequences")
+    layout = "sasrec" if any(v > 1 for v in lines_per_user.values()) else "s3rec"
     df = pd.DataFrame({"user": users, "item": items})
     for c in ("user", "item"):
         num = pd.to_numeric(df[c], errors="coerce")
         if not num.isna().any():
             df[c] = num.astype(np.int64)
     df["timestamp"] = np.zeros(len(df), dtype=np.int64)
+    df.attrs["has_timestamps"] = False
+    df.attrs["layout"] = layout
+    return df
+
+
+def k_core(df: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Iteratively drop users and items with fewer than ``k`` interactions until none remain."""
+    while True:
+        u = df.groupby("user")["item"].transform("size")
+        i = df.groupby("item")["user"].transform("size")
+        keep = (u >= k) & (i >= k)
+        if keep.all():
+            return df
+        df = df[keep]
+
+
+def read_amazon_ratings(path: Path, k: int = 5) -> pd.DataFrame:
+    """Raw Amazon ratings CSV (``user,item,rating,timestamp``, no header) with k-core filtering."""
+    try:
+        raw = pd.read_csv(path, header=None, dtype={0: str, 1: str})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, OSError, EOFError) as exc:
+        raise DataError(f"could not read {path} as an Amazon ratings CSV: {exc}") from exc
+    if raw.shape[1] != 4:
+        raise DataError(
+            f"{path} has {raw.shape[1]} column(s), expected 4 (user, item, rating, timestamp) as in the raw Amazon "
+            "ratings_<Category>.csv files; check the file and its separator"
+        )
+    raw.columns = ["user", "item", "rating", "timestamp"]
+    if not pd.api.types.is_numeric_dtype(raw["timestamp"]) and str(raw["timestamp"].iloc[0]).lower() == "timestamp":
+        raw = raw.iloc[1:]  # a header row
+    df = canonicalize(raw, str(path), rating_col="rating", header_lines=0)
+    before = len(df)
+    df = k_core(df, k).reset_index(drop=True)
+    df.attrs["has_timestamps"] = True
+    df.attrs["notes"] = [f"{k}-core filtering kept {len(df):,} of {before:,} ratings"]
     return df
 
 
 def _amazon(category_file: str):
+    ratings_name = "ratings_" + category_file.replace(".txt", ".csv")
+
     def read(path: Path | None, cfg: Any):
         assert path is not None
-        f = _find(path, [category_file, category_file + ".gz"], "Amazon 5-core sequences (S3-Rec format)")
+        f = _find(path, [category_file, category_file + ".gz", ratings_name, ratings_name + ".gz"], "Amazon 5-core sequences or raw ratings CSV")
+        if f.name.startswith("ratings_") or ".csv" in f.name:
+            return read_amazon_ratings(f), None
         return read_sequence_file(f), None
 
     return read
+
+
+def _amazon_generic(category: str) -> Source:
+    """``amazon-<category>`` for any category: the raw ratings CSV (5-core) or a sequence file."""
+
+    def read(path: Path | None, cfg: Any):
+        assert path is not None
+        if path.is_dir():
+            cands = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            if len(cands) != 1:
+                raise DataError(f"{path} should hold one ratings CSV or sequence file for amazon-{category}; pass the file itself with --source")
+            path = cands[0]
+        if ".csv" in path.name:
+            return read_amazon_ratings(path), None
+        return read_sequence_file(path), None
+
+    cat = _AMAZON_2014.get(category)
+    remotes = [Remote(f"{_SNAP}/ratings_{cat}.csv")] if cat else []
+    return Source(
+        f"amazon-{category}",
+        f"Amazon {cat or category} ratings, 5-core (or a preprocessed sequence file)",
+        read,
+        files_hint=f"ratings_{cat or '<Category>'}.csv (raw ratings) or a sequence file",
+        licence=_AMAZON_LICENCE,
+        remotes=remotes,
+    )
 
 
 def _read_demo(path: Path | None, cfg: Any):
@@ -157,32 +328,50 @@ def _read_demo(path: Path | None, cfg: Any):
 def _read_file(path: Path | None, cfg: Any):
     if path is None:
         raise DataError("dataset 'file' needs a file: pass --data-path FILE (CSV, TSV, Parquet or JSONL)")
-    return (
-        load_user_file(path, cfg.user_col, cfg.item_col, cfg.time_col, cfg.rating_col, cfg.sep),
-        None,
-    )
+    df = load_user_file(path, cfg.user_col, cfg.item_col, cfg.time_col, cfg.rating_col, cfg.sep)
+    if cfg.time_col is None:
+        df.attrs["has_timestamps"] = False
+    return df, None
 
 
 _ML_LICENCE = "GroupLens research licence: no redistribution; download it yourself"
 _AMAZON_LICENCE = "Amazon review data (McAuley et al.): research use, no redistribution"
+_KUAI_LICENCE = "CC BY-SA 4.0 (KuaiRand, Gao et al., CIKM 2022)"
+_GROUPLENS = "https://files.grouplens.org/datasets/movielens"
+_SNAP = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles"
+_S3REC = "https://raw.githubusercontent.com/RUCAIBox/CIKM2020-S3Rec/master/data"
+_ZENODO = "https://zenodo.org/records/10439422/files"
+_AMAZON_2014 = {"beauty": "Beauty", "sports": "Sports_and_Outdoors", "toys": "Toys_and_Games", "books": "Books"}
+
+
+def _grouplens(name: str) -> list[Remote]:
+    return [Remote(f"{_GROUPLENS}/{name}.zip", md5_url=f"{_GROUPLENS}/{name}.zip.md5")]
+
 
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in [
         Source("demo", "built-in synthetic log (facets, order and time gaps carry signal)", _read_demo, needs_files=False, licence="generated; ours (MIT)"),
         Source("file", "your own interactions file (CSV/TSV/Parquet/JSONL; --data-path)", _read_file),
-        Source("ml-100k", "MovieLens-100K (u.data)", _read_ml100k, expected={"users": 943, "items": 1682, "interactions": 100000}, files_hint="the extracted ml-100k folder (u.data, u.item)", licence=_ML_LICENCE),
-        Source("ml-1m", "MovieLens-1M (ratings.dat)", _read_ml1m, expected={"users": 6040, "items": 3706, "interactions": 1000209}, files_hint="the extracted ml-1m folder (ratings.dat, movies.dat)", licence=_ML_LICENCE),
-        Source("ml-1m-ts70", "MovieLens-1M, the 70% of ratings with known timestamps (not the published ML-1M)", _read_ml1m_ts70, expected={"users": 6040, "interactions": 699929}, files_hint="a folder with ratings_timestamped_subset.dat.gz", licence=_ML_LICENCE),
-        Source("ml-20m", "MovieLens-20M (ratings.csv)", _read_ml20m, expected={"users": 138493, "items": 26744, "interactions": 20000263}, files_hint="the extracted ml-20m folder (ratings.csv, movies.csv)", licence=_ML_LICENCE),
-        Source("amazon-beauty", "Amazon Beauty 5-core, S3-Rec sequences (order only)", _amazon("Beauty.txt"), has_timestamps=False, expected={"users": 22363, "items": 12101, "interactions": 198502}, files_hint="a folder with Beauty.txt", licence=_AMAZON_LICENCE),
-        Source("amazon-sports", "Amazon Sports_and_Outdoors 5-core, S3-Rec sequences (order only)", _amazon("Sports_and_Outdoors.txt"), has_timestamps=False, expected={"users": 35598, "items": 18357, "interactions": 296337}, files_hint="a folder with Sports_and_Outdoors.txt", licence=_AMAZON_LICENCE),
-        Source("amazon-toys", "Amazon Toys_and_Games 5-core, S3-Rec sequences (order only)", _amazon("Toys_and_Games.txt"), has_timestamps=False, expected={"users": 19412, "items": 11924, "interactions": 167597}, files_hint="a folder with Toys_and_Games.txt", licence=_AMAZON_LICENCE),
+        Source("ml-100k", "MovieLens-100K (u.data)", _read_ml100k, expected={"users": 943, "items": 1682, "interactions": 100000}, files_hint="the extracted ml-100k folder (u.data, u.item) or ml-100k.zip", licence=_ML_LICENCE, remotes=_grouplens("ml-100k")),
+        Source("ml-1m", "MovieLens-1M (ratings.dat)", _read_ml1m, expected={"users": 6040, "items": 3706, "interactions": 1000209}, files_hint="the extracted ml-1m folder (ratings.dat, movies.dat) or ml-1m.zip", licence=_ML_LICENCE, remotes=_grouplens("ml-1m")),
+        Source("ml-1m-ts70", "MovieLens-1M, the 70% of ratings with known timestamps (not the published ML-1M)", _read_ml1m_ts70, expected={"users": 6040, "interactions": 699929}, files_hint="a folder with ratings_timestamped_subset.dat.gz (../shared/data/ml-1m)", licence=_ML_LICENCE),
+        Source("ml-20m", "MovieLens-20M (ratings.csv)", _read_ml20m, expected={"users": 138493, "items": 26744, "interactions": 20000263}, files_hint="the extracted ml-20m folder (ratings.csv, movies.csv) or ml-20m.zip", licence=_ML_LICENCE, remotes=_grouplens("ml-20m")),
+        Source("kuairand-pure", "KuaiRand-Pure standard logs (user_id, video_id, time_ms)", _read_kuairand("pure"), expected={"users": 25634, "items": 7550, "interactions": 6945823}, files_hint="the extracted KuaiRand-Pure folder (data/log_standard_*_pure.csv) or KuaiRand-Pure.tar.gz", licence=_KUAI_LICENCE, remotes=[Remote(f"{_ZENODO}/KuaiRand-Pure.tar.gz")], duplicates="drop", min_user_interactions=5),
+        Source("kuairand-1k", "KuaiRand-1K standard logs (user_id, video_id, time_ms)", _read_kuairand("1k"), files_hint="the extracted KuaiRand-1K folder (data/log_standard_*_1k.csv) or KuaiRand-1K.tar.gz", licence=_KUAI_LICENCE, remotes=[Remote(f"{_ZENODO}/KuaiRand-1K.tar.gz")], duplicates="drop", min_user_interactions=5),
+        Source("amazon-beauty", "Amazon Beauty 5-core: S3-Rec sequences (order only) or the raw ratings CSV", _amazon("Beauty.txt"), has_timestamps=False, expected={"users": 22363, "items": 12101, "interactions": 198502}, files_hint="a folder with Beauty.txt or ratings_Beauty.csv", licence=_AMAZON_LICENCE, remotes=[Remote(f"{_S3REC}/Beauty.txt")]),
+        Source("amazon-sports", "Amazon Sports_and_Outdoors 5-core: S3-Rec sequences (order only) or the raw ratings CSV", _amazon("Sports_and_Outdoors.txt"), has_timestamps=False, expected={"users": 35598, "items": 18357, "interactions": 296337}, files_hint="a folder with Sports_and_Outdoors.txt or ratings_Sports_and_Outdoors.csv", licence=_AMAZON_LICENCE, remotes=[Remote(f"{_S3REC}/Sports_and_Outdoors.txt")]),
+        Source("amazon-toys", "Amazon Toys_and_Games 5-core: S3-Rec sequences (order only) or the raw ratings CSV", _amazon("Toys_and_Games.txt"), has_timestamps=False, expected={"users": 19412, "items": 11924, "interactions": 167597}, files_hint="a folder with Toys_and_Games.txt or ratings_Toys_and_Games.csv", licence=_AMAZON_LICENCE, remotes=[Remote(f"{_S3REC}/Toys_and_Games.txt")]),
+        _amazon_generic("books"),
     ]
 }
 
+_AMAZON_NAME = re.compile(r"^amazon-[a-z0-9_]+$")
+
 
 def get_source(name: str) -> Source:
-    if name not in SOURCES:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(SOURCES)} (or --data-path FILE)")
-    return SOURCES[name]
+    if name in SOURCES:
+        return SOURCES[name]
+    if _AMAZON_NAME.match(name):  # any other Amazon category, from its raw ratings CSV
+        return _amazon_generic(name[len("amazon-"):])
+    raise DataError(f"unknown dataset {name!r}; known: {', '.join(SOURCES)}, amazon-<category> (or --data-path FILE)")

@@ -113,9 +113,13 @@ def eval_arrays(ds: PreparedDataset, protocol: str, split: str, max_len: int) ->
     )
 
 
-def to_batch(arrs, rows: np.ndarray, device: torch.device | str = "cpu", trim: bool = True) -> dict[str, torch.Tensor]:
-    """Slice rows of Train/EvalArrays into tensors, trimmed to the longest row (padding after)."""
-    n = int(arrs.lengths[rows].max()) if trim and len(rows) else arrs.ids.shape[1]
+def to_batch(arrs, rows: np.ndarray, device: torch.device | str = "cpu", trim: bool = True, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Slice rows of Train/EvalArrays into tensors, trimmed to the longest row (padding after),
+    or to ``width`` columns when given."""
+    if width is not None:
+        n = width
+    else:
+        n = int(arrs.lengths[rows].max()) if trim and len(rows) else arrs.ids.shape[1]
     out = {
         "ids": torch.from_numpy(arrs.ids[rows, :n]),
         "ts": torch.from_numpy(arrs.ts[rows, :n]),

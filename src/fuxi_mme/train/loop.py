@@ -10,9 +10,11 @@ Model selection follows the protocol (SPEC section 5):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +29,12 @@ from ..data.splits import EvalArrays, TrainArrays, eval_arrays, to_batch, train_
 from ..eval.evaluator import evaluate_ranks, model_scorer
 from ..eval.metrics import metrics_from_ranks
 from ..models.common import SequenceModel
+from . import distributed as D
 from .checkpoint import config_fingerprint, load_state, load_weights, optimizer_state, save_checkpoint
 from .loss import sample_negatives, sampled_softmax_loss
 
 log = logging.getLogger(__name__)
+_nullcontext = contextlib.nullcontext
 SELECT_METRIC = "NDCG@10"
 
 
@@ -81,6 +85,18 @@ class MetricsLog:
                     self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
 
 
+class _Step(torch.nn.Module):
+    """What DistributedDataParallel wraps: user vectors and item vectors in one forward."""
+
+    def __init__(self, model: SequenceModel, fwd):
+        super().__init__()
+        self.model = model
+        self.fwd = fwd
+
+    def forward(self, ids, ts, query_ts):
+        return self.fwd(ids, ts, query_ts), self.model.item_vectors()
+
+
 @dataclass
 class TrainState:
     epoch: int = 0  # epochs completed
@@ -100,10 +116,21 @@ class Trainer:
         device: torch.device,
         run_dir: Path | None,
         progress: bool = True,
+        dist_info: D.DistInfo = D.SINGLE,
     ):
         self.cfg, self.ds, self.device, self.run_dir = cfg, ds, device, run_dir
+        self.dist = dist_info
         self.model = model
-        self.fwd = torch.compile(model) if cfg.train.compile else model
+        self.step_module: torch.nn.Module = _Step(model, torch.compile(model) if cfg.train.compile else model)
+        if dist_info.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            D.broadcast_module(model, dist_info)  # identical start even if seeds were not
+            self.step_module = DDP(
+                self.step_module,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=cfg.model.moe.num_experts > 0,  # an expert may get no tokens
+            )
         self.train_arrs: TrainArrays = train_arrays(ds, cfg.data.protocol, cfg.data.max_len)
         if len(self.train_arrs) == 0:
             raise ValueError(f"{ds.name}: no user has 2 or more training items under protocol {cfg.data.protocol!r}; nothing to train on")
@@ -117,9 +144,9 @@ class Trainer:
         self.neg_gen = torch.Generator(device=device)
         self.neg_gen.manual_seed(t.seed + 1)
         self.state = TrainState()
-        self.progress = progress
+        self.progress = progress and dist_info.main
         self.amp_dtype = torch.bfloat16 if t.amp == "bf16" else None  # CPU autocast works too (slow; used by tests)
-        self.metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir else None, cfg.log.tensorboard)
+        self.metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir and dist_info.main else None, cfg.log.tensorboard)
         self.fingerprint = config_fingerprint(cfg.to_dict())
 
     # ------------------------------------------------------------------ steps
@@ -127,18 +154,36 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.train.seed * 100003 + epoch)
         return torch.randperm(len(self.train_arrs), generator=g).numpy()
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _batch(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+        """This rank's part of the global batch ``rows``, its negatives and the loss normaliser."""
+        t, w = self.cfg.train, self.dist
+        n = int(self.train_arrs.lengths[rows].max())
+        negs = sample_negatives((len(rows), n, t.num_negatives), self.ds.num_items, self.device, self.neg_gen)
+        if not w.enabled:
+            return to_batch(self.train_arrs, rows, self.device), negs, None
+        mine = rows[w.rank :: w.world]
+        batch = to_batch(self.train_arrs, mine, self.device, width=n)
+        # mean over the global batch's target positions; DDP averages gradients over ranks
+        count = float(np.count_nonzero(self.train_arrs.targets[rows, :n])) / w.world
+        return batch, negs[w.rank :: w.world], count
+
+    def _loss(self, batch: dict[str, torch.Tensor], negs: torch.Tensor, normalizer: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.cfg.train
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            user = self.fwd(batch["ids"], batch["ts"], batch["query_ts"])
-            items = self.model.item_vectors()
-            negs = sample_negatives((*batch["targets"].shape, t.num_negatives), self.ds.num_items, self.device, self.neg_gen)
-            loss = sampled_softmax_loss(user, batch["targets"], items, negs, t.temperature)
+            user, items = self.step_module(batch["ids"], batch["ts"], batch["query_ts"])
+            loss = sampled_softmax_loss(user, batch["targets"], items, negs, t.temperature, normalizer=normalizer)
         aux = self.model.aux_loss()
         return loss, aux
 
+    def loss_for_rows(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Loss (and MoE aux loss) of the global batch ``rows`` of the training arrays."""
+        return self._loss(*self._batch(rows))
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         t = self.cfg.train
+        fail = os.environ.get("FUXI_MME_TEST_FAIL")  # "RANK:EPOCH": simulate a crashed rank (tests only)
+        if fail and fail == f"{self.dist.rank}:{epoch + 1}":
+            os._exit(3)
         self.model.train()
         order = self._epoch_order(epoch)
         sum_loss = torch.zeros((), device=self.device)
@@ -152,11 +197,16 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         for i in range(self.steps_per_epoch):
             rows = order[i * t.batch_size : (i + 1) * t.batch_size]
-            batch = to_batch(self.train_arrs, rows, self.device)
-            loss, aux = self._loss(batch)
-            total = loss + aux if aux is not None else loss
-            (total / t.grad_accum).backward()
-            if (i + 1) % t.grad_accum == 0 or i + 1 == self.steps_per_epoch:
+            if len(rows) < self.dist.world:  # a final scrap smaller than the number of ranks
+                continue
+            batch, negs, norm = self._batch(rows)
+            update = (i + 1) % t.grad_accum == 0 or i + 1 == self.steps_per_epoch
+            sync = self.step_module.no_sync() if self.dist.enabled and not update else _nullcontext()
+            with sync:
+                loss, aux = self._loss(batch, negs, norm)
+                total = loss + aux if aux is not None else loss
+                (total / t.grad_accum).backward()
+            if update:
                 if t.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
                 self.opt.step()
@@ -176,6 +226,11 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if self.dist.enabled:  # rank r's loss is world x its share of the global mean
+            D.all_reduce_sum(sum_loss, self.dist)
+            D.all_reduce_sum(sum_aux, self.dist)
+            sum_loss /= self.dist.world
+            sum_aux /= self.dist.world
         dt = time.perf_counter() - t0
         rec = {
             "kind": "train",
@@ -192,6 +247,8 @@ class Trainer:
                 rec[k] = v.tolist() if v.numel() > 1 else float(v)
         if self.device.type == "cuda":
             rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.dist.enabled:
+            rec["world_size"] = self.dist.world
         self.metrics_log.write(rec)
         return rec
 
@@ -200,7 +257,16 @@ class Trainer:
         self.model.eval()
         scorer = model_scorer(self.model, self.amp_dtype)
         e = self.cfg.eval
-        ranks = evaluate_ranks(scorer, arrs, self.ds, e.filter_history, e.batch_size, self.device)
+        if self.dist.enabled:
+            # whole batches per rank (batch b -> rank b % world): scores identical to one process
+            starts = range(self.dist.rank * e.batch_size, len(arrs), self.dist.world * e.batch_size)
+            mine = {s: evaluate_ranks(scorer, arrs, self.ds, e.filter_history, e.batch_size, self.device, rows=np.arange(s, min(s + e.batch_size, len(arrs)))) for s in starts}
+            gathered: dict[int, np.ndarray] = {}
+            for part in D.all_gather_objects(mine, self.dist):
+                gathered.update(part)
+            ranks = np.concatenate([gathered[s] for s in sorted(gathered)]) if gathered else np.zeros(0, dtype=np.int64)
+        else:
+            ranks = evaluate_ranks(scorer, arrs, self.ds, e.filter_history, e.batch_size, self.device)
         m = metrics_from_ranks(ranks, e.ks)
         m["users"] = int(len(ranks))
         return m
@@ -213,7 +279,7 @@ class Trainer:
         return rng
 
     def save(self, tag: str, resumable: bool) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.dist.main:
             return
         state = {**self.state.__dict__, "fingerprint": self.fingerprint, "scheduler": self.sched.state_dict()}
         save_checkpoint(self.run_dir / "checkpoints" / tag, self.model, state, self.opt if resumable else None, self._rng() if resumable else None)
@@ -266,8 +332,10 @@ class Trainer:
             if t.max_steps is not None and self.state.step >= t.max_steps:
                 break
         # ---- final test, once
-        if proto == "loo-val" and self.run_dir is not None and (self.run_dir / "checkpoints" / "best").exists():
-            load_weights(self.run_dir / "checkpoints" / "best", self.model, self.device)
+        if proto == "loo-val" and self.run_dir is not None and self.state.best_epoch > 0:
+            if self.dist.main:
+                load_weights(self.run_dir / "checkpoints" / "best", self.model, self.device)
+            D.broadcast_module(self.model, self.dist)  # other ranks need no shared file system
             selected = self.state.best_epoch
         else:
             selected = self.state.epoch

@@ -26,8 +26,12 @@ def sampled_softmax_loss(
     negatives_BNK: torch.Tensor,
     temperature: float,
     method: str = "auto",
+    normalizer: float | None = None,
 ) -> torch.Tensor:
     """Mean sampled-softmax loss over positions with ``targets != 0``; no host syncs.
+
+    ``normalizer`` replaces the local count of valid positions as the divisor (multi-process
+    training divides by the global count over the number of ranks).
 
     Two equivalent ways to get the negative logits: ``gather`` the K negative embeddings per
     position (memory and work ~ B*N*K*D), or score ``all`` items and gather K logits
@@ -51,4 +55,6 @@ def sampled_softmax_loss(
     neg = neg.masked_fill(negatives_BNK == targets_BN.unsqueeze(-1), float("-inf"))
     logits = torch.cat([pos, neg], dim=-1).float() / temperature
     nll = torch.logsumexp(logits, dim=-1) - logits[..., 0]
+    if normalizer is not None:
+        return (nll * valid).sum() / max(normalizer, 1e-9)
     return (nll * valid).sum() / valid.sum().clamp(min=1)

@@ -26,6 +26,7 @@ from ..eval.evaluator import evaluate_ranks, model_scorer, popularity_scorer
 from ..eval.metrics import metrics_from_ranks
 from ..models import build_model
 from ..utils.runinfo import atomic_write_json, resolve_device, run_info
+from . import distributed as D
 from .checkpoint import load_weights
 from .loop import Trainer
 
@@ -42,8 +43,10 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def setup_device(cfg: Config) -> torch.device:
+def setup_device(cfg: Config, local_rank: int | None = None) -> torch.device:
     device = resolve_device(cfg.train.device)
+    if local_rank is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)  # one GPU per torchrun process
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     if device.type == "cuda":
@@ -81,40 +84,72 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
-    """Train and evaluate one configuration; returns the final metrics record."""
+    """Train and evaluate one configuration; returns the final metrics record.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; see ``distributed.py``.
+    """
     validate(cfg)
-    device = setup_device(cfg)
+    dinfo = D.from_env()
+    device = setup_device(cfg, dinfo.local_rank if dinfo.enabled else None)
+    if dinfo.enabled:
+        D.init(dinfo, device, cfg.train.dist_timeout)
+        if not dinfo.main:
+            logging.getLogger("fuxi_mme").setLevel(logging.WARNING)  # rank 0 speaks for all
+    try:
+        return _train(cfg, resume, dinfo, device)
+    except Exception as exc:  # noqa: BLE001 - re-raised, clearer when a peer rank died
+        err = D.explain(exc, dinfo, cfg.train.dist_timeout)
+        if err is exc:
+            raise
+        raise err from exc
+    finally:
+        D.shutdown()
+
+
+def _train(cfg: Config, resume, dinfo: D.DistInfo, device: torch.device) -> dict[str, Any]:
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    ds = load_dataset(cfg.data)
-    for w in check_expected(ds):
-        log.warning(w)
+    ds = load_dataset(cfg.data) if dinfo.main else None
+    D.barrier(dinfo)  # rank 0 prepares the cache first; the others then read it
+    if ds is None:
+        ds = load_dataset(cfg.data)
+    if dinfo.main:
+        for w in check_expected(ds):
+            log.warning(w)
     notes = adapt_to_dataset(cfg, ds)
     for n in notes:
         log.info(n)
-    run_dir = Path(resume) if resume else make_run_dir(cfg)
+    run_dir = None
+    if dinfo.main:
+        run_dir = Path(resume) if resume else make_run_dir(cfg)
+    run_dir = Path(D.broadcast_object(str(run_dir) if run_dir else None, dinfo))
     info = {**run_info(device), "dataset": ds.stats, "notes": notes, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if not resume:
+    if dinfo.enabled:
+        info["distributed"] = {"world_size": dinfo.world, "backend": "nccl" if device.type == "cuda" else "gloo"}
+    if not resume and dinfo.main:
         atomic_write_json(run_dir / "config.json", cfg.to_dict())
         atomic_write_json(run_dir / "run.json", info)
     log.info("run directory: %s", run_dir)
 
     if cfg.model.name == "popularity":
-        return _popularity(cfg, ds, device, run_dir)
+        return _popularity(cfg, ds, device, run_dir, write=dinfo.main)
 
     model = build_model(cfg.model, ds.num_items, cfg.data.max_len).to(device)
     params = count_parameters(model)
     log.info("%s: %s parameters (%s non-embedding)", cfg.model.name, f"{params['total']:,}", f"{params['non_embedding']:,}")
-    trainer = Trainer(cfg, ds, model, device, run_dir, progress=cfg.log.progress)
+    trainer = Trainer(cfg, ds, model, device, run_dir, progress=cfg.log.progress, dist_info=dinfo)
     if resume:
         trainer.restore(run_dir / "checkpoints" / "last")
         log.info("resumed from epoch %d (step %d)", trainer.state.epoch, trainer.state.step)
     result = trainer.fit()
     result.update(model=cfg.model.name, preset=cfg.preset, dataset=ds.name, parameters=params, run_dir=str(run_dir))
-    atomic_write_json(run_dir / "metrics.json", result)
+    if dinfo.enabled:
+        result["world_size"] = dinfo.world
+    if dinfo.main:
+        atomic_write_json(run_dir / "metrics.json", result)
     return result
 
 
-def _popularity(cfg: Config, ds: PreparedDataset, device: torch.device, run_dir: Path) -> dict[str, Any]:
+def _popularity(cfg: Config, ds: PreparedDataset, device: torch.device, run_dir: Path, write: bool = True) -> dict[str, Any]:
     scorer = popularity_scorer(ds, cfg.data.protocol, device)
     out: dict[str, Any] = {"protocol": cfg.data.protocol, "split": "test", "model": "popularity", "preset": cfg.preset, "dataset": ds.name, "run_dir": str(run_dir)}
     for split in (["valid", "test"] if cfg.data.protocol == "loo-val" else ["test"]):
@@ -123,7 +158,8 @@ def _popularity(cfg: Config, ds: PreparedDataset, device: torch.device, run_dir:
         m = metrics_from_ranks(ranks, cfg.eval.ks)
         m["users"] = int(len(ranks))
         out["test" if split == "test" else "valid_best"] = m
-    atomic_write_json(run_dir / "metrics.json", out)
+    if write:
+        atomic_write_json(run_dir / "metrics.json", out)
     return out
 
 

@@ -1,0 +1,278 @@
+"""Fetching dataset files: streamed, resumable, checksum-verified downloads and safe extraction.
+
+* :func:`download` streams a URL to ``<dest>.part`` with a progress bar, resumes a partial file
+  with an HTTP ``Range`` request, verifies an MD5 or SHA-256 when one is known, and renames the
+  finished file into place (an interrupted download never leaves a file that looks complete).
+* :func:`safe_extract` unpacks zip and tar archives into a temporary sibling folder, refusing
+  members that would land outside the target (absolute paths, ``..``, links, devices), then
+  renames the folder into place.
+* :func:`fetch` combines both for a dataset's raw folder.
+
+Set ``FUXI_MME_OFFLINE=1`` to forbid network access (the error then says where to put files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+from .table import DataError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+USER_AGENT = "fuxi-mme-downloader"
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One downloadable file of a named dataset."""
+
+    url: str
+    md5: str | None = None
+    sha256: str | None = None
+    md5_url: str | None = None  # a sidecar "<hex>  <name>" file published next to the archive
+
+    @property
+    def filename(self) -> str:
+        return Path(urlparse(self.url).path).name or "download"
+
+
+def is_url(text: str | None) -> bool:
+    return bool(text) and urlparse(str(text)).scheme in ("http", "https", "file")
+
+
+def offline() -> bool:
+    return os.environ.get("FUXI_MME_OFFLINE", "").strip() not in ("", "0", "false", "no")
+
+
+def _hash(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _open(url: str, start: int, timeout: float):
+    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    if start:
+        req.add_header("Range", f"bytes={start}-")
+    return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - http(s)/file URLs chosen by the user
+
+
+def fetch_md5_sidecar(url: str, timeout: float = 30.0) -> str | None:
+    """The hex digest from a published ``.md5`` file, or None when it can't be read."""
+    try:
+        with _open(url, 0, timeout) as r:
+            text = r.read(4096).decode("ascii", "replace").split()
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+    for tok in text:
+        if len(tok) == 32 and all(c in "0123456789abcdefABCDEF" for c in tok):
+            return tok.lower()
+    return None
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    md5: str | None = None,
+    sha256: str | None = None,
+    progress: bool = True,
+    timeout: float = 60.0,
+    where_hint: str = "",
+) -> Path:
+    """Stream ``url`` to ``dest``; resume ``dest.part`` if present; verify and rename."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if offline():
+        raise DataError(
+            f"offline (FUXI_MME_OFFLINE is set), so {url} was not downloaded; download it yourself and put it at "
+            f"{dest}{where_hint}, or pass --source PATH"
+        )
+    part = dest.with_name(dest.name + ".part")
+    start = part.stat().st_size if part.exists() else 0
+    try:
+        resp = _open(url, start, timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and start:  # the part file is already complete (or bigger than the file)
+            resp = None
+        else:
+            raise DataError(f"download of {url} failed: HTTP {exc.code} {exc.reason}; check the URL or fetch the file by hand to {dest}{where_hint}") from exc
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DataError(
+            f"could not download {url} ({reason}); are you offline? Download it yourself and put it at {dest}"
+            f"{where_hint}, or pass --source PATH to the file"
+        ) from exc
+    if resp is not None:
+        with resp:
+            status = getattr(resp, "status", 200)
+            if start and status != 206:
+                start = 0  # the server ignored the Range header: start again
+            length = resp.headers.get("Content-Length")
+            total = (int(length) + start) if length and length.isdigit() else None
+            bar = _bar(total, start, dest.name, progress)
+            try:
+                with open(part, "ab" if start else "wb") as out:
+                    while True:
+                        try:
+                            block = resp.read(CHUNK)
+                        except OSError as exc:
+                            raise DataError(
+                                f"download of {url} was interrupted ({exc}); run the same command again to resume "
+                                f"from {part.stat().st_size:,} bytes"
+                            ) from exc
+                        if not block:
+                            break
+                        out.write(block)
+                        bar.update(len(block))
+            finally:
+                bar.close()
+            if total is not None and part.stat().st_size < total:
+                raise DataError(
+                    f"download of {url} stopped at {part.stat().st_size:,} of {total:,} bytes; run the same "
+                    "command again to resume"
+                )
+    for algo, want in (("md5", md5), ("sha256", sha256)):
+        if want:
+            got = _hash(part, algo)
+            if got != want.lower():
+                part.unlink()
+                raise DataError(
+                    f"{url}: {algo} checksum mismatch (got {got}, expected {want}); the partial file was deleted, "
+                    "run the command again (if it keeps failing, the server's file changed: report it)"
+                )
+    os.replace(part, dest)
+    return dest
+
+
+def _bar(total: int | None, initial: int, name: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=not enabled)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        class _Null:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+
+        return _Null()
+
+
+def _check_member(name: str, target: Path) -> Path:
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
+        raise DataError(f"archive member {name!r} would be written outside {target}; refusing to extract this archive")
+    return target.joinpath(*[x for x in p.parts if x not in ("", ".")])
+
+
+def safe_extract(archive: Path, target: Path) -> Path:
+    """Extract a zip / tar(.gz/.bz2/.xz) archive into ``target`` without escaping it."""
+    archive, target = Path(archive), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
+    try:
+        if zipfile.is_zipfile(archive):
+            try:
+                with zipfile.ZipFile(archive) as z:
+                    for info in z.infolist():
+                        dest = _check_member(info.filename, tmp)
+                        mode = (info.external_attr >> 16) & 0o170000
+                        if mode == 0o120000:
+                            raise DataError(f"archive member {info.filename!r} is a symbolic link; refusing to extract {archive}")
+                        if info.is_dir():
+                            dest.mkdir(parents=True, exist_ok=True)
+                            continue
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        with z.open(info) as src, open(dest, "wb") as out:
+                            shutil.copyfileobj(src, out, CHUNK)
+            except (zipfile.BadZipFile, EOFError, OSError, zlib_error()) as exc:
+                raise DataError(f"{archive} is truncated or corrupt ({exc}); delete it and download it again") from exc
+        else:
+            try:
+                with tarfile.open(archive) as t:
+                    for m in t:
+                        dest = _check_member(m.name, tmp)
+                        if m.issym() or m.islnk() or m.isdev() or m.isfifo():
+                            raise DataError(f"archive member {m.name!r} is a link or device; refusing to extract {archive}")
+                        if m.isdir():
+                            dest.mkdir(parents=True, exist_ok=True)
+                            continue
+                        if not m.isfile():
+                            continue
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        src = t.extractfile(m)
+                        assert src is not None
+                        with src, open(dest, "wb") as out:
+                            shutil.copyfileobj(src, out, CHUNK)
+            except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+                raise DataError(
+                    f"{archive} is truncated, corrupt or not a zip/tar archive ({exc}); delete it and download it "
+                    "again, or pass the extracted folder"
+                ) from exc
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def zlib_error():
+    import zlib
+
+    return zlib.error
+
+
+def is_archive(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith((".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))
+
+
+def fetch(remotes: list[Remote], raw_dir: Path, *, progress: bool = True, where_hint: str = "") -> Path:
+    """Download every remote into ``raw_dir`` (skipping finished ones), extract archives there.
+
+    Returns ``raw_dir``. A marker file records what was fetched; an existing complete folder is
+    reused without network access.
+    """
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    downloads = raw_dir / ".downloads"
+    for r in remotes:
+        archive = downloads / r.filename
+        done = raw_dir / f".{r.filename}.done"
+        if done.exists():
+            continue
+        if not archive.exists():
+            md5 = r.md5 or (fetch_md5_sidecar(r.md5_url) if r.md5_url and not offline() else None)
+            if r.md5_url and not md5 and not r.sha256:
+                log.warning("no checksum could be read from %s; %s is not verified", r.md5_url, r.url)
+            download(r.url, archive, md5=md5, sha256=r.sha256, progress=progress, where_hint=where_hint)
+        if is_archive(archive):
+            stem = archive.name
+            for sfx in (".zip", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar"):
+                if stem.lower().endswith(sfx):
+                    stem = stem[: -len(sfx)]
+                    break
+            safe_extract(archive, raw_dir / stem)
+        else:
+            shutil.copyfile(archive, raw_dir / archive.name)
+        done.write_text(r.url + "\n")
+    return raw_dir
