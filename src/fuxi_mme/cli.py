@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -44,6 +45,19 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--seed", type=int)
     p.add_argument("--run-dir", help="where the run is written (default runs/<time>-<preset>)")
+    g = p.add_argument_group("precision, speed and optimisation (shortcuts for --set train.*)")
+    g.add_argument("--batch-size", type=int, help="global batch (split over ranks under torchrun)")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--amp", choices=("none", "bf16"), help="bf16 autocast with fp32 master weights")
+    g.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls on GPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    g.add_argument("--schedule", choices=("constant", "cosine"), help="learning-rate schedule (cosine: warmup + cosine decay)")
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--grad-accum", type=int, help="optimizer step every N batches")
+    g.add_argument("--patience", type=int, help="loo-val early stopping: evaluations without improvement")
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (two CPU runs give identical metrics)")
+    g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files (needs tensorboard)")
 
 
 def build_config(args: argparse.Namespace):
@@ -70,6 +84,18 @@ def build_config(args: argparse.Namespace):
         "train.device": args.device,
         "train.seed": args.seed,
         "log.run_dir": args.run_dir,
+        "train.batch_size": args.batch_size,
+        "train.lr": args.lr,
+        "train.amp": args.amp,
+        "train.tf32": False if args.no_tf32 else None,
+        "train.compile": True if args.compile else None,
+        "train.grad_clip": args.grad_clip,
+        "train.schedule": args.schedule,
+        "train.warmup_steps": args.warmup_steps,
+        "train.grad_accum": args.grad_accum,
+        "train.patience": args.patience,
+        "train.deterministic": True if args.deterministic else None,
+        "log.tensorboard": True if args.tensorboard else None,
     }
     apply_overrides(cfg, [f"{k}={v}" for k, v in direct.items() if v is not None])
     apply_overrides(cfg, args.overrides)
@@ -92,6 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(cfg.to_json())
         return 0
     res = train(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 prints
     rows = {}
     if "valid_best" in res:
         rows[f"valid (epoch {res.get('selected_epoch', '-')})"] = res["valid_best"]
@@ -188,6 +216,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 1 if res["failed"] else 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    res = report(args.runs, args.out)
+    print(f"wrote {res['markdown']}" + (f" and {', '.join(res['images'])}" if res["images"] else " (no plots: matplotlib is missing)"))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fuxi-mme", description="Generative sequential recommendation: Fuxi-MME, FuXi-alpha, HSTU, SASRec.")
     p.add_argument("--version", action="version", version=f"fuxi-mme {__version__}")
@@ -232,6 +268,11 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="applied to every run")
     x.add_argument("--aggregate-only", action="store_true", help="only aggregate finished runs under --root")
     x.set_defaults(func=cmd_experiment)
+
+    r = sub.add_parser("report", help="learning curves (PNG) and a comparison table (Markdown) of runs")
+    r.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--out", default="report", help="folder for report.md, curves.png, comparison.png")
+    r.set_defaults(func=cmd_report)
 
     pr = sub.add_parser("presets", help="list named presets")
     pr.add_argument("--show", metavar="NAME", help="print one preset's full config")
