@@ -129,7 +129,8 @@ class Trainer:
             self.step_module = DDP(
                 self.step_module,
                 device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg.model.moe.num_experts > 0,  # an expert may get no tokens
+                # the loop back end skips an expert that gets no tokens; the batched one never does
+                find_unused_parameters=cfg.model.moe.num_experts > 0 and cfg.model.moe.backend == "loop",
             )
         self.train_arrs: TrainArrays = train_arrays(ds, cfg.data.protocol, cfg.data.max_len)
         if len(self.train_arrs) == 0:

@@ -193,7 +193,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "au
     cfg, ds, model = load_trained(run_dir, checkpoint, device)
     dev = resolve_device(cfg.train.device)
     arrs = eval_arrays(ds, cfg.data.protocol, split, cfg.data.max_len)
-    scorer = popularity_scorer(ds, cfg.data.protocol, dev) if model is None else model_scorer(model)
+    # the same precision as the run's own evaluations (bf16 autocast when it trained with it)
+    amp = torch.bfloat16 if cfg.train.amp == "bf16" else None
+    scorer = popularity_scorer(ds, cfg.data.protocol, dev) if model is None else model_scorer(model, amp)
     ranks = evaluate_ranks(scorer, arrs, ds, cfg.eval.filter_history, cfg.eval.batch_size, dev)
     m = metrics_from_ranks(ranks, cfg.eval.ks)
     m["users"] = int(len(ranks))
