@@ -36,6 +36,13 @@ def _read_git_head(start: Path) -> str | None:
 
 
 def git_commit(path: str | Path | None = None) -> str | None:
+    """The commit of the code, ``-dirty`` when it has local changes.
+
+    ``FUXI_MME_COMMIT`` overrides it, for copies of a working tree whose ``.git`` is absent
+    or stale (remote GPU machines).
+    """
+    if os.environ.get("FUXI_MME_COMMIT"):
+        return os.environ["FUXI_MME_COMMIT"]
     here = Path(path or Path(__file__).resolve().parent)
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
