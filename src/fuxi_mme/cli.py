@@ -224,6 +224,63 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from .serve import Query, Recommender, RequestError
+
+    rec = Recommender.from_run(args.run, args.checkpoint, args.device or "cpu", args.unknown_items)
+    if args.input:
+        from .serve.batch import recommend_file
+
+        if not args.output:
+            raise ValueError("--input needs --output FILE (.csv, .tsv, .parquet or .jsonl)")
+        st = recommend_file(rec, args.input, args.output, args.k, not args.include_seen, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col)
+        print(f"wrote {st['rows']:,} recommendations for {st['users']:,} users to {args.output}" + (f" ({st['skipped']} skipped, see above)" if st["skipped"] else ""))
+        return 0
+    if args.user is not None:
+        q = rec.history_of(args.user)
+    elif args.items:
+        q = Query(_ids(args.items), args.timestamps)
+    else:
+        raise ValueError("give a history with --items ID [ID ...], a dataset user with --user ID, or a file with --input")
+    q.k, q.exclude_seen, q.now = args.k, not args.include_seen, args.now
+    try:
+        res = rec.recommend([q])[0]
+    except RequestError as exc:
+        raise ValueError(str(exc)) from exc
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+        return 0
+    for r, it in enumerate(res["items"], start=1):
+        print(f"{r:3d}. {it['item']!s:>10}  {it['score']:+.4f}  {it.get('title', '')}")
+    for key in ("unknown_items", "truncated", "notes"):
+        if key in res:
+            print(f"{key}: {res[key]}", file=sys.stderr)
+    return 0
+
+
+def _ids(values: list[str]) -> list:
+    return [int(v) if v.lstrip("-").isdigit() else v for v in values]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.app import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("fuxi_mme").warning("binding to %s exposes the service beyond this machine; it has no authentication", args.host)
+    serve(args.run, args.host, args.port, args.checkpoint, args.device or "cpu", args.unknown_items, args.max_batch, args.max_wait_ms, args.max_body_kb * 1024)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .serve import Recommender
+    from .serve.export import export_run
+
+    rec = Recommender.from_run(args.run, args.checkpoint, "cpu")
+    res = export_run(rec, args.out)
+    print(f"wrote {', '.join(res['files'])} to {res['dir']}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fuxi-mme", description="Generative sequential recommendation: Fuxi-MME, FuXi-alpha, HSTU, SASRec.")
     p.add_argument("--version", action="version", version=f"fuxi-mme {__version__}")
@@ -274,6 +331,43 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="report", help="folder for report.md, curves.png, comparison.png")
     r.set_defaults(func=cmd_report)
 
+    rc = sub.add_parser("recommend", help="top-k recommendations for a history, a dataset user or a file of users")
+    rc.add_argument("--run", required=True, metavar="RUN_DIR")
+    rc.add_argument("--items", nargs="+", metavar="ID", help="history as raw item ids, oldest first")
+    rc.add_argument("--timestamps", nargs="+", type=int, metavar="T", help="unix seconds, one per item")
+    rc.add_argument("--now", type=int, help="time of the next interaction (default: the last timestamp)")
+    rc.add_argument("--user", help="use this dataset user's full history")
+    rc.add_argument("--input", help="file of users (CSV/TSV/Parquet/JSONL; long user,item[,timestamp] or nested history)")
+    rc.add_argument("--output", help="where --input's recommendations go (same formats)")
+    rc.add_argument("--user-col", default="user")
+    rc.add_argument("--item-col", default="item")
+    rc.add_argument("--time-col", default="timestamp")
+    rc.add_argument("-k", "--k", type=int, default=10)
+    rc.add_argument("--include-seen", action="store_true", help="allow items of the history in the results")
+    rc.add_argument("--unknown-items", default="report", choices=("report", "ignore", "reject"))
+    rc.add_argument("--checkpoint", default="auto")
+    rc.add_argument("--device")
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(func=cmd_recommend)
+
+    sv = sub.add_parser("serve", help="HTTP JSON API and demo page (needs fuxi-mme[serve])")
+    sv.add_argument("--run", required=True, metavar="RUN_DIR")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--checkpoint", default="auto")
+    sv.add_argument("--device")
+    sv.add_argument("--unknown-items", default="report", choices=("report", "ignore", "reject"))
+    sv.add_argument("--max-batch", type=int, default=64, help="queries scored together at most")
+    sv.add_argument("--max-wait-ms", type=float, default=2.0, help="how long the first request waits for others")
+    sv.add_argument("--max-body-kb", type=int, default=1024)
+    sv.set_defaults(func=cmd_serve)
+
+    ex = sub.add_parser("export", help="TorchScript user encoder + item matrix for serving elsewhere")
+    ex.add_argument("--run", required=True, metavar="RUN_DIR")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--checkpoint", default="auto")
+    ex.set_defaults(func=cmd_export)
+
     pr = sub.add_parser("presets", help="list named presets")
     pr.add_argument("--show", metavar="NAME", help="print one preset's full config")
     pr.set_defaults(func=cmd_presets)
@@ -285,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as exc:
         # ConfigError, DataError and CheckpointError derive from these; -v shows the traceback.
         if args.verbose:
             raise

@@ -41,6 +41,8 @@ class _SmallTableLookup(torch.autograd.Function):
 
 def lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``table[idx]`` with a gradient that scales to millions of duplicate indices."""
+    if not torch.is_grad_enabled() or torch.jit.is_tracing() or not table.requires_grad:
+        return table[idx]  # inference and export: plain indexing (traceable, no custom op)
     return _SmallTableLookup.apply(table, idx)
 
 
