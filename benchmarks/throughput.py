@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from fuxi_mme.config import apply_overrides  # noqa: E402
 from fuxi_mme.data.prepared import PreparedDataset, compute_stats  # noqa: E402
-from fuxi_mme.data.splits import eval_arrays, to_batch  # noqa: E402
+from fuxi_mme.data.splits import eval_arrays  # noqa: E402
 from fuxi_mme.eval.evaluator import evaluate_ranks, model_scorer  # noqa: E402
 from fuxi_mme.models import build_model  # noqa: E402
 from fuxi_mme.presets import build_preset, preset_name  # noqa: E402

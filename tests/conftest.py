@@ -24,27 +24,41 @@ def shared(*parts: str) -> Path:
     return p
 
 
+TINY = {
+    "data.demo_users": 200,
+    "data.max_len": 20,
+    "model.dim": 16,
+    "model.qk_dim": 8,
+    "model.v_dim": 8,
+    "model.num_heads": 2,
+    "model.ffn_dim": 16,
+    "model.dropout": 0.0,
+    "train.epochs": 2,
+    "train.batch_size": 32,
+    "train.num_negatives": 16,
+    "train.device": "cpu",
+    "log.progress": False,
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def tiny_config(model: str = "fuxi-alpha", **over):
     """A small, fast configuration on a small demo dataset."""
     from fuxi_mme.config import apply_overrides
     from fuxi_mme.presets import build_preset, preset_name
 
     cfg = build_preset(preset_name("demo", model, "base"))
-    base = {
-        "data.demo_users": 200,
-        "data.max_len": 20,
-        "model.dim": 16,
-        "model.qk_dim": 8,
-        "model.v_dim": 8,
-        "model.num_heads": 2,
-        "model.ffn_dim": 16,
-        "model.dropout": 0.0,
-        "train.epochs": 2,
-        "train.batch_size": 32,
-        "train.num_negatives": 16,
-        "train.device": "cpu",
-        "log.progress": False,
-    }
+    base = dict(TINY)
     base.update(over)
     apply_overrides(cfg, [f"{k}={v}" for k, v in base.items()])
     return cfg

@@ -4,7 +4,6 @@ evaluation, and a clean failure when a rank dies."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,27 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import TINY, free_port, tiny_config
 from fuxi_mme.train.run import evaluate_run, train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is unavailable")
 
-OVERRIDES = {
-    "data.demo_users": 200,
-    "data.max_len": 20,
-    "model.dim": 16,
-    "model.qk_dim": 8,
-    "model.v_dim": 8,
-    "model.num_heads": 2,
-    "model.ffn_dim": 16,
-    "model.dropout": 0.0,
-    "train.epochs": 3,
-    "train.batch_size": 32,
-    "train.num_negatives": 16,
-    "train.device": "cpu",
-    "eval.batch_size": 24,
-    "log.progress": False,
-}
+OVERRIDES = {**TINY, "train.epochs": 3, "eval.batch_size": 24}
 
 
 def _sets(over):
@@ -94,18 +78,10 @@ def test_a_dead_rank_fails_the_run_instead_of_hanging(tmp_path):
     assert "exitcode" in p.stderr.lower() or "failed" in p.stderr.lower()
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_without_torchrun_a_surviving_rank_gets_a_clear_message(tmp_path):
     """Ranks started by hand (no torchrun agent to kill the survivors): the survivor's
     collective fails (peer gone or timeout) and the error says what probably happened."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in (0, 1):
         env = _env(tmp_path, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FUXI_MME_TEST_FAIL="1:2")

@@ -11,6 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from conftest import free_port
+
 from fuxi_mme.config import DataConfig
 from fuxi_mme.data import DataError, load_dataset
 from fuxi_mme.data.download import Remote, download, fetch, safe_extract
@@ -133,13 +135,7 @@ def test_interrupted_download_resumes_with_a_range_request(server, tmp_path):
 
 def test_offline_message_says_where_to_put_the_file(tmp_path, monkeypatch):
     monkeypatch.delenv("FUXI_MME_OFFLINE", raising=False)
-    # a closed port on 127.0.0.1 stands in for "no network"
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = free_port()  # a closed port on 127.0.0.1 stands in for "no network"
     with pytest.raises(DataError, match=r"are you offline\?.*put it at .*f\.zip"):
         download(f"http://127.0.0.1:{port}/f.zip", tmp_path / "f.zip", progress=False, timeout=5)
 

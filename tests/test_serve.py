@@ -3,7 +3,6 @@ clear message), micro-batching, export parity and the demo page in headless Chro
 
 import json
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 from fuxi_mme.cli import main
-from fuxi_mme.serve import Query, Recommender, RequestError
+from fuxi_mme.serve import Query, Recommender
 from fuxi_mme.train.run import train
 
 
@@ -234,14 +233,6 @@ def test_export_gives_the_same_top_k_as_eager(run_dir, tmp_path):
 
 # ---------------------------------------------------------------- demo page in Chromium
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def test_demo_page_end_to_end_in_headless_chromium(rec, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -255,7 +246,7 @@ def test_demo_page_end_to_end_in_headless_chromium(rec, tmp_path):
 
     from fuxi_mme.serve.app import create_app
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(rec), host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()

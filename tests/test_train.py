@@ -7,7 +7,6 @@ import torch
 from conftest import tiny_config
 from fuxi_mme.cli import main
 from fuxi_mme.data import load_dataset
-from fuxi_mme.data.splits import to_batch, train_arrays
 from fuxi_mme.models import build_model
 from fuxi_mme.train.loop import Trainer
 from fuxi_mme.train.run import evaluate_run, load_run, train
@@ -20,7 +19,6 @@ def test_loss_falls_in_a_few_dozen_steps(model):
     ds = load_dataset(cfg.data)
     net = build_model(cfg.model, ds.num_items, cfg.data.max_len)
     tr = Trainer(cfg, ds, net, torch.device("cpu"), None, progress=False)
-    arrs = train_arrays(ds, cfg.data.protocol, cfg.data.max_len)
     rows = np.arange(64)
     losses = []
     for _ in range(40):
