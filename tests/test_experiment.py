@@ -6,6 +6,7 @@ from fuxi_mme.experiment import SUITES, aggregate, plan
 
 
 def test_plan_builds_cli_runs_with_the_variant_overrides(tmp_path):
+    (tmp_path / "data" / "ml-100k").mkdir(parents=True)
     jobs = plan(SUITES["ablation"], tmp_path, tmp_path / "data", ["train.epochs=3"], ["demo", "ml-100k"])
     assert len(jobs) == 2 * 4 * 3
     moe_only = next(j for j in jobs if j.dataset == "ml-100k" and j.variant == "+moe" and j.seed == 1)
@@ -15,7 +16,9 @@ def test_plan_builds_cli_runs_with_the_variant_overrides(tmp_path):
     assert "model.num_embeddings=1" in sets and "model.qk_dim=50" in sets and sets[-1] == "train.epochs=3"
     assert a[a.index("--data-path") + 1] == str(tmp_path / "data" / "ml-100k")
     with pytest.raises(ValueError, match="needs --data-root"):
-        plan(SUITES["ablation"], tmp_path, None, [], ["ml-100k"])
+        plan(SUITES["main"], tmp_path, None, [], ["ml-1m-ts70"])
+    # a dataset whose folder is absent is left to the cache or the download
+    assert "--data-path" not in plan(SUITES["main"], tmp_path, None, [], ["ml-1m"])[0].args
 
 
 def test_aggregate_means_and_stds_over_seeds(tmp_path):
@@ -29,4 +32,78 @@ def test_aggregate_means_and_stds_over_seeds(tmp_path):
     (row,) = res["results"]
     assert row["seeds"] == 3 and row["test/NDCG@10"]["mean"] == pytest.approx(0.2)
     assert row["test/NDCG@10"]["std"] == pytest.approx(0.1)
-    assert "| demo | fuxi-alpha | 3 | 0.2000 ± 0.1000" in (tmp_path / "ablation.md").read_text()
+    assert "| demo | fuxi-alpha | loo-val | 3 | 0.2000 ± 0.1000" in (tmp_path / "ablation.md").read_text()
+
+
+def test_main_suite_adds_large_sizes_and_the_paper_protocol_on_movielens(tmp_path):
+    (tmp_path / "ml-1m").mkdir()
+    jobs = plan(SUITES["main"], tmp_path / "r", tmp_path, [], ["ml-1m-ts70", "amazon-toys"])
+    ts70 = {j.variant for j in jobs if j.dataset == "ml-1m-ts70"}
+    toys = {j.variant for j in jobs if j.dataset == "amazon-toys"}
+    assert toys == {"popularity", "sasrec", "hstu", "fuxi-alpha", "fuxi-mme"}
+    assert ts70 == toys | {"sasrec large", "hstu large", "fuxi-alpha large", "fuxi-mme large"} | {f"{m} (paper)" for m in toys}
+    j = next(j for j in jobs if j.variant == "fuxi-mme (paper)" and j.seed == 2)
+    assert j.args[j.args.index("--protocol") + 1] == "paper" and j.args[j.args.index("--preset") + 1] == "ml-1m-ts70-fuxi-mme-base"
+    j = next(j for j in jobs if j.variant == "hstu large")
+    assert j.args[j.args.index("--preset") + 1] == "ml-1m-ts70-hstu-large"
+    assert len({j.run_dir for j in jobs}) == len(jobs)
+
+
+def test_jobs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
+    from fuxi_mme import experiment
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    seen = []
+    monkeypatch.setattr(experiment, "_run", lambda job, env: (seen.append(job.gpu), (job, 0, 0.0))[1])
+    experiment.run_suite(SUITES["ablation"], tmp_path, None, jobs=4, datasets=["demo"])
+    assert sorted(seen) == sorted(["0", "1", "2"] * 4)
+
+
+def test_results_doc_has_the_headline_and_the_scaling_plot(tmp_path):
+    from fuxi_mme.experiment import write_docs
+
+    def fake(suite, variants):
+        jobs = plan(SUITES[suite], tmp_path, tmp_path, [], ["ml-100k"], seeds=[0, 1], check_data=False)
+        for j in jobs:
+            if j.variant not in variants:
+                continue
+            j.run_dir.mkdir(parents=True)
+            v = variants[j.variant] + 0.01 * j.seed
+            m = {"NDCG@10": v, "HR@10": v, "NDCG@50": v, "HR@50": v, "MRR": v}
+            (j.run_dir / "metrics.json").write_text(json.dumps({"protocol": "paper" if "paper" in j.variant else "loo-val", "test": m, "selected_epoch": 1, "run_dir": str(j.run_dir),
+                                                                  "parameters": {"total": 1000, "non_embedding": 100}}))
+            (j.run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "epoch_seconds": 2.5}) + "\n")
+        return aggregate(SUITES[suite], jobs, tmp_path, [])
+
+    fake("main", {"popularity": 0.05, "sasrec": 0.10, "fuxi-mme": 0.12, "fuxi-mme (paper)": 0.2})
+    fake("scaling", {"fuxi-alpha L=2": 0.1, "fuxi-alpha L=4": 0.11, "fuxi-mme E=4": 0.12, "fuxi-mme E=8": 0.13})
+    doc = write_docs(tmp_path, tmp_path / "docs" / "results.md").read_text()
+    assert "| ml-100k | 0.0550 ± 0.0071 (2) | 0.1050 ± 0.0071 (2) | - | - | **0.1250 ± 0.0071 (2)** |" in doc
+    assert "![scaling](scaling.png)" in doc and (tmp_path / "docs" / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| ml-100k | fuxi-mme (paper) | paper | 2 |" in doc
+
+
+def test_main_suite_runs_unchanged_on_the_official_file_layouts(tmp_path, capsys):
+    """ML-1M, ML-20M and KuaiRand are not in ../shared/data: the same suite is pointed at
+    folders in their official layouts (tiny fixtures here) and runs end to end."""
+    import pandas as pd
+
+    from fuxi_mme.cli import main
+
+    root = tmp_path / "data"
+    rows = [(u, i, (u + i) % 5 + 1, 978300000 + 1000 * u + 10 * i) for u in range(1, 31) for i in range(1, 13) if (u * i) % 3]
+    (root / "ml-1m").mkdir(parents=True)
+    (root / "ml-1m" / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in rows))
+    (root / "ml-20m").mkdir()
+    pd.DataFrame(rows, columns=["userId", "movieId", "rating", "timestamp"]).to_csv(root / "ml-20m" / "ratings.csv", index=False)
+    (root / "KuaiRand-Pure" / "data").mkdir(parents=True)
+    kr = pd.DataFrame([(u, 100 + i, 20220408, 1200, t * 1000, 1) for u, i, _, t in rows], columns=["user_id", "video_id", "date", "hourmin", "time_ms", "is_click"])
+    kr.to_csv(root / "KuaiRand-Pure" / "data" / "log_standard_4_08_to_4_21_pure.csv", index=False)
+    args = ["experiment", "main", "--root", str(tmp_path / "res"), "--data-root", str(root), "--datasets", "ml-1m", "ml-20m", "kuairand-pure",
+            "--variants", "fuxi-mme", "fuxi-mme (paper)", "--seeds", "0", "--jobs", "2",
+            "--set", "train.epochs=1", "--set", "data.max_len=16", "--set", "train.device=cpu", "--set", "data.data_dir=" + str(tmp_path / "cache")]
+    assert main(args) == 0, capsys.readouterr()
+    res = json.loads((tmp_path / "res" / "main.json").read_text())
+    got = {(e["dataset"], e["variant"], e["protocol"]) for e in res["results"]}
+    assert got == {(d, v, p) for d in ("ml-1m", "ml-20m", "kuairand-pure") for v, p in (("fuxi-mme", "loo-val"), ("fuxi-mme (paper)", "paper"))}
+    assert "## Headline" in (tmp_path / "res" / "results.md").read_text()

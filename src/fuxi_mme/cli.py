@@ -203,13 +203,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     suite = SUITES[args.suite]
     if args.seeds:
         suite.seeds = args.seeds
+    docs = Path(args.docs) if args.docs else Path(args.root) / "results.md"
     if args.aggregate_only:
-        from .experiment import aggregate, plan
+        from .experiment import aggregate, plan, write_docs
 
-        todo = plan(suite, Path(args.root), Path(args.data_root or "."), args.overrides, args.datasets)
+        todo = plan(suite, Path(args.root), Path(args.data_root) if args.data_root else None, args.overrides, args.datasets, check_data=False, variants=args.variants)
         res = aggregate(suite, todo, Path(args.root), [])
+        write_docs(Path(args.root), docs)
     else:
-        res = run_suite(suite, Path(args.root), Path(args.data_root) if args.data_root else None, args.jobs, args.overrides, args.datasets)
+        res = run_suite(suite, Path(args.root), Path(args.data_root) if args.data_root else None, args.jobs, args.overrides, args.datasets, docs=docs, variants=args.variants)
     from .experiment import markdown
 
     print(markdown(res))
@@ -315,15 +317,17 @@ def make_parser() -> argparse.ArgumentParser:
             di.add_argument("--rebuild", action="store_true", help="ignore the cache")
         di.set_defaults(func=cmd_data_info)
 
-    x = sub.add_parser("experiment", help="run a suite of runs (ablation, sweep, main) and aggregate over seeds")
-    x.add_argument("suite", help="ablation, sweep or main")
+    x = sub.add_parser("experiment", help="run a suite of runs (main, ablation, sweep, scaling) and aggregate over seeds")
+    x.add_argument("suite", help="main, ablation, sweep or scaling")
     x.add_argument("--root", default="experiments", help="folder for the runs and the aggregated results")
     x.add_argument("--data-root", help="folder with the dataset files (the layout of ../shared/data)")
-    x.add_argument("--jobs", type=int, default=1, help="runs at once (several small runs share one GPU)")
+    x.add_argument("--jobs", type=int, default=1, help="runs at once, spread round-robin over the visible GPUs (several small runs share one GPU)")
     x.add_argument("--seeds", type=int, nargs="+")
-    x.add_argument("--datasets", nargs="+", help="a subset of the suite's datasets")
+    x.add_argument("--datasets", nargs="+", help="the suite's datasets, or others (ml-1m, ml-20m, kuairand-pure, ... from --data-root or downloaded)")
+    x.add_argument("--variants", nargs="+", help="a subset of the suite's variants (names as in its tables)")
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="applied to every run")
     x.add_argument("--aggregate-only", action="store_true", help="only aggregate finished runs under --root")
+    x.add_argument("--docs", help="Markdown page with every suite's tables and plots (default <root>/results.md)")
     x.set_defaults(func=cmd_experiment)
 
     r = sub.add_parser("report", help="learning curves (PNG) and a comparison table (Markdown) of runs")

@@ -48,26 +48,66 @@ BASELINES = {
     "fuxi-alpha": ("fuxi-alpha", []),
     "fuxi-mme": ("fuxi-mme", []),
 }
+MOVIELENS = ("ml-100k", "ml-1m", "ml-1m-ts70", "ml-20m")
+# Datasets with published paper-protocol figures (SPEC section 6): MovieLens and KuaiRand. On
+# these the main suite adds the large sizes and the paper protocol.
+PUBLISHED = (*MOVIELENS, "kuairand-pure", "kuairand-1k")
+MAIN_MOVIELENS_EXTRA = {
+    **{f"{m} large": (m, [], "large") for m in ("sasrec", "hstu", "fuxi-alpha", "fuxi-mme")},
+    **{f"{m} (paper)": (m, [], "base", "paper") for m in BASELINES},
+}
+# Scaling: depth for FuXi-alpha and Fuxi-MME; experts for Fuxi-MME and FuXi-alpha + MoE.
+SCALING = {
+    **{f"fuxi-alpha L={n}": ("fuxi-alpha", [f"model.num_layers={n}"]) for n in (2, 4, 8)},
+    **{f"fuxi-mme L={n}": ("fuxi-mme", [f"model.num_layers={n}"]) for n in (2, 4, 8)},
+    **{f"fuxi-mme E={e}": ("fuxi-mme", [f"model.moe.num_experts={e}", f"model.moe.top_k={min(2, e)}"]) for e in (1, 4, 8, 16)},
+    **{f"fuxi-alpha+moe E={e}": ("fuxi-mme", ["model.num_embeddings=1", "model.qk_dim={qk_full}", "model.v_dim={qk_full}", f"model.moe.num_experts={e}", f"model.moe.top_k={min(2, e)}"]) for e in (1, 4, 8, 16)},
+}
 
 
 @dataclass
 class Suite:
+    """A grid of runs. A variant is ``(model, overrides[, size[, protocol]])``; ``extra``
+    adds variants for some datasets only (e.g. large sizes on MovieLens)."""
+
     name: str
     datasets: list[str]
-    variants: dict[str, tuple[str, list[str]]]
+    variants: dict[str, tuple]
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     protocol: str = "loo-val"
     description: str = ""
+    extra: dict[tuple[str, ...], dict[str, tuple]] = field(default_factory=dict)
+
+    def variants_for(self, dataset: str) -> dict[str, tuple]:
+        out = dict(self.variants)
+        for group, more in self.extra.items():
+            if dataset in group:
+                out.update(more)
+        return out
 
 
 SUITES = {
     "ablation": Suite("ablation", ["demo", "ml-100k", "amazon-beauty"], ABLATION, description="FuXi-alpha; + multi-embedding only; + MoE only; full Fuxi-MME (SPEC section 4)"),
     "sweep": Suite("sweep", ["demo", "amazon-beauty"], SWEEP, seeds=[0, 1], description="one Fuxi-MME option changed at a time, on validation"),
-    "main": Suite("main", ["demo", "ml-100k", "ml-1m-ts70", "amazon-beauty", "amazon-sports", "amazon-toys"], BASELINES, description="all models, base sizes"),
+    "main": Suite(
+        "main",
+        ["ml-1m-ts70", "ml-100k", "amazon-beauty", "amazon-sports", "amazon-toys"],
+        BASELINES,
+        description="all models (base; large and the paper protocol too on MovieLens), loo-val everywhere",
+        extra={PUBLISHED: MAIN_MOVIELENS_EXTRA},
+    ),
+    "scaling": Suite("scaling", ["ml-1m-ts70"], SCALING, description="test NDCG@10 against depth and number of experts, with parameters and training time"),
 }
 
-# Where each dataset's files are, under --data-root (the layout of ../shared/data).
-DATA_FOLDERS = {"ml-100k": "ml-100k", "ml-1m": "ml-1m", "ml-1m-ts70": "ml-1m", "amazon-beauty": "amazon_s3rec", "amazon-sports": "amazon_s3rec", "amazon-toys": "amazon_s3rec"}
+# Where each dataset's files are, under --data-root (the layout of ../shared/data, plus the
+# official archives' folder names for the datasets that are not there). A dataset whose folder
+# is absent is read from the cache's raw folder or downloaded, as `fuxi-mme train` does.
+DATA_FOLDERS = {
+    "ml-100k": "ml-100k", "ml-1m": "ml-1m", "ml-1m-ts70": "ml-1m", "ml-20m": "ml-20m",
+    "kuairand-pure": "KuaiRand-Pure", "kuairand-1k": "KuaiRand-1K",
+    "amazon-beauty": "amazon_s3rec", "amazon-sports": "amazon_s3rec", "amazon-toys": "amazon_s3rec",
+}
+NO_DOWNLOAD = {"ml-1m-ts70"}  # exists only as ../shared/data/ml-1m
 
 
 @dataclass
@@ -77,24 +117,33 @@ class Job:
     seed: int
     args: list[str]
     run_dir: Path
+    gpu: str | None = None
 
 
-def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], datasets: list[str] | None = None) -> list[Job]:
+def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], datasets: list[str] | None = None, seeds: list[int] | None = None,
+         check_data: bool = True, variants: list[str] | None = None) -> list[Job]:
     from .presets import build_preset, preset_name
 
     jobs = []
     for ds in datasets or suite.datasets:
         base = build_preset(preset_name(ds, "fuxi-alpha", "base")).model
         fmt = {"qk_full": base.qk_dim, "qk_quarter": max(1, base.qk_dim // 4)}
-        for variant, (model, over) in suite.variants.items():
-            for seed in suite.seeds:
+        data_args: list[str] = []
+        folder = data_root / DATA_FOLDERS[ds] if data_root is not None and ds in DATA_FOLDERS else None
+        if folder is not None and folder.exists():
+            data_args = ["--data-path", str(folder)]
+        elif ds in NO_DOWNLOAD and check_data:
+            raise ValueError(f"dataset {ds} needs --data-root (the folder holding {DATA_FOLDERS[ds]}/)")
+        for variant, spec in suite.variants_for(ds).items():
+            if variants and variant not in variants:
+                continue
+            model, over = spec[0], spec[1]
+            size = spec[2] if len(spec) > 2 else "base"
+            protocol = spec[3] if len(spec) > 3 else suite.protocol
+            for seed in seeds or suite.seeds:
                 safe = variant.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus-").replace("=", "-")
                 run_dir = root / suite.name / ds / safe / f"seed{seed}"
-                args = ["train", "--preset", preset_name(ds, model, "base"), "--seed", str(seed), "--protocol", suite.protocol, "--run-dir", str(run_dir), "--no-progress"]
-                if ds in DATA_FOLDERS:
-                    if data_root is None:
-                        raise ValueError(f"dataset {ds} needs --data-root (the folder holding {DATA_FOLDERS[ds]}/)")
-                    args += ["--data-path", str(data_root / DATA_FOLDERS[ds])]
+                args = ["train", "--preset", preset_name(ds, model, size), "--seed", str(seed), "--protocol", protocol, "--run-dir", str(run_dir), "--no-progress", *data_args]
                 for o in [*over, *extra]:
                     args += ["--set", o.format(**fmt)]
                 jobs.append(Job(ds, variant, seed, args, run_dir))
@@ -109,24 +158,51 @@ def _run(job: Job, env: dict[str, str]) -> tuple[Job, int, float]:
 
         shutil.rmtree(job.run_dir)
     job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if job.gpu is not None:
+        env = {**env, "CUDA_VISIBLE_DEVICES": job.gpu}
     t0 = time.perf_counter()
     with open(job.run_dir.parent / f"{job.run_dir.name}.log", "w") as log:
         rc = subprocess.call([sys.executable, "-m", "fuxi_mme", *job.args], stdout=log, stderr=subprocess.STDOUT, env=env)
     return job, rc, time.perf_counter() - t0
 
 
-def run_suite(suite: Suite, root: Path, data_root: Path | None, jobs: int = 1, extra: list[str] | None = None, datasets: list[str] | None = None) -> dict[str, Any]:
-    todo = plan(suite, root, data_root, extra or [], datasets)
+def visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() != ""]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no torch/CUDA: CPU jobs
+        return []
+
+
+def run_suite(suite: Suite, root: Path, data_root: Path | None, jobs: int = 1, extra: list[str] | None = None, datasets: list[str] | None = None,
+              seeds: list[int] | None = None, docs: Path | None = None, variants: list[str] | None = None) -> dict[str, Any]:
+    """Run the missing jobs, ``jobs`` at a time, spread round-robin over the visible GPUs."""
+    todo = plan(suite, root, data_root, extra or [], datasets, seeds, variants=variants)
+    gpus = visible_gpus()
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(jobs, 1))))
+    pending = [j for j in todo if not (j.run_dir / "metrics.json").exists()]
+    # the suite's own variants first, then the per-dataset extras (large sizes, paper protocol);
+    # within each, datasets in the order given (put the long ones first)
+    order = {d: i for i, d in enumerate(datasets or suite.datasets)}
+    pending.sort(key=lambda j: (j.variant not in suite.variants, order.get(j.dataset, 0)))
+    for i, j in enumerate(pending):
+        j.gpu = gpus[i % len(gpus)] if gpus else None
     failed = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for job, rc, dt in pool.map(lambda j: _run(j, env), todo):
+        for job, rc, dt in pool.map(lambda j: _run(j, env), pending):
             status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {job.run_dir}.log)"
-            print(f"[{suite.name}] {job.dataset} / {job.variant} / seed {job.seed}: {status} {dt:.0f}s", flush=True)
+            print(f"[{suite.name}] {job.dataset} / {job.variant} / seed {job.seed}: {status} {dt:.0f}s" + (f" (GPU {job.gpu})" if job.gpu else ""), flush=True)
             if rc:
                 failed.append(str(job.run_dir))
-    return aggregate(suite, todo, root, failed)
+    res = aggregate(suite, todo, root, failed)
+    if docs is not None:
+        write_docs(root, docs)
+    return res
 
 
 def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str]) -> dict[str, Any]:
@@ -151,6 +227,9 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str]) -> d
                     if len(vals):
                         entry[f"{split}/{k}"] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
         entry["epochs"] = [r.get("selected_epoch") for r in runs]
+        secs = [_train_seconds(Path(r["run_dir"])) for r in runs]
+        if all(x is not None for x in secs):
+            entry["train_seconds"] = {"mean": float(np.mean(secs)), "std": float(np.std(secs, ddof=1)) if len(secs) > 1 else 0.0}
         params = runs[0].get("parameters")
         if params:
             entry["parameters"] = params
@@ -161,16 +240,110 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str]) -> d
     return out
 
 
+def _train_seconds(run_dir: Path) -> float | None:
+    f = run_dir / "metrics.jsonl"
+    if not f.exists():
+        return None
+    recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return float(sum(r.get("epoch_seconds", 0.0) for r in recs if r.get("kind") == "train"))
+
+
 def markdown(res: dict[str, Any]) -> str:
     dev = res.get("device") or {}
     lines = [f"### Suite `{res['suite']}`: {res['description']}", "", f"Commit `{res['commit']}`, device {dev.get('gpu', dev.get('device', '?'))}, {res['time']}. Mean ± std over seeds; full ranking.", ""]
-    lines.append("| dataset | variant | seeds | valid NDCG@10 | test NDCG@10 | test HR@10 | test MRR | params (non-emb.) |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("| dataset | variant | protocol | seeds | valid NDCG@10 | test NDCG@10 | test HR@10 | test MRR | params (non-emb.) | train s |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     f = lambda e, k: f"{e[k]['mean']:.4f} ± {e[k]['std']:.4f}" if k in e else "-"  # noqa: E731
     for e in res["results"]:
         p = e.get("parameters")
         params = f"{p['total']:,} ({p['non_embedding']:,})" if p else "-"
-        lines.append(f"| {e['dataset']} | {e['variant']} | {e['seeds']} | {f(e, 'valid_best/NDCG@10')} | {f(e, 'test/NDCG@10')} | {f(e, 'test/HR@10')} | {f(e, 'test/MRR')} | {params} |")
+        ts = f"{e['train_seconds']['mean']:.0f}" if "train_seconds" in e else "-"
+        lines.append(f"| {e['dataset']} | {e['variant']} | {e['protocol']} | {e['seeds']} | {f(e, 'valid_best/NDCG@10')} | {f(e, 'test/NDCG@10')} | {f(e, 'test/HR@10')} | {f(e, 'test/MRR')} | {params} | {ts} |")
     if res.get("failed"):
         lines += ["", "Failed runs: " + ", ".join(res["failed"])]
     return "\n".join(lines) + "\n"
+
+
+HEADLINE_MODELS = ("popularity", "sasrec", "hstu", "fuxi-alpha", "fuxi-mme")
+
+
+def headline(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
+    """Datasets x models pivot of the main suite (loo-val, base sizes)."""
+    cells = {(e["dataset"], e["variant"]): e for e in res["results"]}
+    datasets = list(dict.fromkeys(e["dataset"] for e in res["results"]))
+    lines = ["| dataset | " + " | ".join(HEADLINE_MODELS) + " |", "|---" * (len(HEADLINE_MODELS) + 1) + "|"]
+    for ds in datasets:
+        row = []
+        best = max((cells[(ds, m)][metric]["mean"] for m in HEADLINE_MODELS if (ds, m) in cells and metric in cells[(ds, m)]), default=None)
+        for m in HEADLINE_MODELS:
+            e = cells.get((ds, m))
+            if e is None or metric not in e:
+                row.append("-")
+                continue
+            v = f"{e[metric]['mean']:.4f} ± {e[metric]['std']:.4f} ({e['seeds']})"
+            row.append(f"**{v}**" if e[metric]["mean"] == best else v)
+        label = ds + (" (not the published ML-1M)" if ds == "ml-1m-ts70" else "")
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scaling(res: dict[str, Any], out: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [e for e in res["results"] if "test/NDCG@10" in e]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "L=", "layers"), (axes[1], "E=", "experts")):
+        for fam in sorted({e["variant"].split(" ")[0] for e in rows if key in e["variant"]}):
+            pts = sorted((int(e["variant"].split(key)[1]), e) for e in rows if e["variant"].startswith(fam + " ") and key in e["variant"])
+            if not pts:
+                continue
+            xs = [x for x, _ in pts]
+            ys = [e["test/NDCG@10"]["mean"] for _, e in pts]
+            err = [e["test/NDCG@10"]["std"] for _, e in pts]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=fam)
+            for x, (_, e) in zip(xs, pts):
+                p = e.get("parameters", {}).get("non_embedding")
+                t = e.get("train_seconds", {}).get("mean")
+                if p is not None:
+                    ax.annotate(f"{p / 1e3:.0f}k p" + (f", {t:.0f}s" if t else ""), (x, e["test/NDCG@10"]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel=label, ylabel="test NDCG@10", title=f"{rows[0]['dataset']}: NDCG@10 vs {label} (non-embedding params, train s)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(out)
+    plt.close(fig)
+    return out
+
+
+def write_docs(root: Path, docs: Path) -> Path:
+    """docs/results.md from every ``<root>/<suite>.json`` present (tables, headline, plots)."""
+    parts = ["# Results", "", "Generated by `fuxi-mme experiment SUITE --root results --docs docs/results.md` from the",
+             "runs under `results/` (each run folder holds its config, commit, device and metrics). Mean ± std over",
+             "seeds (the number of seeds in parentheses); full ranking; protocol as named.", ""]
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    for name in ("main", "ablation", "sweep", "scaling"):
+        f = root / f"{name}.json"
+        if not f.exists():
+            continue
+        res = json.loads(f.read_text())
+        if name == "main":
+            base = {**res, "results": [e for e in res["results"] if e["protocol"] == "loo-val"]}
+            parts += ["## Headline: test NDCG@10, loo-val, base sizes", "", headline(base), ""]
+        if name == "scaling":
+            img = plot_scaling(res, docs.parent / "scaling.png")
+            if img is not None:
+                parts += [f"![scaling]({img.name})", ""]
+        parts += [markdown(res), ""]
+    atomic_write_text(docs, "\n".join(parts))
+    return docs

@@ -47,6 +47,10 @@ SHAPES: dict[str, Shape] = {
         Shape("amazon-beauty", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10),
         Shape("amazon-sports", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10),
         Shape("amazon-toys", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10),
+        # KuaiRand: FuXi-alpha's shape for it is not in SPEC; the ML-1M widths and HSTU's
+        # long-sequence length are our choice (docs/datasets.md).
+        Shape("kuairand-pure", "ml-1m", max_len=256, epochs=101),
+        Shape("kuairand-1k", "ml-1m", max_len=256, epochs=101),
         Shape("file", "ml-1m", max_len=200, epochs=101),
     ]
 }
