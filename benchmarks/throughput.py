@@ -110,7 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["ml-1m", "ml-20m"])
     ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "fuxi-mme"])
-    ap.add_argument("--paths", nargs="+", default=["fp32", "bf16"], help="fp32 = reference; bf16 = autocast")
+    ap.add_argument("--paths", nargs="+", default=["fp32", "bf16"], help="fp32 = reference; bf16 = autocast; fused-bf16 = bf16 with the Triton attention kernel")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="auto")
@@ -126,7 +126,9 @@ def main() -> None:
             ref = None
             for path in args.paths:
                 cfg = build_preset(preset_name(shape, model, "base"))
-                apply_overrides(cfg, [f"train.device={dev}", f"train.amp={'bf16' if path == 'bf16' else 'none'}"])
+                amp = "bf16" if "bf16" in path else "none"
+                attention = "fused" if path.startswith("fused") else "reference"
+                apply_overrides(cfg, [f"train.device={dev}", f"train.amp={amp}", f"model.attention={attention}"])
                 r = {"shape": shape, "model": model, "path": path, "preset": cfg.preset, "config": cfg.to_dict(), **bench_train(cfg, ds, dev, args.steps, args.warmup)}
                 if ref is None:
                     ref = r

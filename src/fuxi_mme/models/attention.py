@@ -98,3 +98,30 @@ def hstu_attention_reference(
         logits = logits + lookup(time_w, buckets).to(q.dtype).unsqueeze(1)
     a = F.silu(logits) / norm * mask
     return (a @ v).transpose(1, 2).reshape(B, N, H * v.shape[-1])
+
+
+def select_attention(mode: str, kind: str):
+    """The attention function for ``model.attention`` (``kind``: "fuxi" or "hstu").
+
+    ``reference`` and ``auto`` use the PyTorch reference (``auto`` will switch to the fused
+    kernel on GPU once its GPU parity and speed runs are recorded); ``fused`` uses the Triton
+    kernel (``fused_attention.py``), which needs triton and a CUDA device (or Triton's CPU
+    interpreter, ``TRITON_INTERPRET=1``).
+    """
+    ref = fuxi_attention_reference if kind == "fuxi" else hstu_attention_reference
+    if mode != "fused":
+        return ref
+    from . import fused_attention as fa
+
+    if not fa.HAVE_TRITON:
+        raise RuntimeError("model.attention=fused needs triton (pip install triton) and a CUDA GPU; use model.attention=reference")
+    fused = fa.fused_fuxi_attention if kind == "fuxi" else fa.fused_hstu_attention
+
+    def attend(q, k, v, pos_w, time_w, buckets, norm):
+        if torch.jit.is_tracing():
+            return ref(q, k, v, pos_w, time_w, buckets, norm)  # export traces the reference
+        if not fa.fused_available(q.device):
+            raise RuntimeError(f"model.attention=fused runs on CUDA tensors (got {q.device}); use model.attention=reference on CPU")
+        return fused(q, k, v, pos_w, time_w, buckets, norm)
+
+    return attend

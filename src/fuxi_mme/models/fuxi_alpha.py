@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig, ModelConfig
-from .attention import fuxi_attention_reference
+from .attention import select_attention
 from .common import ItemInput, SequenceModel, SwiGLU, TemporalBuckets, l2_normalize, rms_norm
 from .moe import MoE
 
@@ -53,9 +53,11 @@ class FuxiBlock(nn.Module):
         num_time_buckets: int = 128,
         moe: MoEConfig | None = None,
         num_streams: int = 1,
+        attention: str = "reference",
     ):
         super().__init__()
         H = num_heads
+        self.attend = select_attention(attention, "fuxi")
         self.H, self.qk_dim, self.v_dim = H, qk_dim, v_dim
         self.max_len = max_len
         self.moe_placement = moe.placement if moe is not None and moe.num_experts > 0 else None
@@ -81,7 +83,7 @@ class FuxiBlock(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, width: int, max_len: int, moe: MoEConfig | None = None, num_streams: int = 1) -> "FuxiBlock":
-        return cls(width, cfg.num_heads, cfg.qk_dim, cfg.v_dim, cfg.ffn_multiply, cfg.dropout, max_len, cfg.num_time_buckets, moe=moe, num_streams=num_streams)
+        return cls(width, cfg.num_heads, cfg.qk_dim, cfg.v_dim, cfg.ffn_multiply, cfg.dropout, max_len, cfg.num_time_buckets, moe=moe, num_streams=num_streams, attention=cfg.attention)
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in (getattr(self, "u_moe", None), getattr(self, "out_moe", None), getattr(self, "ffn_moe", None)) if m is not None]
@@ -107,7 +109,7 @@ class FuxiBlock(nn.Module):
         q = q.view(B, N, H, Dq).transpose(1, 2)
         k = k.view(B, N, H, Dq).transpose(1, 2)
         v = v.view(B, N, H, Dv).transpose(1, 2)
-        attn = fuxi_attention_reference(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len))
+        attn = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len))
         h = rms_norm(attn) * u
         hd = self.drop(h)
         o = (self.out_moe(hd, valid, stream) if self.out is None else self.out(hd)) + x

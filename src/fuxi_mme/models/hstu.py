@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import hstu_attention_reference
+from .attention import select_attention
 from .common import ItemInput, SequenceModel, TemporalBuckets, l2_normalize
 
 
@@ -29,6 +29,7 @@ class HSTUBlock(nn.Module):
         self.time_w = nn.Parameter(torch.empty(cfg.num_time_buckets + 1).normal_(std=0.02))
         self.out = nn.Linear(H * Dv, cfg.dim, bias=True)
         self.drop = nn.Dropout(cfg.dropout)
+        self.attend = select_attention(cfg.attention, "hstu")
 
     def forward(self, x, buckets):
         B, N, _ = x.shape
@@ -37,7 +38,7 @@ class HSTUBlock(nn.Module):
         q = q.view(B, N, H, Dq).transpose(1, 2)
         k = k.view(B, N, H, Dq).transpose(1, 2)
         v = v.view(B, N, H, Dv).transpose(1, 2)
-        a = hstu_attention_reference(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len))
+        a = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len))
         return x + self.out(self.drop(u * _ln(a)))
 
 
