@@ -48,6 +48,9 @@ def fused_available(device: torch.device) -> bool:
 
 
 if HAVE_TRITON:
+    # Layouts (all contiguous): q, k (B*H, N, DQ); v (B*H, N, DV); buckets (B, N, N);
+    # out / dout (B, N, C, H, DV) with C = 3 channels (FuXi) or 1 (HSTU).
+
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
         if IEEE:
@@ -55,161 +58,134 @@ if HAVE_TRITON:
         return tl.dot(a, b)
 
     @triton.jit
-    def _biases(POS, TIME, BKT, b, offs_m, offs_n, causal, sbb, sbm, USE_TIME: tl.constexpr):
-        rel = offs_m[:, None] - offs_n[None, :]
-        p = tl.load(POS + rel, mask=causal, other=0.0)
+    def _rows(PTR, bh, offs, N, D, BD: tl.constexpr):
+        """Pointers and mask of rows ``offs`` of head ``bh`` of a (B*H, N, D) tensor."""
+        offs_d = tl.arange(0, BD)
+        return PTR + bh * N * D + offs[:, None] * D + offs_d[None, :], (offs[:, None] < N) & (offs_d[None, :] < D)
+
+    @triton.jit
+    def _orows(PTR, b, h, c, offs, N, C, H, DV, BDV: tl.constexpr):
+        """Pointers and mask of channel ``c``, head ``h``, rows ``offs`` of a (B, N, C, H, DV) tensor."""
+        offs_d = tl.arange(0, BDV)
+        return PTR + ((b * N + offs[:, None]) * C + c) * H * DV + h * DV + offs_d[None, :], (offs[:, None] < N) & (offs_d[None, :] < DV)
+
+    @triton.jit
+    def _load_rows(PTR, bh, offs, N, D, BD: tl.constexpr):
+        ptr, mask = _rows(PTR, bh, offs, N, D, BD)
+        return tl.load(ptr, mask=mask, other=0.0)
+
+    @triton.jit
+    def _tile(Q, K, V, POS, TIME, BKT, b, bh, offs_m, offs_n, q, N, DQ, DV,
+              HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
+        """k, v of key rows ``offs_n``; the pre-activation z, the causal mask and the bias maps."""
+        k = _load_rows(K, bh, offs_n, N, DQ, BDQ)
+        v = _load_rows(V, bh, offs_n, N, DV, BDV)
+        s = _dot(q, tl.trans(k), IEEE)
+        causal = (offs_m[:, None] >= offs_n[None, :]) & (offs_m[:, None] < N) & (offs_n[None, :] < N)
+        p = tl.load(POS + (offs_m[:, None] - offs_n[None, :]), mask=causal, other=0.0)
         if USE_TIME:
-            bk = tl.load(BKT + b * sbb + offs_m[:, None] * sbm + offs_n[None, :], mask=causal, other=0)
+            bk = tl.load(BKT + (b * N + offs_m[:, None]) * N + offs_n[None, :], mask=causal, other=0)
             t = tl.load(TIME + bk, mask=causal, other=0.0)
         else:
             t = tl.zeros(p.shape, tl.float32)
-        return p, t
+        if HSTU:
+            z = s + p + t
+        else:
+            z = s
+        return k, v, z, causal, p, t
 
     @triton.jit
-    def fwd(Q, K, V, POS, TIME, BKT, O,
-            sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbm, sob, son, soc, soh,
-            H, N, DQ, DV, inv_norm,
-            HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr,
+    def fwd(Q, K, V, POS, TIME, BKT, O, H, N, DQ, DV, inv_norm,
+            HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
         offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_q = tl.arange(0, BDQ)
-        offs_v = tl.arange(0, BDV)
-        m_ok = offs_m < N
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_q[None, :], mask=m_ok[:, None] & (offs_q[None, :] < DQ), other=0.0)
+        q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
         acc0 = tl.zeros((BM, BDV), tl.float32)
         acc1 = tl.zeros((BM, BDV), tl.float32)
         acc2 = tl.zeros((BM, BDV), tl.float32)
-        hi = tl.minimum((pid_m + 1) * BM, N)
-        for start_n in range(0, hi, BN):
+        for start_n in range(0, tl.minimum((pid_m + 1) * BM, N), BN):
             offs_n = start_n + tl.arange(0, BN)
-            n_ok = offs_n < N
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_q[None, :], mask=n_ok[:, None] & (offs_q[None, :] < DQ), other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_v[None, :], mask=n_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
-            s = _dot(q, tl.trans(k), IEEE)
-            causal = (offs_m[:, None] >= offs_n[None, :]) & m_ok[:, None] & n_ok[None, :]
-            p, t = _biases(POS, TIME, BKT, b, offs_m, offs_n, causal, sbb, sbm, USE_TIME)
-            if HSTU:
-                z = s + p + t
-                a = tl.where(causal, z * tl.sigmoid(z) * inv_norm, 0.0)
-                acc0 += _dot(a.to(v.dtype), v, IEEE)
-            else:
-                a = tl.where(causal, s * tl.sigmoid(s) * inv_norm, 0.0)
-                acc0 += _dot(a.to(v.dtype), v, IEEE)
+            k, v, z, causal, p, t = _tile(Q, K, V, POS, TIME, BKT, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, USE_TIME, IEEE, BDQ, BDV)
+            a = tl.where(causal, z * tl.sigmoid(z) * inv_norm, 0.0)
+            acc0 += _dot(a.to(v.dtype), v, IEEE)
+            if not HSTU:
                 acc1 += _dot(p.to(v.dtype), v, IEEE)
                 if USE_TIME:
                     acc2 += _dot(t.to(v.dtype), v, IEEE)
-        o_ptr = O + b * sob + h * soh + offs_m[:, None] * son + offs_v[None, :]
-        o_mask = m_ok[:, None] & (offs_v[None, :] < DV)
-        tl.store(o_ptr, acc0.to(O.dtype.element_ty), mask=o_mask)
+        ptr, mask = _orows(O, b, h, 0, offs_m, N, C, H, DV, BDV)
+        tl.store(ptr, acc0.to(O.dtype.element_ty), mask=mask)
         if not HSTU:
-            tl.store(o_ptr + soc, acc1.to(O.dtype.element_ty), mask=o_mask)
-            tl.store(o_ptr + 2 * soc, acc2.to(O.dtype.element_ty), mask=o_mask)
+            tl.store(ptr + H * DV, acc1.to(O.dtype.element_ty), mask=mask)
+            tl.store(ptr + 2 * H * DV, acc2.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd_kv(Q, K, V, POS, TIME, BKT, DO, DK, DVp,
-               sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbm, sob, son, soc, soh,
-               H, N, DQ, DV, inv_norm,
-               HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr,
+    def bwd_kv(Q, K, V, POS, TIME, BKT, DO, DK, DVp, H, N, DQ, DV, inv_norm,
+               HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
         offs_n = pid_n * BN + tl.arange(0, BN)
-        offs_q = tl.arange(0, BDQ)
-        offs_v = tl.arange(0, BDV)
-        n_ok = offs_n < N
-        kmask = n_ok[:, None] & (offs_q[None, :] < DQ)
-        vmask = n_ok[:, None] & (offs_v[None, :] < DV)
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_q[None, :], mask=kmask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_v[None, :], mask=vmask, other=0.0)
         dk = tl.zeros((BN, BDQ), tl.float32)
         dv = tl.zeros((BN, BDV), tl.float32)
-        lo = (pid_n * BN // BM) * BM
-        for start_m in range(lo, N, BM):
+        for start_m in range((pid_n * BN // BM) * BM, N, BM):
             offs_m = start_m + tl.arange(0, BM)
-            m_ok = offs_m < N
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_q[None, :], mask=m_ok[:, None] & (offs_q[None, :] < DQ), other=0.0)
-            do_ptr = DO + b * sob + h * soh + offs_m[:, None] * son + offs_v[None, :]
-            do_mask = m_ok[:, None] & (offs_v[None, :] < DV)
-            do0 = tl.load(do_ptr, mask=do_mask, other=0.0)
-            s = _dot(q, tl.trans(k), IEEE)
-            causal = (offs_m[:, None] >= offs_n[None, :]) & m_ok[:, None] & n_ok[None, :]
-            p, t = _biases(POS, TIME, BKT, b, offs_m, offs_n, causal, sbb, sbm, USE_TIME)
-            if HSTU:
-                z = s + p + t
-            else:
-                z = s
+            q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
+            k, v, z, causal, p, t = _tile(Q, K, V, POS, TIME, BKT, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, USE_TIME, IEEE, BDQ, BDV)
+            ptr, mask = _orows(DO, b, h, 0, offs_m, N, C, H, DV, BDV)
+            do0 = tl.load(ptr, mask=mask, other=0.0)
             sig = tl.sigmoid(z)
             a = tl.where(causal, z * sig * inv_norm, 0.0)
             dv += _dot(tl.trans(a).to(do0.dtype), do0, IEEE)
             if not HSTU:
-                do1 = tl.load(do_ptr + soc, mask=do_mask, other=0.0)
+                do1 = tl.load(ptr + H * DV, mask=mask, other=0.0)
                 dv += _dot(tl.trans(p).to(do1.dtype), do1, IEEE)
                 if USE_TIME:
-                    do2 = tl.load(do_ptr + 2 * soc, mask=do_mask, other=0.0)
+                    do2 = tl.load(ptr + 2 * H * DV, mask=mask, other=0.0)
                     dv += _dot(tl.trans(t).to(do2.dtype), do2, IEEE)
-            da = _dot(do0, tl.trans(v), IEEE)
-            dz = tl.where(causal, da * sig * (1.0 + z * (1.0 - sig)) * inv_norm, 0.0)
+            dz = tl.where(causal, _dot(do0, tl.trans(v), IEEE) * sig * (1.0 + z * (1.0 - sig)) * inv_norm, 0.0)
             dk += _dot(tl.trans(dz).to(q.dtype), q, IEEE)
-        tl.store(DK + b * skb + h * skh + offs_n[:, None] * skn + offs_q[None, :], dk.to(DK.dtype.element_ty), mask=kmask)
-        tl.store(DVp + b * svb + h * svh + offs_n[:, None] * svn + offs_v[None, :], dv.to(DVp.dtype.element_ty), mask=vmask)
+        ptr, mask = _rows(DK, bh, offs_n, N, DQ, BDQ)
+        tl.store(ptr, dk.to(DK.dtype.element_ty), mask=mask)
+        ptr, mask = _rows(DVp, bh, offs_n, N, DV, BDV)
+        tl.store(ptr, dv.to(DVp.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd_q(Q, K, V, POS, TIME, BKT, DO, DQp, GP, GT,
-              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbb, sbm, sob, son, soc, soh, sgb, sgm,
-              H, N, DQ, DV, inv_norm,
-              HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr,
+    def bwd_q(Q, K, V, POS, TIME, BKT, DO, DQp, GP, GT, H, N, DQ, DV, inv_norm,
+              HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
         offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_q = tl.arange(0, BDQ)
-        offs_v = tl.arange(0, BDV)
-        m_ok = offs_m < N
-        qmask = m_ok[:, None] & (offs_q[None, :] < DQ)
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_q[None, :], mask=qmask, other=0.0)
-        do_ptr = DO + b * sob + h * soh + offs_m[:, None] * son + offs_v[None, :]
-        do_mask = m_ok[:, None] & (offs_v[None, :] < DV)
-        do0 = tl.load(do_ptr, mask=do_mask, other=0.0)
+        q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
+        ptr, mask = _orows(DO, b, h, 0, offs_m, N, C, H, DV, BDV)
+        do0 = tl.load(ptr, mask=mask, other=0.0)
         if not HSTU:
-            do1 = tl.load(do_ptr + soc, mask=do_mask, other=0.0)
-            do2 = tl.load(do_ptr + 2 * soc, mask=do_mask, other=0.0)
+            do1 = tl.load(ptr + H * DV, mask=mask, other=0.0)
+            do2 = tl.load(ptr + 2 * H * DV, mask=mask, other=0.0)
         dq = tl.zeros((BM, BDQ), tl.float32)
-        hi = tl.minimum((pid_m + 1) * BM, N)
-        for start_n in range(0, hi, BN):
+        for start_n in range(0, tl.minimum((pid_m + 1) * BM, N), BN):
             offs_n = start_n + tl.arange(0, BN)
-            n_ok = offs_n < N
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_q[None, :], mask=n_ok[:, None] & (offs_q[None, :] < DQ), other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_v[None, :], mask=n_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
-            s = _dot(q, tl.trans(k), IEEE)
-            causal = (offs_m[:, None] >= offs_n[None, :]) & m_ok[:, None] & n_ok[None, :]
-            p, t = _biases(POS, TIME, BKT, b, offs_m, offs_n, causal, sbb, sbm, USE_TIME)
-            if HSTU:
-                z = s + p + t
-            else:
-                z = s
+            k, v, z, causal, p, t = _tile(Q, K, V, POS, TIME, BKT, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, USE_TIME, IEEE, BDQ, BDV)
             sig = tl.sigmoid(z)
-            da = _dot(do0, tl.trans(v), IEEE)
-            dz = tl.where(causal, da * sig * (1.0 + z * (1.0 - sig)) * inv_norm, 0.0)
+            dz = tl.where(causal, _dot(do0, tl.trans(v), IEEE) * sig * (1.0 + z * (1.0 - sig)) * inv_norm, 0.0)
             dq += _dot(dz.to(k.dtype), k, IEEE)
-            g_ptr = b * sgb + offs_m[:, None] * sgm + offs_n[None, :]
+            g = (b * N + offs_m[:, None]) * N + offs_n[None, :]  # the (B, N, N) bias-gradient buffers
             if HSTU:
-                tl.atomic_add(GP + g_ptr, dz, mask=causal)
+                tl.atomic_add(GP + g, dz, mask=causal)
             else:
-                gp = _dot(do1, tl.trans(v), IEEE)
-                tl.atomic_add(GP + g_ptr, gp, mask=causal)
+                tl.atomic_add(GP + g, _dot(do1, tl.trans(v), IEEE), mask=causal)
                 if USE_TIME:
-                    gt = _dot(do2, tl.trans(v), IEEE)
-                    tl.atomic_add(GT + g_ptr, gt, mask=causal)
-        tl.store(DQp + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_q[None, :], dq.to(DQp.dtype.element_ty), mask=qmask)
-
+                    tl.atomic_add(GT + g, _dot(do2, tl.trans(v), IEEE), mask=causal)
+        ptr, mask = _rows(DQp, bh, offs_m, N, DQ, BDQ)
+        tl.store(ptr, dq.to(DQp.dtype.element_ty), mask=mask)
 
 
 def _kernels():
@@ -235,16 +211,13 @@ class _FusedAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous()
         pos = pos_w.float().contiguous()
         time = time_w.float().contiguous() if use_time else pos
-        bk = buckets.contiguous() if use_time else torch.zeros(1, 1, 1, dtype=torch.long, device=q.device)
+        bk = buckets.contiguous() if use_time else torch.zeros(1, dtype=torch.long, device=q.device)
         out = torch.empty(B, N, C, H, DV, device=q.device, dtype=dt)
         BM = BN = 16 if interp else 64
         ieee = dt == torch.float32
         grid = (triton.cdiv(N, BM), B * H)
-        fwd[grid](q, k, v, pos, time, bk, out,
-                  *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], bk.stride(0), bk.stride(1),
-                  out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-                  H, N, DQ, DV, 1.0 / norm,
-                  HSTU=hstu, USE_TIME=use_time, IEEE=ieee, BM=BM, BN=BN, BDQ=_pow2(DQ), BDV=_pow2(DV))
+        fwd[grid](q, k, v, pos, time, bk, out, H, N, DQ, DV, 1.0 / norm,
+                  HSTU=hstu, USE_TIME=use_time, IEEE=ieee, C=C, BM=BM, BN=BN, BDQ=_pow2(DQ), BDV=_pow2(DV))
         ctx.save_for_backward(q, k, v, pos, time, bk)
         ctx.meta = (norm, hstu, use_time, pos_w.dtype, time_w.dtype, BM)
         return out.view(B, N, C * H * DV)
@@ -264,11 +237,10 @@ class _FusedAttention(torch.autograd.Function):
         gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32)
         gt = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if (use_time and not hstu) else gp
         ieee = q.dtype == torch.float32
-        common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], bk.stride(0), bk.stride(1),
-                  do.stride(0), do.stride(1), do.stride(2), do.stride(3))
-        meta = dict(HSTU=hstu, USE_TIME=use_time, IEEE=ieee, BM=BM, BN=BM, BDQ=_pow2(DQ), BDV=_pow2(DV))
-        bwd_kv[(triton.cdiv(N, BM), B * H)](q, k, v, pos, time, bk, do, dk, dv, *common, H, N, DQ, DV, 1.0 / norm, **meta)
-        bwd_q[(triton.cdiv(N, BM), B * H)](q, k, v, pos, time, bk, do, dq, gp, gt, *common, gp.stride(0), gp.stride(1), H, N, DQ, DV, 1.0 / norm, **meta)
+        meta = dict(HSTU=hstu, USE_TIME=use_time, IEEE=ieee, C=C, BM=BM, BN=BM, BDQ=_pow2(DQ), BDV=_pow2(DV))
+        grid = (triton.cdiv(N, BM), B * H)
+        bwd_kv[grid](q, k, v, pos, time, bk, do, dk, dv, H, N, DQ, DV, 1.0 / norm, **meta)
+        bwd_q[grid](q, k, v, pos, time, bk, do, dq, gp, gt, H, N, DQ, DV, 1.0 / norm, **meta)
         causal = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
         ar = torch.arange(N, device=q.device)
         rel = (ar[:, None] - ar[None, :])[causal]
