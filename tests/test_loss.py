@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from fuxi_mme.train.loss import sampled_softmax_loss
@@ -35,3 +36,30 @@ def test_loss_paths_agree_and_match_brute_force():
             total += math.log(sum(math.exp(x) for x in logits)) - pos
             count += 1
     assert abs(float(vals[0]) - total / count) < 1e-4
+
+
+def test_positions_and_the_chunked_cpu_path_equal_the_dense_loss(monkeypatch):
+    """Skipping padding (positions) and scoring all items in blocks change nothing."""
+    import fuxi_mme.train.loss as L
+
+    monkeypatch.setattr(L, "CHUNK_ROWS", 7)  # several blocks, the last one partial
+    torch.manual_seed(0)
+    B, N, D, I, K = 4, 30, 16, 500, 32
+    u = torch.nn.functional.normalize(torch.randn(B, N, D), dim=-1).requires_grad_()
+    items = torch.nn.functional.normalize(torch.randn(I + 1, D), dim=-1).requires_grad_()
+    t = torch.randint(1, I + 1, (B, N))
+    t[:, 25:] = 0
+    t[3, 5:] = 0
+    n = torch.randint(1, I + 1, (B, N, K))
+    n[0, 0, :3] = t[0, 0]  # negatives equal to the target are masked in every path
+    pos = torch.nonzero(t.reshape(-1) != 0).squeeze(1)
+    dense = L.sampled_softmax_loss(u, t, items, n, 0.05, method="all")
+    g_dense = torch.autograd.grad(dense, (u, items))
+    for method in ("all", "chunked"):
+        got = L.sampled_softmax_loss(u, t, items, n, 0.05, method=method, positions=pos, normalizer=float(len(pos)))
+        g = torch.autograd.grad(got, (u, items))
+        assert got.item() == pytest.approx(dense.item(), rel=1e-6)
+        torch.testing.assert_close(g[0], g_dense[0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g[1], g_dense[1], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="needs the target positions"):
+        L.sampled_softmax_loss(u, t, items, n, 0.05, method="chunked")

@@ -156,14 +156,22 @@ class Trainer:
         return torch.randperm(len(self.train_arrs), generator=g).numpy()
 
     def _batch(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
-        """This rank's part of the global batch ``rows``, its negatives and the loss normaliser."""
+        """This rank's part of the global batch ``rows``, its negatives and the loss normaliser.
+
+        ``batch["positions"]`` holds the flat indices of the positions that have a target,
+        computed on the host (no device sync): the loss is evaluated there only, so padding
+        costs nothing in the loss. The negatives are drawn for the whole padded global batch,
+        exactly as before, and then picked at those positions.
+        """
         t, w = self.cfg.train, self.dist
         n = int(self.train_arrs.lengths[rows].max())
         negs = sample_negatives((len(rows), n, t.num_negatives), self.ds.num_items, self.device, self.neg_gen)
-        if not w.enabled:
-            return to_batch(self.train_arrs, rows, self.device), negs, None
-        mine = rows[w.rank :: w.world]
+        mine = rows[w.rank :: w.world] if w.enabled else rows
         batch = to_batch(self.train_arrs, mine, self.device, width=n)
+        flat = np.flatnonzero(self.train_arrs.targets[mine, :n].reshape(-1))
+        batch["positions"] = torch.from_numpy(flat).to(self.device, non_blocking=True)
+        if not w.enabled:
+            return batch, negs, float(len(flat))
         # mean over the global batch's target positions; DDP averages gradients over ranks
         count = float(np.count_nonzero(self.train_arrs.targets[rows, :n])) / w.world
         return batch, negs[w.rank :: w.world], count
@@ -172,7 +180,7 @@ class Trainer:
         t = self.cfg.train
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             user, items = self.step_module(batch["ids"], batch["ts"], batch["query_ts"])
-            loss = sampled_softmax_loss(user, batch["targets"], items, negs, t.temperature, normalizer=normalizer)
+            loss = sampled_softmax_loss(user, batch["targets"], items, negs, t.temperature, normalizer=normalizer, positions=batch.get("positions"))
         aux = self.model.aux_loss()
         return loss, aux
 

@@ -27,11 +27,14 @@ def sampled_softmax_loss(
     temperature: float,
     method: str = "auto",
     normalizer: float | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean sampled-softmax loss over positions with ``targets != 0``; no host syncs.
 
     ``normalizer`` replaces the local count of valid positions as the divisor (multi-process
-    training divides by the global count over the number of ranks).
+    training divides by the global count over the number of ranks). ``positions`` (flat
+    indices into B*N of the positions with a target, computed by the caller on the host) makes
+    the loss skip padding entirely; the result is the same.
 
     Two equivalent ways to get the negative logits: ``gather`` the K negative embeddings per
     position (memory and work ~ B*N*K*D), or score ``all`` items and gather K logits
@@ -39,10 +42,24 @@ def sampled_softmax_loss(
     fp32): a dense matmul plus a gather is far faster than back-propagating B*N*K row gathers
     (on CUDA those accumulate through a sort-based kernel).
     """
+    if positions is not None:  # (P,) rows only: padding never reaches the (P, I) logits
+        D, K = user_BND.shape[-1], negatives_BNK.shape[-1]
+        user_BND = user_BND.reshape(-1, D).index_select(0, positions).unsqueeze(0)
+        targets_BN = targets_BN.reshape(-1).index_select(0, positions).unsqueeze(0)
+        negatives_BNK = negatives_BNK.reshape(-1, K).index_select(0, positions).unsqueeze(0)
     valid = targets_BN != 0
     items = items_ID.to(user_BND.dtype)
     if method == "auto":
         method = "all" if targets_BN.numel() * items.shape[0] <= 2**30 else "gather"
+        if method == "all" and positions is not None and not user_BND.is_cuda:
+            method = "chunked"  # CPU: the same scores in cache-sized blocks of positions
+    if method == "chunked":
+        if positions is None:
+            raise ValueError("loss method 'chunked' needs the target positions (positions=...)")
+        K = negatives_BNK.shape[-1]
+        total = _ChunkedAllItems.apply(user_BND.reshape(-1, user_BND.shape[-1]), items, targets_BN.reshape(-1), negatives_BNK.reshape(-1, K), float(temperature))
+        denom = normalizer if normalizer is not None else float(targets_BN.numel())
+        return total / max(denom, 1e-9)
     if method == "all":
         all_BNI = user_BND @ items.T
         pos = all_BNI.gather(-1, targets_BN.unsqueeze(-1))  # (B, N, 1)
@@ -51,10 +68,64 @@ def sampled_softmax_loss(
         pos = (user_BND * F.embedding(targets_BN, items)).sum(-1, keepdim=True)
         neg = torch.einsum("bnd,bnkd->bnk", user_BND, F.embedding(negatives_BNK, items))
     else:
-        raise ValueError(f"unknown loss method {method!r}; use auto, all or gather")
+        raise ValueError(f"unknown loss method {method!r}; use auto, all, gather or chunked")
     neg = neg.masked_fill(negatives_BNK == targets_BN.unsqueeze(-1), float("-inf"))
     logits = torch.cat([pos, neg], dim=-1).float() / temperature
     nll = torch.logsumexp(logits, dim=-1) - logits[..., 0]
     if normalizer is not None:
         return (nll * valid).sum() / max(normalizer, 1e-9)
     return (nll * valid).sum() / valid.sum().clamp(min=1)
+
+
+CHUNK_ROWS = 2048
+
+
+def _chunk_logits(u_CD, items_ID, t_C, n_CK, temperature):
+    """(C, 1+K) logits [positive, negatives] of one block, negatives equal to the target masked."""
+    all_CI = u_CD @ items_ID.T
+    sel = torch.cat([t_C[:, None], n_CK], dim=1)
+    logits = all_CI.gather(1, sel).float() / temperature
+    logits[:, 1:] = logits[:, 1:].masked_fill(n_CK == t_C[:, None], float("-inf"))
+    return logits, sel
+
+
+class _ChunkedAllItems(torch.autograd.Function):
+    """Sum of the sampled-softmax NLL over P positions, scoring all items block by block.
+
+    The same numbers as the dense ``all`` path, but the (P, I) score matrix and its gradient
+    only ever exist CHUNK_ROWS rows at a time, so on a CPU they stay in cache instead of
+    streaming hundreds of MB through memory. The forward keeps the (P, 1+K) softmax, so the
+    backward needs no second scoring pass.
+    """
+
+    @staticmethod
+    def forward(ctx, u_PD, items_ID, t_P, n_PK, temperature):
+        total = torch.zeros((), dtype=torch.float32, device=u_PD.device)
+        probs, sels = [], []
+        for s in range(0, u_PD.shape[0], CHUNK_ROWS):
+            logits, sel = _chunk_logits(u_PD[s : s + CHUNK_ROWS], items_ID, t_P[s : s + CHUNK_ROWS], n_PK[s : s + CHUNK_ROWS], temperature)
+            lse = torch.logsumexp(logits, dim=1)
+            total += (lse - logits[:, 0]).sum()
+            probs.append(torch.exp(logits - lse[:, None]))
+            sels.append(sel)
+        ctx.save_for_backward(u_PD, items_ID, torch.cat(probs) if probs else u_PD.new_zeros(0, 1), torch.cat(sels) if sels else t_P.new_zeros(0, 1))
+        ctx.temperature = temperature
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        u_PD, items_ID, p_PS, sel_PS = ctx.saved_tensors
+        grad_u = torch.empty_like(u_PD)
+        grad_items = torch.zeros_like(items_ID, dtype=torch.float32)
+        I = items_ID.shape[0]
+        for s in range(0, u_PD.shape[0], CHUNK_ROWS):
+            d = p_PS[s : s + CHUNK_ROWS].clone()
+            d[:, 0] -= 1.0
+            d *= g / ctx.temperature
+            dense = torch.zeros(d.shape[0], I, dtype=d.dtype, device=d.device)
+            dense.scatter_add_(1, sel_PS[s : s + CHUNK_ROWS], d)
+            u = u_PD[s : s + CHUNK_ROWS]
+            dense = dense.to(u.dtype)
+            grad_u[s : s + CHUNK_ROWS] = dense @ items_ID
+            grad_items += (dense.T @ u).float()
+        return grad_u, grad_items.to(items_ID.dtype), None, None, None
