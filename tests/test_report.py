@@ -46,3 +46,15 @@ def test_deterministic_cpu_runs_are_identical(tmp_path):
     la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert la == lb
+
+
+def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_config("fuxi-mme", **{"log.tensorboard": True, "log.run_dir": str(tmp_path / "tb")}))
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/seq_per_s", "valid/NDCG@10", "test/NDCG@10"} <= tags
+    assert len(acc.Scalars("train/loss")) == 2  # one per epoch
