@@ -92,3 +92,55 @@ def test_models_train_the_same_with_the_fused_kernel(model):
     assert g_ref.keys() == g_fused.keys()
     for n in g_ref:
         torch.testing.assert_close(g_fused[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+AOT_CHECK = """
+import inspect, sys
+import triton
+from triton.compiler import ASTSource
+try:
+    from triton.backends.compiler import GPUTarget
+except ImportError:
+    sys.exit(77)
+if "constexprs" not in inspect.signature(ASTSource).parameters:
+    sys.exit(77)
+from fuxi_mme.models import fused_attention as fa
+pointers = {"Q", "K", "V", "DO", "O", "DK", "DVp", "DQp"}
+for kern in (fa.fwd, fa.bwd_kv, fa.bwd_q):
+    params = list(inspect.signature(kern.fn).parameters)
+    for hstu in (False, True):
+        for dt in ("bf16", "fp32"):
+            sig = {}
+            for p in params:
+                if p in pointers:
+                    sig[p] = "*" + dt
+                elif p in ("POS", "TIME", "GP", "GT"):
+                    sig[p] = "*fp32"
+                elif p == "BKT":
+                    sig[p] = "*i64"
+                elif p in ("H", "N", "DQ", "DV"):
+                    sig[p] = "i32"
+                elif p == "inv_norm":
+                    sig[p] = "fp32"
+                else:
+                    sig[p] = "constexpr"
+            consts = dict(HSTU=hstu, USE_TIME=True, IEEE=dt == "fp32", C=1 if hstu else 3, BM=64, BN=64, BDQ=64, BDV=64)
+            k = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+            assert "cubin" in k.asm and k.metadata.shared <= 227 * 1024, (kern.fn.__name__, hstu, dt, k.metadata.shared)
+            print(kern.fn.__name__, hstu, dt, k.metadata.shared)
+"""
+
+
+def test_kernels_compile_ahead_of_time_for_hopper():
+    """No GPU needed: each kernel variant compiles to a cubin for sm_90 (H100/H200) at the
+    64 x 64 tiles used on GPU, within the 227 KB of shared memory a block may use. Runs in a
+    fresh process, since this one defined the kernels for the interpreter."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-c", AOT_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    if p.returncode == 77:
+        pytest.skip("this triton version has another ahead-of-time compile API")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(p.stdout.splitlines()) == 12
