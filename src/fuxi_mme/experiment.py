@@ -52,7 +52,7 @@ MOVIELENS = ("ml-100k", "ml-1m", "ml-1m-ts70", "ml-20m")
 # Datasets with published paper-protocol figures (SPEC section 6): MovieLens and KuaiRand. On
 # these the main suite adds the large sizes and the paper protocol.
 PUBLISHED = (*MOVIELENS, "kuairand-pure", "kuairand-1k")
-MAIN_MOVIELENS_EXTRA = {
+PUBLISHED_EXTRA = {
     **{f"{m} large": (m, [], "large") for m in ("sasrec", "hstu", "fuxi-alpha", "fuxi-mme")},
     **{f"{m} (paper)": (m, [], "base", "paper") for m in BASELINES},
 }
@@ -94,7 +94,7 @@ SUITES = {
         ["ml-1m-ts70", "ml-100k", "amazon-beauty", "amazon-sports", "amazon-toys"],
         BASELINES,
         description="all models (base; large and the paper protocol too on MovieLens), loo-val everywhere",
-        extra={PUBLISHED: MAIN_MOVIELENS_EXTRA},
+        extra={PUBLISHED: PUBLISHED_EXTRA},
     ),
     "scaling": Suite("scaling", ["ml-1m-ts70"], SCALING, description="test NDCG@10 against depth and number of experts, with parameters and training time"),
 }

@@ -24,26 +24,32 @@ def history_pairs(arrs: EvalArrays, rows: np.ndarray, ds: PreparedDataset) -> tu
     return np.repeat(np.arange(len(rows)), end - start), ds.items[flat_ranges(start, end)]
 
 
-def encode_last(model: SequenceModel, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+def autocast_dtype(amp: str) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp``, on every device. Training, its evaluations,
+    ``fuxi-mme evaluate`` and serving all use it, so a run's numbers reproduce everywhere."""
+    return torch.bfloat16 if amp == "bf16" else None
+
+
+def encode_last(model: SequenceModel, batch: dict[str, torch.Tensor], amp: torch.dtype | None = None) -> torch.Tensor:
     """(B, D) fp32 user vectors at each row's last real position: what the next item is scored
     against. Shared by evaluation, ``recommend`` and the HTTP service."""
     dev = batch["ids"].device
-    with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
         user_BND = model(batch["ids"], batch["ts"], batch["query_ts"])
     last = batch["lengths"] - 1
     return user_BND[torch.arange(len(last), device=dev), last].float()
 
 
-def model_scorer(model: SequenceModel, autocast_dtype: torch.dtype | None = None) -> Scorer:
+def model_scorer(model: SequenceModel, amp: torch.dtype | None = None) -> Scorer:
     """Scores = last-position user vector . every item vector (items computed once)."""
     items_ID = None
 
     def score(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         nonlocal items_ID
         if items_ID is None:
-            with torch.autocast(batch["ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.autocast(batch["ids"].device.type, dtype=amp, enabled=amp is not None):
                 items_ID = model.item_vectors().float()
-        return encode_last(model, batch, autocast_dtype) @ items_ID.T
+        return encode_last(model, batch, amp) @ items_ID.T
 
     return score
 

@@ -58,6 +58,13 @@ if HAVE_TRITON:
         return tl.dot(a, b)
 
     @triton.jit
+    def _program(H, BLOCK: tl.constexpr):
+        """(block index, b*H + h, b, h, the block's row offsets) of this program."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        return pid, bh, bh // H, bh % H, pid * BLOCK + tl.arange(0, BLOCK)
+
+    @triton.jit
     def _rows(PTR, bh, offs, N, D, BD: tl.constexpr):
         """Pointers and mask of rows ``offs`` of head ``bh`` of a (B*H, N, D) tensor."""
         offs_d = tl.arange(0, BD)
@@ -98,11 +105,7 @@ if HAVE_TRITON:
     def fwd(Q, K, V, POS, TIME, BKT, O, H, N, DQ, DV, inv_norm,
             HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_m = pid_m * BM + tl.arange(0, BM)
+        pid_m, bh, b, h, offs_m = _program(H, BM)
         q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
         acc0 = tl.zeros((BM, BDV), tl.float32)
         acc1 = tl.zeros((BM, BDV), tl.float32)
@@ -126,11 +129,7 @@ if HAVE_TRITON:
     def bwd_kv(Q, K, V, POS, TIME, BKT, DO, DK, DVp, H, N, DQ, DV, inv_norm,
                HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_n = pid_n * BN + tl.arange(0, BN)
+        pid_n, bh, b, h, offs_n = _program(H, BN)
         dk = tl.zeros((BN, BDQ), tl.float32)
         dv = tl.zeros((BN, BDV), tl.float32)
         for start_m in range((pid_n * BN // BM) * BM, N, BM):
@@ -159,11 +158,7 @@ if HAVE_TRITON:
     def bwd_q(Q, K, V, POS, TIME, BKT, DO, DQp, GP, GT, H, N, DQ, DV, inv_norm,
               HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_m = pid_m * BM + tl.arange(0, BM)
+        pid_m, bh, b, h, offs_m = _program(H, BM)
         q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
         ptr, mask = _orows(DO, b, h, 0, offs_m, N, C, H, DV, BDV)
         do0 = tl.load(ptr, mask=mask, other=0.0)

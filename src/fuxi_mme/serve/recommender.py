@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..eval.evaluator import encode_last
+from ..eval.evaluator import autocast_dtype, encode_last
 
 UNKNOWN_POLICIES = ("report", "ignore", "reject")
 
@@ -80,7 +80,7 @@ class Recommender:
         self.item_raw = ds.item_raw
         self.titles = ds.item_titles
         self._index = {str(k): i for i, k in enumerate(ds.item_raw.tolist()) if i > 0}
-        self.amp = torch.bfloat16 if cfg.train.amp == "bf16" and self.device.type == "cuda" else None
+        self.amp = autocast_dtype(cfg.train.amp)  # the run's own evaluation precision
         if model is None:
             raise ValueError("this run is a popularity baseline: it has no model to serve")
         model.eval()

@@ -26,7 +26,7 @@ import torch
 from ..config import Config
 from ..data.prepared import PreparedDataset
 from ..data.splits import EvalArrays, TrainArrays, eval_arrays, to_batch, train_arrays
-from ..eval.evaluator import evaluate_ranks, model_scorer
+from ..eval.evaluator import autocast_dtype, evaluate_ranks, model_scorer
 from ..eval.metrics import metrics_from_ranks
 from ..models.common import SequenceModel
 from . import distributed as D
@@ -34,7 +34,6 @@ from .checkpoint import config_fingerprint, load_state, load_weights, optimizer_
 from .loss import sample_negatives, sampled_softmax_loss
 
 log = logging.getLogger(__name__)
-_nullcontext = contextlib.nullcontext
 SELECT_METRIC = "NDCG@10"
 
 
@@ -146,7 +145,7 @@ class Trainer:
         self.neg_gen.manual_seed(t.seed + 1)
         self.state = TrainState()
         self.progress = progress and dist_info.main
-        self.amp_dtype = torch.bfloat16 if t.amp == "bf16" else None  # CPU autocast works too (slow; used by tests)
+        self.amp_dtype = autocast_dtype(t.amp)
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir and dist_info.main else None, cfg.log.tensorboard)
         self.fingerprint = config_fingerprint(cfg.to_dict())
 
@@ -160,8 +159,8 @@ class Trainer:
 
         ``batch["positions"]`` holds the flat indices of the positions that have a target,
         computed on the host (no device sync): the loss is evaluated there only, so padding
-        costs nothing in the loss. The negatives are drawn for the whole padded global batch,
-        exactly as before, and then picked at those positions.
+        costs nothing in the loss. The negatives are drawn for the whole padded global batch
+        (the same draws whatever the number of ranks) and then picked at those positions.
         """
         t, w = self.cfg.train, self.dist
         n = int(self.train_arrs.lengths[rows].max())
@@ -210,7 +209,7 @@ class Trainer:
                 continue
             batch, negs, norm = self._batch(rows)
             update = (i + 1) % t.grad_accum == 0 or i + 1 == self.steps_per_epoch
-            sync = self.step_module.no_sync() if self.dist.enabled and not update else _nullcontext()
+            sync = self.step_module.no_sync() if self.dist.enabled and not update else contextlib.nullcontext()
             with sync:
                 loss, aux = self._loss(batch, negs, norm)
                 total = loss + aux if aux is not None else loss

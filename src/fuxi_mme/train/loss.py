@@ -69,8 +69,7 @@ def sampled_softmax_loss(
         neg = torch.einsum("bnd,bnkd->bnk", user_BND, F.embedding(negatives_BNK, items))
     else:
         raise ValueError(f"unknown loss method {method!r}; use auto, all, gather or chunked")
-    neg = neg.masked_fill(negatives_BNK == targets_BN.unsqueeze(-1), float("-inf"))
-    logits = torch.cat([pos, neg], dim=-1).float() / temperature
+    logits = _sampled_logits(pos, neg, targets_BN, negatives_BNK, temperature)
     nll = torch.logsumexp(logits, dim=-1) - logits[..., 0]
     if normalizer is not None:
         return (nll * valid).sum() / max(normalizer, 1e-9)
@@ -80,13 +79,17 @@ def sampled_softmax_loss(
 CHUNK_ROWS = 2048
 
 
+def _sampled_logits(pos, neg, targets, negatives, temperature: float) -> torch.Tensor:
+    """[positive, negatives] logits / temperature in fp32; a negative equal to the target is masked."""
+    neg = neg.masked_fill(negatives == targets.unsqueeze(-1), float("-inf"))
+    return torch.cat([pos, neg], dim=-1).float() / temperature
+
+
 def _chunk_logits(u_CD, items_ID, t_C, n_CK, temperature):
-    """(C, 1+K) logits [positive, negatives] of one block, negatives equal to the target masked."""
+    """(C, 1+K) logits of one block of positions and the item ids they were gathered from."""
     all_CI = u_CD @ items_ID.T
     sel = torch.cat([t_C[:, None], n_CK], dim=1)
-    logits = all_CI.gather(1, sel).float() / temperature
-    logits[:, 1:] = logits[:, 1:].masked_fill(n_CK == t_C[:, None], float("-inf"))
-    return logits, sel
+    return _sampled_logits(all_CI.gather(1, t_C[:, None]), all_CI.gather(1, n_CK), t_C, n_CK, temperature), sel
 
 
 class _ChunkedAllItems(torch.autograd.Function):

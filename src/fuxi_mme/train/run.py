@@ -22,7 +22,7 @@ from ..config import Config, config_from_dict, validate
 from ..data import check_expected, load_dataset
 from ..data.prepared import PreparedDataset
 from ..data.splits import eval_arrays
-from ..eval.evaluator import evaluate_ranks, model_scorer, popularity_scorer
+from ..eval.evaluator import autocast_dtype, evaluate_ranks, model_scorer, popularity_scorer
 from ..eval.metrics import metrics_from_ranks
 from ..models import build_model
 from ..utils.runinfo import atomic_write_json, resolve_device, run_info
@@ -193,8 +193,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "au
     cfg, ds, model = load_trained(run_dir, checkpoint, device)
     dev = resolve_device(cfg.train.device)
     arrs = eval_arrays(ds, cfg.data.protocol, split, cfg.data.max_len)
-    # the same precision as the run's own evaluations (bf16 autocast when it trained with it)
-    amp = torch.bfloat16 if cfg.train.amp == "bf16" else None
+    amp = autocast_dtype(cfg.train.amp)  # the precision of the run's own evaluations
     scorer = popularity_scorer(ds, cfg.data.protocol, dev) if model is None else model_scorer(model, amp)
     ranks = evaluate_ranks(scorer, arrs, ds, cfg.eval.filter_history, cfg.eval.batch_size, dev)
     m = metrics_from_ranks(ranks, cfg.eval.ks)
