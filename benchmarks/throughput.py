@@ -59,11 +59,36 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
+def path_config(shape: str, model: str, path: str, dev):
+    """The base preset of ``model`` at ``shape`` on one measured path: fp32 (reference), bf16
+    (autocast) or fused-bf16 (autocast + the Triton attention kernel)."""
+    cfg = build_preset(preset_name(shape, model, "base"))
+    amp = "bf16" if "bf16" in path else "none"
+    attention = "fused" if path.startswith("fused") else "reference"
+    apply_overrides(cfg, [f"train.device={dev}", f"train.amp={amp}", f"model.attention={attention}"])
+    return cfg
+
+
+def make_trainer(cfg, ds, dev) -> Trainer:
     torch.manual_seed(0)
     model = build_model(cfg.model, ds.num_items, cfg.data.max_len).to(dev)
     tr = Trainer(cfg, ds, model, dev, None, progress=False)
     model.train()
+    return tr
+
+
+def train_step(tr: Trainer, rows) -> torch.Tensor:
+    """One optimizer step of the library's training loop on the global batch ``rows``."""
+    loss, aux = tr.loss_for_rows(rows)
+    (loss + aux if aux is not None else loss).backward()
+    tr.opt.step()
+    tr.opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
+    tr = make_trainer(cfg, ds, dev)
+    model = tr.model
     order = tr._epoch_order(0)
     B = cfg.train.batch_size
     if dev.type == "cuda":
@@ -73,10 +98,7 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
         rows = order[(i * B) % (len(order) - B) :][:B]
         sync(dev)
         t0 = time.perf_counter()
-        loss, aux = tr.loss_for_rows(rows)
-        (loss + aux if aux is not None else loss).backward()
-        tr.opt.step()
-        tr.opt.zero_grad(set_to_none=True)
+        loss = train_step(tr, rows)
         sync(dev)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -125,10 +147,7 @@ def main() -> None:
         for model in args.models:
             ref = None
             for path in args.paths:
-                cfg = build_preset(preset_name(shape, model, "base"))
-                amp = "bf16" if "bf16" in path else "none"
-                attention = "fused" if path.startswith("fused") else "reference"
-                apply_overrides(cfg, [f"train.device={dev}", f"train.amp={amp}", f"model.attention={attention}"])
+                cfg = path_config(shape, model, path, dev)
                 r = {"shape": shape, "model": model, "path": path, "preset": cfg.preset, "config": cfg.to_dict(), **bench_train(cfg, ds, dev, args.steps, args.warmup)}
                 if ref is None:
                     ref = r
