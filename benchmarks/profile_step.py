@@ -114,7 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["ml-1m", "ml-20m"])
     ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "fuxi-mme"])
-    ap.add_argument("--paths", nargs="+", default=["fp32", "bf16", "fused-bf16"])
+    ap.add_argument("--paths", nargs="+", default=["fp32", "bf16", "fast"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out")

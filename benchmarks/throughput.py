@@ -59,13 +59,21 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
+PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end)
+    "fp32": ("none", "reference", "off", "batched"),  # the reference path
+    "bf16": ("bf16", "reference", "off", "batched"),
+    "fused-bf16": ("bf16", "fused", "off", "batched"),
+    "dense-bf16": ("bf16", "reference", "off", "dense"),
+    "graph-bf16": ("bf16", "reference", "on", "dense"),
+    "fast": ("bf16", "fused", "on", "dense"),  # everything on
+}
+
+
 def path_config(shape: str, model: str, path: str, dev):
-    """The base preset of ``model`` at ``shape`` on one measured path: fp32 (reference), bf16
-    (autocast) or fused-bf16 (autocast + the Triton attention kernel)."""
+    """The base preset of ``model`` at ``shape`` on one measured path (``PATHS``)."""
     cfg = build_preset(preset_name(shape, model, "base"))
-    amp = "bf16" if "bf16" in path else "none"
-    attention = "fused" if path.startswith("fused") else "reference"
-    apply_overrides(cfg, [f"train.device={dev}", f"train.amp={amp}", f"model.attention={attention}"])
+    amp, attention, graphs, moe = PATHS[path]
+    apply_overrides(cfg, [f"train.device={dev}", f"train.amp={amp}", f"model.attention={attention}", f"train.cuda_graphs={graphs}", f"model.moe.backend={moe}"])
     return cfg
 
 
@@ -79,10 +87,9 @@ def make_trainer(cfg, ds, dev) -> Trainer:
 
 def train_step(tr: Trainer, rows) -> torch.Tensor:
     """One optimizer step of the library's training loop on the global batch ``rows``."""
-    loss, aux = tr.loss_for_rows(rows)
-    (loss + aux if aux is not None else loss).backward()
+    loss, _ = tr.forward_backward(rows)
     tr.opt.step()
-    tr.opt.zero_grad(set_to_none=True)
+    tr.zero_grad()
     return loss
 
 
@@ -132,7 +139,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["ml-1m", "ml-20m"])
     ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "fuxi-mme"])
-    ap.add_argument("--paths", nargs="+", default=["fp32", "bf16"], help="fp32 = reference; bf16 = autocast; fused-bf16 = bf16 with the Triton attention kernel")
+    ap.add_argument("--paths", nargs="+", default=["fp32", "bf16", "fast"], choices=list(PATHS),
+                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="auto")

@@ -9,14 +9,14 @@ def make(kind="swiglu", E=4, K=2, **kw):
     return MoE(8, 6, E, K, kind=kind, hidden=10, bias=(kind == "linear"), **kw)
 
 
-def run_both(moe, x, valid=None):
+def run_both(moe, x, valid=None, backends=("loop", "batched", "dense")):
     outs = []
-    for backend in ("loop", "batched"):
+    for backend in backends:
         moe.backend = backend
         moe.zero_grad()
         xx = x.clone().requires_grad_(True)
         y = moe(xx, valid)
-        assert moe.last_path == ("loop" if backend == "loop" else "padded")  # CPU: no grouped GEMM
+        assert moe.last_path == {"loop": "loop", "batched": "padded", "dense": "dense"}[backend]  # CPU: no grouped GEMM
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         outs.append((y.detach(), xx.grad.clone(), {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}))
     return outs
@@ -28,13 +28,14 @@ def run_both(moe, x, valid=None):
 def test_backends_agree_values_and_gradients(kind, E, K, shared):
     moe = make(kind, E, K, shared_expert=shared)
     x = torch.randn(3, 7, 8)
-    (y1, gx1, gp1), (y2, gx2, gp2) = run_both(moe, x)
+    (y1, gx1, gp1), *others = run_both(moe, x)
     assert y1.shape == (3, 7, 6)
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-6)
-    assert gp1.keys() == gp2.keys()
-    for n in gp1:
-        torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-5, atol=1e-6, msg=n)
+    for y2, gx2, gp2 in others:
+        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-6)
+        assert gp1.keys() == gp2.keys()
+        for n in gp1:
+            torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_expert_with_no_tokens_and_all_tokens_to_one_expert():
@@ -43,9 +44,10 @@ def test_expert_with_no_tokens_and_all_tokens_to_one_expert():
         moe.router.weight.zero_()
         moe.router.weight[2] += 1.0  # expert 2 wins whenever sum(x) > 0
     x = torch.rand(20, 8) + 0.1  # positive: every token goes to expert 2, experts 0, 1, 3 idle
-    (y1, gx1, gp1), (y2, gx2, gp2) = run_both(moe, x)
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gp1["w1"], gp2["w1"], rtol=1e-5, atol=1e-6)
+    (y1, gx1, gp1), *others = run_both(moe, x)
+    for y2, gx2, gp2 in others:
+        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gp1["w1"], gp2["w1"], rtol=1e-5, atol=1e-6)
     assert gp1["w1"][[0, 1, 3]].abs().sum() == 0 and gp1["w1"][2].abs().sum() > 0
     assert moe.last_stats["load"].tolist() == [0.0, 0.0, 1.0, 0.0]
 
@@ -127,7 +129,7 @@ def test_aux_free_bias_balances_a_frozen_skewed_router():
     assert moe.expert_bias[0] < 0 < moe.expert_bias[1:].max()
 
 
-@pytest.mark.parametrize("backend", ["loop", "batched"])
+@pytest.mark.parametrize("backend", ["loop", "batched", "dense"])
 @pytest.mark.parametrize("kind", ["swiglu", "linear"])
 def test_backends_run_under_bf16_autocast(backend, kind):
     moe = make(kind, E=4, K=2, shared_expert=True)
@@ -139,3 +141,10 @@ def test_backends_run_under_bf16_autocast(backend, kind):
     ref = make(kind, E=4, K=2, shared_expert=True)(x.detach())
     assert y.dtype == torch.float32 and x.grad is not None
     torch.testing.assert_close(y, ref, rtol=5e-2, atol=5e-2)
+
+
+def test_auto_backend_is_dense_for_few_experts_and_batched_for_many():
+    x = torch.randn(6, 8)
+    small, many = make("swiglu", E=4, K=2), make("swiglu", E=16, K=2)
+    small(x), many(x)
+    assert small.last_path == "dense" and many.last_path == "padded"  # "grouped" on CUDA + bf16

@@ -57,7 +57,7 @@ class MoEConfig:
     aux_loss_weight: float = 0.01
     bias_update_rate: float = 1e-3  # aux_free: step of the per-expert selection bias
     stream_embedding: bool = False  # add a learned per-stream vector before the router
-    backend: str = "auto"  # "loop" (reference), "batched", or "auto"
+    backend: str = "auto"  # "loop" (reference), "batched", "dense", or "auto" (dense when E <= 4K)
 
 
 @dataclass
@@ -99,6 +99,9 @@ class TrainConfig:
     tf32: bool = True
     amp: str = "none"  # "none" or "bf16" (autocast on GPU; fp32 master weights)
     compile: bool = False
+    # CUDA graphs for forward + loss + backward (static buffers, one graph per bucket of target
+    # counts); "auto": on for single-process CUDA training without torch.compile
+    cuda_graphs: str = "auto"
     grad_clip: float | None = None
     schedule: str = "constant"  # "constant" or "cosine"
     warmup_steps: int = 0
@@ -300,9 +303,10 @@ def validate(cfg: Config) -> None:
         "model.combine": (cfg.model.combine, ("concat", "mean")),
         "model.moe.placement": (cfg.model.moe.placement, ("ffn", "u", "out")),
         "model.moe.balance": (cfg.model.moe.balance, ("aux_loss", "aux_free", "none")),
-        "model.moe.backend": (cfg.model.moe.backend, ("auto", "loop", "batched")),
+        "model.moe.backend": (cfg.model.moe.backend, ("auto", "loop", "batched", "dense")),
         "model.attention": (cfg.model.attention, ("auto", "reference", "fused")),
         "train.amp": (cfg.train.amp, ("none", "bf16")),
+        "train.cuda_graphs": (cfg.train.cuda_graphs, ("auto", "on", "off")),
         "train.schedule": (cfg.train.schedule, ("constant", "cosine")),
     }
     for key, (value, allowed) in choices.items():

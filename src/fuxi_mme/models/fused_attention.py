@@ -14,7 +14,7 @@ HSTU: ``out[i] = sum_j silu(q_i . k_j + pos_w[i - j] + time_w[bucket[b, i, j]]) 
 
 Backward: one kernel per key block accumulates dK and dV; one per query block accumulates dQ
 and writes the gradient of every (i, j) bias entry, summed over heads, into a (B, N, N) fp32
-buffer (atomic adds across heads), which ``index_add_`` folds into ``pos_w`` / ``time_w``.
+buffer (atomic adds across heads), which ``small_table_grad`` folds into ``pos_w`` / ``time_w``.
 
 Status: checked against the reference (values and all five gradients, fp32) in Triton's CPU
 interpreter (``TRITON_INTERPRET=1``), see ``tests/test_fused_attention.py``; the same tests run
@@ -27,6 +27,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from .attention import small_table_grad
 
 try:
     import triton
@@ -236,16 +238,14 @@ class _FusedAttention(torch.autograd.Function):
         grid = (triton.cdiv(N, BM), B * H)
         bwd_kv[grid](q, k, v, pos, time, bk, do, dk, dv, H, N, DQ, DV, 1.0 / norm, **meta)
         bwd_q[grid](q, k, v, pos, time, bk, do, dq, gp, gt, H, N, DQ, DV, 1.0 / norm, **meta)
-        causal = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+        # gp / gt are zero above the diagonal, so every entry can be binned (no boolean
+        # indexing: that would be a host sync); rel = max(i - j, 0)
         ar = torch.arange(N, device=q.device)
-        rel = (ar[:, None] - ar[None, :])[causal]
-        dpos = torch.zeros(pos.shape[0], device=q.device, dtype=torch.float32)
-        dpos.index_add_(0, rel, gp.sum(0)[causal])
+        rel = (ar[:, None] - ar[None, :]).clamp(min=0)
+        dpos = small_table_grad(rel, gp.sum(0), pos.shape[0])
         dtime = None
         if use_time:
-            dtime = torch.zeros(time.shape[0], device=q.device, dtype=torch.float32)
-            dtime.index_add_(0, bk[:, causal].reshape(-1), gt[:, causal].reshape(-1))
-            dtime = dtime.to(time_dtype)
+            dtime = small_table_grad(bk, gt, time.shape[0]).to(time_dtype)
         return dq, dk, dv, dpos.to(pos_dtype), dtime, None, None, None
 
 

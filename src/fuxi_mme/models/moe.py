@@ -15,6 +15,13 @@ Back ends (same parameters, same result):
 * ``loop``: reference, one masked matmul per expert.
 * ``batched``: assignments sorted by expert without Python loops over tokens, then one grouped
   GEMM (``torch._grouped_mm``, CUDA + bf16 + aligned widths) or, elsewhere, one padded ``bmm``.
+* ``dense``: every token through every expert as one wide GEMM (experts' weights side by
+  side), each expert's output weighted by its gate (zero for the experts not chosen). E/K times
+  the sparse FLOPs, but no sort, no gather, no data-dependent shape and no host sync, and the
+  GEMMs are large and well shaped. At the small widths of these models (e.g. 4 experts of
+  width 25 on ML-1M) the sparse paths are bound by bookkeeping kernels and by weight-gradient
+  GEMMs with a tiny output and a huge reduction, so ``auto`` picks ``dense`` when E/K <= 4
+  (docs/performance.md has the measurements) and ``batched`` otherwise.
 """
 
 from __future__ import annotations
@@ -150,6 +157,24 @@ class MoE(nn.Module):
         y = x_TD.new_zeros(T, out_A.shape[-1])  # accumulate in the input's dtype (fp32 under autocast)
         return y.index_add_(0, token_A, (out_A * gate_A[:, None]).to(y.dtype))
 
+    def _dense(self, x_TD, top_TK, gate_TK):
+        self.last_path = "dense"
+        T, E = x_TD.shape[0], self.E
+        gates_TE = torch.zeros(T, E, dtype=gate_TK.dtype, device=x_TD.device).scatter(1, top_TK, gate_TK)
+        if self.kind == "swiglu":
+            D, F_ = self.w1.shape[1], self.w1.shape[2]
+            w13 = torch.cat([self.w1, self.w3], dim=2).permute(1, 0, 2).reshape(D, E * 2 * F_)  # (D, E*(F|F))
+            h = (x_TD @ w13).view(T, E, 2, F_)
+            a = F.silu(h[:, :, 0]) * h[:, :, 1] * gates_TE[:, :, None].to(h.dtype)  # (T, E, F)
+            y = a.reshape(T, E * F_) @ self.w2.reshape(E * F_, -1)
+        else:
+            D, O = self.w.shape[1], self.w.shape[2]
+            h = (x_TD @ self.w.permute(1, 0, 2).reshape(D, E * O)).view(T, E, O)
+            y = (h * gates_TE[:, :, None].to(h.dtype)).sum(1)
+            if self.b is not None:
+                y = y + gates_TE.to(y.dtype) @ self.b.to(y.dtype)
+        return y.to(x_TD.dtype)
+
     def _run_experts(self, a, mm, expert_A):
         if self.kind == "swiglu":
             return mm(F.silu(mm(a, self.w1)) * mm(a, self.w3), self.w2)
@@ -178,8 +203,13 @@ class MoE(nn.Module):
             gate_TK = gate_TK / gate_TK.sum(-1, keepdim=True)
         backend = self.backend
         if backend == "auto":
-            backend = "batched"
-        y = self._loop(x_TD, top_TK, gate_TK) if backend == "loop" else self._batched(x_TD, top_TK, gate_TK)
+            backend = "dense" if self.E <= 4 * self.K else "batched"
+        if backend == "loop":
+            y = self._loop(x_TD, top_TK, gate_TK)
+        elif backend == "dense":
+            y = self._dense(x_TD, top_TK, gate_TK)
+        else:
+            y = self._batched(x_TD, top_TK, gate_TK)
         if self.shared is not None:
             y = y + self.shared(x_TD)
         self._statistics(probs, top_TK, valid)

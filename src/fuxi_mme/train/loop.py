@@ -148,6 +148,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(t.amp)
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir and dist_info.main else None, cfg.log.tensorboard)
         self.fingerprint = config_fingerprint(cfg.to_dict())
+        from .graphs import GraphedStep, graphs_wanted
+
+        self.graphed: GraphedStep | None = GraphedStep(self) if graphs_wanted(self) else None
 
     # ------------------------------------------------------------------ steps
     def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -184,8 +187,24 @@ class Trainer:
         return loss, aux
 
     def loss_for_rows(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Loss (and MoE aux loss) of the global batch ``rows`` of the training arrays."""
+        """Loss (and MoE aux loss) of the global batch ``rows`` of the training arrays (eager)."""
         return self._loss(*self._batch(rows))
+
+    def forward_backward(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Loss and aux loss of the global batch ``rows``, gradients (scaled by 1/grad_accum)
+        accumulated into ``.grad``: replayed from a CUDA graph where possible, else eager."""
+        if self.graphed is not None:
+            out = self.graphed.run(rows)
+            if out is not None:
+                return out
+        loss, aux = self.loss_for_rows(rows)
+        total = loss + aux if aux is not None else loss
+        (total / self.cfg.train.grad_accum).backward()
+        return loss, aux
+
+    def zero_grad(self) -> None:
+        # graphs write into the existing .grad tensors, so those are zeroed, never dropped
+        self.opt.zero_grad(set_to_none=self.graphed is None)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         t = self.cfg.train
@@ -202,24 +221,21 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True)
-        self.opt.zero_grad(set_to_none=True)
+        self.zero_grad()
         for i in range(self.steps_per_epoch):
             rows = order[i * t.batch_size : (i + 1) * t.batch_size]
             if len(rows) < self.dist.world:  # a final scrap smaller than the number of ranks
                 continue
-            batch, negs, norm = self._batch(rows)
             update = (i + 1) % t.grad_accum == 0 or i + 1 == self.steps_per_epoch
             sync = self.step_module.no_sync() if self.dist.enabled and not update else contextlib.nullcontext()
             with sync:
-                loss, aux = self._loss(batch, negs, norm)
-                total = loss + aux if aux is not None else loss
-                (total / t.grad_accum).backward()
+                loss, aux = self.forward_backward(rows)
             if update:
                 if t.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
                 self.opt.step()
                 self.sched.step()
-                self.opt.zero_grad(set_to_none=True)
+                self.zero_grad()
                 self.state.step += 1
             sum_loss += loss.detach()
             if aux is not None:

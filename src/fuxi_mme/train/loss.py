@@ -61,6 +61,10 @@ def sampled_softmax_loss(
         denom = normalizer if normalizer is not None else float(targets_BN.numel())
         return total / max(denom, 1e-9)
     if method == "all":
+        if items.is_cuda and items.shape[0] % 8:
+            # zero rows up to a multiple of 8 (never gathered): the (., I) score matrix then has
+            # an aligned row stride and cuBLAS uses its Hopper tensor-core kernels, not sm75 ones
+            items = F.pad(items, (0, 0, 0, 8 - items.shape[0] % 8))
         all_BNI = user_BND @ items.T
         pos = all_BNI.gather(-1, targets_BN.unsqueeze(-1))  # (B, N, 1)
         neg = all_BNI.gather(-1, negatives_BNK)  # (B, N, K)
