@@ -119,23 +119,28 @@ def hstu_attention_reference(
 def select_attention(mode: str, kind: str):
     """The attention function for ``model.attention`` (``kind``: "fuxi" or "hstu").
 
-    ``reference`` and ``auto`` use the PyTorch reference (``auto`` will switch to the fused
-    kernel on GPU once its GPU parity and speed runs are recorded); ``fused`` uses the Triton
-    kernel (``fused_attention.py``), which needs triton and a CUDA device (or Triton's CPU
-    interpreter, ``TRITON_INTERPRET=1``).
+    ``reference`` uses the PyTorch reference everywhere; ``fused`` the Triton kernel
+    (``fused_attention.py``, needs triton and a CUDA device, or Triton's CPU interpreter with
+    ``TRITON_INTERPRET=1``); ``auto`` picks per call: the kernel for CUDA tensors when triton
+    is installed and deterministic algorithms are off (its bias gradients use atomic adds),
+    the reference otherwise (CPU, export tracing).
     """
     ref = fuxi_attention_reference if kind == "fuxi" else hstu_attention_reference
-    if mode != "fused":
+    if mode == "reference":
         return ref
     from . import fused_attention as fa
 
-    if not fa.HAVE_TRITON:
+    if mode == "fused" and not fa.HAVE_TRITON:
         raise RuntimeError("model.attention=fused needs triton (pip install triton) and a CUDA GPU; use model.attention=reference")
     fused = fa.fused_fuxi_attention if kind == "fuxi" else fa.fused_hstu_attention
 
     def attend(q, k, v, pos_w, time_w, buckets, norm):
         if torch.jit.is_tracing():
             return ref(q, k, v, pos_w, time_w, buckets, norm)  # export traces the reference
+        if mode == "auto":
+            if q.is_cuda and fa.HAVE_TRITON and not torch.are_deterministic_algorithms_enabled():
+                return fused(q, k, v, pos_w, time_w, buckets, norm)
+            return ref(q, k, v, pos_w, time_w, buckets, norm)
         if not fa.fused_available(q.device):
             raise RuntimeError(f"model.attention=fused runs on CUDA tensors (got {q.device}); use model.attention=reference on CPU")
         return fused(q, k, v, pos_w, time_w, buckets, norm)
