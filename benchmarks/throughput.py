@@ -118,7 +118,7 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
         "tokens_per_s": float(np.mean(tokens)) / med,
         "steps_per_epoch": tr.steps_per_epoch,
         "epoch_s_projected": tr.steps_per_epoch * med,
-        "loss_last": float(loss),
+        "loss_last": float(loss.detach()),
     }
     if dev.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -132,6 +132,19 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
     sync(dev)
     dt = time.perf_counter() - t0
     out.update(eval_users=len(ev), eval_s=dt, eval_users_per_s=len(ev) / dt)
+    return out
+
+
+def write(results: list[dict], info: dict, out_arg: str | None) -> Path:
+    """JSON + Markdown table of the results so far (rewritten after every measurement)."""
+    name = (info["device"].get("gpu") or "cpu").replace(" ", "_")
+    out = Path(out_arg) if out_arg else ROOT / "benchmarks" / "results" / f"throughput-{name}.json"
+    atomic_write_json(out, {"benchmark": "throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": results})
+    lines = [f"Device: {info['device'].get('gpu', 'cpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`.", "",
+             "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | peak GB | eval users/s | vs fp32 reference |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['shape']} | {r['model']} | {r['path']} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {r['speedup_vs_reference']:.2f}x |")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     return out
 
 
@@ -163,15 +176,8 @@ def main() -> None:
                 print(f"{shape} {model} {path}: {r['seq_per_s']:.0f} seq/s, step {r['step_ms_median']:.1f} ms, epoch {r['epoch_s_projected']:.1f} s, "
                       f"eval {r['eval_users_per_s']:.0f} users/s, mem {r.get('peak_mem_gb', 0):.2f} GB", flush=True)
                 results.append(r)
-    name = (info["device"].get("gpu") or "cpu").replace(" ", "_")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"throughput-{name}.json"
-    atomic_write_json(out, {"benchmark": "throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": results})
-    lines = [f"Device: {info['device'].get('gpu', 'cpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`.", "",
-             "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | peak GB | eval users/s | vs fp32 reference |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['shape']} | {r['model']} | {r['path']} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {r['speedup_vs_reference']:.2f}x |")
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    print(out)
+                write(results, info, args.out)
+    print(write(results, info, args.out))
 
 
 if __name__ == "__main__":
