@@ -24,8 +24,8 @@ class ReplayEagerly(GraphedStep):
         return self._body(self.graphs[Pb][1])
 
 
-def run(model, graphed: bool, grad_accum=1):
-    cfg = tiny_config(model, **{"train.grad_accum": grad_accum, "data.max_len": 80})
+def run(model, graphed: bool, grad_accum=1, bucket=16, **over):
+    cfg = tiny_config(model, **{"train.grad_accum": grad_accum, "data.max_len": 80, **over})
     ds = load_dataset(cfg.data)
     torch.manual_seed(0)
     net = build_model(cfg.model, ds.num_items, cfg.data.max_len)
@@ -33,7 +33,8 @@ def run(model, graphed: bool, grad_accum=1):
     assert tr.graphed is None  # CPU: never graphs
     if graphed:
         tr.graphed = ReplayEagerly(tr)
-        tr.graphed.bucket = 16  # several buckets in one epoch
+        if bucket:
+            tr.graphed.bucket = bucket  # several buckets in one epoch
     order, B = tr._epoch_order(0), cfg.train.batch_size
     losses, grads = [], None
     for i in range(-(-len(order) // B)):
@@ -63,3 +64,11 @@ def test_graphs_are_off_on_cpu_and_when_asked():
     ds = load_dataset(cfg.data)
     tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)
     assert not graphs_wanted(tr) and tr.graphed is None
+
+
+def test_bucket_rounded_past_the_batch_size_times_max_len():
+    """B*N = 1200 is not a multiple of the 256-position bucket: a full batch rounds up to 1280."""
+    eager, g_eager, _ = run("fuxi-alpha", False, **{"train.batch_size": 24, "data.max_len": 50})
+    graph, g_graph, tr = run("fuxi-alpha", True, bucket=None, **{"train.batch_size": 24, "data.max_len": 50})
+    assert tr.graphed.bucket == 256 and max(tr.graphed.graphs) > 24 * 50
+    np.testing.assert_allclose(graph, eager, rtol=1e-5)

@@ -76,7 +76,7 @@ class ModelConfig:
     num_time_buckets: int = 128  # bucket ids 0..num_time_buckets (129 scalars)
     time_bucket_divisor: float = 0.301
     use_temporal: bool = True  # disabled automatically when the dataset has no timestamps
-    attention: str = "auto"  # "reference" (PyTorch), "fused" (Triton kernel, GPU), "auto" (fused on CUDA with triton, else reference)
+    attention: str = "auto"  # "reference" (PyTorch), "fused" (Triton kernel, GPU), "auto" (the reference: faster in the whole step, see docs/performance.md)
     # Fuxi-MME
     num_embeddings: int = 1  # M: item sub-tables of width dim / M
     shared_decoder: bool = True  # one stack for all streams (folded into the batch) or one per stream

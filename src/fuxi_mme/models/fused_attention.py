@@ -18,7 +18,8 @@ buffer (atomic adds across heads), which ``small_table_grad`` folds into ``pos_w
 
 Status: checked against the reference (values and all five gradients, fp32 and bf16) in
 Triton's CPU interpreter (``TRITON_INTERPRET=1``) and on an H100 (``tests/test_fused_attention.py``).
-``model.attention=auto`` (the default) uses it for CUDA tensors when triton is installed.
+``model.attention=fused`` selects it; ``auto`` keeps the reference, which measured faster
+inside the whole training step (docs/performance.md).
 """
 
 from __future__ import annotations

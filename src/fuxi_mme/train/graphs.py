@@ -63,6 +63,19 @@ class GraphedStep:
         self.ids = torch.zeros(self.B, self.N, dtype=torch.long, device=dev)
         self.ts = torch.zeros(self.B, self.N, dtype=torch.from_numpy(arrs.ts[:1]).dtype, device=dev)
         self.query_ts = torch.zeros_like(self.ts)
+        # Two pinned host staging slots, so the next batch's copies are asynchronous and the
+        # host prepares batch k+1 while the GPU replays step k (a pageable copy would wait for
+        # the stream to drain first). A slot is reused only after its copies have completed.
+        pin = dev.type == "cuda"
+        self.slots = [
+            {
+                **{name: torch.empty(self.B, self.N, dtype=buf.dtype, pin_memory=pin) for name, buf in (("ids", self.ids), ("ts", self.ts), ("query_ts", self.query_ts))},
+                "idx": torch.zeros(3 * (self.B * self.N + self.bucket), dtype=torch.long, pin_memory=pin),  # room for a rounded-up bucket
+                "done": torch.cuda.Event() if pin else None,
+            }
+            for _ in range(2)
+        ]
+        self.slot = 0
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], tuple]] = {}
         self.pool = None
         self.disabled = False
@@ -117,18 +130,27 @@ class GraphedStep:
         r, c = np.nonzero(arrs.targets[rows, :n])
         P = len(r)
         Pb = -(-P // self.bucket) * self.bucket
-        host = np.zeros((3, Pb), dtype=np.int64)
+        slot = self.slots[self.slot]
+        self.slot ^= 1
+        if slot["done"] is not None:
+            slot["done"].synchronize()  # its copies of two steps ago (long finished in practice)
+        host_t = slot["idx"][: 3 * Pb].view(3, Pb)  # contiguous, so the copy below is one async DMA
+        host = host_t.numpy()
         host[0, :P] = r * N + c  # position in the (B, max_len) output
         host[1, :P] = arrs.targets[rows, :n][r, c]  # 0 on the bucket's padding: masked
         host[2, :P] = r * n + c  # row of the drawn negatives
-        idx = torch.from_numpy(host).to(tr.device, non_blocking=True)
+        host[:, P:] = 0
+        for name, src in (("ids", arrs.ids), ("ts", arrs.ts), ("query_ts", arrs.query_ts)):
+            slot[name].numpy()[...] = src[rows, :N]
+            getattr(self, name).copy_(slot[name], non_blocking=True)
+        idx = host_t.to(tr.device, non_blocking=True)
+        if slot["done"] is not None:
+            slot["done"].record()
         if Pb in self.graphs:
             bufs = self.graphs[Pb][1]
         else:
             new = lambda *shape: torch.empty(*shape, dtype=torch.long, device=tr.device)  # noqa: E731
             bufs = {"pos": new(Pb), "tgt": new(Pb), "neg": new(Pb, K)}
-        for name, src in (("ids", arrs.ids), ("ts", arrs.ts), ("query_ts", arrs.query_ts)):
-            getattr(self, name).copy_(torch.from_numpy(src[rows, :N]), non_blocking=False)
         bufs["pos"].copy_(idx[0])
         bufs["tgt"].copy_(idx[1])
         bufs["neg"].copy_(negs.view(-1, K).index_select(0, idx[2]))

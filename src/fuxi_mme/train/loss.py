@@ -66,8 +66,9 @@ def sampled_softmax_loss(
             # an aligned row stride and cuBLAS uses its Hopper tensor-core kernels, not sm75 ones
             items = F.pad(items, (0, 0, 0, 8 - items.shape[0] % 8))
         all_BNI = user_BND @ items.T
-        pos = all_BNI.gather(-1, targets_BN.unsqueeze(-1))  # (B, N, 1)
-        neg = all_BNI.gather(-1, negatives_BNK)  # (B, N, K)
+        # one gather for [target, negatives]: its backward fills one (B, N, I) gradient, not two
+        sel = all_BNI.gather(-1, torch.cat([targets_BN.unsqueeze(-1), negatives_BNK], dim=-1))
+        pos, neg = sel[..., :1], sel[..., 1:]  # (B, N, 1), (B, N, K)
     elif method == "gather":
         pos = (user_BND * F.embedding(targets_BN, items)).sum(-1, keepdim=True)
         neg = torch.einsum("bnd,bnkd->bnk", user_BND, F.embedding(negatives_BNK, items))
