@@ -128,3 +128,22 @@ def test_small_table_lookup_matches_indexing_values_and_gradients():
     (table[idx] * w).sum().backward()
     torch.testing.assert_close(g1, table.grad)
     torch.testing.assert_close(lookup(table, idx), table[idx])
+
+
+def test_integer_bucketing_equals_the_float64_formula():
+    """The threshold count used for integer gaps agrees with floor(ln(x) / 0.301) everywhere
+    we can check: every gap up to 2 million seconds, and each threshold below 10**12 s (32,000
+    years) and its neighbours. Beyond ~10**13 s the float64 logarithm itself is off by a bucket
+    near some thresholds; the integer count is the exact one there."""
+    import math
+
+    def formula(x):
+        return torch.floor(torch.log(x.abs().clamp(min=1).to(torch.float64)) / 0.301).clamp(0, 128).long()
+
+    x = torch.arange(-2_000_000, 2_000_000)
+    assert torch.equal(time_bucket(x), formula(x))
+    t = torch.tensor([math.ceil(math.exp(0.301 * b)) for b in range(1, 92)])
+    assert t[-1] < 10**12
+    edges = torch.cat([t - 1, t, t + 1])
+    assert torch.equal(time_bucket(edges), formula(edges))
+    assert time_bucket(torch.tensor([2.5, -100.0])).tolist() == formula(torch.tensor([2.5, -100.0])).tolist()

@@ -43,6 +43,7 @@ def test_positions_and_the_chunked_cpu_path_equal_the_dense_loss(monkeypatch):
     import fuxi_mme.train.loss as L
 
     monkeypatch.setattr(L, "CHUNK_ROWS", 7)  # several blocks, the last one partial
+    monkeypatch.setattr(L, "GATHER_ROWS", 5)
     torch.manual_seed(0)
     B, N, D, I, K = 4, 30, 16, 500, 32
     u = torch.nn.functional.normalize(torch.randn(B, N, D), dim=-1).requires_grad_()

@@ -129,3 +129,18 @@ def test_mme_keeps_the_embedding_size():
     fa = FuxiAlpha(cfg_for("fuxi-alpha"), I, N)
     mme = FuxiMME(cfg_for("fuxi-mme", num_embeddings=4), I, N)
     assert sum(e.weight.numel() for e in mme.item_embs) == fa.input.item_emb.weight.numel()
+
+
+def test_cpu_dropout_keeps_the_distribution_and_scaling():
+    from fuxi_mme.models.common import Dropout
+
+    torch.manual_seed(0)
+    d = Dropout(0.2)
+    x = torch.ones(200_000, requires_grad=True)
+    y = d(x)
+    zero = (y == 0).float().mean().item()
+    assert abs(zero - 0.2) < 0.01 and torch.allclose(y[y != 0], torch.tensor(1.25))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient = mask * scale
+    d.eval()
+    assert torch.equal(d(x), x)

@@ -84,12 +84,12 @@ def fuxi_attention_reference(
     e.g. for datasets without timestamps."""
     B, H, N, _ = q.shape
     mask = causal_mask(N, q.device).to(q.dtype)
-    a_sem = F.silu(q @ k.transpose(-1, -2)) / norm * mask  # (B, H, N, N)
+    a_sem = F.silu(q @ k.transpose(-1, -2)).mul_(mask / norm)  # (B, H, N, N); in place: silu keeps its input
     a_pos = relative_position_bias(pos_w, N).to(q.dtype) * mask  # (N, N)
     out_sem = a_sem @ v
     out_pos = a_pos @ v  # broadcast over B, H
     if buckets is not None:
-        a_time = lookup(time_w, buckets).to(q.dtype) * mask  # (B, N, N)
+        a_time = lookup(time_w, buckets).to(q.dtype).mul_(mask)  # (B, N, N)
         out_time = a_time.unsqueeze(1) @ v
     else:
         out_time = torch.zeros_like(out_sem)
@@ -112,7 +112,7 @@ def hstu_attention_reference(
     logits = q @ k.transpose(-1, -2) + relative_position_bias(pos_w, N).to(q.dtype)
     if buckets is not None:
         logits = logits + lookup(time_w, buckets).to(q.dtype).unsqueeze(1)
-    a = F.silu(logits) / norm * mask
+    a = F.silu(logits).mul_(mask / norm)
     return (a @ v).transpose(1, 2).reshape(B, N, H * v.shape[-1])
 
 

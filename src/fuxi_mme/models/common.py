@@ -21,16 +21,48 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
 
 
+_BOUNDS: dict[tuple[float, int, str], torch.Tensor] = {}
+
+
+def _bucket_bounds(divisor: float, max_bucket: int, device: torch.device) -> torch.Tensor:
+    """Integer thresholds T_b = ceil(exp(divisor * b)), b = 1..max_bucket: for an integer
+    x >= 1, floor(ln(x) / divisor) >= b exactly when x >= T_b."""
+    key = (divisor, max_bucket, str(device))
+    if key not in _BOUNDS:
+        _BOUNDS[key] = torch.tensor([math.ceil(math.exp(divisor * b)) for b in range(1, max_bucket + 1)], dtype=torch.long, device=device)
+    return _BOUNDS[key]
+
+
 def time_bucket(dt: torch.Tensor, divisor: float = 0.301, max_bucket: int = 128) -> torch.Tensor:
-    """bucket(x) = floor(ln(max(|x|, 1)) / divisor) clipped to [0, max_bucket]; ``dt`` integer seconds."""
-    # float64 on every device, so CPU and GPU agree on bucket boundaries (computed once a forward).
-    x = dt.abs().clamp(min=1).to(torch.float64)
-    return torch.floor(torch.log(x) / divisor).clamp(0, max_bucket).long()
+    """bucket(x) = floor(ln(max(|x|, 1)) / divisor) clipped to [0, max_bucket]; ``dt`` integer seconds.
+
+    Integer gaps are bucketed by counting the integer thresholds they reach (one ``bucketize``
+    pass, exact and identical on every device, no float64 logarithm over the B*N*N gaps: that
+    took ~15% of a CPU step); floating gaps use the formula in float64.
+    """
+    if dt.is_floating_point():
+        x = dt.abs().clamp(min=1).to(torch.float64)
+        return torch.floor(torch.log(x) / divisor).clamp(0, max_bucket).long()
+    return torch.bucketize(dt.abs(), _bucket_bounds(divisor, max_bucket, dt.device), right=True)
 
 
 def causal_mask(n: int, device: torch.device) -> torch.Tensor:
     """(N, N) bool, True where key j <= query i (the diagonal included)."""
     return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with a faster CPU path: the mask comes from one ``rand_like`` compared in
+    place (36 ms against 64 ms for a (128, 200, 150) activation on 2 cores; CPU Bernoulli
+    sampling was ~8% of a CPU training step). Same distribution and scaling; other devices, and
+    evaluation, use ``nn.Dropout`` unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.device.type != "cpu" or not 0.0 < self.p < 1.0 or self.inplace:
+            return super().forward(x)
+        keep = torch.rand_like(x)
+        keep.ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * keep
 
 
 class SwiGLU(nn.Module):
@@ -54,7 +86,7 @@ class ItemInput(nn.Module):
         self.dim = dim
         self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, dim) if positions else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         nn.init.trunc_normal_(self.item_emb.weight, std=0.02)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()

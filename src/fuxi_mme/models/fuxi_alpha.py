@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import MoEConfig, ModelConfig
 from .attention import select_attention
-from .common import ItemInput, SequenceModel, SwiGLU, TemporalBuckets, l2_normalize, rms_norm
+from .common import Dropout, ItemInput, SequenceModel, SwiGLU, TemporalBuckets, l2_normalize, rms_norm
 from .moe import MoE
 
 
@@ -69,7 +69,7 @@ class FuxiBlock(nn.Module):
         self.u_moe = _make_moe(moe, dim, u_width, "linear", None, False, num_streams) if self.moe_placement == "u" else None
         self.pos_w = nn.Parameter(torch.empty(max_len).normal_(std=0.02))
         self.time_w = nn.Parameter(torch.empty(num_time_buckets + 1).normal_(std=0.02))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         if self.moe_placement == "out":
             self.out_moe = _make_moe(moe, u_width, dim, "linear", None, True, num_streams)
             self.out = None

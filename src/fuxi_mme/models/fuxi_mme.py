@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .common import SequenceModel, TemporalBuckets, l2_normalize
+from .common import Dropout, SequenceModel, TemporalBuckets, l2_normalize
 from .fuxi_alpha import FuxiBlock
 
 
@@ -42,7 +42,7 @@ class FuxiMME(SequenceModel):
         with torch.no_grad():
             for emb in self.item_embs:
                 emb.weight[0].zero_()
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.temporal = TemporalBuckets(cfg)
         moe = cfg.moe if cfg.moe.num_experts > 0 else None
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import select_attention
-from .common import ItemInput, SequenceModel, TemporalBuckets, l2_normalize
+from .common import Dropout, ItemInput, SequenceModel, TemporalBuckets, l2_normalize
 
 
 def _ln(x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ class HSTUBlock(nn.Module):
         self.pos_w = nn.Parameter(torch.empty(max_len).normal_(std=0.02))
         self.time_w = nn.Parameter(torch.empty(cfg.num_time_buckets + 1).normal_(std=0.02))
         self.out = nn.Linear(H * Dv, cfg.dim, bias=True)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.attend = select_attention(cfg.attention, "hstu")
 
     def forward(self, x, buckets):

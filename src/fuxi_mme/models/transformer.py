@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .common import ItemInput, SequenceModel, SwiGLU, l2_normalize
+from .common import Dropout, ItemInput, SequenceModel, SwiGLU, l2_normalize
 
 
 def _attention(x: torch.Tensor, qkv: nn.Linear, out: nn.Linear, H: int, dropout: float, rope=None) -> torch.Tensor:
@@ -35,8 +35,8 @@ class SASRecBlock(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(cfg.dim, eps=1e-8), nn.LayerNorm(cfg.dim, eps=1e-8)
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.out = nn.Linear(cfg.dim, cfg.dim)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.ffn_dim, cfg.dim))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.ReLU(), Dropout(cfg.dropout), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x):
         x = x + self.drop(_attention(self.ln1(x), self.qkv, self.out, self.H, self.p if self.training else 0.0))
@@ -88,7 +88,7 @@ class LlamaBlock(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.ffn = SwiGLU(cfg.dim, int(round(cfg.ffn_multiply * cfg.dim)))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x):
         x = x + self.drop(_attention(self.n1(x), self.qkv, self.out, self.H, self.p if self.training else 0.0, self.rope))

@@ -81,7 +81,8 @@ def sampled_softmax_loss(
     return (nll * valid).sum() / valid.sum().clamp(min=1)
 
 
-CHUNK_ROWS = 2048
+CHUNK_ROWS = 2048  # positions per block of the dense item-gradient product
+GATHER_ROWS = 256  # positions per block of gathered item rows: (256, 1+K, D) stays in cache
 
 
 def _sampled_logits(pos, neg, targets, negatives, temperature: float) -> torch.Tensor:
@@ -90,50 +91,53 @@ def _sampled_logits(pos, neg, targets, negatives, temperature: float) -> torch.T
     return torch.cat([pos, neg], dim=-1).float() / temperature
 
 
-def _chunk_logits(u_CD, items_ID, t_C, n_CK, temperature):
-    """(C, 1+K) logits of one block of positions and the item ids they were gathered from."""
-    all_CI = u_CD @ items_ID.T
-    sel = torch.cat([t_C[:, None], n_CK], dim=1)
-    return _sampled_logits(all_CI.gather(1, t_C[:, None]), all_CI.gather(1, n_CK), t_C, n_CK, temperature), sel
-
-
 class _ChunkedAllItems(torch.autograd.Function):
-    """Sum of the sampled-softmax NLL over P positions, scoring all items block by block.
+    """Sum of the sampled-softmax NLL over P positions, for the CPU, block by block.
 
-    The same numbers as the dense ``all`` path, but the (P, I) score matrix and its gradient
-    only ever exist CHUNK_ROWS rows at a time, so on a CPU they stay in cache instead of
-    streaming hundreds of MB through memory. The forward keeps the (P, 1+K) softmax, so the
-    backward needs no second scoring pass.
+    The same numbers as the dense ``all`` path without its (P, I) score matrix. Only the 1+K
+    sampled logits of a position are needed, so they are computed from the gathered item rows
+    (a (256, 1+K, D) block that stays in cache). Both gradients scatter the (P, 1+K)
+    coefficients into a (2048, I) block, which is fastest as two dense products per block.
+    Against scoring all items (three (P, I, D) products) that removes one of the three
+    (docs/performance.md). The forward keeps the (P, 1+K) softmax for the backward.
     """
 
     @staticmethod
     def forward(ctx, u_PD, items_ID, t_P, n_PK, temperature):
         total = torch.zeros((), dtype=torch.float32, device=u_PD.device)
-        probs, sels = [], []
-        for s in range(0, u_PD.shape[0], CHUNK_ROWS):
-            logits, sel = _chunk_logits(u_PD[s : s + CHUNK_ROWS], items_ID, t_P[s : s + CHUNK_ROWS], n_PK[s : s + CHUNK_ROWS], temperature)
+        sel_PS = torch.cat([t_P[:, None], n_PK], dim=1)  # (P, 1+K): target first
+        probs = []
+        for s in range(0, u_PD.shape[0], GATHER_ROWS):
+            sel = sel_PS[s : s + GATHER_ROWS]
+            rows = items_ID.index_select(0, sel.reshape(-1)).view(*sel.shape, -1)  # (C, S, D)
+            logits = torch.bmm(rows, u_PD[s : s + GATHER_ROWS, :, None]).squeeze(-1).float()  # (C, S), fresh
+            logits[:, 1:].masked_fill_(sel[:, 1:] == sel[:, :1], float("-inf"))  # a negative equal to the target
+            logits /= temperature
             lse = torch.logsumexp(logits, dim=1)
             total += (lse - logits[:, 0]).sum()
             probs.append(torch.exp(logits - lse[:, None]))
-            sels.append(sel)
-        ctx.save_for_backward(u_PD, items_ID, torch.cat(probs) if probs else u_PD.new_zeros(0, 1), torch.cat(sels) if sels else t_P.new_zeros(0, 1))
+        ctx.save_for_backward(u_PD, items_ID, torch.cat(probs) if probs else u_PD.new_zeros(0, 1), sel_PS)
         ctx.temperature = temperature
         return total
 
     @staticmethod
     def backward(ctx, g):
         u_PD, items_ID, p_PS, sel_PS = ctx.saved_tensors
+        d_PS = p_PS.clone()
+        d_PS[:, 0] -= 1.0
+        d_PS *= g / ctx.temperature
+        d_PS = d_PS.to(u_PD.dtype)
         grad_u = torch.empty_like(u_PD)
         grad_items = torch.zeros_like(items_ID, dtype=torch.float32)
         I = items_ID.shape[0]
+        # one (CHUNK_ROWS, I) buffer, zeroed once: after each block only the entries it touched
+        # are reset (a fresh 30 MB buffer a block spent most of its time in page faults)
+        buf = torch.zeros(min(CHUNK_ROWS, u_PD.shape[0]), I, dtype=d_PS.dtype, device=d_PS.device)
         for s in range(0, u_PD.shape[0], CHUNK_ROWS):
-            d = p_PS[s : s + CHUNK_ROWS].clone()
-            d[:, 0] -= 1.0
-            d *= g / ctx.temperature
-            dense = torch.zeros(d.shape[0], I, dtype=d.dtype, device=d.device)
-            dense.scatter_add_(1, sel_PS[s : s + CHUNK_ROWS], d)
-            u = u_PD[s : s + CHUNK_ROWS]
-            dense = dense.to(u.dtype)
+            d, sel = d_PS[s : s + CHUNK_ROWS], sel_PS[s : s + CHUNK_ROWS]
+            dense = buf[: d.shape[0]]
+            dense.scatter_add_(1, sel, d)
+            grad_items += (dense.T @ u_PD[s : s + CHUNK_ROWS]).float()
             grad_u[s : s + CHUNK_ROWS] = dense @ items_ID
-            grad_items += (dense.T @ u).float()
+            dense.scatter_(1, sel, 0.0)
         return grad_u, grad_items.to(items_ID.dtype), None, None, None
