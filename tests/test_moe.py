@@ -148,3 +148,14 @@ def test_auto_backend_is_dense_for_few_experts_and_batched_for_many():
     small, many = make("swiglu", E=4, K=2), make("swiglu", E=16, K=2)
     small(x), many(x)
     assert small.last_path == "dense" and many.last_path == "padded"  # "grouped" on CUDA + bf16
+
+
+def test_group_ends_equal_cumsum_of_bincount():
+    from fuxi_mme.models.moe import group_ends
+
+    torch.manual_seed(0)
+    for E in (1, 4, 16):
+        ids = torch.sort(torch.randint(0, E, (1000,))).values
+        ids = ids[ids != E // 2]  # an idle expert in the middle
+        assert torch.equal(group_ends(ids, E), torch.cumsum(torch.bincount(ids, minlength=E), 0))
+    assert group_ends(torch.zeros(0, dtype=torch.long), 3).tolist() == [0, 0, 0]

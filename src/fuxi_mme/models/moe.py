@@ -20,8 +20,10 @@ Back ends (same parameters, same result):
   the sparse FLOPs, but no sort, no gather, no data-dependent shape and no host sync, and the
   GEMMs are large and well shaped. At the small widths of these models (e.g. 4 experts of
   width 25 on ML-1M) the sparse paths are bound by bookkeeping kernels and by weight-gradient
-  GEMMs with a tiny output and a huge reduction, so ``auto`` picks ``dense`` when E/K <= 4
-  (docs/performance.md has the measurements) and ``batched`` otherwise.
+  GEMMs with a tiny output and a huge reduction, so ``auto`` picks ``dense`` there when
+  E/K <= 4; where the grouped GEMM applies (CUDA, bf16, widths multiple of 8, e.g. ML-20M's
+  128/512) it picks ``batched``, which measured faster than ``dense`` at that width
+  (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -33,12 +35,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+
+
 def _grouped_mm_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or x.device.type != "cuda" or x.dtype != torch.bfloat16:
+    if not hasattr(torch, "_grouped_mm") or x.device.type != "cuda" or _autocast_dtype(x) != torch.bfloat16:
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
     return all(w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in ws)
+
+
+def group_ends(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """End offset of each id's group in an ascending id tensor: ``cumsum(bincount(ids, n))``,
+    by binary search, so with no host sync (``bincount`` on CUDA reads the maximum back) and
+    so inside a CUDA graph."""
+    return torch.searchsorted(sorted_ids, torch.arange(n, device=sorted_ids.device, dtype=sorted_ids.dtype), right=True)
 
 
 class MoE(nn.Module):
@@ -131,7 +144,7 @@ class MoE(nn.Module):
         token_A = torch.div(order, K, rounding_mode="floor")
         gate_A = gate_TK.reshape(-1)[order]
         x_AD = x_TD[token_A]
-        counts_E = torch.bincount(expert_A, minlength=self.E)
+        ends_E = group_ends(expert_A, self.E)
         ws = (self.w1, self.w3, self.w2) if self.kind == "swiglu" else (self.w,)
         # Under autocast the residual stream (and so x) stays fp32; the experts' matmuls run in
         # the autocast dtype, which is what makes the grouped GEMM applicable.
@@ -139,14 +152,15 @@ class MoE(nn.Module):
             x_AD = x_AD.to(torch.get_autocast_dtype("cuda"))
         if _grouped_mm_ok(x_AD, *ws):
             self.last_path = "grouped"
-            offs = torch.cumsum(counts_E, 0).to(torch.int32)
+            offs = ends_E.to(torch.int32)
             mm = lambda a, w: torch._grouped_mm(a, w.to(a.dtype), offs=offs)  # noqa: E731
             out_A = self._run_experts(x_AD, mm, expert_A)
         else:
             # Padded batch: (E, C, D) with C = the busiest expert's count (one host sync to size
             # the buffer; the grouped GEMM above needs none).
             self.last_path = "padded"
-            starts = torch.cumsum(counts_E, 0) - counts_E
+            counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+            starts = ends_E - counts_E
             slot_A = torch.arange(expert_A.numel(), device=x_TD.device) - starts[expert_A]
             C = int(counts_E.max()) if expert_A.numel() else 0
             buf = x_AD.new_zeros(self.E, max(C, 1), x_AD.shape[-1])
@@ -203,7 +217,11 @@ class MoE(nn.Module):
             gate_TK = gate_TK / gate_TK.sum(-1, keepdim=True)
         backend = self.backend
         if backend == "auto":
-            backend = "dense" if self.E <= 4 * self.K else "batched"
+            # the grouped GEMM where it applies (wide, aligned experts: ML-20M); elsewhere dense
+            # while it costs at most 4x the sparse FLOPs (narrow experts: ML-1M, the demo)
+            ws = (self.w1, self.w3, self.w2) if self.kind == "swiglu" else (self.w,)
+            grouped = _grouped_mm_ok(x_TD, *ws)
+            backend = "batched" if grouped or self.E > 4 * self.K else "dense"
         if backend == "loop":
             y = self._loop(x_TD, top_TK, gate_TK)
         elif backend == "dense":
