@@ -33,6 +33,9 @@ def test_aggregate_means_and_stds_over_seeds(tmp_path):
     assert row["seeds"] == 3 and row["test/NDCG@10"]["mean"] == pytest.approx(0.2)
     assert row["test/NDCG@10"]["std"] == pytest.approx(0.1)
     assert "| demo | fuxi-alpha | loo-val | 3 | 0.2000 ± 0.1000" in (tmp_path / "ablation.md").read_text()
+    # the other variants were planned but have no results: listed, not silently dropped
+    assert {(m["variant"], m["runs"]) for m in res["missing"]} == {(v, 3) for v in suite.variants if v != "fuxi-alpha"}
+    assert "Planned but not run yet" in (tmp_path / "ablation.md").read_text()
 
 
 def test_main_suite_adds_large_sizes_and_the_paper_protocol_on_movielens(tmp_path):

@@ -240,7 +240,12 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str]) -> d
         if params:
             entry["parameters"] = params
         table.append(entry)
-    out = {"suite": suite.name, "description": suite.description, "commit": git_commit(), "device": device, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "failed": failed, "results": table}
+    missing: dict[tuple[str, str], int] = {}
+    for job in todo:
+        if not (job.run_dir / "metrics.json").exists():
+            missing[(job.dataset, job.variant)] = missing.get((job.dataset, job.variant), 0) + 1
+    out = {"suite": suite.name, "description": suite.description, "commit": git_commit(), "device": device, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "failed": failed,
+           "results": table, "missing": [{"dataset": d, "variant": v, "runs": n} for (d, v), n in missing.items()]}
     atomic_write_json(root / f"{suite.name}.json", out)
     atomic_write_text(root / f"{suite.name}.md", markdown(out))
     return out
@@ -267,6 +272,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {e['dataset']} | {e['variant']} | {e['protocol']} | {e['seeds']} | {f(e, 'valid_best/NDCG@10')} | {f(e, 'test/NDCG@10')} | {f(e, 'test/HR@10')} | {f(e, 'test/MRR')} | {params} | {ts} |")
     if res.get("failed"):
         lines += ["", "Failed runs: " + ", ".join(res["failed"])]
+    if res.get("missing"):
+        lines += ["", "Planned but not run yet (no results file): " + "; ".join(f"{m['dataset']} / {m['variant']} ({m['runs']} runs)" for m in res["missing"]) + "."]
     return "\n".join(lines) + "\n"
 
 
