@@ -62,3 +62,21 @@ def tiny_config(model: str = "fuxi-alpha", **over):
     base.update(over)
     apply_overrides(cfg, [f"{k}={v}" for k, v in base.items()])
     return cfg
+
+
+def epoch_losses_and_first_grads(tr, grad_accum: int = 1):
+    """One epoch of ``Trainer.forward_backward`` + optimizer steps: every batch's loss, and the
+    gradients after the first batch (used to compare the CUDA-graph step with the eager one)."""
+    import numpy as np
+
+    order, B = tr._epoch_order(0), tr.cfg.train.batch_size
+    losses, grads = [], None
+    for i in range(-(-len(order) // B)):
+        loss, _ = tr.forward_backward(order[i * B : (i + 1) * B])
+        losses.append(float(loss.detach()))
+        if grads is None:
+            grads = {k: p.grad.detach().float().cpu().clone() for k, p in tr.model.named_parameters() if p.grad is not None}
+        if (i + 1) % grad_accum == 0:
+            tr.opt.step()
+            tr.zero_grad()
+    return np.array(losses), grads

@@ -57,7 +57,7 @@ def _steps(model: str, graphs: str, amp: str, grad_accum: int = 1, attention: st
     """Losses of one epoch of optimizer steps (6 full batches, 1 partial) and the first step's gradients."""
     import numpy as np
 
-    from conftest import tiny_config
+    from conftest import epoch_losses_and_first_grads, tiny_config
     from fuxi_mme.data import load_dataset
     from fuxi_mme.models import build_model
     from fuxi_mme.train.loop import Trainer
@@ -68,17 +68,8 @@ def _steps(model: str, graphs: str, amp: str, grad_accum: int = 1, attention: st
     torch.manual_seed(0)
     net = build_model(cfg.model, ds.num_items, cfg.data.max_len).cuda()
     tr = Trainer(cfg, ds, net, torch.device("cuda"), None, progress=False)
-    order, B = tr._epoch_order(0), cfg.train.batch_size
-    losses, grads = [], None
-    for i in range(-(-len(order) // B)):
-        loss, _ = tr.forward_backward(order[i * B : (i + 1) * B])
-        losses.append(float(loss.detach()))
-        if grads is None:
-            grads = {k: p.grad.detach().float().cpu().clone() for k, p in net.named_parameters() if p.grad is not None}
-        if (i + 1) % grad_accum == 0:
-            tr.opt.step()
-            tr.zero_grad()
-    return np.array(losses), grads, tr
+    losses, grads = epoch_losses_and_first_grads(tr, grad_accum)
+    return losses, grads, tr
 
 
 @pytest.mark.parametrize("model", ["fuxi-alpha", "fuxi-mme", "hstu", "sasrec"])

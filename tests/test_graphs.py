@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import epoch_losses_and_first_grads, tiny_config
 from fuxi_mme.data import load_dataset
 from fuxi_mme.models import build_model
 from fuxi_mme.train.graphs import GraphedStep, graphs_wanted
@@ -35,17 +35,8 @@ def run(model, graphed: bool, grad_accum=1, bucket=16, **over):
         tr.graphed = ReplayEagerly(tr)
         if bucket:
             tr.graphed.bucket = bucket  # several buckets in one epoch
-    order, B = tr._epoch_order(0), cfg.train.batch_size
-    losses, grads = [], None
-    for i in range(-(-len(order) // B)):
-        loss, _ = tr.forward_backward(order[i * B : (i + 1) * B])
-        losses.append(float(loss.detach()))
-        if grads is None:
-            grads = {k: p.grad.detach().float().cpu().clone() for k, p in net.named_parameters() if p.grad is not None}
-        if (i + 1) % grad_accum == 0:
-            tr.opt.step()
-            tr.zero_grad()
-    return np.array(losses), grads, tr
+    losses, grads = epoch_losses_and_first_grads(tr, grad_accum)
+    return losses, grads, tr
 
 
 @pytest.mark.parametrize("model,grad_accum", [("fuxi-alpha", 1), ("fuxi-mme", 2), ("sasrec", 1)])
