@@ -110,7 +110,11 @@ class GraphedStep:
                 p.grad.copy_(g)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = self._body(bufs)
+            loss, aux = self._body(bufs)
+        # keep the static outputs, not the captured autograd graph (it is never used again, and
+        # holding it keeps its AccumulateGrad nodes alive, which is what PyTorch's "stream does
+        # not match" warning at a later capture is about; not yet verified on a GPU)
+        out = (loss.detach(), aux.detach() if aux is not None else None)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[Pb] = (graph, bufs, out)
