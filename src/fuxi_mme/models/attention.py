@@ -132,7 +132,7 @@ def select_attention(mode: str, kind: str):
         return ref
     from . import fused_attention as fa
 
-    if mode == "fused" and not fa.HAVE_TRITON:
+    if not fa.HAVE_TRITON:
         raise RuntimeError("model.attention=fused needs triton (pip install triton) and a CUDA GPU; use model.attention=reference")
     fused = fa.fused_fuxi_attention if kind == "fuxi" else fa.fused_hstu_attention
 

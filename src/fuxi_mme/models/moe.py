@@ -133,6 +133,9 @@ class MoE(nn.Module):
             y.index_add_(0, tok, (self._expert(x_TD[tok], e) * gate_TK[tok, slot, None]).to(y.dtype))
         return y
 
+    def _expert_weights(self) -> tuple[torch.Tensor, ...]:
+        return (self.w1, self.w3, self.w2) if self.kind == "swiglu" else (self.w,)
+
     def _out_dim(self) -> int:
         return (self.w2 if self.kind == "swiglu" else self.w).shape[-1]
 
@@ -145,7 +148,7 @@ class MoE(nn.Module):
         gate_A = gate_TK.reshape(-1)[order]
         x_AD = x_TD[token_A]
         ends_E = group_ends(expert_A, self.E)
-        ws = (self.w1, self.w3, self.w2) if self.kind == "swiglu" else (self.w,)
+        ws = self._expert_weights()
         # Under autocast the residual stream (and so x) stays fp32; the experts' matmuls run in
         # the autocast dtype, which is what makes the grouped GEMM applicable.
         if x_AD.is_cuda and torch.is_autocast_enabled("cuda"):
@@ -219,8 +222,7 @@ class MoE(nn.Module):
         if backend == "auto":
             # the grouped GEMM where it applies (wide, aligned experts: ML-20M); elsewhere dense
             # while it costs at most 4x the sparse FLOPs (narrow experts: ML-1M, the demo)
-            ws = (self.w1, self.w3, self.w2) if self.kind == "swiglu" else (self.w,)
-            grouped = _grouped_mm_ok(x_TD, *ws)
+            grouped = _grouped_mm_ok(x_TD, *self._expert_weights())
             backend = "batched" if grouped or self.E > 4 * self.K else "dense"
         if backend == "loop":
             y = self._loop(x_TD, top_TK, gate_TK)

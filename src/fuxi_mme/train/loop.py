@@ -31,6 +31,7 @@ from ..eval.metrics import metrics_from_ranks
 from ..models.common import SequenceModel
 from . import distributed as D
 from .checkpoint import config_fingerprint, load_state, load_weights, optimizer_state, save_checkpoint
+from .graphs import GraphedStep, graphs_wanted
 from .loss import sample_negatives, sampled_softmax_loss
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,6 @@ class Trainer:
         self.amp_dtype = autocast_dtype(t.amp)
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir and dist_info.main else None, cfg.log.tensorboard)
         self.fingerprint = config_fingerprint(cfg.to_dict())
-        from .graphs import GraphedStep, graphs_wanted
-
         self.graphed: GraphedStep | None = GraphedStep(self) if graphs_wanted(self) else None
 
     # ------------------------------------------------------------------ steps
