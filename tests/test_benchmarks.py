@@ -1,0 +1,26 @@
+"""The one-command benchmark runner picks the right benchmarks for the machine."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run_all import plan  # noqa: E402
+
+
+def names(cmds):
+    return [Path(c[1]).name for c in cmds]
+
+
+def test_plan_per_machine():
+    assert names(plan(0, None)) == ["cpu_epoch.py"]
+    assert plan(0, "/data")[0][-2:] == ["--data-path", str(Path("/data") / "ml-1m")]
+    assert names(plan(1, None)) == ["throughput.py", "attention.py", "profile_step.py"]
+    assert names(plan(2, None))[-1] == "ddp_scaling.py"
+
+
+def test_dry_run_prints_the_commands():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--dry-run"], capture_output=True, text=True, check=True).stdout
+    assert "cpu_epoch.py" in out or "throughput.py" in out
