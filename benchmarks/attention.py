@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from fuxi_mme.models.attention import fuxi_attention_reference, hstu_attention_reference  # noqa: E402
 from fuxi_mme.presets import build_preset, preset_name  # noqa: E402
-from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, run_info  # noqa: E402
+from common import RESULTS, card, save  # noqa: E402
+from fuxi_mme.utils.runinfo import run_info  # noqa: E402
 
 
 def inputs(shape: str, model: str, B: int, dtype, dev):
@@ -100,15 +101,13 @@ def main() -> None:
             rec["speedup"] = rec["reference_ms"] / rec["fused_ms"]
             rows.append(rec)
             print(rec, flush=True)
-    card = (info["device"].get("gpu") or "cpu").replace(" ", "_")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"attention-{card}")
-    atomic_write_json(out.with_suffix(".json"), {"benchmark": "attention", **info, "results": rows})
-    md = [f"# Attention forward + backward, {card}, torch {info['versions'].get('torch')}, commit {info['commit']}", "",
+    out = Path(args.out or RESULTS / f"attention-{card(info)}")
+    md = [f"# Attention forward + backward, {card(info)}, torch {info['versions'].get('torch')}, commit {info['commit']}", "",
           "| shape | model | B x N, H, qk/v | dtype | reference ms | fused ms | speedup | reference peak GB | fused peak GB | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['shape']} | {r['model']} | {r['B']} x {r['N']}, {r['H']}, {r['qk_dim']}/{r['v_dim']} | {r['dtype']} | {r['reference_ms']:.2f} | {r['fused_ms']:.2f} | "
                   f"{r['speedup']:.2f}x | {r.get('reference_peak_gb', 0):.3f} | {r.get('fused_peak_gb', 0):.3f} | {r['max_abs_diff']:.2e} |")
-    atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
+    save(out, {"benchmark": "attention", **info, "results": rows}, md)
     print("\n".join(md))
 
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from throughput import make_trainer, path_config, synthetic  # noqa: E402
 
-from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, git_commit, run_info  # noqa: E402
+from common import RESULTS, save  # noqa: E402
+from fuxi_mme.utils.runinfo import run_info  # noqa: E402
 
 TARGET_S = 60.0
 
@@ -42,10 +43,9 @@ def epoch_seconds(cfg, ds) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-path", help="folder of the real ML-1M files (ml-1m-ts70 is read from it)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu-epoch-ml1m.json"))
+    ap.add_argument("--out", default=str(RESULTS / "cpu-epoch-ml1m.json"))
     args = ap.parse_args()
     info = run_info(torch.device("cpu"))
-    info["commit"] = info["commit"] or git_commit(ROOT)
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": info["commit"], "torch_threads": torch.get_num_threads(),
               "cpu_count": info["device"].get("cpu_count"), "versions": info["versions"], "epochs": {}}
     cfg = path_config("ml-1m", "fuxi-alpha", "fp32", "cpu")
@@ -67,15 +67,13 @@ def main() -> None:
     runs = old.get("runs", [])
     runs.append(record)
     doc = {**{k: v for k, v in old.items() if k != "runs"}, "benchmark": "cpu_epoch", "target_s": TARGET_S, "runs": runs}
-    atomic_write_json(out, doc)
     lines = ["# CPU epoch, FuXi-alpha base, fp32", "",
              "Whole epochs timed end to end by `benchmarks/cpu_epoch.py` (earlier measured or projected figures are in the JSON's other keys).", "",
              "| time | commit | threads | data | steps | epoch s | under 60 s |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         for name, e in r["epochs"].items():
             lines.append(f"| {r['time']} | `{str(r['commit'])[:10]}` | {r['torch_threads']} | {name} | {e['steps']} | {e['epoch_s']:.1f} | {'yes' if e['epoch_s'] < TARGET_S else 'no'} |")
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    print(out.with_suffix(".md"))
+    print(save(out, doc, lines))
 
 
 if __name__ == "__main__":

@@ -93,11 +93,11 @@ def worker(args) -> None:
 
 
 def driver(args) -> None:
-    from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, resolve_device, run_info
+    from common import RESULTS, card, save
+    from fuxi_mme.utils.runinfo import resolve_device, run_info
 
     dev = resolve_device(args.device)
     info = run_info(dev)
-    card = (info["device"].get("gpu") or "cpu").replace(" ", "_")
     rows = []
     for regime in args.regimes:
         for n in args.nprocs:
@@ -119,16 +119,15 @@ def driver(args) -> None:
         base = next(x for x in rows if x["regime"] == r["regime"] and x["nproc"] == 1) if any(x["nproc"] == 1 and x["regime"] == r["regime"] for x in rows) else None
         r["speedup"] = r["seq_per_s"] / base["seq_per_s"] if base else None
         r["efficiency"] = r["speedup"] / r["nproc"] if base else None
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"ddp-{args.model}-{card}")
+    out = Path(args.out or RESULTS / f"ddp-{args.model}-{card(info)}")
     payload = {"benchmark": "ddp_scaling", "data": "synthetic ML-1M shape (6,040 users, 3,706 items, 1,000,209 interactions)", "preset": f"ml-1m-{args.model}-base", **info, "results": rows}
-    atomic_write_json(out.with_suffix(".json"), payload)
-    md = [f"# DDP scaling, {card} ({info['device'].get('gpu_count', 1)} visible), torch {info['versions'].get('torch')}, commit {info['commit']}", "",
+    md = [f"# DDP scaling, {card(info)} ({info['device'].get('gpu_count', 1)} visible), torch {info['versions'].get('torch')}, commit {info['commit']}", "",
           f"ml-1m-{args.model}-base on synthetic ML-1M-shaped data, amp={args.amp}; median of {args.steps} steps after {args.warmup} warm-up.", "",
           "| regime | processes | global batch | per-rank batch | step ms | seq/s | speedup | efficiency | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['regime']} | {r['nproc']} | {r['global_batch']} | {r['per_rank_batch']} | {r['step_ms_median']:.1f} | {r['seq_per_s']:,.0f} | "
                   f"{r['speedup']:.2f}x | {100 * r['efficiency']:.0f}% | {r['gpu_mem_gb'] or 0:.2f} |")
-    atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
+    save(out, payload, md)
     print("\n".join(md))
 
 

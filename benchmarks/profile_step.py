@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from throughput import make_trainer, synthetic, train_step  # noqa: E402
 
-from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, git_commit, run_info  # noqa: E402
+from common import RESULTS, card, save  # noqa: E402
+from fuxi_mme.utils.runinfo import run_info  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("optimizer", r"adam|multi_tensor|foreach"),
@@ -125,7 +126,6 @@ def main() -> None:
 
     dev = torch.device("cuda")
     info = run_info(dev)
-    info["commit"] = info["commit"] or git_commit(ROOT)
     rows = []
     for shape in args.shapes:
         ds = synthetic(shape)
@@ -137,9 +137,7 @@ def main() -> None:
                 cats = ", ".join(f"{k} {v:.2f}" for k, v in r["categories_ms_per_step"].items())
                 print(f"{shape} {model} {path}: wall {r['wall_ms_per_step']:.2f} ms, GPU busy {r['gpu_busy_ms_per_step']:.2f} ms "
                       f"({100 * r['gpu_busy_share']:.0f}%), {r['kernels_per_step']:.0f} kernels, {r['syncs_per_step']} syncs | {cats}", flush=True)
-    card = (info["device"].get("gpu") or "cpu").replace(" ", "_")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"profile-{card}")
-    atomic_write_json(out.with_suffix(".json"), {"benchmark": "profile_step", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": rows})
+    out = Path(args.out or RESULTS / f"profile-{card(info)}")
     cat_names = [c for c, _ in CATEGORIES] + ["other"]
     md = [f"Device: {info['device'].get('gpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`. "
           "Milliseconds per training step (GPU kernel time by category).", "",
@@ -152,8 +150,7 @@ def main() -> None:
     md += ["", "Top kernels:", ""]
     for r in rows:
         md.append(f"- {r['shape']} {r['model']} {r['path']}: " + "; ".join(f"`{k['name'][:60]}` {k['ms_per_step']:.2f} ms" for k in r["top_kernels"][:6]))
-    atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
-    print(out.with_suffix(".md"))
+    print(save(out, {"benchmark": "profile_step", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": rows}, md))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from fuxi_mme.eval.evaluator import evaluate_ranks, model_scorer  # noqa: E402
 from fuxi_mme.models import build_model  # noqa: E402
 from fuxi_mme.presets import build_preset, preset_name  # noqa: E402
 from fuxi_mme.train.loop import Trainer  # noqa: E402
-from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, git_commit, run_info  # noqa: E402
+from common import RESULTS, card, save  # noqa: E402
+from fuxi_mme.utils.runinfo import run_info  # noqa: E402
 
 # SPEC section 5 statistics: users, items, interactions (mean length = interactions / users).
 SHAPES = {"ml-1m": (6040, 3706, 1_000_209), "ml-20m": (138_493, 26_744, 20_000_263)}
@@ -137,15 +138,13 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
 
 def write(results: list[dict], info: dict, out_arg: str | None) -> Path:
     """JSON + Markdown table of the results so far (rewritten after every measurement)."""
-    name = (info["device"].get("gpu") or "cpu").replace(" ", "_")
-    out = Path(out_arg) if out_arg else ROOT / "benchmarks" / "results" / f"throughput-{name}.json"
-    atomic_write_json(out, {"benchmark": "throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": results})
+    out = Path(out_arg) if out_arg else RESULTS / f"throughput-{card(info)}.json"
     lines = [f"Device: {info['device'].get('gpu', 'cpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`.", "",
              "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | peak GB | eval users/s | vs fp32 reference |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['shape']} | {r['model']} | {r['path']} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {r['speedup_vs_reference']:.2f}x |")
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    return out
+    save(out, {"benchmark": "throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": results}, lines)
+    return out.with_suffix(".json")
 
 
 def main() -> None:
@@ -161,7 +160,6 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
     info = run_info(dev)
-    info["commit"] = info["commit"] or git_commit(ROOT)
     results = []
     for shape in args.shapes:
         ds = synthetic(shape)

@@ -131,7 +131,8 @@ class GraphedStep:
         n = int(arrs.lengths[rows].max())
         # the same negative draws as the eager step: (B, n, K) from the trainer's generator
         negs = sample_negatives((len(rows), n, K), tr.ds.num_items, tr.device, tr.neg_gen)
-        r, c = np.nonzero(arrs.targets[rows, :n])
+        tg = arrs.targets[rows, :n]
+        r, c = np.nonzero(tg)
         P = len(r)
         Pb = -(-P // self.bucket) * self.bucket
         slot = self.slots[self.slot]
@@ -141,7 +142,7 @@ class GraphedStep:
         host_t = slot["idx"][: 3 * Pb].view(3, Pb)  # contiguous, so the copy below is one async DMA
         host = host_t.numpy()
         host[0, :P] = r * N + c  # position in the (B, max_len) output
-        host[1, :P] = arrs.targets[rows, :n][r, c]  # 0 on the bucket's padding: masked
+        host[1, :P] = tg[r, c]  # 0 on the bucket's padding: masked
         host[2, :P] = r * n + c  # row of the drawn negatives
         host[:, P:] = 0
         for name, src in (("ids", arrs.ids), ("ts", arrs.ts), ("query_ts", arrs.query_ts)):

@@ -52,12 +52,12 @@ def sampled_softmax_loss(
     if method == "auto":
         method = "all" if targets_BN.numel() * items.shape[0] <= 2**30 else "gather"
         if method == "all" and positions is not None and not user_BND.is_cuda:
-            method = "chunked"  # CPU: the same scores in cache-sized blocks of positions
+            method = "chunked"  # CPU: the same logits, block by block from the sampled rows
+    ids_BNS = torch.cat([targets_BN.unsqueeze(-1), negatives_BNK], dim=-1)  # [target, negatives]
     if method == "chunked":
         if positions is None:
             raise ValueError("loss method 'chunked' needs the target positions (positions=...)")
-        K = negatives_BNK.shape[-1]
-        total = _ChunkedAllItems.apply(user_BND.reshape(-1, user_BND.shape[-1]), items, targets_BN.reshape(-1), negatives_BNK.reshape(-1, K), float(temperature))
+        total = _BlockedSampledLoss.apply(user_BND.reshape(-1, user_BND.shape[-1]), items, ids_BNS.reshape(-1, ids_BNS.shape[-1]), float(temperature))
         denom = normalizer if normalizer is not None else float(targets_BN.numel())
         return total / max(denom, 1e-9)
     if method == "all":
@@ -65,16 +65,13 @@ def sampled_softmax_loss(
             # zero rows up to a multiple of 8 (never gathered): the (., I) score matrix then has
             # an aligned row stride and cuBLAS uses its Hopper tensor-core kernels, not sm75 ones
             items = F.pad(items, (0, 0, 0, 8 - items.shape[0] % 8))
-        all_BNI = user_BND @ items.T
         # one gather for [target, negatives]: its backward fills one (B, N, I) gradient, not two
-        sel = all_BNI.gather(-1, torch.cat([targets_BN.unsqueeze(-1), negatives_BNK], dim=-1))
-        pos, neg = sel[..., :1], sel[..., 1:]  # (B, N, 1), (B, N, K)
+        raw = (user_BND @ items.T).gather(-1, ids_BNS)
     elif method == "gather":
-        pos = (user_BND * F.embedding(targets_BN, items)).sum(-1, keepdim=True)
-        neg = torch.einsum("bnd,bnkd->bnk", user_BND, F.embedding(negatives_BNK, items))
+        raw = torch.einsum("bnd,bnsd->bns", user_BND, F.embedding(ids_BNS, items))
     else:
         raise ValueError(f"unknown loss method {method!r}; use auto, all, gather or chunked")
-    logits = _sampled_logits(pos, neg, targets_BN, negatives_BNK, temperature)
+    logits = _sampled_logits(raw, ids_BNS, temperature)
     nll = torch.logsumexp(logits, dim=-1) - logits[..., 0]
     if normalizer is not None:
         return (nll * valid).sum() / max(normalizer, 1e-9)
@@ -85,13 +82,17 @@ CHUNK_ROWS = 2048  # positions per block of the dense item-gradient product
 GATHER_ROWS = 256  # positions per block of gathered item rows: (256, 1+K, D) stays in cache
 
 
-def _sampled_logits(pos, neg, targets, negatives, temperature: float) -> torch.Tensor:
-    """[positive, negatives] logits / temperature in fp32; a negative equal to the target is masked."""
-    neg = neg.masked_fill(negatives == targets.unsqueeze(-1), float("-inf"))
-    return torch.cat([pos, neg], dim=-1).float() / temperature
+def _sampled_logits(raw: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(..., 1+K) scores of [target, negatives] -> logits / temperature in fp32, with every
+    negative equal to the target masked out (the one rule shared by every loss path)."""
+    logits = raw.float()  # a copy when raw is bf16; the masked fill below must not touch raw
+    if logits is raw:
+        logits = logits.clone()
+    logits[..., 1:].masked_fill_(ids[..., 1:] == ids[..., :1], float("-inf"))
+    return logits / temperature
 
 
-class _ChunkedAllItems(torch.autograd.Function):
+class _BlockedSampledLoss(torch.autograd.Function):
     """Sum of the sampled-softmax NLL over P positions, for the CPU, block by block.
 
     The same numbers as the dense ``all`` path without its (P, I) score matrix. Only the 1+K
@@ -103,16 +104,14 @@ class _ChunkedAllItems(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u_PD, items_ID, t_P, n_PK, temperature):
+    def forward(ctx, u_PD, items_ID, sel_PS, temperature):
+        """``sel_PS``: (P, 1+K) item ids, the target first."""
         total = torch.zeros((), dtype=torch.float32, device=u_PD.device)
-        sel_PS = torch.cat([t_P[:, None], n_PK], dim=1)  # (P, 1+K): target first
         probs = []
         for s in range(0, u_PD.shape[0], GATHER_ROWS):
             sel = sel_PS[s : s + GATHER_ROWS]
             rows = items_ID.index_select(0, sel.reshape(-1)).view(*sel.shape, -1)  # (C, S, D)
-            logits = torch.bmm(rows, u_PD[s : s + GATHER_ROWS, :, None]).squeeze(-1).float()  # (C, S), fresh
-            logits[:, 1:].masked_fill_(sel[:, 1:] == sel[:, :1], float("-inf"))  # a negative equal to the target
-            logits /= temperature
+            logits = _sampled_logits(torch.bmm(rows, u_PD[s : s + GATHER_ROWS, :, None]).squeeze(-1), sel, temperature)  # (C, S)
             lse = torch.logsumexp(logits, dim=1)
             total += (lse - logits[:, 0]).sum()
             probs.append(torch.exp(logits - lse[:, None]))
@@ -140,4 +139,4 @@ class _ChunkedAllItems(torch.autograd.Function):
             grad_items += (dense.T @ u_PD[s : s + CHUNK_ROWS]).float()
             grad_u[s : s + CHUNK_ROWS] = dense @ items_ID
             dense.scatter_(1, sel, 0.0)
-        return grad_u, grad_items.to(items_ID.dtype), None, None, None
+        return grad_u, grad_items.to(items_ID.dtype), None, None
