@@ -52,14 +52,43 @@ def test_main_suite_adds_large_sizes_and_the_paper_protocol_on_movielens(tmp_pat
     assert len({j.run_dir for j in jobs}) == len(jobs)
 
 
-def test_jobs_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
+def test_jobs_go_to_the_least_loaded_gpu_longest_first(tmp_path, monkeypatch):
+    import threading
+    import time as _time
+
     from fuxi_mme import experiment
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
-    seen = []
-    monkeypatch.setattr(experiment, "_run", lambda job, env: (seen.append(job.gpu), (job, 0, 0.0))[1])
-    experiment.run_suite(SUITES["ablation"], tmp_path, None, jobs=4, datasets=["demo"])
-    assert sorted(seen) == sorted(["0", "1", "2"] * 4)
+    lock, running, peak, order = threading.Lock(), {}, {}, []
+
+    def fake_run(job, env):
+        with lock:
+            running[job.gpu] = running.get(job.gpu, 0) + 1
+            peak[job.gpu] = max(peak.get(job.gpu, 0), running[job.gpu])
+            order.append((job.dataset, job.variant))
+        _time.sleep(0.02)
+        with lock:
+            running[job.gpu] -= 1
+        return job, 0, 0.0
+
+    monkeypatch.setattr(experiment, "_run", fake_run)
+    res = experiment.run_suites([SUITES["ablation"], SUITES["sweep"]], tmp_path, None, jobs=4, datasets=["demo", "ml-100k"])
+    assert [r["suite"] for r in res] == ["ablation", "sweep"]
+    assert len(order) == 4 * 2 * 3 + 10 * 2 * 2
+    # 4 at once over 3 GPUs: never 3 on one GPU while another is idle
+    assert set(peak) == {"0", "1", "2"} and max(peak.values()) == 2
+    # longest first: all 32 ml-100k runs (12 ablation, 20 sweep) start before any demo run
+    assert [ds for ds, _ in order] == ["ml-100k"] * 32 + ["demo"] * 32
+
+
+def test_job_cost_ranks_large_and_deep_runs_first(tmp_path):
+    from fuxi_mme.experiment import job_cost, plan
+
+    jobs = {j.variant: j for j in plan(SUITES["scaling"], tmp_path, tmp_path, [], check_data=False, seeds=[0])}
+    assert job_cost(jobs["fuxi-alpha L=8"]) == 4 * job_cost(jobs["fuxi-alpha L=2"])
+    assert job_cost(jobs["fuxi-mme E=16"]) > job_cost(jobs["fuxi-mme E=4"]) > job_cost(jobs["fuxi-alpha L=2"])
+    main = {(j.dataset, j.variant): j for j in plan(SUITES["main"], tmp_path, tmp_path, [], check_data=False, seeds=[0])}
+    assert job_cost(main["ml-1m-ts70", "fuxi-mme large"]) > job_cost(main["ml-1m-ts70", "fuxi-mme"]) > job_cost(main["amazon-beauty", "fuxi-mme"])
 
 
 def test_results_doc_has_the_headline_and_the_scaling_plot(tmp_path):

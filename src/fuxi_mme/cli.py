@@ -196,26 +196,26 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .experiment import SUITES, run_suite
+    from .experiment import SUITES, aggregate, markdown, plan, run_suites, write_docs
 
-    if args.suite not in SUITES:
-        raise ValueError(f"unknown suite {args.suite!r}; known: {', '.join(SUITES)}")
-    suite = SUITES[args.suite]
-    if args.seeds:
-        suite.seeds = args.seeds
-    docs = Path(args.docs) if args.docs else Path(args.root) / "results.md"
+    unknown = [n for n in args.suite if n not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite {', '.join(map(repr, unknown))}; known: {', '.join(SUITES)}")
+    suites = [SUITES[n] for n in dict.fromkeys(args.suite)]
+    for suite in suites:
+        if args.seeds:
+            suite.seeds = args.seeds
+    root = Path(args.root)
+    data_root = Path(args.data_root) if args.data_root else None
+    docs = Path(args.docs) if args.docs else root / "results.md"
     if args.aggregate_only:
-        from .experiment import aggregate, plan, write_docs
-
-        todo = plan(suite, Path(args.root), Path(args.data_root) if args.data_root else None, args.overrides, args.datasets, check_data=False, variants=args.variants)
-        res = aggregate(suite, todo, Path(args.root), [])
-        write_docs(Path(args.root), docs)
+        results = [aggregate(s, plan(s, root, data_root, args.overrides, args.datasets, check_data=False, variants=args.variants), root, []) for s in suites]
+        write_docs(root, docs)
     else:
-        res = run_suite(suite, Path(args.root), Path(args.data_root) if args.data_root else None, args.jobs, args.overrides, args.datasets, docs=docs, variants=args.variants)
-    from .experiment import markdown
-
-    print(markdown(res))
-    return 1 if res["failed"] else 0
+        results = run_suites(suites, root, data_root, args.jobs, args.overrides, args.datasets, docs=docs, variants=args.variants)
+    for res in results:
+        print(markdown(res))
+    return 1 if any(res["failed"] for res in results) else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -318,10 +318,10 @@ def make_parser() -> argparse.ArgumentParser:
         di.set_defaults(func=cmd_data_info)
 
     x = sub.add_parser("experiment", help="run a suite of runs (main, ablation, sweep, scaling) and aggregate over seeds")
-    x.add_argument("suite", help="main, ablation, sweep or scaling")
+    x.add_argument("suite", nargs="+", help="main, ablation, sweep, scaling or precision; several run as one queue")
     x.add_argument("--root", default="experiments", help="folder for the runs and the aggregated results")
     x.add_argument("--data-root", help="folder with the dataset files (the layout of ../shared/data)")
-    x.add_argument("--jobs", type=int, default=1, help="runs at once, spread round-robin over the visible GPUs (several small runs share one GPU)")
+    x.add_argument("--jobs", type=int, default=1, help="runs at once, longest first, each on the visible GPU with the fewest running (several small runs share one GPU)")
     x.add_argument("--seeds", type=int, nargs="+")
     x.add_argument("--datasets", nargs="+", help="the suite's datasets, or others (ml-1m, ml-20m, kuairand-pure, ... from --data-root or downloaded)")
     x.add_argument("--variants", nargs="+", help="a subset of the suite's variants (names as in its tables)")

@@ -184,31 +184,87 @@ def visible_gpus() -> list[str]:
         return []
 
 
+# Rough relative cost of a run, to start the long ones first (longest-first keeps the tail of a
+# grid short). Only the order depends on it, never a result.
+DATASET_COST = {"ml-20m": 100.0, "kuairand-1k": 30.0, "kuairand-pure": 10.0, "ml-1m": 10.0, "ml-1m-ts70": 7.0,
+                "amazon-sports": 3.0, "amazon-beauty": 1.5, "amazon-toys": 1.5, "ml-100k": 1.0, "demo": 0.1}
+MODEL_COST = {"popularity": 0.01, "sasrec": 0.5, "hstu": 1.0, "llama": 1.0, "fuxi-alpha": 1.0, "fuxi-mme": 2.0}
+
+
+def job_cost(job: Job) -> float:
+    a = job.args
+    preset = a[a.index("--preset") + 1]
+    model = next((m for m in MODEL_COST if f"-{m}" in preset), "fuxi-alpha")
+    cost = DATASET_COST.get(job.dataset, 5.0) * MODEL_COST[model] * (4.0 if preset.endswith("-large") else 1.0)
+    for i, x in enumerate(a):
+        if x == "--set" and a[i + 1].startswith("model.num_layers="):
+            cost *= int(a[i + 1].split("=")[1]) / 2
+        if x == "--set" and a[i + 1].startswith("model.moe.num_experts="):
+            cost *= 1 + int(a[i + 1].split("=")[1]) / 16
+    return cost
+
+
+class _GpuSlots:
+    """Hands each starting job the visible GPU with the fewest running jobs."""
+
+    def __init__(self, gpus: list[str]):
+        import threading
+
+        self.load = {g: 0 for g in gpus}
+        self.lock = threading.Lock()
+
+    def take(self) -> str | None:
+        with self.lock:
+            if not self.load:
+                return None
+            g = min(self.load, key=lambda k: self.load[k])
+            self.load[g] += 1
+            return g
+
+    def give(self, g: str | None) -> None:
+        if g is not None:
+            with self.lock:
+                self.load[g] -= 1
+
+
 def run_suite(suite: Suite, root: Path, data_root: Path | None, jobs: int = 1, extra: list[str] | None = None, datasets: list[str] | None = None,
               seeds: list[int] | None = None, docs: Path | None = None, variants: list[str] | None = None) -> dict[str, Any]:
-    """Run the missing jobs, ``jobs`` at a time, spread round-robin over the visible GPUs."""
-    todo = plan(suite, root, data_root, extra or [], datasets, seeds, variants=variants)
-    gpus = visible_gpus()
+    """Run one suite's missing jobs; see :func:`run_suites`."""
+    return run_suites([suite], root, data_root, jobs, extra, datasets, seeds, docs, variants)[0]
+
+
+def run_suites(suites: list[Suite], root: Path, data_root: Path | None, jobs: int = 1, extra: list[str] | None = None,
+               datasets: list[str] | None = None, seeds: list[int] | None = None, docs: Path | None = None,
+               variants: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the missing jobs of one or more suites as one queue, ``jobs`` at a time, longest
+    first, each started on the visible GPU with the fewest running jobs; then aggregate each
+    suite. Finished runs (a ``metrics.json`` in their folder) are skipped."""
+    todos = [plan(s, root, data_root, extra or [], datasets, seeds, variants=variants) for s in suites]
+    names = {id(j): s.name for s, todo in zip(suites, todos) for j in todo}
+    pending = [j for todo in todos for j in todo if not (j.run_dir / "metrics.json").exists()]
+    pending.sort(key=job_cost, reverse=True)
+    slots = _GpuSlots(visible_gpus())
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(jobs, 1))))
-    pending = [j for j in todo if not (j.run_dir / "metrics.json").exists()]
-    # the suite's own variants first, then the per-dataset extras (large sizes, paper protocol);
-    # within each, datasets in the order given (put the long ones first)
-    order = {d: i for i, d in enumerate(datasets or suite.datasets)}
-    pending.sort(key=lambda j: (j.variant not in suite.variants, order.get(j.dataset, 0)))
-    for i, j in enumerate(pending):
-        j.gpu = gpus[i % len(gpus)] if gpus else None
-    failed = []
+
+    def start(job: Job) -> tuple[Job, int, float]:
+        job.gpu = slots.take()
+        try:
+            return _run(job, env)
+        finally:
+            slots.give(job.gpu)
+
+    failed: dict[str, list[str]] = {s.name: [] for s in suites}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for job, rc, dt in pool.map(lambda j: _run(j, env), pending):
+        for job, rc, dt in pool.map(start, pending):
             status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {job.run_dir}.log)"
-            print(f"[{suite.name}] {job.dataset} / {job.variant} / seed {job.seed}: {status} {dt:.0f}s" + (f" (GPU {job.gpu})" if job.gpu else ""), flush=True)
+            print(f"[{names[id(job)]}] {job.dataset} / {job.variant} / seed {job.seed}: {status} {dt:.0f}s" + (f" (GPU {job.gpu})" if job.gpu else ""), flush=True)
             if rc:
-                failed.append(str(job.run_dir))
-    res = aggregate(suite, todo, root, failed)
+                failed[names[id(job)]].append(str(job.run_dir))
+    out = [aggregate(s, todo, root, failed[s.name]) for s, todo in zip(suites, todos)]
     if docs is not None:
         write_docs(root, docs)
-    return res
+    return out
 
 
 def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str]) -> dict[str, Any]:
