@@ -67,6 +67,8 @@ PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end)
     "dense-bf16": ("bf16", "reference", "off", "dense"),
     "graph-bf16": ("bf16", "reference", "on", "dense"),
     "fast": ("bf16", "fused", "on", "dense"),  # everything on
+    "grouped-graph-bf16": ("bf16", "reference", "on", "batched"),  # grouped GEMM where it applies
+    "default": ("none", "auto", "auto", "auto"),  # what `fuxi-mme train` does with no options
 }
 
 
@@ -120,6 +122,8 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
         "steps_per_epoch": tr.steps_per_epoch,
         "epoch_s_projected": tr.steps_per_epoch * med,
         "loss_last": float(loss.detach()),
+        "cuda_graphs_used": tr.graphed is not None and not tr.graphed.disabled and bool(tr.graphed.graphs),
+        "moe_path": next((m.last_path for m in model.modules() if hasattr(m, "last_path")), None),
     }
     if dev.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -136,13 +140,23 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
     return out
 
 
+def path_label(r: dict) -> str:
+    """The path's name, and what it really ran where that differs from its name."""
+    notes = []
+    if PATHS[r["path"]][2] == "on" and r.get("cuda_graphs_used") is False:
+        notes.append("graphs refused: eager")
+    if r.get("moe_path"):
+        notes.append(f"MoE {r['moe_path']}")
+    return r["path"] + (f" ({', '.join(notes)})" if notes else "")
+
+
 def write(results: list[dict], info: dict, out_arg: str | None) -> Path:
     """JSON + Markdown table of the results so far (rewritten after every measurement)."""
     out = Path(out_arg) if out_arg else RESULTS / f"throughput-{card(info)}.json"
     lines = [f"Device: {info['device'].get('gpu', 'cpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`.", "",
              "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | peak GB | eval users/s | vs fp32 reference |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['shape']} | {r['model']} | {r['path']} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {r['speedup_vs_reference']:.2f}x |")
+        lines.append(f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {r['speedup_vs_reference']:.2f}x |")
     save(out, {"benchmark": "throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": results}, lines)
     return out.with_suffix(".json")
 
@@ -152,7 +166,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["ml-1m", "ml-20m"])
     ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "fuxi-mme"])
     ap.add_argument("--paths", nargs="+", default=["fp32", "bf16", "fast"], choices=list(PATHS),
-                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them")
+                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="auto")

@@ -63,3 +63,24 @@ def test_bucket_rounded_past_the_batch_size_times_max_len():
     graph, g_graph, tr = run("fuxi-alpha", True, bucket=None, **{"train.batch_size": 24, "data.max_len": 50})
     assert tr.graphed.bucket == 256 and max(tr.graphed.graphs) > 24 * 50
     np.testing.assert_allclose(graph, eager, rtol=1e-5)
+
+
+class RefusesCapture(GraphedStep):
+    def _capture(self, Pb, bufs):
+        from fuxi_mme.train.graphs import HostSyncInStep
+
+        raise HostSyncInStep("the training step waits on the GPU")
+
+
+def test_a_refused_capture_falls_back_to_the_eager_step(caplog):
+    eager, p_eager, _ = run("fuxi-mme", False)
+    cfg = tiny_config("fuxi-mme", **{"data.max_len": 80})
+    ds = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)
+    tr.graphed = RefusesCapture(tr)
+    with caplog.at_level("WARNING"):
+        losses, grads = epoch_losses_and_first_grads(tr, 1)
+    assert tr.graphed.disabled and not tr.graphed.graphs
+    assert "CUDA graphs off for this run (HostSyncInStep" in caplog.text
+    np.testing.assert_allclose(losses, eager, rtol=1e-5)

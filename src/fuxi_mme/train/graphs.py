@@ -28,6 +28,7 @@ synchronises with the host); the reason is logged once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,25 @@ def graphs_wanted(trainer: "Trainer") -> bool:
     if t.cuda_graphs == "on" and not ok:
         log.warning("train.cuda_graphs=on needs single-process CUDA training without train.compile; training eagerly")
     return ok
+
+
+class HostSyncInStep(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _no_host_syncs():
+    """Raise :class:`HostSyncInStep` if the body makes the host wait on the GPU."""
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    except RuntimeError as e:
+        if "synchroniz" in str(e).lower():
+            raise HostSyncInStep(f"the training step waits on the GPU ({str(e).splitlines()[0][:120]}), so it cannot be captured") from e
+        raise
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
 
 
 class GraphedStep:
@@ -100,9 +120,13 @@ class GraphedStep:
         saved = [p.grad.clone() for p in params]
         # warm-up outside the graph (lazy initialisation, kernel compilation), then restore the
         # gradients it accumulated: a capture may come in the middle of gradient accumulation
+        # The warm-up also checks that the step never waits on the GPU (an op that reads a
+        # value back, e.g. the padded MoE path sizing its buffer): such a step cannot be
+        # captured, and a capture that fails half-way leaves the CUDA RNG unusable for the
+        # eager fallback, so it must be refused here, before the capture starts.
         side = torch.cuda.Stream(self.tr.device)
         side.wait_stream(torch.cuda.current_stream(self.tr.device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), _no_host_syncs():
             self._body(bufs)
         torch.cuda.current_stream(self.tr.device).wait_stream(side)
         with torch.no_grad():
@@ -130,6 +154,8 @@ class GraphedStep:
         arrs = tr.train_arrs
         n = int(arrs.lengths[rows].max())
         # the same negative draws as the eager step: (B, n, K) from the trainer's generator
+        # (rewound if this step falls back to eager, which then draws them again)
+        rng = tr.neg_gen.get_state()
         negs = sample_negatives((len(rows), n, K), tr.ds.num_items, tr.device, tr.neg_gen)
         tg = arrs.targets[rows, :n]
         r, c = np.nonzero(tg)
@@ -163,6 +189,7 @@ class GraphedStep:
             try:
                 self._capture(Pb, bufs)
             except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
+                tr.neg_gen.set_state(rng)
                 self.disabled = True
                 self.graphs.clear()
                 log.warning("CUDA graphs off for this run (%s: %s); training eagerly", type(e).__name__, str(e).splitlines()[0][:200])
