@@ -28,11 +28,17 @@ def test_aggregate_means_and_stds_over_seeds(tmp_path):
         j.run_dir.mkdir(parents=True)
         m = {"NDCG@10": v, "HR@10": 2 * v, "NDCG@50": v, "HR@50": v, "MRR": v}
         (j.run_dir / "metrics.json").write_text(json.dumps({"protocol": "loo-val", "test": m, "valid_best": m, "selected_epoch": 3, "run_dir": str(j.run_dir)}))
+        gpu = "NVIDIA H100 80GB HBM3" if v < 0.3 else "NVIDIA H200"
+        (j.run_dir / "run.json").write_text(json.dumps({"commit": "abc" if v < 0.2 else None, "device": {"device": "cuda", "gpu": gpu}}))
     res = aggregate(suite, jobs, tmp_path, [])
+    # each run's own commit and card are counted, not the aggregating machine's
+    assert res["run_commits"] == {"abc": 1, "not recorded": 2} and res["devices"] == {"NVIDIA H100 80GB HBM3": 2, "NVIDIA H200": 1}
+    assert "from runs of commits abc (1), not recorded (2) on NVIDIA H100 80GB HBM3 (2), NVIDIA H200 (1)" in (tmp_path / "ablation.md").read_text()
     (row,) = res["results"]
     assert row["seeds"] == 3 and row["test/NDCG@10"]["mean"] == pytest.approx(0.2)
     assert row["test/NDCG@10"]["std"] == pytest.approx(0.1)
     assert "| demo | fuxi-alpha | loo-val | 3 | 0.2000 ± 0.1000" in (tmp_path / "ablation.md").read_text()
+    assert (tmp_path / "ablation.md").read_text().split("\n")[6].endswith("| - | H100+H200 |")  # no train times in this fake
     # the other variants were planned but have no results: listed, not silently dropped
     assert {(m["variant"], m["runs"]) for m in res["missing"]} == {(v, 3) for v in suite.variants if v != "fuxi-alpha"}
     assert "Planned but not run yet" in (tmp_path / "ablation.md").read_text()
@@ -74,11 +80,14 @@ def test_jobs_go_to_the_least_loaded_gpu_longest_first(tmp_path, monkeypatch):
     monkeypatch.setattr(experiment, "_run", fake_run)
     res = experiment.run_suites([SUITES["ablation"], SUITES["sweep"]], tmp_path, None, jobs=4, datasets=["demo", "ml-100k"])
     assert [r["suite"] for r in res] == ["ablation", "sweep"]
-    assert len(order) == 4 * 2 * 3 + 10 * 2 * 2
+    # M=4 cannot split ml-100k's width of 50: never started, listed as not applicable
+    assert len(order) == 4 * 2 * 3 + 10 * 2 * 2 - 2 and ("ml-100k", "M=4") not in order
+    assert [m["variant"] for m in res[1]["not_applicable"]] == ["M=4"] and "divide model.dim=50" in res[1]["not_applicable"][0]["why"]
+    assert "Not applicable (never run): ml-100k / M=4" in experiment.markdown(res[1])
     # 4 at once over 3 GPUs: never 3 on one GPU while another is idle
     assert set(peak) == {"0", "1", "2"} and max(peak.values()) == 2
-    # longest first: all 32 ml-100k runs (12 ablation, 20 sweep) start before any demo run
-    assert [ds for ds, _ in order] == ["ml-100k"] * 32 + ["demo"] * 32
+    # longest first: all 30 ml-100k runs (12 ablation, 18 sweep) start before any demo run
+    assert [ds for ds, _ in order] == ["ml-100k"] * 30 + ["demo"] * 32
 
 
 def test_job_cost_ranks_large_and_deep_runs_first(tmp_path):

@@ -93,7 +93,7 @@ class Suite:
 
 SUITES = {
     "ablation": Suite("ablation", ["demo", "ml-100k", "amazon-beauty"], ABLATION, description="FuXi-alpha; + multi-embedding only; + MoE only; full Fuxi-MME (SPEC section 4)"),
-    "sweep": Suite("sweep", ["demo", "amazon-beauty"], SWEEP, seeds=[0, 1], description="one Fuxi-MME option changed at a time, on validation"),
+    "sweep": Suite("sweep", ["demo", "amazon-beauty", "ml-1m-ts70"], SWEEP, seeds=[0, 1], description="one Fuxi-MME option changed at a time, on validation"),
     "main": Suite(
         "main",
         ["ml-1m-ts70", "ml-100k", "amazon-beauty", "amazon-sports", "amazon-toys"],
@@ -124,6 +124,19 @@ class Job:
     args: list[str]
     run_dir: Path
     gpu: str | None = None
+    invalid: str | None = None  # why this variant cannot run on this dataset (never started)
+
+
+def _invalid(preset: str, sets: list[str]) -> str | None:
+    """The configuration error a run would stop with (e.g. M=4 with a width of 50), or None."""
+    from .config import ConfigError, apply_overrides, validate
+    from .presets import build_preset
+
+    try:
+        validate(apply_overrides(build_preset(preset), sets))
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], datasets: list[str] | None = None, seeds: list[int] | None = None,
@@ -150,9 +163,10 @@ def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], dat
                 safe = variant.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus-").replace("=", "-")
                 run_dir = root / suite.name / ds / safe / f"seed{seed}"
                 args = ["train", "--preset", preset_name(ds, model, size), "--seed", str(seed), "--protocol", protocol, "--run-dir", str(run_dir), "--no-progress", *data_args]
-                for o in [*over, *extra]:
-                    args += ["--set", o.format(**fmt)]
-                jobs.append(Job(ds, variant, seed, args, run_dir))
+                sets = [o.format(**fmt) for o in [*over, *extra]]
+                for o in sets:
+                    args += ["--set", o]
+                jobs.append(Job(ds, variant, seed, args, run_dir, invalid=_invalid(preset_name(ds, model, size), sets)))
     return jobs
 
 
@@ -241,7 +255,7 @@ def run_suites(suites: list[Suite], root: Path, data_root: Path | None, jobs: in
     suite. Finished runs (a ``metrics.json`` in their folder) are skipped."""
     todos = [plan(s, root, data_root, extra or [], datasets, seeds, variants=variants) for s in suites]
     names = {id(j): s.name for s, todo in zip(suites, todos) for j in todo}
-    pending = [j for todo in todos for j in todo if not (j.run_dir / "metrics.json").exists()]
+    pending = [j for todo in todos for j in todo if j.invalid is None and not (j.run_dir / "metrics.json").exists()]
     pending.sort(key=job_cost, reverse=True)
     slots = _GpuSlots(visible_gpus())
     env = dict(os.environ)
@@ -273,15 +287,21 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str]) -> d
         f = job.run_dir / "metrics.json"
         if f.exists():
             rows.setdefault((job.dataset, job.variant), []).append(json.loads(f.read_text()))
-    device = None
+    # where each run came from: its commit and device (run.json), counted per suite and per row
+    origin: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for job in todo:
         rj = job.run_dir / "run.json"
-        if rj.exists():
-            device = json.loads(rj.read_text())["device"]
-            break
+        if (job.run_dir / "metrics.json").exists() and rj.exists():
+            info = json.loads(rj.read_text())
+            dev = info.get("device", {})
+            origin.setdefault((job.dataset, job.variant), []).append((str(info.get("commit") or "not recorded"), str(dev.get("gpu") or dev.get("device", "?"))))
+    every = [o for runs in origin.values() for o in runs]
+    commits = {c: sum(1 for x, _ in every if x == c) for c in dict.fromkeys(c for c, _ in every)}
+    devices = {d: sum(1 for _, x in every if x == d) for d in dict.fromkeys(d for _, d in every)}
     table = []
     for (ds, variant), runs in rows.items():
-        entry: dict[str, Any] = {"dataset": ds, "variant": variant, "seeds": len(runs), "protocol": runs[0]["protocol"], "runs": [r["run_dir"] for r in runs]}
+        entry: dict[str, Any] = {"dataset": ds, "variant": variant, "seeds": len(runs), "protocol": runs[0]["protocol"], "runs": [r["run_dir"] for r in runs],
+                                 "devices": sorted({d for _, d in origin.get((ds, variant), [])})}
         for split in ("test", "valid_best"):
             if all(split in r for r in runs):
                 for k in ("NDCG@10", "HR@10", "NDCG@50", "HR@50", "MRR"):
@@ -297,11 +317,16 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str]) -> d
             entry["parameters"] = params
         table.append(entry)
     missing: dict[tuple[str, str], int] = {}
+    invalid: dict[tuple[str, str], str] = {}
     for job in todo:
-        if not (job.run_dir / "metrics.json").exists():
+        if job.invalid is not None:
+            invalid[(job.dataset, job.variant)] = job.invalid
+        elif not (job.run_dir / "metrics.json").exists():
             missing[(job.dataset, job.variant)] = missing.get((job.dataset, job.variant), 0) + 1
-    out = {"suite": suite.name, "description": suite.description, "commit": git_commit(), "device": device, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "failed": failed,
-           "results": table, "missing": [{"dataset": d, "variant": v, "runs": n} for (d, v), n in missing.items()]}
+    out = {"suite": suite.name, "description": suite.description, "commit": git_commit(), "run_commits": commits, "devices": devices,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "failed": failed, "results": table,
+           "missing": [{"dataset": d, "variant": v, "runs": n} for (d, v), n in missing.items()],
+           "not_applicable": [{"dataset": d, "variant": v, "why": w} for (d, v), w in invalid.items()]}
     atomic_write_json(root / f"{suite.name}.json", out)
     atomic_write_text(root / f"{suite.name}.md", markdown(out))
     return out
@@ -315,19 +340,33 @@ def _train_seconds(run_dir: Path) -> float | None:
     return float(sum(r.get("epoch_seconds", 0.0) for r in recs if r.get("kind") == "train"))
 
 
+def short_gpu(devices: list[str]) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``H100``; several joined by +."""
+    out = []
+    for d in devices:
+        words = [w for w in d.replace("NVIDIA", "").split() if w]
+        out.append(words[0] if words else d)
+    return "+".join(dict.fromkeys(out)) or "-"
+
+
 def markdown(res: dict[str, Any]) -> str:
-    dev = res.get("device") or {}
-    lines = [f"### Suite `{res['suite']}`: {res['description']}", "", f"Commit `{res['commit']}`, device {dev.get('gpu', dev.get('device', '?'))}, {res['time']}. Mean ± std over seeds; full ranking.", ""]
-    lines.append("| dataset | variant | protocol | seeds | valid NDCG@10 | test NDCG@10 | test HR@10 | test MRR | params (non-emb.) | train s |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    count = lambda d: ", ".join(f"{k} ({n})" for k, n in d.items()) or "-"  # noqa: E731
+    lines = [f"### Suite `{res['suite']}`: {res['description']}", "",
+             f"Aggregated at commit `{res['commit']}`, {res['time']}, from runs of commits {count({c[:10] if c != 'not recorded' else c: n for c, n in res.get('run_commits', {}).items()})} "
+             f"on {count(res.get('devices', {}))} (number of runs in parentheses; each run's folder names its own). Mean ± std over seeds; full ranking. "
+             "Train s is wall time with several runs sharing a GPU, so it compares runs of one suite, not machines.", ""]
+    lines.append("| dataset | variant | protocol | seeds | valid NDCG@10 | test NDCG@10 | test HR@10 | test MRR | params (non-emb.) | train s | GPU |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda e, k: f"{e[k]['mean']:.4f} ± {e[k]['std']:.4f}" if k in e else "-"  # noqa: E731
     for e in res["results"]:
         p = e.get("parameters")
         params = f"{p['total']:,} ({p['non_embedding']:,})" if p else "-"
         ts = f"{e['train_seconds']['mean']:.0f}" if "train_seconds" in e else "-"
-        lines.append(f"| {e['dataset']} | {e['variant']} | {e['protocol']} | {e['seeds']} | {f(e, 'valid_best/NDCG@10')} | {f(e, 'test/NDCG@10')} | {f(e, 'test/HR@10')} | {f(e, 'test/MRR')} | {params} | {ts} |")
+        lines.append(f"| {e['dataset']} | {e['variant']} | {e['protocol']} | {e['seeds']} | {f(e, 'valid_best/NDCG@10')} | {f(e, 'test/NDCG@10')} | {f(e, 'test/HR@10')} | {f(e, 'test/MRR')} | {params} | {ts} | {short_gpu(e.get('devices', []))} |")
     if res.get("failed"):
         lines += ["", "Failed runs: " + ", ".join(res["failed"])]
+    if res.get("not_applicable"):
+        lines += ["", "Not applicable (never run): " + "; ".join(f"{m['dataset']} / {m['variant']}: {m['why']}" for m in res["not_applicable"]) + "."]
     if res.get("missing"):
         lines += ["", "Planned but not run yet (no results file): " + "; ".join(f"{m['dataset']} / {m['variant']} ({m['runs']} runs)" for m in res["missing"]) + "."]
     return "\n".join(lines) + "\n"
