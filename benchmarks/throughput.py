@@ -143,8 +143,11 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
 def path_label(r: dict) -> str:
     """The path's name, and what it really ran where that differs from its name."""
     notes = []
-    if PATHS[r["path"]][2] == "on" and r.get("cuda_graphs_used") is False:
+    asked = PATHS[r["path"]][2]
+    if asked == "on" and r.get("cuda_graphs_used") is False:
         notes.append("graphs refused: eager")
+    elif asked == "auto" and "cuda_graphs_used" in r:
+        notes.append("graphs" if r["cuda_graphs_used"] else "eager")
     if r.get("moe_path"):
         notes.append(f"MoE {r['moe_path']}")
     return r["path"] + (f" ({', '.join(notes)})" if notes else "")

@@ -27,3 +27,12 @@ def test_dry_run_prints_the_commands():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--dry-run"], capture_output=True, text=True, check=True).stdout
     ran = [Path(line.split()[2]).name for line in out.splitlines() if line.startswith("$ ")]
     assert ran == names(plan(torch.cuda.device_count(), None))
+
+
+def test_throughput_table_says_what_really_ran():
+    from throughput import path_label
+
+    assert path_label({"path": "fast", "cuda_graphs_used": False, "moe_path": "padded"}) == "fast (graphs refused: eager, MoE padded)"
+    assert path_label({"path": "fast", "cuda_graphs_used": True, "moe_path": "dense"}) == "fast (MoE dense)"
+    assert path_label({"path": "default", "cuda_graphs_used": True, "moe_path": None}) == "default (graphs)"
+    assert path_label({"path": "fp32", "cuda_graphs_used": False, "moe_path": None}) == "fp32"

@@ -107,6 +107,14 @@ class TrainState:
     stopped_early: bool = False
 
 
+def length_chunks(cfg: Config, device: torch.device, distributed: bool) -> int:
+    """How many length-sorted chunks the eager step runs a batch in (``train.length_chunks``)."""
+    v = str(cfg.train.length_chunks)
+    if v != "auto":
+        return int(v)
+    return 4 if device.type == "cpu" and not distributed and not cfg.model.moe.num_experts else 1
+
+
 class Trainer:
     def __init__(
         self,
@@ -150,13 +158,14 @@ class Trainer:
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir and dist_info.main else None, cfg.log.tensorboard)
         self.fingerprint = config_fingerprint(cfg.to_dict())
         self.graphed: GraphedStep | None = GraphedStep(self) if graphs_wanted(self) else None
+        self.length_chunks = length_chunks(cfg, device, dist_info.enabled)
 
     # ------------------------------------------------------------------ steps
     def _epoch_order(self, epoch: int) -> np.ndarray:
         g = torch.Generator().manual_seed(self.cfg.train.seed * 100003 + epoch)
         return torch.randperm(len(self.train_arrs), generator=g).numpy()
 
-    def _batch(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+    def _batch(self, rows: np.ndarray, negs: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
         """This rank's part of the global batch ``rows``, its negatives and the loss normaliser.
 
         ``batch["positions"]`` holds the flat indices of the positions that have a target,
@@ -166,7 +175,8 @@ class Trainer:
         """
         t, w = self.cfg.train, self.dist
         n = int(self.train_arrs.lengths[rows].max())
-        negs = sample_negatives((len(rows), n, t.num_negatives), self.ds.num_items, self.device, self.neg_gen)
+        if negs is None:
+            negs = sample_negatives((len(rows), n, t.num_negatives), self.ds.num_items, self.device, self.neg_gen)
         mine = rows[w.rank :: w.world] if w.enabled else rows
         batch = to_batch(self.train_arrs, mine, self.device, width=n)
         flat = np.flatnonzero(self.train_arrs.targets[mine, :n].reshape(-1))
@@ -196,10 +206,33 @@ class Trainer:
             out = self.graphed.run(rows)
             if out is not None:
                 return out
+        if self.length_chunks > 1 and len(rows) >= 2 * self.length_chunks:
+            return self._forward_backward_by_length(rows)
         loss, aux = self.loss_for_rows(rows)
         total = loss + aux if aux is not None else loss
         (total / self.cfg.train.grad_accum).backward()
         return loss, aux
+
+    def _forward_backward_by_length(self, rows: np.ndarray) -> tuple[torch.Tensor, None]:
+        """The batch's rows sorted by length and run in ``length_chunks`` chunks, each padded
+        only to its own longest sequence. Sequences are left-aligned and causal and nothing in
+        a model mixes rows, so every row's outputs are those of the full-width batch; each
+        chunk's loss is divided by the whole batch's target count, so the summed loss and the
+        accumulated gradients are the single pass's. The negatives are drawn once for the whole
+        batch, as the single pass draws them, and sliced per chunk; only the dropout masks come
+        from different random numbers. Padding is about a third of an ML-1M batch's positions."""
+        lengths = self.train_arrs.lengths[rows]
+        n, K = int(lengths.max()), self.cfg.train.num_negatives
+        negs = sample_negatives((len(rows), n, K), self.ds.num_items, self.device, self.neg_gen)
+        count = float(np.count_nonzero(self.train_arrs.targets[rows]))
+        total = torch.zeros((), device=self.device)
+        for idx in np.array_split(np.argsort(lengths, kind="stable"), self.length_chunks):
+            width = int(lengths[idx].max())
+            batch, part_negs, _ = self._batch(rows[idx], negs[torch.from_numpy(idx).to(self.device), :width])
+            loss, _ = self._loss(batch, part_negs, count)
+            (loss / self.cfg.train.grad_accum).backward()
+            total += loss.detach()
+        return total, None
 
     def zero_grad(self) -> None:
         # graphs write into the existing .grad tensors, so those are zeroed, never dropped

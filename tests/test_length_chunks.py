@@ -1,0 +1,53 @@
+"""The eager step's length-sorted chunks (``train.length_chunks``): the same loss and gradients
+as the single full-width pass, less padding, and the settings that refuse it."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from fuxi_mme.config import ConfigError, validate
+from fuxi_mme.data import load_dataset
+from fuxi_mme.models import build_model
+from fuxi_mme.train.loop import Trainer, length_chunks
+
+
+def first_step(model: str, chunks: int):
+    cfg = tiny_config(model, **{"train.length_chunks": chunks, "model.dropout": 0.0, "data.max_len": 80})
+    ds = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)
+    assert tr.length_chunks == chunks
+    rows = tr._epoch_order(0)[: cfg.train.batch_size]
+    assert tr.train_arrs.lengths[rows].min() < tr.train_arrs.lengths[rows].max()  # chunks really differ in width
+    loss, aux = tr.forward_backward(rows)
+    grads = {k: p.grad.clone() for k, p in tr.model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("model", ["fuxi-alpha", "hstu", "sasrec", "llama"])
+def test_chunked_step_equals_the_full_width_step(model):
+    loss1, g1 = first_step(model, 1)
+    loss4, g4 = first_step(model, 4)
+    assert loss4 == pytest.approx(loss1, rel=1e-5)
+    assert g1.keys() == g4.keys()
+    for k in g1:
+        torch.testing.assert_close(g4[k], g1[k], rtol=1e-4, atol=1e-5 * g1[k].abs().max().item() + 1e-9, msg=k)
+
+
+def test_auto_chunks_on_cpu_for_models_without_moe_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert length_chunks(tiny_config("fuxi-alpha"), cpu, False) == 4
+    assert length_chunks(tiny_config("fuxi-alpha"), cpu, True) == 1  # DDP: one pass per rank
+    assert length_chunks(tiny_config("fuxi-alpha"), gpu, False) == 1
+    assert length_chunks(tiny_config("fuxi-mme"), cpu, False) == 1
+    assert length_chunks(tiny_config("fuxi-alpha", **{"train.length_chunks": 2}), gpu, False) == 2
+
+
+@pytest.mark.parametrize("value,model,msg", [("0", "fuxi-alpha", "at least 1"), ("two", "fuxi-alpha", "auto or a whole number"),
+                                              ("4", "fuxi-mme", "without MoE")])
+def test_bad_length_chunks_are_refused(value, model, msg):
+    cfg = tiny_config(model)
+    cfg.train.length_chunks = value
+    with pytest.raises(ConfigError, match=msg):
+        validate(cfg)
