@@ -37,7 +37,8 @@ def test_chunked_step_equals_the_full_width_step(model):
 
 def test_auto_chunks_on_cpu_for_models_without_moe_only():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert length_chunks(tiny_config("fuxi-alpha"), cpu, False) == 4
+    assert length_chunks(tiny_config("fuxi-alpha", **{"train.batch_size": 128}), cpu, False) == 6
+    assert length_chunks(tiny_config("fuxi-alpha", **{"train.batch_size": 40}), cpu, False) == 2  # >= 16 rows a chunk
     assert length_chunks(tiny_config("fuxi-alpha"), cpu, True) == 1  # DDP: one pass per rank
     assert length_chunks(tiny_config("fuxi-alpha"), gpu, False) == 1
     assert length_chunks(tiny_config("fuxi-mme"), cpu, False) == 1

@@ -112,7 +112,11 @@ def length_chunks(cfg: Config, device: torch.device, distributed: bool) -> int:
     v = str(cfg.train.length_chunks)
     if v != "auto":
         return int(v)
-    return 4 if device.type == "cpu" and not distributed and not cfg.model.moe.num_experts else 1
+    if device.type != "cpu" or distributed or cfg.model.moe.num_experts:
+        return 1
+    # chunks of at least 16 rows, at most 6: on the ML-1M shape (2 cores) whole epochs took
+    # 68 s in one pass, 54.5 s in 4 chunks, 49.3 s in 6 and 49.6 s in 8
+    return max(1, min(6, cfg.train.batch_size // 16))
 
 
 class Trainer:
