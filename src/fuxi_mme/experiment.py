@@ -406,7 +406,7 @@ def plot_scaling(res: dict[str, Any], out: Path) -> Path | None:
     rows = [e for e in res["results"] if "test/NDCG@10" in e]
     if not rows:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     for ax, key, label in ((axes[0], "L=", "layers"), (axes[1], "E=", "experts")):
         for fam in sorted({e["variant"].split(" ")[0] for e in rows if key in e["variant"]}):
             pts = sorted((int(e["variant"].split(key)[1]), e) for e in rows if e["variant"].startswith(fam + " ") and key in e["variant"])
@@ -422,7 +422,18 @@ def plot_scaling(res: dict[str, Any], out: Path) -> Path | None:
                 if p is not None:
                     ax.annotate(f"{p / 1e3:.0f}k p" + (f", {t:.0f}s" if t else ""), (x, e["test/NDCG@10"]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log", base=2)
-        ax.set(xlabel=label, ylabel="test NDCG@10", title=f"{rows[0]['dataset']}: NDCG@10 vs {label} (non-embedding params, train s)")
+        ax.set(xlabel=label, ylabel="test NDCG@10", title=f"{rows[0]['dataset']}: test NDCG@10 vs {label}\n(points: non-embedding params, train s)")
+    # the cost side: every variant against its non-embedding parameters, one series per sweep
+    ax = axes[2]
+    for key in ("L=", "E="):
+        for fam in sorted({e["variant"].split(" ")[0] for e in rows if key in e["variant"]}):
+            pts = sorted((e["parameters"]["non_embedding"], e["test/NDCG@10"]["mean"]) for e in rows
+                         if e["variant"].startswith(fam + " ") and key in e["variant"] and e.get("parameters"))
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{fam}, {'layers' if key == 'L=' else 'experts'}")
+    ax.set_xscale("log")
+    ax.set(xlabel="non-embedding parameters", ylabel="test NDCG@10", title=f"{rows[0]['dataset']}: test NDCG@10 vs parameters")
+    for ax in axes:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
