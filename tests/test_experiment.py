@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,21 @@ def test_main_suite_runs_unchanged_on_the_official_file_layouts(tmp_path, capsys
     got = {(e["dataset"], e["variant"], e["protocol"]) for e in res["results"]}
     assert got == {(d, v, p) for d in ("ml-1m", "ml-20m", "kuairand-pure") for v, p in (("fuxi-mme", "loo-val"), ("fuxi-mme (paper)", "paper"))}
     assert "## Headline" in (tmp_path / "res" / "results.md").read_text()
+
+
+def test_a_run_without_a_recorded_commit_is_labelled_with_the_newest_earlier_one():
+    import subprocess
+
+    from fuxi_mme.experiment import _short_hashes, run_commit
+
+    assert run_commit({"commit": "abc"}) == "abc"
+    assert run_commit({"commit": None}) == "not recorded"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    import time as _time
+
+    tomorrow = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.localtime(_time.time() + 86400))
+    assert run_commit({"commit": None, "started": tomorrow}) == f"not recorded; newest earlier commit {head.stdout.strip()}"
+    assert run_commit({"commit": None, "started": "1990-01-01T00:00:00"}) == "not recorded"  # before the first commit
+    assert _short_hashes(f"not recorded; newest earlier commit {'a' * 40}") == f"not recorded; newest earlier commit {'a' * 10}"
