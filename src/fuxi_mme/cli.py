@@ -209,7 +209,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     data_root = Path(args.data_root) if args.data_root else None
     docs = Path(args.docs) if args.docs else root / "results.md"
     if args.aggregate_only:
-        results = [aggregate(s, plan(s, root, data_root, args.overrides, args.datasets, check_data=False, variants=args.variants), root, []) for s in suites]
+        from .utils.runinfo import git_commit
+
+        commit = git_commit()
+        results = [aggregate(s, plan(s, root, data_root, args.overrides, args.datasets, check_data=False, variants=args.variants), root, [], commit) for s in suites]
         write_docs(root, docs)
     else:
         results = run_suites(suites, root, data_root, args.jobs, args.overrides, args.datasets, docs=docs, variants=args.variants)

@@ -276,13 +276,17 @@ def run_suites(suites: list[Suite], root: Path, data_root: Path | None, jobs: in
             print(f"[{names[id(job)]}] {job.dataset} / {job.variant} / seed {job.seed}: {status} {dt:.0f}s" + (f" (GPU {job.gpu})" if job.gpu else ""), flush=True)
             if rc:
                 failed[names[id(job)]].append(str(job.run_dir))
-    out = [aggregate(s, todo, root, failed[s.name]) for s, todo in zip(suites, todos)]
+    commit = git_commit()
+    out = [aggregate(s, todo, root, failed[s.name], commit) for s, todo in zip(suites, todos)]
     if docs is not None:
         write_docs(root, docs)
     return out
 
 
-def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str]) -> dict[str, Any]:
+def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str], commit: str | None = None) -> dict[str, Any]:
+    """Mean and std over seeds of every (dataset, variant) with results; ``<root>/<suite>.json``
+    and ``.md``. ``commit``: the checkout's commit, read once before several suites are written
+    (the first suite's files would otherwise make the tree look modified to the next)."""
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for job in todo:
         f = job.run_dir / "metrics.json"
@@ -324,7 +328,7 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str]) -> d
             invalid[(job.dataset, job.variant)] = job.invalid
         elif not (job.run_dir / "metrics.json").exists():
             missing[(job.dataset, job.variant)] = missing.get((job.dataset, job.variant), 0) + 1
-    out = {"suite": suite.name, "description": suite.description, "commit": git_commit(), "run_commits": commits, "devices": devices,
+    out = {"suite": suite.name, "description": suite.description, "commit": commit or git_commit(), "run_commits": commits, "devices": devices,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "failed": failed, "results": table,
            "missing": [{"dataset": d, "variant": v, "runs": n} for (d, v), n in missing.items()],
            "not_applicable": [{"dataset": d, "variant": v, "why": w} for (d, v), w in invalid.items()]}
