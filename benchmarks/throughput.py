@@ -60,7 +60,7 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
-PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end)
+PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end[, length chunks])
     "fp32": ("none", "reference", "off", "batched"),  # the reference path
     "bf16": ("bf16", "reference", "off", "batched"),
     "fused-bf16": ("bf16", "fused", "off", "batched"),
@@ -69,14 +69,18 @@ PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end)
     "fast": ("bf16", "fused", "on", "dense"),  # everything on
     "grouped-graph-bf16": ("bf16", "reference", "on", "batched"),  # grouped GEMM where it applies
     "default": ("none", "auto", "auto", "auto"),  # what `fuxi-mme train` does with no options
+    "chunked-bf16": ("bf16", "reference", "off", "dense", "4"),  # eager, rows in 4 length-sorted chunks (no MoE)
 }
 
 
 def path_config(shape: str, model: str, path: str, dev):
     """The base preset of ``model`` at ``shape`` on one measured path (``PATHS``)."""
     cfg = build_preset(preset_name(shape, model, "base"))
-    amp, attention, graphs, moe = PATHS[path]
-    apply_overrides(cfg, [f"train.device={dev}", f"train.amp={amp}", f"model.attention={attention}", f"train.cuda_graphs={graphs}", f"model.moe.backend={moe}"])
+    amp, attention, graphs, moe, *chunks = PATHS[path]
+    sets = [f"train.device={dev}", f"train.amp={amp}", f"model.attention={attention}", f"train.cuda_graphs={graphs}", f"model.moe.backend={moe}"]
+    if chunks and not cfg.model.moe.num_experts:
+        sets.append(f"train.length_chunks={chunks[0]}")
+    apply_overrides(cfg, sets)
     return cfg
 
 
@@ -124,6 +128,7 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
         "loss_last": float(loss.detach()),
         "cuda_graphs_used": tr.graphed is not None and not tr.graphed.disabled and bool(tr.graphed.graphs),
         "moe_path": next((m.last_path for m in model.modules() if hasattr(m, "last_path")), None),
+        "length_chunks": tr.length_chunks,
     }
     if dev.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -148,6 +153,8 @@ def path_label(r: dict) -> str:
         notes.append("graphs refused: eager")
     elif asked == "auto" and "cuda_graphs_used" in r:
         notes.append("graphs" if r["cuda_graphs_used"] else "eager")
+    if r.get("length_chunks", 1) > 1:
+        notes.append(f"{r['length_chunks']} length chunks")
     if r.get("moe_path"):
         notes.append(f"MoE {r['moe_path']}")
     return r["path"] + (f" ({', '.join(notes)})" if notes else "")
@@ -169,7 +176,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["ml-1m", "ml-20m"])
     ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "fuxi-mme"])
     ap.add_argument("--paths", nargs="+", default=["fp32", "bf16", "fast"], choices=list(PATHS),
-                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto)")
+                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); chunked-bf16 = eager bf16 in 4 length-sorted chunks (models without MoE)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="auto")

@@ -36,3 +36,4 @@ def test_throughput_table_says_what_really_ran():
     assert path_label({"path": "fast", "cuda_graphs_used": True, "moe_path": "dense"}) == "fast (MoE dense)"
     assert path_label({"path": "default", "cuda_graphs_used": True, "moe_path": None}) == "default (graphs)"
     assert path_label({"path": "fp32", "cuda_graphs_used": False, "moe_path": None}) == "fp32"
+    assert path_label({"path": "chunked-bf16", "cuda_graphs_used": False, "moe_path": None, "length_chunks": 4}) == "chunked-bf16 (4 length chunks)"
