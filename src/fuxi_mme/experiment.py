@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -223,8 +224,6 @@ class _GpuSlots:
     """Hands each starting job the visible GPU with the fewest running jobs."""
 
     def __init__(self, gpus: list[str]):
-        import threading
-
         self.load = {g: 0 for g in gpus}
         self.lock = threading.Lock()
 
