@@ -70,6 +70,7 @@ PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end[, length chunks])
     "grouped-graph-bf16": ("bf16", "reference", "on", "batched"),  # grouped GEMM where it applies
     "default": ("none", "auto", "auto", "auto"),  # what `fuxi-mme train` does with no options
     "chunked-bf16": ("bf16", "reference", "off", "dense", "4"),  # eager, rows in 4 length-sorted chunks (no MoE)
+    "chunked-graph-bf16": ("bf16", "reference", "on", "dense", "4"),  # the same chunks, each replayed from a graph
 }
 
 
@@ -176,7 +177,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["ml-1m", "ml-20m"])
     ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "fuxi-mme"])
     ap.add_argument("--paths", nargs="+", default=["fp32", "bf16", "fast"], choices=list(PATHS),
-                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); chunked-bf16 = eager bf16 in 4 length-sorted chunks (models without MoE)")
+                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); chunked-bf16 = eager bf16 in 4 length-sorted chunks (models without MoE); chunked-graph-bf16 = the same with CUDA graphs")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="auto")

@@ -104,3 +104,14 @@ def test_a_step_that_syncs_is_refused_before_capture_and_trains_eagerly():
     graph, _, tr = _steps("fuxi-mme", "on", "none", **over)
     assert tr.graphed is not None and tr.graphed.disabled and not tr.graphed.graphs
     np.testing.assert_allclose(graph, eager, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["fuxi-alpha", "hstu"])
+def test_cuda_graphs_in_length_chunks_equal_the_single_eager_pass(model):
+    eager, p_eager, _ = _steps(model, "off", "none", **{"train.length_chunks": 1})
+    graph, p_graph, tr = _steps(model, "on", "none", **{"train.length_chunks": 4})
+    g = tr.graphed
+    assert g is not None and not g.disabled and g.chunks == 4 and len({w for w, _ in g.graphs}) >= 2
+    np.testing.assert_allclose(graph, eager, rtol=1e-4)
+    for k in p_eager:
+        torch.testing.assert_close(p_graph[k], p_eager[k], rtol=1e-4, atol=1e-4 * p_eager[k].abs().max().item() + 1e-9, msg=k)

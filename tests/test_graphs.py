@@ -25,7 +25,7 @@ class ReplayEagerly(GraphedStep):
 
 
 def run(model, graphed: bool, grad_accum=1, bucket=16, **over):
-    cfg = tiny_config(model, **{"train.grad_accum": grad_accum, "data.max_len": 80, **over})
+    cfg = tiny_config(model, **{"train.grad_accum": grad_accum, "data.max_len": 80, "train.length_chunks": 1, **over})
     ds = load_dataset(cfg.data)
     torch.manual_seed(0)
     net = build_model(cfg.model, ds.num_items, cfg.data.max_len)
@@ -61,8 +61,26 @@ def test_bucket_rounded_past_the_batch_size_times_max_len():
     """B*N = 1200 is not a multiple of the 256-position bucket: a full batch rounds up to 1280."""
     eager, g_eager, _ = run("fuxi-alpha", False, **{"train.batch_size": 24, "data.max_len": 50})
     graph, g_graph, tr = run("fuxi-alpha", True, bucket=None, **{"train.batch_size": 24, "data.max_len": 50})
-    assert tr.graphed.bucket == 256 and max(tr.graphed.graphs) > 24 * 50
+    assert tr.graphed.bucket == 256 and max(Pb for _, Pb in tr.graphed.graphs) > 24 * 50
     np.testing.assert_allclose(graph, eager, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["fuxi-alpha", "sasrec"])
+def test_length_chunks_in_graphs_equal_the_single_pass(model):
+    """Rows sorted by length in 4 chunks of 8, each at its width rounded up to a multiple of 10:
+    the same losses and gradients as one full-width pass, and as the eager chunked step."""
+    single, g_single, _ = run(model, False)
+    eager4, g_eager4, _ = run(model, False, **{"train.length_chunks": 4})
+    graph4, g_graph4, tr = run(model, True, bucket=None, **{"train.length_chunks": 4})
+    g = tr.graphed
+    assert (g.chunks, g.R, g.width_step) == (4, 8, 10)
+    widths = {w for w, _ in g.graphs}
+    assert len(widths) >= 2 and all(w % 10 == 0 and w <= 80 for w in widths)  # narrower than the full width
+    for losses in (eager4, graph4):
+        np.testing.assert_allclose(losses, single, rtol=1e-5)
+    for grads in (g_eager4, g_graph4):
+        for k in g_single:
+            torch.testing.assert_close(grads[k], g_single[k], rtol=1e-4, atol=1e-5 * g_single[k].abs().max().item() + 1e-9, msg=k)
 
 
 class RefusesCapture(GraphedStep):

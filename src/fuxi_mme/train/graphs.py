@@ -15,6 +15,12 @@ A graph needs fixed shapes and fixed addresses, so the step works on static buff
 * negatives are drawn outside the graph with the trainer's generator, as in the eager step
   (the same draws), and copied in.
 
+With ``train.length_chunks`` > 1 (opt-in on a GPU; not yet timed there) the batch's rows are
+sorted by length and run as equal chunks, each at its longest row's width rounded up to an
+eighth of ``max_len``: one graph per (width, target bucket), replayed one after the other into
+the same gradients, every chunk's loss divided by the whole batch's target count (a static
+device scalar). Every graph a step needs is recorded before any is replayed.
+
 Gradients accumulate into ``.grad`` tensors that exist before the first capture and are only
 ever zeroed in place afterwards (never set to None). The optimizer step, gradient clipping and
 the scheduler stay eager (a handful of fused kernels). Dropout inside the graph draws from
@@ -77,26 +83,35 @@ class GraphedStep:
         self.tr = trainer
         t = trainer.cfg.train
         self.B, self.N, self.K = t.batch_size, trainer.train_arrs.ids.shape[1], t.num_negatives
-        self.bucket = max(256, -(-self.B * self.N // 16))  # <= 16 graphs per run
+        # ``train.length_chunks`` > 1: the batch's rows sorted by length and run as chunks of
+        # R rows, each at its own width rounded up to a multiple of ``width_step`` (one graph per
+        # width and target bucket); else one pass at the full width, as the eager step
+        c = trainer.length_chunks
+        self.chunks = c if c > 1 and self.B % c == 0 else 1
+        self.R = self.B // self.chunks
+        self.width_step = self.N if self.chunks == 1 else -(-self.N // 8)  # <= 8 widths
+        self.bucket = max(256, -(-self.R * self.N // 16))  # <= 16 target buckets per width
         dev = trainer.device
-        arrs = trainer.train_arrs
-        self.ids = torch.zeros(self.B, self.N, dtype=torch.long, device=dev)
-        self.ts = torch.zeros(self.B, self.N, dtype=torch.from_numpy(arrs.ts[:1]).dtype, device=dev)
-        self.query_ts = torch.zeros_like(self.ts)
+        self.ts_dtype = torch.from_numpy(trainer.train_arrs.ts[:1]).dtype
+        self.inputs: dict[int, dict[str, torch.Tensor]] = {}  # width -> static ids, ts, query_ts
+        self.norm = torch.ones((), device=dev)  # the batch's number of targets (the loss divisor)
         # Two pinned host staging slots, so the next batch's copies are asynchronous and the
         # host prepares batch k+1 while the GPU replays step k (a pageable copy would wait for
-        # the stream to drain first). A slot is reused only after its copies have completed.
+        # the stream to drain first). A slot is reused only after its copies have completed;
+        # each chunk has its own region of a slot.
         pin = dev.type == "cuda"
+        self.region = 3 * (self.R * self.N + self.bucket)  # a chunk's target triples, rounded-up bucket included
         self.slots = [
             {
-                **{name: torch.empty(self.B, self.N, dtype=buf.dtype, pin_memory=pin) for name, buf in (("ids", self.ids), ("ts", self.ts), ("query_ts", self.query_ts))},
-                "idx": torch.zeros(3 * (self.B * self.N + self.bucket), dtype=torch.long, pin_memory=pin),  # room for a rounded-up bucket
+                **{name: torch.empty(self.B * self.N, dtype=dt, pin_memory=pin) for name, dt in (("ids", torch.long), ("ts", self.ts_dtype), ("query_ts", self.ts_dtype))},
+                "idx": torch.zeros(self.chunks * self.region, dtype=torch.long, pin_memory=pin),
+                "norm": torch.ones((), pin_memory=pin),
                 "done": torch.cuda.Event() if pin else None,
             }
             for _ in range(2)
         ]
         self.slot = 0
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], tuple]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], tuple]] = {}
         self.pool = None
         self.disabled = False
         self.scale = 1.0 / t.grad_accum
@@ -105,14 +120,14 @@ class GraphedStep:
     def _body(self, bufs: dict[str, torch.Tensor]):
         tr = self.tr
         with torch.autocast(tr.device.type, dtype=tr.amp_dtype, enabled=tr.amp_dtype is not None, cache_enabled=False):
-            user, items = tr.step_module(self.ids, self.ts, self.query_ts)
+            user, items = tr.step_module(bufs["ids"], bufs["ts"], bufs["query_ts"])
             user_P = user.reshape(-1, user.shape[-1]).index_select(0, bufs["pos"])
-            loss = sampled_softmax_loss(user_P[None], bufs["tgt"][None], items, bufs["neg"][None], tr.cfg.train.temperature)
+            loss = sampled_softmax_loss(user_P[None], bufs["tgt"][None], items, bufs["neg"][None], tr.cfg.train.temperature, normalizer=self.norm)
         aux = tr.model.aux_loss()
         ((loss + aux if aux is not None else loss) * self.scale).backward()
         return loss, aux
 
-    def _capture(self, Pb: int, bufs: dict[str, torch.Tensor]):
+    def _capture(self, key: tuple[int, int], bufs: dict[str, torch.Tensor]):
         params = [p for p in self.tr.model.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:
@@ -137,12 +152,12 @@ class GraphedStep:
             loss, aux = self._body(bufs)
         # keep the static outputs, not the captured autograd graph (it is never used again, and
         # holding it keeps its AccumulateGrad nodes alive, which is what PyTorch's "stream does
-        # not match" warning at a later capture is about; not yet verified on a GPU)
+        # not match" warning at a later capture is about)
         out = (loss.detach(), aux.detach() if aux is not None else None)
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[Pb] = (graph, bufs, out)
-        log.info("CUDA graph recorded for %d target positions (%d graphs)", Pb, len(self.graphs))
+        self.graphs[key] = (graph, bufs, out)
+        log.info("CUDA graph recorded for width %d, %d target positions (%d graphs)", key[0], key[1], len(self.graphs))
 
     # ---------------------------------------------------------------- one step
     def run(self, rows: np.ndarray):
@@ -152,51 +167,84 @@ class GraphedStep:
             return None
         tr, N, K = self.tr, self.N, self.K
         arrs = tr.train_arrs
-        n = int(arrs.lengths[rows].max())
+        lengths = arrs.lengths[rows]
+        n = int(lengths.max())
         # the same negative draws as the eager step: (B, n, K) from the trainer's generator
         # (rewound if this step falls back to eager, which then draws them again)
         rng = tr.neg_gen.get_state()
-        negs = sample_negatives((len(rows), n, K), tr.ds.num_items, tr.device, tr.neg_gen)
-        tg = arrs.targets[rows, :n]
-        r, c = np.nonzero(tg)
-        P = len(r)
-        Pb = -(-P // self.bucket) * self.bucket
+        negs = sample_negatives((len(rows), n, K), tr.ds.num_items, tr.device, tr.neg_gen).view(-1, K)
+        parts = [np.arange(self.B)] if self.chunks == 1 else np.array_split(np.argsort(lengths, kind="stable"), self.chunks)
         slot = self.slots[self.slot]
         self.slot ^= 1
         if slot["done"] is not None:
             slot["done"].synchronize()  # its copies of two steps ago (long finished in practice)
-        host_t = slot["idx"][: 3 * Pb].view(3, Pb)  # contiguous, so the copy below is one async DMA
-        host = host_t.numpy()
-        host[0, :P] = r * N + c  # position in the (B, max_len) output
-        host[1, :P] = tg[r, c]  # 0 on the bucket's padding: masked
-        host[2, :P] = r * n + c  # row of the drawn negatives
-        host[:, P:] = 0
-        for name, src in (("ids", arrs.ids), ("ts", arrs.ts), ("query_ts", arrs.query_ts)):
-            slot[name].numpy()[...] = src[rows, :N]
-            getattr(self, name).copy_(slot[name], non_blocking=True)
-        idx = host_t.to(tr.device, non_blocking=True)
+        slot["norm"].fill_(float(np.count_nonzero(arrs.targets[rows])))
+        self.norm.copy_(slot["norm"], non_blocking=True)
+        # the host side of every chunk first: its width, target bucket and staged inputs
+        plan = []
+        for j, idx in enumerate(parts):
+            w = N if self.chunks == 1 else min(N, -(-int(lengths[idx].max()) // self.width_step) * self.width_step)
+            sub = rows[idx]
+            tg = arrs.targets[sub, :w]
+            r, c = np.nonzero(tg)
+            P = len(r)
+            Pb = -(-P // self.bucket) * self.bucket
+            host_t = slot["idx"][j * self.region : j * self.region + 3 * Pb].view(3, Pb)  # contiguous: one async copy
+            host = host_t.numpy()
+            host[0, :P] = r * w + c  # position in the chunk's (R, w) output
+            host[1, :P] = tg[r, c]  # 0 on the bucket's padding: masked
+            host[2, :P] = idx[r] * n + c  # row of the drawn negatives
+            host[:, P:] = 0
+            staged = {}
+            for name, src in (("ids", arrs.ids), ("ts", arrs.ts), ("query_ts", arrs.query_ts)):
+                region = slot[name][j * self.R * N : j * self.R * N + self.R * w].view(self.R, w)
+                region.numpy()[...] = src[sub, :w]
+                staged[name] = region
+            plan.append(((w, Pb), staged, host_t))
+        # record the graphs this step needs before replaying any, so a refused capture leaves
+        # no chunk's gradients behind for the eager step to add to
+        for key, staged, host_t in plan:
+            if key not in self.graphs:
+                bufs = self._stage(key, staged, host_t, negs)
+                try:
+                    self._capture(key, bufs)
+                except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
+                    tr.neg_gen.set_state(rng)
+                    self.disabled = True
+                    self.graphs.clear()
+                    log.warning("CUDA graphs off for this run (%s: %s); training eagerly", type(e).__name__, str(e).splitlines()[0][:200])
+                    return None
+        total = None
+        for key, staged, host_t in plan:
+            self._stage(key, staged, host_t, negs)
+            loss, aux = self._replay(key)
+            if self.chunks == 1:
+                total = (loss, aux)
+            else:  # read each chunk's loss before the next replay reuses the pool (stream order)
+                total = loss.clone() if total is None else total.add_(loss)
         if slot["done"] is not None:
             slot["done"].record()
-        if Pb in self.graphs:
-            bufs = self.graphs[Pb][1]
+        return total if self.chunks == 1 else (total, None)
+
+    def _stage(self, key: tuple[int, int], staged: dict[str, torch.Tensor], host_t: torch.Tensor, negs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Copy one chunk's staged inputs and targets into the static buffers of graph ``key``."""
+        tr, (w, Pb) = self.tr, key
+        if w not in self.inputs:
+            self.inputs[w] = {name: torch.zeros(self.R, w, dtype=torch.long if name == "ids" else self.ts_dtype, device=tr.device) for name in ("ids", "ts", "query_ts")}
+        if key in self.graphs:
+            bufs = self.graphs[key][1]
         else:
             new = lambda *shape: torch.empty(*shape, dtype=torch.long, device=tr.device)  # noqa: E731
-            bufs = {"pos": new(Pb), "tgt": new(Pb), "neg": new(Pb, K)}
+            bufs = {**self.inputs[w], "pos": new(Pb), "tgt": new(Pb), "neg": new(Pb, self.K)}
+        for name, region in staged.items():
+            bufs[name].copy_(region, non_blocking=True)
+        idx = host_t.to(tr.device, non_blocking=True)
         bufs["pos"].copy_(idx[0])
         bufs["tgt"].copy_(idx[1])
-        bufs["neg"].copy_(negs.view(-1, K).index_select(0, idx[2]))
-        if Pb not in self.graphs:
-            try:
-                self._capture(Pb, bufs)
-            except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
-                tr.neg_gen.set_state(rng)
-                self.disabled = True
-                self.graphs.clear()
-                log.warning("CUDA graphs off for this run (%s: %s); training eagerly", type(e).__name__, str(e).splitlines()[0][:200])
-                return None
-        return self._replay(Pb)
+        bufs["neg"].copy_(negs.index_select(0, idx[2]))
+        return bufs
 
-    def _replay(self, Pb: int):
-        graph, _, out = self.graphs[Pb]
+    def _replay(self, key: tuple[int, int]):
+        graph, _, out = self.graphs[key]
         graph.replay()
         return out

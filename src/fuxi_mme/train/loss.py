@@ -19,6 +19,14 @@ def sample_negatives(shape: tuple[int, ...], num_items: int, device, generator: 
     return torch.randint(1, num_items + 1, shape, device=device, generator=generator)
 
 
+def _divide(total: torch.Tensor, normalizer: float | torch.Tensor) -> torch.Tensor:
+    """``total / normalizer`` with the divisor kept off zero; a tensor divisor (the CUDA-graph
+    step's static buffer) stays on the device, with no host sync."""
+    if isinstance(normalizer, torch.Tensor):
+        return total / normalizer.clamp_min(1e-9)
+    return total / max(normalizer, 1e-9)
+
+
 def sampled_softmax_loss(
     user_BND: torch.Tensor,
     targets_BN: torch.Tensor,
@@ -26,7 +34,7 @@ def sampled_softmax_loss(
     negatives_BNK: torch.Tensor,
     temperature: float,
     method: str = "auto",
-    normalizer: float | None = None,
+    normalizer: float | torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean sampled-softmax loss over positions with ``targets != 0``; no host syncs.
@@ -58,8 +66,7 @@ def sampled_softmax_loss(
         if positions is None:
             raise ValueError("loss method 'chunked' needs the target positions (positions=...)")
         total = _BlockedSampledLoss.apply(user_BND.reshape(-1, user_BND.shape[-1]), items, ids_BNS.reshape(-1, ids_BNS.shape[-1]), float(temperature))
-        denom = normalizer if normalizer is not None else float(targets_BN.numel())
-        return total / max(denom, 1e-9)
+        return _divide(total, normalizer if normalizer is not None else float(targets_BN.numel()))
     if method == "all":
         if items.is_cuda and items.shape[0] % 8:
             # zero rows up to a multiple of 8 (never gathered): the (., I) score matrix then has
@@ -74,7 +81,7 @@ def sampled_softmax_loss(
     logits = _sampled_logits(raw, ids_BNS, temperature)
     nll = torch.logsumexp(logits, dim=-1) - logits[..., 0]
     if normalizer is not None:
-        return (nll * valid).sum() / max(normalizer, 1e-9)
+        return _divide((nll * valid).sum(), normalizer)
     return (nll * valid).sum() / valid.sum().clamp(min=1)
 
 
