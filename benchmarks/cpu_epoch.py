@@ -1,6 +1,6 @@
 """One whole training epoch on the CPU, timed end to end (not projected from a few steps).
 
-FuXi-alpha base preset, fp32, on (1) synthetic data with the full ML-1M shape (6,040 users,
+FuXi-alpha base preset (``--models`` adds others), fp32, on (1) synthetic data with the full ML-1M shape (6,040 users,
 3,706 items, mean length 166: ``throughput.synthetic``) and (2) optionally a real dataset
 (``--data-path``, e.g. ../shared/data/ml-1m for ml-1m-ts70). The time is ``Trainer.train_epoch``
 wall time: batch building, negatives, forward, loss, backward and AdamW for every batch.
@@ -43,31 +43,37 @@ def epoch_seconds(cfg, ds) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-path", help="folder of the real ML-1M files (ml-1m-ts70 is read from it)")
+    ap.add_argument("--models", nargs="+", default=["fuxi-alpha"], help="base presets timed on the synthetic shape (the real data: FuXi-alpha)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="applied to every timed run (named in the record)")
     ap.add_argument("--out", default=str(RESULTS / "cpu-epoch-ml1m.json"))
     args = ap.parse_args()
+    from fuxi_mme.config import apply_overrides
+
+    suffix = "".join(f", {o}" for o in args.overrides)
     info = run_info(torch.device("cpu"))
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": info["commit"], "torch_threads": torch.get_num_threads(),
               "cpu_count": info["device"].get("cpu_count"), "versions": info["versions"], "epochs": {}}
-    cfg = path_config("ml-1m", "fuxi-alpha", "fp32", "cpu")
-    secs, steps = epoch_seconds(cfg, synthetic("ml-1m"))
-    record["epochs"]["synthetic ML-1M shape"] = {"epoch_s": secs, "steps": steps}
-    print(f"synthetic ML-1M shape: {secs:.1f} s ({steps} steps)", flush=True)
+    for model in args.models:
+        cfg = apply_overrides(path_config("ml-1m", model, "fp32", "cpu"), args.overrides)
+        secs, steps = epoch_seconds(cfg, synthetic("ml-1m"))
+        name = "synthetic ML-1M shape" + ("" if model == "fuxi-alpha" else f", {model}") + suffix
+        record["epochs"][name] = {"epoch_s": secs, "steps": steps}
+        print(f"{name}: {secs:.1f} s ({steps} steps)", flush=True)
     if args.data_path:
-        from fuxi_mme.config import apply_overrides
         from fuxi_mme.data import load_dataset
         from fuxi_mme.presets import build_preset
 
         cfg = build_preset("ml-1m-ts70-fuxi-alpha-base")
-        apply_overrides(cfg, ["train.device=cpu", f"data.path={args.data_path}"])
+        apply_overrides(cfg, ["train.device=cpu", f"data.path={args.data_path}", *args.overrides])
         secs, steps = epoch_seconds(cfg, load_dataset(cfg.data))
-        record["epochs"]["ml-1m-ts70 (real)"] = {"epoch_s": secs, "steps": steps}
+        record["epochs"]["ml-1m-ts70 (real)" + suffix] = {"epoch_s": secs, "steps": steps}
         print(f"ml-1m-ts70: {secs:.1f} s ({steps} steps)", flush=True)
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else {}
     runs = old.get("runs", [])
     runs.append(record)
     doc = {**{k: v for k, v in old.items() if k != "runs"}, "benchmark": "cpu_epoch", "target_s": TARGET_S, "runs": runs}
-    lines = ["# CPU epoch, FuXi-alpha base, fp32", "",
+    lines = ["# CPU epoch, base presets (FuXi-alpha unless named), fp32", "",
              "Whole epochs timed end to end by `benchmarks/cpu_epoch.py` (earlier measured or projected figures are in the JSON's other keys).", "",
              "| time | commit | threads | data | steps | epoch s | under 60 s |", "|---|---|---|---|---|---|---|"]
     for r in runs:

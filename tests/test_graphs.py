@@ -92,7 +92,7 @@ class RefusesCapture(GraphedStep):
 
 def test_a_refused_capture_falls_back_to_the_eager_step(caplog):
     eager, p_eager, _ = run("fuxi-mme", False)
-    cfg = tiny_config("fuxi-mme", **{"data.max_len": 80})
+    cfg = tiny_config("fuxi-mme", **{"data.max_len": 80, "train.length_chunks": 1})
     ds = load_dataset(cfg.data)
     torch.manual_seed(0)
     tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)

@@ -104,7 +104,7 @@ class TrainConfig:
     cuda_graphs: str = "auto"
     # eager step: sort the batch's rows by length and run them in this many chunks, each padded
     # only to its own longest sequence (same loss and gradients); "auto": up to 6 (chunks of 16
-    # rows or more) on CPU for models without MoE, else 1
+    # rows or more) on CPU, else 1
     length_chunks: str = "auto"
     grad_clip: float | None = None
     schedule: str = "constant"  # "constant" or "cosine"
@@ -338,8 +338,6 @@ def validate(cfg: Config) -> None:
     lc = str(cfg.train.length_chunks)
     if lc != "auto" and not (lc.isdigit() and int(lc) >= 1):
         raise ConfigError(f"train.length_chunks={lc!r} must be auto or a whole number of at least 1")
-    if lc != "auto" and int(lc) > 1 and m.moe.num_experts:
-        raise ConfigError(f"train.length_chunks={lc} needs a model without MoE (its balance loss is a whole-batch statistic); use 1 or auto")
     if cfg.train.temperature <= 0:
         raise ConfigError(f"train.temperature={cfg.train.temperature} must be positive")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:

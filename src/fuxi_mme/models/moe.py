@@ -28,6 +28,7 @@ Back ends (same parameters, same result):
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -115,6 +116,7 @@ class MoE(nn.Module):
         self.last_aux: torch.Tensor | None = None
         self.last_path = ""  # which expert path the last forward took: loop, grouped or padded
         self.last_stats: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor] | None = None  # routing sums while accumulating over forwards
 
     # ----------------------------------------------------------------- experts
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
@@ -237,19 +239,43 @@ class MoE(nn.Module):
 
     def _statistics(self, probs_TE, top_TK, valid):
         w_T = valid.reshape(-1).to(probs_TE.dtype) if valid is not None else probs_TE.new_ones(probs_TE.shape[0])
-        n = w_T.sum().clamp(min=1)
         counts_E = torch.zeros(self.E, device=probs_TE.device, dtype=probs_TE.dtype)
         counts_E.index_add_(0, top_TK.reshape(-1), w_T.repeat_interleave(self.K))
-        load_E = counts_E / (n * self.K)  # share of assignments
-        mean_prob_E = (probs_TE * w_T[:, None]).sum(0) / n
-        aux = self.E * (load_E * mean_prob_E).sum()
         ent = -(probs_TE * probs_TE.clamp(min=1e-9).log()).sum(-1)
+        # sums over tokens, so that several forwards (a batch in chunks) add up to one batch
+        part = {"counts": counts_E, "prob_sum": (probs_TE * w_T[:, None]).sum(0), "n": w_T.sum(), "entropy_sum": (ent * w_T).sum()}
+        if self._sums is not None:  # accumulating (one_batch_of_routing): finished after the last forward
+            self._sums = {k: self._sums[k] + v for k, v in part.items()} if self._sums else part
+            return
+        self._finish(part)
+
+    def _finish(self, sums: dict[str, torch.Tensor]) -> None:
+        """The aux loss, router statistics and aux-free bias update of one batch's routing sums."""
+        n = sums["n"].clamp(min=1)
+        load_E = sums["counts"] / (n * self.K)  # share of assignments
+        mean_prob_E = sums["prob_sum"] / n
+        aux = self.E * (load_E * mean_prob_E).sum()
         self.last_aux = aux * self.aux_loss_weight if self.balance == "aux_loss" else None
-        self.last_stats = {
-            "load": load_E.detach(),
-            "aux": aux.detach(),
-            "entropy": ((ent * w_T).sum() / n).detach(),
-        }
+        self.last_stats = {"load": load_E.detach(), "aux": aux.detach(), "entropy": (sums["entropy_sum"] / n).detach()}
         if self.balance == "aux_free" and self.training:
             with torch.no_grad():  # raise under-loaded experts' bias, lower the others', in proportion
                 self.expert_bias += self.bias_update_rate * (load_E.mean() - load_E) / load_E.mean()
+
+
+@contextlib.contextmanager
+def one_batch_of_routing(model: nn.Module):
+    """Forwards inside the block count as one batch for every MoE layer of ``model``: the aux
+    loss, router statistics and aux-free bias update come from the routing sums over all of
+    them (a batch run in length chunks), exactly as from one forward of the whole batch. They
+    are set when the block ends, so the aux loss is read after it."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for m in layers:
+        m._sums = {}
+    try:
+        yield
+        for m in layers:
+            if m._sums:
+                m._finish(m._sums)
+    finally:
+        for m in layers:
+            m._sums = None

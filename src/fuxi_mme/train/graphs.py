@@ -86,8 +86,10 @@ class GraphedStep:
         # ``train.length_chunks`` > 1: the batch's rows sorted by length and run as chunks of
         # R rows, each at its own width rounded up to a multiple of ``width_step`` (one graph per
         # width and target bucket); else one pass at the full width, as the eager step
+        # (models without MoE: each chunk's graph runs its own backward, and an MoE's balance
+        # loss needs the routing of the whole batch first)
         c = trainer.length_chunks
-        self.chunks = c if c > 1 and self.B % c == 0 else 1
+        self.chunks = c if c > 1 and self.B % c == 0 and not trainer.cfg.model.moe.num_experts else 1
         self.R = self.B // self.chunks
         self.width_step = self.N if self.chunks == 1 else -(-self.N // 8)  # <= 8 widths
         self.bucket = max(256, -(-self.R * self.N // 16))  # <= 16 target buckets per width

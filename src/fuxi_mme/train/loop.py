@@ -29,6 +29,7 @@ from ..data.splits import EvalArrays, TrainArrays, eval_arrays, to_batch, train_
 from ..eval.evaluator import autocast_dtype, evaluate_ranks, model_scorer
 from ..eval.metrics import metrics_from_ranks
 from ..models.common import SequenceModel
+from ..models.moe import one_batch_of_routing
 from . import distributed as D
 from .checkpoint import config_fingerprint, load_state, load_weights, optimizer_state, save_checkpoint
 from .graphs import GraphedStep, graphs_wanted
@@ -112,7 +113,7 @@ def length_chunks(cfg: Config, device: torch.device, distributed: bool) -> int:
     v = str(cfg.train.length_chunks)
     if v != "auto":
         return int(v)
-    if device.type != "cpu" or distributed or cfg.model.moe.num_experts:
+    if device.type != "cpu" or distributed:
         return 1
     # chunks of at least 16 rows, at most 6: on the ML-1M shape (2 cores) whole epochs took
     # 68 s in one pass, 54.5 s in 4 chunks, 49.3 s in 6 and 49.6 s in 8
@@ -217,26 +218,30 @@ class Trainer:
         (total / self.cfg.train.grad_accum).backward()
         return loss, aux
 
-    def _forward_backward_by_length(self, rows: np.ndarray) -> tuple[torch.Tensor, None]:
+    def _forward_backward_by_length(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batch's rows sorted by length and run in ``length_chunks`` chunks, each padded
         only to its own longest sequence. Sequences are left-aligned and causal and nothing in
         a model mixes rows, so every row's outputs are those of the full-width batch; each
-        chunk's loss is divided by the whole batch's target count, so the summed loss and the
-        accumulated gradients are the single pass's. The negatives are drawn once for the whole
-        batch, as the single pass draws them, and sliced per chunk; only the dropout masks come
-        from different random numbers. Padding is about a third of an ML-1M batch's positions."""
+        chunk's loss is divided by the whole batch's target count, and an MoE's balance loss and
+        statistics come from the routing of all chunks together (``one_batch_of_routing``); one
+        backward pass follows. So the loss, aux loss and gradients are the single pass's. The
+        negatives are drawn once for the whole batch, as the single pass draws them, and sliced
+        per chunk; only the dropout masks come from different random numbers. Padding is about
+        a third of an ML-1M batch's positions."""
         lengths = self.train_arrs.lengths[rows]
         n, K = int(lengths.max()), self.cfg.train.num_negatives
         negs = sample_negatives((len(rows), n, K), self.ds.num_items, self.device, self.neg_gen)
         count = float(np.count_nonzero(self.train_arrs.targets[rows]))
-        total = torch.zeros((), device=self.device)
-        for idx in np.array_split(np.argsort(lengths, kind="stable"), self.length_chunks):
-            width = int(lengths[idx].max())
-            batch, part_negs, _ = self._batch(rows[idx], negs[torch.from_numpy(idx).to(self.device), :width])
-            loss, _ = self._loss(batch, part_negs, count)
-            (loss / self.cfg.train.grad_accum).backward()
-            total += loss.detach()
-        return total, None
+        losses = []
+        with one_batch_of_routing(self.model):
+            for idx in np.array_split(np.argsort(lengths, kind="stable"), self.length_chunks):
+                width = int(lengths[idx].max())
+                batch, part_negs, _ = self._batch(rows[idx], negs[torch.from_numpy(idx).to(self.device), :width])
+                losses.append(self._loss(batch, part_negs, count)[0])
+        loss = torch.stack(losses).sum()
+        aux = self.model.aux_loss()  # of the whole batch's routing, set when the block ended
+        ((loss + aux if aux is not None else loss) / self.cfg.train.grad_accum).backward()
+        return loss.detach(), aux
 
     def zero_grad(self) -> None:
         # graphs write into the existing .grad tensors, so those are zeroed, never dropped
