@@ -103,8 +103,8 @@ class TrainConfig:
     # counts); "auto": on for single-process CUDA training without torch.compile
     cuda_graphs: str = "auto"
     # eager step: sort the batch's rows by length and run them in this many chunks, each padded
-    # only to its own longest sequence (same loss and gradients); "auto": up to 6 (chunks of 16
-    # rows or more) on CPU, else 1
+    # only to its own longest sequence (same loss, MoE aux loss and gradients); "auto": up to 6
+    # (chunks of 16 rows or more) on CPU, else 1
     length_chunks: str = "auto"
     grad_clip: float | None = None
     schedule: str = "constant"  # "constant" or "cosine"
