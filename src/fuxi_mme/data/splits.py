@@ -113,6 +113,13 @@ def eval_arrays(ds: PreparedDataset, protocol: str, split: str, max_len: int) ->
     )
 
 
+def length_sorted_chunks(lengths: np.ndarray, chunks: int) -> list[np.ndarray]:
+    """Positions 0..len(lengths)-1 sorted by length (stable) and split into ``chunks`` parts of
+    near-equal size: the rows of a batch that run together when it is run in length chunks
+    (each part is padded only to its own longest row)."""
+    return np.array_split(np.argsort(lengths, kind="stable"), chunks)
+
+
 def to_batch(arrs, rows: np.ndarray, device: torch.device | str = "cpu", trim: bool = True, width: int | None = None) -> dict[str, torch.Tensor]:
     """Slice rows of Train/EvalArrays into tensors, trimmed to the longest row (padding after),
     or to ``width`` columns when given."""

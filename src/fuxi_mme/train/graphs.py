@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..data.splits import length_sorted_chunks
 from .loss import sample_negatives, sampled_softmax_loss
 
 if TYPE_CHECKING:
@@ -175,15 +176,13 @@ class GraphedStep:
         # (rewound if this step falls back to eager, which then draws them again)
         rng = tr.neg_gen.get_state()
         negs = sample_negatives((len(rows), n, K), tr.ds.num_items, tr.device, tr.neg_gen).view(-1, K)
-        parts = [np.arange(self.B)] if self.chunks == 1 else np.array_split(np.argsort(lengths, kind="stable"), self.chunks)
+        parts = [np.arange(self.B)] if self.chunks == 1 else length_sorted_chunks(lengths, self.chunks)
         slot = self.slots[self.slot]
         self.slot ^= 1
         if slot["done"] is not None:
             slot["done"].synchronize()  # its copies of two steps ago (long finished in practice)
-        slot["norm"].fill_(float(np.count_nonzero(arrs.targets[rows])))
-        self.norm.copy_(slot["norm"], non_blocking=True)
         # the host side of every chunk first: its width, target bucket and staged inputs
-        plan = []
+        plan, count = [], 0
         for j, idx in enumerate(parts):
             w = N if self.chunks == 1 else min(N, -(-int(lengths[idx].max()) // self.width_step) * self.width_step)
             sub = rows[idx]
@@ -203,6 +202,9 @@ class GraphedStep:
                 region.numpy()[...] = src[sub, :w]
                 staged[name] = region
             plan.append(((w, Pb), staged, host_t))
+            count += P
+        slot["norm"].fill_(float(count))  # the whole batch's targets: every chunk's loss divisor
+        self.norm.copy_(slot["norm"], non_blocking=True)
         # record the graphs this step needs before replaying any, so a refused capture leaves
         # no chunk's gradients behind for the eager step to add to
         for key, staged, host_t in plan:

@@ -25,7 +25,7 @@ import torch
 
 from ..config import Config
 from ..data.prepared import PreparedDataset
-from ..data.splits import EvalArrays, TrainArrays, eval_arrays, to_batch, train_arrays
+from ..data.splits import EvalArrays, TrainArrays, eval_arrays, length_sorted_chunks, to_batch, train_arrays
 from ..eval.evaluator import autocast_dtype, evaluate_ranks, model_scorer
 from ..eval.metrics import metrics_from_ranks
 from ..models.common import SequenceModel
@@ -234,7 +234,7 @@ class Trainer:
         count = float(np.count_nonzero(self.train_arrs.targets[rows]))
         losses = []
         with one_batch_of_routing(self.model):
-            for idx in np.array_split(np.argsort(lengths, kind="stable"), self.length_chunks):
+            for idx in length_sorted_chunks(lengths, self.length_chunks):
                 width = int(lengths[idx].max())
                 batch, part_negs, _ = self._batch(rows[idx], negs[torch.from_numpy(idx).to(self.device), :width])
                 losses.append(self._loss(batch, part_negs, count)[0])
