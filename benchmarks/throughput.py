@@ -60,7 +60,7 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
-PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end[, length chunks])
+PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end[, length chunks[, torch.compile]])
     "fp32": ("none", "reference", "off", "batched"),  # the reference path
     "bf16": ("bf16", "reference", "off", "batched"),
     "fused-bf16": ("bf16", "fused", "off", "batched"),
@@ -71,16 +71,20 @@ PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end[, length chunks])
     "default": ("none", "auto", "auto", "auto"),  # what `fuxi-mme train` does with no options
     "chunked-bf16": ("bf16", "reference", "off", "dense", "4"),  # eager, rows in 4 length-sorted chunks
     "chunked-graph-bf16": ("bf16", "reference", "on", "dense", "4"),  # the same chunks, each replayed from a graph
+    "compiled-graph-bf16": ("bf16", "reference", "on", "dense", "1", "compile"),  # torch.compile'd model inside the graphs
+    "compiled-chunked-graph-bf16": ("bf16", "reference", "on", "dense", "4", "compile"),
 }
 
 
 def path_config(shape: str, model: str, path: str, dev):
     """The base preset of ``model`` at ``shape`` on one measured path (``PATHS``)."""
     cfg = build_preset(preset_name(shape, model, "base"))
-    amp, attention, graphs, moe, *chunks = PATHS[path]
+    amp, attention, graphs, moe, *rest = PATHS[path]
     sets = [f"train.device={dev}", f"train.amp={amp}", f"model.attention={attention}", f"train.cuda_graphs={graphs}", f"model.moe.backend={moe}"]
-    if chunks:
-        sets.append(f"train.length_chunks={chunks[0]}")
+    if rest:
+        sets.append(f"train.length_chunks={rest[0]}")
+    if rest[1:]:
+        sets.append("train.compile=true")
     apply_overrides(cfg, sets)
     return cfg
 

@@ -27,8 +27,10 @@ the scheduler stay eager (a handful of fused kernels). Dropout inside the graph 
 PyTorch's graph-safe generator, so the dropout masks differ from an eager run's; with dropout 0
 the losses equal the eager step's to rounding (``tests/test_gpu.py``).
 
-Not used (eager step instead): CPU, multi-process training, ``torch.compile``, the final
-partial batch of an epoch, and any model whose step cannot be captured (e.g. an op that
+With ``train.compile`` the graphs record the compiled model's kernels (the model is compiled
+during the first, unchecked warm-up of each shape, then checked for host syncs and captured).
+
+Not used (eager step instead): CPU, multi-process training, the final partial batch of an epoch, and any model whose step cannot be captured (e.g. an op that
 synchronises with the host); the reason is logged once.
 """
 
@@ -54,9 +56,9 @@ def graphs_wanted(trainer: "Trainer") -> bool:
     t = trainer.cfg.train
     if t.cuda_graphs == "off":
         return False
-    ok = trainer.device.type == "cuda" and not trainer.dist.enabled and not t.compile
+    ok = trainer.device.type == "cuda" and not trainer.dist.enabled
     if t.cuda_graphs == "on" and not ok:
-        log.warning("train.cuda_graphs=on needs single-process CUDA training without train.compile; training eagerly")
+        log.warning("train.cuda_graphs=on needs single-process CUDA training; training eagerly")
     return ok
 
 
@@ -144,8 +146,11 @@ class GraphedStep:
         # eager fallback, so it must be refused here, before the capture starts.
         side = torch.cuda.Stream(self.tr.device)
         side.wait_stream(torch.cuda.current_stream(self.tr.device))
-        with torch.cuda.stream(side), _no_host_syncs():
-            self._body(bufs)
+        with torch.cuda.stream(side):
+            if self.tr.cfg.train.compile:
+                self._body(bufs)  # compilation (and its autotuning) may synchronise: not checked
+            with _no_host_syncs():
+                self._body(bufs)
         torch.cuda.current_stream(self.tr.device).wait_stream(side)
         with torch.no_grad():
             for p, g in zip(params, saved):
