@@ -162,8 +162,8 @@ class Trainer:
         self.amp_dtype = autocast_dtype(t.amp)
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir and dist_info.main else None, cfg.log.tensorboard)
         self.fingerprint = config_fingerprint(cfg.to_dict())
+        self.length_chunks = length_chunks(cfg, device, dist_info.enabled)  # read by GraphedStep
         self.graphed: GraphedStep | None = GraphedStep(self) if graphs_wanted(self) else None
-        self.length_chunks = length_chunks(cfg, device, dist_info.enabled)
 
     # ------------------------------------------------------------------ steps
     def _epoch_order(self, epoch: int) -> np.ndarray:
