@@ -60,31 +60,31 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
-PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end[, length chunks[, torch.compile]])
-    "fp32": ("none", "reference", "off", "batched"),  # the reference path
-    "bf16": ("bf16", "reference", "off", "batched"),
-    "fused-bf16": ("bf16", "fused", "off", "batched"),
-    "dense-bf16": ("bf16", "reference", "off", "dense"),
-    "graph-bf16": ("bf16", "reference", "on", "dense"),
-    "fast": ("bf16", "fused", "on", "dense"),  # everything on
-    "grouped-graph-bf16": ("bf16", "reference", "on", "batched"),  # grouped GEMM where it applies
-    "default": ("none", "auto", "auto", "auto"),  # what `fuxi-mme train` does with no options
-    "chunked-bf16": ("bf16", "reference", "off", "dense", "4"),  # eager, rows in 4 length-sorted chunks
-    "chunked-graph-bf16": ("bf16", "reference", "on", "dense", "4"),  # the same chunks, each replayed from a graph
-    "compiled-graph-bf16": ("bf16", "reference", "on", "dense", "1", "compile"),  # torch.compile'd model inside the graphs
-    "compiled-chunked-graph-bf16": ("bf16", "reference", "on", "dense", "4", "compile"),
+PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end, length chunks, torch.compile)
+    "fp32": ("none", "reference", "off", "batched", "1", "false"),  # the reference path
+    "bf16": ("bf16", "reference", "off", "batched", "1", "false"),
+    "fused-bf16": ("bf16", "fused", "off", "batched", "1", "false"),
+    "dense-bf16": ("bf16", "reference", "off", "dense", "1", "false"),
+    "graph-bf16": ("bf16", "reference", "on", "dense", "1", "false"),
+    "fast": ("bf16", "fused", "on", "dense", "1", "false"),  # graphs + the fused Triton attention
+    "grouped-graph-bf16": ("bf16", "reference", "on", "batched", "1", "false"),  # grouped GEMM where it applies
+    "default": ("none", "auto", "auto", "auto", "auto", "auto"),  # what `fuxi-mme train` does with no options
+    "default-bf16": ("bf16", "auto", "auto", "auto", "auto", "auto"),  # the same with --amp bf16
+    "chunked-bf16": ("bf16", "reference", "off", "dense", "4", "false"),  # eager, rows in 4 length-sorted chunks
+    "chunked-graph-bf16": ("bf16", "reference", "on", "dense", "4", "false"),  # the same chunks, each replayed from a graph
+    # torch.compile'd model inside the graphs (compile auto: only the graphed steps are compiled)
+    "compiled-graph-bf16": ("bf16", "reference", "on", "dense", "1", "auto"),
+    "compiled-grouped-graph-bf16": ("bf16", "reference", "on", "batched", "1", "auto"),
+    "compiled-chunked-graph-bf16": ("bf16", "reference", "on", "dense", "4", "auto"),
 }
 
 
 def path_config(shape: str, model: str, path: str, dev):
     """The base preset of ``model`` at ``shape`` on one measured path (``PATHS``)."""
     cfg = build_preset(preset_name(shape, model, "base"))
-    amp, attention, graphs, moe, *rest = PATHS[path]
-    sets = [f"train.device={dev}", f"train.amp={amp}", f"model.attention={attention}", f"train.cuda_graphs={graphs}", f"model.moe.backend={moe}"]
-    if rest:
-        sets.append(f"train.length_chunks={rest[0]}")
-    if rest[1:]:
-        sets.append("train.compile=true")
+    amp, attention, graphs, moe, chunks, compiled = PATHS[path]
+    sets = [f"train.device={dev}", f"train.amp={amp}", f"model.attention={attention}", f"train.cuda_graphs={graphs}", f"model.moe.backend={moe}",
+            f"train.length_chunks={chunks}", f"train.compile={compiled}"]
     apply_overrides(cfg, sets)
     return cfg
 
@@ -105,7 +105,11 @@ def train_step(tr: Trainer, rows) -> torch.Tensor:
     return loss
 
 
-def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
+def bench_train(cfg, ds, dev, steps: int, warmup: int, epoch: bool = False) -> dict:
+    """Median synchronised step time after ``warmup`` steps (which include any compilation and
+    graph capture, timed as ``warmup_s``); with ``epoch``, also one whole training epoch timed
+    as the training loop runs it (``Trainer.train_epoch``: no synchronisation between steps, so
+    the host prepares the next batch while the GPU runs)."""
     tr = make_trainer(cfg, ds, dev)
     model = tr.model
     order = tr._epoch_order(0)
@@ -113,12 +117,16 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times, tokens = [], []
+    sync(dev)
+    t_start = time.perf_counter()
     for i in range(warmup + steps):
         rows = order[(i * B) % (len(order) - B) :][:B]
         sync(dev)
         t0 = time.perf_counter()
         loss = train_step(tr, rows)
         sync(dev)
+        if i == warmup - 1:
+            warmup_s = time.perf_counter() - t_start
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             tokens.append(int(tr.train_arrs.lengths[rows].sum()))
@@ -135,7 +143,16 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int) -> dict:
         "moe_path": next((m.last_path for m in model.modules() if hasattr(m, "last_path")), None),
         # chunks the timed steps really ran in (the graphed step keeps one pass for MoE models)
         "length_chunks": tr.graphed.chunks if tr.graphed is not None and not tr.graphed.disabled else tr.length_chunks,
+        "compiled": tr.compile,  # None, "graphs" (the graphed steps) or "always"
+        "warmup_s": warmup_s if warmup else 0.0,
     }
+    if epoch:
+        sync(dev)
+        t0 = time.perf_counter()
+        tr.train_epoch(1)
+        sync(dev)
+        dt = time.perf_counter() - t0
+        out.update(epoch_s_measured=dt, epoch_seq_per_s=len(tr.train_arrs) / dt)
     if dev.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
     ev = eval_arrays(ds, "paper", "test", cfg.data.max_len)
@@ -159,6 +176,11 @@ def path_label(r: dict) -> str:
         notes.append("graphs refused: eager")
     elif asked == "auto" and "cuda_graphs_used" in r:
         notes.append("graphs" if r["cuda_graphs_used"] else "eager")
+    compiled = r.get("compiled")
+    if compiled and not r["path"].startswith("compiled"):
+        notes.append("compiled")
+    elif r["path"].startswith("compiled") and "compiled" in r and not compiled:
+        notes.append("not compiled")
     if r.get("length_chunks", 1) > 1:
         notes.append(f"{r['length_chunks']} length chunks")
     if r.get("moe_path"):
@@ -170,9 +192,12 @@ def write(results: list[dict], info: dict, out_arg: str | None) -> Path:
     """JSON + Markdown table of the results so far (rewritten after every measurement)."""
     out = Path(out_arg) if out_arg else RESULTS / f"throughput-{card(info)}.json"
     lines = [f"Device: {info['device'].get('gpu', 'cpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`.", "",
-             "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | peak GB | eval users/s | vs fp32 reference |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | measured epoch s (seq/s) | warm-up s | peak GB | eval users/s | vs first path |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {r['speedup_vs_reference']:.2f}x |")
+        whole = f"{r['epoch_s_measured']:.1f} ({r['epoch_seq_per_s']:,.0f})" if "epoch_s_measured" in r else "-"
+        lines.append(f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {whole} | "
+                     f"{r.get('warmup_s', 0):.0f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {r['speedup_vs_reference']:.2f}x |")
     save(out, {"benchmark": "throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": results}, lines)
     return out.with_suffix(".json")
 
@@ -182,11 +207,12 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["ml-1m", "ml-20m"])
     ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "fuxi-mme"])
     ap.add_argument("--paths", nargs="+", default=["fp32", "bf16", "fast"], choices=list(PATHS),
-                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); chunked-bf16 = eager bf16 in 4 length-sorted chunks; chunked-graph-bf16 = the same with CUDA graphs (one pass for MoE models)")
+                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); chunked-bf16 = eager bf16 in 4 length-sorted chunks; chunked-graph-bf16 = the same with CUDA graphs (one pass for MoE models); compiled-* = torch.compile inside the graphs; default-bf16 = default with --amp bf16")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--epoch", action="store_true", help="also time one whole training epoch (no syncs between steps)")
     args = ap.parse_args()
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
     info = run_info(dev)
@@ -197,11 +223,13 @@ def main() -> None:
             ref = None
             for path in args.paths:
                 cfg = path_config(shape, model, path, dev)
-                r = {"shape": shape, "model": model, "path": path, "preset": cfg.preset, "config": cfg.to_dict(), **bench_train(cfg, ds, dev, args.steps, args.warmup)}
+                r = {"shape": shape, "model": model, "path": path, "preset": cfg.preset, "config": cfg.to_dict(),
+                     **bench_train(cfg, ds, dev, args.steps, args.warmup, epoch=args.epoch)}
                 if ref is None:
                     ref = r
                 r["speedup_vs_reference"] = r["seq_per_s"] / ref["seq_per_s"]
-                print(f"{shape} {model} {path}: {r['seq_per_s']:.0f} seq/s, step {r['step_ms_median']:.1f} ms, epoch {r['epoch_s_projected']:.1f} s, "
+                whole = f", measured epoch {r['epoch_s_measured']:.1f} s ({r['epoch_seq_per_s']:.0f} seq/s)" if "epoch_s_measured" in r else ""
+                print(f"{shape} {model} {path}: {r['seq_per_s']:.0f} seq/s, step {r['step_ms_median']:.1f} ms, epoch {r['epoch_s_projected']:.1f} s{whole}, "
                       f"eval {r['eval_users_per_s']:.0f} users/s, mem {r.get('peak_mem_gb', 0):.2f} GB", flush=True)
                 results.append(r)
                 write(results, info, args.out)

@@ -86,3 +86,15 @@ def test_commit_is_read_without_git(tmp_path):
     (git / "refs" / "heads" / "main").unlink()
     (git / "packed-refs").write_text("# pack-refs\n" + "b" * 40 + " refs/heads/main\n")
     assert _read_git_head(tmp_path / "repo" / "src") == "b" * 40
+
+
+def test_compile_takes_true_false_or_auto():
+    cfg = Config()
+    assert cfg.train.compile == "auto"
+    apply_overrides(cfg, ["train.compile=true"])
+    assert cfg.train.compile is True
+    apply_overrides(cfg, ["train.compile=off"])
+    assert cfg.train.compile is False
+    apply_overrides(cfg, ["train.compile=sometimes"])
+    with pytest.raises(ConfigError, match="train.compile='sometimes' must be true, false or auto"):
+        validate(cfg)

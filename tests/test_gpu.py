@@ -125,3 +125,25 @@ def test_compiled_model_inside_cuda_graphs_equals_the_eager_step():
     np.testing.assert_allclose(graph, eager, rtol=3e-2)
     for k in p_eager:
         torch.testing.assert_close(p_graph[k], p_eager[k], rtol=3e-2, atol=3e-2 * p_eager[k].abs().max().item() + 1e-9, msg=k)
+
+
+@pytest.mark.parametrize("model", ["hstu", "sasrec", "fuxi-mme"])
+def test_compile_auto_inside_cuda_graphs_equals_the_eager_step(model):
+    """``train.compile=auto`` (the default) compiles the graphed step only."""
+    pytest.importorskip("triton")
+    eager, p_eager, _ = _steps(model, "off", "bf16", **{"train.compile": False})
+    graph, p_graph, tr = _steps(model, "on", "bf16")
+    assert tr.compile == "graphs" and tr.graphed.graphs and not tr.graphed.disabled
+    np.testing.assert_allclose(graph, eager, rtol=3e-2)
+    for k in p_eager:
+        torch.testing.assert_close(p_graph[k], p_eager[k], rtol=3e-2, atol=3e-2 * p_eager[k].abs().max().item() + 1e-9, msg=k)
+
+
+def test_compiled_grouped_gemm_experts_inside_cuda_graphs():
+    pytest.importorskip("triton")
+    over = {"model.moe.backend": "batched", "model.dim": 64, "model.qk_dim": 16, "model.v_dim": 16}
+    eager, _, _ = _steps("fuxi-mme", "off", "bf16", **{"train.compile": False, **over})
+    graph, _, tr = _steps("fuxi-mme", "on", "bf16", **over)
+    assert tr.graphed.graphs and not tr.graphed.disabled
+    assert any(getattr(m, "last_path", None) == "grouped" for m in tr.model.modules())
+    np.testing.assert_allclose(graph, eager, rtol=3e-2)

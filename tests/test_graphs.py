@@ -102,3 +102,32 @@ def test_a_refused_capture_falls_back_to_the_eager_step(caplog):
     assert tr.graphed.disabled and not tr.graphed.graphs
     assert "CUDA graphs off for this run (HostSyncInStep" in caplog.text
     np.testing.assert_allclose(losses, eager, rtol=1e-5)
+
+
+def test_trainer_builds_its_graphed_step(monkeypatch):
+    """The Trainer's own construction of the graphed step (not the stand-in's): it reads
+    settings the Trainer must have set first, e.g. the length chunks."""
+    import fuxi_mme.train.loop as loop
+
+    monkeypatch.setattr(loop, "graphs_wanted", lambda tr: True)
+    cfg = tiny_config("fuxi-alpha", **{"train.length_chunks": 4, "data.max_len": 80})
+    ds = load_dataset(cfg.data)
+    tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)
+    assert isinstance(tr.graphed, GraphedStep) and tr.graphed.chunks == 4 and tr.graphed.R == cfg.train.batch_size // 4
+
+
+def test_compile_auto_only_for_the_cuda_graph_step(monkeypatch):
+    import fuxi_mme.train.loop as loop
+
+    cfg = tiny_config("fuxi-alpha")
+    assert loop.compile_mode(cfg, torch.device("cpu"), False) is None  # auto: never on CPU
+    assert loop.compile_mode(cfg, torch.device("cuda"), True) is None  # nor under DDP
+    cfg.train.cuda_graphs = "off"
+    assert loop.compile_mode(cfg, torch.device("cuda"), False) is None
+    cfg.train.cuda_graphs = "auto"
+    have_triton = loop.importlib_find_spec("triton") is not None
+    assert loop.compile_mode(cfg, torch.device("cuda"), False) == ("graphs" if have_triton else None)
+    cfg.train.compile = True
+    assert loop.compile_mode(cfg, torch.device("cpu"), False) == "always"
+    cfg.train.compile = False
+    assert loop.compile_mode(cfg, torch.device("cuda"), False) is None

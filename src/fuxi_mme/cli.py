@@ -50,7 +50,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--amp", choices=("none", "bf16"), help="bf16 autocast with fp32 master weights")
     g.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls on GPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model on every step (default auto: compiled inside the CUDA graphs on a GPU)")
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
     g.add_argument("--schedule", choices=("constant", "cosine"), help="learning-rate schedule (cosine: warmup + cosine decay)")
     g.add_argument("--warmup-steps", type=int)

@@ -98,9 +98,12 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     tf32: bool = True
     amp: str = "none"  # "none" or "bf16" (autocast on GPU; fp32 master weights)
-    compile: bool = False
+    # torch.compile of the model: true (every step), false, or "auto": compiled for the CUDA-graph
+    # step (single-process CUDA with triton installed), where it fuses the elementwise work;
+    # eager steps (the final partial batch, a refused capture) then use the plain model
+    compile: bool | str = "auto"
     # CUDA graphs for forward + loss + backward (static buffers, one graph per bucket of target
-    # counts); "auto": on for single-process CUDA training without torch.compile
+    # counts); "auto": on for single-process CUDA training
     cuda_graphs: str = "auto"
     # eager step: sort the batch's rows by length and run them in this many chunks, each padded
     # only to its own longest sequence (same loss, MoE aux loss and gradients); "auto": up to 6
@@ -335,6 +338,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    if isinstance(cfg.train.compile, str) and cfg.train.compile != "auto":
+        raise ConfigError(f"train.compile={cfg.train.compile!r} must be true, false or auto")
     lc = str(cfg.train.length_chunks)
     if lc != "auto" and not (lc.isdigit() and int(lc) >= 1):
         raise ConfigError(f"train.length_chunks={lc!r} must be auto or a whole number of at least 1")

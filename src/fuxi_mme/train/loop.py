@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from importlib.util import find_spec as importlib_find_spec
 import logging
 import math
 import os
@@ -120,6 +121,18 @@ def length_chunks(cfg: Config, device: torch.device, distributed: bool) -> int:
     return max(1, min(6, cfg.train.batch_size // 16))
 
 
+def compile_mode(cfg: Config, device: torch.device, distributed: bool) -> str | None:
+    """``train.compile`` resolved: "always" (every step compiled), "graphs" (only the CUDA-graph
+    step: ``auto`` on single-process CUDA with CUDA graphs wanted and triton importable) or
+    None."""
+    c = cfg.train.compile
+    if c is True:
+        return "always"
+    if c is False or device.type != "cuda" or distributed or cfg.train.cuda_graphs == "off":
+        return None
+    return "graphs" if importlib_find_spec("triton") is not None else None
+
+
 class Trainer:
     def __init__(
         self,
@@ -134,7 +147,11 @@ class Trainer:
         self.cfg, self.ds, self.device, self.run_dir = cfg, ds, device, run_dir
         self.dist = dist_info
         self.model = model
-        self.step_module: torch.nn.Module = _Step(model, torch.compile(model) if cfg.train.compile else model)
+        self.compile = compile_mode(cfg, device, dist_info.enabled)
+        compiled = torch.compile(model) if self.compile else None
+        self.step_module: torch.nn.Module = _Step(model, compiled if self.compile == "always" else model)
+        # what the CUDA-graph step records: the compiled model under train.compile=auto too
+        self.graph_module: torch.nn.Module = _Step(model, compiled) if compiled is not None else self.step_module
         if dist_info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
