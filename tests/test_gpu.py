@@ -76,7 +76,7 @@ def _steps(model: str, graphs: str, amp: str, grad_accum: int = 1, attention: st
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_cuda_graph_steps_equal_eager_steps(model, amp):
     eager, p_eager, _ = _steps(model, "off", amp)
-    graph, p_graph, tr = _steps(model, "on", amp)
+    graph, p_graph, tr = _steps(model, "on", amp, **{"train.compile": False})  # graphs alone; compiled below
     assert tr.graphed is not None and not tr.graphed.disabled and tr.graphed.graphs  # really replayed
     tol = 1e-4 if amp == "none" else 3e-2
     np.testing.assert_allclose(graph, eager, rtol=tol)
@@ -89,7 +89,7 @@ def test_cuda_graph_steps_equal_eager_steps(model, amp):
 def test_cuda_graph_with_gradient_accumulation_and_fused_attention():
     pytest.importorskip("triton")
     eager, p_eager, _ = _steps("fuxi-mme", "off", "bf16", grad_accum=2, attention="fused")
-    graph, p_graph, tr = _steps("fuxi-mme", "on", "bf16", grad_accum=2, attention="fused")
+    graph, p_graph, tr = _steps("fuxi-mme", "on", "bf16", grad_accum=2, attention="fused", **{"train.compile": False})
     assert tr.graphed.graphs and not tr.graphed.disabled
     np.testing.assert_allclose(graph, eager, rtol=3e-2)
     for k in p_eager:
@@ -127,16 +127,19 @@ def test_compiled_model_inside_cuda_graphs_equals_the_eager_step():
         torch.testing.assert_close(p_graph[k], p_eager[k], rtol=3e-2, atol=3e-2 * p_eager[k].abs().max().item() + 1e-9, msg=k)
 
 
-@pytest.mark.parametrize("model", ["hstu", "sasrec", "fuxi-mme"])
-def test_compile_auto_inside_cuda_graphs_equals_the_eager_step(model):
-    """``train.compile=auto`` (the default) compiles the graphed step only."""
+@pytest.mark.parametrize("model,amp", [("hstu", "bf16"), ("sasrec", "bf16"), ("fuxi-mme", "none")])
+def test_compile_auto_inside_cuda_graphs_equals_the_eager_step(model, amp):
+    """``train.compile=auto`` (the default) compiles the graphed step only. Fuxi-MME in fp32:
+    in bf16 the compiled and eager router logits round differently, a near-tied token can
+    take another expert, and single gradient entries then differ beyond bf16 tolerances."""
     pytest.importorskip("triton")
-    eager, p_eager, _ = _steps(model, "off", "bf16", **{"train.compile": False})
-    graph, p_graph, tr = _steps(model, "on", "bf16")
+    eager, p_eager, _ = _steps(model, "off", amp, **{"train.compile": False})
+    graph, p_graph, tr = _steps(model, "on", amp)
     assert tr.compile == "graphs" and tr.graphed.graphs and not tr.graphed.disabled
-    np.testing.assert_allclose(graph, eager, rtol=3e-2)
+    tol = 1e-3 if amp == "none" else 3e-2
+    np.testing.assert_allclose(graph, eager, rtol=tol)
     for k in p_eager:
-        torch.testing.assert_close(p_graph[k], p_eager[k], rtol=3e-2, atol=3e-2 * p_eager[k].abs().max().item() + 1e-9, msg=k)
+        torch.testing.assert_close(p_graph[k], p_eager[k], rtol=tol, atol=tol * p_eager[k].abs().max().item() + 1e-9, msg=k)
 
 
 def test_compiled_grouped_gemm_experts_inside_cuda_graphs():

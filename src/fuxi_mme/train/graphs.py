@@ -149,16 +149,19 @@ class GraphedStep:
         # eager fallback, so it must be refused here, before the capture starts.
         side = torch.cuda.Stream(self.tr.device)
         side.wait_stream(torch.cuda.current_stream(self.tr.device))
-        with torch.cuda.stream(side):
-            # first pass unchecked: one-time work may synchronise (compilation and its autotuning,
-            # lazily built constants such as the temporal bucket bounds); the second must not
-            self._body(bufs)
-            with _no_host_syncs():
+        try:
+            with torch.cuda.stream(side):
+                # first pass unchecked: one-time work may synchronise (compilation and its
+                # autotuning, lazily built constants such as the temporal bucket bounds); the
+                # second must not
                 self._body(bufs)
-        torch.cuda.current_stream(self.tr.device).wait_stream(side)
-        with torch.no_grad():
-            for p, g in zip(params, saved):
-                p.grad.copy_(g)
+                with _no_host_syncs():
+                    self._body(bufs)
+        finally:  # also when refused: the eager step that follows must start from these gradients
+            torch.cuda.current_stream(self.tr.device).wait_stream(side)
+            with torch.no_grad():
+                for p, g in zip(params, saved):
+                    p.grad.copy_(g)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             loss, aux = self._body(bufs)
