@@ -37,3 +37,32 @@ def test_throughput_table_says_what_really_ran():
     assert path_label({"path": "default", "cuda_graphs_used": True, "moe_path": None}) == "default (graphs)"
     assert path_label({"path": "fp32", "cuda_graphs_used": False, "moe_path": None}) == "fp32"
     assert path_label({"path": "chunked-bf16", "cuda_graphs_used": False, "moe_path": None, "length_chunks": 4}) == "chunked-bf16 (4 length chunks)"
+    assert path_label({"path": "default-bf16", "cuda_graphs_used": True, "compiled": "graphs", "moe_path": "grouped"}) == "default-bf16 (graphs, compiled, MoE grouped)"
+    assert path_label({"path": "compiled-graph-bf16", "cuda_graphs_used": True, "compiled": None}) == "compiled-graph-bf16 (not compiled)"
+
+
+def test_every_throughput_path_is_a_valid_config():
+    from throughput import PATHS, path_config
+
+    from fuxi_mme.config import validate
+
+    for path in PATHS:
+        cfg = path_config("ml-20m", "fuxi-mme", path, "cpu")
+        validate(cfg)
+        assert cfg.train.compile in (True, False, "auto")
+    assert path_config("ml-1m", "fuxi-alpha", "compiled-graph-bf16", "cpu").train.compile == "auto"
+    assert path_config("ml-1m", "fuxi-alpha", "graph-bf16", "cpu").train.compile is False
+
+
+def test_throughput_times_a_whole_epoch_on_cpu():
+    """The --epoch measurement runs the library's own epoch loop (tiny synthetic data on CPU)."""
+    import torch
+    from conftest import tiny_config
+    from throughput import bench_train
+
+    from fuxi_mme.data import load_dataset
+
+    cfg = tiny_config("fuxi-alpha")
+    ds = load_dataset(cfg.data)
+    r = bench_train(cfg, ds, torch.device("cpu"), steps=2, warmup=1, epoch=True)
+    assert r["epoch_s_measured"] > 0 and r["epoch_seq_per_s"] > 0 and r["warmup_s"] > 0 and r["compiled"] is None

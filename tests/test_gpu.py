@@ -55,8 +55,6 @@ def test_grouped_gemm_with_idle_experts():
 
 def _steps(model: str, graphs: str, amp: str, grad_accum: int = 1, attention: str = "reference", **over):
     """Losses of one epoch of optimizer steps (6 full batches, 1 partial) and the first step's gradients."""
-    import numpy as np
-
     from conftest import epoch_losses_and_first_grads, tiny_config
     from fuxi_mme.data import load_dataset
     from fuxi_mme.models import build_model

@@ -1,7 +1,6 @@
 """The eager step's length-sorted chunks (``train.length_chunks``): the same loss and gradients
 as the single full-width pass, less padding, and the settings that refuse it."""
 
-import numpy as np
 import pytest
 import torch
 
