@@ -15,9 +15,9 @@ A graph needs fixed shapes and fixed addresses, so the step works on static buff
 * negatives are drawn outside the graph with the trainer's generator, as in the eager step
   (the same draws), and copied in.
 
-With ``train.length_chunks`` > 1 (opt-in on a GPU; not yet timed there) the batch's rows are
-sorted by length and run as equal chunks, each at its longest row's width rounded up to an
-eighth of ``max_len``: one graph per (width, target bucket), replayed one after the other into
+With ``train.length_chunks`` > 1 (opt-in on a GPU, where it measured slower than one pass)
+the batch's rows are sorted by length and run as equal chunks, each at its longest row's width
+rounded up to an eighth of ``max_len``: one graph per (width, target bucket), replayed one after the other into
 the same gradients, every chunk's loss divided by the whole batch's target count (a static
 device scalar). Every graph a step needs is recorded before any is replayed.
 
