@@ -131,3 +131,28 @@ def test_compile_auto_only_for_the_cuda_graph_step(monkeypatch):
     assert loop.compile_mode(cfg, torch.device("cpu"), False) == "always"
     cfg.train.compile = False
     assert loop.compile_mode(cfg, torch.device("cuda"), False) is None
+
+
+def test_a_failing_compiled_model_is_replaced_by_the_plain_one(caplog):
+    """train.compile=auto: if the compiled model fails inside the graph step, the plain model
+    is recorded instead; training goes on with the eager step's losses."""
+
+    class Broken(torch.nn.Module):
+        def forward(self, *a):
+            raise RuntimeError("inductor could not compile this")
+
+    eager, _, _ = run("fuxi-alpha", False)
+    cfg = tiny_config("fuxi-alpha", **{"data.max_len": 80, "train.length_chunks": 1})
+    ds = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)
+    tr.graphed = ReplayEagerly(tr)
+    # the stand-in capture runs the recorded module forward once (the real one warms up and
+    # captures the whole body), which is where a compiled model fails
+    tr.graphed._capture = lambda key, bufs: (tr.graph_module(bufs["ids"], bufs["ts"], bufs["query_ts"]), ReplayEagerly._capture(tr.graphed, key, bufs))
+    tr.compile, tr.graph_module = "graphs", Broken()
+    with caplog.at_level("WARNING"):
+        losses, _ = epoch_losses_and_first_grads(tr)
+    assert "torch.compile failed in the CUDA-graph step (RuntimeError: inductor could not compile this)" in caplog.text
+    assert tr.graph_module is tr.step_module and not tr.graphed.disabled and tr.graphed.graphs
+    np.testing.assert_allclose(losses, eager, rtol=1e-5)

@@ -226,6 +226,12 @@ class GraphedStep:
                     self._capture(key, bufs)
                 except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
                     tr.neg_gen.set_state(rng)
+                    if tr.compile == "graphs" and tr.graph_module is not tr.step_module:
+                        # train.compile=auto: record the plain model instead (graphs recorded
+                        # so far keep their compiled kernels: the same computation)
+                        log.warning("torch.compile failed in the CUDA-graph step (%s: %s); recording the plain model", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                        tr.graph_module = tr.step_module
+                        return self.run(rows)
                     self.disabled = True
                     self.graphs.clear()
                     log.warning("CUDA graphs off for this run (%s: %s); training eagerly", type(e).__name__, str(e).splitlines()[0][:200])
