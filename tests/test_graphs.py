@@ -24,12 +24,15 @@ class ReplayEagerly(GraphedStep):
         return self._body(self.graphs[Pb][1])
 
 
-def run(model, graphed: bool, grad_accum=1, bucket=16, **over):
-    cfg = tiny_config(model, **{"train.grad_accum": grad_accum, "data.max_len": 80, "train.length_chunks": 1, **over})
+def cpu_trainer(model, **over) -> Trainer:
+    cfg = tiny_config(model, **{"data.max_len": 80, "train.length_chunks": 1, **over})
     ds = load_dataset(cfg.data)
     torch.manual_seed(0)
-    net = build_model(cfg.model, ds.num_items, cfg.data.max_len)
-    tr = Trainer(cfg, ds, net, torch.device("cpu"), None, progress=False)
+    return Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)
+
+
+def run(model, graphed: bool, grad_accum=1, bucket=16, **over):
+    tr = cpu_trainer(model, **{"train.grad_accum": grad_accum, **over})
     assert tr.graphed is None  # CPU: never graphs
     if graphed:
         tr.graphed = ReplayEagerly(tr)
@@ -92,10 +95,7 @@ class RefusesCapture(GraphedStep):
 
 def test_a_refused_capture_falls_back_to_the_eager_step(caplog):
     eager, p_eager, _ = run("fuxi-mme", False)
-    cfg = tiny_config("fuxi-mme", **{"data.max_len": 80, "train.length_chunks": 1})
-    ds = load_dataset(cfg.data)
-    torch.manual_seed(0)
-    tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)
+    tr = cpu_trainer("fuxi-mme")
     tr.graphed = RefusesCapture(tr)
     with caplog.at_level("WARNING"):
         losses, grads = epoch_losses_and_first_grads(tr, 1)
@@ -110,10 +110,8 @@ def test_trainer_builds_its_graphed_step(monkeypatch):
     import fuxi_mme.train.loop as loop
 
     monkeypatch.setattr(loop, "graphs_wanted", lambda tr: True)
-    cfg = tiny_config("fuxi-alpha", **{"train.length_chunks": 4, "data.max_len": 80})
-    ds = load_dataset(cfg.data)
-    tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)
-    assert isinstance(tr.graphed, GraphedStep) and tr.graphed.chunks == 4 and tr.graphed.R == cfg.train.batch_size // 4
+    tr = cpu_trainer("fuxi-alpha", **{"train.length_chunks": 4})
+    assert isinstance(tr.graphed, GraphedStep) and tr.graphed.chunks == 4 and tr.graphed.R == tr.cfg.train.batch_size // 4
 
 
 def test_compile_auto_only_for_the_cuda_graph_step(monkeypatch):
@@ -142,10 +140,7 @@ def test_a_failing_compiled_model_is_replaced_by_the_plain_one(caplog):
             raise RuntimeError("inductor could not compile this")
 
     eager, _, _ = run("fuxi-alpha", False)
-    cfg = tiny_config("fuxi-alpha", **{"data.max_len": 80, "train.length_chunks": 1})
-    ds = load_dataset(cfg.data)
-    torch.manual_seed(0)
-    tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)
+    tr = cpu_trainer("fuxi-alpha")
     tr.graphed = ReplayEagerly(tr)
     # the stand-in capture runs the recorded module forward once (the real one warms up and
     # captures the whole body), which is where a compiled model fails
