@@ -17,9 +17,9 @@ A graph needs fixed shapes and fixed addresses, so the step works on static buff
 
 With ``train.length_chunks`` > 1 (opt-in on a GPU, where it measured slower than one pass)
 the batch's rows are sorted by length and run as equal chunks, each at its longest row's width
-rounded up to an eighth of ``max_len``: one graph per (width, target bucket), replayed one after the other into
-the same gradients, every chunk's loss divided by the whole batch's target count (a static
-device scalar). Every graph a step needs is recorded before any is replayed.
+rounded up to an eighth of ``max_len``: one graph per (width, target bucket), replayed one
+after the other into the same gradients, every chunk's loss divided by the whole batch's target
+count (a static device scalar). Every graph a step needs is recorded before any is replayed.
 
 Gradients accumulate into ``.grad`` tensors that exist before the first capture and are only
 ever zeroed in place afterwards (never set to None). The optimizer step, gradient clipping and
@@ -29,12 +29,14 @@ the losses equal the eager step's to rounding (``tests/test_gpu.py``).
 
 With ``train.compile`` (``auto``: on here when triton is installed) the graphs record the
 compiled model's kernels: ``torch.compile`` fuses the norms, SiLU, masks and casts between the
-matrix products (ML-20M FuXi-alpha step 18.3 -> 6.7 ms on an H200, ``docs/performance.md``).
+matrix products (ML-20M FuXi-alpha, bf16: step 10.9 -> 6.2 ms on an H200,
+``docs/performance.md``). A compiled model that fails to capture is replaced by the plain one.
 Each graph is preceded by two warm-up passes: the first unchecked (compilation, lazily built
 constants), the second checked for host syncs.
 
-Not used (eager step instead): CPU, multi-process training, the final partial batch of an epoch, and any model whose step cannot be captured (e.g. an op that
-synchronises with the host); the reason is logged once.
+Not used (eager step instead): CPU, multi-process training, the final partial batch of an
+epoch, and any model whose step cannot be captured (e.g. an op that synchronises with the
+host); the reason is logged once.
 """
 
 from __future__ import annotations

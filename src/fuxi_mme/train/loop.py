@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-from importlib.util import find_spec as importlib_find_spec
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
+from importlib.util import find_spec as importlib_find_spec
 from pathlib import Path
 from typing import Any
 
