@@ -188,16 +188,23 @@ def path_label(r: dict) -> str:
     return r["path"] + (f" ({', '.join(notes)})" if notes else "")
 
 
+def speedup_cell(r: dict) -> str:
+    """Seq/s against the fp32 reference of the same model in the same run; a run without one
+    names the path it was compared with instead."""
+    base = r.get("speedup_base", "fp32")
+    return f"{r['speedup_vs_reference']:.2f}x" + ("" if base == "fp32" else f" (vs {base}, no fp32 run)")
+
+
 def write(results: list[dict], info: dict, out_arg: str | None) -> Path:
     """JSON + Markdown table of the results so far (rewritten after every measurement)."""
     out = Path(out_arg) if out_arg else RESULTS / f"throughput-{card(info)}.json"
     lines = [f"Device: {info['device'].get('gpu', 'cpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`.", "",
-             "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | measured epoch s (seq/s) | warm-up s | peak GB | eval users/s | vs first path |",
+             "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | measured epoch s (seq/s) | warm-up s | peak GB | eval users/s | vs fp32 reference |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         whole = f"{r['epoch_s_measured']:.1f} ({r['epoch_seq_per_s']:,.0f})" if "epoch_s_measured" in r else "-"
         lines.append(f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {whole} | "
-                     f"{r.get('warmup_s', 0):.0f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {r['speedup_vs_reference']:.2f}x |")
+                     f"{r.get('warmup_s', 0):.0f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {speedup_cell(r)} |")
     save(out, {"benchmark": "throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": results}, lines)
     return out.with_suffix(".json")
 
@@ -221,13 +228,15 @@ def main() -> None:
         ds = synthetic(shape)
         for model in args.models:
             ref = None
-            for path in args.paths:
+            # the fp32 reference first, so every other path is compared with it
+            for path in sorted(args.paths, key=lambda p: p != "fp32"):
                 cfg = path_config(shape, model, path, dev)
                 r = {"shape": shape, "model": model, "path": path, "preset": cfg.preset, "config": cfg.to_dict(),
                      **bench_train(cfg, ds, dev, args.steps, args.warmup, epoch=args.epoch)}
                 if ref is None:
                     ref = r
                 r["speedup_vs_reference"] = r["seq_per_s"] / ref["seq_per_s"]
+                r["speedup_base"] = ref["path"]
                 whole = f", measured epoch {r['epoch_s_measured']:.1f} s ({r['epoch_seq_per_s']:.0f} seq/s)" if "epoch_s_measured" in r else ""
                 print(f"{shape} {model} {path}: {r['seq_per_s']:.0f} seq/s, step {r['step_ms_median']:.1f} ms, epoch {r['epoch_s_projected']:.1f} s{whole}, "
                       f"eval {r['eval_users_per_s']:.0f} users/s, mem {r.get('peak_mem_gb', 0):.2f} GB", flush=True)

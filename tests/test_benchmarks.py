@@ -66,3 +66,10 @@ def test_throughput_times_a_whole_epoch_on_cpu():
     ds = load_dataset(cfg.data)
     r = bench_train(cfg, ds, torch.device("cpu"), steps=2, warmup=1, epoch=True)
     assert r["epoch_s_measured"] > 0 and r["epoch_seq_per_s"] > 0 and r["warmup_s"] > 0 and r["compiled"] is None
+
+
+def test_speed_ups_name_what_they_compare_with():
+    from throughput import speedup_cell
+
+    assert speedup_cell({"speedup_vs_reference": 5.111, "speedup_base": "fp32"}) == "5.11x"
+    assert speedup_cell({"speedup_vs_reference": 1.5, "speedup_base": "graph-bf16"}) == "1.50x (vs graph-bf16, no fp32 run)"
