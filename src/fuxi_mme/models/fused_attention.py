@@ -12,9 +12,11 @@ FuXi-alpha, per (batch b, head h), causal (j <= i), N = the normaliser (configur
 
 HSTU: ``out[i] = sum_j silu(q_i . k_j + pos_w[i - j] + time_w[bucket[b, i, j]]) / N * v_j``.
 
-Backward: one kernel per key block accumulates dK and dV; one per query block accumulates dQ
-and writes the gradient of every (i, j) bias entry, summed over heads, into a (B, N, N) fp32
-buffer (atomic adds across heads), which ``small_table_grad`` folds into ``pos_w`` / ``time_w``.
+Backward: one kernel per key block accumulates dK and dV; one per query block accumulates dQ.
+The gradient of every (i, j) bias entry, summed over heads, goes into a (B, N, N) fp32 buffer
+that ``small_table_grad`` folds into ``pos_w`` / ``time_w``: for HSTU the dQ kernel adds each
+head's share atomically; FuXi-alpha's bias channels do not depend on q or k, so their buffers
+are one batched product per channel, ``sum_h dout_h @ v_h^T`` (no atomics).
 
 Status: checked against the reference (values and all five gradients, fp32 and bf16) in
 Triton's CPU interpreter (``TRITON_INTERPRET=1``) and on an H100 (``tests/test_fused_attention.py``).
@@ -157,16 +159,13 @@ if HAVE_TRITON:
         tl.store(ptr, dv.to(DVp.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd_q(Q, K, V, POS, TIME, BKT, DO, DQp, GP, GT, H, N, DQ, DV, inv_norm,
+    def bwd_q(Q, K, V, POS, TIME, BKT, DO, DQp, GP, H, N, DQ, DV, inv_norm,
               HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_m, bh, b, h, offs_m = _program(H, BM)
         q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
         ptr, mask = _orows(DO, b, h, 0, offs_m, N, C, H, DV, BDV)
         do0 = tl.load(ptr, mask=mask, other=0.0)
-        if not HSTU:
-            do1 = tl.load(ptr + H * DV, mask=mask, other=0.0)
-            do2 = tl.load(ptr + 2 * H * DV, mask=mask, other=0.0)
         dq = tl.zeros((BM, BDQ), tl.float32)
         for start_n in range(0, tl.minimum((pid_m + 1) * BM, N), BN):
             offs_n = start_n + tl.arange(0, BN)
@@ -174,13 +173,9 @@ if HAVE_TRITON:
             sig = tl.sigmoid(z)
             dz = tl.where(causal, _dot(do0, tl.trans(v), IEEE) * sig * (1.0 + z * (1.0 - sig)) * inv_norm, 0.0)
             dq += _dot(dz.to(k.dtype), k, IEEE)
-            g = (b * N + offs_m[:, None]) * N + offs_n[None, :]  # the (B, N, N) bias-gradient buffers
-            if HSTU:
+            if HSTU:  # the bias gradient is dz summed over heads: the (B, N, N) buffer, atomically
+                g = (b * N + offs_m[:, None]) * N + offs_n[None, :]
                 tl.atomic_add(GP + g, dz, mask=causal)
-            else:
-                tl.atomic_add(GP + g, _dot(do1, tl.trans(v), IEEE), mask=causal)
-                if USE_TIME:
-                    tl.atomic_add(GT + g, _dot(do2, tl.trans(v), IEEE), mask=causal)
         ptr, mask = _rows(DQp, bh, offs_m, N, DQ, BDQ)
         tl.store(ptr, dq.to(DQp.dtype.element_ty), mask=mask)
 
@@ -231,13 +226,20 @@ class _FusedAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
-        gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32)
-        gt = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if (use_time and not hstu) else gp
+        # HSTU: the kernel adds each head's dz into gp (atomics across heads). FuXi-alpha's bias
+        # channels do not depend on q or k: their gradient at (b, i, j) is sum_h do_h[i] . v_h[j],
+        # one (N, H*DV) x (H*DV, N) product per sequence and channel, with no atomics
+        gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if hstu else None
         ieee = q.dtype == torch.float32
         meta = dict(HSTU=hstu, USE_TIME=use_time, IEEE=ieee, C=C, BM=BM, BN=BM, BDQ=_pow2(DQ), BDV=_pow2(DV))
         grid = (triton.cdiv(N, BM), B * H)
         bwd_kv[grid](q, k, v, pos, time, bk, do, dk, dv, H, N, DQ, DV, 1.0 / norm, **meta)
-        bwd_q[grid](q, k, v, pos, time, bk, do, dq, gp, gt, H, N, DQ, DV, 1.0 / norm, **meta)
+        bwd_q[grid](q, k, v, pos, time, bk, do, dq, gp if hstu else dq, H, N, DQ, DV, 1.0 / norm, **meta)
+        gt = gp
+        if not hstu:
+            v_t = v.float().transpose(1, 2).reshape(B, N, H * DV).transpose(1, 2)  # (B, H*DV, N)
+            gp = torch.bmm(do[:, :, 1].float().reshape(B, N, H * DV), v_t).tril_()
+            gt = torch.bmm(do[:, :, 2].float().reshape(B, N, H * DV), v_t).tril_() if use_time else None
         # gp / gt are zero above the diagonal, so every entry can be binned (no boolean
         # indexing: that would be a host sync); rel = max(i - j, 0)
         ar = torch.arange(N, device=q.device)
