@@ -234,7 +234,7 @@ class _FusedAttention(torch.autograd.Function):
         meta = dict(HSTU=hstu, USE_TIME=use_time, IEEE=ieee, C=C, BM=BM, BN=BM, BDQ=_pow2(DQ), BDV=_pow2(DV))
         grid = (triton.cdiv(N, BM), B * H)
         bwd_kv[grid](q, k, v, pos, time, bk, do, dk, dv, H, N, DQ, DV, 1.0 / norm, **meta)
-        bwd_q[grid](q, k, v, pos, time, bk, do, dq, gp if hstu else dq, H, N, DQ, DV, 1.0 / norm, **meta)
+        bwd_q[grid](q, k, v, pos, time, bk, do, dq, gp if hstu else pos, H, N, DQ, DV, 1.0 / norm, **meta)  # GP unused for FuXi
         gt = gp
         if not hstu:
             v_t = v.float().transpose(1, 2).reshape(B, N, H * DV).transpose(1, 2)  # (B, H*DV, N)
