@@ -76,6 +76,7 @@ PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end, length chunks, to
     "compiled-graph-bf16": ("bf16", "reference", "on", "dense", "1", "auto"),
     "compiled-grouped-graph-bf16": ("bf16", "reference", "on", "batched", "1", "auto"),
     "compiled-chunked-graph-bf16": ("bf16", "reference", "on", "dense", "4", "auto"),
+    "compiled-fast": ("bf16", "fused", "on", "auto", "1", "auto"),  # default-bf16 with the fused Triton attention
 }
 
 
@@ -214,7 +215,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["ml-1m", "ml-20m"])
     ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "fuxi-mme"])
     ap.add_argument("--paths", nargs="+", default=["fp32", "bf16", "fast"], choices=list(PATHS),
-                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); chunked-bf16 = eager bf16 in 4 length-sorted chunks; chunked-graph-bf16 = the same with CUDA graphs (one pass for MoE models); compiled-* = torch.compile inside the graphs; default-bf16 = default with --amp bf16")
+                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); chunked-bf16 = eager bf16 in 4 length-sorted chunks; chunked-graph-bf16 = the same with CUDA graphs (one pass for MoE models); compiled-* = torch.compile inside the graphs (compiled-fast: with the fused attention); default-bf16 = default with --amp bf16")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="auto")
