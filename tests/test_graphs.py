@@ -125,6 +125,8 @@ def test_compile_auto_only_for_the_cuda_graph_step(monkeypatch):
     cfg.train.cuda_graphs = "auto"
     have_triton = loop.importlib_find_spec("triton") is not None
     assert loop.compile_mode(cfg, torch.device("cuda"), False) == ("graphs" if have_triton else None)
+    cfg.train.deterministic = True
+    assert loop.compile_mode(cfg, torch.device("cuda"), False) is None  # auto keeps runs reproducible
     cfg.train.compile = True
     assert loop.compile_mode(cfg, torch.device("cpu"), False) == "always"
     cfg.train.compile = False

@@ -123,12 +123,12 @@ def length_chunks(cfg: Config, device: torch.device, distributed: bool) -> int:
 
 def compile_mode(cfg: Config, device: torch.device, distributed: bool) -> str | None:
     """``train.compile`` resolved: "always" (every step compiled), "graphs" (only the CUDA-graph
-    step: ``auto`` on single-process CUDA with CUDA graphs wanted and triton importable) or
-    None."""
+    step: ``auto`` on single-process CUDA with CUDA graphs wanted and triton importable, unless
+    ``train.deterministic``: Inductor's scatter kernels add atomically) or None."""
     c = cfg.train.compile
     if c is True:
         return "always"
-    if c is False or device.type != "cuda" or distributed or cfg.train.cuda_graphs == "off":
+    if c is False or device.type != "cuda" or distributed or cfg.train.cuda_graphs == "off" or cfg.train.deterministic:
         return None
     return "graphs" if importlib_find_spec("triton") is not None else None
 
