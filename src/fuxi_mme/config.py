@@ -100,8 +100,7 @@ class TrainConfig:
     amp: str = "none"  # "none" or "bf16" (autocast on GPU; fp32 master weights)
     # torch.compile of the model: true (every step), false, or "auto": compiled for the CUDA-graph
     # step (single-process CUDA with triton installed, not deterministic), where it fuses the
-    # elementwise work;
-    # eager steps (the final partial batch, a refused capture) then use the plain model
+    # elementwise work; eager steps (the final partial batch, a refused capture) use the plain model
     compile: bool | str = "auto"
     # CUDA graphs for forward + loss + backward (static buffers, one graph per bucket of target
     # counts); "auto": on for single-process CUDA training
