@@ -235,11 +235,13 @@ class _FusedAttention(torch.autograd.Function):
         grid = (triton.cdiv(N, BM), B * H)
         bwd_kv[grid](q, k, v, pos, time, bk, do, dk, dv, H, N, DQ, DV, 1.0 / norm, **meta)
         bwd_q[grid](q, k, v, pos, time, bk, do, dq, gp if hstu else pos, H, N, DQ, DV, 1.0 / norm, **meta)  # GP unused for FuXi
-        gt = gp
-        if not hstu:
+        if hstu:
+            gt = gp  # HSTU's positional and temporal biases share one pre-activation: one gradient
+        else:
             v_t = v.float().transpose(1, 2).reshape(B, N, H * DV).transpose(1, 2)  # (B, H*DV, N)
-            gp = torch.bmm(do[:, :, 1].float().reshape(B, N, H * DV), v_t).tril_()
-            gt = torch.bmm(do[:, :, 2].float().reshape(B, N, H * DV), v_t).tril_() if use_time else None
+            channel_grad = lambda c: torch.bmm(do[:, :, c].float().reshape(B, N, H * DV), v_t).tril_()  # noqa: E731
+            gp = channel_grad(1)
+            gt = channel_grad(2) if use_time else None
         # gp / gt are zero above the diagonal, so every entry can be binned (no boolean
         # indexing: that would be a host sync); rel = max(i - j, 0)
         ar = torch.arange(N, device=q.device)
