@@ -4,7 +4,15 @@ Shapes are the base presets' (batch 128, length 200): q/k/v as the FuXi block pr
 random temporal buckets, the full causal sequence. Times are CUDA-event medians after warm-up;
 peak memory is measured per path from a reset. Also checks that both paths agree before timing.
 
-    PYTHONPATH=src python benchmarks/attention.py --shapes ml-20m ml-1m --dtype bf16
+Paths: ``reference`` (PyTorch, eager: what the 3x target is measured against),
+``reference-compiled`` (the same function under ``torch.compile``, which is what the compiled
+training step runs) and ``fused`` (the Triton kernels). For the fused path the time is also
+split into its parts: the forward kernel, the two backward kernels and the bias-table
+gradients (``parts``). ``--sweep`` first times each kernel under every launch setting in
+``SWEEP`` (tile rows, warps, stages), keeps the fastest per kernel for the rest of the run and
+records the whole table, so the settings in ``fused_attention.LAUNCH`` come from a measurement.
+
+    PYTHONPATH=src python benchmarks/attention.py --shapes ml-20m ml-1m --dtype bf16 [--sweep]
 
 Writes ``benchmarks/results/attention-<device>.json`` and ``.md``.
 """
@@ -66,6 +74,72 @@ def timed(fn, args, norm, steps, warmup, dev):
     return statistics.median(times)
 
 
+def _event_ms(fn, steps: int, warmup: int) -> float:
+    """CUDA-event median of ``fn()`` (no autograd)."""
+    times = []
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _kernel_args(a, norm, hstu):
+    """The fused kernels' own inputs, prepared as ``fused_attention._attention`` does."""
+    q, k, v, pos, tw, bk = a
+    q, k, v = (t.detach().contiguous() for t in (q, k, v))
+    pos, tw = pos.detach().float().contiguous(), tw.detach().float().contiguous()
+    do = torch.randn(q.shape[0], q.shape[2], 1 if hstu else 3, q.shape[1], v.shape[-1], device=q.device, dtype=q.dtype)
+    return (q, k, v, pos, tw, bk), do, 1.0 / norm
+
+
+def fused_parts(fa, a, norm, hstu, steps, warmup) -> dict:
+    """Milliseconds of each part of the fused forward + backward."""
+    base, do, inv = _kernel_args(a, norm, hstu)
+    q, k, v, pos, tw, bk = base
+    _, gp = fa.launch_bwd_q(*base, do, inv, hstu)
+    return {
+        "fwd": _event_ms(lambda: fa.launch_fwd(*base, inv, hstu), steps, warmup),
+        "bwd_kv": _event_ms(lambda: fa.launch_bwd_kv(*base, do, inv, hstu), steps, warmup),
+        "bwd_q": _event_ms(lambda: fa.launch_bwd_q(*base, do, inv, hstu), steps, warmup),
+        "bias_grads": _event_ms(lambda: fa.bias_grads(v, do, gp, pos.shape[0], tw.shape[0], bk, hstu), steps, warmup),
+    }
+
+
+# Launch settings tried by --sweep: (BM, BN, num_warps, num_stages)
+SWEEP = [(bm, bn, w, st) for bm, bn in ((32, 32), (32, 64), (64, 32), (64, 64), (128, 64), (64, 128))
+         for w, st in ((4, 2), (4, 3), (8, 2))]
+
+
+def sweep(fa, a, norm, hstu, steps, warmup) -> dict:
+    """Every launch setting of every kernel, timed alone; returns {kernel: [(setting, ms)]}."""
+    base, do, inv = _kernel_args(a, norm, hstu)
+    calls = {
+        "fwd": lambda: fa.launch_fwd(*base, inv, hstu),
+        "bwd_kv": lambda: fa.launch_bwd_kv(*base, do, inv, hstu),
+        "bwd_q": lambda: fa.launch_bwd_q(*base, do, inv, hstu),
+    }
+    out = {}
+    for name, call in calls.items():
+        keep = fa.LAUNCH[name]
+        rows = []
+        for setting in SWEEP:
+            fa.LAUNCH[name] = setting
+            try:
+                ms = _event_ms(call, steps, warmup)
+            except Exception as e:  # e.g. out of shared memory for this tile size
+                rows.append((list(setting), None, type(e).__name__))
+                continue
+            rows.append((list(setting), ms, ""))
+        fa.LAUNCH[name] = keep
+        out[name] = rows
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["ml-20m", "ml-1m"])
@@ -74,6 +148,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--sweep", action="store_true", help="time every launch setting of each kernel first and use the fastest")
     ap.add_argument("--out")
     args = ap.parse_args()
     from fuxi_mme.models import fused_attention as fa
@@ -81,16 +156,41 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     info = run_info(dev)
-    rows = []
+    rows, sweeps = [], {}
+    cuda = dev.type == "cuda"
+    if args.sweep and cuda:
+        # sweep at the first shape of each model; the fastest setting per kernel is kept
+        for model in args.models:
+            a, norm, _ = inputs(args.shapes[0], model, args.batch, dtype, dev)
+            table = sweep(fa, a, norm, model == "hstu", max(5, args.steps // 2), 3)
+            sweeps[f"{args.shapes[0]}/{model}"] = table
+            for name, rows_ in table.items():
+                ok = [r for r in rows_ if r[1] is not None]
+                best = min(ok, key=lambda r: r[1])
+                print(f"sweep {args.shapes[0]} {model} {name}: best {best[0]} {best[1]:.3f} ms; was {list(fa.LAUNCH[name])}", flush=True)
+        # one setting per kernel for both models: the best summed over the models swept
+        for name in ("fwd", "bwd_kv", "bwd_q"):
+            total: dict = {}
+            for table in sweeps.values():
+                for setting, ms, _ in table[name]:
+                    total.setdefault(tuple(setting), []).append(ms)
+            ok = {k: sum(v) for k, v in total.items() if None not in v and len(v) == len(sweeps)}
+            fa.LAUNCH[name] = min(ok, key=ok.get)
+        print("launch settings used:", fa.LAUNCH, flush=True)
     for shape in args.shapes:
         for model in args.models:
+            hstu = model == "hstu"
             ref_fn = fuxi_attention_reference if model == "fuxi-alpha" else hstu_attention_reference
             fused_fn = fa.fused_fuxi_attention if model == "fuxi-alpha" else fa.fused_hstu_attention
             a, norm, dims = inputs(shape, model, args.batch, dtype, dev)
             with torch.no_grad():
                 err = (fused_fn(*a, norm).float() - ref_fn(*a, norm).float()).abs().max().item()
-            rec = {"shape": shape, "model": model, "dtype": args.dtype, **dims, "max_abs_diff": err}
-            for name, fn in (("reference", ref_fn), ("fused", fused_fn)):
+            rec = {"shape": shape, "model": model, "dtype": args.dtype, **dims, "max_abs_diff": err, "launch": {k: list(v) for k, v in fa.LAUNCH.items()}}
+            paths = [("reference", ref_fn), ("fused", fused_fn)]
+            if cuda:
+                torch._dynamo.reset()
+                paths.insert(1, ("reference_compiled", torch.compile(ref_fn)))
+            for name, fn in paths:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
@@ -99,15 +199,36 @@ def main() -> None:
                 if dev.type == "cuda":
                     rec[f"{name}_peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
             rec["speedup"] = rec["reference_ms"] / rec["fused_ms"]
+            if cuda:
+                rec["speedup_vs_compiled"] = rec["reference_compiled_ms"] / rec["fused_ms"]
+                rec["parts"] = fused_parts(fa, a, norm, hstu, args.steps, args.warmup)
             rows.append(rec)
             print(rec, flush=True)
     out = Path(args.out or RESULTS / f"attention-{card(info)}")
     md = [f"# Attention forward + backward, {card(info)}, torch {info['versions'].get('torch')}, commit {info['commit']}", "",
-          "| shape | model | B x N, H, qk/v | dtype | reference ms | fused ms | speedup | reference peak GB | fused peak GB | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "Forward + backward of one attention call. `reference`: PyTorch eager (the target's baseline); `compiled`: the same under "
+          "`torch.compile`; `fused`: the Triton kernels, and its parts (forward kernel, dK/dV kernel, dQ kernel, bias-table gradients) timed alone.", "",
+          "| shape | model | B x N, H, qk/v | dtype | reference ms | compiled ms | fused ms | speedup vs reference | vs compiled | fused parts: fwd / bwd_kv / bwd_q / bias ms "
+          "| reference peak GB | compiled peak GB | fused peak GB | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['shape']} | {r['model']} | {r['B']} x {r['N']}, {r['H']}, {r['qk_dim']}/{r['v_dim']} | {r['dtype']} | {r['reference_ms']:.2f} | {r['fused_ms']:.2f} | "
-                  f"{r['speedup']:.2f}x | {r.get('reference_peak_gb', 0):.3f} | {r.get('fused_peak_gb', 0):.3f} | {r['max_abs_diff']:.2e} |")
-    save(out, {"benchmark": "attention", **info, "results": rows}, md)
+        pt = r.get("parts")
+        parts = " / ".join(f"{pt[k]:.3f}" for k in ("fwd", "bwd_kv", "bwd_q", "bias_grads")) if pt else "-"
+        comp = f"{r['reference_compiled_ms']:.2f}" if "reference_compiled_ms" in r else "-"
+        vs = f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-"
+        md.append(f"| {r['shape']} | {r['model']} | {r['B']} x {r['N']}, {r['H']}, {r['qk_dim']}/{r['v_dim']} | {r['dtype']} | {r['reference_ms']:.2f} | {comp} | {r['fused_ms']:.2f} | "
+                  f"{r['speedup']:.2f}x | {vs} | {parts} | {r.get('reference_peak_gb', 0):.3f} | {r.get('reference_compiled_peak_gb', 0):.3f} | {r.get('fused_peak_gb', 0):.3f} | {r['max_abs_diff']:.2e} |")
+    if rows:
+        md += ["", "Launch settings (BM, BN, warps, stages): " + ", ".join(f"{k} {tuple(v)}" for k, v in rows[0]["launch"].items())]
+    for key, table in sweeps.items():
+        md += ["", f"Sweep at {key} (ms per kernel alone; fastest marked):", "", "| setting | fwd | bwd_kv | bwd_q |", "|---|---|---|---|"]
+        best = {n: min((ms for _, ms, _ in t if ms is not None), default=None) for n, t in table.items()}
+        for i, (setting, _, _) in enumerate(table["fwd"]):
+            cells = []
+            for n in ("fwd", "bwd_kv", "bwd_q"):
+                ms, err_ = table[n][i][1], table[n][i][2]
+                cells.append(err_ or (f"**{ms:.3f}**" if ms == best[n] else f"{ms:.3f}"))
+            md.append(f"| {tuple(setting)} | " + " | ".join(cells) + " |")
+    save(out, {"benchmark": "attention", **info, "results": rows, "sweeps": sweeps}, md)
     print("\n".join(md))
 
 

@@ -145,6 +145,8 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int, epoch: bool = False) -> d
         # chunks the timed steps really ran in (the graphed step keeps one pass for MoE models)
         "length_chunks": tr.graphed.chunks if tr.graphed is not None and not tr.graphed.disabled else tr.length_chunks,
         "compiled": tr.compile,  # None, "graphs" (the graphed steps) or "always"
+        # False where a compiled model failed to capture and the plain one was graphed instead
+        "compiled_kept": tr.compile != "graphs" or tr.graph_module is not tr.step_module,
         "warmup_s": warmup_s if warmup else 0.0,
     }
     if epoch:
@@ -178,7 +180,9 @@ def path_label(r: dict) -> str:
     elif asked == "auto" and "cuda_graphs_used" in r:
         notes.append("graphs" if r["cuda_graphs_used"] else "eager")
     compiled = r.get("compiled")
-    if compiled and not r["path"].startswith("compiled"):
+    if compiled and r.get("compiled_kept") is False:
+        notes.append("compile fell back: plain model graphed")
+    elif compiled and not r["path"].startswith("compiled"):
         notes.append("compiled")
     elif r["path"].startswith("compiled") and "compiled" in r and not compiled:
         notes.append("not compiled")

@@ -39,6 +39,8 @@ def test_throughput_table_says_what_really_ran():
     assert path_label({"path": "chunked-bf16", "cuda_graphs_used": False, "moe_path": None, "length_chunks": 4}) == "chunked-bf16 (4 length chunks)"
     assert path_label({"path": "default-bf16", "cuda_graphs_used": True, "compiled": "graphs", "moe_path": "grouped"}) == "default-bf16 (graphs, compiled, MoE grouped)"
     assert path_label({"path": "compiled-graph-bf16", "cuda_graphs_used": True, "compiled": None}) == "compiled-graph-bf16 (not compiled)"
+    fell = {"path": "compiled-fast", "cuda_graphs_used": True, "compiled": "graphs", "compiled_kept": False, "moe_path": None}
+    assert path_label(fell) == "compiled-fast (compile fell back: plain model graphed)"
 
 
 def test_every_throughput_path_is_a_valid_config():

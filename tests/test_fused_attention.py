@@ -94,6 +94,33 @@ def test_models_train_the_same_with_the_fused_kernel(model):
         torch.testing.assert_close(g_fused[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("hstu", [False, True], ids=["fuxi", "hstu"])
+def test_compiles_without_graph_breaks(hstu):
+    """The kernels are custom operators: ``torch.compile(fullgraph=True)`` compiles the code
+    around them (no graph break into the Triton launches), with the reference's values and
+    gradients."""
+    B, H, N, DQ, DV, L = 2, 2, 20, 8, 8, 32
+    ref_fn = hstu_attention_reference if hstu else fuxi_attention_reference
+    fused_fn = fa.fused_hstu_attention if hstu else fa.fused_fuxi_attention
+    args = _inputs(B, H, N, DQ, DV, L, torch.float32, seed=3)
+    bk = args[5]
+
+    def loss(attend, q, k, v, pos_w, time_w):
+        return attend(q * 1.5, k, v, pos_w, time_w, bk, float(L)).sin().sum()  # work around the kernel
+
+    compiled = torch.compile(lambda *a: loss(fused_fn, *a), fullgraph=True)
+    got = compiled(*args[:5])
+    got.backward()
+    grads = [a.grad.clone() for a in args[:5]]
+    for a in args[:5]:
+        a.grad = None
+    want = loss(ref_fn, *args[:5])
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for name, g, a in zip(["q", "k", "v", "pos_w", "time_w"], grads, args[:5]):
+        torch.testing.assert_close(g, a.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 AOT_CHECK = """
 import inspect, sys
 import triton

@@ -140,6 +140,21 @@ def test_compile_auto_inside_cuda_graphs_equals_the_eager_step(model, amp):
         torch.testing.assert_close(p_graph[k], p_eager[k], rtol=tol, atol=tol * p_eager[k].abs().max().item() + 1e-9, msg=k)
 
 
+@pytest.mark.parametrize("model", ["fuxi-alpha", "hstu"])
+def test_compiled_model_with_fused_attention_inside_cuda_graphs(model):
+    """``model.attention=fused`` under ``train.compile=auto``: the kernels are custom operators
+    that Inductor compiles around; the compiled model must be kept (not replaced by the plain
+    one after a failed capture) and train as the eager fused step does."""
+    pytest.importorskip("triton")
+    eager, p_eager, _ = _steps(model, "off", "bf16", attention="fused", **{"train.compile": False})
+    graph, p_graph, tr = _steps(model, "on", "bf16", attention="fused")
+    assert tr.compile == "graphs" and tr.graphed.graphs and not tr.graphed.disabled
+    assert tr.graph_module is not tr.step_module  # the compiled model was captured
+    np.testing.assert_allclose(graph, eager, rtol=3e-2)
+    for k in p_eager:
+        torch.testing.assert_close(p_graph[k], p_eager[k], rtol=3e-2, atol=3e-2 * p_eager[k].abs().max().item() + 1e-9, msg=k)
+
+
 def test_compiled_grouped_gemm_experts_inside_cuda_graphs():
     pytest.importorskip("triton")
     over = {"model.moe.backend": "batched", "model.dim": 64, "model.qk_dim": 16, "model.v_dim": 16}

@@ -65,10 +65,11 @@ SCALING = {
     **{f"fuxi-mme E={e}": ("fuxi-mme", [f"model.moe.num_experts={e}", f"model.moe.top_k={min(2, e)}"]) for e in (1, 4, 8, 16)},
     **{f"fuxi-alpha+moe E={e}": ("fuxi-mme", ["model.num_embeddings=1", "model.qk_dim={qk_full}", "model.v_dim={qk_full}", f"model.moe.num_experts={e}", f"model.moe.top_k={min(2, e)}"]) for e in (1, 4, 8, 16)},
 }
-# Precision: the fast path (bf16 autocast, fused Triton attention, CUDA graphs, dense experts)
-# against the fp32 reference path (PyTorch attention, eager, loop experts), GPU only.
-REFERENCE_PATH = ["train.amp=none", "model.attention=reference", "train.cuda_graphs=off", "model.moe.backend=loop"]
-FAST_PATH = ["train.amp=bf16", "model.attention=fused", "train.cuda_graphs=on", "model.moe.backend=dense"]
+# Precision: the fast path (bf16 autocast, fused Triton attention, CUDA graphs with the model
+# compiled inside them, dense experts) against the fp32 reference path (PyTorch attention,
+# eager, not compiled, loop experts), GPU only.
+REFERENCE_PATH = ["train.amp=none", "model.attention=reference", "train.cuda_graphs=off", "train.compile=false", "model.moe.backend=loop"]
+FAST_PATH = ["train.amp=bf16", "model.attention=fused", "train.cuda_graphs=on", "train.compile=auto", "model.moe.backend=dense"]
 PRECISION = {f"{m} {name}": (m, path) for m in ("fuxi-alpha", "fuxi-mme") for name, path in (("fp32 reference", REFERENCE_PATH), ("bf16 fast", FAST_PATH))}
 
 
@@ -104,7 +105,7 @@ SUITES = {
         extra={PUBLISHED: PUBLISHED_EXTRA},
     ),
     "scaling": Suite("scaling", ["ml-1m-ts70"], SCALING, description="test NDCG@10 against depth and number of experts, with parameters and training time"),
-    "precision": Suite("precision", ["ml-100k", "amazon-beauty"], PRECISION, description="the fast bf16 path (fused attention, CUDA graphs) against the fp32 reference path (GPU)"),
+    "precision": Suite("precision", ["ml-100k", "amazon-beauty"], PRECISION, description="the fast bf16 path (fused attention, CUDA graphs, compiled) against the fp32 reference path (GPU)"),
 }
 
 # Where each dataset's files are, under --data-root (the layout of ../shared/data, plus the

@@ -189,75 +189,152 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(int(x)))
 
 
-class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool):
-        B, H, N, DQ = q.shape
-        DV = v.shape[-1]
-        C = 1 if hstu else 3
-        interp = interpreting()
-        fwd, _, _ = _kernels()
-        use_time = buckets is not None
-        dt = q.dtype
-        # contiguous (B, H, N, D): the gradients below are allocated with the same strides
-        q, k, v = q.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous()
-        pos = pos_w.float().contiguous()
-        time = time_w.float().contiguous() if use_time else pos
-        bk = buckets.contiguous() if use_time else torch.zeros(1, dtype=torch.long, device=q.device)
-        out = torch.empty(B, N, C, H, DV, device=q.device, dtype=dt)
-        BM = BN = 16 if interp else 64
-        ieee = dt == torch.float32
-        grid = (triton.cdiv(N, BM), B * H)
-        fwd[grid](q, k, v, pos, time, bk, out, H, N, DQ, DV, 1.0 / norm,
-                  HSTU=hstu, USE_TIME=use_time, IEEE=ieee, C=C, BM=BM, BN=BN, BDQ=_pow2(DQ), BDV=_pow2(DV))
-        ctx.save_for_backward(q, k, v, pos, time, bk)
-        ctx.meta = (norm, hstu, use_time, pos_w.dtype, time_w.dtype, BM)
-        return out.view(B, N, C * H * DV)
+# Launch settings per kernel: (query rows BM, key rows BN, num_warps, num_stages). Chosen by
+# the sweep in ``benchmarks/attention.py --sweep`` on an H200 at the ML-20M and ML-1M base
+# shapes (docs/performance.md); the interpreter uses 16 x 16 tiles.
+LAUNCH = {"fwd": (64, 64, 4, 2), "bwd_kv": (64, 64, 4, 2), "bwd_q": (64, 64, 4, 2)}
 
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, pos, time, bk = ctx.saved_tensors
-        norm, hstu, use_time, pos_dtype, time_dtype, BM = ctx.meta
-        B, H, N, DQ = q.shape
-        DV = v.shape[-1]
-        C = 1 if hstu else 3
-        _, bwd_kv, bwd_q = _kernels()
-        do = grad.reshape(B, N, C, H, DV).to(q.dtype).contiguous()
-        dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        # HSTU: the kernel adds each head's dz into gp (atomics across heads). FuXi-alpha's bias
-        # channels do not depend on q or k: their gradient at (b, i, j) is sum_h do_h[i] . v_h[j],
-        # one (N, H*DV) x (H*DV, N) product per sequence and channel, with no atomics
-        gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if hstu else None
-        ieee = q.dtype == torch.float32
-        meta = dict(HSTU=hstu, USE_TIME=use_time, IEEE=ieee, C=C, BM=BM, BN=BM, BDQ=_pow2(DQ), BDV=_pow2(DV))
-        grid = (triton.cdiv(N, BM), B * H)
-        bwd_kv[grid](q, k, v, pos, time, bk, do, dk, dv, H, N, DQ, DV, 1.0 / norm, **meta)
-        bwd_q[grid](q, k, v, pos, time, bk, do, dq, gp if hstu else pos, H, N, DQ, DV, 1.0 / norm, **meta)  # GP unused for FuXi
-        if hstu:
-            gt = gp  # HSTU's positional and temporal biases share one pre-activation: one gradient
-        else:
-            v_t = v.float().transpose(1, 2).reshape(B, N, H * DV).transpose(1, 2)  # (B, H*DV, N)
-            channel_grad = lambda c: torch.bmm(do[:, :, c].float().reshape(B, N, H * DV), v_t).tril_()  # noqa: E731
-            gp = channel_grad(1)
-            gt = channel_grad(2) if use_time else None
-        # gp / gt are zero above the diagonal, so every entry can be binned (no boolean
-        # indexing: that would be a host sync); rel = max(i - j, 0)
-        ar = torch.arange(N, device=q.device)
-        rel = (ar[:, None] - ar[None, :]).clamp(min=0)
-        dpos = small_table_grad(rel, gp.sum(0), pos.shape[0])
-        dtime = None
-        if use_time:
-            dtime = small_table_grad(bk, gt, time.shape[0]).to(time_dtype)
-        return dq, dk, dv, dpos.to(pos_dtype), dtime, None, None, None
+
+def _launch(name: str) -> tuple[int, int, dict]:
+    bm, bn, warps, stages = LAUNCH[name]
+    if interpreting():
+        return 16, 16, {}
+    return bm, bn, dict(num_warps=warps, num_stages=stages)
+
+
+def _consts(q, v, hstu, use_time, bm, bn):
+    return dict(HSTU=hstu, USE_TIME=use_time, IEEE=q.dtype == torch.float32, C=1 if hstu else 3,
+                BM=bm, BN=bn, BDQ=_pow2(q.shape[-1]), BDV=_pow2(v.shape[-1]))
+
+
+def _bucket_arg(buckets, q):
+    return buckets if buckets is not None else torch.zeros(1, dtype=torch.long, device=q.device)
+
+
+def launch_fwd(q, k, v, pos, time, buckets, inv_norm: float, hstu: bool) -> torch.Tensor:
+    """Forward kernel on contiguous (B, H, N, D) q, k, v (one dtype) and fp32 tables:
+    out (B, N, C, H, DV)."""
+    B, H, N, _ = q.shape
+    DV = v.shape[-1]
+    C = 1 if hstu else 3
+    out = torch.empty(B, N, C, H, DV, device=q.device, dtype=q.dtype)
+    bm, bn, opts = _launch("fwd")
+    fwd[(triton.cdiv(N, bm), B * H)](q, k, v, pos, time, _bucket_arg(buckets, q), out, H, N, q.shape[-1], DV, inv_norm,
+                                     **_consts(q, v, hstu, buckets is not None, bm, bn), **opts)
+    return out
+
+
+def launch_bwd_kv(q, k, v, pos, time, buckets, do, inv_norm: float, hstu: bool):
+    """dK, dV from the key-block kernel (``do`` (B, N, C, H, DV) contiguous)."""
+    B, H, N, _ = q.shape
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    bm, bn, opts = _launch("bwd_kv")
+    bwd_kv[(triton.cdiv(N, bn), B * H)](q, k, v, pos, time, _bucket_arg(buckets, q), do, dk, dv, H, N, q.shape[-1], v.shape[-1], inv_norm,
+                                        **_consts(q, v, hstu, buckets is not None, bm, bn), **opts)
+    return dk, dv
+
+
+def launch_bwd_q(q, k, v, pos, time, buckets, do, inv_norm: float, hstu: bool):
+    """dQ from the query-block kernel, and for HSTU the (B, N, N) fp32 gradient of the bias
+    pre-activation summed over heads (an empty tensor for FuXi-alpha)."""
+    B, H, N, _ = q.shape
+    dq = torch.empty_like(q)
+    gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if hstu else pos.new_empty(0)
+    bm, bn, opts = _launch("bwd_q")
+    bwd_q[(triton.cdiv(N, bm), B * H)](q, k, v, pos, time, _bucket_arg(buckets, q), do, dq, gp if hstu else pos, H, N, q.shape[-1], v.shape[-1], inv_norm,
+                                       **_consts(q, v, hstu, buckets is not None, bm, bn), **opts)  # GP unused for FuXi
+    return dq, gp
+
+
+def bias_grads(v, do, gp, pos_len: int, time_len: int, buckets, hstu: bool):
+    """fp32 gradients of the positional and temporal tables from the per-entry bias
+    gradients. HSTU: ``gp`` from ``launch_bwd_q`` (its two biases share one pre-activation).
+    FuXi-alpha: the bias channels do not depend on q or k, so the gradient at (b, i, j) is
+    sum_h do_h[i] . v_h[j], one (N, H*DV) x (H*DV, N) product per sequence and channel (no
+    atomics), in the inputs' dtype with fp32 accumulation (as the reference under autocast)."""
+    B, H, N, DV = v.shape
+    if hstu:
+        gt = gp
+    else:
+        v_t = v.transpose(1, 2).reshape(B, N, H * DV).transpose(1, 2)  # (B, H*DV, N)
+        channel_grad = lambda c: torch.bmm(do[:, :, c].reshape(B, N, H * DV), v_t).tril_()  # noqa: E731
+        gp = channel_grad(1)
+        gt = channel_grad(2) if buckets is not None else None
+    # gp / gt are zero above the diagonal, so every entry can be binned (no boolean indexing:
+    # that would be a host sync); rel = max(i - j, 0)
+    ar = torch.arange(N, device=v.device)
+    rel = (ar[:, None] - ar[None, :]).clamp(min=0)
+    dpos = small_table_grad(rel, gp.float().sum(0), pos_len)
+    dtime = small_table_grad(buckets, gt, time_len) if buckets is not None else None
+    return dpos, dtime
+
+
+# The kernels as two custom operators: opaque to torch.compile (Inductor compiles the model
+# around them instead of tracing into the Triton launches) and recorded as they are by CUDA graphs.
+_LIB = "fuxi_mme"
+_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor time, Tensor? buckets, float inv_norm, bool hstu) -> Tensor"
+_BWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor time, Tensor? buckets, Tensor do, float inv_norm, bool hstu)"
+               " -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.custom_op(f"{_LIB}::fused_attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _fwd_op(q, k, v, pos, time, buckets, inv_norm, hstu):
+    return launch_fwd(q, k, v, pos, time, buckets, inv_norm, hstu)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, pos, time, buckets, inv_norm, hstu):
+    B, H, N, _ = q.shape
+    return q.new_empty(B, N, 1 if hstu else 3, H, v.shape[-1])
+
+
+@torch.library.custom_op(f"{_LIB}::fused_attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _bwd_op(q, k, v, pos, time, buckets, do, inv_norm, hstu):
+    dk, dv = launch_bwd_kv(q, k, v, pos, time, buckets, do, inv_norm, hstu)
+    dq, gp = launch_bwd_q(q, k, v, pos, time, buckets, do, inv_norm, hstu)
+    return dq, dk, dv, gp
+
+
+@_bwd_op.register_fake
+def _(q, k, v, pos, time, buckets, do, inv_norm, hstu):
+    B, H, N, _ = q.shape
+    gp = pos.new_empty(B, N, N) if hstu else pos.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), gp
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, pos, time, buckets, inv_norm, hstu = inputs
+    ctx.save_for_backward(q, k, v, pos, time, buckets)
+    ctx.meta = (inv_norm, hstu)
+
+
+def _backward(ctx, grad):
+    q, k, v, pos, time, buckets = ctx.saved_tensors
+    inv_norm, hstu = ctx.meta
+    do = grad.to(q.dtype).contiguous()
+    dq, dk, dv, gp = _bwd_op(q, k, v, pos, time, buckets, do, inv_norm, hstu)
+    dpos, dtime = bias_grads(v, do, gp, pos.shape[0], time.shape[0], buckets, hstu)
+    return dq, dk, dv, dpos, dtime, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool) -> torch.Tensor:
+    B, H, N, _ = q.shape
+    dt = q.dtype
+    # contiguous (B, H, N, D) of one dtype; fp32 tables (their casts are differentiated by autograd)
+    q, k, v = q.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous()
+    bk = buckets.contiguous() if buckets is not None else None
+    out = _fwd_op(q, k, v, pos_w.float().contiguous(), time_w.float().contiguous(), bk, 1.0 / float(norm), hstu)
+    return out.view(B, N, -1)
 
 
 def fused_fuxi_attention(q, k, v, pos_w, time_w, buckets, norm: float) -> torch.Tensor:
     """Same contract as :func:`~fuxi_mme.models.attention.fuxi_attention_reference`."""
-    return _FusedAttention.apply(q, k, v, pos_w, time_w, buckets, float(norm), False)
+    return _attention(q, k, v, pos_w, time_w, buckets, norm, False)
 
 
 def fused_hstu_attention(q, k, v, pos_w, time_w, buckets, norm: float) -> torch.Tensor:
     """Same contract as :func:`~fuxi_mme.models.attention.hstu_attention_reference`."""
-    return _FusedAttention.apply(q, k, v, pos_w, time_w, buckets, float(norm), True)
+    return _attention(q, k, v, pos_w, time_w, buckets, norm, True)
