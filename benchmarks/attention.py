@@ -88,26 +88,57 @@ def _event_ms(fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _kernel_args(a, norm, hstu):
+def _kernel_args(fa, a, norm, hstu):
     """The fused kernels' own inputs, prepared as ``fused_attention._attention`` does."""
     q, k, v, pos, tw, bk = a
     q, k, v = (t.detach().contiguous() for t in (q, k, v))
-    pos, tw = pos.detach().float().contiguous(), tw.detach().float().contiguous()
+    with torch.no_grad():
+        pmap, tmap = fa.bias_maps(pos, tw, bk, q.shape[2], q.dtype)
     do = torch.randn(q.shape[0], q.shape[2], 1 if hstu else 3, q.shape[1], v.shape[-1], device=q.device, dtype=q.dtype)
-    return (q, k, v, pos, tw, bk), do, 1.0 / norm
+    return (q, k, v, pmap, tmap), do, 1.0 / norm
 
 
 def fused_parts(fa, a, norm, hstu, steps, warmup) -> dict:
-    """Milliseconds of each part of the fused forward + backward."""
-    base, do, inv = _kernel_args(a, norm, hstu)
-    q, k, v, pos, tw, bk = base
+    """Milliseconds of each part of the fused forward + backward, each timed alone (eager)."""
+    base, do, inv = _kernel_args(fa, a, norm, hstu)
+    q, k, v, pmap, tmap = base
     _, gp = fa.launch_bwd_q(*base, do, inv, hstu)
+
+    pos0, tw0, bk = a[3].detach(), a[4].detach(), a[5]
+
+    def tables():  # the bias maps, and their gradients back through the lookups into the tables
+        pos, tw = pos0.clone().requires_grad_(True), tw0.clone().requires_grad_(True)
+        pm, tm = fa.bias_maps(pos, tw, bk, q.shape[2], q.dtype)
+        gpm, gtm = fa.map_grads(v, do, gp, True, hstu)
+        torch.autograd.backward([pm, tm], [gpm.to(pm.dtype), gtm.to(tm.dtype)])
+
     return {
         "fwd": _event_ms(lambda: fa.launch_fwd(*base, inv, hstu), steps, warmup),
         "bwd_kv": _event_ms(lambda: fa.launch_bwd_kv(*base, do, inv, hstu), steps, warmup),
         "bwd_q": _event_ms(lambda: fa.launch_bwd_q(*base, do, inv, hstu), steps, warmup),
-        "bias_grads": _event_ms(lambda: fa.bias_grads(v, do, gp, pos.shape[0], tw.shape[0], bk, hstu), steps, warmup),
+        "bias_tables": _event_ms(tables, steps, warmup),
     }
+
+
+def graphed_ms(fn, args, norm, steps: int, warmup: int) -> float:
+    """Forward + backward recorded once in a CUDA graph and replayed: the GPU time alone, with
+    no Python or launch overhead (as inside the graphed training step)."""
+    grad = None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for t in args[:5]:
+                t.grad = None
+            out = fn(*args, norm)
+            grad = torch.randn_like(out) if grad is None else grad
+            out.backward(grad)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*args, norm)
+        out.backward(grad)
+    return _event_ms(graph.replay, steps, warmup)
 
 
 # Launch settings tried by --sweep: (BM, BN, num_warps, num_stages)
@@ -117,7 +148,7 @@ SWEEP = [(bm, bn, w, st) for bm, bn in ((32, 32), (32, 64), (64, 32), (64, 64), 
 
 def sweep(fa, a, norm, hstu, steps, warmup) -> dict:
     """Every launch setting of every kernel, timed alone; returns {kernel: [(setting, ms)]}."""
-    base, do, inv = _kernel_args(a, norm, hstu)
+    base, do, inv = _kernel_args(fa, a, norm, hstu)
     calls = {
         "fwd": lambda: fa.launch_fwd(*base, inv, hstu),
         "bwd_kv": lambda: fa.launch_bwd_kv(*base, do, inv, hstu),
@@ -202,21 +233,27 @@ def main() -> None:
             if cuda:
                 rec["speedup_vs_compiled"] = rec["reference_compiled_ms"] / rec["fused_ms"]
                 rec["parts"] = fused_parts(fa, a, norm, hstu, args.steps, args.warmup)
+                for name, fn in (("reference", ref_fn), ("fused", fused_fn)):
+                    rec[f"{name}_graphed_ms"] = graphed_ms(fn, a, norm, args.steps, args.warmup)
+                rec["speedup_graphed"] = rec["reference_graphed_ms"] / rec["fused_graphed_ms"]
             rows.append(rec)
             print(rec, flush=True)
     out = Path(args.out or RESULTS / f"attention-{card(info)}")
     md = [f"# Attention forward + backward, {card(info)}, torch {info['versions'].get('torch')}, commit {info['commit']}", "",
           "Forward + backward of one attention call. `reference`: PyTorch eager (the target's baseline); `compiled`: the same under "
-          "`torch.compile`; `fused`: the Triton kernels, and its parts (forward kernel, dK/dV kernel, dQ kernel, bias-table gradients) timed alone.", "",
-          "| shape | model | B x N, H, qk/v | dtype | reference ms | compiled ms | fused ms | speedup vs reference | vs compiled | fused parts: fwd / bwd_kv / bwd_q / bias ms "
-          "| reference peak GB | compiled peak GB | fused peak GB | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "`torch.compile`; `fused`: the Triton kernels, and its parts (forward kernel, dK/dV kernel, dQ kernel, the bias maps with their table gradients) timed alone. "
+          "These are launched from Python (host time included); `graphed`: forward + backward recorded in a CUDA graph and replayed, the GPU time alone, as "
+          "inside the graphed training step.", "",
+          "| shape | model | B x N, H, qk/v | dtype | reference ms | compiled ms | fused ms | speedup vs reference | vs compiled | reference graphed ms | fused graphed ms | graphed speedup "
+          "| fused parts: fwd / bwd_kv / bwd_q / bias ms | reference peak GB | compiled peak GB | fused peak GB | max abs diff |", "|" + "---|" * 17]
     for r in rows:
         pt = r.get("parts")
-        parts = " / ".join(f"{pt[k]:.3f}" for k in ("fwd", "bwd_kv", "bwd_q", "bias_grads")) if pt else "-"
+        parts = " / ".join(f"{pt[k]:.3f}" for k in ("fwd", "bwd_kv", "bwd_q", "bias_tables")) if pt else "-"
+        gr = (f"{r['reference_graphed_ms']:.3f} | {r['fused_graphed_ms']:.3f} | {r['speedup_graphed']:.2f}x" if "speedup_graphed" in r else "- | - | -")
         comp = f"{r['reference_compiled_ms']:.2f}" if "reference_compiled_ms" in r else "-"
         vs = f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-"
         md.append(f"| {r['shape']} | {r['model']} | {r['B']} x {r['N']}, {r['H']}, {r['qk_dim']}/{r['v_dim']} | {r['dtype']} | {r['reference_ms']:.2f} | {comp} | {r['fused_ms']:.2f} | "
-                  f"{r['speedup']:.2f}x | {vs} | {parts} | {r.get('reference_peak_gb', 0):.3f} | {r.get('reference_compiled_peak_gb', 0):.3f} | {r.get('fused_peak_gb', 0):.3f} | {r['max_abs_diff']:.2e} |")
+                  f"{r['speedup']:.2f}x | {vs} | {gr} | {parts} | {r.get('reference_peak_gb', 0):.3f} | {r.get('reference_compiled_peak_gb', 0):.3f} | {r.get('fused_peak_gb', 0):.3f} | {r['max_abs_diff']:.2e} |")
     if rows:
         md += ["", "Launch settings (BM, BN, warps, stages): " + ", ".join(f"{k} {tuple(v)}" for k, v in rows[0]["launch"].items())]
     for key, table in sweeps.items():

@@ -141,10 +141,10 @@ for kern in (fa.fwd, fa.bwd_kv, fa.bwd_q):
             for p in params:
                 if p in pointers:
                     sig[p] = "*" + dt
-                elif p in ("POS", "TIME", "GP", "GT"):
+                elif p in ("PM", "TM"):
+                    sig[p] = "*" + dt
+                elif p == "GP":
                     sig[p] = "*fp32"
-                elif p == "BKT":
-                    sig[p] = "*i64"
                 elif p in ("H", "N", "DQ", "DV"):
                     sig[p] = "i32"
                 elif p == "inv_norm":

@@ -104,6 +104,31 @@ def test_a_step_that_syncs_is_refused_before_capture_and_trains_eagerly():
     np.testing.assert_allclose(graph, eager, rtol=1e-4)
 
 
+def test_a_capture_that_fails_half_way_leaves_eager_training_working():
+    """A step that passes the warm-up checks but fails inside the capture (here: a hook that
+    synchronises only while capturing) falls back to eager steps, which draw dropout masks
+    from the same CUDA generator: it must not still be in capture mode."""
+    from conftest import epoch_losses_and_first_grads, tiny_config
+    from fuxi_mme.data import load_dataset
+    from fuxi_mme.models import build_model
+    from fuxi_mme.train.loop import Trainer
+
+    cfg = tiny_config("fuxi-alpha", **{"train.device": "cuda", "train.cuda_graphs": "on", "train.compile": False, "model.dropout": 0.3, "data.max_len": 32})
+    ds = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    net = build_model(cfg.model, ds.num_items, cfg.data.max_len).cuda()
+
+    def sync_while_capturing(module, args, out):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+
+    net.blocks[0].register_forward_hook(sync_while_capturing)
+    tr = Trainer(cfg, ds, net, torch.device("cuda"), None, progress=False)
+    losses, _ = epoch_losses_and_first_grads(tr)
+    assert tr.graphed.disabled and not tr.graphed.graphs  # the capture failed, the epoch ran eagerly
+    assert np.isfinite(losses).all() and len(losses) > 1
+
+
 @pytest.mark.parametrize("model", ["fuxi-alpha", "hstu"])
 def test_cuda_graphs_in_length_chunks_equal_the_single_eager_pass(model):
     eager, p_eager, _ = _steps(model, "off", "none", **{"train.length_chunks": 1})
@@ -134,6 +159,7 @@ def test_compile_auto_inside_cuda_graphs_equals_the_eager_step(model, amp):
     eager, p_eager, _ = _steps(model, "off", amp, **{"train.compile": False})
     graph, p_graph, tr = _steps(model, "on", amp)
     assert tr.compile == "graphs" and tr.graphed.graphs and not tr.graphed.disabled
+    assert tr.graph_module is not tr.step_module  # the compiled model was captured, not replaced
     tol = 1e-3 if amp == "none" else 3e-2
     np.testing.assert_allclose(graph, eager, rtol=tol)
     for k in p_eager:

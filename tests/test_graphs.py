@@ -153,3 +153,29 @@ def test_a_failing_compiled_model_is_replaced_by_the_plain_one(caplog):
     assert "torch.compile failed in the CUDA-graph step (RuntimeError: inductor could not compile this)" in caplog.text
     assert tr.graph_module is tr.step_module and not tr.graphed.disabled and tr.graphed.graphs
     np.testing.assert_allclose(losses, eager, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["fuxi-alpha", "fuxi-mme", "hstu"])
+def test_a_compiled_model_does_not_recompile_on_its_second_call(model):
+    """The CUDA-graph step compiles in an unchecked warm-up pass and then runs a second pass
+    checked for host syncs; a recompilation there (Inductor synchronises while compiling) made
+    every fresh ``fuxi-mme train`` on timestamped data give up the compiled model. The cause was
+    a module-level cache of the temporal bucket bounds filled on the first call, which changed
+    what the compiled code guards on. Dynamo's guards are the same on every device, so the CPU
+    and the ``eager`` backend show it."""
+    import torch._dynamo
+
+    from conftest import tiny_config
+    from fuxi_mme.models import build_model
+
+    cfg = tiny_config(model)
+    torch.manual_seed(0)
+    net = build_model(cfg.model, 50, 16)
+    ids = torch.randint(1, 50, (4, 16))
+    ts = torch.arange(16).repeat(4, 1) * 3600 + 10**9
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="eager")
+    compiled(ids, ts, ts + 60).sum().backward()  # first call: compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(ids, ts, ts + 60).sum().backward()
+    torch._dynamo.reset()

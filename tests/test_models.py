@@ -144,3 +144,25 @@ def test_cpu_dropout_keeps_the_distribution_and_scaling():
     assert torch.equal(x.grad, y.detach())  # gradient = mask * scale
     d.eval()
     assert torch.equal(d(x), x)
+
+
+def test_fuxi_block_streams_sharing_one_bucket_map_equal_repeated_maps():
+    """Fuxi-MME's shared decoder runs its M streams as extra heads of one sequence, so the
+    temporal and positional maps are built once per sequence: the same outputs and gradients as
+    giving every stream its own copy of the bucket map."""
+    from fuxi_mme.models.fuxi_alpha import FuxiBlock
+
+    torch.manual_seed(0)
+    blk = FuxiBlock(dim=16, num_heads=2, qk_dim=8, v_dim=8, ffn_multiply=1.0, dropout=0.0, max_len=12)
+    B, M, N = 3, 2, 12
+    x = torch.randn(B * M, N, 16, requires_grad=True)
+    buckets = torch.randint(0, 129, (B, N, N))
+    out = []
+    for groups, bk in ((M, buckets), (1, buckets.repeat_interleave(M, 0))):
+        blk.zero_grad()
+        x.grad = None
+        y = blk(x, bk, groups=groups)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        out.append((y.detach(), x.grad.clone(), blk.time_w.grad.clone(), blk.pos_w.grad.clone(), blk.uvqk.weight.grad.clone()))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -21,29 +21,29 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
 
 
-_BOUNDS: dict[tuple[float, int, str], torch.Tensor] = {}
-
-
-def _bucket_bounds(divisor: float, max_bucket: int, device: torch.device) -> torch.Tensor:
+def bucket_bounds(divisor: float, max_bucket: int) -> torch.Tensor:
     """Integer thresholds T_b = ceil(exp(divisor * b)), b = 1..max_bucket: for an integer
     x >= 1, floor(ln(x) / divisor) >= b exactly when x >= T_b."""
-    key = (divisor, max_bucket, str(device))
-    if key not in _BOUNDS:
-        _BOUNDS[key] = torch.tensor([math.ceil(math.exp(divisor * b)) for b in range(1, max_bucket + 1)], dtype=torch.long, device=device)
-    return _BOUNDS[key]
+    return torch.tensor([math.ceil(math.exp(divisor * b)) for b in range(1, max_bucket + 1)], dtype=torch.long)
 
 
-def time_bucket(dt: torch.Tensor, divisor: float = 0.301, max_bucket: int = 128) -> torch.Tensor:
+def time_bucket(dt: torch.Tensor, divisor: float = 0.301, max_bucket: int = 128, bounds: torch.Tensor | None = None) -> torch.Tensor:
     """bucket(x) = floor(ln(max(|x|, 1)) / divisor) clipped to [0, max_bucket]; ``dt`` integer seconds.
 
     Integer gaps are bucketed by counting the integer thresholds they reach (one ``bucketize``
     pass, exact and identical on every device, no float64 logarithm over the B*N*N gaps: that
-    took ~15% of a CPU step); floating gaps use the formula in float64.
+    took ~15% of a CPU step); floating gaps use the formula in float64. ``bounds``: the
+    thresholds of :func:`bucket_bounds` already on ``dt``'s device (the models keep them as a
+    buffer: built lazily inside a step they would be a host copy, and under ``torch.compile``
+    a cache filled on the first call changes what the compiled code guards on, so the second
+    call recompiles).
     """
     if dt.is_floating_point():
         x = dt.abs().clamp(min=1).to(torch.float64)
         return torch.floor(torch.log(x) / divisor).clamp(0, max_bucket).long()
-    return torch.bucketize(dt.abs(), _bucket_bounds(divisor, max_bucket, dt.device), right=True)
+    if bounds is None:
+        bounds = bucket_bounds(divisor, max_bucket).to(dt.device)
+    return torch.bucketize(dt.abs(), bounds, right=True)
 
 
 def causal_mask(n: int, device: torch.device) -> torch.Tensor:
@@ -108,11 +108,13 @@ class TemporalBuckets(nn.Module):
     def __init__(self, cfg) -> None:
         super().__init__()
         self.enabled, self.divisor, self.max_bucket = cfg.use_temporal, cfg.time_bucket_divisor, cfg.num_time_buckets
+        # built here, moved with the model, not saved in checkpoints (derived from the config)
+        self.register_buffer("bounds", bucket_bounds(self.divisor, self.max_bucket), persistent=False)
 
     def forward(self, ts_BN: torch.Tensor, query_ts_BN: torch.Tensor) -> torch.Tensor | None:
         if not self.enabled:
             return None
-        return time_bucket(query_ts_BN[:, :, None] - ts_BN[:, None, :], self.divisor, self.max_bucket)
+        return time_bucket(query_ts_BN[:, :, None] - ts_BN[:, None, :], self.divisor, self.max_bucket, bounds=self.bounds)
 
 
 class SequenceModel(nn.Module):

@@ -12,11 +12,15 @@ FuXi-alpha, per (batch b, head h), causal (j <= i), N = the normaliser (configur
 
 HSTU: ``out[i] = sum_j silu(q_i . k_j + pos_w[i - j] + time_w[bucket[b, i, j]]) / N * v_j``.
 
+The bias tables enter as maps built once per call and shared by every head: the positional
+map pos_w[i - j] (N, N) and the temporal map time_w[bucket[b, i, j]] (B, N, N), in the inputs'
+dtype, so the kernels load them directly (no int64 bucket ids, no gathers from the tables).
+
 Backward: one kernel per key block accumulates dK and dV; one per query block accumulates dQ.
-The gradient of every (i, j) bias entry, summed over heads, goes into a (B, N, N) fp32 buffer
-that ``small_table_grad`` folds into ``pos_w`` / ``time_w``: for HSTU the dQ kernel adds each
-head's share atomically; FuXi-alpha's bias channels do not depend on q or k, so their buffers
-are one batched product per channel, ``sum_h dout_h @ v_h^T`` (no atomics).
+The maps' gradients are summed over heads and folded into ``pos_w`` / ``time_w`` by
+``attention.lookup``'s backward: for HSTU the dQ kernel adds each head's dz into a (B, N, N)
+fp32 buffer atomically; FuXi-alpha's bias channels do not depend on q or k, so their map
+gradients are one batched product per channel, ``sum_h dout_h @ v_h^T`` (no atomics).
 
 Status: checked against the reference (values and all five gradients, fp32 and bf16) in
 Triton's CPU interpreter (``TRITON_INTERPRET=1``) and on an H100 (``tests/test_fused_attention.py``).
@@ -30,7 +34,7 @@ import os
 
 import torch
 
-from .attention import small_table_grad
+from .attention import lookup
 
 try:
     import triton
@@ -52,8 +56,9 @@ def fused_available(device: torch.device) -> bool:
 
 
 if HAVE_TRITON:
-    # Layouts (all contiguous): q, k (B*H, N, DQ); v (B*H, N, DV); buckets (B, N, N);
-    # out / dout (B, N, C, H, DV) with C = 3 channels (FuXi) or 1 (HSTU).
+    # Layouts (all contiguous): q, k (B*H, N, DQ); v (B*H, N, DV); the positional bias map PM
+    # (N, N) and the temporal one TM (B, N, N), in q's dtype; out / dout (B, N, C, H, DV) with
+    # C = 3 channels (FuXi) or 1 (HSTU).
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -86,17 +91,17 @@ if HAVE_TRITON:
         return tl.load(ptr, mask=mask, other=0.0)
 
     @triton.jit
-    def _tile(Q, K, V, POS, TIME, BKT, b, bh, offs_m, offs_n, q, N, DQ, DV,
+    def _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV,
               HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         """k, v of key rows ``offs_n``; the pre-activation z, the causal mask and the bias maps."""
         k = _load_rows(K, bh, offs_n, N, DQ, BDQ)
         v = _load_rows(V, bh, offs_n, N, DV, BDV)
         s = _dot(q, tl.trans(k), IEEE)
         causal = (offs_m[:, None] >= offs_n[None, :]) & (offs_m[:, None] < N) & (offs_n[None, :] < N)
-        p = tl.load(POS + (offs_m[:, None] - offs_n[None, :]), mask=causal, other=0.0)
+        # the bias maps, precomputed in the inputs' dtype (no int64 bucket ids and no gathers here)
+        p = tl.load(PM + offs_m[:, None] * N + offs_n[None, :], mask=causal, other=0.0).to(tl.float32)
         if USE_TIME:
-            bk = tl.load(BKT + (b * N + offs_m[:, None]) * N + offs_n[None, :], mask=causal, other=0)
-            t = tl.load(TIME + bk, mask=causal, other=0.0)
+            t = tl.load(TM + (b * N + offs_m[:, None]) * N + offs_n[None, :], mask=causal, other=0.0).to(tl.float32)
         else:
             t = tl.zeros(p.shape, tl.float32)
         if HSTU:
@@ -106,7 +111,7 @@ if HAVE_TRITON:
         return k, v, z, causal, p, t
 
     @triton.jit
-    def fwd(Q, K, V, POS, TIME, BKT, O, H, N, DQ, DV, inv_norm,
+    def fwd(Q, K, V, PM, TM, O, H, N, DQ, DV, inv_norm,
             HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_m, bh, b, h, offs_m = _program(H, BM)
@@ -116,7 +121,7 @@ if HAVE_TRITON:
         acc2 = tl.zeros((BM, BDV), tl.float32)
         for start_n in range(0, tl.minimum((pid_m + 1) * BM, N), BN):
             offs_n = start_n + tl.arange(0, BN)
-            k, v, z, causal, p, t = _tile(Q, K, V, POS, TIME, BKT, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, USE_TIME, IEEE, BDQ, BDV)
+            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, USE_TIME, IEEE, BDQ, BDV)
             a = tl.where(causal, z * tl.sigmoid(z) * inv_norm, 0.0)
             acc0 += _dot(a.to(v.dtype), v, IEEE)
             if not HSTU:
@@ -130,7 +135,7 @@ if HAVE_TRITON:
             tl.store(ptr + 2 * H * DV, acc2.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd_kv(Q, K, V, POS, TIME, BKT, DO, DK, DVp, H, N, DQ, DV, inv_norm,
+    def bwd_kv(Q, K, V, PM, TM, DO, DK, DVp, H, N, DQ, DV, inv_norm,
                HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_n, bh, b, h, offs_n = _program(H, BN)
@@ -139,7 +144,7 @@ if HAVE_TRITON:
         for start_m in range((pid_n * BN // BM) * BM, N, BM):
             offs_m = start_m + tl.arange(0, BM)
             q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
-            k, v, z, causal, p, t = _tile(Q, K, V, POS, TIME, BKT, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, USE_TIME, IEEE, BDQ, BDV)
+            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, USE_TIME, IEEE, BDQ, BDV)
             ptr, mask = _orows(DO, b, h, 0, offs_m, N, C, H, DV, BDV)
             do0 = tl.load(ptr, mask=mask, other=0.0)
             sig = tl.sigmoid(z)
@@ -159,7 +164,7 @@ if HAVE_TRITON:
         tl.store(ptr, dv.to(DVp.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd_q(Q, K, V, POS, TIME, BKT, DO, DQp, GP, H, N, DQ, DV, inv_norm,
+    def bwd_q(Q, K, V, PM, TM, DO, DQp, GP, H, N, DQ, DV, inv_norm,
               HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_m, bh, b, h, offs_m = _program(H, BM)
@@ -169,7 +174,7 @@ if HAVE_TRITON:
         dq = tl.zeros((BM, BDQ), tl.float32)
         for start_n in range(0, tl.minimum((pid_m + 1) * BM, N), BN):
             offs_n = start_n + tl.arange(0, BN)
-            k, v, z, causal, p, t = _tile(Q, K, V, POS, TIME, BKT, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, USE_TIME, IEEE, BDQ, BDV)
+            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, USE_TIME, IEEE, BDQ, BDV)
             sig = tl.sigmoid(z)
             dz = tl.where(causal, _dot(do0, tl.trans(v), IEEE) * sig * (1.0 + z * (1.0 - sig)) * inv_norm, 0.0)
             dq += _dot(dz.to(k.dtype), k, IEEE)
@@ -189,10 +194,11 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(int(x)))
 
 
-# Launch settings per kernel: (query rows BM, key rows BN, num_warps, num_stages). Chosen by
-# the sweep in ``benchmarks/attention.py --sweep`` on an H200 at the ML-20M and ML-1M base
-# shapes (docs/performance.md); the interpreter uses 16 x 16 tiles.
-LAUNCH = {"fwd": (64, 64, 4, 2), "bwd_kv": (64, 64, 4, 2), "bwd_q": (64, 64, 4, 2)}
+# Launch settings per kernel: (query rows BM, key rows BN, num_warps, num_stages): the fastest
+# summed over FuXi-alpha and HSTU in the sweep of ``benchmarks/attention.py --sweep`` on an
+# H200 at the ML-20M base shape (commit 5d3ea51, benchmarks/results/attention-NVIDIA_H200*);
+# the interpreter uses 16 x 16 tiles.
+LAUNCH = {"fwd": (64, 32, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 64, 8, 2)}
 
 
 def _launch(name: str) -> tuple[int, int, dict]:
@@ -207,126 +213,127 @@ def _consts(q, v, hstu, use_time, bm, bn):
                 BM=bm, BN=bn, BDQ=_pow2(q.shape[-1]), BDV=_pow2(v.shape[-1]))
 
 
-def _bucket_arg(buckets, q):
-    return buckets if buckets is not None else torch.zeros(1, dtype=torch.long, device=q.device)
+def _tmap_arg(tmap, pmap):
+    return tmap if tmap is not None else pmap  # not read without the temporal channel
 
 
-def launch_fwd(q, k, v, pos, time, buckets, inv_norm: float, hstu: bool) -> torch.Tensor:
-    """Forward kernel on contiguous (B, H, N, D) q, k, v (one dtype) and fp32 tables:
-    out (B, N, C, H, DV)."""
+def launch_fwd(q, k, v, pmap, tmap, inv_norm: float, hstu: bool) -> torch.Tensor:
+    """Forward kernel on contiguous (B, H, N, D) q, k, v and bias maps ``pmap`` (N, N),
+    ``tmap`` (B, N, N) or None, all of one dtype: out (B, N, C, H, DV)."""
     B, H, N, _ = q.shape
     DV = v.shape[-1]
     C = 1 if hstu else 3
     out = torch.empty(B, N, C, H, DV, device=q.device, dtype=q.dtype)
     bm, bn, opts = _launch("fwd")
-    fwd[(triton.cdiv(N, bm), B * H)](q, k, v, pos, time, _bucket_arg(buckets, q), out, H, N, q.shape[-1], DV, inv_norm,
-                                     **_consts(q, v, hstu, buckets is not None, bm, bn), **opts)
+    fwd[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), out, H, N, q.shape[-1], DV, inv_norm,
+                                     **_consts(q, v, hstu, tmap is not None, bm, bn), **opts)
     return out
 
 
-def launch_bwd_kv(q, k, v, pos, time, buckets, do, inv_norm: float, hstu: bool):
+def launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool):
     """dK, dV from the key-block kernel (``do`` (B, N, C, H, DV) contiguous)."""
     B, H, N, _ = q.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     bm, bn, opts = _launch("bwd_kv")
-    bwd_kv[(triton.cdiv(N, bn), B * H)](q, k, v, pos, time, _bucket_arg(buckets, q), do, dk, dv, H, N, q.shape[-1], v.shape[-1], inv_norm,
-                                        **_consts(q, v, hstu, buckets is not None, bm, bn), **opts)
+    bwd_kv[(triton.cdiv(N, bn), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), do, dk, dv, H, N, q.shape[-1], v.shape[-1], inv_norm,
+                                        **_consts(q, v, hstu, tmap is not None, bm, bn), **opts)
     return dk, dv
 
 
-def launch_bwd_q(q, k, v, pos, time, buckets, do, inv_norm: float, hstu: bool):
+def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool):
     """dQ from the query-block kernel, and for HSTU the (B, N, N) fp32 gradient of the bias
     pre-activation summed over heads (an empty tensor for FuXi-alpha)."""
     B, H, N, _ = q.shape
     dq = torch.empty_like(q)
-    gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if hstu else pos.new_empty(0)
+    gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if hstu else q.new_empty(0, dtype=torch.float32)
     bm, bn, opts = _launch("bwd_q")
-    bwd_q[(triton.cdiv(N, bm), B * H)](q, k, v, pos, time, _bucket_arg(buckets, q), do, dq, gp if hstu else pos, H, N, q.shape[-1], v.shape[-1], inv_norm,
-                                       **_consts(q, v, hstu, buckets is not None, bm, bn), **opts)  # GP unused for FuXi
+    bwd_q[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), do, dq, gp if hstu else dq, H, N, q.shape[-1], v.shape[-1], inv_norm,
+                                       **_consts(q, v, hstu, tmap is not None, bm, bn), **opts)  # GP unused for FuXi
     return dq, gp
 
 
-def bias_grads(v, do, gp, pos_len: int, time_len: int, buckets, hstu: bool):
-    """fp32 gradients of the positional and temporal tables from the per-entry bias
-    gradients. HSTU: ``gp`` from ``launch_bwd_q`` (its two biases share one pre-activation).
-    FuXi-alpha: the bias channels do not depend on q or k, so the gradient at (b, i, j) is
-    sum_h do_h[i] . v_h[j], one (N, H*DV) x (H*DV, N) product per sequence and channel (no
-    atomics), in the inputs' dtype with fp32 accumulation (as the reference under autocast)."""
+def map_grads(v, do, gp, has_time: bool, hstu: bool):
+    """Gradients of the bias maps: (N, N) positional, (B, N, N) temporal (or None), zero
+    above the diagonal. HSTU: ``gp`` from ``launch_bwd_q`` (its two biases share one
+    pre-activation). FuXi-alpha: the bias channels do not depend on q or k, so the gradient at
+    (b, i, j) is sum_h do_h[i] . v_h[j], one (N, H*DV) x (H*DV, N) product per sequence and
+    channel (no atomics), in the inputs' dtype with fp32 accumulation (as the reference's
+    matrix products under autocast)."""
     B, H, N, DV = v.shape
     if hstu:
-        gt = gp
-    else:
-        v_t = v.transpose(1, 2).reshape(B, N, H * DV).transpose(1, 2)  # (B, H*DV, N)
-        channel_grad = lambda c: torch.bmm(do[:, :, c].reshape(B, N, H * DV), v_t).tril_()  # noqa: E731
-        gp = channel_grad(1)
-        gt = channel_grad(2) if buckets is not None else None
-    # gp / gt are zero above the diagonal, so every entry can be binned (no boolean indexing:
-    # that would be a host sync); rel = max(i - j, 0)
-    ar = torch.arange(N, device=v.device)
-    rel = (ar[:, None] - ar[None, :]).clamp(min=0)
-    dpos = small_table_grad(rel, gp.float().sum(0), pos_len)
-    dtime = small_table_grad(buckets, gt, time_len) if buckets is not None else None
-    return dpos, dtime
+        return gp.sum(0), (gp if has_time else None)
+    v_t = v.transpose(1, 2).reshape(B, N, H * DV).transpose(1, 2)  # (B, H*DV, N)
+    channel_grad = lambda c: torch.bmm(do[:, :, c].reshape(B, N, H * DV), v_t).tril_()  # noqa: E731
+    return channel_grad(1).float().sum(0), (channel_grad(2) if has_time else None)
 
 
 # The kernels as two custom operators: opaque to torch.compile (Inductor compiles the model
 # around them instead of tracing into the Triton launches) and recorded as they are by CUDA graphs.
 _LIB = "fuxi_mme"
-_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor time, Tensor? buckets, float inv_norm, bool hstu) -> Tensor"
-_BWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor pos, Tensor time, Tensor? buckets, Tensor do, float inv_norm, bool hstu)"
-               " -> (Tensor, Tensor, Tensor, Tensor)")
+_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, float inv_norm, bool hstu) -> Tensor"
+_BWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor do, float inv_norm, bool hstu) -> (Tensor, Tensor, Tensor, Tensor)"
 
 
 @torch.library.custom_op(f"{_LIB}::fused_attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _fwd_op(q, k, v, pos, time, buckets, inv_norm, hstu):
-    return launch_fwd(q, k, v, pos, time, buckets, inv_norm, hstu)
+def _fwd_op(q, k, v, pmap, tmap, inv_norm, hstu):
+    return launch_fwd(q, k, v, pmap, tmap, inv_norm, hstu)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, pos, time, buckets, inv_norm, hstu):
+def _(q, k, v, pmap, tmap, inv_norm, hstu):
     B, H, N, _ = q.shape
     return q.new_empty(B, N, 1 if hstu else 3, H, v.shape[-1])
 
 
 @torch.library.custom_op(f"{_LIB}::fused_attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _bwd_op(q, k, v, pos, time, buckets, do, inv_norm, hstu):
-    dk, dv = launch_bwd_kv(q, k, v, pos, time, buckets, do, inv_norm, hstu)
-    dq, gp = launch_bwd_q(q, k, v, pos, time, buckets, do, inv_norm, hstu)
+def _bwd_op(q, k, v, pmap, tmap, do, inv_norm, hstu):
+    dk, dv = launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm, hstu)
+    dq, gp = launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm, hstu)
     return dq, dk, dv, gp
 
 
 @_bwd_op.register_fake
-def _(q, k, v, pos, time, buckets, do, inv_norm, hstu):
+def _(q, k, v, pmap, tmap, do, inv_norm, hstu):
     B, H, N, _ = q.shape
-    gp = pos.new_empty(B, N, N) if hstu else pos.new_empty(0)
+    gp = q.new_empty(B, N, N, dtype=torch.float32) if hstu else q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), gp
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pos, time, buckets, inv_norm, hstu = inputs
-    ctx.save_for_backward(q, k, v, pos, time, buckets)
+    q, k, v, pmap, tmap, inv_norm, hstu = inputs
+    ctx.save_for_backward(q, k, v, pmap, tmap)
     ctx.meta = (inv_norm, hstu)
 
 
 def _backward(ctx, grad):
-    q, k, v, pos, time, buckets = ctx.saved_tensors
+    q, k, v, pmap, tmap = ctx.saved_tensors
     inv_norm, hstu = ctx.meta
     do = grad.to(q.dtype).contiguous()
-    dq, dk, dv, gp = _bwd_op(q, k, v, pos, time, buckets, do, inv_norm, hstu)
-    dpos, dtime = bias_grads(v, do, gp, pos.shape[0], time.shape[0], buckets, hstu)
-    return dq, dk, dv, dpos, dtime, None, None, None
+    dq, dk, dv, gp = _bwd_op(q, k, v, pmap, tmap, do, inv_norm, hstu)
+    dpm, dtm = map_grads(v, do, gp, tmap is not None, hstu)
+    return dq, dk, dv, dpm.to(pmap.dtype), (dtm.to(tmap.dtype) if tmap is not None else None), None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def bias_maps(pos_w, time_w, buckets, n: int, dtype: torch.dtype):
+    """The positional (N, N) and temporal (B, N, N) bias maps in ``dtype`` (the temporal one
+    None without buckets), built once per call and shared by every head; their gradients go
+    back to the tables through :func:`~fuxi_mme.models.attention.lookup`."""
+    idx = torch.arange(n, device=pos_w.device)
+    pmap = lookup(pos_w, (idx[:, None] - idx[None, :]).clamp(min=0)).to(dtype).contiguous()
+    tmap = lookup(time_w, buckets).to(dtype).contiguous() if buckets is not None else None
+    return pmap, tmap
+
+
 def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool) -> torch.Tensor:
     B, H, N, _ = q.shape
     dt = q.dtype
-    # contiguous (B, H, N, D) of one dtype; fp32 tables (their casts are differentiated by autograd)
+    # contiguous (B, H, N, D) and bias maps, all of q's dtype
     q, k, v = q.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous()
-    bk = buckets.contiguous() if buckets is not None else None
-    out = _fwd_op(q, k, v, pos_w.float().contiguous(), time_w.float().contiguous(), bk, 1.0 / float(norm), hstu)
+    pmap, tmap = bias_maps(pos_w, time_w, buckets, N, dt)
+    out = _fwd_op(q, k, v, pmap, tmap, 1.0 / float(norm), hstu)
     return out.view(B, N, -1)
 
 

@@ -94,9 +94,11 @@ class FuxiBlock(nn.Module):
         buckets: torch.Tensor | None,
         valid: torch.Tensor | None = None,
         stream: torch.Tensor | None = None,
+        groups: int = 1,
     ) -> torch.Tensor:
-        """x (B, N, D); buckets (B, N, N) temporal bucket ids or None (temporal channel off);
-        valid (B, N) bool; stream (B, N) stream index."""
+        """x (B, N, D); buckets (B / groups, N, N) temporal bucket ids or None (temporal channel
+        off): each run of ``groups`` consecutive rows of x shares one row of buckets (Fuxi-MME's
+        streams of one sequence); valid (B, N) bool; stream (B, N) stream index."""
         B, N, _ = x.shape
         H, Dq, Dv = self.H, self.qk_dim, self.v_dim
         xn = rms_norm(x)
@@ -109,7 +111,14 @@ class FuxiBlock(nn.Module):
         q = q.view(B, N, H, Dq).transpose(1, 2)
         k = k.view(B, N, H, Dq).transpose(1, 2)
         v = v.view(B, N, H, Dv).transpose(1, 2)
-        attn = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len))
+        if groups > 1:
+            # the rows sharing a bucket map become extra heads of one row: the bias channels
+            # (and their table lookups and gradients) are computed once per sequence, not per stream
+            q, k, v = (t.reshape(B // groups, groups * H, N, t.shape[-1]) for t in (q, k, v))
+            attn = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len))  # (B/g, N, 3*g*H*Dv)
+            attn = attn.view(B // groups, N, 3, groups, H * Dv).permute(0, 3, 1, 2, 4).reshape(B, N, 3 * H * Dv)
+        else:
+            attn = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len))
         h = rms_norm(attn) * u
         hd = self.drop(h)
         o = (self.out_moe(hd, valid, stream) if self.out is None else self.out(hd)) + x

@@ -86,12 +86,11 @@ class FuxiMME(SequenceModel):
         valid = ids != 0
         buckets = self.temporal(ts, query_ts)  # (B, N, N), shared by every stream and block
         if self.shared_decoder:
-            x = x.reshape(B * M, N, self.D)
-            buckets_f = buckets.repeat_interleave(M, 0) if buckets is not None and M > 1 else buckets
+            x = x.reshape(B * M, N, self.D)  # row b * M + m: stream m of sequence b
             valid_f = valid.repeat_interleave(M, 0)
             stream = torch.arange(M, device=ids.device).repeat(B)[:, None].expand(B * M, N)
             for blk in self.blocks:
-                x = blk(x, buckets_f, valid_f, stream)
+                x = blk(x, buckets, valid_f, stream, groups=M)  # the M streams share one bucket map
             x = x.view(B, M, N, self.D)
         else:
             outs = []

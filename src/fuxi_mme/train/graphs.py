@@ -36,7 +36,8 @@ constants), the second checked for host syncs.
 
 Not used (eager step instead): CPU, multi-process training, the final partial batch of an
 epoch, and any model whose step cannot be captured (e.g. an op that synchronises with the
-host); the reason is logged once.
+host); the reason is logged once. A capture that fails half-way releases the CUDA generator
+from capture mode, so the eager steps that follow can still draw dropout masks.
 """
 
 from __future__ import annotations
@@ -84,6 +85,19 @@ def _no_host_syncs():
         raise
     finally:
         torch.cuda.set_sync_debug_mode(prev)
+
+
+def _release_rng_from_failed_capture(device: torch.device) -> None:
+    """A capture that fails after it began leaves the CUDA generator in capture mode, and the
+    next eager random op (dropout) then raises "Offset increment outside graph capture
+    encountered unexpectedly". Give the generator a fresh copy of its state (same seed and
+    offset, not capturing), so the eager fallback can run."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    gen = torch.cuda.default_generators[idx]
+    try:
+        gen.graphsafe_set_state(gen.clone_state())
+    except (AttributeError, RuntimeError) as e:  # older PyTorch: nothing to release with
+        log.debug("could not reset the CUDA generator after a failed capture: %s", e)
 
 
 class GraphedStep:
@@ -167,8 +181,12 @@ class GraphedStep:
                 for p, g in zip(params, saved):
                     p.grad.copy_(g)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            loss, aux = self._body(bufs)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                loss, aux = self._body(bufs)
+        except Exception:
+            _release_rng_from_failed_capture(self.tr.device)
+            raise
         # keep the static outputs, not the captured autograd graph (it is never used again, and
         # holding it keeps its AccumulateGrad nodes alive, which is what PyTorch's "stream does
         # not match" warning at a later capture is about)
