@@ -155,18 +155,19 @@ def sweep(fa, a, norm, hstu, steps, warmup) -> dict:
         "bwd_q": lambda: fa.launch_bwd_q(*base, do, inv, hstu),
     }
     out = {}
+    table = fa.LAUNCH["hstu" if hstu else "fuxi"]
     for name, call in calls.items():
-        keep = fa.LAUNCH[name]
+        keep = table[name]
         rows = []
         for setting in SWEEP:
-            fa.LAUNCH[name] = setting
+            table[name] = setting
             try:
                 ms = _event_ms(call, steps, warmup)
             except Exception as e:  # e.g. out of shared memory for this tile size
                 rows.append((list(setting), None, type(e).__name__))
                 continue
             rows.append((list(setting), ms, ""))
-        fa.LAUNCH[name] = keep
+        table[name] = keep
         out[name] = rows
     return out
 
@@ -190,23 +191,16 @@ def main() -> None:
     rows, sweeps = [], {}
     cuda = dev.type == "cuda"
     if args.sweep and cuda:
-        # sweep at the first shape of each model; the fastest setting per kernel is kept
+        # sweep at the first shape, per model; the fastest setting of each kernel is kept
         for model in args.models:
             a, norm, _ = inputs(args.shapes[0], model, args.batch, dtype, dev)
             table = sweep(fa, a, norm, model == "hstu", max(5, args.steps // 2), 3)
             sweeps[f"{args.shapes[0]}/{model}"] = table
+            launch = fa.LAUNCH["hstu" if model == "hstu" else "fuxi"]
             for name, rows_ in table.items():
-                ok = [r for r in rows_ if r[1] is not None]
-                best = min(ok, key=lambda r: r[1])
-                print(f"sweep {args.shapes[0]} {model} {name}: best {best[0]} {best[1]:.3f} ms; was {list(fa.LAUNCH[name])}", flush=True)
-        # one setting per kernel for both models: the best summed over the models swept
-        for name in ("fwd", "bwd_kv", "bwd_q"):
-            total: dict = {}
-            for table in sweeps.values():
-                for setting, ms, _ in table[name]:
-                    total.setdefault(tuple(setting), []).append(ms)
-            ok = {k: sum(v) for k, v in total.items() if None not in v and len(v) == len(sweeps)}
-            fa.LAUNCH[name] = min(ok, key=ok.get)
+                best = min((r for r in rows_ if r[1] is not None), key=lambda r: r[1])
+                print(f"sweep {args.shapes[0]} {model} {name}: best {best[0]} {best[1]:.3f} ms; was {list(launch[name])}", flush=True)
+                launch[name] = tuple(best[0])
         print("launch settings used:", fa.LAUNCH, flush=True)
     for shape in args.shapes:
         for model in args.models:
@@ -216,7 +210,8 @@ def main() -> None:
             a, norm, dims = inputs(shape, model, args.batch, dtype, dev)
             with torch.no_grad():
                 err = (fused_fn(*a, norm).float() - ref_fn(*a, norm).float()).abs().max().item()
-            rec = {"shape": shape, "model": model, "dtype": args.dtype, **dims, "max_abs_diff": err, "launch": {k: list(v) for k, v in fa.LAUNCH.items()}}
+            rec = {"shape": shape, "model": model, "dtype": args.dtype, **dims, "max_abs_diff": err,
+                   "launch": {k: list(v) for k, v in fa.LAUNCH["hstu" if hstu else "fuxi"].items()}}
             paths = [("reference", ref_fn), ("fused", fused_fn)]
             if cuda:
                 torch._dynamo.reset()
@@ -254,8 +249,8 @@ def main() -> None:
         vs = f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-"
         md.append(f"| {r['shape']} | {r['model']} | {r['B']} x {r['N']}, {r['H']}, {r['qk_dim']}/{r['v_dim']} | {r['dtype']} | {r['reference_ms']:.2f} | {comp} | {r['fused_ms']:.2f} | "
                   f"{r['speedup']:.2f}x | {vs} | {gr} | {parts} | {r.get('reference_peak_gb', 0):.3f} | {r.get('reference_compiled_peak_gb', 0):.3f} | {r.get('fused_peak_gb', 0):.3f} | {r['max_abs_diff']:.2e} |")
-    if rows:
-        md += ["", "Launch settings (BM, BN, warps, stages): " + ", ".join(f"{k} {tuple(v)}" for k, v in rows[0]["launch"].items())]
+    for kind, launch in fa.LAUNCH.items():
+        md += ["", f"Launch settings for {kind} (BM, BN, warps, stages): " + ", ".join(f"{k} {tuple(v)}" for k, v in launch.items())]
     for key, table in sweeps.items():
         md += ["", f"Sweep at {key} (ms per kernel alone; fastest marked):", "", "| setting | fwd | bwd_kv | bwd_q |", "|---|---|---|---|"]
         best = {n: min((ms for _, ms, _ in t if ms is not None), default=None) for n, t in table.items()}

@@ -141,9 +141,9 @@ for kern in (fa.fwd, fa.bwd_kv, fa.bwd_q):
             for p in params:
                 if p in pointers:
                     sig[p] = "*" + dt
-                elif p in ("PM", "TM"):
+                elif p == "TM":
                     sig[p] = "*" + dt
-                elif p == "GP":
+                elif p in ("PM", "GP"):
                     sig[p] = "*fp32"
                 elif p in ("H", "N", "DQ", "DV"):
                     sig[p] = "i32"

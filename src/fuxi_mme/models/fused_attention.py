@@ -13,8 +13,8 @@ FuXi-alpha, per (batch b, head h), causal (j <= i), N = the normaliser (configur
 HSTU: ``out[i] = sum_j silu(q_i . k_j + pos_w[i - j] + time_w[bucket[b, i, j]]) / N * v_j``.
 
 The bias tables enter as maps built once per call and shared by every head: the positional
-map pos_w[i - j] (N, N) and the temporal map time_w[bucket[b, i, j]] (B, N, N), in the inputs'
-dtype, so the kernels load them directly (no int64 bucket ids, no gathers from the tables).
+map pos_w[i - j] (N, N, fp32) and the temporal map time_w[bucket[b, i, j]] (B, N, N, in the
+inputs' dtype), so the kernels load them directly (no int64 bucket ids, no gathers).
 
 Backward: one kernel per key block accumulates dK and dV; one per query block accumulates dQ.
 The maps' gradients are summed over heads and folded into ``pos_w`` / ``time_w`` by
@@ -57,8 +57,8 @@ def fused_available(device: torch.device) -> bool:
 
 if HAVE_TRITON:
     # Layouts (all contiguous): q, k (B*H, N, DQ); v (B*H, N, DV); the positional bias map PM
-    # (N, N) and the temporal one TM (B, N, N), in q's dtype; out / dout (B, N, C, H, DV) with
-    # C = 3 channels (FuXi) or 1 (HSTU).
+    # (N, N) in fp32 and the temporal one TM (B, N, N) in q's dtype; out / dout (B, N, C, H, DV)
+    # with C = 3 channels (FuXi) or 1 (HSTU).
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -194,15 +194,18 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(int(x)))
 
 
-# Launch settings per kernel: (query rows BM, key rows BN, num_warps, num_stages): the fastest
-# summed over FuXi-alpha and HSTU in the sweep of ``benchmarks/attention.py --sweep`` on an
-# H200 at the ML-20M base shape (commit 5d3ea51, benchmarks/results/attention-NVIDIA_H200*);
-# the interpreter uses 16 x 16 tiles.
-LAUNCH = {"fwd": (64, 32, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 64, 8, 2)}
+# Launch settings per model kind and kernel: (query rows BM, key rows BN, num_warps,
+# num_stages), the fastest of each kernel alone in the sweep of ``benchmarks/attention.py
+# --sweep`` on an H200 at the ML-20M base shape (commit b2fdd56,
+# benchmarks/results/attention-NVIDIA_H200-sweep.md); the interpreter uses 16 x 16 tiles.
+LAUNCH = {
+    "fuxi": {"fwd": (32, 64, 4, 3), "bwd_kv": (64, 64, 4, 2), "bwd_q": (64, 32, 4, 2)},
+    "hstu": {"fwd": (32, 64, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 64, 4, 2)},
+}
 
 
-def _launch(name: str) -> tuple[int, int, dict]:
-    bm, bn, warps, stages = LAUNCH[name]
+def _launch(name: str, hstu: bool) -> tuple[int, int, dict]:
+    bm, bn, warps, stages = LAUNCH["hstu" if hstu else "fuxi"][name]
     if interpreting():
         return 16, 16, {}
     return bm, bn, dict(num_warps=warps, num_stages=stages)
@@ -218,13 +221,13 @@ def _tmap_arg(tmap, pmap):
 
 
 def launch_fwd(q, k, v, pmap, tmap, inv_norm: float, hstu: bool) -> torch.Tensor:
-    """Forward kernel on contiguous (B, H, N, D) q, k, v and bias maps ``pmap`` (N, N),
-    ``tmap`` (B, N, N) or None, all of one dtype: out (B, N, C, H, DV)."""
+    """Forward kernel on contiguous (B, H, N, D) q, k, v of one dtype and the bias maps of
+    :func:`bias_maps`, ``pmap`` (N, N) and ``tmap`` (B, N, N) or None: out (B, N, C, H, DV)."""
     B, H, N, _ = q.shape
     DV = v.shape[-1]
     C = 1 if hstu else 3
     out = torch.empty(B, N, C, H, DV, device=q.device, dtype=q.dtype)
-    bm, bn, opts = _launch("fwd")
+    bm, bn, opts = _launch("fwd", hstu)
     fwd[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), out, H, N, q.shape[-1], DV, inv_norm,
                                      **_consts(q, v, hstu, tmap is not None, bm, bn), **opts)
     return out
@@ -234,7 +237,7 @@ def launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool):
     """dK, dV from the key-block kernel (``do`` (B, N, C, H, DV) contiguous)."""
     B, H, N, _ = q.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    bm, bn, opts = _launch("bwd_kv")
+    bm, bn, opts = _launch("bwd_kv", hstu)
     bwd_kv[(triton.cdiv(N, bn), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), do, dk, dv, H, N, q.shape[-1], v.shape[-1], inv_norm,
                                         **_consts(q, v, hstu, tmap is not None, bm, bn), **opts)
     return dk, dv
@@ -246,7 +249,7 @@ def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool):
     B, H, N, _ = q.shape
     dq = torch.empty_like(q)
     gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if hstu else q.new_empty(0, dtype=torch.float32)
-    bm, bn, opts = _launch("bwd_q")
+    bm, bn, opts = _launch("bwd_q", hstu)
     bwd_q[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), do, dq, gp if hstu else dq, H, N, q.shape[-1], v.shape[-1], inv_norm,
                                        **_consts(q, v, hstu, tmap is not None, bm, bn), **opts)  # GP unused for FuXi
     return dq, gp
@@ -318,11 +321,13 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def bias_maps(pos_w, time_w, buckets, n: int, dtype: torch.dtype):
-    """The positional (N, N) and temporal (B, N, N) bias maps in ``dtype`` (the temporal one
-    None without buckets), built once per call and shared by every head; their gradients go
-    back to the tables through :func:`~fuxi_mme.models.attention.lookup`."""
+    """The positional (N, N) bias map in fp32 and the temporal (B, N, N) one in ``dtype`` (None
+    without buckets), built once per call and shared by every head; their gradients go back to
+    the tables through :func:`~fuxi_mme.models.attention.lookup`. The positional map is small,
+    and in fp32 its gradient (a sum over the batch, then over each diagonal) is not rounded to
+    bf16 on the way."""
     idx = torch.arange(n, device=pos_w.device)
-    pmap = lookup(pos_w, (idx[:, None] - idx[None, :]).clamp(min=0)).to(dtype).contiguous()
+    pmap = lookup(pos_w, (idx[:, None] - idx[None, :]).clamp(min=0)).float().contiguous()
     tmap = lookup(time_w, buckets).to(dtype).contiguous() if buckets is not None else None
     return pmap, tmap
 
