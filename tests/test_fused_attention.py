@@ -151,8 +151,10 @@ for kern in (fa.fwd, fa.bwd_kv, fa.bwd_q):
                     sig[p] = "fp32"
                 else:
                     sig[p] = "constexpr"
-            consts = dict(HSTU=hstu, USE_TIME=True, IEEE=dt == "fp32", C=1 if hstu else 3, BM=64, BN=64, BDQ=64, BDV=64)
-            k = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+            bm, bn, warps, stages = fa.LAUNCH["hstu" if hstu else "fuxi"][kern.fn.__name__]  # the settings used on GPU
+            consts = dict(HSTU=hstu, USE_TIME=True, IEEE=dt == "fp32", C=1 if hstu else 3, BM=bm, BN=bn, BDQ=64, BDV=64)
+            k = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=warps, num_stages=stages))
             assert "cubin" in k.asm and k.metadata.shared <= 227 * 1024, (kern.fn.__name__, hstu, dt, k.metadata.shared)
             print(kern.fn.__name__, hstu, dt, k.metadata.shared)
 """
@@ -160,7 +162,8 @@ for kern in (fa.fwd, fa.bwd_kv, fa.bwd_q):
 
 def test_kernels_compile_ahead_of_time_for_hopper():
     """No GPU needed: each kernel variant compiles to a cubin for sm_90 (H100/H200) at the
-    64 x 64 tiles used on GPU, within the 227 KB of shared memory a block may use. Runs in a
+    launch settings used on GPU (``fused_attention.LAUNCH``) and head width 64, within the
+    227 KB of shared memory a block may use. Runs in a
     fresh process, since this one defined the kernels for the interpreter."""
     import subprocess
     import sys
