@@ -119,13 +119,12 @@ def hstu_attention_reference(
 def select_attention(mode: str, kind: str):
     """The attention function for ``model.attention`` (``kind``: "fuxi" or "hstu").
 
-    ``reference`` and ``auto`` use the PyTorch reference; ``fused`` the Triton kernel
+    ``reference`` and ``auto`` use the PyTorch reference; ``fused`` the Triton kernels
     (``fused_attention.py``, needs triton and a CUDA device, or Triton's CPU interpreter with
-    ``TRITON_INTERPRET=1``). The kernel passes its GPU parity tests and is faster than the
-    reference in isolation (1.4-2.2x on an H100) with a third of its memory, but inside a whole
-    CUDA-graph training step it measured slower than the reference at the ML-1M and ML-20M
-    base shapes (``benchmarks/results/throughput-NVIDIA_H100_80GB_HBM3.md``: path ``fast``
-    against ``graph-bf16``), so ``auto`` does not pick it; use it to save memory at long lengths.
+    ``TRITON_INTERPRET=1``). The kernels pass their GPU parity tests and use a third of the
+    reference's memory. Inside the compiled bf16 training step on an H200 they are the fastest
+    path at the ML-20M base shape (+5% per epoch) but mixed at ML-1M (docs/performance.md), so
+    ``auto`` keeps the reference.
     """
     ref = fuxi_attention_reference if kind == "fuxi" else hstu_attention_reference
     if mode in ("reference", "auto"):
