@@ -159,3 +159,27 @@ def test_group_ends_equal_cumsum_of_bincount():
         ids = ids[ids != E // 2]  # an idle expert in the middle
         assert torch.equal(group_ends(ids, E), torch.cumsum(torch.bincount(ids, minlength=E), 0))
     assert group_ends(torch.zeros(0, dtype=torch.long), 3).tolist() == [0, 0, 0]
+
+
+def test_no_autograd_graph_outlives_a_training_step():
+    """After ``Trainer.forward_backward`` neither the returned losses nor any MoE layer's last
+    aux loss still hold the step's autograd graph (held, it keeps that step's gradient
+    accumulation nodes and their CUDA stream alive into the next step's graph capture)."""
+    import numpy as np
+
+    from conftest import tiny_config
+    from fuxi_mme.data import load_dataset
+    from fuxi_mme.models import build_model
+    from fuxi_mme.models.moe import MoE
+    from fuxi_mme.train.loop import Trainer
+
+    for chunks in (1, 2):
+        cfg = tiny_config("fuxi-mme", **{"train.length_chunks": chunks})
+        ds = load_dataset(cfg.data)
+        net = build_model(cfg.model, ds.num_items, cfg.data.max_len)
+        tr = Trainer(cfg, ds, net, torch.device("cpu"), None, progress=False)
+        loss, aux = tr.forward_backward(np.arange(cfg.train.batch_size))
+        assert loss.grad_fn is None and aux is not None and aux.grad_fn is None
+        layers = [m for m in net.modules() if isinstance(m, MoE)]
+        assert layers and all(m.last_aux is not None and m.last_aux.grad_fn is None for m in layers)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())

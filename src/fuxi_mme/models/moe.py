@@ -262,6 +262,16 @@ class MoE(nn.Module):
                 self.expert_bias += self.bias_update_rate * (load_E.mean() - load_E) / load_E.mean()
 
 
+def release_aux_graphs(model: nn.Module) -> None:
+    """Detach every MoE layer's last aux loss once the backward pass has used it. Held with its
+    autograd graph, it keeps that step's gradient-accumulation nodes alive, with the CUDA stream
+    they were made on, into the next step; a CUDA-graph capture on another stream then warns
+    that the streams do not match and has to synchronise with them."""
+    for m in model.modules():
+        if isinstance(m, MoE) and m.last_aux is not None and m.last_aux.grad_fn is not None:
+            m.last_aux = m.last_aux.detach()
+
+
 @contextlib.contextmanager
 def one_batch_of_routing(model: nn.Module):
     """Forwards inside the block count as one batch for every MoE layer of ``model``: the aux

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ..data.splits import length_sorted_chunks
+from ..models.moe import release_aux_graphs
 from .loss import sample_negatives, sampled_softmax_loss
 
 if TYPE_CHECKING:
@@ -149,6 +150,7 @@ class GraphedStep:
             loss = sampled_softmax_loss(user_P[None], bufs["tgt"][None], items, bufs["neg"][None], tr.cfg.train.temperature, normalizer=self.norm)
         aux = tr.model.aux_loss()
         ((loss + aux if aux is not None else loss) * self.scale).backward()
+        release_aux_graphs(tr.model)  # the captured (or warm-up) graph must not outlive the step
         return loss, aux
 
     def _capture(self, key: tuple[int, int], bufs: dict[str, torch.Tensor]):

@@ -30,7 +30,7 @@ from ..data.splits import EvalArrays, TrainArrays, eval_arrays, length_sorted_ch
 from ..eval.evaluator import autocast_dtype, evaluate_ranks, model_scorer
 from ..eval.metrics import metrics_from_ranks
 from ..models.common import SequenceModel
-from ..models.moe import one_batch_of_routing
+from ..models.moe import one_batch_of_routing, release_aux_graphs
 from . import distributed as D
 from .checkpoint import config_fingerprint, load_state, load_weights, optimizer_state, save_checkpoint
 from .graphs import GraphedStep, graphs_wanted
@@ -233,7 +233,8 @@ class Trainer:
         loss, aux = self.loss_for_rows(rows)
         total = loss + aux if aux is not None else loss
         (total / self.cfg.train.grad_accum).backward()
-        return loss, aux
+        release_aux_graphs(self.model)  # nothing of this step's autograd graph outlives it
+        return loss.detach(), (aux.detach() if aux is not None else None)
 
     def _forward_backward_by_length(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batch's rows sorted by length and run in ``length_chunks`` chunks, each padded
@@ -258,7 +259,8 @@ class Trainer:
         loss = torch.stack(losses).sum()
         aux = self.model.aux_loss()  # of the whole batch's routing, set when the block ended
         ((loss + aux if aux is not None else loss) / self.cfg.train.grad_accum).backward()
-        return loss.detach(), aux
+        release_aux_graphs(self.model)
+        return loss.detach(), (aux.detach() if aux is not None else None)
 
     def zero_grad(self) -> None:
         # graphs write into the existing .grad tensors, so those are zeroed, never dropped
