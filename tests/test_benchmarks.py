@@ -1,5 +1,6 @@
 """The one-command benchmark runner picks the right benchmarks for the machine."""
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,12 @@ def test_plan_per_machine():
     assert names(plan(0, None)) == ["cpu_epoch.py"]
     assert plan(0, "/data")[0][-2:] == ["--data-path", str(Path("/data") / "ml-1m")]
     assert names(plan(1, None)) == ["throughput.py", "attention.py", "profile_step.py"]
+    from throughput import PATHS
+
+    for cmd in plan(1, None):  # every path run_all asks for exists
+        if "--paths" in cmd:
+            asked = list(itertools.takewhile(lambda a: not a.startswith("--"), cmd[cmd.index("--paths") + 1 :]))
+            assert asked and all(a in PATHS for a in asked), asked
     assert names(plan(2, None))[-1] == "ddp_scaling.py"
 
 
