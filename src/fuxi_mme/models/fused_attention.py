@@ -98,7 +98,7 @@ if HAVE_TRITON:
         v = _load_rows(V, bh, offs_n, N, DV, BDV)
         s = _dot(q, tl.trans(k), IEEE)
         causal = (offs_m[:, None] >= offs_n[None, :]) & (offs_m[:, None] < N) & (offs_n[None, :] < N)
-        # the bias maps, precomputed in the inputs' dtype (no int64 bucket ids and no gathers here)
+        # the precomputed bias maps (no int64 bucket ids and no gathers here)
         p = tl.load(PM + offs_m[:, None] * N + offs_n[None, :], mask=causal, other=0.0).to(tl.float32)
         if USE_TIME:
             t = tl.load(TM + (b * N + offs_m[:, None]) * N + offs_n[None, :], mask=causal, other=0.0).to(tl.float32)
@@ -183,11 +183,6 @@ if HAVE_TRITON:
                 tl.atomic_add(GP + g, dz, mask=causal)
         ptr, mask = _rows(DQp, bh, offs_m, N, DQ, BDQ)
         tl.store(ptr, dq.to(DQp.dtype.element_ty), mask=mask)
-
-
-def _kernels():
-    """The kernels; TRITON_INTERPRET=1 at import time makes them run in Triton's CPU interpreter."""
-    return fwd, bwd_kv, bwd_q
 
 
 def _pow2(x: int) -> int:
