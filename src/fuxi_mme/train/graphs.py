@@ -31,8 +31,8 @@ With ``train.compile`` (``auto``: on here when triton is installed) the graphs r
 compiled model's kernels: ``torch.compile`` fuses the norms, SiLU, masks and casts between the
 matrix products (ML-20M FuXi-alpha, bf16: step 10.9 -> 6.2 ms on an H200,
 ``docs/performance.md``). A compiled model that fails to capture is replaced by the plain one.
-Each graph is preceded by two warm-up passes: the first unchecked (compilation, lazily built
-constants), the second checked for host syncs.
+Each graph is preceded by two warm-up passes: the first unchecked (compilation, lazy
+initialisation), the second checked for host syncs.
 
 Not used (eager step instead): CPU, multi-process training, the final partial batch of an
 epoch, and any model whose step cannot be captured (e.g. an op that synchronises with the
@@ -172,8 +172,9 @@ class GraphedStep:
         try:
             with torch.cuda.stream(side):
                 # first pass unchecked: one-time work may synchronise (compilation and its
-                # autotuning, lazily built constants such as the temporal bucket bounds); the
-                # second must not
+                # autotuning, lazy library initialisation); the second must not, so it must not
+                # recompile either (state that the first pass changes and compiled code guards
+                # on, like the old module-level bucket-bounds cache, would make it do so)
                 self._body(bufs)
                 with _no_host_syncs():
                     self._body(bufs)
