@@ -84,6 +84,19 @@ def test_cuda_graph_steps_equal_eager_steps(model, amp):
         torch.testing.assert_close(p_graph[k], p_eager[k], rtol=tol, atol=tol * p_eager[k].abs().max().item() + 1e-9, msg=k)
 
 
+@pytest.mark.parametrize("compile_", [False, "auto"])
+def test_cuda_graph_steps_with_the_full_softmax_equal_eager_steps(compile_):
+    """``train.loss=full``: no negatives drawn (a (P, 0) static buffer) and the whole catalogue
+    scored inside the recorded step, as in the eager one."""
+    over = {"train.loss": "full"}
+    eager, p_eager, _ = _steps("fuxi-mme", "off", "none", **{"train.compile": False, **over})
+    graph, p_graph, tr = _steps("fuxi-mme", "on", "none", **{"train.compile": compile_, **over})
+    assert tr.graphed.graphs and not tr.graphed.disabled and tr.graphed.K == 0
+    np.testing.assert_allclose(graph, eager, rtol=1e-3)
+    for k in p_eager:
+        torch.testing.assert_close(p_graph[k], p_eager[k], rtol=1e-3, atol=1e-3 * p_eager[k].abs().max().item() + 1e-9, msg=k)
+
+
 def test_cuda_graph_with_gradient_accumulation_and_fused_attention():
     pytest.importorskip("triton")
     eager, p_eager, _ = _steps("fuxi-mme", "off", "bf16", grad_accum=2, attention="fused")
@@ -150,14 +163,19 @@ def test_compiled_model_inside_cuda_graphs_equals_the_eager_step():
         torch.testing.assert_close(p_graph[k], p_eager[k], rtol=3e-2, atol=3e-2 * p_eager[k].abs().max().item() + 1e-9, msg=k)
 
 
-@pytest.mark.parametrize("model,amp", [("hstu", "bf16"), ("sasrec", "bf16"), ("fuxi-mme", "none")])
-def test_compile_auto_inside_cuda_graphs_equals_the_eager_step(model, amp):
-    """``train.compile=auto`` (the default) compiles the graphed step only. Fuxi-MME in fp32:
-    in bf16 the compiled and eager router logits round differently, a near-tied token can
-    take another expert, and single gradient entries then differ beyond bf16 tolerances."""
+@pytest.mark.parametrize(
+    "model,amp,placement",
+    [("hstu", "bf16", None), ("sasrec", "bf16", None), ("fuxi-mme", "none", "ffn"), ("fuxi-mme", "none", "u"), ("fuxi-mme", "none", "out")],
+)
+def test_compile_auto_inside_cuda_graphs_equals_the_eager_step(model, amp, placement):
+    """``train.compile=auto`` (the default) compiles the graphed step only. Fuxi-MME in fp32,
+    with the experts in each place they can go: in bf16 the compiled and eager router logits
+    round differently, a near-tied token can take another expert, and single gradient entries
+    then differ beyond bf16 tolerances."""
     pytest.importorskip("triton")
-    eager, p_eager, _ = _steps(model, "off", amp, **{"train.compile": False})
-    graph, p_graph, tr = _steps(model, "on", amp)
+    over = {"model.moe.placement": placement} if placement else {}
+    eager, p_eager, _ = _steps(model, "off", amp, **{"train.compile": False, **over})
+    graph, p_graph, tr = _steps(model, "on", amp, **over)
     assert tr.compile == "graphs" and tr.graphed.graphs and not tr.graphed.disabled
     assert tr.graph_module is not tr.step_module  # the compiled model was captured, not replaced
     tol = 1e-3 if amp == "none" else 3e-2

@@ -64,3 +64,59 @@ def test_positions_and_the_chunked_cpu_path_equal_the_dense_loss(monkeypatch):
         torch.testing.assert_close(g[1], g_dense[1], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="needs the target positions"):
         L.sampled_softmax_loss(u, t, items, n, 0.05, method="chunked")
+
+
+def test_full_softmax_is_cross_entropy_over_every_item_but_padding():
+    torch.manual_seed(0)
+    B, N, D, I = 3, 5, 8, 40
+    u = torch.nn.functional.normalize(torch.randn(B, N, D), dim=-1).requires_grad_()
+    items = torch.nn.functional.normalize(torch.randn(I + 1, D), dim=-1).requires_grad_()
+    t = torch.randint(1, I + 1, (B, N))
+    t[2, 3:] = 0  # padding positions are ignored
+    no_negs = torch.zeros(B, N, 0, dtype=torch.long)
+    got = sampled_softmax_loss(u, t, items, no_negs, 0.1, full=True)
+    keep = t.reshape(-1) != 0
+    # the reference: ordinary cross-entropy over items 1..I (row 0, padding, is no candidate)
+    ref = torch.nn.functional.cross_entropy((u.reshape(-1, D)[keep] @ items[1:].T) / 0.1, t.reshape(-1)[keep] - 1)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    g, g_ref = torch.autograd.grad(got, (u, items)), torch.autograd.grad(ref, (u, items))
+    torch.testing.assert_close(g[0], g_ref[0])
+    torch.testing.assert_close(g[1], g_ref[1])
+    assert g[1][0].abs().sum() == 0  # the padding row gets no gradient
+    # skipping padding through ``positions`` changes nothing
+    pos = torch.nonzero(keep).squeeze(1)
+    got_p = sampled_softmax_loss(u, t, items, no_negs, 0.1, full=True, positions=pos, normalizer=float(len(pos)))
+    assert got_p.item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_full_softmax_training_draws_no_negatives_and_learns():
+    import numpy as np
+
+    from conftest import tiny_config
+    from fuxi_mme.data import load_dataset
+    from fuxi_mme.models import build_model
+    from fuxi_mme.train.loop import Trainer
+
+    cfg = tiny_config("fuxi-mme", **{"train.loss": "full", "train.length_chunks": 2})
+    ds = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)
+    state = tr.neg_gen.get_state()
+    rows = np.arange(64)
+    losses = []
+    for _ in range(30):
+        loss, _ = tr.forward_backward(rows)
+        tr.opt.step()
+        tr.opt.zero_grad()
+        losses.append(float(loss))
+    assert torch.equal(tr.neg_gen.get_state(), state)  # nothing sampled
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_unknown_loss_is_refused():
+    from fuxi_mme.config import ConfigError, Config, validate
+
+    cfg = Config()
+    cfg.train.loss = "bpr"
+    with pytest.raises(ConfigError, match="train.loss='bpr' is not one of sampled, full"):
+        validate(cfg)

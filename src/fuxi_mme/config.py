@@ -92,6 +92,9 @@ class TrainConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
+    # "sampled": softmax over the target and num_negatives uniform negatives per position
+    # (SPEC section 2); "full": softmax over the whole catalogue (no sampling; num_negatives unused)
+    loss: str = "sampled"
     num_negatives: int = 128
     temperature: float = 0.05
     seed: int = 42
@@ -315,6 +318,7 @@ def validate(cfg: Config) -> None:
         "train.amp": (cfg.train.amp, ("none", "bf16")),
         "train.cuda_graphs": (cfg.train.cuda_graphs, ("auto", "on", "off")),
         "train.schedule": (cfg.train.schedule, ("constant", "cosine")),
+        "train.loss": (cfg.train.loss, ("sampled", "full")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -51,7 +51,7 @@ import torch
 
 from ..data.splits import length_sorted_chunks
 from ..models.moe import release_aux_graphs
-from .loss import sample_negatives, sampled_softmax_loss
+from .loss import negatives_per_position, sample_negatives, sampled_softmax_loss
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -105,7 +105,7 @@ class GraphedStep:
     def __init__(self, trainer: "Trainer"):
         self.tr = trainer
         t = trainer.cfg.train
-        self.B, self.N, self.K = t.batch_size, trainer.train_arrs.ids.shape[1], t.num_negatives
+        self.B, self.N, self.K = t.batch_size, trainer.train_arrs.ids.shape[1], negatives_per_position(t)
         # ``train.length_chunks`` > 1: the batch's rows sorted by length and run as chunks of
         # R rows, each at its own width rounded up to a multiple of ``width_step`` (one graph per
         # width and target bucket); else one pass at the full width, as the eager step
@@ -147,7 +147,7 @@ class GraphedStep:
         with torch.autocast(tr.device.type, dtype=tr.amp_dtype, enabled=tr.amp_dtype is not None, cache_enabled=False):
             user, items = tr.graph_module(bufs["ids"], bufs["ts"], bufs["query_ts"])
             user_P = user.reshape(-1, user.shape[-1]).index_select(0, bufs["pos"])
-            loss = sampled_softmax_loss(user_P[None], bufs["tgt"][None], items, bufs["neg"][None], tr.cfg.train.temperature, normalizer=self.norm)
+            loss = sampled_softmax_loss(user_P[None], bufs["tgt"][None], items, bufs["neg"][None], tr.cfg.train.temperature, normalizer=self.norm, full=tr.cfg.train.loss == "full")
         aux = tr.model.aux_loss()
         ((loss + aux if aux is not None else loss) * self.scale).backward()
         release_aux_graphs(tr.model)  # the captured (or warm-up) graph must not outlive the step
@@ -212,7 +212,7 @@ class GraphedStep:
         # the same negative draws as the eager step: (B, n, K) from the trainer's generator
         # (rewound if this step falls back to eager, which then draws them again)
         rng = tr.neg_gen.get_state()
-        negs = sample_negatives((len(rows), n, K), tr.ds.num_items, tr.device, tr.neg_gen).view(-1, K)
+        negs = sample_negatives((len(rows), n, K), tr.ds.num_items, tr.device, tr.neg_gen).view(len(rows) * n, K)
         parts = [np.arange(self.B)] if self.chunks == 1 else length_sorted_chunks(lengths, self.chunks)
         slot = self.slots[self.slot]
         self.slot ^= 1

@@ -34,7 +34,7 @@ from ..models.moe import one_batch_of_routing, release_aux_graphs
 from . import distributed as D
 from .checkpoint import config_fingerprint, load_state, load_weights, optimizer_state, save_checkpoint
 from .graphs import GraphedStep, graphs_wanted
-from .loss import sample_negatives, sampled_softmax_loss
+from .loss import negatives_per_position, sample_negatives, sampled_softmax_loss
 
 log = logging.getLogger(__name__)
 SELECT_METRIC = "NDCG@10"
@@ -198,7 +198,7 @@ class Trainer:
         t, w = self.cfg.train, self.dist
         n = int(self.train_arrs.lengths[rows].max())
         if negs is None:
-            negs = sample_negatives((len(rows), n, t.num_negatives), self.ds.num_items, self.device, self.neg_gen)
+            negs = sample_negatives((len(rows), n, negatives_per_position(t)), self.ds.num_items, self.device, self.neg_gen)
         mine = rows[w.rank :: w.world] if w.enabled else rows
         batch = to_batch(self.train_arrs, mine, self.device, width=n)
         flat = np.flatnonzero(self.train_arrs.targets[mine, :n].reshape(-1))
@@ -213,7 +213,7 @@ class Trainer:
         t = self.cfg.train
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             user, items = self.step_module(batch["ids"], batch["ts"], batch["query_ts"])
-            loss = sampled_softmax_loss(user, batch["targets"], items, negs, t.temperature, normalizer=normalizer, positions=batch.get("positions"))
+            loss = sampled_softmax_loss(user, batch["targets"], items, negs, t.temperature, normalizer=normalizer, positions=batch.get("positions"), full=t.loss == "full")
         aux = self.model.aux_loss()
         return loss, aux
 
@@ -247,7 +247,7 @@ class Trainer:
         per chunk; only the dropout masks come from different random numbers. Padding is about
         a third of an ML-1M batch's positions."""
         lengths = self.train_arrs.lengths[rows]
-        n, K = int(lengths.max()), self.cfg.train.num_negatives
+        n, K = int(lengths.max()), negatives_per_position(self.cfg.train)
         negs = sample_negatives((len(rows), n, K), self.ds.num_items, self.device, self.neg_gen)
         count = float(np.count_nonzero(self.train_arrs.targets[rows]))
         losses = []

@@ -1,4 +1,4 @@
-"""Sampled softmax with uniform negatives (SPEC section 2).
+"""Sampled softmax with uniform negatives (SPEC section 2), and the full softmax.
 
 Legend: B batch, N positions, D scoring width, K negatives, I items.
 
@@ -6,6 +6,10 @@ For each valid position: logits = score(user, item) / temperature over [positive
 drawn uniformly from 1..I independently per position]; a negative equal to the positive is
 masked out; the loss is the mean over valid positions. For the cosine models the score is the
 dot product of unit vectors (the models return normalised vectors).
+
+``train.loss=full`` scores every item instead (a softmax over the whole catalogue, padding id
+excluded, no sampling): the same dense (positions x items) product the ``all`` method computes
+anyway, without the gather.
 """
 
 from __future__ import annotations
@@ -27,6 +31,26 @@ def _divide(total: torch.Tensor, normalizer: float | torch.Tensor) -> torch.Tens
     return total / max(normalizer, 1e-9)
 
 
+def negatives_per_position(train_cfg) -> int:
+    """Uniform negatives to draw per position: ``num_negatives`` for the sampled loss, none for
+    the full softmax."""
+    return train_cfg.num_negatives if train_cfg.loss == "sampled" else 0
+
+
+def full_softmax_nll(user_PD: torch.Tensor, targets_P: torch.Tensor, items_ID: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(P,) negative log-likelihood of each target under a softmax over all items 1..I (row 0
+    of ``items_ID`` is padding and never a candidate)."""
+    items = items_ID.to(user_PD.dtype)
+    I1 = items.shape[0]
+    if items.is_cuda and I1 % 8:
+        items = F.pad(items, (0, 0, 0, 8 - I1 % 8))  # aligned rows for the tensor-core kernels; masked
+    mask = torch.zeros(items.shape[0], dtype=torch.float32, device=items.device)
+    mask[0] = float("-inf")
+    mask[I1:] = float("-inf")
+    logits = (user_PD @ items.T).float() / temperature + mask
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets_P[:, None]).squeeze(-1)
+
+
 def sampled_softmax_loss(
     user_BND: torch.Tensor,
     targets_BN: torch.Tensor,
@@ -36,6 +60,7 @@ def sampled_softmax_loss(
     method: str = "auto",
     normalizer: float | torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
+    full: bool = False,
 ) -> torch.Tensor:
     """Mean sampled-softmax loss over positions with ``targets != 0``; no host syncs.
 
@@ -54,8 +79,14 @@ def sampled_softmax_loss(
         D, K = user_BND.shape[-1], negatives_BNK.shape[-1]
         user_BND = user_BND.reshape(-1, D).index_select(0, positions).unsqueeze(0)
         targets_BN = targets_BN.reshape(-1).index_select(0, positions).unsqueeze(0)
-        negatives_BNK = negatives_BNK.reshape(-1, K).index_select(0, positions).unsqueeze(0)
+        negatives_BNK = negatives_BNK.flatten(0, -2).index_select(0, positions).unsqueeze(0)  # also K = 0
     valid = targets_BN != 0
+    if full:  # softmax over the whole catalogue; ``negatives_BNK`` is not used
+        safe = torch.where(valid, targets_BN, 1)  # padding positions score item 1 (finite), then weigh 0
+        nll = full_softmax_nll(user_BND.reshape(-1, user_BND.shape[-1]), safe.reshape(-1), items_ID, temperature).view(targets_BN.shape)
+        if normalizer is not None:
+            return _divide((nll * valid).sum(), normalizer)
+        return (nll * valid).sum() / valid.sum().clamp(min=1)
     items = items_ID.to(user_BND.dtype)
     if method == "auto":
         method = "all" if targets_BN.numel() * items.shape[0] <= 2**30 else "gather"
