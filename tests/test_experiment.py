@@ -50,8 +50,17 @@ def test_main_suite_adds_large_sizes_and_the_paper_protocol_on_movielens(tmp_pat
     jobs = plan(SUITES["main"], tmp_path / "r", tmp_path, [], ["ml-1m-ts70", "amazon-toys"])
     ts70 = {j.variant for j in jobs if j.dataset == "ml-1m-ts70"}
     toys = {j.variant for j in jobs if j.dataset == "amazon-toys"}
-    assert toys == {"popularity", "sasrec", "hstu", "fuxi-alpha", "fuxi-mme"}
-    assert ts70 == toys | {"sasrec large", "hstu large", "fuxi-alpha large", "fuxi-mme large"} | {f"{m} (paper)" for m in toys}
+    base = {"popularity", "sasrec", "hstu", "fuxi-alpha", "fuxi-mme"}
+    assert toys == base | {f"{m} (sampled loss)" for m in base - {"popularity"}}  # Amazon: SPEC's loss as extra rows
+    assert ts70 == base | {"sasrec large", "hstu large", "fuxi-alpha large", "fuxi-mme large"} | {f"{m} (paper)" for m in base}
+    j = next(j for j in jobs if j.variant == "hstu (sampled loss)")
+    assert j.args[j.args.index("--preset") + 1] == "amazon-toys-hstu-base" and "train.loss=sampled" in j.args
+    # the Amazon presets train with the full softmax; the option-comparing suites pin SPEC's loss
+    from fuxi_mme.presets import build_preset
+
+    assert build_preset("amazon-toys-fuxi-mme-base").train.loss == "full" and build_preset("ml-1m-fuxi-mme-base").train.loss == "sampled"
+    for name in ("ablation", "sweep", "precision"):
+        assert all("train.loss=sampled" in j.args for j in plan(SUITES[name], tmp_path / "r", None, [], ["amazon-beauty"]))
     j = next(j for j in jobs if j.variant == "fuxi-mme (paper)" and j.seed == 2)
     assert j.args[j.args.index("--protocol") + 1] == "paper" and j.args[j.args.index("--preset") + 1] == "ml-1m-ts70-fuxi-mme-base"
     j = next(j for j in jobs if j.variant == "hstu large")

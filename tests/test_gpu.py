@@ -1,6 +1,8 @@
 """GPU-only checks (skipped without CUDA): the grouped-GEMM MoE path against the loop
 reference, and a bf16 training step of each model."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -237,3 +239,27 @@ def test_dropout_masks_change_between_graph_replays(compile_):
         losses[p] = out
     assert max(losses[0.0]) - min(losses[0.0]) < 1e-5 * abs(losses[0.0][0])
     assert len({round(x, 6) for x in losses[0.5]}) == 4  # every call replays the graph: 4 masks
+
+
+def _demo_train_losses(tmp_path, name: str, *sets: str) -> list[float]:
+    from fuxi_mme.config import apply_overrides
+    from fuxi_mme.presets import build_preset
+    from fuxi_mme.train.run import train
+
+    cfg = build_preset("demo-fuxi-mme-base")
+    apply_overrides(cfg, ["train.epochs=4", "train.seed=1", "train.patience=null", f"log.run_dir={tmp_path / name}", *sets])
+    train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("placement", ["ffn", "u", "out"])
+def test_fuxi_mme_with_dropout_trains_as_well_under_the_default_compile(tmp_path, placement):
+    """The whole training run, dropout on (the demo's 0.2), seed 1: the default step
+    (train.compile=auto) must train as well as the plain model in CUDA graphs. Compiled inside
+    CUDA graphs, placement=u once stalled at a loss of about 4.2 after 4 epochs against 2.4;
+    auto now leaves that combination uncompiled (compile_mode)."""
+    pytest.importorskip("triton")
+    plain = _demo_train_losses(tmp_path, "plain", f"model.moe.placement={placement}", "train.compile=false")
+    auto = _demo_train_losses(tmp_path, "auto", f"model.moe.placement={placement}")
+    assert auto[-1] < 1.1 * plain[-1], (auto, plain)

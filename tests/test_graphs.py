@@ -133,6 +133,22 @@ def test_compile_auto_only_for_the_cuda_graph_step(monkeypatch):
     assert loop.compile_mode(cfg, torch.device("cuda"), False) is None
 
 
+def test_compile_auto_leaves_experts_on_u_with_dropout_uncompiled(monkeypatch):
+    """Measured on the GPU: that combination trains badly compiled inside CUDA graphs."""
+    import fuxi_mme.train.loop as loop
+
+    monkeypatch.setattr(loop, "importlib_find_spec", lambda name: object())  # as if triton were there
+    cuda = torch.device("cuda")
+    cfg = tiny_config("fuxi-mme", **{"model.moe.placement": "u", "model.dropout": 0.2})
+    assert loop.compile_mode(cfg, cuda, False) is None
+    cfg.model.dropout = 0.0
+    assert loop.compile_mode(cfg, cuda, False) == "graphs"
+    cfg.model.dropout, cfg.model.moe.placement = 0.2, "ffn"
+    assert loop.compile_mode(cfg, cuda, False) == "graphs"
+    cfg.model.moe.placement, cfg.train.compile = "u", True  # asked for explicitly: done, with a warning
+    assert loop.compile_mode(cfg, cuda, False) == "always"
+
+
 def test_a_failing_compiled_model_is_replaced_by_the_plain_one(caplog):
     """train.compile=auto: if the compiled model fails inside the graph step, the plain model
     is recorded instead; training goes on with the eager step's losses."""

@@ -321,7 +321,7 @@ def make_parser() -> argparse.ArgumentParser:
         di.set_defaults(func=cmd_data_info)
 
     x = sub.add_parser("experiment", help="run a suite of runs (main, ablation, sweep, scaling) and aggregate over seeds")
-    x.add_argument("suite", nargs="+", help="main, ablation, sweep, scaling or precision; several run as one queue")
+    x.add_argument("suite", nargs="+", help="main, ablation, sweep, scaling, precision or loss; several run as one queue")
     x.add_argument("--root", default="experiments", help="folder for the runs and the aggregated results")
     x.add_argument("--data-root", help="folder with the dataset files (the layout of ../shared/data)")
     x.add_argument("--jobs", type=int, default=1, help="runs at once, longest first, each on the visible GPU with the fewest running (several small runs share one GPU)")

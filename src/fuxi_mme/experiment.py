@@ -58,6 +58,10 @@ PUBLISHED_EXTRA = {
     **{f"{m} large": (m, [], "large") for m in ("sasrec", "hstu", "fuxi-alpha", "fuxi-mme")},
     **{f"{m} (paper)": (m, [], "base", "paper") for m in BASELINES},
 }
+# Amazon: the main suite trains with the full softmax (the Amazon presets' loss, chosen by the
+# `loss` suite) and keeps SPEC's sampled softmax as extra rows for every model.
+AMAZON = ("amazon-beauty", "amazon-sports", "amazon-toys")
+AMAZON_EXTRA = {f"{m} (sampled loss)": (m, ["train.loss=sampled"]) for m in ("sasrec", "hstu", "fuxi-alpha", "fuxi-mme")}
 # Scaling: depth for FuXi-alpha and Fuxi-MME; experts for Fuxi-MME and FuXi-alpha + MoE.
 SCALING = {
     **{f"fuxi-alpha L={n}": ("fuxi-alpha", [f"model.num_layers={n}"]) for n in (2, 4, 8)},
@@ -71,6 +75,19 @@ SCALING = {
 REFERENCE_PATH = ["train.amp=none", "model.attention=reference", "train.cuda_graphs=off", "train.compile=false", "model.moe.backend=loop"]
 FAST_PATH = ["train.amp=bf16", "model.attention=fused", "train.cuda_graphs=on", "train.compile=auto", "model.moe.backend=dense"]
 PRECISION = {f"{m} {name}": (m, path) for m in ("fuxi-alpha", "fuxi-mme") for name, path in (("fp32 reference", REFERENCE_PATH), ("bf16 fast", FAST_PATH))}
+# The training loss on Amazon (SPEC fixes it for MovieLens only): SPEC's sampled softmax with K
+# uniform negatives, and the full softmax over the catalogue, at two temperatures; chosen on
+# the validation split (docs/models.md).
+LOSSES = {
+    "sampled K=128": ["train.loss=sampled"],
+    "full": ["train.loss=full", "train.temperature=0.05"],
+    "full t=0.1": ["train.loss=full", "train.temperature=0.1"],
+}
+LOSSES_MORE_K = {f"sampled K={k}": ["train.loss=sampled", f"train.num_negatives={k}"] for k in (512, 2048, 8192)}
+LOSS = {f"{m} {name}": (m, sets) for m in ("fuxi-alpha", "fuxi-mme") for name, sets in LOSSES.items()}
+LOSS_MORE_K = {f"{m} {name}": (m, sets) for m in ("fuxi-alpha", "fuxi-mme") for name, sets in LOSSES_MORE_K.items()}
+# The suites that compare model options keep SPEC's sampled loss on every dataset, Amazon too.
+SPEC_LOSS = ["train.loss=sampled"]
 
 
 @dataclass
@@ -85,6 +102,7 @@ class Suite:
     protocol: str = "loo-val"
     description: str = ""
     extra: dict[tuple[str, ...], dict[str, tuple]] = field(default_factory=dict)
+    sets: list[str] = field(default_factory=list)  # overrides for every run, before the variant's own
 
     def variants_for(self, dataset: str) -> dict[str, tuple]:
         out = dict(self.variants)
@@ -95,17 +113,19 @@ class Suite:
 
 
 SUITES = {
-    "ablation": Suite("ablation", ["demo", "ml-100k", "amazon-beauty"], ABLATION, description="FuXi-alpha; + multi-embedding only; + MoE only; full Fuxi-MME (SPEC section 4)"),
-    "sweep": Suite("sweep", ["demo", "amazon-beauty", "ml-1m-ts70"], SWEEP, seeds=[0, 1], description="one Fuxi-MME option changed at a time, on validation"),
+    "ablation": Suite("ablation", ["demo", "ml-100k", "amazon-beauty"], ABLATION, description="FuXi-alpha; + multi-embedding only; + MoE only; full Fuxi-MME (SPEC section 4), SPEC's sampled loss", sets=SPEC_LOSS),
+    "sweep": Suite("sweep", ["demo", "amazon-beauty", "ml-1m-ts70"], SWEEP, seeds=[0, 1], description="one Fuxi-MME option changed at a time, on validation, SPEC's sampled loss", sets=SPEC_LOSS),
     "main": Suite(
         "main",
         ["ml-1m-ts70", "ml-100k", "amazon-beauty", "amazon-sports", "amazon-toys"],
         BASELINES,
         description="all models (base; large and the paper protocol too on MovieLens), loo-val everywhere",
-        extra={PUBLISHED: PUBLISHED_EXTRA},
+        extra={PUBLISHED: PUBLISHED_EXTRA, AMAZON: AMAZON_EXTRA},
     ),
     "scaling": Suite("scaling", ["ml-1m-ts70"], SCALING, description="test NDCG@10 against depth and number of experts, with parameters and training time"),
-    "precision": Suite("precision", ["ml-100k", "amazon-beauty"], PRECISION, description="the fast bf16 path (fused attention, CUDA graphs, compiled) against the fp32 reference path (GPU)"),
+    "precision": Suite("precision", ["ml-100k", "amazon-beauty"], PRECISION, description="the fast bf16 path (fused attention, CUDA graphs, compiled) against the fp32 reference path (GPU), SPEC's sampled loss", sets=SPEC_LOSS),
+    "loss": Suite("loss", ["amazon-beauty", "amazon-toys"], LOSS, seeds=[0], description="the training loss on Amazon: sampled softmax with K negatives or the full softmax, on validation",
+                  extra={("amazon-beauty",): LOSS_MORE_K}),
 }
 
 # Where each dataset's files are, under --data-root (the layout of ../shared/data, plus the
@@ -166,7 +186,7 @@ def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], dat
                 safe = variant.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus-").replace("=", "-")
                 run_dir = root / suite.name / ds / safe / f"seed{seed}"
                 args = ["train", "--preset", preset_name(ds, model, size), "--seed", str(seed), "--protocol", protocol, "--run-dir", str(run_dir), "--no-progress", *data_args]
-                sets = [o.format(**fmt) for o in [*over, *extra]]
+                sets = [o.format(**fmt) for o in [*suite.sets, *over, *extra]]
                 for o in sets:
                     args += ["--set", o]
                 jobs.append(Job(ds, variant, seed, args, run_dir, invalid=_invalid(preset_name(ds, model, size), sets)))

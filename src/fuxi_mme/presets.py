@@ -34,6 +34,7 @@ class Shape:
     epochs: int
     dropout: float = 0.2
     patience: int | None = 10
+    loss: str = "sampled"  # train.loss; "full" where the validation split chose it (docs/models.md)
 
 
 SHAPES: dict[str, Shape] = {
@@ -44,9 +45,9 @@ SHAPES: dict[str, Shape] = {
         Shape("ml-1m", "ml-1m", max_len=200, epochs=101),
         Shape("ml-1m-ts70", "ml-1m", max_len=200, epochs=101),
         Shape("ml-20m", "ml-20m", max_len=200, epochs=101),
-        Shape("amazon-beauty", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10),
-        Shape("amazon-sports", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10),
-        Shape("amazon-toys", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10),
+        Shape("amazon-beauty", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10, loss="full"),
+        Shape("amazon-sports", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10, loss="full"),
+        Shape("amazon-toys", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10, loss="full"),
         # KuaiRand: FuXi-alpha's shape for it is not in SPEC; the ML-1M widths and HSTU's
         # long-sequence length are our choice (docs/datasets.md).
         Shape("kuairand-pure", "ml-1m", max_len=256, epochs=101),
@@ -108,6 +109,7 @@ def build_preset(name: str) -> Config:
     cfg.data.max_len = shape.max_len
     cfg.train.epochs = shape.epochs
     cfg.train.patience = shape.patience
+    cfg.train.loss = shape.loss
     m = cfg.model
     m.name = model
     m.dropout = shape.dropout

@@ -126,9 +126,21 @@ def compile_mode(cfg: Config, device: torch.device, distributed: bool) -> str | 
     step: ``auto`` on single-process CUDA with CUDA graphs wanted and triton importable, unless
     ``train.deterministic``: Inductor's scatter kernels add atomically) or None."""
     c = cfg.train.compile
+    m = cfg.model
+    # Measured on the H200 (torch 2.11): Fuxi-MME with the experts on u, dropout on, compiled
+    # and recorded in CUDA graphs trains far worse (demo, seeds 1 and 2: loss about 4.1 after
+    # 5 epochs against 2.2 eager or compiled without graphs; dropout off trains normally). The
+    # cause is not found; auto leaves that combination uncompiled (docs/training.md).
+    u_dropout = m.name == "fuxi-mme" and m.moe.num_experts > 0 and m.moe.placement == "u" and m.dropout > 0
     if c is True:
+        if u_dropout and device.type == "cuda" and cfg.train.cuda_graphs != "off":
+            log.warning("train.compile=true with model.moe.placement=u, dropout and CUDA graphs trains badly on the GPU (docs/training.md); "
+                        "use train.compile=auto or train.cuda_graphs=off")
         return "always"
     if c is False or device.type != "cuda" or distributed or cfg.train.cuda_graphs == "off" or cfg.train.deterministic:
+        return None
+    if u_dropout:
+        log.info("train.compile=auto: not compiling (model.moe.placement=u with dropout trains badly compiled inside CUDA graphs; docs/training.md)")
         return None
     return "graphs" if importlib_find_spec("triton") is not None else None
 

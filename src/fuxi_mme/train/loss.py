@@ -44,9 +44,10 @@ def full_softmax_nll(user_PD: torch.Tensor, targets_P: torch.Tensor, items_ID: t
     I1 = items.shape[0]
     if items.is_cuda and I1 % 8:
         items = F.pad(items, (0, 0, 0, 8 - I1 % 8))  # aligned rows for the tensor-core kernels; masked
-    mask = torch.zeros(items.shape[0], dtype=torch.float32, device=items.device)
-    mask[0] = float("-inf")
-    mask[I1:] = float("-inf")
+    # built with where, not by item assignment: setting an element copies a host scalar, which
+    # synchronises and so cannot be recorded in a CUDA graph
+    ar = torch.arange(items.shape[0], device=items.device)
+    mask = torch.where((ar == 0) | (ar >= I1), float("-inf"), 0.0)
     logits = (user_PD @ items.T).float() / temperature + mask
     return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets_P[:, None]).squeeze(-1)
 
