@@ -48,13 +48,15 @@ def _losses(run_dir):
     return [r["loss"] for r in recs if r["kind"] == "train"], [r for r in recs if r["kind"] == "valid"]
 
 
-def test_two_gloo_processes_follow_the_single_process_trajectory(tmp_path):
+@pytest.mark.parametrize("loss", ["sampled", "full"])
+def test_two_gloo_processes_follow_the_single_process_trajectory(tmp_path, loss):
     torch.set_num_threads(1)
+    over = {**OVERRIDES, "train.loss": loss}
     one = tmp_path / "one"
-    cfg = tiny_config("fuxi-alpha", **{**OVERRIDES, "log.run_dir": str(one)})
+    cfg = tiny_config("fuxi-alpha", **{**over, "log.run_dir": str(one)})
     single = train(cfg)
     two = tmp_path / "two"
-    p = _torchrun(tmp_path, two)
+    p = _torchrun(tmp_path, two, over=over)
     assert p.returncode == 0, p.stderr[-3000:]
     l1, v1 = _losses(one)
     l2, v2 = _losses(two)
