@@ -37,13 +37,20 @@ def negatives_per_position(train_cfg) -> int:
     return train_cfg.num_negatives if train_cfg.loss == "sampled" else 0
 
 
+def _aligned_rows(items: torch.Tensor) -> torch.Tensor:
+    """On CUDA, zero rows up to a multiple of 8 (never scored as candidates): the (., I) score
+    matrix then has an aligned row stride and cuBLAS uses its Hopper tensor-core kernels, not
+    sm75 ones."""
+    if items.is_cuda and items.shape[0] % 8:
+        return F.pad(items, (0, 0, 0, 8 - items.shape[0] % 8))
+    return items
+
+
 def full_softmax_nll(user_PD: torch.Tensor, targets_P: torch.Tensor, items_ID: torch.Tensor, temperature: float) -> torch.Tensor:
     """(P,) negative log-likelihood of each target under a softmax over all items 1..I (row 0
     of ``items_ID`` is padding and never a candidate)."""
-    items = items_ID.to(user_PD.dtype)
-    I1 = items.shape[0]
-    if items.is_cuda and I1 % 8:
-        items = F.pad(items, (0, 0, 0, 8 - I1 % 8))  # aligned rows for the tensor-core kernels; masked
+    I1 = items_ID.shape[0]
+    items = _aligned_rows(items_ID.to(user_PD.dtype))  # the extra rows are masked below
     # built with where, not by item assignment: setting an element copies a host scalar, which
     # synchronises and so cannot be recorded in a CUDA graph
     ar = torch.arange(items.shape[0], device=items.device)
@@ -100,10 +107,7 @@ def sampled_softmax_loss(
         total = _BlockedSampledLoss.apply(user_BND.reshape(-1, user_BND.shape[-1]), items, ids_BNS.reshape(-1, ids_BNS.shape[-1]), float(temperature))
         return _divide(total, normalizer if normalizer is not None else float(targets_BN.numel()))
     if method == "all":
-        if items.is_cuda and items.shape[0] % 8:
-            # zero rows up to a multiple of 8 (never gathered): the (., I) score matrix then has
-            # an aligned row stride and cuBLAS uses its Hopper tensor-core kernels, not sm75 ones
-            items = F.pad(items, (0, 0, 0, 8 - items.shape[0] % 8))
+        items = _aligned_rows(items)  # the extra rows are never gathered
         # one gather for [target, negatives]: its backward fills one (B, N, I) gradient, not two
         raw = (user_BND @ items.T).gather(-1, ids_BNS)
     elif method == "gather":
