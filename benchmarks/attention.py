@@ -40,6 +40,8 @@ def inputs(shape: str, model: str, B: int, dtype, dev):
     cfg = build_preset(preset_name(shape, model, "base"))
     m = cfg.model
     N, H, Dq, Dv = cfg.data.max_len, m.num_heads, m.qk_dim, m.v_dim
+    if model == "fuxi-mme":
+        H *= m.num_embeddings  # the shared decoder runs its M streams as extra heads of one call (FuxiBlock groups)
     g = torch.Generator(device="cpu").manual_seed(0)
     mk = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(dev, dtype).requires_grad_(True)  # noqa: E731
     q, k, v = mk(B, H, N, Dq), mk(B, H, N, Dq), mk(B, H, N, Dv)
@@ -175,7 +177,8 @@ def sweep(fa, a, norm, hstu, steps, warmup) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["ml-20m", "ml-1m"])
-    ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "hstu"])
+    ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "hstu"], choices=("fuxi-alpha", "fuxi-mme", "hstu"),
+                    help="fuxi-mme: FuXi attention at Fuxi-MME's shape (M streams as extra heads of half the width)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--steps", type=int, default=20)
@@ -205,8 +208,8 @@ def main() -> None:
     for shape in args.shapes:
         for model in args.models:
             hstu = model == "hstu"
-            ref_fn = fuxi_attention_reference if model == "fuxi-alpha" else hstu_attention_reference
-            fused_fn = fa.fused_fuxi_attention if model == "fuxi-alpha" else fa.fused_hstu_attention
+            ref_fn = hstu_attention_reference if hstu else fuxi_attention_reference
+            fused_fn = fa.fused_hstu_attention if hstu else fa.fused_fuxi_attention
             a, norm, dims = inputs(shape, model, args.batch, dtype, dev)
             with torch.no_grad():
                 err = (fused_fn(*a, norm).float() - ref_fn(*a, norm).float()).abs().max().item()

@@ -97,3 +97,16 @@ def test_speed_ups_name_what_they_compare_with():
 
     assert speedup_cell({"speedup_vs_reference": 5.111, "speedup_base": "fp32"}) == "5.11x"
     assert speedup_cell({"speedup_vs_reference": 1.5, "speedup_base": "graph-bf16"}) == "1.50x (vs graph-bf16, no fp32 run)"
+
+
+def test_attention_benchmark_times_fuxi_mme_at_its_real_shape():
+    """Fuxi-MME's shared decoder calls the FuXi attention once per sequence with its M streams
+    as extra heads of width d / M / H: the benchmark must time that shape, not FuXi-alpha's."""
+    import torch
+
+    from attention import inputs
+
+    _, _, mme = inputs("ml-20m", "fuxi-mme", 2, torch.float32, torch.device("cpu"))
+    _, _, alpha = inputs("ml-20m", "fuxi-alpha", 2, torch.float32, torch.device("cpu"))
+    assert (mme["H"], mme["qk_dim"], mme["v_dim"]) == (8, 32, 32)
+    assert (alpha["H"], alpha["qk_dim"], alpha["v_dim"]) == (4, 64, 64)
