@@ -20,6 +20,7 @@ Writes ``benchmarks/results/attention-<device>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -216,6 +217,8 @@ def main() -> None:
             rec = {"shape": shape, "model": model, "dtype": args.dtype, **dims, "max_abs_diff": err,
                    "launch": {k: list(v) for k, v in fa.LAUNCH["hstu" if hstu else "fuxi"].items()}}
             paths = [("reference", ref_fn), ("fused", fused_fn)]
+            if not hstu:  # FuXi's bias channels as products outside the kernels (fused_attention.BIAS_CHANNELS = "matmul")
+                paths.append(("fused_split", functools.partial(fa.fused_fuxi_attention, split=True)))
             if cuda:
                 torch._dynamo.reset()
                 paths.insert(1, ("reference_compiled", torch.compile(ref_fn)))
@@ -231,9 +234,12 @@ def main() -> None:
             if cuda:
                 rec["speedup_vs_compiled"] = rec["reference_compiled_ms"] / rec["fused_ms"]
                 rec["parts"] = fused_parts(fa, a, norm, hstu, args.steps, args.warmup)
-                for name, fn in (("reference", ref_fn), ("fused", fused_fn)):
-                    rec[f"{name}_graphed_ms"] = graphed_ms(fn, a, norm, args.steps, args.warmup)
+                for name, fn in paths:
+                    if name != "reference_compiled":
+                        rec[f"{name}_graphed_ms"] = graphed_ms(fn, a, norm, args.steps, args.warmup)
                 rec["speedup_graphed"] = rec["reference_graphed_ms"] / rec["fused_graphed_ms"]
+                if "fused_split_graphed_ms" in rec:
+                    rec["speedup_split_graphed"] = rec["reference_graphed_ms"] / rec["fused_split_graphed_ms"]
             rows.append(rec)
             print(rec, flush=True)
     out = Path(args.out or RESULTS / f"attention-{card(info)}")
@@ -241,9 +247,11 @@ def main() -> None:
           "Forward + backward of one attention call. `reference`: PyTorch eager (the target's baseline); `compiled`: the same under "
           "`torch.compile`; `fused`: the Triton kernels, and its parts (forward kernel, dK/dV kernel, dQ kernel, the bias maps with their table gradients) timed alone. "
           "These are launched from Python (host time included); `graphed`: forward + backward recorded in a CUDA graph and replayed, the GPU time alone, as "
-          "inside the graphed training step.", "",
+          "inside the graphed training step. `split` (FuXi only): the kernels compute the semantic channel and the positional and "
+          "temporal channels are two batched matrix products over all heads outside them (`fused_attention.BIAS_CHANNELS = \"matmul\"`).", "",
           "| shape | model | B x N, H, qk/v | dtype | reference ms | compiled ms | fused ms | speedup vs reference | vs compiled | reference graphed ms | fused graphed ms | graphed speedup "
-          "| fused parts: fwd / bwd_kv / bwd_q / bias ms | reference peak GB | compiled peak GB | fused peak GB | max abs diff |", "|" + "---|" * 17]
+          "| fused parts: fwd / bwd_kv / bwd_q / bias ms | reference peak GB | compiled peak GB | fused peak GB | max abs diff | split ms | split graphed ms "
+          "| split graphed speedup | split peak GB |", "|" + "---|" * 21]
     for r in rows:
         pt = r.get("parts")
         parts = " / ".join(f"{pt[k]:.3f}" for k in ("fwd", "bwd_kv", "bwd_q", "bias_tables")) if pt else "-"
@@ -251,7 +259,10 @@ def main() -> None:
         comp = f"{r['reference_compiled_ms']:.2f}" if "reference_compiled_ms" in r else "-"
         vs = f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-"
         md.append(f"| {r['shape']} | {r['model']} | {r['B']} x {r['N']}, {r['H']}, {r['qk_dim']}/{r['v_dim']} | {r['dtype']} | {r['reference_ms']:.2f} | {comp} | {r['fused_ms']:.2f} | "
-                  f"{r['speedup']:.2f}x | {vs} | {gr} | {parts} | {r.get('reference_peak_gb', 0):.3f} | {r.get('reference_compiled_peak_gb', 0):.3f} | {r.get('fused_peak_gb', 0):.3f} | {r['max_abs_diff']:.2e} |")
+                  f"{r['speedup']:.2f}x | {vs} | {gr} | {parts} | {r.get('reference_peak_gb', 0):.3f} | {r.get('reference_compiled_peak_gb', 0):.3f} | {r.get('fused_peak_gb', 0):.3f} | {r['max_abs_diff']:.2e} | "
+                  + (f"{r['fused_split_ms']:.2f} | " if "fused_split_ms" in r else "- | ")
+                  + (f"{r['fused_split_graphed_ms']:.3f} | {r['speedup_split_graphed']:.2f}x | " if "speedup_split_graphed" in r else "- | - | ")
+                  + f"{r.get('fused_split_peak_gb', 0):.3f} |")
     for kind, launch in fa.LAUNCH.items():
         md += ["", f"Launch settings for {kind} (BM, BN, warps, stages): " + ", ".join(f"{k} {tuple(v)}" for k, v in launch.items())]
     for key, table in sweeps.items():

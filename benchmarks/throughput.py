@@ -77,6 +77,8 @@ PATHS = {  # name: (amp, attention, CUDA graphs, MoE back end, length chunks, to
     "compiled-grouped-graph-bf16": ("bf16", "reference", "on", "batched", "1", "auto"),
     "compiled-chunked-graph-bf16": ("bf16", "reference", "on", "dense", "4", "auto"),
     "compiled-fast": ("bf16", "fused", "on", "auto", "1", "auto"),  # default-bf16 with the fused Triton attention
+    # the same with FuXi's bias channels as matrix products outside the kernels (fused_attention.BIAS_CHANNELS)
+    "compiled-fast-split": ("bf16", "fused+matmul", "on", "auto", "1", "auto"),
 }
 
 
@@ -84,10 +86,22 @@ def path_config(shape: str, model: str, path: str, dev):
     """The base preset of ``model`` at ``shape`` on one measured path (``PATHS``)."""
     cfg = build_preset(preset_name(shape, model, "base"))
     amp, attention, graphs, moe, chunks, compiled = PATHS[path]
+    attention, _, bias = attention.partition("+")
+    set_bias_channels(bias or "kernel")
     sets = [f"train.device={dev}", f"train.amp={amp}", f"model.attention={attention}", f"train.cuda_graphs={graphs}", f"model.moe.backend={moe}",
             f"train.length_chunks={chunks}", f"train.compile={compiled}"]
     apply_overrides(cfg, sets)
     return cfg
+
+
+def set_bias_channels(mode: str) -> None:
+    """Where the fused FuXi attention computes its bias channels for the paths that follow (a
+    module setting, not a config field, while it is being measured)."""
+    try:
+        from fuxi_mme.models import fused_attention as fa
+    except ImportError:  # pragma: no cover - no triton: the fused paths cannot run anyway
+        return
+    fa.BIAS_CHANNELS = mode
 
 
 def make_trainer(cfg, ds, dev) -> Trainer:
@@ -219,7 +233,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["ml-1m", "ml-20m"])
     ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "fuxi-mme"])
     ap.add_argument("--paths", nargs="+", default=["fp32", "bf16", "fast"], choices=list(PATHS),
-                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); chunked-bf16 = eager bf16 in 4 length-sorted chunks; chunked-graph-bf16 = the same with CUDA graphs (one pass for MoE models); compiled-* = torch.compile inside the graphs (compiled-fast: with the fused attention); default-bf16 = default with --amp bf16")
+                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); chunked-bf16 = eager bf16 in 4 length-sorted chunks; chunked-graph-bf16 = the same with CUDA graphs (one pass for MoE models); compiled-* = torch.compile inside the graphs (compiled-fast: with the fused attention; compiled-fast-split: FuXi's bias channels as matrix products outside the kernels); default-bf16 = default with --amp bf16")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="auto")

@@ -61,6 +61,11 @@ def test_every_throughput_path_is_a_valid_config():
         assert cfg.train.compile in (True, False, "auto")
     assert path_config("ml-1m", "fuxi-alpha", "compiled-graph-bf16", "cpu").train.compile == "auto"
     assert path_config("ml-1m", "fuxi-alpha", "graph-bf16", "cpu").train.compile is False
+    from fuxi_mme.models import fused_attention as fa
+
+    assert path_config("ml-20m", "fuxi-alpha", "compiled-fast-split", "cpu").model.attention == "fused" and fa.BIAS_CHANNELS == "matmul"
+    path_config("ml-20m", "fuxi-alpha", "compiled-fast", "cpu")
+    assert fa.BIAS_CHANNELS == "kernel"  # every other path resets it
 
 
 def test_throughput_times_a_whole_epoch_on_cpu(monkeypatch):

@@ -34,17 +34,25 @@ def _inputs(B, H, N, DQ, DV, L, dtype, seed, time=True):
 
 
 SHAPES = [(1, 1, 1, 8, 8), (2, 2, 17, 8, 16), (2, 1, 40, 25, 25), (1, 3, 33, 16, 8)]
+# FuXi-alpha with its bias channels in the kernels, FuXi-alpha with them as products outside
+# (fused_attention.BIAS_CHANNELS = "matmul"), HSTU
+KINDS = ["fuxi", "fuxi-split", "hstu"]
 
 
-@pytest.mark.parametrize("hstu", [False, True], ids=["fuxi", "hstu"])
+def _fns(kind):
+    if kind == "hstu":
+        return hstu_attention_reference, fa.fused_hstu_attention
+    return fuxi_attention_reference, (lambda *a: fa.fused_fuxi_attention(*a, split=kind == "fuxi-split"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("time", [True, False], ids=["time", "no-time"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{s[0]}H{s[1]}N{s[2]}q{s[3]}v{s[4]}" for s in SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []), ids=lambda d: str(d).split(".")[-1])
-def test_fused_matches_reference(hstu, time, shape, dtype):
+def test_fused_matches_reference(kind, time, shape, dtype):
     B, H, N, DQ, DV = shape
     L = 48
-    ref_fn = hstu_attention_reference if hstu else fuxi_attention_reference
-    fused_fn = fa.fused_hstu_attention if hstu else fa.fused_fuxi_attention
+    ref_fn, fused_fn = _fns(kind)
     args = _inputs(B, H, N, DQ, DV, L, dtype, seed=N * 7 + H, time=time)
     ref_args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
     out = fused_fn(*args, float(L))
@@ -64,9 +72,11 @@ def test_fused_matches_reference(hstu, time, shape, dtype):
         torch.testing.assert_close(a.grad.float(), r.grad.float(), **gtol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("model", ["fuxi-alpha", "fuxi-mme", "hstu"])
-def test_models_train_the_same_with_the_fused_kernel(model):
-    """model.attention=fused: same loss and gradients as the reference on a tiny model."""
+@pytest.mark.parametrize("model,bias", [("fuxi-alpha", "kernel"), ("fuxi-mme", "kernel"), ("hstu", "kernel"), ("fuxi-alpha", "matmul"), ("fuxi-mme", "matmul")])
+def test_models_train_the_same_with_the_fused_kernel(model, bias, monkeypatch):
+    """model.attention=fused: same loss and gradients as the reference on a tiny model (FuXi
+    bias channels in the kernels or as products outside)."""
+    monkeypatch.setattr(fa, "BIAS_CHANNELS", bias)
     from conftest import tiny_config
     from fuxi_mme.data import load_dataset
     from fuxi_mme.models import build_model
@@ -94,14 +104,13 @@ def test_models_train_the_same_with_the_fused_kernel(model):
         torch.testing.assert_close(g_fused[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("hstu", [False, True], ids=["fuxi", "hstu"])
-def test_compiles_without_graph_breaks(hstu):
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiles_without_graph_breaks(kind):
     """The kernels are custom operators: ``torch.compile(fullgraph=True)`` compiles the code
     around them (no graph break into the Triton launches), with the reference's values and
     gradients."""
     B, H, N, DQ, DV, L = 2, 2, 20, 8, 8, 32
-    ref_fn = hstu_attention_reference if hstu else fuxi_attention_reference
-    fused_fn = fa.fused_hstu_attention if hstu else fa.fused_fuxi_attention
+    ref_fn, fused_fn = _fns(kind)
     args = _inputs(B, H, N, DQ, DV, L, torch.float32, seed=3)
     bk = args[5]
 
@@ -135,7 +144,7 @@ from fuxi_mme.models import fused_attention as fa
 pointers = {"Q", "K", "V", "DO", "O", "DK", "DVp", "DQp"}
 for kern in (fa.fwd, fa.bwd_kv, fa.bwd_q):
     params = list(inspect.signature(kern.fn).parameters)
-    for hstu in (False, True):
+    for hstu, split in ((False, False), (False, True), (True, False)):
         for dt in ("bf16", "fp32"):
             sig = {}
             for p in params:
@@ -152,11 +161,12 @@ for kern in (fa.fwd, fa.bwd_kv, fa.bwd_q):
                 else:
                     sig[p] = "constexpr"
             bm, bn, warps, stages = fa.LAUNCH["hstu" if hstu else "fuxi"][kern.fn.__name__]  # the settings used on GPU
-            consts = dict(HSTU=hstu, USE_TIME=True, IEEE=dt == "fp32", C=1 if hstu else 3, BM=bm, BN=bn, BDQ=64, BDV=64)
+            consts = dict(HSTU=hstu, BIAS_CH=not hstu and not split, BIAS=hstu or not split, USE_TIME=True, IEEE=dt == "fp32",
+                          C=fa._channels(hstu, split), BM=bm, BN=bn, BDQ=64, BDV=64)
             k = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                                options=dict(num_warps=warps, num_stages=stages))
-            assert "cubin" in k.asm and k.metadata.shared <= 227 * 1024, (kern.fn.__name__, hstu, dt, k.metadata.shared)
-            print(kern.fn.__name__, hstu, dt, k.metadata.shared)
+            assert "cubin" in k.asm and k.metadata.shared <= 227 * 1024, (kern.fn.__name__, hstu, split, dt, k.metadata.shared)
+            print(kern.fn.__name__, hstu, split, dt, k.metadata.shared)
 """
 
 
@@ -173,4 +183,4 @@ def test_kernels_compile_ahead_of_time_for_hopper():
     if p.returncode == 77:
         pytest.skip("this triton version has another ahead-of-time compile API")
     assert p.returncode == 0, p.stderr[-3000:]
-    assert len(p.stdout.splitlines()) == 12
+    assert len(p.stdout.splitlines()) == 18

@@ -92,18 +92,21 @@ if HAVE_TRITON:
 
     @triton.jit
     def _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV,
-              HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
-        """k, v of key rows ``offs_n``; the pre-activation z, the causal mask and the bias maps."""
+              HSTU: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
+        """k, v of key rows ``offs_n``; the pre-activation z, the causal mask and the bias maps
+        (read only where the kernel uses them: ``BIAS``)."""
         k = _load_rows(K, bh, offs_n, N, DQ, BDQ)
         v = _load_rows(V, bh, offs_n, N, DV, BDV)
         s = _dot(q, tl.trans(k), IEEE)
         causal = (offs_m[:, None] >= offs_n[None, :]) & (offs_m[:, None] < N) & (offs_n[None, :] < N)
-        # the precomputed bias maps (no int64 bucket ids and no gathers here)
-        p = tl.load(PM + offs_m[:, None] * N + offs_n[None, :], mask=causal, other=0.0).to(tl.float32)
-        if USE_TIME:
+        if BIAS:  # the precomputed bias maps (no int64 bucket ids and no gathers here)
+            p = tl.load(PM + offs_m[:, None] * N + offs_n[None, :], mask=causal, other=0.0).to(tl.float32)
+        else:
+            p = tl.zeros(s.shape, tl.float32)
+        if BIAS and USE_TIME:
             t = tl.load(TM + (b * N + offs_m[:, None]) * N + offs_n[None, :], mask=causal, other=0.0).to(tl.float32)
         else:
-            t = tl.zeros(p.shape, tl.float32)
+            t = tl.zeros(s.shape, tl.float32)
         if HSTU:
             z = s + p + t
         else:
@@ -112,7 +115,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def fwd(Q, K, V, PM, TM, O, H, N, DQ, DV, inv_norm,
-            HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
+            HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_m, bh, b, h, offs_m = _program(H, BM)
         q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
@@ -121,22 +124,22 @@ if HAVE_TRITON:
         acc2 = tl.zeros((BM, BDV), tl.float32)
         for start_n in range(0, tl.minimum((pid_m + 1) * BM, N), BN):
             offs_n = start_n + tl.arange(0, BN)
-            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, USE_TIME, IEEE, BDQ, BDV)
+            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, BIAS, USE_TIME, IEEE, BDQ, BDV)
             a = tl.where(causal, z * tl.sigmoid(z) * inv_norm, 0.0)
             acc0 += _dot(a.to(v.dtype), v, IEEE)
-            if not HSTU:
+            if BIAS_CH:
                 acc1 += _dot(p.to(v.dtype), v, IEEE)
                 if USE_TIME:
                     acc2 += _dot(t.to(v.dtype), v, IEEE)
         ptr, mask = _orows(O, b, h, 0, offs_m, N, C, H, DV, BDV)
         tl.store(ptr, acc0.to(O.dtype.element_ty), mask=mask)
-        if not HSTU:
+        if BIAS_CH:
             tl.store(ptr + H * DV, acc1.to(O.dtype.element_ty), mask=mask)
             tl.store(ptr + 2 * H * DV, acc2.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
     def bwd_kv(Q, K, V, PM, TM, DO, DK, DVp, H, N, DQ, DV, inv_norm,
-               HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
+               HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_n, bh, b, h, offs_n = _program(H, BN)
         dk = tl.zeros((BN, BDQ), tl.float32)
@@ -144,13 +147,13 @@ if HAVE_TRITON:
         for start_m in range((pid_n * BN // BM) * BM, N, BM):
             offs_m = start_m + tl.arange(0, BM)
             q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
-            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, USE_TIME, IEEE, BDQ, BDV)
+            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, BIAS, USE_TIME, IEEE, BDQ, BDV)
             ptr, mask = _orows(DO, b, h, 0, offs_m, N, C, H, DV, BDV)
             do0 = tl.load(ptr, mask=mask, other=0.0)
             sig = tl.sigmoid(z)
             a = tl.where(causal, z * sig * inv_norm, 0.0)
             dv += _dot(tl.trans(a).to(do0.dtype), do0, IEEE)
-            if not HSTU:
+            if BIAS_CH:
                 do1 = tl.load(ptr + H * DV, mask=mask, other=0.0)
                 dv += _dot(tl.trans(p).to(do1.dtype), do1, IEEE)
                 if USE_TIME:
@@ -165,7 +168,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def bwd_q(Q, K, V, PM, TM, DO, DQp, GP, H, N, DQ, DV, inv_norm,
-              HSTU: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
+              HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_m, bh, b, h, offs_m = _program(H, BM)
         q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
@@ -174,7 +177,7 @@ if HAVE_TRITON:
         dq = tl.zeros((BM, BDQ), tl.float32)
         for start_n in range(0, tl.minimum((pid_m + 1) * BM, N), BN):
             offs_n = start_n + tl.arange(0, BN)
-            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, USE_TIME, IEEE, BDQ, BDV)
+            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, BIAS, USE_TIME, IEEE, BDQ, BDV)
             sig = tl.sigmoid(z)
             dz = tl.where(causal, _dot(do0, tl.trans(v), IEEE) * sig * (1.0 + z * (1.0 - sig)) * inv_norm, 0.0)
             dq += _dot(dz.to(k.dtype), k, IEEE)
@@ -199,6 +202,13 @@ LAUNCH = {
 }
 
 
+# FuXi-alpha's positional and temporal channels (plain products of a bias map with v): inside
+# the kernels ("kernel", measured: docs/performance.md), or ("matmul") as two batched matrix
+# products over all heads at once outside them, the kernels then computing the semantic
+# channel only. Not yet measured on a GPU; ``benchmarks/attention.py`` times both.
+BIAS_CHANNELS = "kernel"
+
+
 def _launch(name: str, hstu: bool) -> tuple[int, int, dict]:
     bm, bn, warps, stages = LAUNCH["hstu" if hstu else "fuxi"][name]
     if interpreting():
@@ -206,8 +216,15 @@ def _launch(name: str, hstu: bool) -> tuple[int, int, dict]:
     return bm, bn, dict(num_warps=warps, num_stages=stages)
 
 
-def _consts(q, v, hstu, use_time, bm, bn):
-    return dict(HSTU=hstu, USE_TIME=use_time, IEEE=q.dtype == torch.float32, C=1 if hstu else 3,
+def _channels(hstu: bool, split: bool) -> int:
+    """Output channels of the kernels: FuXi-alpha's three, or one (HSTU; FuXi-alpha's semantic
+    channel alone when its bias channels are products outside, ``split``)."""
+    return 1 if hstu or split else 3
+
+
+def _consts(q, v, hstu, use_time, bm, bn, split):
+    bias_ch = not hstu and not split
+    return dict(HSTU=hstu, BIAS_CH=bias_ch, BIAS=hstu or bias_ch, USE_TIME=use_time, IEEE=q.dtype == torch.float32, C=_channels(hstu, split),
                 BM=bm, BN=bn, BDQ=_pow2(q.shape[-1]), BDV=_pow2(v.shape[-1]))
 
 
@@ -215,30 +232,30 @@ def _tmap_arg(tmap, pmap):
     return tmap if tmap is not None else pmap  # not read without the temporal channel
 
 
-def launch_fwd(q, k, v, pmap, tmap, inv_norm: float, hstu: bool) -> torch.Tensor:
+def launch_fwd(q, k, v, pmap, tmap, inv_norm: float, hstu: bool, split: bool = False) -> torch.Tensor:
     """Forward kernel on contiguous (B, H, N, D) q, k, v of one dtype and the bias maps of
-    :func:`bias_maps`, ``pmap`` (N, N) and ``tmap`` (B, N, N) or None: out (B, N, C, H, DV)."""
+    :func:`bias_maps`, ``pmap`` (N, N) and ``tmap`` (B, N, N) or None: out (B, N, C, H, DV).
+    ``split``: FuXi-alpha's semantic channel only (the maps are not read)."""
     B, H, N, _ = q.shape
     DV = v.shape[-1]
-    C = 1 if hstu else 3
-    out = torch.empty(B, N, C, H, DV, device=q.device, dtype=q.dtype)
+    out = torch.empty(B, N, _channels(hstu, split), H, DV, device=q.device, dtype=q.dtype)
     bm, bn, opts = _launch("fwd", hstu)
     fwd[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), out, H, N, q.shape[-1], DV, inv_norm,
-                                     **_consts(q, v, hstu, tmap is not None, bm, bn), **opts)
+                                     **_consts(q, v, hstu, tmap is not None, bm, bn, split), **opts)
     return out
 
 
-def launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool):
+def launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bool = False):
     """dK, dV from the key-block kernel (``do`` (B, N, C, H, DV) contiguous)."""
     B, H, N, _ = q.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     bm, bn, opts = _launch("bwd_kv", hstu)
     bwd_kv[(triton.cdiv(N, bn), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), do, dk, dv, H, N, q.shape[-1], v.shape[-1], inv_norm,
-                                        **_consts(q, v, hstu, tmap is not None, bm, bn), **opts)
+                                        **_consts(q, v, hstu, tmap is not None, bm, bn, split), **opts)
     return dk, dv
 
 
-def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool):
+def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bool = False):
     """dQ from the query-block kernel, and for HSTU the (B, N, N) fp32 gradient of the bias
     pre-activation summed over heads (an empty tensor for FuXi-alpha)."""
     B, H, N, _ = q.shape
@@ -246,7 +263,7 @@ def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool):
     gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if hstu else q.new_empty(0, dtype=torch.float32)
     bm, bn, opts = _launch("bwd_q", hstu)
     bwd_q[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), do, dq, gp if hstu else dq, H, N, q.shape[-1], v.shape[-1], inv_norm,
-                                       **_consts(q, v, hstu, tmap is not None, bm, bn), **opts)  # GP unused for FuXi
+                                       **_consts(q, v, hstu, tmap is not None, bm, bn, split), **opts)  # GP unused for FuXi
     return dq, gp
 
 
@@ -268,48 +285,50 @@ def map_grads(v, do, gp, has_time: bool, hstu: bool):
 # The kernels as two custom operators: opaque to torch.compile (Inductor compiles the model
 # around them instead of tracing into the Triton launches) and recorded as they are by CUDA graphs.
 _LIB = "fuxi_mme"
-_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, float inv_norm, bool hstu) -> Tensor"
-_BWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor do, float inv_norm, bool hstu) -> (Tensor, Tensor, Tensor, Tensor)"
+_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, float inv_norm, bool hstu, bool split) -> Tensor"
+_BWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor do, float inv_norm, bool hstu, bool split) -> (Tensor, Tensor, Tensor, Tensor)"
 
 
 @torch.library.custom_op(f"{_LIB}::fused_attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _fwd_op(q, k, v, pmap, tmap, inv_norm, hstu):
-    return launch_fwd(q, k, v, pmap, tmap, inv_norm, hstu)
+def _fwd_op(q, k, v, pmap, tmap, inv_norm, hstu, split):
+    return launch_fwd(q, k, v, pmap, tmap, inv_norm, hstu, split)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, pmap, tmap, inv_norm, hstu):
+def _(q, k, v, pmap, tmap, inv_norm, hstu, split):
     B, H, N, _ = q.shape
-    return q.new_empty(B, N, 1 if hstu else 3, H, v.shape[-1])
+    return q.new_empty(B, N, _channels(hstu, split), H, v.shape[-1])
 
 
 @torch.library.custom_op(f"{_LIB}::fused_attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _bwd_op(q, k, v, pmap, tmap, do, inv_norm, hstu):
-    dk, dv = launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm, hstu)
-    dq, gp = launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm, hstu)
+def _bwd_op(q, k, v, pmap, tmap, do, inv_norm, hstu, split):
+    dk, dv = launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm, hstu, split)
+    dq, gp = launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm, hstu, split)
     return dq, dk, dv, gp
 
 
 @_bwd_op.register_fake
-def _(q, k, v, pmap, tmap, do, inv_norm, hstu):
+def _(q, k, v, pmap, tmap, do, inv_norm, hstu, split):
     B, H, N, _ = q.shape
     gp = q.new_empty(B, N, N, dtype=torch.float32) if hstu else q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), gp
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pmap, tmap, inv_norm, hstu = inputs
+    q, k, v, pmap, tmap, inv_norm, hstu, split = inputs
     ctx.save_for_backward(q, k, v, pmap, tmap)
-    ctx.meta = (inv_norm, hstu)
+    ctx.meta = (inv_norm, hstu, split)
 
 
 def _backward(ctx, grad):
     q, k, v, pmap, tmap = ctx.saved_tensors
-    inv_norm, hstu = ctx.meta
+    inv_norm, hstu, split = ctx.meta
     do = grad.to(q.dtype).contiguous()
-    dq, dk, dv, gp = _bwd_op(q, k, v, pmap, tmap, do, inv_norm, hstu)
+    dq, dk, dv, gp = _bwd_op(q, k, v, pmap, tmap, do, inv_norm, hstu, split)
+    if split:  # the maps were not used (their channels are products outside the kernels)
+        return dq, dk, dv, None, None, None, None, None
     dpm, dtm = map_grads(v, do, gp, tmap is not None, hstu)
-    return dq, dk, dv, dpm.to(pmap.dtype), (dtm.to(tmap.dtype) if tmap is not None else None), None, None
+    return dq, dk, dv, dpm.to(pmap.dtype), (dtm.to(tmap.dtype) if tmap is not None else None), None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -327,19 +346,31 @@ def bias_maps(pos_w, time_w, buckets, n: int, dtype: torch.dtype):
     return pmap, tmap
 
 
-def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool) -> torch.Tensor:
+def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool, split: bool = False) -> torch.Tensor:
     B, H, N, _ = q.shape
     dt = q.dtype
     # contiguous (B, H, N, D) and bias maps, all of q's dtype
     q, k, v = q.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous()
     pmap, tmap = bias_maps(pos_w, time_w, buckets, N, dt)
-    out = _fwd_op(q, k, v, pmap, tmap, 1.0 / float(norm), hstu)
-    return out.view(B, N, -1)
+    if not split:
+        out = _fwd_op(q, k, v, pmap, tmap, 1.0 / float(norm), hstu, False)
+        return out.view(B, N, -1)
+    # FuXi-alpha, bias channels outside the kernels: the semantic channel from the kernel (the
+    # maps are not read; q stands in for them), then each bias channel as one product per
+    # sequence over all heads at once, (N, N) x (N, H*DV), through autograd
+    sem = _fwd_op(q, k, v, q.detach(), None, 1.0 / float(norm), False, True).view(B, N, -1)
+    v_cat = v.transpose(1, 2).reshape(B, N, -1)  # (B, N, H*DV)
+    pos = torch.matmul(pmap.tril().to(dt), v_cat)
+    time = torch.bmm(tmap.tril(), v_cat) if tmap is not None else torch.zeros_like(pos)
+    return torch.cat([sem, pos, time], dim=-1)
 
 
-def fused_fuxi_attention(q, k, v, pos_w, time_w, buckets, norm: float) -> torch.Tensor:
-    """Same contract as :func:`~fuxi_mme.models.attention.fuxi_attention_reference`."""
-    return _attention(q, k, v, pos_w, time_w, buckets, norm, False)
+def fused_fuxi_attention(q, k, v, pos_w, time_w, buckets, norm: float, split: bool | None = None) -> torch.Tensor:
+    """Same contract as :func:`~fuxi_mme.models.attention.fuxi_attention_reference`. ``split``:
+    the bias channels as matrix products outside the kernels (default: ``BIAS_CHANNELS``)."""
+    if split is None:
+        split = BIAS_CHANNELS == "matmul"
+    return _attention(q, k, v, pos_w, time_w, buckets, norm, False, split)
 
 
 def fused_hstu_attention(q, k, v, pos_w, time_w, buckets, norm: float) -> torch.Tensor:
