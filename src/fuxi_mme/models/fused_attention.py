@@ -22,6 +22,14 @@ The maps' gradients are summed over heads and folded into ``pos_w`` / ``time_w``
 fp32 buffer atomically; FuXi-alpha's bias channels do not depend on q or k, so their map
 gradients are one batched product per channel, ``sum_h dout_h @ v_h^T`` (no atomics).
 
+Optional split (``BIAS_CHANNELS = "matmul"``, FuXi-alpha only): the positional and temporal
+channels are plain products of a bias map with v, so they can leave the kernels and run as
+one (N, N) x (N, H*DV) product per sequence over all heads at once (cuBLAS, autograd for the
+gradients); the kernels then compute the semantic channel alone (two products per tile
+instead of four forward, three instead of five in the dK/dV kernel). Aimed at narrow heads
+(Fuxi-MME's 8 of width 32 at ML-20M). Checked in the interpreter and compiled for sm_90; not
+yet timed on a GPU, so the default stays "kernel".
+
 Status: checked against the reference (values and all five gradients, fp32 and bf16) in
 Triton's CPU interpreter (``TRITON_INTERPRET=1``) and on an H200 (``tests/test_fused_attention.py``).
 ``model.attention=fused`` selects it; ``auto`` keeps the reference, which is level with it or
