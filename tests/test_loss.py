@@ -120,3 +120,24 @@ def test_unknown_loss_is_refused():
     cfg.train.loss = "bpr"
     with pytest.raises(ConfigError, match="train.loss='bpr' is not one of sampled, full"):
         validate(cfg)
+
+
+def test_full_softmax_in_blocks_equals_one_block(monkeypatch):
+    """A catalogue too large for one (positions x items) logits tensor goes in blocks of
+    positions, recomputed in the backward: the same loss and gradients."""
+    import fuxi_mme.train.loss as L
+
+    torch.manual_seed(1)
+    P, D, I = 23, 8, 50
+    u = torch.nn.functional.normalize(torch.randn(1, P, D), dim=-1).requires_grad_()
+    items = torch.nn.functional.normalize(torch.randn(I + 1, D), dim=-1).requires_grad_()
+    t = torch.randint(1, I + 1, (1, P))
+    no_negs = torch.zeros(1, P, 0, dtype=torch.long)
+    one = L.sampled_softmax_loss(u, t, items, no_negs, 0.05, full=True)
+    g_one = torch.autograd.grad(one, (u, items))
+    monkeypatch.setattr(L, "FULL_MAX_LOGITS", 5 * (I + 1))  # blocks of 5 positions, the last partial
+    blocks = L.sampled_softmax_loss(u, t, items, no_negs, 0.05, full=True)
+    g_blocks = torch.autograd.grad(blocks, (u, items))
+    assert blocks.item() == pytest.approx(one.item(), rel=1e-6)
+    torch.testing.assert_close(g_blocks[0], g_one[0])
+    torch.testing.assert_close(g_blocks[1], g_one[1])

@@ -46,17 +46,33 @@ def _aligned_rows(items: torch.Tensor) -> torch.Tensor:
     return items
 
 
+FULL_MAX_LOGITS = 2**30  # (positions x items) logits per block of the full softmax (4 GB in fp32)
+
+
+def _full_block(user_PD, targets_P, items, mask, temperature):
+    logits = (user_PD @ items.T).float() / temperature + mask
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets_P[:, None]).squeeze(-1)
+
+
 def full_softmax_nll(user_PD: torch.Tensor, targets_P: torch.Tensor, items_ID: torch.Tensor, temperature: float) -> torch.Tensor:
     """(P,) negative log-likelihood of each target under a softmax over all items 1..I (row 0
-    of ``items_ID`` is padding and never a candidate)."""
+    of ``items_ID`` is padding and never a candidate). Past ``FULL_MAX_LOGITS`` logits (large
+    catalogues) the positions go in blocks, each recomputed in the backward pass instead of
+    kept, so memory stays at one block's logits."""
     I1 = items_ID.shape[0]
     items = _aligned_rows(items_ID.to(user_PD.dtype))  # the extra rows are masked below
     # built with where, not by item assignment: setting an element copies a host scalar, which
     # synchronises and so cannot be recorded in a CUDA graph
     ar = torch.arange(items.shape[0], device=items.device)
     mask = torch.where((ar == 0) | (ar >= I1), float("-inf"), 0.0)
-    logits = (user_PD @ items.T).float() / temperature + mask
-    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets_P[:, None]).squeeze(-1)
+    P = user_PD.shape[0]
+    if P * items.shape[0] <= FULL_MAX_LOGITS:
+        return _full_block(user_PD, targets_P, items, mask, temperature)
+    from torch.utils.checkpoint import checkpoint
+
+    rows = max(1, FULL_MAX_LOGITS // items.shape[0])
+    return torch.cat([checkpoint(_full_block, user_PD[s : s + rows], targets_P[s : s + rows], items, mask, temperature, use_reentrant=False)
+                      for s in range(0, P, rows)])
 
 
 def sampled_softmax_loss(
