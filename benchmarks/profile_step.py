@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from throughput import make_trainer, synthetic, train_step  # noqa: E402
+from throughput import make_trainer, path_label, synthetic, train_step, what_ran  # noqa: E402
 
 from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.utils.runinfo import run_info  # noqa: E402
@@ -101,6 +101,7 @@ def profile_one(cfg, ds, dev, steps: int, warmup: int) -> dict:
     launches = sum(v[1] for v in per_kernel.values()) / steps
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:12]
     return {
+        **what_ran(tr),  # a compile that fell back shows here (its profile is the plain model's)
         "wall_ms_per_step": wall * 1e3,
         "gpu_busy_ms_per_step": busy_ms,
         "gpu_busy_share": busy_ms / (wall * 1e3),
@@ -135,7 +136,7 @@ def main() -> None:
                 r = {"shape": shape, "model": model, "path": path, "preset": cfg.preset, **profile_one(cfg, ds, dev, args.steps, args.warmup)}
                 rows.append(r)
                 cats = ", ".join(f"{k} {v:.2f}" for k, v in r["categories_ms_per_step"].items())
-                print(f"{shape} {model} {path}: wall {r['wall_ms_per_step']:.2f} ms, GPU busy {r['gpu_busy_ms_per_step']:.2f} ms "
+                print(f"{shape} {model} {path_label(r)}: wall {r['wall_ms_per_step']:.2f} ms, GPU busy {r['gpu_busy_ms_per_step']:.2f} ms "
                       f"({100 * r['gpu_busy_share']:.0f}%), {r['kernels_per_step']:.0f} kernels, {r['syncs_per_step']} syncs | {cats}", flush=True)
     out = Path(args.out or RESULTS / f"profile-{card(info)}")
     cat_names = [c for c, _ in CATEGORIES] + ["other"]
@@ -145,7 +146,7 @@ def main() -> None:
           "|---" * (8 + len(cat_names)) + "|"]
     for r in rows:
         c = r["categories_ms_per_step"]
-        md.append(f"| {r['shape']} | {r['model']} | {r['path']} | {r['wall_ms_per_step']:.2f} | {r['gpu_busy_ms_per_step']:.2f} | {100 * r['gpu_busy_share']:.0f} | "
+        md.append(f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['wall_ms_per_step']:.2f} | {r['gpu_busy_ms_per_step']:.2f} | {100 * r['gpu_busy_share']:.0f} | "
                   f"{r['kernels_per_step']:.0f} | {r['syncs_per_step']} | " + " | ".join(f"{c.get(n, 0):.2f}" for n in cat_names) + " |")
     md += ["", "Top kernels:", ""]
     for r in rows:

@@ -105,11 +105,25 @@ def set_bias_channels(mode: str) -> None:
 
 
 def make_trainer(cfg, ds, dev) -> Trainer:
+    # a fresh compiler state per measured path: code compiled for an earlier model or path
+    # (and dynamo's per-function cache limit) must not decide whether this one compiles
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = build_model(cfg.model, ds.num_items, cfg.data.max_len).to(dev)
     tr = Trainer(cfg, ds, model, dev, None, progress=False)
     model.train()
     return tr
+
+
+def what_ran(tr: Trainer) -> dict:
+    """Whether the measured steps were graphed and compiled as their path asked, and the MoE path."""
+    return {
+        "cuda_graphs_used": tr.graphed is not None and not tr.graphed.disabled and bool(tr.graphed.graphs),
+        "moe_path": next((m.last_path for m in tr.model.modules() if hasattr(m, "last_path")), None),
+        "compiled": tr.compile,  # None, "graphs" (the graphed steps) or "always"
+        # False where a compiled model failed to capture and the plain one was graphed instead
+        "compiled_kept": tr.compile != "graphs" or tr.graph_module is not tr.step_module,
+    }
 
 
 def train_step(tr: Trainer, rows) -> torch.Tensor:
@@ -154,13 +168,9 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int, epoch: bool = False) -> d
         "steps_per_epoch": tr.steps_per_epoch,
         "epoch_s_projected": tr.steps_per_epoch * med,
         "loss_last": float(loss.detach()),
-        "cuda_graphs_used": tr.graphed is not None and not tr.graphed.disabled and bool(tr.graphed.graphs),
-        "moe_path": next((m.last_path for m in model.modules() if hasattr(m, "last_path")), None),
+        **what_ran(tr),
         # chunks the timed steps really ran in (the graphed step keeps one pass for MoE models)
         "length_chunks": tr.graphed.chunks if tr.graphed is not None and not tr.graphed.disabled else tr.length_chunks,
-        "compiled": tr.compile,  # None, "graphs" (the graphed steps) or "always"
-        # False where a compiled model failed to capture and the plain one was graphed instead
-        "compiled_kept": tr.compile != "graphs" or tr.graph_module is not tr.step_module,
         "warmup_s": warmup_s if warmup else 0.0,
     }
     if epoch:
