@@ -91,13 +91,13 @@ def _event_ms(fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _kernel_args(fa, a, norm, hstu):
+def _kernel_args(fa, a, norm, hstu, split=False):
     """The fused kernels' own inputs, prepared as ``fused_attention._attention`` does."""
     q, k, v, pos, tw, bk = a
     q, k, v = (t.detach().contiguous() for t in (q, k, v))
     with torch.no_grad():
         pmap, tmap = fa.bias_maps(pos, tw, bk, q.shape[2], q.dtype)
-    do = torch.randn(q.shape[0], q.shape[2], 1 if hstu else 3, q.shape[1], v.shape[-1], device=q.device, dtype=q.dtype)
+    do = torch.randn(q.shape[0], q.shape[2], fa._channels(hstu, split), q.shape[1], v.shape[-1], device=q.device, dtype=q.dtype)
     return (q, k, v, pmap, tmap), do, 1.0 / norm
 
 
@@ -149,16 +149,16 @@ SWEEP = [(bm, bn, w, st) for bm, bn in ((32, 32), (32, 64), (64, 32), (64, 64), 
          for w, st in ((4, 2), (4, 3), (8, 2))]
 
 
-def sweep(fa, a, norm, hstu, steps, warmup) -> dict:
+def sweep(fa, a, norm, hstu, steps, warmup, split=False) -> dict:
     """Every launch setting of every kernel, timed alone; returns {kernel: [(setting, ms)]}."""
-    base, do, inv = _kernel_args(fa, a, norm, hstu)
+    base, do, inv = _kernel_args(fa, a, norm, hstu, split)
     calls = {
-        "fwd": lambda: fa.launch_fwd(*base, inv, hstu),
-        "bwd_kv": lambda: fa.launch_bwd_kv(*base, do, inv, hstu),
-        "bwd_q": lambda: fa.launch_bwd_q(*base, do, inv, hstu),
+        "fwd": lambda: fa.launch_fwd(*base, inv, hstu, split),
+        "bwd_kv": lambda: fa.launch_bwd_kv(*base, do, inv, hstu, split),
+        "bwd_q": lambda: fa.launch_bwd_q(*base, do, inv, hstu, split),
     }
     out = {}
-    table = fa.LAUNCH["hstu" if hstu else "fuxi"]
+    table = fa.LAUNCH[fa.launch_kind(hstu, split)]
     for name, call in calls.items():
         keep = table[name]
         rows = []
@@ -196,15 +196,19 @@ def main() -> None:
     cuda = dev.type == "cuda"
     if args.sweep and cuda:
         # sweep at the first shape, per model; the fastest setting of each kernel is kept
+        # (FuXi kinds: also the semantic-only kernels of the split variant, their own table;
+        # FuXi-alpha and Fuxi-MME share a table, so the last model swept sets it)
         for model in args.models:
+            hstu = model == "hstu"
             a, norm, _ = inputs(args.shapes[0], model, args.batch, dtype, dev)
-            table = sweep(fa, a, norm, model == "hstu", max(5, args.steps // 2), 3)
-            sweeps[f"{args.shapes[0]}/{model}"] = table
-            launch = fa.LAUNCH["hstu" if model == "hstu" else "fuxi"]
-            for name, rows_ in table.items():
-                best = min((r for r in rows_ if r[1] is not None), key=lambda r: r[1])
-                print(f"sweep {args.shapes[0]} {model} {name}: best {best[0]} {best[1]:.3f} ms; was {list(launch[name])}", flush=True)
-                launch[name] = tuple(best[0])
+            for split in (False,) if hstu else (False, True):
+                table = sweep(fa, a, norm, hstu, max(5, args.steps // 2), 3, split)
+                sweeps[f"{args.shapes[0]}/{model}" + ("/split" if split else "")] = table
+                launch = fa.LAUNCH[fa.launch_kind(hstu, split)]
+                for name, rows_ in table.items():
+                    best = min((r for r in rows_ if r[1] is not None), key=lambda r: r[1])
+                    print(f"sweep {args.shapes[0]} {model}{' split' if split else ''} {name}: best {best[0]} {best[1]:.3f} ms; was {list(launch[name])}", flush=True)
+                    launch[name] = tuple(best[0])
         print("launch settings used:", fa.LAUNCH, flush=True)
     for shape in args.shapes:
         for model in args.models:
@@ -215,7 +219,8 @@ def main() -> None:
             with torch.no_grad():
                 err = (fused_fn(*a, norm).float() - ref_fn(*a, norm).float()).abs().max().item()
             rec = {"shape": shape, "model": model, "dtype": args.dtype, **dims, "max_abs_diff": err,
-                   "launch": {k: list(v) for k, v in fa.LAUNCH["hstu" if hstu else "fuxi"].items()}}
+                   "launch": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu)].items()},
+                   **({} if hstu else {"launch_split": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu, True)].items()}})}
             paths = [("reference", ref_fn), ("fused", fused_fn)]
             if not hstu:  # FuXi's bias channels as products outside the kernels (fused_attention.BIAS_CHANNELS = "matmul")
                 paths.append(("fused_split", functools.partial(fa.fused_fuxi_attention, split=True)))

@@ -160,7 +160,7 @@ for kern in (fa.fwd, fa.bwd_kv, fa.bwd_q):
                     sig[p] = "fp32"
                 else:
                     sig[p] = "constexpr"
-            bm, bn, warps, stages = fa.LAUNCH["hstu" if hstu else "fuxi"][kern.fn.__name__]  # the settings used on GPU
+            bm, bn, warps, stages = fa.LAUNCH[fa.launch_kind(hstu, split)][kern.fn.__name__]  # the settings used on GPU
             consts = dict(HSTU=hstu, BIAS_CH=not hstu and not split, BIAS=hstu or not split, USE_TIME=True, IEEE=dt == "fp32",
                           C=fa._channels(hstu, split), BM=bm, BN=bn, BDQ=64, BDV=64)
             k = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),

@@ -207,7 +207,14 @@ def _pow2(x: int) -> int:
 LAUNCH = {
     "fuxi": {"fwd": (32, 64, 4, 3), "bwd_kv": (64, 64, 4, 2), "bwd_q": (64, 32, 4, 2)},
     "hstu": {"fwd": (32, 64, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 64, 4, 2)},
+    # the semantic channel alone (BIAS_CHANNELS = "matmul"): not swept yet, FuXi's settings
+    "fuxi-split": {"fwd": (32, 64, 4, 3), "bwd_kv": (64, 64, 4, 2), "bwd_q": (64, 32, 4, 2)},
 }
+
+
+def launch_kind(hstu: bool, split: bool = False) -> str:
+    """The ``LAUNCH`` table of a kernel variant."""
+    return "hstu" if hstu else "fuxi-split" if split else "fuxi"
 
 
 # FuXi-alpha's positional and temporal channels (plain products of a bias map with v): inside
@@ -217,8 +224,8 @@ LAUNCH = {
 BIAS_CHANNELS = "kernel"
 
 
-def _launch(name: str, hstu: bool) -> tuple[int, int, dict]:
-    bm, bn, warps, stages = LAUNCH["hstu" if hstu else "fuxi"][name]
+def _launch(name: str, hstu: bool, split: bool = False) -> tuple[int, int, dict]:
+    bm, bn, warps, stages = LAUNCH[launch_kind(hstu, split)][name]
     if interpreting():
         return 16, 16, {}
     return bm, bn, dict(num_warps=warps, num_stages=stages)
@@ -247,7 +254,7 @@ def launch_fwd(q, k, v, pmap, tmap, inv_norm: float, hstu: bool, split: bool = F
     B, H, N, _ = q.shape
     DV = v.shape[-1]
     out = torch.empty(B, N, _channels(hstu, split), H, DV, device=q.device, dtype=q.dtype)
-    bm, bn, opts = _launch("fwd", hstu)
+    bm, bn, opts = _launch("fwd", hstu, split)
     fwd[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), out, H, N, q.shape[-1], DV, inv_norm,
                                      **_consts(q, v, hstu, tmap is not None, bm, bn, split), **opts)
     return out
@@ -257,7 +264,7 @@ def launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: b
     """dK, dV from the key-block kernel (``do`` (B, N, C, H, DV) contiguous)."""
     B, H, N, _ = q.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    bm, bn, opts = _launch("bwd_kv", hstu)
+    bm, bn, opts = _launch("bwd_kv", hstu, split)
     bwd_kv[(triton.cdiv(N, bn), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), do, dk, dv, H, N, q.shape[-1], v.shape[-1], inv_norm,
                                         **_consts(q, v, hstu, tmap is not None, bm, bn, split), **opts)
     return dk, dv
@@ -269,7 +276,7 @@ def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bo
     B, H, N, _ = q.shape
     dq = torch.empty_like(q)
     gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if hstu else q.new_empty(0, dtype=torch.float32)
-    bm, bn, opts = _launch("bwd_q", hstu)
+    bm, bn, opts = _launch("bwd_q", hstu, split)
     bwd_q[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), do, dq, gp if hstu else dq, H, N, q.shape[-1], v.shape[-1], inv_norm,
                                        **_consts(q, v, hstu, tmap is not None, bm, bn, split), **opts)  # GP unused for FuXi
     return dq, gp
