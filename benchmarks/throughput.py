@@ -96,11 +96,10 @@ def path_config(shape: str, model: str, path: str, dev):
 
 def set_bias_channels(mode: str) -> None:
     """Where the fused FuXi attention computes its bias channels for the paths that follow (a
-    module setting, not a config field, while it is being measured)."""
-    try:
-        from fuxi_mme.models import fused_attention as fa
-    except ImportError:  # pragma: no cover - no triton: the fused paths cannot run anyway
-        return
+    module setting, not a config field, while it is being measured; the module imports
+    without triton)."""
+    from fuxi_mme.models import fused_attention as fa
+
     fa.BIAS_CHANNELS = mode
 
 

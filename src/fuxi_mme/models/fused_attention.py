@@ -42,7 +42,7 @@ import os
 
 import torch
 
-from .attention import lookup
+from .attention import lookup, relative_position_bias
 
 try:
     import triton
@@ -355,8 +355,7 @@ def bias_maps(pos_w, time_w, buckets, n: int, dtype: torch.dtype):
     the tables through :func:`~fuxi_mme.models.attention.lookup`. The positional map is small,
     and in fp32 its gradient (a sum over the batch, then over each diagonal) is not rounded to
     bf16 on the way."""
-    idx = torch.arange(n, device=pos_w.device)
-    pmap = lookup(pos_w, (idx[:, None] - idx[None, :]).clamp(min=0)).float().contiguous()
+    pmap = relative_position_bias(pos_w, n).float().contiguous()
     tmap = lookup(time_w, buckets).to(dtype).contiguous() if buckets is not None else None
     return pmap, tmap
 
