@@ -1,7 +1,8 @@
 """Attention alone: the PyTorch reference against the fused Triton kernel, forward + backward.
 
 Shapes are the base presets' (batch 128, length 200): q/k/v as the FuXi block produces them,
-random temporal buckets, the full causal sequence. Times are CUDA-event medians after warm-up;
+random temporal buckets; each sequence's real length drawn from the shape's length
+distribution (padding after it, as in every training batch; ``--full-length``: none). Times are CUDA-event medians after warm-up;
 peak memory is measured per path from a reset. Also checks that both paths agree before timing.
 
 Paths: ``reference`` (PyTorch, eager: what the 3x target is measured against),
@@ -9,8 +10,10 @@ Paths: ``reference`` (PyTorch, eager: what the 3x target is measured against),
 training step runs) and ``fused`` (the Triton kernels). For the fused path the time is also
 split into its parts: the forward kernel, the two backward kernels and the bias-table
 gradients (``parts``). ``--sweep`` first times each kernel under every launch setting in
-``SWEEP`` (tile rows, warps, stages), keeps the fastest per kernel for the rest of the run and
-records the whole table, so the settings in ``fused_attention.LAUNCH`` come from a measurement.
+``SWEEP`` (tile rows, warps, stages; each kernel's GPU time from ten launches replayed in one
+CUDA graph), keeps the fastest per kernel for the rest of the run and records the whole table,
+so the settings in ``fused_attention.LAUNCH`` come from a measurement. The JSON's
+``launch_tables`` can be handed to ``throughput.py --launch`` to time training with them.
 
     PYTHONPATH=src python benchmarks/attention.py --shapes ml-20m ml-1m --dtype bf16 [--sweep]
 
@@ -26,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +39,19 @@ from fuxi_mme.models.attention import fuxi_attention_reference, hstu_attention_r
 from fuxi_mme.presets import build_preset, preset_name  # noqa: E402
 from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.utils.runinfo import run_info  # noqa: E402
+
+
+def batch_lengths(shape: str, B: int, max_len: int, seed: int = 0) -> torch.Tensor:
+    """Real positions of B training sequences drawn from the synthetic dataset of ``shape``
+    (the users and sequence-length distribution of SPEC section 5, as ``throughput.py``)."""
+    from throughput import synthetic
+
+    from fuxi_mme.data.splits import train_arrays
+
+    ds = synthetic(shape)
+    lens = train_arrays(ds, build_preset(preset_name(shape, "fuxi-alpha", "base")).data.protocol, max_len).lengths
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(lens[rng.choice(len(lens), B, replace=False)].astype(np.int64))
 
 
 def inputs(shape: str, model: str, B: int, dtype, dev):
@@ -91,7 +108,25 @@ def _event_ms(fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _kernel_args(fa, a, norm, hstu, split=False):
+def _graphed_calls_ms(fn, steps: int, warmup: int, reps: int = 10) -> float:
+    """GPU milliseconds of one ``fn()``: ``reps`` calls recorded back to back in one CUDA graph,
+    the replay timed and divided by ``reps``, so no launch latency from the host enters (with
+    one eager launch between two events, the host's launch time counts, and at these kernel
+    lengths, 0.1-0.3 ms, it spreads the figures by tens of percent)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()  # compiles the kernel outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return _event_ms(graph.replay, steps, warmup) / reps
+
+
+def _kernel_args(fa, a, norm, hstu, split=False, lengths=None):
     """The fused kernels' own inputs, prepared as ``fused_attention._attention`` does."""
     q, k, v, pos, tw, bk = a
     q, k, v = (t.detach().contiguous() for t in (q, k, v))
@@ -101,25 +136,25 @@ def _kernel_args(fa, a, norm, hstu, split=False):
     return (q, k, v, pmap, tmap), do, 1.0 / norm
 
 
-def fused_parts(fa, a, norm, hstu, steps, warmup) -> dict:
+def fused_parts(fa, a, norm, hstu, steps, warmup, lengths=None) -> dict:
     """Milliseconds of each part of the fused forward + backward, each timed alone (eager)."""
     base, do, inv = _kernel_args(fa, a, norm, hstu)
     q, k, v, pmap, tmap = base
-    _, gp = fa.launch_bwd_q(*base, do, inv, hstu)
+    _, gp = fa.launch_bwd_q(*base, do, inv, hstu, lengths=lengths)
 
     pos0, tw0, bk = a[3].detach(), a[4].detach(), a[5]
 
     def tables():  # the bias maps, and their gradients back through the lookups into the tables
         pos, tw = pos0.clone().requires_grad_(True), tw0.clone().requires_grad_(True)
         pm, tm = fa.bias_maps(pos, tw, bk, q.shape[2], q.dtype)
-        gpm, gtm = fa.map_grads(v, do, gp, True, hstu)
+        gpm, gtm = fa.map_grads(v, do, gp, True, hstu, lengths)
         torch.autograd.backward([pm, tm], [gpm.to(pm.dtype), gtm.to(tm.dtype)])
 
     return {
-        "fwd": _event_ms(lambda: fa.launch_fwd(*base, inv, hstu), steps, warmup),
-        "bwd_kv": _event_ms(lambda: fa.launch_bwd_kv(*base, do, inv, hstu), steps, warmup),
-        "bwd_q": _event_ms(lambda: fa.launch_bwd_q(*base, do, inv, hstu), steps, warmup),
-        "bias_tables": _event_ms(tables, steps, warmup),
+        "fwd": _graphed_calls_ms(lambda: fa.launch_fwd(*base, inv, hstu, lengths=lengths), steps, warmup),
+        "bwd_kv": _graphed_calls_ms(lambda: fa.launch_bwd_kv(*base, do, inv, hstu, lengths=lengths), steps, warmup),
+        "bwd_q": _graphed_calls_ms(lambda: fa.launch_bwd_q(*base, do, inv, hstu, lengths=lengths), steps, warmup),
+        "bias_tables": _graphed_calls_ms(tables, steps, warmup),
     }
 
 
@@ -149,23 +184,24 @@ SWEEP = [(bm, bn, w, st) for bm, bn in ((32, 32), (32, 64), (64, 32), (64, 64), 
          for w, st in ((4, 2), (4, 3), (8, 2))]
 
 
-def sweep(fa, a, norm, hstu, steps, warmup, split=False) -> dict:
-    """Every launch setting of every kernel, timed alone; returns {kernel: [(setting, ms)]}."""
+def sweep(fa, a, norm, hstu, steps, warmup, split=False, lengths=None) -> dict:
+    """Every launch setting of every kernel, timed alone (``_graphed_calls_ms``); returns
+    {kernel: [(setting, ms, error)]}."""
     base, do, inv = _kernel_args(fa, a, norm, hstu, split)
     calls = {
-        "fwd": lambda: fa.launch_fwd(*base, inv, hstu, split),
-        "bwd_kv": lambda: fa.launch_bwd_kv(*base, do, inv, hstu, split),
-        "bwd_q": lambda: fa.launch_bwd_q(*base, do, inv, hstu, split),
+        "fwd": lambda: fa.launch_fwd(*base, inv, hstu, split, lengths),
+        "bwd_kv": lambda: fa.launch_bwd_kv(*base, do, inv, hstu, split, lengths),
+        "bwd_q": lambda: fa.launch_bwd_q(*base, do, inv, hstu, split, lengths),
     }
     out = {}
-    table = fa.LAUNCH[fa.launch_kind(hstu, split)]
+    table = fa.LAUNCH[fa.launch_kind(hstu, split, base[2].shape[-1])]
     for name, call in calls.items():
         keep = table[name]
         rows = []
         for setting in SWEEP:
             table[name] = setting
             try:
-                ms = _event_ms(call, steps, warmup)
+                ms = _graphed_calls_ms(call, steps, warmup)
             except Exception as e:  # e.g. out of shared memory for this tile size
                 rows.append((list(setting), None, type(e).__name__))
                 continue
@@ -185,6 +221,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--sweep", action="store_true", help="time every launch setting of each kernel first and use the fastest")
+    ap.add_argument("--full-length", action="store_true",
+                    help="every sequence N long (no padding); default: lengths drawn from the shape's distribution, padding after")
     ap.add_argument("--out")
     args = ap.parse_args()
     from fuxi_mme.models import fused_attention as fa
@@ -194,17 +232,26 @@ def main() -> None:
     info = run_info(dev)
     rows, sweeps = [], {}
     cuda = dev.type == "cuda"
+    lens = {}  # shape -> (B,) lengths on the device, or None
+
+    def lengths_for(shape, N):
+        if shape not in lens:
+            lens[shape] = None if args.full_length else batch_lengths(shape, args.batch, N).to(dev)
+        return lens[shape]
+
+    def with_lengths(fn, lengths):
+        return lambda q, k, v, p, t, b, norm: fn(q, k, v, p, t, b, norm, lengths)
     if args.sweep and cuda:
-        # sweep at the first shape, per model; the fastest setting of each kernel is kept
-        # (FuXi kinds: also the semantic-only kernels of the split variant, their own table;
-        # FuXi-alpha and Fuxi-MME share a table, so the last model swept sets it)
+        # sweep at the first shape, per model; the fastest setting of each kernel is kept in the
+        # table of its variant and head width (FuXi: also the semantic-only kernels of the split
+        # variant, their own tables; Fuxi-MME's heads of 32 have their own, "-d32")
         for model in args.models:
             hstu = model == "hstu"
-            a, norm, _ = inputs(args.shapes[0], model, args.batch, dtype, dev)
+            a, norm, dims = inputs(args.shapes[0], model, args.batch, dtype, dev)
             for split in (False,) if hstu else (False, True):
-                table = sweep(fa, a, norm, hstu, max(5, args.steps // 2), 3, split)
+                table = sweep(fa, a, norm, hstu, max(5, args.steps // 2), 3, split, lengths_for(args.shapes[0], dims["N"]))
                 sweeps[f"{args.shapes[0]}/{model}" + ("/split" if split else "")] = table
-                launch = fa.LAUNCH[fa.launch_kind(hstu, split)]
+                launch = fa.LAUNCH[fa.launch_kind(hstu, split, a[2].shape[-1])]
                 for name, rows_ in table.items():
                     best = min((r for r in rows_ if r[1] is not None), key=lambda r: r[1])
                     print(f"sweep {args.shapes[0]} {model}{' split' if split else ''} {name}: best {best[0]} {best[1]:.3f} ms; was {list(launch[name])}", flush=True)
@@ -216,17 +263,21 @@ def main() -> None:
             ref_fn = hstu_attention_reference if hstu else fuxi_attention_reference
             fused_fn = fa.fused_hstu_attention if hstu else fa.fused_fuxi_attention
             a, norm, dims = inputs(shape, model, args.batch, dtype, dev)
+            lengths = lengths_for(shape, dims["N"])
             with torch.no_grad():
-                err = (fused_fn(*a, norm).float() - ref_fn(*a, norm).float()).abs().max().item()
+                err = (fused_fn(*a, norm, lengths).float() - ref_fn(*a, norm, lengths).float()).abs().max().item()
+            dv = a[2].shape[-1]
             rec = {"shape": shape, "model": model, "dtype": args.dtype, **dims, "max_abs_diff": err,
-                   "launch": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu)].items()},
-                   **({} if hstu else {"launch_split": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu, True)].items()}})}
+                   "lengths": "full" if lengths is None else {"mean": float(lengths.float().mean()), "min": int(lengths.min()), "max": int(lengths.max())},
+                   "launch": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu, False, dv)].items()},
+                   **({} if hstu else {"launch_split": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu, True, dv)].items()}})}
             paths = [("reference", ref_fn), ("fused", fused_fn)]
             if not hstu:  # FuXi's bias channels as products outside the kernels (fused_attention.BIAS_CHANNELS = "matmul")
                 paths.append(("fused_split", functools.partial(fa.fused_fuxi_attention, split=True)))
             if cuda:
                 torch._dynamo.reset()
                 paths.insert(1, ("reference_compiled", torch.compile(ref_fn)))
+            paths = [(name, with_lengths(fn, lengths)) for name, fn in paths]
             for name, fn in paths:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
@@ -238,7 +289,7 @@ def main() -> None:
             rec["speedup"] = rec["reference_ms"] / rec["fused_ms"]
             if cuda:
                 rec["speedup_vs_compiled"] = rec["reference_compiled_ms"] / rec["fused_ms"]
-                rec["parts"] = fused_parts(fa, a, norm, hstu, args.steps, args.warmup)
+                rec["parts"] = fused_parts(fa, a, norm, hstu, args.steps, args.warmup, lengths)
                 for name, fn in paths:
                     if name != "reference_compiled":
                         rec[f"{name}_graphed_ms"] = graphed_ms(fn, a, norm, args.steps, args.warmup)
@@ -252,18 +303,22 @@ def main() -> None:
           "Forward + backward of one attention call. `reference`: PyTorch eager (the target's baseline); `compiled`: the same under "
           "`torch.compile`; `fused`: the Triton kernels, and its parts (forward kernel, dK/dV kernel, dQ kernel, the bias maps with their table gradients) timed alone. "
           "These are launched from Python (host time included); `graphed`: forward + backward recorded in a CUDA graph and replayed, the GPU time alone, as "
-          "inside the graphed training step. `split` (FuXi only): the kernels compute the semantic channel and the positional and "
+          "inside the graphed training step. `lengths`: the batch's real positions per sequence (padding after them, as in training; "
+          "drawn from the shape's length distribution), which the fused kernels skip and the reference computes in full; `full`: no padding. "
+          "`split` (FuXi only): the kernels compute the semantic channel and the positional and "
           "temporal channels are two batched matrix products over all heads outside them (`fused_attention.BIAS_CHANNELS = \"matmul\"`).", "",
-          "| shape | model | B x N, H, qk/v | dtype | reference ms | compiled ms | fused ms | speedup vs reference | vs compiled | reference graphed ms | fused graphed ms | graphed speedup "
+          "| shape | model | B x N, H, qk/v | lengths | dtype | reference ms | compiled ms | fused ms | speedup vs reference | vs compiled | reference graphed ms | fused graphed ms | graphed speedup "
           "| fused parts: fwd / bwd_kv / bwd_q / bias ms | reference peak GB | compiled peak GB | fused peak GB | max abs diff | split ms | split graphed ms "
-          "| split graphed speedup | split peak GB |", "|" + "---|" * 21]
+          "| split graphed speedup | split peak GB |", "|" + "---|" * 22]
     for r in rows:
         pt = r.get("parts")
         parts = " / ".join(f"{pt[k]:.3f}" for k in ("fwd", "bwd_kv", "bwd_q", "bias_tables")) if pt else "-"
         gr = (f"{r['reference_graphed_ms']:.3f} | {r['fused_graphed_ms']:.3f} | {r['speedup_graphed']:.2f}x" if "speedup_graphed" in r else "- | - | -")
         comp = f"{r['reference_compiled_ms']:.2f}" if "reference_compiled_ms" in r else "-"
         vs = f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-"
-        md.append(f"| {r['shape']} | {r['model']} | {r['B']} x {r['N']}, {r['H']}, {r['qk_dim']}/{r['v_dim']} | {r['dtype']} | {r['reference_ms']:.2f} | {comp} | {r['fused_ms']:.2f} | "
+        ln = r.get("lengths", "full")
+        ln = ln if isinstance(ln, str) else f"mean {ln['mean']:.0f} ({ln['min']}-{ln['max']})"
+        md.append(f"| {r['shape']} | {r['model']} | {r['B']} x {r['N']}, {r['H']}, {r['qk_dim']}/{r['v_dim']} | {ln} | {r['dtype']} | {r['reference_ms']:.2f} | {comp} | {r['fused_ms']:.2f} | "
                   f"{r['speedup']:.2f}x | {vs} | {gr} | {parts} | {r.get('reference_peak_gb', 0):.3f} | {r.get('reference_compiled_peak_gb', 0):.3f} | {r.get('fused_peak_gb', 0):.3f} | {r['max_abs_diff']:.2e} | "
                   + (f"{r['fused_split_ms']:.2f} | " if "fused_split_ms" in r else "- | ")
                   + (f"{r['fused_split_graphed_ms']:.3f} | {r['speedup_split_graphed']:.2f}x | " if "speedup_split_graphed" in r else "- | - | ")
@@ -271,7 +326,7 @@ def main() -> None:
     for kind, launch in fa.LAUNCH.items():
         md += ["", f"Launch settings for {kind} (BM, BN, warps, stages): " + ", ".join(f"{k} {tuple(v)}" for k, v in launch.items())]
     for key, table in sweeps.items():
-        md += ["", f"Sweep at {key} (ms per kernel alone; fastest marked):", "", "| setting | fwd | bwd_kv | bwd_q |", "|---|---|---|---|"]
+        md += ["", f"Sweep at {key} (GPU ms per kernel call, from ten calls replayed in a CUDA graph; fastest marked):", "", "| setting | fwd | bwd_kv | bwd_q |", "|---|---|---|---|"]
         best = {n: min((ms for _, ms, _ in t if ms is not None), default=None) for n, t in table.items()}
         for i, (setting, _, _) in enumerate(table["fwd"]):
             cells = []
@@ -279,7 +334,8 @@ def main() -> None:
                 ms, err_ = table[n][i][1], table[n][i][2]
                 cells.append(err_ or (f"**{ms:.3f}**" if ms == best[n] else f"{ms:.3f}"))
             md.append(f"| {tuple(setting)} | " + " | ".join(cells) + " |")
-    save(out, {"benchmark": "attention", **info, "results": rows, "sweeps": sweeps}, md)
+    tables = {kind: {k: list(v) for k, v in launch.items()} for kind, launch in fa.LAUNCH.items()}
+    save(out, {"benchmark": "attention", **info, "results": rows, "sweeps": sweeps, "launch_tables": tables}, md)
     print("\n".join(md))
 
 

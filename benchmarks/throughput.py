@@ -13,6 +13,7 @@ Writes ``benchmarks/results/throughput-<device>.json`` and a Markdown table next
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -101,6 +102,23 @@ def set_bias_channels(mode: str) -> None:
     from fuxi_mme.models import fused_attention as fa
 
     fa.BIAS_CHANNELS = mode
+
+
+def use_launch_tables(path: str) -> dict:
+    """Replace the fused attention's launch settings with the ``launch_tables`` of an
+    ``attention.py --sweep`` results file; returns them (to be recorded)."""
+    from fuxi_mme.models import fused_attention as fa
+
+    try:
+        tables = json.loads(Path(path).read_text())["launch_tables"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--launch {path}: cannot read launch_tables from it ({e}); give the JSON that "
+                         "benchmarks/attention.py --sweep wrote") from None
+    for kind, kernels in tables.items():
+        if kind not in fa.LAUNCH:
+            raise SystemExit(f"--launch {path}: unknown kernel variant {kind!r} (known: {sorted(fa.LAUNCH)})")
+        fa.LAUNCH[kind].update({k: tuple(v) for k, v in kernels.items()})
+    return tables
 
 
 def make_trainer(cfg, ds, dev) -> Trainer:
@@ -248,9 +266,14 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None)
     ap.add_argument("--epoch", action="store_true", help="also time one whole training epoch (no syncs between steps)")
+    ap.add_argument("--launch", help="an attention.py --sweep results JSON: time the fused attention with its launch_tables "
+                                     "(recorded in the results) instead of fused_attention.LAUNCH")
     args = ap.parse_args()
+    launch = use_launch_tables(args.launch) if args.launch else None
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
     info = run_info(dev)
+    if launch is not None:
+        info["launch_tables"] = {"from": args.launch, **launch}
     results = []
     for shape in args.shapes:
         ds = synthetic(shape)

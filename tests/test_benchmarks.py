@@ -115,3 +115,37 @@ def test_attention_benchmark_times_fuxi_mme_at_its_real_shape():
     _, _, alpha = inputs("ml-20m", "fuxi-alpha", 2, torch.float32, torch.device("cpu"))
     assert (mme["H"], mme["qk_dim"], mme["v_dim"]) == (8, 32, 32)
     assert (alpha["H"], alpha["qk_dim"], alpha["v_dim"]) == (4, 64, 64)
+
+
+def test_throughput_takes_launch_tables_from_a_sweep_file(tmp_path):
+    import json
+
+    import pytest
+    from throughput import use_launch_tables
+
+    from fuxi_mme.models import fused_attention as fa
+
+    keep = {k: dict(v) for k, v in fa.LAUNCH.items()}
+    try:
+        good = tmp_path / "sweep.json"
+        good.write_text(json.dumps({"launch_tables": {"fuxi-d32": {"fwd": [16, 32, 2, 1]}}}))
+        assert use_launch_tables(str(good)) == {"fuxi-d32": {"fwd": [16, 32, 2, 1]}}
+        assert fa.LAUNCH["fuxi-d32"]["fwd"] == (16, 32, 2, 1) and fa.LAUNCH["fuxi-d32"]["bwd_kv"] == keep["fuxi-d32"]["bwd_kv"]
+        bad = tmp_path / "other.json"
+        bad.write_text(json.dumps({"results": []}))
+        with pytest.raises(SystemExit, match="cannot read launch_tables"):
+            use_launch_tables(str(bad))
+        bad.write_text(json.dumps({"launch_tables": {"nope": {}}}))
+        with pytest.raises(SystemExit, match="unknown kernel variant 'nope'"):
+            use_launch_tables(str(bad))
+    finally:
+        for k, v in keep.items():
+            fa.LAUNCH[k] = v
+
+
+def test_fused_attention_picks_the_narrow_head_tables():
+    from fuxi_mme.models import fused_attention as fa
+
+    assert fa.launch_kind(False, False, 64) == "fuxi" and fa.launch_kind(False, False, 32) == "fuxi-d32"
+    assert fa.launch_kind(False, True, 25) == "fuxi-split-d32" and fa.launch_kind(True, False, 32) == "hstu"
+    assert all(fa.launch_kind(h, s, d) in fa.LAUNCH for h in (False, True) for s in (False, True) for d in (16, 64))

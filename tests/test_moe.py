@@ -183,3 +183,92 @@ def test_no_autograd_graph_outlives_a_training_step():
         layers = [m for m in net.modules() if isinstance(m, MoE)]
         assert layers and all(m.last_aux is not None and m.last_aux.grad_fn is None for m in layers)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+@pytest.mark.parametrize("E", [1, 4, 40])  # 40 > COUNTING_MAX_EXPERTS: the sorting branch
+def test_dispatch_plan_equals_a_stable_sort(E):
+    from fuxi_mme.models.moe import dispatch_plan
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, E, (997,))
+    ids = ids[ids != E // 2] if E > 1 else ids  # an idle expert
+    dest, slot_to_a, ends = dispatch_plan(ids, E)
+    order = torch.argsort(ids, stable=True)
+    assert torch.equal(slot_to_a, order)
+    assert torch.equal(dest[order], torch.arange(ids.numel()))  # the inverse permutation
+    assert torch.equal(ends, torch.cumsum(torch.bincount(ids, minlength=E), 0))
+    empty = dispatch_plan(torch.zeros(0, dtype=torch.long), 3)
+    assert [t.tolist() for t in empty] == [[], [], [0, 0, 0]]
+
+
+def test_permutation_rows_have_gather_backwards_equal_to_indexing():
+    from fuxi_mme.models.moe import DispatchRows, PermuteRows, dispatch_plan
+
+    torch.manual_seed(0)
+    T, K, E = 11, 2, 3
+    top = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    dest, slot_to_a, _ = dispatch_plan(top.reshape(-1), E)
+    x = torch.randn(T, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: DispatchRows.apply(x, dest, slot_to_a, K), (x,))
+    y = DispatchRows.apply(x, dest, slot_to_a, K)
+    assert torch.equal(y, x[slot_to_a // K])  # plain indexing, the reference
+    z = torch.randn(T * K, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: PermuteRows.apply(z, dest, slot_to_a), (z,))
+    assert torch.equal(PermuteRows.apply(z, dest, slot_to_a), z[dest])
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "linear"])
+def test_padding_is_left_out_of_the_experts_in_every_backend(kind):
+    moe = make(kind, 4, 2, shared_expert=False)
+    x = torch.randn(3, 7, 8)
+    valid = torch.ones(3, 7, dtype=torch.bool)
+    valid[0, 4:] = False
+    valid[2, 1:] = False
+    (y1, gx1, gp1), *others = run_both(moe, x, valid)
+    assert torch.equal(y1[~valid], torch.zeros_like(y1[~valid]))
+    assert torch.equal(gx1[~valid], torch.zeros_like(gx1[~valid]))
+    for y2, gx2, gp2 in others:
+        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-6)
+        for n in gp1:
+            torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-5, atol=1e-6, msg=n)
+    # the real tokens' outputs are those of a call that computes every token
+    moe.backend = "batched"
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x)[valid], y1[valid], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["ffn", "u", "out"])
+def test_fuxi_mme_loss_and_gradients_do_not_depend_on_computing_padding(placement, monkeypatch):
+    """Sequences are padded after their items and attention is causal, so the experts' output
+    at padding reaches nothing the loss sees: leaving padding out of the experts gives the same
+    loss and the same gradients as computing it."""
+    from fuxi_mme.config import ModelConfig, MoEConfig
+    from fuxi_mme.models import build_model
+    from fuxi_mme.models.moe import MoE
+
+    cfg = ModelConfig(name="fuxi-mme", dim=16, num_layers=2, num_heads=2, qk_dim=4, v_dim=4, dropout=0.0, num_embeddings=2,
+                      moe=MoEConfig(num_experts=4, top_k=2, placement=placement, backend="batched"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 41, (4, 9), generator=g)
+    ids[0, 5:] = 0
+    ids[2, 2:] = 0
+    ts = torch.cumsum(torch.randint(1, 1000, (4, 9), generator=g), 1)
+
+    def loss_and_grads():
+        torch.manual_seed(0)
+        model = build_model(cfg, 40, 9)
+        out = model(ids, ts, ts + 1)
+        target = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        loss = ((out * target).sum(-1) * (ids != 0)).sum() + model.aux_loss()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    skip_loss, skip_grads = loss_and_grads()
+    every_token = MoE._batched
+    monkeypatch.setattr(MoE, "_batched", lambda self, x, top, gate, valid_T=None: every_token(self, x, top, gate, None))
+    full_loss, full_grads = loss_and_grads()
+    torch.testing.assert_close(skip_loss, full_loss)
+    assert skip_grads.keys() == full_grads.keys()
+    for n in skip_grads:
+        torch.testing.assert_close(skip_grads[n], full_grads[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -46,6 +46,12 @@ def time_bucket(dt: torch.Tensor, divisor: float = 0.301, max_bucket: int = 128,
     return torch.bucketize(dt.abs(), bounds, right=True)
 
 
+def sequence_lengths(ids: torch.Tensor) -> torch.Tensor:
+    """(B,) real positions of each row of ``ids`` (B, N): every batch here holds a sequence's
+    items first and padding (id 0) after them."""
+    return (ids != 0).sum(1)
+
+
 def causal_mask(n: int, device: torch.device) -> torch.Tensor:
     """(N, N) bool, True where key j <= query i (the diagonal included)."""
     return torch.ones(n, n, dtype=torch.bool, device=device).tril()

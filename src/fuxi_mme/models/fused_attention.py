@@ -99,14 +99,23 @@ if HAVE_TRITON:
         return tl.load(ptr, mask=mask, other=0.0)
 
     @triton.jit
-    def _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV,
+    def _seq_len(LEN, b, N, HAS_LEN: tl.constexpr):
+        """Real positions of sequence ``b`` (padding after them), or N without lengths."""
+        L = N
+        if HAS_LEN:
+            L = tl.minimum(tl.load(LEN + b).to(tl.int32), N)
+        return L
+
+    @triton.jit
+    def _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, L, DQ, DV,
               HSTU: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
-        """k, v of key rows ``offs_n``; the pre-activation z, the causal mask and the bias maps
-        (read only where the kernel uses them: ``BIAS``)."""
+        """k, v of key rows ``offs_n``; the pre-activation z, the mask (causal, and both rows
+        inside the sequence's L real positions) and the bias maps (read only where the kernel
+        uses them: ``BIAS``)."""
         k = _load_rows(K, bh, offs_n, N, DQ, BDQ)
         v = _load_rows(V, bh, offs_n, N, DV, BDV)
         s = _dot(q, tl.trans(k), IEEE)
-        causal = (offs_m[:, None] >= offs_n[None, :]) & (offs_m[:, None] < N) & (offs_n[None, :] < N)
+        causal = (offs_m[:, None] >= offs_n[None, :]) & (offs_m[:, None] < L) & (offs_n[None, :] < L)
         if BIAS:  # the precomputed bias maps (no int64 bucket ids and no gathers here)
             p = tl.load(PM + offs_m[:, None] * N + offs_n[None, :], mask=causal, other=0.0).to(tl.float32)
         else:
@@ -122,17 +131,18 @@ if HAVE_TRITON:
         return k, v, z, causal, p, t
 
     @triton.jit
-    def fwd(Q, K, V, PM, TM, O, H, N, DQ, DV, inv_norm,
-            HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
-            BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
+    def fwd(Q, K, V, PM, TM, LEN, O, H, N, DQ, DV, inv_norm,
+            HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, HAS_LEN: tl.constexpr, IEEE: tl.constexpr,
+            C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_m, bh, b, h, offs_m = _program(H, BM)
+        L = _seq_len(LEN, b, N, HAS_LEN)
         q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
         acc0 = tl.zeros((BM, BDV), tl.float32)
         acc1 = tl.zeros((BM, BDV), tl.float32)
         acc2 = tl.zeros((BM, BDV), tl.float32)
-        for start_n in range(0, tl.minimum((pid_m + 1) * BM, N), BN):
+        for start_n in range(0, tl.minimum((pid_m + 1) * BM, L), BN):  # none for a block of padding: zeros stored
             offs_n = start_n + tl.arange(0, BN)
-            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, BIAS, USE_TIME, IEEE, BDQ, BDV)
+            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, L, DQ, DV, HSTU, BIAS, USE_TIME, IEEE, BDQ, BDV)
             a = tl.where(causal, z * tl.sigmoid(z) * inv_norm, 0.0)
             acc0 += _dot(a.to(v.dtype), v, IEEE)
             if BIAS_CH:
@@ -146,16 +156,17 @@ if HAVE_TRITON:
             tl.store(ptr + 2 * H * DV, acc2.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd_kv(Q, K, V, PM, TM, DO, DK, DVp, H, N, DQ, DV, inv_norm,
-               HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
+    def bwd_kv(Q, K, V, PM, TM, LEN, DO, DK, DVp, H, N, DQ, DV, inv_norm,
+               HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, HAS_LEN: tl.constexpr, IEEE: tl.constexpr,
+               C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_n, bh, b, h, offs_n = _program(H, BN)
+        L = _seq_len(LEN, b, N, HAS_LEN)
         dk = tl.zeros((BN, BDQ), tl.float32)
         dv = tl.zeros((BN, BDV), tl.float32)
-        for start_m in range((pid_n * BN // BM) * BM, N, BM):
+        for start_m in range((pid_n * BN // BM) * BM, L, BM):  # none for a block of padding keys
             offs_m = start_m + tl.arange(0, BM)
             q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
-            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, BIAS, USE_TIME, IEEE, BDQ, BDV)
+            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, L, DQ, DV, HSTU, BIAS, USE_TIME, IEEE, BDQ, BDV)
             ptr, mask = _orows(DO, b, h, 0, offs_m, N, C, H, DV, BDV)
             do0 = tl.load(ptr, mask=mask, other=0.0)
             sig = tl.sigmoid(z)
@@ -175,17 +186,18 @@ if HAVE_TRITON:
         tl.store(ptr, dv.to(DVp.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd_q(Q, K, V, PM, TM, DO, DQp, GP, H, N, DQ, DV, inv_norm,
-              HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, C: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
+    def bwd_q(Q, K, V, PM, TM, LEN, DO, DQp, GP, H, N, DQ, DV, inv_norm,
+              HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, HAS_LEN: tl.constexpr, IEEE: tl.constexpr,
+              C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_m, bh, b, h, offs_m = _program(H, BM)
+        L = _seq_len(LEN, b, N, HAS_LEN)
         q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
         ptr, mask = _orows(DO, b, h, 0, offs_m, N, C, H, DV, BDV)
         do0 = tl.load(ptr, mask=mask, other=0.0)
         dq = tl.zeros((BM, BDQ), tl.float32)
-        for start_n in range(0, tl.minimum((pid_m + 1) * BM, N), BN):
+        for start_n in range(0, tl.minimum((pid_m + 1) * BM, L), BN):
             offs_n = start_n + tl.arange(0, BN)
-            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, DQ, DV, HSTU, BIAS, USE_TIME, IEEE, BDQ, BDV)
+            k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, L, DQ, DV, HSTU, BIAS, USE_TIME, IEEE, BDQ, BDV)
             sig = tl.sigmoid(z)
             dz = tl.where(causal, _dot(do0, tl.trans(v), IEEE) * sig * (1.0 + z * (1.0 - sig)) * inv_norm, 0.0)
             dq += _dot(dz.to(k.dtype), k, IEEE)
@@ -200,21 +212,28 @@ def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(int(x)))
 
 
-# Launch settings per model kind and kernel: (query rows BM, key rows BN, num_warps,
+# Launch settings per kernel variant and kernel: (query rows BM, key rows BN, num_warps,
 # num_stages), the fastest of each kernel alone in the sweep of ``benchmarks/attention.py
-# --sweep`` on an H200 at the ML-20M base shape (commit b2fdd56,
-# benchmarks/results/attention-NVIDIA_H200-sweep.md); the interpreter uses 16 x 16 tiles.
+# --sweep`` on an H200 at the ML-20M base shape; the interpreter uses 16 x 16 tiles. FuXi's
+# variants have a second table for narrow heads (width <= 32: Fuxi-MME's 8 heads of 32 at
+# ML-20M), where the best tiles differ. Sources: "fuxi", "hstu" at b2fdd56
+# (benchmarks/results/attention-NVIDIA_H200-sweep.md); the others at fe5a844
+# (benchmarks/results/attention-NVIDIA_H200-split-fe5a844.md).
 LAUNCH = {
     "fuxi": {"fwd": (32, 64, 4, 3), "bwd_kv": (64, 64, 4, 2), "bwd_q": (64, 32, 4, 2)},
+    "fuxi-d32": {"fwd": (64, 32, 4, 2), "bwd_kv": (32, 64, 4, 2), "bwd_q": (64, 64, 4, 2)},
     "hstu": {"fwd": (32, 64, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 64, 4, 2)},
-    # the semantic channel alone (BIAS_CHANNELS = "matmul"): not swept yet, FuXi's settings
-    "fuxi-split": {"fwd": (32, 64, 4, 3), "bwd_kv": (64, 64, 4, 2), "bwd_q": (64, 32, 4, 2)},
+    # the semantic channel alone (BIAS_CHANNELS = "matmul")
+    "fuxi-split": {"fwd": (32, 64, 4, 3), "bwd_kv": (32, 32, 4, 2), "bwd_q": (64, 32, 4, 3)},
+    "fuxi-split-d32": {"fwd": (64, 64, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (64, 32, 4, 3)},
 }
 
 
-def launch_kind(hstu: bool, split: bool = False) -> str:
-    """The ``LAUNCH`` table of a kernel variant."""
-    return "hstu" if hstu else "fuxi-split" if split else "fuxi"
+def launch_kind(hstu: bool, split: bool = False, dv: int = 64) -> str:
+    """The ``LAUNCH`` table of a kernel variant at head width ``dv``."""
+    if hstu:
+        return "hstu"
+    return ("fuxi-split" if split else "fuxi") + ("-d32" if dv <= 32 else "")
 
 
 # FuXi-alpha's positional and temporal channels (plain products of a bias map with v): inside
@@ -224,8 +243,8 @@ def launch_kind(hstu: bool, split: bool = False) -> str:
 BIAS_CHANNELS = "kernel"
 
 
-def _launch(name: str, hstu: bool, split: bool = False) -> tuple[int, int, dict]:
-    bm, bn, warps, stages = LAUNCH[launch_kind(hstu, split)][name]
+def _launch(name: str, hstu: bool, split: bool, dv: int) -> tuple[int, int, dict]:
+    bm, bn, warps, stages = LAUNCH[launch_kind(hstu, split, dv)][name]
     if interpreting():
         return 16, 16, {}
     return bm, bn, dict(num_warps=warps, num_stages=stages)
@@ -237,61 +256,75 @@ def _channels(hstu: bool, split: bool) -> int:
     return 1 if hstu or split else 3
 
 
-def _consts(q, v, hstu, use_time, bm, bn, split):
+def _consts(q, v, hstu, use_time, bm, bn, split, has_len):
     bias_ch = not hstu and not split
-    return dict(HSTU=hstu, BIAS_CH=bias_ch, BIAS=hstu or bias_ch, USE_TIME=use_time, IEEE=q.dtype == torch.float32, C=_channels(hstu, split),
-                BM=bm, BN=bn, BDQ=_pow2(q.shape[-1]), BDV=_pow2(v.shape[-1]))
+    return dict(HSTU=hstu, BIAS_CH=bias_ch, BIAS=hstu or bias_ch, USE_TIME=use_time, HAS_LEN=has_len, IEEE=q.dtype == torch.float32,
+                C=_channels(hstu, split), BM=bm, BN=bn, BDQ=_pow2(q.shape[-1]), BDV=_pow2(v.shape[-1]))
 
 
 def _tmap_arg(tmap, pmap):
     return tmap if tmap is not None else pmap  # not read without the temporal channel
 
 
-def launch_fwd(q, k, v, pmap, tmap, inv_norm: float, hstu: bool, split: bool = False) -> torch.Tensor:
+def _len_arg(lengths, q):
+    return lengths if lengths is not None else q  # not read without lengths
+
+
+def launch_fwd(q, k, v, pmap, tmap, inv_norm: float, hstu: bool, split: bool = False, lengths=None) -> torch.Tensor:
     """Forward kernel on contiguous (B, H, N, D) q, k, v of one dtype and the bias maps of
     :func:`bias_maps`, ``pmap`` (N, N) and ``tmap`` (B, N, N) or None: out (B, N, C, H, DV).
-    ``split``: FuXi-alpha's semantic channel only (the maps are not read)."""
+    ``split``: FuXi-alpha's semantic channel only (the maps are not read). ``lengths`` (B,)
+    int or None: each sequence's real positions (padding after them); padding rows and keys
+    are skipped and its output rows are zero."""
     B, H, N, _ = q.shape
     DV = v.shape[-1]
     out = torch.empty(B, N, _channels(hstu, split), H, DV, device=q.device, dtype=q.dtype)
-    bm, bn, opts = _launch("fwd", hstu, split)
-    fwd[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), out, H, N, q.shape[-1], DV, inv_norm,
-                                     **_consts(q, v, hstu, tmap is not None, bm, bn, split), **opts)
+    bm, bn, opts = _launch("fwd", hstu, split, DV)
+    fwd[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), _len_arg(lengths, q), out, H, N, q.shape[-1], DV, inv_norm,
+                                     **_consts(q, v, hstu, tmap is not None, bm, bn, split, lengths is not None), **opts)
     return out
 
 
-def launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bool = False):
+def launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bool = False, lengths=None):
     """dK, dV from the key-block kernel (``do`` (B, N, C, H, DV) contiguous)."""
     B, H, N, _ = q.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    bm, bn, opts = _launch("bwd_kv", hstu, split)
-    bwd_kv[(triton.cdiv(N, bn), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), do, dk, dv, H, N, q.shape[-1], v.shape[-1], inv_norm,
-                                        **_consts(q, v, hstu, tmap is not None, bm, bn, split), **opts)
+    bm, bn, opts = _launch("bwd_kv", hstu, split, v.shape[-1])
+    bwd_kv[(triton.cdiv(N, bn), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), _len_arg(lengths, q), do, dk, dv, H, N, q.shape[-1], v.shape[-1], inv_norm,
+                                        **_consts(q, v, hstu, tmap is not None, bm, bn, split, lengths is not None), **opts)
     return dk, dv
 
 
-def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bool = False):
+def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bool = False, lengths=None):
     """dQ from the query-block kernel, and for HSTU the (B, N, N) fp32 gradient of the bias
     pre-activation summed over heads (an empty tensor for FuXi-alpha)."""
     B, H, N, _ = q.shape
     dq = torch.empty_like(q)
     gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if hstu else q.new_empty(0, dtype=torch.float32)
-    bm, bn, opts = _launch("bwd_q", hstu, split)
-    bwd_q[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), do, dq, gp if hstu else dq, H, N, q.shape[-1], v.shape[-1], inv_norm,
-                                       **_consts(q, v, hstu, tmap is not None, bm, bn, split), **opts)  # GP unused for FuXi
+    bm, bn, opts = _launch("bwd_q", hstu, split, v.shape[-1])
+    bwd_q[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), _len_arg(lengths, q), do, dq, gp if hstu else dq, H, N, q.shape[-1],
+                                       v.shape[-1], inv_norm, **_consts(q, v, hstu, tmap is not None, bm, bn, split, lengths is not None),
+                                       **opts)  # GP unused for FuXi
     return dq, gp
 
 
-def map_grads(v, do, gp, has_time: bool, hstu: bool):
+def row_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, N) bool: position i of sequence b is one of its ``lengths[b]`` real positions."""
+    return torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def map_grads(v, do, gp, has_time: bool, hstu: bool, lengths=None):
     """Gradients of the bias maps: (N, N) positional, (B, N, N) temporal (or None), zero
     above the diagonal. HSTU: ``gp`` from ``launch_bwd_q`` (its two biases share one
     pre-activation). FuXi-alpha: the bias channels do not depend on q or k, so the gradient at
     (b, i, j) is sum_h do_h[i] . v_h[j], one (N, H*DV) x (H*DV, N) product per sequence and
     channel (no atomics), in the inputs' dtype with fp32 accumulation (as the reference's
-    matrix products under autocast)."""
+    matrix products under autocast); padding rows (constant zero outputs) contribute nothing."""
     B, H, N, DV = v.shape
     if hstu:
         return gp.sum(0), (gp if has_time else None)
+    if lengths is not None:
+        do = do * row_mask(lengths, N)[:, :, None, None, None].to(do.dtype)
     v_t = v.transpose(1, 2).reshape(B, N, H * DV).transpose(1, 2)  # (B, H*DV, N)
     channel_grad = lambda c: torch.bmm(do[:, :, c].reshape(B, N, H * DV), v_t).tril_()  # noqa: E731
     return channel_grad(1).float().sum(0), (channel_grad(2) if has_time else None)
@@ -300,50 +333,51 @@ def map_grads(v, do, gp, has_time: bool, hstu: bool):
 # The kernels as two custom operators: opaque to torch.compile (Inductor compiles the model
 # around them instead of tracing into the Triton launches) and recorded as they are by CUDA graphs.
 _LIB = "fuxi_mme"
-_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, float inv_norm, bool hstu, bool split) -> Tensor"
-_BWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor do, float inv_norm, bool hstu, bool split) -> (Tensor, Tensor, Tensor, Tensor)"
+_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, float inv_norm, bool hstu, bool split) -> Tensor"
+_BWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, Tensor do, float inv_norm, bool hstu, bool split) "
+               "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
 @torch.library.custom_op(f"{_LIB}::fused_attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _fwd_op(q, k, v, pmap, tmap, inv_norm, hstu, split):
-    return launch_fwd(q, k, v, pmap, tmap, inv_norm, hstu, split)
+def _fwd_op(q, k, v, pmap, tmap, lengths, inv_norm, hstu, split):
+    return launch_fwd(q, k, v, pmap, tmap, inv_norm, hstu, split, lengths)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, pmap, tmap, inv_norm, hstu, split):
+def _(q, k, v, pmap, tmap, lengths, inv_norm, hstu, split):
     B, H, N, _ = q.shape
     return q.new_empty(B, N, _channels(hstu, split), H, v.shape[-1])
 
 
 @torch.library.custom_op(f"{_LIB}::fused_attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _bwd_op(q, k, v, pmap, tmap, do, inv_norm, hstu, split):
-    dk, dv = launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm, hstu, split)
-    dq, gp = launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm, hstu, split)
+def _bwd_op(q, k, v, pmap, tmap, lengths, do, inv_norm, hstu, split):
+    dk, dv = launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm, hstu, split, lengths)
+    dq, gp = launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm, hstu, split, lengths)
     return dq, dk, dv, gp
 
 
 @_bwd_op.register_fake
-def _(q, k, v, pmap, tmap, do, inv_norm, hstu, split):
+def _(q, k, v, pmap, tmap, lengths, do, inv_norm, hstu, split):
     B, H, N, _ = q.shape
     gp = q.new_empty(B, N, N, dtype=torch.float32) if hstu else q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), gp
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pmap, tmap, inv_norm, hstu, split = inputs
-    ctx.save_for_backward(q, k, v, pmap, tmap)
+    q, k, v, pmap, tmap, lengths, inv_norm, hstu, split = inputs
+    ctx.save_for_backward(q, k, v, pmap, tmap, lengths)
     ctx.meta = (inv_norm, hstu, split)
 
 
 def _backward(ctx, grad):
-    q, k, v, pmap, tmap = ctx.saved_tensors
+    q, k, v, pmap, tmap, lengths = ctx.saved_tensors
     inv_norm, hstu, split = ctx.meta
     do = grad.to(q.dtype).contiguous()
-    dq, dk, dv, gp = _bwd_op(q, k, v, pmap, tmap, do, inv_norm, hstu, split)
+    dq, dk, dv, gp = _bwd_op(q, k, v, pmap, tmap, lengths, do, inv_norm, hstu, split)
     if split:  # the maps were not used (their channels are products outside the kernels)
-        return dq, dk, dv, None, None, None, None, None
-    dpm, dtm = map_grads(v, do, gp, tmap is not None, hstu)
-    return dq, dk, dv, dpm.to(pmap.dtype), (dtm.to(tmap.dtype) if tmap is not None else None), None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
+    dpm, dtm = map_grads(v, do, gp, tmap is not None, hstu, lengths)
+    return dq, dk, dv, dpm.to(pmap.dtype), (dtm.to(tmap.dtype) if tmap is not None else None), None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -360,33 +394,38 @@ def bias_maps(pos_w, time_w, buckets, n: int, dtype: torch.dtype):
     return pmap, tmap
 
 
-def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool, split: bool = False) -> torch.Tensor:
+def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool, split: bool = False, lengths=None) -> torch.Tensor:
     B, H, N, _ = q.shape
     dt = q.dtype
     # contiguous (B, H, N, D) and bias maps, all of q's dtype
     q, k, v = q.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous()
+    if lengths is not None:
+        lengths = lengths.contiguous()
     pmap, tmap = bias_maps(pos_w, time_w, buckets, N, dt)
     if not split:
-        out = _fwd_op(q, k, v, pmap, tmap, 1.0 / float(norm), hstu, False)
+        out = _fwd_op(q, k, v, pmap, tmap, lengths, 1.0 / float(norm), hstu, False)
         return out.view(B, N, -1)
     # FuXi-alpha, bias channels outside the kernels: the semantic channel from the kernel (the
     # maps are not read; q stands in for them), then each bias channel as one product per
     # sequence over all heads at once, (N, N) x (N, H*DV), through autograd
-    sem = _fwd_op(q, k, v, q.detach(), None, 1.0 / float(norm), False, True).view(B, N, -1)
+    sem = _fwd_op(q, k, v, q.detach(), None, lengths, 1.0 / float(norm), False, True).view(B, N, -1)
     v_cat = v.transpose(1, 2).reshape(B, N, -1)  # (B, N, H*DV)
     pos = torch.matmul(pmap.tril().to(dt), v_cat)
     time = torch.bmm(tmap.tril(), v_cat) if tmap is not None else torch.zeros_like(pos)
-    return torch.cat([sem, pos, time], dim=-1)
+    bias = torch.cat([pos, time], dim=-1)
+    if lengths is not None:  # padding rows are zero, as the kernel's
+        bias = bias * row_mask(lengths, N)[:, :, None].to(dt)
+    return torch.cat([sem, bias], dim=-1)
 
 
-def fused_fuxi_attention(q, k, v, pos_w, time_w, buckets, norm: float, split: bool | None = None) -> torch.Tensor:
+def fused_fuxi_attention(q, k, v, pos_w, time_w, buckets, norm: float, lengths=None, split: bool | None = None) -> torch.Tensor:
     """Same contract as :func:`~fuxi_mme.models.attention.fuxi_attention_reference`. ``split``:
     the bias channels as matrix products outside the kernels (default: ``BIAS_CHANNELS``)."""
     if split is None:
         split = BIAS_CHANNELS == "matmul"
-    return _attention(q, k, v, pos_w, time_w, buckets, norm, False, split)
+    return _attention(q, k, v, pos_w, time_w, buckets, norm, False, split, lengths)
 
 
-def fused_hstu_attention(q, k, v, pos_w, time_w, buckets, norm: float) -> torch.Tensor:
+def fused_hstu_attention(q, k, v, pos_w, time_w, buckets, norm: float, lengths=None) -> torch.Tensor:
     """Same contract as :func:`~fuxi_mme.models.attention.hstu_attention_reference`."""
-    return _attention(q, k, v, pos_w, time_w, buckets, norm, True)
+    return _attention(q, k, v, pos_w, time_w, buckets, norm, True, False, lengths)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import MoEConfig, ModelConfig
 from .attention import select_attention
-from .common import Dropout, ItemInput, SequenceModel, SwiGLU, TemporalBuckets, l2_normalize, rms_norm
+from .common import Dropout, ItemInput, SequenceModel, SwiGLU, TemporalBuckets, l2_normalize, rms_norm, sequence_lengths
 from .moe import MoE
 
 
@@ -95,10 +95,12 @@ class FuxiBlock(nn.Module):
         valid: torch.Tensor | None = None,
         stream: torch.Tensor | None = None,
         groups: int = 1,
+        lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, N, D); buckets (B / groups, N, N) temporal bucket ids or None (temporal channel
         off): each run of ``groups`` consecutive rows of x shares one row of buckets (Fuxi-MME's
-        streams of one sequence); valid (B, N) bool; stream (B, N) stream index."""
+        streams of one sequence); valid (B, N) bool; stream (B, N) stream index; lengths
+        (B / groups,) real positions per sequence (padding after them) or None."""
         B, N, _ = x.shape
         H, Dq, Dv = self.H, self.qk_dim, self.v_dim
         xn = rms_norm(x)
@@ -115,7 +117,7 @@ class FuxiBlock(nn.Module):
             # the rows sharing a bucket map become extra heads of one row: the bias channels
             # (and their table lookups and gradients) are computed once per sequence, not per stream
             q, k, v = (t.reshape(B // groups, groups * H, N, t.shape[-1]) for t in (q, k, v))
-        attn = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len))  # (B/g, N, 3*g*H*Dv)
+        attn = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len), lengths)  # (B/g, N, 3*g*H*Dv)
         if groups > 1:
             attn = attn.view(B // groups, N, 3, groups, H * Dv).permute(0, 3, 1, 2, 4).reshape(B, N, 3 * H * Dv)
         h = rms_norm(attn) * u
@@ -138,8 +140,9 @@ class FuxiAlpha(SequenceModel):
     def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor) -> torch.Tensor:
         x = self.input(ids)
         buckets = self.temporal(ts, query_ts)
+        lengths = sequence_lengths(ids)
         for blk in self.blocks:
-            x = blk(x, buckets)
+            x = blk(x, buckets, lengths=lengths)
         return l2_normalize(x)
 
     def item_vectors(self) -> torch.Tensor:

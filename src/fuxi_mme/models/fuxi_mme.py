@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .common import Dropout, SequenceModel, TemporalBuckets, l2_normalize
+from .common import Dropout, SequenceModel, TemporalBuckets, l2_normalize, sequence_lengths
 from .fuxi_alpha import FuxiBlock
 
 
@@ -84,13 +84,14 @@ class FuxiMME(SequenceModel):
         M = self.M
         x = self._input(ids)  # (B, M, N, D)
         valid = ids != 0
+        lengths = sequence_lengths(ids)
         buckets = self.temporal(ts, query_ts)  # (B, N, N), shared by every stream and block
         if self.shared_decoder:
             x = x.reshape(B * M, N, self.D)  # row b * M + m: stream m of sequence b
             valid_f = valid.repeat_interleave(M, 0)
             stream = torch.arange(M, device=ids.device).repeat(B)[:, None].expand(B * M, N)
             for blk in self.blocks:
-                x = blk(x, buckets, valid_f, stream, groups=M)  # the M streams share one bucket map
+                x = blk(x, buckets, valid_f, stream, groups=M, lengths=lengths)  # the M streams share one bucket map
             x = x.view(B, M, N, self.D)
         else:
             outs = []
@@ -98,7 +99,7 @@ class FuxiMME(SequenceModel):
                 xm = x[:, m]
                 stream = torch.full_like(ids, m)
                 for blk in blocks:
-                    xm = blk(xm, buckets, valid, stream)
+                    xm = blk(xm, buckets, valid, stream, lengths=lengths)
                 outs.append(xm)
             x = torch.stack(outs, dim=1)
         return self._combine(x.transpose(1, 2), user=True)  # (B, N, M*D)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import select_attention
-from .common import Dropout, ItemInput, SequenceModel, TemporalBuckets, l2_normalize
+from .common import Dropout, ItemInput, SequenceModel, TemporalBuckets, l2_normalize, sequence_lengths
 
 
 def _ln(x: torch.Tensor) -> torch.Tensor:
@@ -31,14 +31,14 @@ class HSTUBlock(nn.Module):
         self.drop = Dropout(cfg.dropout)
         self.attend = select_attention(cfg.attention, "hstu")
 
-    def forward(self, x, buckets):
+    def forward(self, x, buckets, lengths=None):
         B, N, _ = x.shape
         H, Dq, Dv = self.H, self.Dq, self.Dv
         u, v, q, k = F.silu(self.uvqk(_ln(x))).split([H * Dv, H * Dv, H * Dq, H * Dq], dim=-1)
         q = q.view(B, N, H, Dq).transpose(1, 2)
         k = k.view(B, N, H, Dq).transpose(1, 2)
         v = v.view(B, N, H, Dv).transpose(1, 2)
-        a = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len))
+        a = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len), lengths)
         return x + self.out(self.drop(u * _ln(a)))
 
 
@@ -53,8 +53,9 @@ class HSTU(SequenceModel):
     def forward(self, ids, ts, query_ts):
         x = self.input(ids)
         buckets = self.temporal(ts, query_ts)
+        lengths = sequence_lengths(ids)
         for blk in self.blocks:
-            x = blk(x, buckets)
+            x = blk(x, buckets, lengths)
         return l2_normalize(x)
 
     def item_vectors(self):

@@ -13,7 +13,9 @@ update cycles on small batches).
 
 Back ends (same parameters, same result):
 * ``loop``: reference, one masked matmul per expert.
-* ``batched``: assignments sorted by expert without Python loops over tokens, then one grouped
+* ``batched``: assignments grouped by expert without Python loops over tokens (by counting, no
+  sort, for up to ``COUNTING_MAX_EXPERTS`` experts; permutations whose backward is a gather, not a
+  scatter-add), then one grouped
   GEMM (``torch._grouped_mm``, CUDA + bf16 + aligned widths) or, elsewhere, one padded ``bmm``.
 * ``dense``: every token through every expert as one wide GEMM (experts' weights side by
   side), each expert's output weighted by its gate (zero for the experts not chosen). E/K times
@@ -53,6 +55,71 @@ def group_ends(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
     by binary search, so with no host sync (``bincount`` on CUDA reads the maximum back) and
     so inside a CUDA graph."""
     return torch.searchsorted(sorted_ids, torch.arange(n, device=sorted_ids.device, dtype=sorted_ids.dtype), right=True)
+
+
+# Counting is used up to this many experts (an (A, E) int32 cumsum); above it, a stable sort.
+COUNTING_MAX_EXPERTS = 32
+
+
+def dispatch_plan(expert_A: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each token-expert assignment goes when assignments are grouped by expert, stably
+    (within an expert, in assignment order): ``dest_A`` (assignment -> slot), its inverse
+    ``slot_to_A`` (slot -> assignment) and the groups' end offsets ``ends_E``.
+
+    With few experts the slots come from counting (a running count per expert, one (A, E)
+    cumsum), not from a sort; both are exact, with no host sync, so they run inside CUDA
+    graphs. Equal to ``argsort(expert_A, stable=True)`` (tested)."""
+    A = expert_A.numel()
+    dev = expert_A.device
+    if A == 0:
+        empty = expert_A.new_zeros(0)
+        return empty, empty, torch.zeros(n_experts, dtype=torch.long, device=dev)
+    if n_experts <= COUNTING_MAX_EXPERTS:
+        onehot = F.one_hot(expert_A, n_experts).to(torch.int32)  # (A, E)
+        running = onehot.cumsum(0, dtype=torch.int32)  # assignments of each expert so far, inclusive
+        counts_E = running[-1].long()
+        ends_E = counts_E.cumsum(0)
+        rank_A = running.gather(1, expert_A[:, None]).squeeze(1).long() - 1
+        dest_A = (ends_E - counts_E)[expert_A] + rank_A
+        slot_to_A = torch.empty_like(dest_A).scatter_(0, dest_A, torch.arange(A, device=dev))
+        return dest_A, slot_to_A, ends_E
+    slot_to_A = torch.argsort(expert_A, stable=True)
+    dest_A = torch.empty_like(slot_to_A).scatter_(0, slot_to_A, torch.arange(A, device=dev))
+    return dest_A, slot_to_A, group_ends(expert_A[slot_to_A], n_experts)
+
+
+class PermuteRows(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index`` with its inverse given: the backward is the
+    inverse gather, not the scatter-add that plain indexing's backward runs (a sort or atomics
+    there; neither is needed for a permutation)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class DispatchRows(torch.autograd.Function):
+    """Token rows in expert order: slot s holds the token of assignment ``slot_to_A[s]`` (token
+    t has assignments t*K .. t*K+K-1). Backward: each token's gradient is the sum of its K
+    slots' rows, gathered through ``dest_A`` (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, dest_A, slot_to_A, K):
+        ctx.save_for_backward(dest_A)
+        ctx.K = K
+        return x_TD.index_select(0, torch.div(slot_to_A, K, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dest_A,) = ctx.saved_tensors
+        g = grad.index_select(0, dest_A)
+        return g.view(-1, ctx.K, g.shape[-1]).sum(1), None, None, None
 
 
 class MoE(nn.Module):
@@ -141,40 +208,58 @@ class MoE(nn.Module):
     def _out_dim(self) -> int:
         return (self.w2 if self.kind == "swiglu" else self.w).shape[-1]
 
-    def _batched(self, x_TD, top_TK, gate_TK):
+    def _batched(self, x_TD, top_TK, gate_TK, valid_T=None):
         T, K = top_TK.shape
+        E = self.E
         expert_A = top_TK.reshape(-1)
-        order = torch.argsort(expert_A, stable=True)
-        expert_A = expert_A[order]
-        token_A = torch.div(order, K, rounding_mode="floor")
-        gate_A = gate_TK.reshape(-1)[order]
-        x_AD = x_TD[token_A]
-        ends_E = group_ends(expert_A, self.E)
-        ws = self._expert_weights()
+        if valid_T is not None:  # padding's assignments go to a virtual expert E, after the real ones, never computed
+            expert_A = torch.where(valid_T.repeat_interleave(K), expert_A, E)
+        dest_A, slot_to_A, ends = dispatch_plan(expert_A, E + 1)
+        ends_E = ends[:E]
         # Under autocast the residual stream (and so x) stays fp32; the experts' matmuls run in
-        # the autocast dtype, which is what makes the grouped GEMM applicable.
-        if x_AD.is_cuda and torch.is_autocast_enabled("cuda"):
-            x_AD = x_AD.to(torch.get_autocast_dtype("cuda"))
+        # the autocast dtype, which is what makes the grouped GEMM applicable. Cast before the
+        # gather, so the permutation moves half the bytes.
+        x_in = x_TD
+        if x_TD.is_cuda and torch.is_autocast_enabled("cuda"):
+            x_in = x_TD.to(torch.get_autocast_dtype("cuda"))
+        x_AD = DispatchRows.apply(x_in, dest_A, slot_to_A, K)  # rows in expert order
+        expert_S = expert_A[slot_to_A]  # each slot's expert (ascending; E = padding)
+        live_S = None
+        if valid_T is not None:
+            # slots past the real experts' groups: excluded from the products and zeroed
+            # wherever their rows could carry something (what the grouped GEMM leaves in its
+            # output past the last group is unspecified), so neither they nor their gradients
+            # reach anything
+            live_S = (torch.arange(expert_S.numel(), device=x_TD.device) < ends_E[-1])[:, None]
+            x_AD = torch.where(live_S, x_AD, 0)
+        ws = self._expert_weights()
         if _grouped_mm_ok(x_AD, *ws):
             self.last_path = "grouped"
             offs = ends_E.to(torch.int32)
             mm = lambda a, w: torch._grouped_mm(a, w.to(a.dtype), offs=offs)  # noqa: E731
-            out_A = self._run_experts(x_AD, mm, expert_A)
+            out_S = self._run_experts(x_AD, mm, expert_S.clamp(max=E - 1), live_S)
         else:
             # Padded batch: (E, C, D) with C = the busiest expert's count (one host sync to size
-            # the buffer; the grouped GEMM above needs none).
+            # the buffer; the grouped GEMM above needs none). Padding's slots all land on one
+            # row of a spare (E+1)-th block, which is never computed.
             self.last_path = "padded"
             counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
-            starts = ends_E - counts_E
-            slot_A = torch.arange(expert_A.numel(), device=x_TD.device) - starts[expert_A]
-            C = int(counts_E.max()) if expert_A.numel() else 0
-            buf = x_AD.new_zeros(self.E, max(C, 1), x_AD.shape[-1])
-            buf[expert_A, slot_A] = x_AD
+            starts = torch.cat([ends_E - counts_E, ends_E[-1:]])
+            within_S = torch.arange(expert_S.numel(), device=x_TD.device) - starts[expert_S]
+            if live_S is not None:
+                within_S = torch.where(live_S[:, 0], within_S, 0)
+            C = int(counts_E.max()) if expert_S.numel() else 0
+            buf = x_AD.new_zeros(E + 1, max(C, 1), x_AD.shape[-1])
+            buf[expert_S, within_S] = x_AD
             mm = lambda a, w: torch.bmm(a, w.to(a.dtype))  # noqa: E731
-            out = self._run_experts(buf, mm, None)
-            out_A = out[expert_A, slot_A]
-        y = x_TD.new_zeros(T, out_A.shape[-1])  # accumulate in the input's dtype (fp32 under autocast)
-        return y.index_add_(0, token_A, (out_A * gate_A[:, None]).to(y.dtype))
+            out = self._run_experts(buf[:E], mm, None)
+            out_S = out[expert_S.clamp(max=E - 1), within_S]
+            if live_S is not None:
+                out_S = torch.where(live_S, out_S, 0)
+        # back to (token, choice) order by a gather, then the gate-weighted sum over the k
+        # choices, accumulated in the input's dtype (fp32 under autocast)
+        out_TKO = PermuteRows.apply(out_S, dest_A, slot_to_A).view(T, K, -1)
+        return (out_TKO.to(x_TD.dtype) * gate_TK[:, :, None].to(x_TD.dtype)).sum(1)
 
     def _dense(self, x_TD, top_TK, gate_TK):
         self.last_path = "dense"
@@ -194,18 +279,25 @@ class MoE(nn.Module):
                 y = y + gates_TE.to(y.dtype) @ self.b.to(y.dtype)
         return y.to(x_TD.dtype)
 
-    def _run_experts(self, a, mm, expert_A):
+    def _run_experts(self, a, mm, expert_A, live=None):
+        """The experts on rows ``a`` grouped by ``mm``; ``live`` (rows, 1) bool: rows outside it
+        are set to zero after each product (see ``_batched``)."""
+        keep = (lambda t: t) if live is None else (lambda t: torch.where(live, t, 0))  # noqa: E731
         if self.kind == "swiglu":
-            return mm(F.silu(mm(a, self.w1)) * mm(a, self.w3), self.w2)
+            return keep(mm(keep(F.silu(mm(a, self.w1)) * mm(a, self.w3)), self.w2))
         y = mm(a, self.w)
         if self.b is not None:
             y = y + (self.b[expert_A] if expert_A is not None else self.b[:, None, :]).to(y.dtype)
-        return y
+        return keep(y)
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None, stream: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., D) -> (..., O). ``valid`` (...) bool excludes padding from the statistics and
-        the aux loss; ``stream`` (...) long selects the per-stream router embedding."""
+        """x (..., D) -> (..., O). ``valid`` (...) bool marks the real tokens: padding is left out
+        of the statistics, the aux loss and the experts (their output there is zero, in every
+        back end; the batched one does not compute it at all: at ML-20M about half of all
+        positions are padding). The models here pad after each sequence and attend causally,
+        so nothing at a padding position reaches a real one. ``stream`` (...) long selects the
+        per-stream router embedding."""
         shape = x.shape[:-1]
         x_TD = x.reshape(-1, x.shape[-1])
         r_in = x_TD
@@ -226,12 +318,12 @@ class MoE(nn.Module):
             # while it costs at most 4x the sparse FLOPs (narrow experts: ML-1M, the demo)
             grouped = _grouped_mm_ok(x_TD, *self._expert_weights())
             backend = "batched" if grouped or self.E > 4 * self.K else "dense"
-        if backend == "loop":
-            y = self._loop(x_TD, top_TK, gate_TK)
-        elif backend == "dense":
-            y = self._dense(x_TD, top_TK, gate_TK)
+        if backend in ("loop", "dense"):
+            y = self._loop(x_TD, top_TK, gate_TK) if backend == "loop" else self._dense(x_TD, top_TK, gate_TK)
+            if valid is not None:
+                y = torch.where(valid.reshape(-1, 1), y, 0)
         else:
-            y = self._batched(x_TD, top_TK, gate_TK)
+            y = self._batched(x_TD, top_TK, gate_TK, valid.reshape(-1) if valid is not None else None)
         if self.shared is not None:
             y = y + self.shared(x_TD)
         self._statistics(probs, top_TK, valid)
