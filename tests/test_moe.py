@@ -272,3 +272,15 @@ def test_fuxi_mme_loss_and_gradients_do_not_depend_on_computing_padding(placemen
     assert skip_grads.keys() == full_grads.keys()
     for n in skip_grads:
         torch.testing.assert_close(skip_grads[n], full_grads[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_running_counts_across_chunks():
+    from fuxi_mme.models.moe import _running_counts
+
+    torch.manual_seed(0)
+    for A, E, chunk in ((1, 1, 4), (10, 3, 4), (4099, 5, 1024), (37, 4, 37)):
+        ids = torch.randint(0, E, (A,))
+        rank, counts = _running_counts(ids, E, chunk)
+        want = torch.tensor([int((ids[:i] == ids[i]).sum()) for i in range(A)])
+        assert torch.equal(rank, want), (A, E, chunk)
+        assert torch.equal(counts, torch.bincount(ids, minlength=E))

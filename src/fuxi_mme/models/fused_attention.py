@@ -27,8 +27,16 @@ channels are plain products of a bias map with v, so they can leave the kernels 
 one (N, N) x (N, H*DV) product per sequence over all heads at once (cuBLAS, autograd for the
 gradients); the kernels then compute the semantic channel alone (two products per tile
 instead of four forward, three instead of five in the dK/dV kernel). Aimed at narrow heads
-(Fuxi-MME's 8 of width 32 at ML-20M). Checked in the interpreter and compiled for sm_90; not
-yet timed on a GPU, so the default stays "kernel".
+(Fuxi-MME's 8 of width 32 at ML-20M). Measured on an H200 at ML-20M: the kernels get faster
+but the products outside cost more than they save (attention alone 0.770 against 0.590 ms for
+Fuxi-MME's shape; whole training epochs level within run-to-run spread), so the default stays
+"kernel" (docs/performance.md).
+
+Padding: with ``lengths`` (each sequence's real positions, padding after them, as every batch
+here is laid out) the kernels skip every tile past a sequence's length (the loops end at it)
+and write zeros to its padding rows; attention is causal, so the real rows are unchanged. At
+ML-20M about half of all positions are padding, and the causal triangle's tiles past the
+length are most of the work.
 
 Status: checked against the reference (values and all five gradients, fp32 and bf16) in
 Triton's CPU interpreter (``TRITON_INTERPRET=1``) and on an H200 (``tests/test_fused_attention.py``).
@@ -213,19 +221,20 @@ def _pow2(x: int) -> int:
 
 
 # Launch settings per kernel variant and kernel: (query rows BM, key rows BN, num_warps,
-# num_stages), the fastest of each kernel alone in the sweep of ``benchmarks/attention.py
-# --sweep`` on an H200 at the ML-20M base shape; the interpreter uses 16 x 16 tiles. FuXi's
-# variants have a second table for narrow heads (width <= 32: Fuxi-MME's 8 heads of 32 at
-# ML-20M), where the best tiles differ. Sources: "fuxi", "hstu" at b2fdd56
-# (benchmarks/results/attention-NVIDIA_H200-sweep.md); the others at fe5a844
-# (benchmarks/results/attention-NVIDIA_H200-split-fe5a844.md).
+# num_stages), the fastest of each kernel alone (GPU time of ten calls replayed in a CUDA
+# graph) in the sweep of ``benchmarks/attention.py --sweep`` on an H200 at the ML-20M base
+# shape with its sequence lengths (padding skipped), commit 19348ee
+# (benchmarks/results/attention-NVIDIA_H200-lengths-19348ee.md); "hstu" from the sweep at
+# b2fdd56 (attention-NVIDIA_H200-sweep.md). FuXi's variants have a second table for narrow
+# heads (width <= 32: Fuxi-MME's 8 heads of 32 at ML-20M), where the best tiles differ. The
+# interpreter uses 16 x 16 tiles.
 LAUNCH = {
-    "fuxi": {"fwd": (32, 64, 4, 3), "bwd_kv": (64, 64, 4, 2), "bwd_q": (64, 32, 4, 2)},
-    "fuxi-d32": {"fwd": (64, 32, 4, 2), "bwd_kv": (32, 64, 4, 2), "bwd_q": (64, 64, 4, 2)},
+    "fuxi": {"fwd": (32, 32, 4, 3), "bwd_kv": (32, 32, 4, 2), "bwd_q": (64, 32, 4, 3)},
+    "fuxi-d32": {"fwd": (64, 32, 4, 2), "bwd_kv": (32, 64, 4, 2), "bwd_q": (64, 32, 4, 3)},
     "hstu": {"fwd": (32, 64, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 64, 4, 2)},
     # the semantic channel alone (BIAS_CHANNELS = "matmul")
-    "fuxi-split": {"fwd": (32, 64, 4, 3), "bwd_kv": (32, 32, 4, 2), "bwd_q": (64, 32, 4, 3)},
-    "fuxi-split-d32": {"fwd": (64, 64, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (64, 32, 4, 3)},
+    "fuxi-split": {"fwd": (64, 32, 4, 3), "bwd_kv": (32, 32, 4, 2), "bwd_q": (64, 32, 4, 3)},
+    "fuxi-split-d32": {"fwd": (64, 32, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (64, 32, 4, 3)},
 }
 
 
@@ -239,7 +248,7 @@ def launch_kind(hstu: bool, split: bool = False, dv: int = 64) -> str:
 # FuXi-alpha's positional and temporal channels (plain products of a bias map with v): inside
 # the kernels ("kernel", measured: docs/performance.md), or ("matmul") as two batched matrix
 # products over all heads at once outside them, the kernels then computing the semantic
-# channel only. Not yet measured on a GPU; ``benchmarks/attention.py`` times both.
+# channel only. Measured slower as a whole on an H200 (docs/performance.md); ``benchmarks/attention.py`` times both.
 BIAS_CHANNELS = "kernel"
 
 
