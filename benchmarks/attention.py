@@ -58,15 +58,17 @@ def inputs(shape: str, model: str, B: int, dtype, dev):
     cfg = build_preset(preset_name(shape, model, "base"))
     m = cfg.model
     N, H, Dq, Dv = cfg.data.max_len, m.num_heads, m.qk_dim, m.v_dim
+    groups = 1
     if model == "fuxi-mme":
-        H *= m.num_embeddings  # the shared decoder runs its M streams as extra heads of one call (FuxiBlock groups)
+        groups = m.num_embeddings  # the shared decoder runs its M streams as extra heads of one call (FuxiBlock groups)
+        H *= groups
     g = torch.Generator(device="cpu").manual_seed(0)
     mk = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(dev, dtype).requires_grad_(True)  # noqa: E731
     q, k, v = mk(B, H, N, Dq), mk(B, H, N, Dq), mk(B, H, N, Dv)
     pos = (torch.randn(N, generator=g) * 0.02).to(dev).requires_grad_(True)
     tw = (torch.randn(m.num_time_buckets + 1, generator=g) * 0.02).to(dev).requires_grad_(True)
     bk = torch.randint(0, m.num_time_buckets + 1, (B, N, N), generator=g).to(dev)
-    return (q, k, v, pos, tw, bk), float(N), dict(B=B, N=N, H=H, qk_dim=Dq, v_dim=Dv)
+    return (q, k, v, pos, tw, bk), float(N), dict(B=B, N=N, H=H, qk_dim=Dq, v_dim=Dv, groups=groups)
 
 
 def timed(fn, args, norm, steps, warmup, dev):
@@ -239,8 +241,8 @@ def main() -> None:
             lens[shape] = None if args.full_length else batch_lengths(shape, args.batch, N).to(dev)
         return lens[shape]
 
-    def with_lengths(fn, lengths):
-        return lambda q, k, v, p, t, b, norm: fn(q, k, v, p, t, b, norm, lengths)
+    def with_lengths(fn, lengths, groups):
+        return lambda q, k, v, p, t, b, norm: fn(q, k, v, p, t, b, norm, lengths, groups)
     if args.sweep and cuda:
         # sweep at the first shape, per model; the fastest setting of each kernel is kept in the
         # table of its variant and head width (FuXi: also the semantic-only kernels of the split
@@ -265,7 +267,7 @@ def main() -> None:
             a, norm, dims = inputs(shape, model, args.batch, dtype, dev)
             lengths = lengths_for(shape, dims["N"])
             with torch.no_grad():
-                err = (fused_fn(*a, norm, lengths).float() - ref_fn(*a, norm, lengths).float()).abs().max().item()
+                err = (fused_fn(*a, norm, lengths, dims["groups"]).float() - ref_fn(*a, norm, lengths, dims["groups"]).float()).abs().max().item()
             dv = a[2].shape[-1]
             rec = {"shape": shape, "model": model, "dtype": args.dtype, **dims, "max_abs_diff": err,
                    "lengths": "full" if lengths is None else {"mean": float(lengths.float().mean()), "min": int(lengths.min()), "max": int(lengths.max())},
@@ -277,7 +279,7 @@ def main() -> None:
             if cuda:
                 torch._dynamo.reset()
                 paths.insert(1, ("reference_compiled", torch.compile(ref_fn)))
-            paths = [(name, with_lengths(fn, lengths)) for name, fn in paths]
+            paths = [(name, with_lengths(fn, lengths, dims["groups"])) for name, fn in paths]
             for name, fn in paths:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()

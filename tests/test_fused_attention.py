@@ -73,23 +73,26 @@ def test_fused_matches_reference(kind, time, shape, dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", [(3, 2, 37, 16, 16), (4, 1, 20, 8, 32)], ids=["B3H2N37", "B4H1N20"])
-def test_fused_skips_padding_and_matches_reference_with_lengths(kind, shape):
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("shape", [(3, 2, 37, 16, 16), (4, 4, 20, 8, 32)], ids=["B3H2N37", "B4H4N20"])
+def test_fused_skips_padding_and_matches_reference_with_lengths(kind, groups, shape):
     """Sequences padded after their items (``lengths``): the kernels skip padding's tiles; the
     real rows equal the reference's with or without lengths, padding rows are zero, and every
     gradient (q, k, v, both tables) equals the reference's with lengths. One sequence is all
-    padding, one has no padding."""
+    padding, one has no padding. ``groups`` 2: the heads as two groups (Fuxi-MME's streams),
+    each group's rows written whole by the kernels."""
     B, H, N, DQ, DV = shape
     ref_fn, fused_fn = _fns(kind)
     args = _inputs(B, H, N, DQ, DV, 48, torch.float32, seed=B * 11 + N)
     dev = args[0].device
     lengths = torch.tensor([N, 0, 13, 1][:B], device=dev)
     ref_args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
-    out = fused_fn(*args, 48.0, lengths)
-    ref = ref_fn(*ref_args, 48.0, lengths)
-    rows = torch.arange(N, device=dev)[None, :] < lengths[:, None]
+    out = fused_fn(*args, 48.0, lengths, groups)
+    ref = ref_fn(*ref_args, 48.0, lengths, groups)
+    assert out.shape == (B * groups, N, (1 if kind == "hstu" else 3) * H // groups * DV)
+    rows = (torch.arange(N, device=dev)[None, :] < lengths[:, None]).repeat_interleave(groups, 0)
     with torch.no_grad():
-        unmasked = ref_fn(*args, 48.0)
+        unmasked = ref_fn(*args, 48.0, None, groups)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ref[rows], unmasked[rows])
     assert (out[~rows] == 0).all() and (ref[~rows] == 0).all()
@@ -98,7 +101,7 @@ def test_fused_skips_padding_and_matches_reference_with_lengths(kind, shape):
     (ref * g).sum().backward()
     for name, a, r in zip(["q", "k", "v", "pos_w", "time_w"], args[:5], ref_args[:5]):
         torch.testing.assert_close(a.grad, r.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
-    assert (args[0].grad.transpose(1, 2)[~rows] == 0).all()  # no gradient into padding's queries
+    assert (args[0].grad.transpose(1, 2)[~rows[::groups]] == 0).all()  # no gradient into padding's queries
 
 
 @pytest.mark.parametrize("model,bias", [("fuxi-alpha", "kernel"), ("fuxi-mme", "kernel"), ("hstu", "kernel"), ("fuxi-alpha", "matmul"), ("fuxi-mme", "matmul")])
@@ -185,7 +188,7 @@ for kern in (fa.fwd, fa.bwd_kv, fa.bwd_q):
                     sig[p] = "*fp32"
                 elif p == "LEN":
                     sig[p] = "*i64"
-                elif p in ("H", "N", "DQ", "DV"):
+                elif p in ("H", "G", "N", "DQ", "DV"):
                     sig[p] = "i32"
                 elif p == "inv_norm":
                     sig[p] = "fp32"

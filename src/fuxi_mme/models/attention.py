@@ -83,9 +83,12 @@ def fuxi_attention_reference(
     buckets: torch.Tensor | None,
     norm: float,
     lengths: torch.Tensor | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
     """FuXi-alpha adaptive multi-channel attention. Returns (B, N, 3*H*Dv), channel-major
-    (semantic heads, then positional heads, then temporal heads). ``buckets`` (B, N, N) comes
+    (semantic heads, then positional heads, then temporal heads). ``groups`` G > 1: the H heads
+    are G groups of H/G (Fuxi-MME's streams of one sequence, sharing its bias maps) and the
+    result is (B*G, N, 3*H/G*Dv), row b*G + g holding group g's heads, channel-major. ``buckets`` (B, N, N) comes
     from :class:`~fuxi_mme.models.common.TemporalBuckets`; ``None`` turns the temporal channel off (its output is zero),
     e.g. for datasets without timestamps."""
     B, H, N, _ = q.shape
@@ -100,7 +103,7 @@ def fuxi_attention_reference(
     else:
         out_time = torch.zeros_like(out_sem)
     out = torch.cat([out_sem, out_pos, out_time], dim=1)  # (B, 3H, N, Dv)
-    return _zero_padding(out.transpose(1, 2).reshape(B, N, 3 * H * v.shape[-1]), lengths)
+    return _ungroup(_zero_padding(out.transpose(1, 2).reshape(B, N, 3 * H * v.shape[-1]), lengths), 3, groups)
 
 
 def hstu_attention_reference(
@@ -112,6 +115,7 @@ def hstu_attention_reference(
     buckets: torch.Tensor | None,
     norm: float,
     lengths: torch.Tensor | None = None,
+    groups: int = 1,
 ) -> torch.Tensor:
     """HSTU: A = phi(q k^T + rel_pos + rel_time) / N, causal. Returns (B, N, H*Dv)."""
     B, H, N, _ = q.shape
@@ -120,7 +124,15 @@ def hstu_attention_reference(
     if buckets is not None:
         logits = logits + lookup(time_w, buckets).to(q.dtype).unsqueeze(1)
     a = F.silu(logits).mul_(mask / norm)
-    return _zero_padding((a @ v).transpose(1, 2).reshape(B, N, H * v.shape[-1]), lengths)
+    return _ungroup(_zero_padding((a @ v).transpose(1, 2).reshape(B, N, H * v.shape[-1]), lengths), 1, groups)
+
+
+def _ungroup(out: torch.Tensor, channels: int, groups: int) -> torch.Tensor:
+    """(B, N, C*G*W) channel-major over G groups of heads -> (B*G, N, C*W), one row per group."""
+    if groups == 1:
+        return out
+    B, N, _ = out.shape
+    return out.view(B, N, channels, groups, -1).permute(0, 3, 1, 2, 4).reshape(B * groups, N, -1)
 
 
 def _zero_padding(out: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -150,11 +162,11 @@ def select_attention(mode: str, kind: str):
         raise RuntimeError("model.attention=fused needs triton (pip install triton) and a CUDA GPU; use model.attention=reference")
     fused = fa.fused_fuxi_attention if kind == "fuxi" else fa.fused_hstu_attention
 
-    def attend(q, k, v, pos_w, time_w, buckets, norm, lengths=None):
+    def attend(q, k, v, pos_w, time_w, buckets, norm, lengths=None, groups=1):
         if torch.jit.is_tracing():
-            return ref(q, k, v, pos_w, time_w, buckets, norm, lengths)  # export traces the reference
+            return ref(q, k, v, pos_w, time_w, buckets, norm, lengths, groups)  # export traces the reference
         if not fa.fused_available(q.device):
             raise RuntimeError(f"model.attention=fused runs on CUDA tensors (got {q.device}); use model.attention=reference on CPU")
-        return fused(q, k, v, pos_w, time_w, buckets, norm, lengths)
+        return fused(q, k, v, pos_w, time_w, buckets, norm, lengths, groups)
 
     return attend

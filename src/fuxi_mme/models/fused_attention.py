@@ -96,10 +96,12 @@ if HAVE_TRITON:
         return PTR + bh * N * D + offs[:, None] * D + offs_d[None, :], (offs[:, None] < N) & (offs_d[None, :] < D)
 
     @triton.jit
-    def _orows(PTR, b, h, c, offs, N, C, H, DV, BDV: tl.constexpr):
+    def _orows(PTR, b, h, c, offs, N, C, H, G, DV, BDV: tl.constexpr):
         """Pointers and mask of channel ``c``, head ``h``, rows ``offs`` of a (B, N, C, H, DV) tensor."""
         offs_d = tl.arange(0, BDV)
-        return PTR + ((b * N + offs[:, None]) * C + c) * H * DV + h * DV + offs_d[None, :], (offs[:, None] < N) & (offs_d[None, :] < DV)
+        HS = H // G  # heads per group: head h is head h % HS of group h // HS
+        row = ((b * G + h // HS) * N + offs[:, None]) * C + c
+        return PTR + row * HS * DV + (h % HS) * DV + offs_d[None, :], (offs[:, None] < N) & (offs_d[None, :] < DV)
 
     @triton.jit
     def _load_rows(PTR, bh, offs, N, D, BD: tl.constexpr):
@@ -139,7 +141,7 @@ if HAVE_TRITON:
         return k, v, z, causal, p, t
 
     @triton.jit
-    def fwd(Q, K, V, PM, TM, LEN, O, H, N, DQ, DV, inv_norm,
+    def fwd(Q, K, V, PM, TM, LEN, O, H, G, N, DQ, DV, inv_norm,
             HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, HAS_LEN: tl.constexpr, IEEE: tl.constexpr,
             C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_m, bh, b, h, offs_m = _program(H, BM)
@@ -157,14 +159,14 @@ if HAVE_TRITON:
                 acc1 += _dot(p.to(v.dtype), v, IEEE)
                 if USE_TIME:
                     acc2 += _dot(t.to(v.dtype), v, IEEE)
-        ptr, mask = _orows(O, b, h, 0, offs_m, N, C, H, DV, BDV)
+        ptr, mask = _orows(O, b, h, 0, offs_m, N, C, H, G, DV, BDV)
         tl.store(ptr, acc0.to(O.dtype.element_ty), mask=mask)
         if BIAS_CH:
-            tl.store(ptr + H * DV, acc1.to(O.dtype.element_ty), mask=mask)
-            tl.store(ptr + 2 * H * DV, acc2.to(O.dtype.element_ty), mask=mask)
+            tl.store(ptr + (H // G) * DV, acc1.to(O.dtype.element_ty), mask=mask)
+            tl.store(ptr + 2 * (H // G) * DV, acc2.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd_kv(Q, K, V, PM, TM, LEN, DO, DK, DVp, H, N, DQ, DV, inv_norm,
+    def bwd_kv(Q, K, V, PM, TM, LEN, DO, DK, DVp, H, G, N, DQ, DV, inv_norm,
                HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, HAS_LEN: tl.constexpr, IEEE: tl.constexpr,
                C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_n, bh, b, h, offs_n = _program(H, BN)
@@ -175,16 +177,16 @@ if HAVE_TRITON:
             offs_m = start_m + tl.arange(0, BM)
             q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
             k, v, z, causal, p, t = _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, L, DQ, DV, HSTU, BIAS, USE_TIME, IEEE, BDQ, BDV)
-            ptr, mask = _orows(DO, b, h, 0, offs_m, N, C, H, DV, BDV)
+            ptr, mask = _orows(DO, b, h, 0, offs_m, N, C, H, G, DV, BDV)
             do0 = tl.load(ptr, mask=mask, other=0.0)
             sig = tl.sigmoid(z)
             a = tl.where(causal, z * sig * inv_norm, 0.0)
             dv += _dot(tl.trans(a).to(do0.dtype), do0, IEEE)
             if BIAS_CH:
-                do1 = tl.load(ptr + H * DV, mask=mask, other=0.0)
+                do1 = tl.load(ptr + (H // G) * DV, mask=mask, other=0.0)
                 dv += _dot(tl.trans(p).to(do1.dtype), do1, IEEE)
                 if USE_TIME:
-                    do2 = tl.load(ptr + 2 * H * DV, mask=mask, other=0.0)
+                    do2 = tl.load(ptr + 2 * (H // G) * DV, mask=mask, other=0.0)
                     dv += _dot(tl.trans(t).to(do2.dtype), do2, IEEE)
             dz = tl.where(causal, _dot(do0, tl.trans(v), IEEE) * sig * (1.0 + z * (1.0 - sig)) * inv_norm, 0.0)
             dk += _dot(tl.trans(dz).to(q.dtype), q, IEEE)
@@ -194,13 +196,13 @@ if HAVE_TRITON:
         tl.store(ptr, dv.to(DVp.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd_q(Q, K, V, PM, TM, LEN, DO, DQp, GP, H, N, DQ, DV, inv_norm,
+    def bwd_q(Q, K, V, PM, TM, LEN, DO, DQp, GP, H, G, N, DQ, DV, inv_norm,
               HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, HAS_LEN: tl.constexpr, IEEE: tl.constexpr,
               C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
         pid_m, bh, b, h, offs_m = _program(H, BM)
         L = _seq_len(LEN, b, N, HAS_LEN)
         q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
-        ptr, mask = _orows(DO, b, h, 0, offs_m, N, C, H, DV, BDV)
+        ptr, mask = _orows(DO, b, h, 0, offs_m, N, C, H, G, DV, BDV)
         do0 = tl.load(ptr, mask=mask, other=0.0)
         dq = tl.zeros((BM, BDQ), tl.float32)
         for start_n in range(0, tl.minimum((pid_m + 1) * BM, L), BN):
@@ -279,39 +281,41 @@ def _len_arg(lengths, q):
     return lengths if lengths is not None else q  # not read without lengths
 
 
-def launch_fwd(q, k, v, pmap, tmap, inv_norm: float, hstu: bool, split: bool = False, lengths=None) -> torch.Tensor:
+def launch_fwd(q, k, v, pmap, tmap, inv_norm: float, hstu: bool, split: bool = False, lengths=None, groups: int = 1) -> torch.Tensor:
     """Forward kernel on contiguous (B, H, N, D) q, k, v of one dtype and the bias maps of
     :func:`bias_maps`, ``pmap`` (N, N) and ``tmap`` (B, N, N) or None: out (B, N, C, H, DV).
     ``split``: FuXi-alpha's semantic channel only (the maps are not read). ``lengths`` (B,)
     int or None: each sequence's real positions (padding after them); padding rows and keys
-    are skipped and its output rows are zero."""
+    are skipped and its output rows are zero. ``groups`` G: the H heads are G groups of H/G
+    (Fuxi-MME's streams of one sequence), and out is laid out (B, G, N, C, H/G, DV), each
+    group's rows whole (G = 1: the layout above)."""
     B, H, N, _ = q.shape
     DV = v.shape[-1]
-    out = torch.empty(B, N, _channels(hstu, split), H, DV, device=q.device, dtype=q.dtype)
+    out = torch.empty(B, groups, N, _channels(hstu, split), H // groups, DV, device=q.device, dtype=q.dtype)
     bm, bn, opts = _launch("fwd", hstu, split, DV)
-    fwd[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), _len_arg(lengths, q), out, H, N, q.shape[-1], DV, inv_norm,
+    fwd[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), _len_arg(lengths, q), out, H, groups, N, q.shape[-1], DV, inv_norm,
                                      **_consts(q, v, hstu, tmap is not None, bm, bn, split, lengths is not None), **opts)
     return out
 
 
-def launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bool = False, lengths=None):
-    """dK, dV from the key-block kernel (``do`` (B, N, C, H, DV) contiguous)."""
+def launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bool = False, lengths=None, groups: int = 1):
+    """dK, dV from the key-block kernel (``do`` contiguous, laid out as the forward's out)."""
     B, H, N, _ = q.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     bm, bn, opts = _launch("bwd_kv", hstu, split, v.shape[-1])
-    bwd_kv[(triton.cdiv(N, bn), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), _len_arg(lengths, q), do, dk, dv, H, N, q.shape[-1], v.shape[-1], inv_norm,
+    bwd_kv[(triton.cdiv(N, bn), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), _len_arg(lengths, q), do, dk, dv, H, groups, N, q.shape[-1], v.shape[-1], inv_norm,
                                         **_consts(q, v, hstu, tmap is not None, bm, bn, split, lengths is not None), **opts)
     return dk, dv
 
 
-def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bool = False, lengths=None):
+def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bool = False, lengths=None, groups: int = 1):
     """dQ from the query-block kernel, and for HSTU the (B, N, N) fp32 gradient of the bias
     pre-activation summed over heads (an empty tensor for FuXi-alpha)."""
     B, H, N, _ = q.shape
     dq = torch.empty_like(q)
     gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if hstu else q.new_empty(0, dtype=torch.float32)
     bm, bn, opts = _launch("bwd_q", hstu, split, v.shape[-1])
-    bwd_q[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), _len_arg(lengths, q), do, dq, gp if hstu else dq, H, N, q.shape[-1],
+    bwd_q[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), _len_arg(lengths, q), do, dq, gp if hstu else dq, H, groups, N, q.shape[-1],
                                        v.shape[-1], inv_norm, **_consts(q, v, hstu, tmap is not None, bm, bn, split, lengths is not None),
                                        **opts)  # GP unused for FuXi
     return dq, gp
@@ -322,7 +326,7 @@ def row_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
     return torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def map_grads(v, do, gp, has_time: bool, hstu: bool, lengths=None):
+def map_grads(v, do, gp, has_time: bool, hstu: bool, lengths=None, groups: int = 1):
     """Gradients of the bias maps: (N, N) positional, (B, N, N) temporal (or None), zero
     above the diagonal. HSTU: ``gp`` from ``launch_bwd_q`` (its two biases share one
     pre-activation). FuXi-alpha: the bias channels do not depend on q or k, so the gradient at
@@ -332,61 +336,62 @@ def map_grads(v, do, gp, has_time: bool, hstu: bool, lengths=None):
     B, H, N, DV = v.shape
     if hstu:
         return gp.sum(0), (gp if has_time else None)
+    do = do.view(B, groups, N, -1, (H // groups) * DV)  # (B, G, N, C, H/G*DV)
     if lengths is not None:
-        do = do * row_mask(lengths, N)[:, :, None, None, None].to(do.dtype)
+        do = do * row_mask(lengths, N)[:, None, :, None, None].to(do.dtype)
     v_t = v.transpose(1, 2).reshape(B, N, H * DV).transpose(1, 2)  # (B, H*DV, N)
-    channel_grad = lambda c: torch.bmm(do[:, :, c].reshape(B, N, H * DV), v_t).tril_()  # noqa: E731
+    channel_grad = lambda c: torch.bmm(do[:, :, :, c].transpose(1, 2).reshape(B, N, H * DV), v_t).tril_()  # noqa: E731
     return channel_grad(1).float().sum(0), (channel_grad(2) if has_time else None)
 
 
 # The kernels as two custom operators: opaque to torch.compile (Inductor compiles the model
 # around them instead of tracing into the Triton launches) and recorded as they are by CUDA graphs.
 _LIB = "fuxi_mme"
-_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, float inv_norm, bool hstu, bool split) -> Tensor"
-_BWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, Tensor do, float inv_norm, bool hstu, bool split) "
+_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, float inv_norm, bool hstu, bool split, int groups) -> Tensor"
+_BWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, Tensor do, float inv_norm, bool hstu, bool split, int groups) "
                "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
 @torch.library.custom_op(f"{_LIB}::fused_attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _fwd_op(q, k, v, pmap, tmap, lengths, inv_norm, hstu, split):
-    return launch_fwd(q, k, v, pmap, tmap, inv_norm, hstu, split, lengths)
+def _fwd_op(q, k, v, pmap, tmap, lengths, inv_norm, hstu, split, groups):
+    return launch_fwd(q, k, v, pmap, tmap, inv_norm, hstu, split, lengths, groups)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, pmap, tmap, lengths, inv_norm, hstu, split):
+def _(q, k, v, pmap, tmap, lengths, inv_norm, hstu, split, groups):
     B, H, N, _ = q.shape
-    return q.new_empty(B, N, _channels(hstu, split), H, v.shape[-1])
+    return q.new_empty(B, groups, N, _channels(hstu, split), H // groups, v.shape[-1])
 
 
 @torch.library.custom_op(f"{_LIB}::fused_attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _bwd_op(q, k, v, pmap, tmap, lengths, do, inv_norm, hstu, split):
-    dk, dv = launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm, hstu, split, lengths)
-    dq, gp = launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm, hstu, split, lengths)
+def _bwd_op(q, k, v, pmap, tmap, lengths, do, inv_norm, hstu, split, groups):
+    dk, dv = launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm, hstu, split, lengths, groups)
+    dq, gp = launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm, hstu, split, lengths, groups)
     return dq, dk, dv, gp
 
 
 @_bwd_op.register_fake
-def _(q, k, v, pmap, tmap, lengths, do, inv_norm, hstu, split):
+def _(q, k, v, pmap, tmap, lengths, do, inv_norm, hstu, split, groups):
     B, H, N, _ = q.shape
     gp = q.new_empty(B, N, N, dtype=torch.float32) if hstu else q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), gp
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pmap, tmap, lengths, inv_norm, hstu, split = inputs
+    q, k, v, pmap, tmap, lengths, inv_norm, hstu, split, groups = inputs
     ctx.save_for_backward(q, k, v, pmap, tmap, lengths)
-    ctx.meta = (inv_norm, hstu, split)
+    ctx.meta = (inv_norm, hstu, split, groups)
 
 
 def _backward(ctx, grad):
     q, k, v, pmap, tmap, lengths = ctx.saved_tensors
-    inv_norm, hstu, split = ctx.meta
+    inv_norm, hstu, split, groups = ctx.meta
     do = grad.to(q.dtype).contiguous()
-    dq, dk, dv, gp = _bwd_op(q, k, v, pmap, tmap, lengths, do, inv_norm, hstu, split)
+    dq, dk, dv, gp = _bwd_op(q, k, v, pmap, tmap, lengths, do, inv_norm, hstu, split, groups)
     if split:  # the maps were not used (their channels are products outside the kernels)
-        return dq, dk, dv, None, None, None, None, None, None
-    dpm, dtm = map_grads(v, do, gp, tmap is not None, hstu, lengths)
-    return dq, dk, dv, dpm.to(pmap.dtype), (dtm.to(tmap.dtype) if tmap is not None else None), None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
+    dpm, dtm = map_grads(v, do, gp, tmap is not None, hstu, lengths, groups)
+    return dq, dk, dv, dpm.to(pmap.dtype), (dtm.to(tmap.dtype) if tmap is not None else None), None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -403,7 +408,7 @@ def bias_maps(pos_w, time_w, buckets, n: int, dtype: torch.dtype):
     return pmap, tmap
 
 
-def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool, split: bool = False, lengths=None) -> torch.Tensor:
+def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool, split: bool = False, lengths=None, groups: int = 1) -> torch.Tensor:
     B, H, N, _ = q.shape
     dt = q.dtype
     # contiguous (B, H, N, D) and bias maps, all of q's dtype
@@ -412,29 +417,30 @@ def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool, split: 
         lengths = lengths.contiguous()
     pmap, tmap = bias_maps(pos_w, time_w, buckets, N, dt)
     if not split:
-        out = _fwd_op(q, k, v, pmap, tmap, lengths, 1.0 / float(norm), hstu, False)
-        return out.view(B, N, -1)
+        out = _fwd_op(q, k, v, pmap, tmap, lengths, 1.0 / float(norm), hstu, False, groups)
+        return out.view(B * groups, N, -1)
     # FuXi-alpha, bias channels outside the kernels: the semantic channel from the kernel (the
     # maps are not read; q stands in for them), then each bias channel as one product per
     # sequence over all heads at once, (N, N) x (N, H*DV), through autograd
-    sem = _fwd_op(q, k, v, q.detach(), None, lengths, 1.0 / float(norm), False, True).view(B, N, -1)
+    sem = _fwd_op(q, k, v, q.detach(), None, lengths, 1.0 / float(norm), False, True, groups).view(B, groups, N, -1)
     v_cat = v.transpose(1, 2).reshape(B, N, -1)  # (B, N, H*DV)
     pos = torch.matmul(pmap.tril().to(dt), v_cat)
     time = torch.bmm(tmap.tril(), v_cat) if tmap is not None else torch.zeros_like(pos)
-    bias = torch.cat([pos, time], dim=-1)
+    bias = torch.stack([pos, time], dim=2)  # (B, N, 2, H*DV)
     if lengths is not None:  # padding rows are zero, as the kernel's
-        bias = bias * row_mask(lengths, N)[:, :, None].to(dt)
-    return torch.cat([sem, bias], dim=-1)
+        bias = bias * row_mask(lengths, N)[:, :, None, None].to(dt)
+    bias = bias.view(B, N, 2, groups, -1).permute(0, 3, 1, 2, 4).reshape(B, groups, N, -1)  # each group's heads
+    return torch.cat([sem, bias], dim=-1).view(B * groups, N, -1)
 
 
-def fused_fuxi_attention(q, k, v, pos_w, time_w, buckets, norm: float, lengths=None, split: bool | None = None) -> torch.Tensor:
+def fused_fuxi_attention(q, k, v, pos_w, time_w, buckets, norm: float, lengths=None, groups: int = 1, split: bool | None = None) -> torch.Tensor:
     """Same contract as :func:`~fuxi_mme.models.attention.fuxi_attention_reference`. ``split``:
     the bias channels as matrix products outside the kernels (default: ``BIAS_CHANNELS``)."""
     if split is None:
         split = BIAS_CHANNELS == "matmul"
-    return _attention(q, k, v, pos_w, time_w, buckets, norm, False, split, lengths)
+    return _attention(q, k, v, pos_w, time_w, buckets, norm, False, split, lengths, groups)
 
 
-def fused_hstu_attention(q, k, v, pos_w, time_w, buckets, norm: float, lengths=None) -> torch.Tensor:
+def fused_hstu_attention(q, k, v, pos_w, time_w, buckets, norm: float, lengths=None, groups: int = 1) -> torch.Tensor:
     """Same contract as :func:`~fuxi_mme.models.attention.hstu_attention_reference`."""
-    return _attention(q, k, v, pos_w, time_w, buckets, norm, True, False, lengths)
+    return _attention(q, k, v, pos_w, time_w, buckets, norm, True, False, lengths, groups)

@@ -117,9 +117,8 @@ class FuxiBlock(nn.Module):
             # the rows sharing a bucket map become extra heads of one row: the bias channels
             # (and their table lookups and gradients) are computed once per sequence, not per stream
             q, k, v = (t.reshape(B // groups, groups * H, N, t.shape[-1]) for t in (q, k, v))
-        attn = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len), lengths)  # (B/g, N, 3*g*H*Dv)
-        if groups > 1:
-            attn = attn.view(B // groups, N, 3, groups, H * Dv).permute(0, 3, 1, 2, 4).reshape(B, N, 3 * H * Dv)
+        # (B, N, 3*H*Dv), row b*g + m for group m: the fused kernels write it in that layout
+        attn = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len), lengths, groups)
         h = rms_norm(attn) * u
         hd = self.drop(h)
         o = (self.out_moe(hd, valid, stream) if self.out is None else self.out(hd)) + x
