@@ -63,13 +63,27 @@ def test_fused_matches_reference(kind, time, shape, dtype):
     (out * g).sum().backward()
     (ref * g).sum().backward()
     names = ["q", "k", "v", "pos_w", "time_w"]
-    for name, a, r in zip(names, args[:5], ref_args[:5]):
+    exact = None
+    if dtype != torch.float32:
+        # the tables' gradients sum thousands of bf16-rounded terms, in a different order on each
+        # path: both are held to the fp32 result on the same inputs, the fused one no further
+        # from it than twice the bf16 reference's own distance (plus a small floor)
+        exact = [a.detach().float().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        (ref_fn(*exact, float(L)) * g.float()).sum().backward()
+    for i, (name, a, r) in enumerate(zip(names, args[:5], ref_args[:5])):
         if name == "time_w" and not time:
             assert a.grad is None or torch.count_nonzero(a.grad) == 0
             continue
         assert a.grad is not None, name
-        gtol = tol if name in ("q", "k", "v") else dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
-        torch.testing.assert_close(a.grad.float(), r.grad.float(), **gtol, msg=lambda m: f"{name}: {m}")
+        if name in ("q", "k", "v"):
+            torch.testing.assert_close(a.grad.float(), r.grad.float(), **tol, msg=lambda m: f"{name}: {m}")
+        elif exact is None:
+            torch.testing.assert_close(a.grad.float(), r.grad.float(), rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        else:
+            truth = exact[i].grad
+            err_fused = (a.grad.float() - truth).abs().max().item()
+            err_ref = (r.grad.float() - truth).abs().max().item()
+            assert err_fused <= 2 * err_ref + 1e-2 * truth.abs().max().item(), (name, err_fused, err_ref)
 
 
 @pytest.mark.parametrize("kind", KINDS)
