@@ -12,6 +12,24 @@ from fuxi_mme.models.moe import MoE
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+def loop_and_batched_bf16(moe, x, valid=None, with_aux=False):
+    """Output, input gradient, router and first expert weight gradients of the ``loop`` and the
+    ``batched`` back end under bf16 autocast (loss: mean square of the output, plus the aux
+    loss with ``with_aux``), and the path each took."""
+    outs, paths = [], []
+    for backend in ("loop", "batched"):
+        moe.backend = backend
+        moe.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            y = moe(xx, valid)
+        loss = y.float().square().mean()
+        (loss + moe.last_aux if with_aux else loss).backward()
+        paths.append(moe.last_path)
+        outs.append((y.float(), xx.grad.float(), moe.router.weight.grad.float(), (moe.w1 if moe.kind == "swiglu" else moe.w).grad.float()))
+    return outs, paths
+
+
 @pytest.mark.parametrize("kind", ["swiglu", "linear"])
 @pytest.mark.parametrize("E,K", [(4, 2), (8, 1), (4, 4)])
 def test_grouped_gemm_matches_loop_reference_in_bf16(kind, E, K):
@@ -19,16 +37,7 @@ def test_grouped_gemm_matches_loop_reference_in_bf16(kind, E, K):
     moe = MoE(64, 64, E, K, kind=kind, hidden=128, bias=(kind == "linear")).cuda()
     x = torch.randn(4096, 64, device="cuda")
     x[:512] += 4.0  # skewed routing, some experts busier than others
-    outs, paths = [], []
-    for backend in ("loop", "batched"):
-        moe.backend = backend
-        moe.zero_grad()
-        xx = x.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = moe(xx)
-        y.float().square().mean().backward()
-        paths.append(moe.last_path)
-        outs.append((y.float(), xx.grad.float(), moe.router.weight.grad.float(), (moe.w1 if kind == "swiglu" else moe.w).grad.float()))
+    outs, paths = loop_and_batched_bf16(moe, x)
     assert paths == ["loop", "grouped"]  # the fast path really ran
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
@@ -63,16 +72,7 @@ def test_grouped_gemm_leaves_padding_out_and_matches_the_loop_reference(kind):
     moe = MoE(64, 64, 4, 2, kind=kind, hidden=128, bias=(kind == "linear")).cuda()
     x = torch.randn(8, 512, 64, device="cuda")
     valid = torch.arange(512, device="cuda")[None, :] < torch.randint(1, 512, (8, 1), device="cuda")
-    outs, paths = [], []
-    for backend in ("loop", "batched"):
-        moe.backend = backend
-        moe.zero_grad()
-        xx = x.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = moe(xx, valid)
-        (y.float().square().mean() + moe.last_aux).backward()
-        paths.append(moe.last_path)
-        outs.append((y.float(), xx.grad.float(), moe.router.weight.grad.float(), (moe.w1 if kind == "swiglu" else moe.w).grad.float()))
+    outs, paths = loop_and_batched_bf16(moe, x, valid, with_aux=True)
     assert paths == ["loop", "grouped"]
     y, gx = outs[1][:2]
     assert torch.isfinite(y).all() and torch.isfinite(gx).all()

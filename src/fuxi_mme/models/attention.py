@@ -103,7 +103,7 @@ def fuxi_attention_reference(
     else:
         out_time = torch.zeros_like(out_sem)
     out = torch.cat([out_sem, out_pos, out_time], dim=1)  # (B, 3H, N, Dv)
-    return _ungroup(_zero_padding(out.transpose(1, 2).reshape(B, N, 3 * H * v.shape[-1]), lengths), 3, groups)
+    return ungroup(_zero_padding(out.transpose(1, 2).reshape(B, N, 3 * H * v.shape[-1]), lengths), 3, groups)
 
 
 def hstu_attention_reference(
@@ -124,10 +124,10 @@ def hstu_attention_reference(
     if buckets is not None:
         logits = logits + lookup(time_w, buckets).to(q.dtype).unsqueeze(1)
     a = F.silu(logits).mul_(mask / norm)
-    return _ungroup(_zero_padding((a @ v).transpose(1, 2).reshape(B, N, H * v.shape[-1]), lengths), 1, groups)
+    return ungroup(_zero_padding((a @ v).transpose(1, 2).reshape(B, N, H * v.shape[-1]), lengths), 1, groups)
 
 
-def _ungroup(out: torch.Tensor, channels: int, groups: int) -> torch.Tensor:
+def ungroup(out: torch.Tensor, channels: int, groups: int) -> torch.Tensor:
     """(B, N, C*G*W) channel-major over G groups of heads -> (B*G, N, C*W), one row per group."""
     if groups == 1:
         return out
@@ -135,12 +135,16 @@ def _ungroup(out: torch.Tensor, channels: int, groups: int) -> torch.Tensor:
     return out.view(B, N, channels, groups, -1).permute(0, 3, 1, 2, 4).reshape(B * groups, N, -1)
 
 
+def row_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, N) bool: position i of sequence b is one of its ``lengths[b]`` real positions."""
+    return torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
+
+
 def _zero_padding(out: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """(B, N, C) with the rows past each sequence's length set to zero."""
     if lengths is None:
         return out
-    rows = torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]
-    return out * rows[:, :, None].to(out.dtype)
+    return out * row_mask(lengths, out.shape[1])[:, :, None].to(out.dtype)
 
 
 def select_attention(mode: str, kind: str):

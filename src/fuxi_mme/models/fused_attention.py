@@ -50,7 +50,7 @@ import os
 
 import torch
 
-from .attention import lookup, relative_position_bias
+from .attention import lookup, relative_position_bias, row_mask, ungroup
 
 try:
     import triton
@@ -321,11 +321,6 @@ def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bo
     return dq, gp
 
 
-def row_mask(lengths: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, N) bool: position i of sequence b is one of its ``lengths[b]`` real positions."""
-    return torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
-
-
 def map_grads(v, do, gp, has_time: bool, hstu: bool, lengths=None, groups: int = 1):
     """Gradients of the bias maps: (N, N) positional, (B, N, N) temporal (or None), zero
     above the diagonal. HSTU: ``gp`` from ``launch_bwd_q`` (its two biases share one
@@ -426,10 +421,10 @@ def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool, split: 
     v_cat = v.transpose(1, 2).reshape(B, N, -1)  # (B, N, H*DV)
     pos = torch.matmul(pmap.tril().to(dt), v_cat)
     time = torch.bmm(tmap.tril(), v_cat) if tmap is not None else torch.zeros_like(pos)
-    bias = torch.stack([pos, time], dim=2)  # (B, N, 2, H*DV)
+    bias = torch.cat([pos, time], dim=-1)  # (B, N, 2*H*DV), channel-major
     if lengths is not None:  # padding rows are zero, as the kernel's
-        bias = bias * row_mask(lengths, N)[:, :, None, None].to(dt)
-    bias = bias.view(B, N, 2, groups, -1).permute(0, 3, 1, 2, 4).reshape(B, groups, N, -1)  # each group's heads
+        bias = bias * row_mask(lengths, N)[:, :, None].to(dt)
+    bias = ungroup(bias, 2, groups).view(B, groups, N, -1)  # each group's heads, channel-major
     return torch.cat([sem, bias], dim=-1).view(B * groups, N, -1)
 
 

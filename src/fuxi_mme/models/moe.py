@@ -57,7 +57,7 @@ def group_ends(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
     return torch.searchsorted(sorted_ids, torch.arange(n, device=sorted_ids.device, dtype=sorted_ids.dtype), right=True)
 
 
-# Counting is used up to this many experts (an (A, E) int32 cumsum); above it, a stable sort.
+# Counting (``_running_counts``, O(A * E) int32 work) is used up to this many experts; above it, a stable sort.
 COUNTING_MAX_EXPERTS = 32
 
 
@@ -99,8 +99,8 @@ def _running_counts(expert_A: torch.Tensor, n_experts: int, chunk: int = 1024) -
     totals = within[:, :, -1]  # (chunks, E)
     before = totals.t().cumsum(-1, dtype=torch.int32).t() - totals  # earlier chunks' totals
     pos = torch.arange(A, device=dev)
-    flat = (pos // chunk) * (E * chunk) + expert_A * chunk + pos % chunk
-    rank_A = within.reshape(-1)[flat].long() + before.reshape(-1)[(pos // chunk) * E + expert_A].long() - 1
+    c = pos // chunk  # each assignment's chunk
+    rank_A = within.reshape(-1)[(c * E + expert_A) * chunk + pos % chunk].long() + before.reshape(-1)[c * E + expert_A].long() - 1
     return rank_A, (before[-1] + totals[-1]).long()
 
 
