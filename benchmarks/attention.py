@@ -12,7 +12,8 @@ split into its parts: the forward kernel, the two backward kernels and the bias-
 gradients (``parts``). ``--sweep`` first times each kernel under every launch setting in
 ``SWEEP`` (tile rows, warps, stages; each kernel's GPU time from ten launches replayed in one
 CUDA graph), keeps the fastest per kernel for the rest of the run and records the whole table,
-so the settings in ``fused_attention.LAUNCH`` come from a measurement. The JSON's
+so the settings in ``fused_attention.LAUNCH`` come from a measurement. ``--kernels`` adds every
+kernel of the fused path with its GPU time (torch.profiler). The JSON's
 ``launch_tables`` can be handed to ``throughput.py --launch`` to time training with them.
 
     PYTHONPATH=src python benchmarks/attention.py --shapes ml-20m ml-1m --dtype bf16 [--sweep]
@@ -160,6 +161,32 @@ def fused_parts(fa, a, norm, hstu, steps, warmup, lengths=None) -> dict:
     }
 
 
+def kernel_breakdown(fn, args, norm, calls: int = 5) -> list[dict]:
+    """GPU time of every kernel in one forward + backward of ``fn`` (torch.profiler, ``calls``
+    eager calls after a warm-up call, averaged), longest first: where the time of a path goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def call():
+        for a in args[:5]:
+            a.grad = None
+        out = fn(*args, norm)
+        out.backward(torch.ones_like(out))
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    per: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            k = per.setdefault(ev.name, [0.0, 0])
+            k[0] += ev.device_time_total
+            k[1] += 1
+    return [{"name": n[:100], "ms": us / 1e3 / calls, "calls": c / calls} for n, (us, c) in sorted(per.items(), key=lambda kv: -kv[1][0])]
+
+
 def graphed_ms(fn, args, norm, steps: int, warmup: int) -> float:
     """Forward + backward recorded once in a CUDA graph and replayed: the GPU time alone, with
     no Python or launch overhead (as inside the graphed training step)."""
@@ -225,6 +252,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time every launch setting of each kernel first and use the fastest")
     ap.add_argument("--full-length", action="store_true",
                     help="every sequence N long (no padding); default: lengths drawn from the shape's distribution, padding after")
+    ap.add_argument("--kernels", action="store_true", help="also record every kernel's GPU time in the fused path (torch.profiler)")
     ap.add_argument("--out")
     args = ap.parse_args()
     from fuxi_mme.models import fused_attention as fa
@@ -296,6 +324,8 @@ def main() -> None:
                     if name != "reference_compiled":
                         rec[f"{name}_graphed_ms"] = graphed_ms(fn, a, norm, args.steps, args.warmup)
                 rec["speedup_graphed"] = rec["reference_graphed_ms"] / rec["fused_graphed_ms"]
+                if args.kernels:
+                    rec["fused_kernels"] = kernel_breakdown(dict(paths)["fused"], a, norm)
                 if "fused_split_graphed_ms" in rec:
                     rec["speedup_split_graphed"] = rec["reference_graphed_ms"] / rec["fused_split_graphed_ms"]
             rows.append(rec)
@@ -336,6 +366,11 @@ def main() -> None:
                 ms, err_ = table[n][i][1], table[n][i][2]
                 cells.append(err_ or (f"**{ms:.3f}**" if ms == best[n] else f"{ms:.3f}"))
             md.append(f"| {tuple(setting)} | " + " | ".join(cells) + " |")
+    for r in rows:
+        if r.get("fused_kernels"):
+            md += ["", f"Kernels of the fused path, {r['shape']} {r['model']} (GPU ms per forward + backward, eager, torch.profiler):", "",
+                   "| kernel | ms | calls |", "|---|---|---|"]
+            md += [f"| `{k['name'][:70]}` | {k['ms']:.4f} | {k['calls']:.0f} |" for k in r["fused_kernels"]]
     tables = {kind: {k: list(v) for k, v in launch.items()} for kind, launch in fa.LAUNCH.items()}
     save(out, {"benchmark": "attention", **info, "results": rows, "sweeps": sweeps, "launch_tables": tables}, md)
     print("\n".join(md))

@@ -99,7 +99,7 @@ def profile_one(cfg, ds, dev, steps: int, warmup: int) -> dict:
         cats[category(name)] += us
     busy_ms = sum(v[0] for v in per_kernel.values()) / 1e3 / steps
     launches = sum(v[1] for v in per_kernel.values()) / steps
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:12]
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:40]
     return {
         **what_ran(tr),  # a compile that fell back shows here (its profile is the plain model's)
         "wall_ms_per_step": wall * 1e3,
