@@ -284,3 +284,28 @@ def test_running_counts_across_chunks():
         want = torch.tensor([int((ids[:i] == ids[i]).sum()) for i in range(A)])
         assert torch.equal(rank, want), (A, E, chunk)
         assert torch.equal(counts, torch.bincount(ids, minlength=E))
+
+
+@pytest.mark.parametrize("E,K", [(4, 1), (4, 2), (8, 3), (4, 4), (64, 4), (80, 2), (16, 6)])
+def test_top_k_indices_equal_topk(E, K):
+    from fuxi_mme.models.moe import top_k_indices
+
+    g = torch.Generator().manual_seed(E * 10 + K)
+    x = torch.randn(500, E, generator=g)  # continuous: no ties
+    got = top_k_indices(x, K)
+    assert got.shape == (500, K) and got.dtype == torch.long
+    assert torch.equal(got, x.topk(K, dim=-1).indices)
+    x[:, 1] = x[:, 0]  # ties: every pick is still a distinct index among the k largest values
+    got = top_k_indices(x, K)
+    assert (got.sort(-1).values.diff(dim=-1) > 0).all()
+    assert torch.equal(x.gather(-1, got), x.topk(K, dim=-1).values)
+
+
+def test_load_statistics_count_each_real_tokens_assignments():
+    moe = make("linear", E=5, K=2)
+    x = torch.randn(40, 8)
+    valid = torch.rand(40) > 0.3
+    moe(x, valid)
+    top = moe.router(x).float().topk(2, dim=-1).indices[valid]
+    want = torch.bincount(top.reshape(-1), minlength=5).float() / top.numel()
+    torch.testing.assert_close(moe.last_stats["load"], want)
