@@ -145,13 +145,11 @@ def fused_parts(fa, a, norm, hstu, steps, warmup, lengths=None) -> dict:
     q, k, v, pmap, tmap = base
     _, gp = fa.launch_bwd_q(*base, do, inv, hstu, lengths=lengths)
 
-    pos0, tw0, bk = a[3].detach(), a[4].detach(), a[5]
+    pos, tw, bk = a[3].detach(), a[4].detach(), a[5]
 
-    def tables():  # the bias maps, and their gradients back through the lookups into the tables
-        pos, tw = pos0.clone().requires_grad_(True), tw0.clone().requires_grad_(True)
-        pm, tm = fa.bias_maps(pos, tw, bk, q.shape[2], q.dtype)
-        gpm, gtm = fa.map_grads(v, do, gp, True, hstu, lengths)
-        torch.autograd.backward([pm, tm], [gpm.to(pm.dtype), gtm.to(tm.dtype)])
+    def tables():  # the bias maps, and the tables' gradients (``fused_attention.table_grads``)
+        fa.bias_maps(pos, tw, bk, q.shape[2], q.dtype)
+        fa.table_grads(v, do, gp, pos.shape[0], bk, tw.shape[0], hstu, lengths)
 
     return {
         "fwd": _graphed_calls_ms(lambda: fa.launch_fwd(*base, inv, hstu, lengths=lengths), steps, warmup),
@@ -222,9 +220,11 @@ def sweep(fa, a, norm, hstu, steps, warmup, split=False, lengths=None) -> dict:
         "bwd_kv": lambda: fa.launch_bwd_kv(*base, do, inv, hstu, split, lengths),
         "bwd_q": lambda: fa.launch_bwd_q(*base, do, inv, hstu, split, lengths),
     }
+    if not hstu and not split:  # FuXi-alpha's table gradients (their own table, "fuxi-bias")
+        calls["bias_grad"] = lambda: fa.launch_bias_grad(base[2], do, a[5], lengths, 1, a[3].shape[0], a[4].shape[0])  # noqa: E731
     out = {}
-    table = fa.LAUNCH[fa.launch_kind(hstu, split, base[2].shape[-1])]
     for name, call in calls.items():
+        table = fa.LAUNCH[fa.bias_launch_kind(base[2].shape[-1]) if name == "bias_grad" else fa.launch_kind(hstu, split, base[2].shape[-1])]
         keep = table[name]
         rows = []
         for setting in SWEEP:
@@ -281,8 +281,8 @@ def main() -> None:
             for split in (False,) if hstu else (False, True):
                 table = sweep(fa, a, norm, hstu, max(5, args.steps // 2), 3, split, lengths_for(args.shapes[0], dims["N"]))
                 sweeps[f"{args.shapes[0]}/{model}" + ("/split" if split else "")] = table
-                launch = fa.LAUNCH[fa.launch_kind(hstu, split, a[2].shape[-1])]
                 for name, rows_ in table.items():
+                    launch = fa.LAUNCH[fa.bias_launch_kind(a[2].shape[-1]) if name == "bias_grad" else fa.launch_kind(hstu, split, a[2].shape[-1])]
                     best = min((r for r in rows_ if r[1] is not None), key=lambda r: r[1])
                     print(f"sweep {args.shapes[0]} {model}{' split' if split else ''} {name}: best {best[0]} {best[1]:.3f} ms; was {list(launch[name])}", flush=True)
                     launch[name] = tuple(best[0])
@@ -358,11 +358,13 @@ def main() -> None:
     for kind, launch in fa.LAUNCH.items():
         md += ["", f"Launch settings for {kind} (BM, BN, warps, stages): " + ", ".join(f"{k} {tuple(v)}" for k, v in launch.items())]
     for key, table in sweeps.items():
-        md += ["", f"Sweep at {key} (GPU ms per kernel call, from ten calls replayed in a CUDA graph; fastest marked):", "", "| setting | fwd | bwd_kv | bwd_q |", "|---|---|---|---|"]
+        names = list(table)
+        md += ["", f"Sweep at {key} (GPU ms per kernel call, from ten calls replayed in a CUDA graph; fastest marked):", "",
+               "| setting | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         best = {n: min((ms for _, ms, _ in t if ms is not None), default=None) for n, t in table.items()}
         for i, (setting, _, _) in enumerate(table["fwd"]):
             cells = []
-            for n in ("fwd", "bwd_kv", "bwd_q"):
+            for n in names:
                 ms, err_ = table[n][i][1], table[n][i][2]
                 cells.append(err_ or (f"**{ms:.3f}**" if ms == best[n] else f"{ms:.3f}"))
             md.append(f"| {tuple(setting)} | " + " | ".join(cells) + " |")

@@ -233,3 +233,28 @@ def test_kernels_compile_ahead_of_time_for_hopper():
         pytest.skip("this triton version has another ahead-of-time compile API")
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(p.stdout.splitlines()) == 30
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_table_gradients_the_same_in_deterministic_mode(groups):
+    """FuXi-alpha's table gradients come from the ``bias_grad`` kernel (unordered atomic adds);
+    with deterministic algorithms on, from the map gradients folded by ``small_table_grad``.
+    Both equal the reference's, with padding and groups."""
+    B, H, N, DQ, DV = 3, 4, 37, 16, 16
+    lengths = torch.tensor([N, 0, 19])
+    grads = []
+    for deterministic in (False, True):
+        args = _inputs(B, H, N, DQ, DV, 48, torch.float32, seed=5)
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            out = fa.fused_fuxi_attention(*args, 48.0, lengths.to(args[0].device), groups, split=False)
+            (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        grads.append((args[3].grad, args[4].grad))
+    args = _inputs(B, H, N, DQ, DV, 48, torch.float32, seed=5)
+    ref = fuxi_attention_reference(*args, 48.0, lengths.to(args[0].device), groups)
+    (ref * torch.linspace(-1, 1, ref.numel(), device=ref.device).view_as(ref)).sum().backward()
+    for pos_g, time_g in grads:
+        torch.testing.assert_close(pos_g, args[3].grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(time_g, args[4].grad, rtol=1e-4, atol=1e-5)

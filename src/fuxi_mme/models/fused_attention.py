@@ -17,10 +17,15 @@ map pos_w[i - j] (N, N, fp32) and the temporal map time_w[bucket[b, i, j]] (B, N
 inputs' dtype), so the kernels load them directly (no int64 bucket ids, no gathers).
 
 Backward: one kernel per key block accumulates dK and dV; one per query block accumulates dQ.
-The maps' gradients are summed over heads and folded into ``pos_w`` / ``time_w`` by
-``attention.lookup``'s backward: for HSTU the dQ kernel adds each head's dz into a (B, N, N)
-fp32 buffer atomically; FuXi-alpha's bias channels do not depend on q or k, so their map
-gradients are one batched product per channel, ``sum_h dout_h @ v_h^T`` (no atomics).
+The tables ``pos_w`` / ``time_w`` get their gradients straight from the operator's backward
+(``table_grads``; the maps are built without autograd). FuXi-alpha's bias channels do not
+depend on q or k: the gradient at (b, i, j) of a channel is ``sum_h dout_h[i] . v_h[j]``, and
+the ``bias_grad`` kernel computes it tile by tile (one product over all heads) and adds it
+into the tables' entries i - j and bucket[b, i, j] at once, skipping padding, so nothing
+(B, N, N)-sized is written or read back. For HSTU the dQ kernel adds each head's dz into a
+(B, N, N) fp32 buffer atomically, which ``attention.small_table_grad`` folds into the tables
+(as FuXi-alpha's map gradients, from one batched product per channel, under deterministic
+algorithms, where the unordered atomic adds of ``bias_grad`` are not allowed).
 
 Optional split (``BIAS_CHANNELS = "matmul"``, FuXi-alpha only): the positional and temporal
 channels are plain products of a bias map with v, so they can leave the kernels and run as
@@ -50,7 +55,7 @@ import os
 
 import torch
 
-from .attention import lookup, relative_position_bias, row_mask, ungroup
+from .attention import lookup, relative_position_bias, row_mask, small_table_grad, ungroup
 
 try:
     import triton
@@ -218,6 +223,47 @@ if HAVE_TRITON:
         tl.store(ptr, dq.to(DQp.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def bias_grad(V, DO, BKT, LEN, PG, TG, H, G, N, DV, NT,
+                  USE_TIME: tl.constexpr, HAS_LEN: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+        """FuXi-alpha's bias-table gradients. For query rows i of one block of sequence b and
+        every key j <= i < L: g_c[i, j] = sum_h do_c,h[i] . v_h[j] (one product over all heads
+        at once, width H*DV, in chunks of BW), c = the positional and temporal channels, added
+        into entry i - j of this program's row of PG and entry bucket[b, i, j] of its row of
+        TG (private rows: atomics collide only within a tile). Padding is skipped like the
+        attention kernels skip it; nothing (B, N, N)-sized is written."""
+        pid_m = tl.program_id(0)
+        b = tl.program_id(1)
+        L = _seq_len(LEN, b, N, HAS_LEN)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        HS = H // G
+        W = H * DV
+        prog = b * tl.num_programs(0) + pid_m
+        for start_n in range(0, tl.minimum((pid_m + 1) * BM, L), BN):
+            offs_n = start_n + tl.arange(0, BN)
+            gp = tl.zeros((BM, BN), tl.float32)
+            gt = tl.zeros((BM, BN), tl.float32)
+            for w0 in range(0, W, BW):
+                offs_w = w0 + tl.arange(0, BW)  # head offs_w // DV, column offs_w % DV
+                h, d = offs_w // DV, offs_w % DV
+                in_w = offs_w < W
+                # do (B, G, N, 3, H/G, DV): row i of head h in channel c
+                row = ((b * G + h[None, :] // HS) * N + offs_m[:, None]) * 3
+                col = (h[None, :] % HS) * DV + d[None, :]
+                m_do = (offs_m[:, None] < L) & in_w[None, :]
+                v = tl.load(V + ((b * H + h[None, :]) * N + offs_n[:, None]) * DV + d[None, :], mask=(offs_n[:, None] < L) & in_w[None, :], other=0.0)
+                do1 = tl.load(DO + (row + 1) * HS * DV + col, mask=m_do, other=0.0)
+                gp += _dot(do1, tl.trans(v), IEEE)
+                if USE_TIME:
+                    do2 = tl.load(DO + (row + 2) * HS * DV + col, mask=m_do, other=0.0)
+                    gt += _dot(do2, tl.trans(v), IEEE)
+            causal = (offs_m[:, None] >= offs_n[None, :]) & (offs_m[:, None] < L)
+            tl.atomic_add(PG + prog * N + tl.where(causal, offs_m[:, None] - offs_n[None, :], 0), gp, mask=causal)
+            if USE_TIME:
+                ids = tl.load(BKT + (b * N + offs_m[:, None]) * N + offs_n[None, :], mask=causal, other=0)
+                tl.atomic_add(TG + prog * NT + ids, gt, mask=causal)
+
+
 def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(int(x)))
 
@@ -234,6 +280,10 @@ LAUNCH = {
     "fuxi": {"fwd": (32, 32, 4, 3), "bwd_kv": (32, 32, 4, 2), "bwd_q": (64, 32, 4, 3)},
     "fuxi-d32": {"fwd": (64, 32, 4, 2), "bwd_kv": (32, 64, 4, 2), "bwd_q": (64, 32, 4, 3)},
     "hstu": {"fwd": (32, 64, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 64, 4, 2)},
+    # FuXi-alpha's bias-table gradients (``bias_grad``): (BM, BN, warps, stages); the chunk of the
+    # all-heads product is BIAS_GRAD_WIDTH columns
+    "fuxi-bias": {"bias_grad": (64, 64, 4, 2)},
+    "fuxi-bias-d32": {"bias_grad": (64, 64, 4, 2)},
     # the semantic channel alone (BIAS_CHANNELS = "matmul")
     "fuxi-split": {"fwd": (64, 32, 4, 3), "bwd_kv": (32, 32, 4, 2), "bwd_q": (64, 32, 4, 3)},
     "fuxi-split-d32": {"fwd": (64, 32, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (64, 32, 4, 3)},
@@ -321,6 +371,50 @@ def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bo
     return dq, gp
 
 
+BIAS_GRAD_WIDTH = 64
+
+
+def bias_launch_kind(dv: int) -> str:
+    """The ``LAUNCH`` table of the ``bias_grad`` kernel at head width ``dv``."""
+    return "fuxi-bias" + ("-d32" if dv <= 32 else "")
+
+
+def launch_bias_grad(v, do, buckets, lengths, groups: int, n_pos: int, n_time: int):
+    """FuXi-alpha's table gradients straight from ``do`` (laid out as the forward's out) and v:
+    (n_pos,) for ``pos_w`` and (n_time,) for ``time_w`` (empty without ``buckets``), fp32,
+    from the ``bias_grad`` kernel's private rows summed."""
+    B, H, N, DV = v.shape
+    bm, bn, warps, stages = LAUNCH[bias_launch_kind(DV)]["bias_grad"]
+    bw, opts = BIAS_GRAD_WIDTH, dict(num_warps=warps, num_stages=stages)
+    if interpreting():
+        bm, bn, bw, opts = 16, 16, 16, {}
+    grid = (triton.cdiv(N, bm), B)
+    use_time = buckets is not None
+    pg = torch.zeros(grid[0] * B, N, device=v.device, dtype=torch.float32)
+    tg = torch.zeros(grid[0] * B if use_time else 0, n_time, device=v.device, dtype=torch.float32)
+    bias_grad[grid](v, do, buckets if use_time else v, lengths if lengths is not None else v, pg, tg if use_time else pg, H, groups, N, DV, n_time,
+                    USE_TIME=use_time, HAS_LEN=lengths is not None, IEEE=v.dtype == torch.float32, BM=bm, BN=bn, BW=bw, **opts)
+    d_pos = torch.zeros(n_pos, device=v.device, dtype=torch.float32)
+    d_pos[: min(N, n_pos)] = pg.sum(0)[: min(N, n_pos)]
+    return d_pos, tg.sum(0)
+
+
+def table_grads(v, do, gp, pos_n: int, buckets, time_n: int, hstu: bool, lengths=None, groups: int = 1):
+    """Gradients of the bias tables ``pos_w`` (``pos_n`` entries) and ``time_w`` (``time_n``;
+    None without ``buckets``), fp32. FuXi-alpha: the ``bias_grad`` kernel, unless deterministic
+    algorithms are on (its atomic adds are not ordered); then, and for HSTU, the map gradients
+    of :func:`map_grads` folded into the tables by :func:`~fuxi_mme.models.attention.small_table_grad`."""
+    N = v.shape[2]
+    if not hstu and not torch.are_deterministic_algorithms_enabled():
+        d_pos, d_time = launch_bias_grad(v, do, buckets, lengths, groups, pos_n, time_n)
+        return d_pos, (d_time if buckets is not None else None)
+    dpm, dtm = map_grads(v, do, gp, buckets is not None, hstu, lengths, groups)
+    idx = torch.arange(N, device=v.device)
+    rel = (idx[:, None] - idx[None, :]).clamp(min=0)  # relative_position_bias's indices (its upper triangle has zero gradient)
+    d_pos = small_table_grad(rel, dpm, pos_n)
+    return d_pos, (small_table_grad(buckets, dtm, time_n) if buckets is not None else None)
+
+
 def map_grads(v, do, gp, has_time: bool, hstu: bool, lengths=None, groups: int = 1):
     """Gradients of the bias maps: (N, N) positional, (B, N, N) temporal (or None), zero
     above the diagonal. HSTU: ``gp`` from ``launch_bwd_q`` (its two biases share one
@@ -342,18 +436,23 @@ def map_grads(v, do, gp, has_time: bool, hstu: bool, lengths=None, groups: int =
 # The kernels as two custom operators: opaque to torch.compile (Inductor compiles the model
 # around them instead of tracing into the Triton launches) and recorded as they are by CUDA graphs.
 _LIB = "fuxi_mme"
-_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, float inv_norm, bool hstu, bool split, int groups) -> Tensor"
+_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, Tensor pos_w, Tensor time_w, Tensor? buckets, "
+               "float inv_norm, bool hstu, bool split, int groups) -> Tensor")
+_TABLE_SCHEMA = ("(Tensor v, Tensor do, Tensor? gp, Tensor? buckets, Tensor? lengths, int pos_n, int time_n, bool hstu, int groups) "
+                 "-> (Tensor, Tensor)")
 _BWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, Tensor do, float inv_norm, bool hstu, bool split, int groups) "
                "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
 @torch.library.custom_op(f"{_LIB}::fused_attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _fwd_op(q, k, v, pmap, tmap, lengths, inv_norm, hstu, split, groups):
+def _fwd_op(q, k, v, pmap, tmap, lengths, pos_w, time_w, buckets, inv_norm, hstu, split, groups):
+    # pos_w, time_w, buckets: not read here (the maps carry their values); inputs so that the
+    # backward can hand the tables their gradients directly
     return launch_fwd(q, k, v, pmap, tmap, inv_norm, hstu, split, lengths, groups)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, pmap, tmap, lengths, inv_norm, hstu, split, groups):
+def _(q, k, v, pmap, tmap, lengths, pos_w, time_w, buckets, inv_norm, hstu, split, groups):
     B, H, N, _ = q.shape
     return q.new_empty(B, groups, N, _channels(hstu, split), H // groups, v.shape[-1])
 
@@ -372,21 +471,33 @@ def _(q, k, v, pmap, tmap, lengths, do, inv_norm, hstu, split, groups):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), gp
 
 
+@torch.library.custom_op(f"{_LIB}::fused_attention_tables", mutates_args=(), schema=_TABLE_SCHEMA)
+def _table_op(v, do, gp, buckets, lengths, pos_n, time_n, hstu, groups):
+    d_pos, d_time = table_grads(v, do, gp, pos_n, buckets, time_n, hstu, lengths, groups)
+    return d_pos, (d_time if d_time is not None else d_pos.new_zeros(0))
+
+
+@_table_op.register_fake
+def _(v, do, gp, buckets, lengths, pos_n, time_n, hstu, groups):
+    return v.new_empty(pos_n, dtype=torch.float32), v.new_empty(time_n if buckets is not None else 0, dtype=torch.float32)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, pmap, tmap, lengths, inv_norm, hstu, split, groups = inputs
-    ctx.save_for_backward(q, k, v, pmap, tmap, lengths)
-    ctx.meta = (inv_norm, hstu, split, groups)
+    q, k, v, pmap, tmap, lengths, pos_w, time_w, buckets, inv_norm, hstu, split, groups = inputs
+    ctx.save_for_backward(q, k, v, pmap, tmap, lengths, buckets)
+    ctx.meta = (inv_norm, hstu, split, groups, pos_w.shape[0], time_w.shape[0], pos_w.dtype, time_w.dtype)
 
 
 def _backward(ctx, grad):
-    q, k, v, pmap, tmap, lengths = ctx.saved_tensors
-    inv_norm, hstu, split, groups = ctx.meta
+    q, k, v, pmap, tmap, lengths, buckets = ctx.saved_tensors
+    inv_norm, hstu, split, groups, pos_n, time_n, pos_dt, time_dt = ctx.meta
     do = grad.to(q.dtype).contiguous()
     dq, dk, dv, gp = _bwd_op(q, k, v, pmap, tmap, lengths, do, inv_norm, hstu, split, groups)
+    none6 = (None,) * 6
     if split:  # the maps were not used (their channels are products outside the kernels)
-        return dq, dk, dv, None, None, None, None, None, None, None
-    dpm, dtm = map_grads(v, do, gp, tmap is not None, hstu, lengths, groups)
-    return dq, dk, dv, dpm.to(pmap.dtype), (dtm.to(tmap.dtype) if tmap is not None else None), None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, *none6[:5]
+    d_pos, d_time = _table_op(v, do, gp if hstu else None, buckets if tmap is not None else None, lengths, pos_n, time_n, hstu, groups)
+    return dq, dk, dv, None, None, None, d_pos.to(pos_dt), (d_time.to(time_dt) if tmap is not None else None), *none6[:5]
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -410,14 +521,18 @@ def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool, split: 
     q, k, v = q.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous()
     if lengths is not None:
         lengths = lengths.contiguous()
-    pmap, tmap = bias_maps(pos_w, time_w, buckets, N, dt)
     if not split:
-        out = _fwd_op(q, k, v, pmap, tmap, lengths, 1.0 / float(norm), hstu, False, groups)
+        # the maps are plain inputs of the kernels; their tables get their gradients straight
+        # from the operator's backward (``table_grads``), not through the maps
+        with torch.no_grad():
+            pmap, tmap = bias_maps(pos_w, time_w, buckets, N, dt)
+        out = _fwd_op(q, k, v, pmap, tmap, lengths, pos_w, time_w, buckets if tmap is not None else None, 1.0 / float(norm), hstu, False, groups)
         return out.view(B * groups, N, -1)
+    pmap, tmap = bias_maps(pos_w, time_w, buckets, N, dt)
     # FuXi-alpha, bias channels outside the kernels: the semantic channel from the kernel (the
     # maps are not read; q stands in for them), then each bias channel as one product per
     # sequence over all heads at once, (N, N) x (N, H*DV), through autograd
-    sem = _fwd_op(q, k, v, q.detach(), None, lengths, 1.0 / float(norm), False, True, groups).view(B, groups, N, -1)
+    sem = _fwd_op(q, k, v, q.detach(), None, lengths, pos_w.detach(), time_w.detach(), None, 1.0 / float(norm), False, True, groups).view(B, groups, N, -1)
     v_cat = v.transpose(1, 2).reshape(B, N, -1)  # (B, N, H*DV)
     pos = torch.matmul(pmap.tril().to(dt), v_cat)
     time = torch.bmm(tmap.tril(), v_cat) if tmap is not None else torch.zeros_like(pos)
