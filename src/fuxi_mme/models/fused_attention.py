@@ -218,20 +218,22 @@ if HAVE_TRITON:
             dq += _dot(dz.to(k.dtype), k, IEEE)
             if HSTU:  # the bias gradient is dz summed over heads: the (B, N, N) buffer, atomically
                 g = (b * N + offs_m[:, None]) * N + offs_n[None, :]
-                tl.atomic_add(GP + g, dz, mask=causal)
+                tl.atomic_add(GP + g, dz, mask=causal, sem="relaxed")  # unordered: read after the kernel
         ptr, mask = _rows(DQp, bh, offs_m, N, DQ, BDQ)
         tl.store(ptr, dq.to(DQp.dtype.element_ty), mask=mask)
 
 
     @triton.jit
-    def bias_grad(V, DO, BKT, LEN, PG, TG, H, G, N, DV, NT,
+    def bias_grad(V, DO, BKT, LEN, PG, TG, N, NT, H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr,
                   USE_TIME: tl.constexpr, HAS_LEN: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
         """FuXi-alpha's bias-table gradients. For query rows i of one block of sequence b and
         every key j <= i < L: g_c[i, j] = sum_h do_c,h[i] . v_h[j] (one product over all heads
         at once, width H*DV, in chunks of BW), c = the positional and temporal channels, added
         into entry i - j of this program's row of PG and entry bucket[b, i, j] of its row of
-        TG (private rows: atomics collide only within a tile). Padding is skipped like the
-        attention kernels skip it; nothing (B, N, N)-sized is written."""
+        TG (private rows: atomics collide only within a tile). The adds are relaxed (``red``,
+        no ordering: only the sums after the kernel are read). Padding is skipped like the
+        attention kernels skip it; nothing (B, N, N)-sized is written. H, G and DV are
+        compile-time, so the all-heads rows load as DV-wide contiguous runs."""
         pid_m = tl.program_id(0)
         b = tl.program_id(1)
         L = _seq_len(LEN, b, N, HAS_LEN)
@@ -258,10 +260,10 @@ if HAVE_TRITON:
                     do2 = tl.load(DO + (row + 2) * HS * DV + col, mask=m_do, other=0.0)
                     gt += _dot(do2, tl.trans(v), IEEE)
             causal = (offs_m[:, None] >= offs_n[None, :]) & (offs_m[:, None] < L)
-            tl.atomic_add(PG + prog * N + tl.where(causal, offs_m[:, None] - offs_n[None, :], 0), gp, mask=causal)
+            tl.atomic_add(PG + prog * N + tl.where(causal, offs_m[:, None] - offs_n[None, :], 0), gp, mask=causal, sem="relaxed")
             if USE_TIME:
                 ids = tl.load(BKT + (b * N + offs_m[:, None]) * N + offs_n[None, :], mask=causal, other=0)
-                tl.atomic_add(TG + prog * NT + ids, gt, mask=causal)
+                tl.atomic_add(TG + prog * NT + ids, gt, mask=causal, sem="relaxed")
 
 
 def _pow2(x: int) -> int:
@@ -280,10 +282,11 @@ LAUNCH = {
     "fuxi": {"fwd": (32, 32, 4, 3), "bwd_kv": (32, 32, 4, 2), "bwd_q": (64, 32, 4, 3)},
     "fuxi-d32": {"fwd": (64, 32, 4, 2), "bwd_kv": (32, 64, 4, 2), "bwd_q": (64, 32, 4, 3)},
     "hstu": {"fwd": (32, 64, 4, 2), "bwd_kv": (32, 32, 4, 2), "bwd_q": (32, 64, 4, 2)},
-    # FuXi-alpha's bias-table gradients (``bias_grad``): (BM, BN, warps, stages); the chunk of the
-    # all-heads product is BIAS_GRAD_WIDTH columns
-    "fuxi-bias": {"bias_grad": (64, 64, 4, 2)},
-    "fuxi-bias-d32": {"bias_grad": (64, 64, 4, 2)},
+    # FuXi-alpha's bias-table gradients (``bias_grad``): (BM, BN, warps, stages), the fastest in
+    # the sweep at 5dcee58 for both head widths; the chunk of the all-heads product is
+    # BIAS_GRAD_WIDTH columns
+    "fuxi-bias": {"bias_grad": (32, 64, 8, 2)},
+    "fuxi-bias-d32": {"bias_grad": (32, 64, 8, 2)},
     # the semantic channel alone (BIAS_CHANNELS = "matmul")
     "fuxi-split": {"fwd": (64, 32, 4, 3), "bwd_kv": (32, 32, 4, 2), "bwd_q": (64, 32, 4, 3)},
     "fuxi-split-d32": {"fwd": (64, 32, 4, 3), "bwd_kv": (32, 64, 4, 3), "bwd_q": (64, 32, 4, 3)},
@@ -392,7 +395,7 @@ def launch_bias_grad(v, do, buckets, lengths, groups: int, n_pos: int, n_time: i
     use_time = buckets is not None
     pg = torch.zeros(grid[0] * B, N, device=v.device, dtype=torch.float32)
     tg = torch.zeros(grid[0] * B if use_time else 0, n_time, device=v.device, dtype=torch.float32)
-    bias_grad[grid](v, do, buckets if use_time else v, lengths if lengths is not None else v, pg, tg if use_time else pg, H, groups, N, DV, n_time,
+    bias_grad[grid](v, do, buckets if use_time else v, lengths if lengths is not None else v, pg, tg if use_time else pg, N, n_time, H=H, G=groups, DV=DV,
                     USE_TIME=use_time, HAS_LEN=lengths is not None, IEEE=v.dtype == torch.float32, BM=bm, BN=bn, BW=bw, **opts)
     d_pos = torch.zeros(n_pos, device=v.device, dtype=torch.float32)
     d_pos[: min(N, n_pos)] = pg.sum(0)[: min(N, n_pos)]
@@ -510,8 +513,11 @@ def bias_maps(pos_w, time_w, buckets, n: int, dtype: torch.dtype):
     and in fp32 its gradient (a sum over the batch, then over each diagonal) is not rounded to
     bf16 on the way."""
     pmap = relative_position_bias(pos_w, n).float().contiguous()
-    tmap = lookup(time_w, buckets).to(dtype).contiguous() if buckets is not None else None
-    return pmap, tmap
+    if buckets is None:
+        return pmap, None
+    if not torch.is_grad_enabled() or not time_w.requires_grad:
+        return pmap, time_w.to(dtype)[buckets]  # no autograd: gathered from the cast table, one pass
+    return pmap, lookup(time_w, buckets).to(dtype).contiguous()
 
 
 def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool, split: bool = False, lengths=None, groups: int = 1) -> torch.Tensor:

@@ -317,10 +317,10 @@ class MoE(nn.Module):
         are set to zero after each product (see ``_batched``)."""
         keep = (lambda t: t) if live is None else (lambda t: torch.where(live, t, 0))  # noqa: E731
         if self.kind == "swiglu":
-            # W1 and W3 side by side: one product (and one for each gradient) reads the rows once
-            F_ = self.w1.shape[-1]
-            h = mm(a, torch.cat([self.w1.to(a.dtype), self.w3.to(a.dtype)], dim=-1))
-            return keep(mm(keep(F.silu(h[..., :F_]) * h[..., F_:]), self.w2))
+            # W1 and W3 stay two products: side by side as one, the grouped GEMMs were 0.13 ms a
+            # step faster at ML-20M on an H200, but the gradient of the packed product's halves
+            # compiled to one pointwise kernel 0.2 ms slower than the two it replaced
+            return keep(mm(keep(F.silu(mm(a, self.w1)) * mm(a, self.w3)), self.w2))
         y = mm(a, self.w)
         if self.b is not None:
             y = y + (self.b[expert_A] if expert_A is not None else self.b[:, None, :]).to(y.dtype)
