@@ -229,8 +229,9 @@ if HAVE_TRITON:
         """FuXi-alpha's bias-table gradients. For query rows i of one block of sequence b and
         every key j <= i < L: g_c[i, j] = sum_h do_c,h[i] . v_h[j] (one product over all heads
         at once, width H*DV, in chunks of BW), c = the positional and temporal channels, added
-        into entry i - j of this program's row of PG and entry bucket[b, i, j] of its row of
-        TG (private rows: atomics collide only within a tile). The adds are relaxed (``red``,
+        into entry i - j of sequence b's row of PG and entry bucket[b, i, j] of its row of TG
+        (a row per sequence: atomics collide only within it, and the sums over rows after the
+        kernel stay small). The adds are relaxed (``red``,
         no ordering: only the sums after the kernel are read). Padding is skipped like the
         attention kernels skip it; nothing (B, N, N)-sized is written. H, G and DV are
         compile-time, so the all-heads rows load as DV-wide contiguous runs."""
@@ -240,7 +241,6 @@ if HAVE_TRITON:
         offs_m = pid_m * BM + tl.arange(0, BM)
         HS = H // G
         W = H * DV
-        prog = b * tl.num_programs(0) + pid_m
         for start_n in range(0, tl.minimum((pid_m + 1) * BM, L), BN):
             offs_n = start_n + tl.arange(0, BN)
             gp = tl.zeros((BM, BN), tl.float32)
@@ -260,10 +260,10 @@ if HAVE_TRITON:
                     do2 = tl.load(DO + (row + 2) * HS * DV + col, mask=m_do, other=0.0)
                     gt += _dot(do2, tl.trans(v), IEEE)
             causal = (offs_m[:, None] >= offs_n[None, :]) & (offs_m[:, None] < L)
-            tl.atomic_add(PG + prog * N + tl.where(causal, offs_m[:, None] - offs_n[None, :], 0), gp, mask=causal, sem="relaxed")
+            tl.atomic_add(PG + b * N + tl.where(causal, offs_m[:, None] - offs_n[None, :], 0), gp, mask=causal, sem="relaxed")
             if USE_TIME:
                 ids = tl.load(BKT + (b * N + offs_m[:, None]) * N + offs_n[None, :], mask=causal, other=0)
-                tl.atomic_add(TG + prog * NT + ids, gt, mask=causal, sem="relaxed")
+                tl.atomic_add(TG + b * NT + ids, gt, mask=causal, sem="relaxed")
 
 
 def _pow2(x: int) -> int:
@@ -385,7 +385,7 @@ def bias_launch_kind(dv: int) -> str:
 def launch_bias_grad(v, do, buckets, lengths, groups: int, n_pos: int, n_time: int):
     """FuXi-alpha's table gradients straight from ``do`` (laid out as the forward's out) and v:
     (n_pos,) for ``pos_w`` and (n_time,) for ``time_w`` (empty without ``buckets``), fp32,
-    from the ``bias_grad`` kernel's private rows summed."""
+    from the ``bias_grad`` kernel's rows (one per sequence) summed."""
     B, H, N, DV = v.shape
     bm, bn, warps, stages = LAUNCH[bias_launch_kind(DV)]["bias_grad"]
     bw, opts = BIAS_GRAD_WIDTH, dict(num_warps=warps, num_stages=stages)
@@ -393,8 +393,8 @@ def launch_bias_grad(v, do, buckets, lengths, groups: int, n_pos: int, n_time: i
         bm, bn, bw, opts = 16, 16, 16, {}
     grid = (triton.cdiv(N, bm), B)
     use_time = buckets is not None
-    pg = torch.zeros(grid[0] * B, N, device=v.device, dtype=torch.float32)
-    tg = torch.zeros(grid[0] * B if use_time else 0, n_time, device=v.device, dtype=torch.float32)
+    pg = torch.zeros(B, N, device=v.device, dtype=torch.float32)
+    tg = torch.zeros(B if use_time else 0, n_time, device=v.device, dtype=torch.float32)
     bias_grad[grid](v, do, buckets if use_time else v, lengths if lengths is not None else v, pg, tg if use_time else pg, N, n_time, H=H, G=groups, DV=DV,
                     USE_TIME=use_time, HAS_LEN=lengths is not None, IEEE=v.dtype == torch.float32, BM=bm, BN=bn, BW=bw, **opts)
     d_pos = torch.zeros(n_pos, device=v.device, dtype=torch.float32)
