@@ -107,8 +107,8 @@ def _running_counts(expert_A: torch.Tensor, n_experts: int, chunk: int = 1024) -
 def top_k_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest entries along the last axis, largest first (as
     ``x.topk(k).indices``; ties to the lowest index). For the few experts of a router, ``k``
-    rounds of argmax: ``topk`` on CUDA runs a radix select and a sort per call (0.2 ms a step
-    at ML-20M for 4 experts on an H200), where argmax is one reduction that torch.compile fuses
+    rounds of argmax: ``topk`` on CUDA runs a radix select and a sort per call (0.28 ms a step
+    at ML-20M for 4 experts on an H200, under the profiler), where argmax is one reduction that torch.compile fuses
     with its neighbours."""
     if k > 4 or x.shape[-1] > 64:
         return x.topk(k, dim=-1).indices
@@ -317,9 +317,9 @@ class MoE(nn.Module):
         are set to zero after each product (see ``_batched``)."""
         keep = (lambda t: t) if live is None else (lambda t: torch.where(live, t, 0))  # noqa: E731
         if self.kind == "swiglu":
-            # W1 and W3 stay two products: side by side as one, the grouped GEMMs were 0.13 ms a
+            # W1 and W3 stay two products: side by side as one, the grouped GEMMs were 0.19 ms a
             # step faster at ML-20M on an H200, but the gradient of the packed product's halves
-            # compiled to one pointwise kernel 0.2 ms slower than the two it replaced
+            # compiled to one pointwise kernel 0.28 ms slower (docs/performance.md)
             return keep(mm(keep(F.silu(mm(a, self.w1)) * mm(a, self.w3)), self.w2))
         y = mm(a, self.w)
         if self.b is not None:
@@ -368,8 +368,8 @@ class MoE(nn.Module):
     def _statistics(self, probs_TE, top_TK, valid):
         w_T = valid.reshape(-1).to(probs_TE.dtype) if valid is not None else probs_TE.new_ones(probs_TE.shape[0])
         # assignments per expert as a one-hot sum (a reduction): ``index_add_`` into E addresses
-        # made every assignment an atomic add colliding on the same few words (0.1 ms a step
-        # at ML-20M on an H200)
+        # made every assignment an atomic add colliding on the same few words (the kernel
+        # around it, 0.20 ms a step at ML-20M on an H200 under the profiler)
         hits_TE = (top_TK[:, :, None] == torch.arange(self.E, device=top_TK.device)).to(probs_TE.dtype).sum(1)
         counts_E = (hits_TE * w_T[:, None]).sum(0)
         ent = -(probs_TE * probs_TE.clamp(min=1e-9).log()).sum(-1)
