@@ -231,10 +231,11 @@ if HAVE_TRITON:
         at once, width H*DV, in chunks of BW), c = the positional and temporal channels, added
         into entry i - j of sequence b's row of PG and entry bucket[b, i, j] of its row of TG
         (a row per sequence: atomics collide only within it, and the sums over rows after the
-        kernel stay small). The adds are relaxed (``red``,
-        no ordering: only the sums after the kernel are read). Padding is skipped like the
-        attention kernels skip it; nothing (B, N, N)-sized is written. H, G and DV are
-        compile-time, so the all-heads rows load as DV-wide contiguous runs."""
+        kernel stay small). The adds are relaxed (``red``, no ordering: only the sums after the
+        kernel are read; Triton's default ``acq_rel`` atomics made the kernel 2-3x slower).
+        Padding is skipped like the attention kernels skip it; nothing (B, N, N)-sized is
+        written. H, G and DV are compile-time, so the all-heads rows load as DV-wide
+        contiguous runs."""
         pid_m = tl.program_id(0)
         b = tl.program_id(1)
         L = _seq_len(LEN, b, N, HAS_LEN)
@@ -496,11 +497,12 @@ def _backward(ctx, grad):
     inv_norm, hstu, split, groups, pos_n, time_n, pos_dt, time_dt = ctx.meta
     do = grad.to(q.dtype).contiguous()
     dq, dk, dv, gp = _bwd_op(q, k, v, pmap, tmap, lengths, do, inv_norm, hstu, split, groups)
-    none6 = (None,) * 6
-    if split:  # the maps were not used (their channels are products outside the kernels)
-        return dq, dk, dv, None, None, None, None, None, *none6[:5]
+    rest = (None,) * 5  # buckets, inv_norm, hstu, split, groups
+    if split:  # the maps and tables were not used (the bias channels are products outside the kernels)
+        return dq, dk, dv, None, None, None, None, None, *rest
     d_pos, d_time = _table_op(v, do, gp if hstu else None, buckets if tmap is not None else None, lengths, pos_n, time_n, hstu, groups)
-    return dq, dk, dv, None, None, None, d_pos.to(pos_dt), (d_time.to(time_dt) if tmap is not None else None), *none6[:5]
+    # pmap, tmap, lengths: none (the maps were built without autograd); the tables: their gradients
+    return dq, dk, dv, None, None, None, d_pos.to(pos_dt), (d_time.to(time_dt) if tmap is not None else None), *rest
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
