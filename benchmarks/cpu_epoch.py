@@ -54,7 +54,11 @@ def main() -> None:
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": info["commit"], "torch_threads": torch.get_num_threads(),
               "cpu_count": info["device"].get("cpu_count"), "versions": info["versions"], "epochs": {}}
     for model in args.models:
-        cfg = apply_overrides(path_config("ml-1m", model, "fp32", "cpu"), args.overrides)
+        # the "default" path: what ``fuxi-mme train`` runs on a CPU (fp32, reference attention,
+        # length-sorted chunks, no graphs, no compile). Not "fp32", which pins one chunk for the
+        # GPU comparisons: from df20f92 until this fix the synthetic rows of this table timed that
+        # (61.3 s instead of about 40 s for FuXi-alpha).
+        cfg = apply_overrides(path_config("ml-1m", model, "default", "cpu"), args.overrides)
         secs, steps = epoch_seconds(cfg, synthetic("ml-1m"))
         name = "synthetic ML-1M shape" + ("" if model == "fuxi-alpha" else f", {model}") + suffix
         record["epochs"][name] = {"epoch_s": secs, "steps": steps}
