@@ -104,14 +104,17 @@ def _running_counts(expert_A: torch.Tensor, n_experts: int, chunk: int = 1024) -
     return rank_A, (before[-1] + totals[-1]).long()
 
 
+# Routers with at most this many (experts, choices) pick their top-k by rounds of argmax
+# (``top_k_indices``); larger ones use ``topk``.
+ARGMAX_TOP_K = (64, 4)
+
+
 def top_k_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest entries along the last axis, largest first (as
-    ``x.topk(k).indices``; ties to the lowest index). For the few experts of a router, ``k``
-    rounds of argmax: ``topk`` on CUDA runs a radix select and a sort per call (0.28 ms a step
-    at ML-20M for 4 experts on an H200, under the profiler), where argmax is one reduction that torch.compile fuses
-    with its neighbours."""
-    if k > 4 or x.shape[-1] > 64:
-        return x.topk(k, dim=-1).indices
+    ``x.topk(k).indices``; ties to the lowest index), by ``k`` rounds of argmax. For the few
+    experts of a router (``ARGMAX_TOP_K``): ``topk`` on CUDA runs a radix select and a sort per
+    call (0.28 ms a step at ML-20M for 4 experts on an H200, under the profiler), where argmax
+    is one reduction that torch.compile fuses with its neighbours."""
     picks = []
     for _ in range(k):
         i = x.argmax(-1, keepdim=True)
@@ -344,7 +347,8 @@ class MoE(nn.Module):
             logits = logits + torch.randn_like(logits) * self.router_noise
         probs = logits.softmax(-1)
         sel = logits + self.expert_bias if self.balance == "aux_free" else logits
-        top_TK = top_k_indices(sel, self.K)
+        E_max, K_max = ARGMAX_TOP_K
+        top_TK = top_k_indices(sel, self.K) if self.E <= E_max and self.K <= K_max else sel.topk(self.K, dim=-1).indices
         gate_TK = probs.gather(-1, top_TK)
         if self.K > 1:
             gate_TK = gate_TK / gate_TK.sum(-1, keepdim=True)
