@@ -67,11 +67,15 @@ def lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return _SmallTableLookup.apply(table, idx)
 
 
+def relative_positions(n: int, device) -> torch.Tensor:
+    """(N, N) indices i - j into the positional table, clamped at 0 above the diagonal."""
+    idx = torch.arange(n, device=device)
+    return (idx[:, None] - idx[None, :]).clamp(min=0)
+
+
 def relative_position_bias(pos_w: torch.Tensor, n: int) -> torch.Tensor:
     """(N, N) with A[i, j] = pos_w[i - j] for j <= i (0 elsewhere; masked anyway)."""
-    idx = torch.arange(n, device=pos_w.device)
-    rel = (idx[:, None] - idx[None, :]).clamp(min=0)
-    return lookup(pos_w, rel)
+    return lookup(pos_w, relative_positions(n, pos_w.device))
 
 
 def fuxi_attention_reference(

@@ -55,7 +55,7 @@ import os
 
 import torch
 
-from .attention import lookup, relative_position_bias, row_mask, small_table_grad, ungroup
+from .attention import lookup, relative_position_bias, relative_positions, row_mask, small_table_grad, ungroup
 
 try:
     import triton
@@ -398,9 +398,8 @@ def launch_bias_grad(v, do, buckets, lengths, groups: int, n_pos: int, n_time: i
     tg = torch.zeros(B if use_time else 0, n_time, device=v.device, dtype=torch.float32)
     bias_grad[grid](v, do, buckets if use_time else v, lengths if lengths is not None else v, pg, tg if use_time else pg, N, n_time, H=H, G=groups, DV=DV,
                     USE_TIME=use_time, HAS_LEN=lengths is not None, IEEE=v.dtype == torch.float32, BM=bm, BN=bn, BW=bw, **opts)
-    d_pos = torch.zeros(n_pos, device=v.device, dtype=torch.float32)
-    d_pos[: min(N, n_pos)] = pg.sum(0)[: min(N, n_pos)]
-    return d_pos, tg.sum(0)
+    # entries past N - 1 (a table longer than this call's length) get no gradient
+    return torch.nn.functional.pad(pg.sum(0), (0, n_pos - N)), tg.sum(0)
 
 
 def table_grads(v, do, gp, pos_n: int, buckets, time_n: int, hstu: bool, lengths=None, groups: int = 1):
@@ -413,9 +412,8 @@ def table_grads(v, do, gp, pos_n: int, buckets, time_n: int, hstu: bool, lengths
         d_pos, d_time = launch_bias_grad(v, do, buckets, lengths, groups, pos_n, time_n)
         return d_pos, (d_time if buckets is not None else None)
     dpm, dtm = map_grads(v, do, gp, buckets is not None, hstu, lengths, groups)
-    idx = torch.arange(N, device=v.device)
-    rel = (idx[:, None] - idx[None, :]).clamp(min=0)  # relative_position_bias's indices (its upper triangle has zero gradient)
-    d_pos = small_table_grad(rel, dpm, pos_n)
+    # relative_position_bias's indices (the map gradient is zero above the diagonal)
+    d_pos = small_table_grad(relative_positions(N, v.device), dpm, pos_n)
     return d_pos, (small_table_grad(buckets, dtm, time_n) if buckets is not None else None)
 
 
