@@ -86,6 +86,19 @@ LOSSES = {
 LOSSES_MORE_K = {f"sampled K={k}": ["train.loss=sampled", f"train.num_negatives={k}"] for k in (512, 2048, 8192)}
 LOSS = {f"{m} {name}": (m, sets) for m in ("fuxi-alpha", "fuxi-mme") for name, sets in LOSSES.items()}
 LOSS_MORE_K = {f"{m} {name}": (m, sets) for m in ("fuxi-alpha", "fuxi-mme") for name, sets in LOSSES_MORE_K.items()}
+# Capacity at equal embedding size: multi-embedding runs the shared decoder at width d / M, so
+# by default its heads and experts shrink with it. These variants give capacity back without
+# touching the item tables (the total embedding size stays d): heads at FuXi-alpha's per-head
+# width, experts 4x as wide, one decoder per stream. Each dataset's own preset loss; chosen on
+# validation (docs/models.md).
+CAPACITY = {
+    "default": ("fuxi-mme", []),
+    "full-width heads": ("fuxi-mme", ["model.qk_dim={qk_full}", "model.v_dim={qk_full}"]),
+    "experts x4": ("fuxi-mme", ["model.ffn_multiply=4"]),
+    "per-stream decoders": ("fuxi-mme", ["model.shared_decoder=false"]),
+    "heads + experts x4": ("fuxi-mme", ["model.qk_dim={qk_full}", "model.v_dim={qk_full}", "model.ffn_multiply=4"]),
+    "heads + experts x4 + per-stream": ("fuxi-mme", ["model.qk_dim={qk_full}", "model.v_dim={qk_full}", "model.ffn_multiply=4", "model.shared_decoder=false"]),
+}
 # The suites that compare model options keep SPEC's sampled loss on every dataset, Amazon too.
 SPEC_LOSS = ["train.loss=sampled"]
 
@@ -124,6 +137,8 @@ SUITES = {
     ),
     "scaling": Suite("scaling", ["ml-1m-ts70"], SCALING, description="test NDCG@10 against depth and number of experts, with parameters and training time"),
     "precision": Suite("precision", ["ml-100k", "amazon-beauty"], PRECISION, description="the fast bf16 path (fused attention, CUDA graphs, compiled) against the fp32 reference path (GPU), SPEC's sampled loss", sets=SPEC_LOSS),
+    "capacity": Suite("capacity", ["ml-1m-ts70", "amazon-beauty", "amazon-sports", "amazon-toys"], CAPACITY, seeds=[0, 1],
+                      description="Fuxi-MME's decoder capacity at equal embedding size (head width, expert width, per-stream decoders), on validation"),
     "loss": Suite("loss", ["amazon-beauty", "amazon-toys"], LOSS, seeds=[0], description="the training loss on Amazon: sampled softmax with K negatives or the full softmax, on validation",
                   extra={("amazon-beauty",): LOSS_MORE_K}),
 }
@@ -522,7 +537,7 @@ def write_docs(root: Path, docs: Path) -> Path:
              "`results/` (each run folder holds its config, commit, device and metrics). Mean ± std over seeds (the number",
              "of seeds in parentheses); full ranking; protocol as named.", ""]
     docs.parent.mkdir(parents=True, exist_ok=True)
-    for name in ("main", "ablation", "sweep", "scaling", "precision", "loss"):
+    for name in ("main", "ablation", "sweep", "capacity", "scaling", "precision", "loss"):
         f = root / f"{name}.json"
         if not f.exists():
             continue
