@@ -92,13 +92,17 @@ LOSS_MORE_K = {f"{m} {name}": (m, sets) for m in ("fuxi-alpha", "fuxi-mme") for 
 # width, experts 4x as wide, one decoder per stream. Each dataset's own preset loss; chosen on
 # validation (docs/models.md).
 CAPACITY = {
-    "default": ("fuxi-mme", []),
+    "first default": ("fuxi-mme", []),
     "full-width heads": ("fuxi-mme", ["model.qk_dim={qk_full}", "model.v_dim={qk_full}"]),
     "experts x4": ("fuxi-mme", ["model.ffn_multiply=4"]),
     "per-stream decoders": ("fuxi-mme", ["model.shared_decoder=false"]),
     "heads + experts x4": ("fuxi-mme", ["model.qk_dim={qk_full}", "model.v_dim={qk_full}", "model.ffn_multiply=4"]),
     "heads + experts x4 + per-stream": ("fuxi-mme", ["model.qk_dim={qk_full}", "model.v_dim={qk_full}", "model.ffn_multiply=4", "model.shared_decoder=false"]),
 }
+# The first Fuxi-MME defaults (before the capacity suite): heads and experts at the decoder's
+# width d / M, one decoder shared by the streams. The suites measured around them pin them, so
+# their runs stay what they were (fuxi-mme variants only; see Suite.model_sets).
+FIRST_MME = ["model.qk_dim={qk_half}", "model.v_dim={qk_half}", "model.ffn_multiply={ffn_base}", "model.shared_decoder=true"]
 # The suites that compare model options keep SPEC's sampled loss on every dataset, Amazon too.
 SPEC_LOSS = ["train.loss=sampled"]
 
@@ -116,6 +120,7 @@ class Suite:
     description: str = ""
     extra: dict[tuple[str, ...], dict[str, tuple]] = field(default_factory=dict)
     sets: list[str] = field(default_factory=list)  # overrides for every run, before the variant's own
+    model_sets: dict[str, list[str]] = field(default_factory=dict)  # overrides for one model family's runs, after ``sets``
 
     def variants_for(self, dataset: str) -> dict[str, tuple]:
         out = dict(self.variants)
@@ -126,8 +131,9 @@ class Suite:
 
 
 SUITES = {
-    "ablation": Suite("ablation", ["demo", "ml-100k", "amazon-beauty"], ABLATION, description="FuXi-alpha; + multi-embedding only; + MoE only; full Fuxi-MME (SPEC section 4), SPEC's sampled loss", sets=SPEC_LOSS),
-    "sweep": Suite("sweep", ["demo", "amazon-beauty", "ml-1m-ts70"], SWEEP, seeds=[0, 1], description="one Fuxi-MME option changed at a time, on validation, SPEC's sampled loss", sets=SPEC_LOSS),
+    "ablation": Suite("ablation", ["demo", "ml-100k", "amazon-beauty", "ml-1m-ts70"], ABLATION, description="FuXi-alpha; + multi-embedding only; + MoE only; full Fuxi-MME (SPEC section 4), SPEC's sampled loss", sets=SPEC_LOSS),
+    "sweep": Suite("sweep", ["demo", "amazon-beauty", "ml-1m-ts70"], SWEEP, seeds=[0, 1], description="one Fuxi-MME option changed at a time from the first defaults (heads and experts at width d/M, one shared decoder), on validation, SPEC's sampled loss",
+                   sets=SPEC_LOSS, model_sets={"fuxi-mme": FIRST_MME}),
     "main": Suite(
         "main",
         ["ml-1m-ts70", "ml-100k", "amazon-beauty", "amazon-sports", "amazon-toys"],
@@ -135,11 +141,15 @@ SUITES = {
         description="all models (base; large and the paper protocol too on MovieLens), loo-val everywhere",
         extra={PUBLISHED: PUBLISHED_EXTRA, AMAZON: AMAZON_EXTRA},
     ),
-    "scaling": Suite("scaling", ["ml-1m-ts70"], SCALING, description="test NDCG@10 against depth and number of experts, with parameters and training time"),
-    "precision": Suite("precision", ["ml-100k", "amazon-beauty"], PRECISION, description="the fast bf16 path (fused attention, CUDA graphs, compiled) against the fp32 reference path (GPU), SPEC's sampled loss", sets=SPEC_LOSS),
+    "scaling": Suite("scaling", ["ml-1m-ts70"], SCALING, description="test NDCG@10 against depth and number of experts, with parameters and training time; Fuxi-MME at its first defaults (heads and experts at width d/M, one shared decoder)",
+                     model_sets={"fuxi-mme": FIRST_MME}),
+    "precision": Suite("precision", ["ml-100k", "amazon-beauty"], PRECISION, description="the fast bf16 path (fused attention, CUDA graphs, compiled) against the fp32 reference path (GPU), SPEC's sampled loss; Fuxi-MME at its first defaults",
+                       sets=SPEC_LOSS, model_sets={"fuxi-mme": FIRST_MME}),
     "capacity": Suite("capacity", ["ml-1m-ts70", "amazon-beauty", "amazon-sports", "amazon-toys"], CAPACITY, seeds=[0, 1],
-                      description="Fuxi-MME's decoder capacity at equal embedding size (head width, expert width, per-stream decoders), on validation"),
-    "loss": Suite("loss", ["amazon-beauty", "amazon-toys"], LOSS, seeds=[0], description="the training loss on Amazon: sampled softmax with K negatives or the full softmax, on validation",
+                      description="Fuxi-MME's decoder capacity at equal embedding size (head width, expert width, per-stream decoders) from its first defaults, on validation",
+                      model_sets={"fuxi-mme": FIRST_MME}),
+    "loss": Suite("loss", ["amazon-beauty", "amazon-toys"], LOSS, seeds=[0], description="the training loss on Amazon: sampled softmax with K negatives or the full softmax, on validation; Fuxi-MME at its first defaults",
+                  model_sets={"fuxi-mme": FIRST_MME},
                   extra={("amazon-beauty",): LOSS_MORE_K}),
 }
 
@@ -163,6 +173,61 @@ class Job:
     run_dir: Path
     gpu: str | None = None
     invalid: str | None = None  # why this variant cannot run on this dataset (never started)
+    planned: dict[str, Any] | None = None  # the config the run trains (to tell a finished run made with other settings)
+    stale: list[str] | None = None  # a finished run's settings that differ from ``planned`` (None: not checked yet)
+
+
+# Config fields that choose how a run executes (where its files are, kernels, graphs, compile,
+# threads), not what it trains: a finished run may differ from the plan in these and still count.
+EXECUTION_FIELDS = ("data.path", "data.data_dir", "model.attention", "model.moe.backend", "train.device", "train.tf32", "train.compile",
+                    "train.cuda_graphs", "train.length_chunks", "train.num_threads", "train.dist_timeout", "train.deterministic",
+                    "eval.batch_size", "log.")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_changes(planned: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """What a finished run's saved ``config.json`` trained differently from the planned config,
+    as ``key: saved -> planned`` (empty: the run is what the plan asks for). Keys the run did
+    not record (older runs) count as their defaults; :data:`EXECUTION_FIELDS` are ignored."""
+    from .config import Config
+
+    defaults, want, have = _flat(Config().to_dict()), _flat(planned), _flat(saved)
+    trains = want.get("model.name") != "popularity"  # popularity counts items: no model or training settings
+    out = []
+    for key, value in want.items():
+        if key == "preset" or key.startswith(EXECUTION_FIELDS) or (not trains and key.startswith(("model.", "train."))):
+            continue
+        old = have.get(key, defaults.get(key))
+        if key == "model.use_temporal" and old is False and value is True:
+            continue  # switched off by the run because its data has no timestamps
+        if old != value:
+            out.append(f"{key}: {old!r} -> {value!r}")
+    return out
+
+
+def _stale(job: Job) -> list[str]:
+    f = job.run_dir / "config.json"
+    if job.planned is None or not (job.run_dir / "metrics.json").exists() or not f.exists():
+        return []
+    return config_changes(job.planned, json.loads(f.read_text()))
+
+
+def _done(job: Job) -> bool:
+    """A finished run trained with the settings the plan asks for."""
+    if not (job.run_dir / "metrics.json").exists():
+        return False
+    if job.stale is None:
+        job.stale = _stale(job)
+    return not job.stale
 
 
 def _invalid(preset: str, sets: list[str]) -> str | None:
@@ -177,6 +242,13 @@ def _invalid(preset: str, sets: list[str]) -> str | None:
     return None
 
 
+def _planned(preset: str, sets: list[str]) -> dict[str, Any]:
+    from .config import apply_overrides
+    from .presets import build_preset
+
+    return apply_overrides(build_preset(preset), sets).to_dict()
+
+
 def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], datasets: list[str] | None = None, seeds: list[int] | None = None,
          check_data: bool = True, variants: list[str] | None = None) -> list[Job]:
     from .presets import build_preset, preset_name
@@ -184,7 +256,7 @@ def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], dat
     jobs = []
     for ds in datasets or suite.datasets:
         base = build_preset(preset_name(ds, "fuxi-alpha", "base")).model
-        fmt = {"qk_full": base.qk_dim, "qk_quarter": max(1, base.qk_dim // 4)}
+        fmt = {"qk_full": base.qk_dim, "qk_half": max(1, base.qk_dim // 2), "qk_quarter": max(1, base.qk_dim // 4), "ffn_base": base.ffn_multiply}
         data_args: list[str] = []
         folder = data_root / DATA_FOLDERS[ds] if data_root is not None and ds in DATA_FOLDERS else None
         if folder is not None and folder.exists():
@@ -201,19 +273,27 @@ def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], dat
                 safe = variant.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus-").replace("=", "-")
                 run_dir = root / suite.name / ds / safe / f"seed{seed}"
                 args = ["train", "--preset", preset_name(ds, model, size), "--seed", str(seed), "--protocol", protocol, "--run-dir", str(run_dir), "--no-progress", *data_args]
-                sets = [o.format(**fmt) for o in [*suite.sets, *over, *extra]]
+                sets = [o.format(**fmt) for o in [*suite.sets, *suite.model_sets.get(model, []), *over, *extra]]
                 for o in sets:
                     args += ["--set", o]
-                jobs.append(Job(ds, variant, seed, args, run_dir, invalid=_invalid(preset_name(ds, model, size), sets)))
+                bad = _invalid(preset_name(ds, model, size), sets)
+                planned = None if bad else _planned(preset_name(ds, model, size), [f"train.seed={seed}", f"data.protocol={protocol}", *sets])
+                jobs.append(Job(ds, variant, seed, args, run_dir, invalid=bad, planned=planned))
     return jobs
 
 
 def _run(job: Job, env: dict[str, str]) -> tuple[Job, int, float]:
-    if (job.run_dir / "metrics.json").exists():
-        return job, 0, 0.0
-    if job.run_dir.exists():  # an interrupted job: start it again cleanly
-        import shutil
+    import shutil
 
+    if _done(job):
+        return job, 0, 0.0
+    if job.stale:  # finished with other settings: keep it beside the new run until the next one
+        aside = job.run_dir.with_name(job.run_dir.name + ".stale")
+        if aside.exists():
+            shutil.rmtree(aside)
+        job.run_dir.rename(aside)
+        print(f"{job.run_dir}: trained with other settings ({'; '.join(job.stale)}), moved to {aside.name} and run again", flush=True)
+    elif job.run_dir.exists():  # an interrupted job: start it again cleanly
         shutil.rmtree(job.run_dir)
     job.run_dir.parent.mkdir(parents=True, exist_ok=True)
     if job.gpu is not None:
@@ -288,10 +368,12 @@ def run_suites(suites: list[Suite], root: Path, data_root: Path | None, jobs: in
                variants: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the missing jobs of one or more suites as one queue, ``jobs`` at a time, longest
     first, each started on the visible GPU with the fewest running jobs; then aggregate each
-    suite. Finished runs (a ``metrics.json`` in their folder) are skipped."""
+    suite. Finished runs (a ``metrics.json`` in their folder) are skipped, unless they trained with
+    settings the plan no longer asks for (a changed preset default, say): those run again, the old
+    folder kept as ``seed<k>.stale``."""
     todos = [plan(s, root, data_root, extra or [], datasets, seeds, variants=variants) for s in suites]
     names = {id(j): s.name for s, todo in zip(suites, todos) for j in todo}
-    pending = [j for todo in todos for j in todo if j.invalid is None and not (j.run_dir / "metrics.json").exists()]
+    pending = [j for todo in todos for j in todo if j.invalid is None and not _done(j)]
     pending.sort(key=job_cost, reverse=True)
     slots = _GpuSlots(visible_gpus())
     env = dict(os.environ)
@@ -324,14 +406,13 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str], comm
     (the first suite's files would otherwise make the tree look modified to the next)."""
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for job in todo:
-        f = job.run_dir / "metrics.json"
-        if f.exists():
-            rows.setdefault((job.dataset, job.variant), []).append(json.loads(f.read_text()))
+        if _done(job):
+            rows.setdefault((job.dataset, job.variant), []).append(json.loads((job.run_dir / "metrics.json").read_text()))
     # where each run came from: its commit and device (run.json), counted per suite and per row
     origin: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for job in todo:
         rj = job.run_dir / "run.json"
-        if (job.run_dir / "metrics.json").exists() and rj.exists():
+        if _done(job) and rj.exists():
             info = json.loads(rj.read_text())
             dev = info.get("device", {})
             origin.setdefault((job.dataset, job.variant), []).append((run_commit(info), str(dev.get("gpu") or dev.get("device", "?"))))
@@ -358,14 +439,19 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str], comm
         table.append(entry)
     missing: dict[tuple[str, str], int] = {}
     invalid: dict[tuple[str, str], str] = {}
+    stale: dict[tuple[str, str], list[str]] = {}
     for job in todo:
         if job.invalid is not None:
             invalid[(job.dataset, job.variant)] = job.invalid
+        elif job.stale:
+            stale.setdefault((job.dataset, job.variant), job.stale)
+            missing[(job.dataset, job.variant)] = missing.get((job.dataset, job.variant), 0) + 1
         elif not (job.run_dir / "metrics.json").exists():
             missing[(job.dataset, job.variant)] = missing.get((job.dataset, job.variant), 0) + 1
     out = {"suite": suite.name, "description": suite.description, "commit": commit or git_commit(), "run_commits": commits, "devices": devices,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "failed": failed, "results": table,
            "missing": [{"dataset": d, "variant": v, "runs": n} for (d, v), n in missing.items()],
+           "stale": [{"dataset": d, "variant": v, "changes": c} for (d, v), c in stale.items()],
            "not_applicable": [{"dataset": d, "variant": v, "why": w} for (d, v), w in invalid.items()]}
     atomic_write_json(root / f"{suite.name}.json", out)
     atomic_write_text(root / f"{suite.name}.md", markdown(out))
@@ -429,6 +515,9 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", "Failed runs: " + ", ".join(res["failed"])]
     if res.get("not_applicable"):
         lines += ["", "Not applicable (never run): " + "; ".join(f"{m['dataset']} / {m['variant']}: {m['why']}" for m in res["not_applicable"]) + "."]
+    if res.get("stale"):
+        lines += ["", "Left out, trained with settings the suite no longer asks for (running the suite again replaces them): "
+                  + "; ".join(f"{m['dataset']} / {m['variant']} ({', '.join(m['changes'])})" for m in res["stale"]) + "."]
     if res.get("missing"):
         lines += ["", "Planned but not run yet (no results file): " + "; ".join(f"{m['dataset']} / {m['variant']} ({m['runs']} runs)" for m in res["missing"]) + "."]
     return "\n".join(lines) + "\n"

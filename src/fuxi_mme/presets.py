@@ -67,6 +67,17 @@ MME_DEFAULTS = {
     "moe.balance": "aux_loss",
     "moe.aux_loss_weight": 0.01,
 }
+# Decoder capacity per dim group, chosen on validation by the `capacity` suite (docs/models.md).
+# The item tables keep the total width d everywhere and the decoder runs at width d / M. The
+# first defaults also shrank the heads by M (experts at the decoder's width, one decoder shared
+# by the streams); on the ML-1M group (ML-100K, ML-1M, KuaiRand, user files) the heads keep
+# FuXi-alpha's per-head width, the experts are 4x the decoder's width and every stream has its
+# own decoder; on Amazon the heads keep their width. Groups the suite did not measure (ML-20M,
+# demo) keep the first defaults.
+MME_FULL_HEADS = {"ml-1m", "amazon"}
+MME_GROUP_DEFAULTS: dict[str, dict[str, object]] = {
+    "ml-1m": {"ffn_multiply": 4.0, "shared_decoder": False},
+}
 
 
 def preset_name(dataset: str, model: str, size: str = "base") -> str:
@@ -119,8 +130,8 @@ def build_preset(name: str) -> Config:
     if model == "sasrec":
         m.dim, m.num_layers, m.num_heads, m.ffn_dim = SASREC_DIMS[shape.dims][size]
     if model == "fuxi-mme":
-        for k, v in MME_DEFAULTS.items():
+        for k, v in {**MME_DEFAULTS, **MME_GROUP_DEFAULTS.get(shape.dims, {})}.items():
             set_field(cfg, f"model.{k}", v)
-        # The shared decoder runs at width d / M; per-head widths shrink with it.
-        m.qk_dim = m.v_dim = max(1, m.qk_dim // m.num_embeddings)
+        if shape.dims not in MME_FULL_HEADS:  # heads shrink with the decoder's width d / M
+            m.qk_dim = m.v_dim = max(1, m.qk_dim // m.num_embeddings)
     return cfg
