@@ -99,6 +99,15 @@ CAPACITY = {
     "heads + experts x4": ("fuxi-mme", ["model.qk_dim={qk_full}", "model.v_dim={qk_full}", "model.ffn_multiply=4"]),
     "heads + experts x4 + per-stream": ("fuxi-mme", ["model.qk_dim={qk_full}", "model.v_dim={qk_full}", "model.ffn_multiply=4", "model.shared_decoder=false"]),
 }
+# Fuxi-MME on Amazon, from the shipped defaults: depth, more streams, weight decay, dropout; 3 seeds,
+# chosen on validation (docs/models.md), each dataset with its preset's loss.
+AMAZON_TUNE = {
+    "shipped": ("fuxi-mme", []),
+    "L=4": ("fuxi-mme", ["model.num_layers=4"]),
+    "M=4": ("fuxi-mme", ["model.num_embeddings=4"]),
+    "weight decay 0.05": ("fuxi-mme", ["train.weight_decay=0.05"]),
+    "dropout 0.3": ("fuxi-mme", ["model.dropout=0.3"]),
+}
 # The first Fuxi-MME defaults (before the capacity suite): heads and experts at the decoder's
 # width d / M, one decoder shared by the streams. The suites measured around them pin them, so
 # their runs stay what they were (fuxi-mme variants only; see Suite.model_sets).
@@ -145,9 +154,10 @@ SUITES = {
                      model_sets={"fuxi-mme": FIRST_MME}),
     "precision": Suite("precision", ["ml-100k", "amazon-beauty"], PRECISION, description="the fast bf16 path (fused attention, CUDA graphs, compiled) against the fp32 reference path (GPU), SPEC's sampled loss; Fuxi-MME at its first defaults",
                        sets=SPEC_LOSS, model_sets={"fuxi-mme": FIRST_MME}),
-    "capacity": Suite("capacity", ["ml-1m-ts70", "amazon-beauty", "amazon-sports", "amazon-toys"], CAPACITY, seeds=[0, 1],
+    "capacity": Suite("capacity", ["ml-1m-ts70", "ml-100k", "amazon-beauty", "amazon-sports", "amazon-toys"], CAPACITY, seeds=[0, 1],
                       description="Fuxi-MME's decoder capacity at equal embedding size (head width, expert width, per-stream decoders) from its first defaults, on validation",
                       model_sets={"fuxi-mme": FIRST_MME}),
+    "amazon": Suite("amazon", list(AMAZON), AMAZON_TUNE, description="Fuxi-MME on Amazon from its shipped defaults: depth, four streams, weight decay, dropout, on validation"),
     "loss": Suite("loss", ["amazon-beauty", "amazon-toys"], LOSS, seeds=[0], description="the training loss on Amazon: sampled softmax with K negatives or the full softmax, on validation; Fuxi-MME at its first defaults",
                   model_sets={"fuxi-mme": FIRST_MME},
                   extra={("amazon-beauty",): LOSS_MORE_K}),
@@ -626,7 +636,7 @@ def write_docs(root: Path, docs: Path) -> Path:
              "`results/` (each run folder holds its config, commit, device and metrics). Mean ± std over seeds (the number",
              "of seeds in parentheses); full ranking; protocol as named.", ""]
     docs.parent.mkdir(parents=True, exist_ok=True)
-    for name in ("main", "ablation", "sweep", "capacity", "scaling", "precision", "loss"):
+    for name in ("main", "ablation", "sweep", "capacity", "amazon", "scaling", "precision", "loss"):
         f = root / f"{name}.json"
         if not f.exists():
             continue
