@@ -107,6 +107,8 @@ AMAZON_TUNE = {
     "M=4": ("fuxi-mme", ["model.num_embeddings=4"]),
     "weight decay 0.05": ("fuxi-mme", ["train.weight_decay=0.05"]),
     "dropout 0.3": ("fuxi-mme", ["model.dropout=0.3"]),
+    "L=4, M=4": ("fuxi-mme", ["model.num_layers=4", "model.num_embeddings=4"]),
+    "M=8": ("fuxi-mme", ["model.num_embeddings=8"]),
 }
 # The first Fuxi-MME defaults (before the capacity suite): heads and experts at the decoder's
 # width d / M, one decoder shared by the streams. The suites measured around them pin them, so
