@@ -98,3 +98,23 @@ def test_compile_takes_true_false_or_auto():
     apply_overrides(cfg, ["train.compile=sometimes"])
     with pytest.raises(ConfigError, match="train.compile='sometimes' must be true, false or auto"):
         validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "preset, want",
+    [
+        # (M, qk_dim, v_dim, ffn_multiply, shared_decoder, dim): the item tables keep the total width d
+        ("ml-1m-fuxi-mme-base", (2, 50, 50, 4.0, False, 50)),  # ML-1M group: full-width heads, experts x4, per-stream decoders
+        ("ml-1m-ts70-fuxi-mme-large", (2, 25, 25, 4.0, False, 50)),
+        ("kuairand-pure-fuxi-mme-base", (2, 50, 50, 4.0, False, 50)),
+        ("ml-100k-fuxi-mme-base", (2, 25, 25, 1.0, True, 50)),  # ML-100K keeps the first defaults
+        ("amazon-sports-fuxi-mme-base", (8, 32, 32, 1.0, True, 64)),  # Amazon: eight streams, full-width heads
+        ("ml-20m-fuxi-mme-base", (2, 32, 32, 4.0, True, 256)),  # not measured: first defaults
+        ("demo-fuxi-mme-base", (2, 24, 24, 1.0, True, 48)),
+    ],
+)
+def test_fuxi_mme_decoder_defaults_follow_the_capacity_choice(preset, want):
+    m = build_preset(preset).model
+    assert (m.num_embeddings, m.qk_dim, m.v_dim, m.ffn_multiply, m.shared_decoder, m.dim) == want
+    assert (m.moe.num_experts, m.moe.top_k, m.moe.placement) == (4, 2, "ffn")
+    validate(build_preset(preset))

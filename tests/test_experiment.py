@@ -176,3 +176,101 @@ def test_a_run_without_a_recorded_commit_is_labelled_with_the_newest_earlier_one
     assert run_commit({"commit": None, "started": tomorrow}) == f"not recorded; newest earlier commit {head.stdout.strip()}"
     assert run_commit({"commit": None, "started": "1990-01-01T00:00:00"}) == "not recorded"  # before the first commit
     assert _short_hashes(f"not recorded; newest earlier commit {'a' * 40}") == f"not recorded; newest earlier commit {'a' * 10}"
+
+
+def test_suites_measured_around_the_first_defaults_pin_them(tmp_path):
+    """Sweep, scaling, precision, loss, capacity: their Fuxi-MME runs keep the first defaults
+    (two streams, heads and experts at width d/M, one shared decoder) whatever the presets ship;
+    FuXi-alpha runs in the same suites are untouched."""
+    from fuxi_mme.config import apply_overrides
+    from fuxi_mme.presets import build_preset
+
+    for name, ds in (("sweep", "ml-1m-ts70"), ("scaling", "ml-1m-ts70"), ("precision", "amazon-beauty"), ("loss", "amazon-toys"), ("capacity", "amazon-sports")):
+        for j in plan(SUITES[name], tmp_path, tmp_path, [], [ds], seeds=[0], check_data=False):
+            if j.invalid:  # M=4 on a width of 50
+                continue
+            m = j.planned["model"]
+            if j.variant in ("default", "first default", "fuxi-mme E=4", "fuxi-mme L=2") or j.variant.startswith("fuxi-mme ") and name in ("precision", "loss"):
+                assert (m["num_embeddings"], m["qk_dim"] * 2, m["ffn_multiply"], m["shared_decoder"]) == (2, build_preset(f"{ds}-fuxi-alpha-base").model.qk_dim, 1.0, True), (name, j.variant)
+            if m["name"] == "fuxi-alpha":
+                assert "model.num_embeddings=2" not in j.args
+    # the ablation and the main suite follow the presets
+    (full,) = [j for j in plan(SUITES["ablation"], tmp_path, tmp_path, [], ["amazon-beauty"], seeds=[0], check_data=False) if j.variant == "fuxi-mme (full)"]
+    assert full.planned["model"]["num_embeddings"] == 8
+    assert full.planned == apply_overrides(build_preset("amazon-beauty-fuxi-mme-base"), ["train.seed=0", "data.protocol=loo-val", "train.loss=sampled"]).to_dict()
+
+
+def _finish(run_dir, cfg: dict, ndcg: float = 0.1) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    m = {"NDCG@10": ndcg, "HR@10": ndcg, "NDCG@50": ndcg, "HR@50": ndcg, "MRR": ndcg}
+    (run_dir / "metrics.json").write_text(json.dumps({"protocol": "loo-val", "test": m, "valid_best": m, "selected_epoch": 1, "run_dir": str(run_dir)}))
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+
+
+def test_config_changes_name_what_a_finished_run_trained_differently():
+    import copy
+
+    from fuxi_mme.experiment import config_changes
+
+    (job,) = [j for j in plan(SUITES["ablation"], Path("r"), None, [], ["demo"], seeds=[1]) if j.variant == "fuxi-mme (full)"]
+    saved = copy.deepcopy(job.planned)
+    # how it ran is not what it trained: paths, kernels, compile, graphs, logging
+    saved["data"]["path"], saved["model"]["attention"], saved["train"]["compile"] = "/elsewhere", "fused", True
+    saved["log"]["run_dir"] = "/somewhere/else"
+    saved["model"]["use_temporal"] = False  # switched off by the run: its data had no timestamps
+    del saved["train"]["cuda_graphs"]  # older runs did not record newer fields: their defaults
+    assert config_changes(job.planned, saved) == []
+    saved["model"]["qk_dim"] = 12
+    saved["train"]["lr"] = 0.002
+    assert config_changes(job.planned, saved) == ["model.qk_dim: 12 -> 24", "train.lr: 0.002 -> 0.001"]
+    del saved["train"]["loss"]  # not recorded: the default (sampled), which this plan asks for
+    saved["train"]["lr"], saved["model"]["qk_dim"] = 0.001, 24
+    assert config_changes(job.planned, saved) == []
+    planned_full = copy.deepcopy(job.planned)
+    planned_full["train"]["loss"] = "full"
+    assert config_changes(planned_full, saved) == ["train.loss: 'sampled' -> 'full'"]
+    # popularity trains nothing: only its data and evaluation settings count
+    (pop,) = [j for j in plan(SUITES["main"], Path("r"), None, [], ["ml-100k"], seeds=[0]) if j.variant == "popularity"]
+    other = copy.deepcopy(pop.planned)
+    other["train"]["loss"], other["model"]["dim"] = "full", 7
+    assert config_changes(pop.planned, other) == []
+    other["data"]["max_len"] = 20
+    assert config_changes(pop.planned, other) == ["data.max_len: 20 -> 200"]
+
+
+def test_a_run_made_with_other_settings_is_left_out_then_run_again(tmp_path, monkeypatch):
+    """A preset default changed after a run finished: the tables leave the run out and say why;
+    running the suite again moves it aside (seed<k>.stale) and trains the planned config."""
+    import copy
+
+    from fuxi_mme import experiment
+
+    suite = SUITES["ablation"]
+    jobs = plan(suite, tmp_path, None, [], ["demo"], seeds=[0])
+    for j in jobs:
+        cfg = copy.deepcopy(j.planned)
+        if j.variant == "fuxi-mme (full)":
+            cfg["model"]["qk_dim"] = cfg["model"]["v_dim"] = 48  # made before the default changed
+        _finish(j.run_dir, cfg, 0.5)
+    res = aggregate(suite, plan(suite, tmp_path, None, [], ["demo"], seeds=[0]), tmp_path, [])
+    assert {e["variant"] for e in res["results"]} == set(suite.variants) - {"fuxi-mme (full)"}
+    assert res["stale"] == [{"dataset": "demo", "variant": "fuxi-mme (full)", "changes": ["model.qk_dim: 48 -> 24", "model.v_dim: 48 -> 24"]}]
+    assert "Left out, trained with settings the suite no longer asks for" in (tmp_path / "ablation.md").read_text()
+
+    started = []
+
+    def fake_call(args, stdout, stderr, env):
+        run_dir = Path(args[args.index("--run-dir") + 1])
+        started.append(run_dir)
+        planned = next(j for j in jobs if j.run_dir == run_dir).planned
+        _finish(run_dir, planned, 0.7)
+        return 0
+
+    monkeypatch.setattr(experiment.subprocess, "call", fake_call)
+    (res,) = experiment.run_suites([suite], tmp_path, None, jobs=2, datasets=["demo"], seeds=[0])
+    full = next(j for j in jobs if j.variant == "fuxi-mme (full)")
+    assert started == [full.run_dir]  # the others are what the plan asks for: kept
+    aside = full.run_dir.with_name("seed0.stale")
+    assert json.loads((aside / "config.json").read_text())["model"]["qk_dim"] == 48
+    row = next(e for e in res["results"] if e["variant"] == "fuxi-mme (full)")
+    assert row["test/NDCG@10"]["mean"] == pytest.approx(0.7) and res["stale"] == []

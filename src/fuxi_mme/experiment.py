@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,10 +99,11 @@ CAPACITY = {
     "heads + experts x4": ("fuxi-mme", ["model.qk_dim={qk_full}", "model.v_dim={qk_full}", "model.ffn_multiply=4"]),
     "heads + experts x4 + per-stream": ("fuxi-mme", ["model.qk_dim={qk_full}", "model.v_dim={qk_full}", "model.ffn_multiply=4", "model.shared_decoder=false"]),
 }
-# Fuxi-MME on Amazon, from the shipped defaults: depth, more streams, weight decay, dropout; 3 seeds,
-# chosen on validation (docs/models.md), each dataset with its preset's loss.
+# Fuxi-MME on Amazon, from the defaults before it (two streams, heads at full width): depth, more
+# streams, weight decay, dropout; 3 seeds, chosen on validation (docs/models.md: it chose M=8),
+# each dataset with its preset's loss.
 AMAZON_TUNE = {
-    "shipped": ("fuxi-mme", []),
+    "M=2": ("fuxi-mme", []),
     "L=4": ("fuxi-mme", ["model.num_layers=4"]),
     "M=4": ("fuxi-mme", ["model.num_embeddings=4"]),
     "weight decay 0.05": ("fuxi-mme", ["train.weight_decay=0.05"]),
@@ -113,7 +114,7 @@ AMAZON_TUNE = {
 # The first Fuxi-MME defaults (before the capacity suite): heads and experts at the decoder's
 # width d / M, one decoder shared by the streams. The suites measured around them pin them, so
 # their runs stay what they were (fuxi-mme variants only; see Suite.model_sets).
-FIRST_MME = ["model.qk_dim={qk_half}", "model.v_dim={qk_half}", "model.ffn_multiply={ffn_base}", "model.shared_decoder=true"]
+FIRST_MME = ["model.num_embeddings=2", "model.qk_dim={qk_half}", "model.v_dim={qk_half}", "model.ffn_multiply={ffn_base}", "model.shared_decoder=true"]
 # The suites that compare model options keep SPEC's sampled loss on every dataset, Amazon too.
 SPEC_LOSS = ["train.loss=sampled"]
 
@@ -159,7 +160,8 @@ SUITES = {
     "capacity": Suite("capacity", ["ml-1m-ts70", "ml-100k", "amazon-beauty", "amazon-sports", "amazon-toys"], CAPACITY, seeds=[0, 1],
                       description="Fuxi-MME's decoder capacity at equal embedding size (head width, expert width, per-stream decoders) from its first defaults, on validation",
                       model_sets={"fuxi-mme": FIRST_MME}),
-    "amazon": Suite("amazon", list(AMAZON), AMAZON_TUNE, description="Fuxi-MME on Amazon from its shipped defaults: depth, four streams, weight decay, dropout, on validation"),
+    "amazon": Suite("amazon", list(AMAZON), AMAZON_TUNE, description="Fuxi-MME on Amazon from two streams with full-width heads: depth, more streams, weight decay, dropout, on validation",
+                    model_sets={"fuxi-mme": ["model.num_embeddings=2"]}),
     "loss": Suite("loss", ["amazon-beauty", "amazon-toys"], LOSS, seeds=[0], description="the training loss on Amazon: sampled softmax with K negatives or the full softmax, on validation; Fuxi-MME at its first defaults",
                   model_sets={"fuxi-mme": FIRST_MME},
                   extra={("amazon-beauty",): LOSS_MORE_K}),
@@ -304,7 +306,9 @@ def _run(job: Job, env: dict[str, str]) -> tuple[Job, int, float]:
         if aside.exists():
             shutil.rmtree(aside)
         job.run_dir.rename(aside)
-        print(f"{job.run_dir}: trained with other settings ({'; '.join(job.stale)}), moved to {aside.name} and run again", flush=True)
+        sys.stdout.write(f"{job.run_dir}: trained with other settings ({'; '.join(job.stale)}), moved to {aside.name} and run again\n")  # one write: threads do not interleave
+        sys.stdout.flush()
+        job.stale = None  # checked again against the new run's config once it ends
     elif job.run_dir.exists():  # an interrupted job: start it again cleanly
         shutil.rmtree(job.run_dir)
     job.run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -399,8 +403,9 @@ def run_suites(suites: list[Suite], root: Path, data_root: Path | None, jobs: in
             slots.give(job.gpu)
 
     failed: dict[str, list[str]] = {s.name: [] for s in suites}
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for job, rc, dt in pool.map(start, pending):
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job reported as it ends, not in start order
+        for fut in as_completed([pool.submit(start, j) for j in pending]):
+            job, rc, dt = fut.result()
             status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {job.run_dir}.log)"
             print(f"[{names[id(job)]}] {job.dataset} / {job.variant} / seed {job.seed}: {status} {dt:.0f}s" + (f" (GPU {job.gpu})" if job.gpu else ""), flush=True)
             if rc:
@@ -457,7 +462,6 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str], comm
             invalid[(job.dataset, job.variant)] = job.invalid
         elif job.stale:
             stale.setdefault((job.dataset, job.variant), job.stale)
-            missing[(job.dataset, job.variant)] = missing.get((job.dataset, job.variant), 0) + 1
         elif not (job.run_dir / "metrics.json").exists():
             missing[(job.dataset, job.variant)] = missing.get((job.dataset, job.variant), 0) + 1
     out = {"suite": suite.name, "description": suite.description, "commit": commit or git_commit(), "run_commits": commits, "devices": devices,
@@ -633,7 +637,7 @@ def published_comparison(res: dict[str, Any]) -> str:
 
 def write_docs(root: Path, docs: Path) -> Path:
     """docs/results.md from every ``<root>/<suite>.json`` present (tables, headline, plots)."""
-    parts = ["# Results", "", "Generated by `fuxi-mme experiment main ablation sweep scaling precision loss --root results --data-root ../shared/data",
+    parts = ["# Results", "", "Generated by `fuxi-mme experiment main ablation sweep capacity amazon scaling precision loss --root results --data-root ../shared/data",
              "--docs docs/results.md` (add `--aggregate-only` to rebuild the tables without running) from the runs under",
              "`results/` (each run folder holds its config, commit, device and metrics). Mean ± std over seeds (the number",
              "of seeds in parentheses); full ranking; protocol as named.", ""]
