@@ -113,7 +113,8 @@ AMAZON_TUNE = {
 }
 # The first Fuxi-MME defaults (before the capacity suite): heads and experts at the decoder's
 # width d / M, one decoder shared by the streams. The suites measured around them pin them, so
-# their runs stay what they were (fuxi-mme variants only; see Suite.model_sets).
+# their runs stay what they were (fuxi-mme variants only; see Suite.model_sets). The widths are
+# the base size's: these suites run base sizes only.
 FIRST_MME = ["model.num_embeddings=2", "model.qk_dim={qk_half}", "model.v_dim={qk_half}", "model.ffn_multiply={ffn_base}", "model.shared_decoder=true"]
 # The suites that compare model options keep SPEC's sampled loss on every dataset, Amazon too.
 SPEC_LOSS = ["train.loss=sampled"]

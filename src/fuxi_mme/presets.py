@@ -69,13 +69,14 @@ MME_DEFAULTS = {
     "moe.balance": "aux_loss",
     "moe.aux_loss_weight": 0.01,
 }
-# Decoder capacity per dim group, chosen on validation by the `capacity` suite (docs/models.md).
-# The item tables keep the total width d everywhere and the decoder runs at width d / M. The
-# first defaults also shrank the heads by M (experts at the decoder's width, one decoder shared
-# by the streams); on the ML-1M group (ML-100K, ML-1M, KuaiRand, user files) the heads keep
-# FuXi-alpha's per-head width, the experts are 4x the decoder's width and every stream has its
-# own decoder; on Amazon the heads keep their width and the item splits into 8 streams. Groups the suite did not measure (ML-20M,
-# demo) and shapes marked ``mme_first`` (ML-100K) keep the first defaults.
+# Decoder capacity per dim group, chosen on validation by the `capacity` and `amazon` suites
+# (docs/models.md). The item tables keep the total width d everywhere and the decoder runs at
+# width d / M. The first defaults also shrank the heads by M, kept the experts at the decoder's
+# width and shared one decoder between the streams. On the ML-1M group (ML-1M, KuaiRand, user
+# files) the heads keep FuXi-alpha's per-head width, the experts are 4x the decoder's width and
+# every stream has its own decoder; on Amazon the heads keep their width and each item splits
+# into 8 streams. Groups the suites did not measure (ML-20M, demo) and shapes marked
+# ``mme_first`` (ML-100K) keep the first defaults.
 MME_FULL_HEADS = {"ml-1m", "amazon"}
 MME_GROUP_DEFAULTS: dict[str, dict[str, object]] = {
     "ml-1m": {"ffn_multiply": 4.0, "shared_decoder": False},
