@@ -189,7 +189,6 @@ class Job:
     gpu: str | None = None
     invalid: str | None = None  # why this variant cannot run on this dataset (never started)
     planned: dict[str, Any] | None = None  # the config the run trains (to tell a finished run made with other settings)
-    stale: list[str] | None = None  # a finished run's settings that differ from ``planned`` (None: not checked yet)
 
 
 # Config fields that choose how a run executes (where its files are, kernels, graphs, compile,
@@ -230,6 +229,7 @@ def config_changes(planned: dict[str, Any], saved: dict[str, Any]) -> list[str]:
 
 
 def _stale(job: Job) -> list[str]:
+    """How a finished run's settings differ from the plan (empty: not finished, or as planned)."""
     f = job.run_dir / "config.json"
     if job.planned is None or not (job.run_dir / "metrics.json").exists() or not f.exists():
         return []
@@ -238,11 +238,7 @@ def _stale(job: Job) -> list[str]:
 
 def _done(job: Job) -> bool:
     """A finished run trained with the settings the plan asks for."""
-    if not (job.run_dir / "metrics.json").exists():
-        return False
-    if job.stale is None:
-        job.stale = _stale(job)
-    return not job.stale
+    return (job.run_dir / "metrics.json").exists() and not _stale(job)
 
 
 def _invalid(preset: str, sets: list[str]) -> str | None:
@@ -302,14 +298,14 @@ def _run(job: Job, env: dict[str, str]) -> tuple[Job, int, float]:
 
     if _done(job):
         return job, 0, 0.0
-    if job.stale:  # finished with other settings: keep it beside the new run until the next one
+    changes = _stale(job)
+    if changes:  # finished with other settings: keep it beside the new run until the next one
         aside = job.run_dir.with_name(job.run_dir.name + ".stale")
         if aside.exists():
             shutil.rmtree(aside)
         job.run_dir.rename(aside)
-        sys.stdout.write(f"{job.run_dir}: trained with other settings ({'; '.join(job.stale)}), moved to {aside.name} and run again\n")  # one write: threads do not interleave
+        sys.stdout.write(f"{job.run_dir}: trained with other settings ({'; '.join(changes)}), moved to {aside.name} and run again\n")  # one write: threads do not interleave
         sys.stdout.flush()
-        job.stale = None  # checked again against the new run's config once it ends
     elif job.run_dir.exists():  # an interrupted job: start it again cleanly
         shutil.rmtree(job.run_dir)
     job.run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -459,10 +455,11 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str], comm
     invalid: dict[tuple[str, str], str] = {}
     stale: dict[tuple[str, str], list[str]] = {}
     for job in todo:
+        changes = _stale(job)
         if job.invalid is not None:
             invalid[(job.dataset, job.variant)] = job.invalid
-        elif job.stale:
-            stale.setdefault((job.dataset, job.variant), job.stale)
+        elif changes:
+            stale.setdefault((job.dataset, job.variant), changes)
         elif not (job.run_dir / "metrics.json").exists():
             missing[(job.dataset, job.variant)] = missing.get((job.dataset, job.variant), 0) + 1
     out = {"suite": suite.name, "description": suite.description, "commit": commit or git_commit(), "run_commits": commits, "devices": devices,

@@ -35,7 +35,7 @@ class Shape:
     dropout: float = 0.2
     patience: int | None = 10
     loss: str = "sampled"  # train.loss; "full" where the validation split chose it (docs/models.md)
-    mme_first: bool = False  # Fuxi-MME keeps its first decoder defaults here, whatever the dim group (chosen on validation)
+    mme: str | None = None  # key of MME_DECODERS for Fuxi-MME; None: the dims group's (a key not there: the first defaults)
 
 
 SHAPES: dict[str, Shape] = {
@@ -43,7 +43,7 @@ SHAPES: dict[str, Shape] = {
     for s in [
         Shape("demo", "demo", max_len=50, epochs=15, patience=5),
         # ML-100K overfits the ML-1M group's wider Fuxi-MME decoder (validation, docs/models.md)
-        Shape("ml-100k", "ml-1m", max_len=200, epochs=101, mme_first=True),
+        Shape("ml-100k", "ml-1m", max_len=200, epochs=101, mme="first"),
         Shape("ml-1m", "ml-1m", max_len=200, epochs=101),
         Shape("ml-1m-ts70", "ml-1m", max_len=200, epochs=101),
         Shape("ml-20m", "ml-20m", max_len=200, epochs=101),
@@ -69,20 +69,17 @@ MME_DEFAULTS = {
     "moe.balance": "aux_loss",
     "moe.aux_loss_weight": 0.01,
 }
-# Decoder capacity per dim group, chosen on validation by the `capacity` and `amazon` suites
+# Fuxi-MME's decoder per dim group, chosen on validation by the `capacity` and `amazon` suites
 # (docs/models.md). The item tables keep the total width d everywhere and the decoder runs at
-# width d / M. The first defaults also shrank the heads by M, kept the experts at the decoder's
-# width and shared one decoder between the streams. On the ML-1M group (ML-1M, KuaiRand, user
-# files) the heads keep FuXi-alpha's per-head width, the experts are 4x the decoder's width and
-# every stream has its own decoder; on Amazon the heads keep their width and each item splits
-# into 8 streams. Groups the suites did not measure (ML-20M, demo) and shapes marked
-# ``mme_first`` (ML-100K) keep the first defaults.
-MME_FULL_HEADS = {"ml-1m", "amazon"}
-MME_GROUP_DEFAULTS: dict[str, dict[str, object]] = {
-    "ml-1m": {"ffn_multiply": 4.0, "shared_decoder": False},
-    # Amazon: eight streams of width 8 (the `amazon` suite: best mean validation NDCG@10 over
-    # Beauty, Sports and Toys, level with 4 layers at a third of the training time)
-    "amazon": {"num_embeddings": 8},
+# width d / M. The first defaults (a group not listed here) also shrink the heads by M, keep
+# the experts at the decoder's width and share one decoder between the streams. "full_heads":
+# the heads keep FuXi-alpha's per-head width; the other keys are `model.` fields. ML-20M and
+# demo were not measured; ML-100K overfits the ML-1M group's wider decoder (Shape.mme).
+MME_DECODERS: dict[str, dict[str, object]] = {
+    "ml-1m": {"full_heads": True, "ffn_multiply": 4.0, "shared_decoder": False},
+    # eight streams of width 8: the `amazon` suite's best mean validation NDCG@10 over Beauty,
+    # Sports and Toys, level with 4 layers at a third of the training time
+    "amazon": {"full_heads": True, "num_embeddings": 8},
 }
 
 
@@ -136,9 +133,10 @@ def build_preset(name: str) -> Config:
     if model == "sasrec":
         m.dim, m.num_layers, m.num_heads, m.ffn_dim = SASREC_DIMS[shape.dims][size]
     if model == "fuxi-mme":
-        wide = not shape.mme_first
-        for k, v in {**MME_DEFAULTS, **(MME_GROUP_DEFAULTS.get(shape.dims, {}) if wide else {})}.items():
+        decoder = dict(MME_DECODERS.get(shape.mme or shape.dims, {}))
+        full_heads = decoder.pop("full_heads", False)
+        for k, v in {**MME_DEFAULTS, **decoder}.items():
             set_field(cfg, f"model.{k}", v)
-        if not (wide and shape.dims in MME_FULL_HEADS):  # heads shrink with the decoder's width d / M
+        if not full_heads:  # the heads shrink with the decoder's width d / M
             m.qk_dim = m.v_dim = max(1, m.qk_dim // m.num_embeddings)
     return cfg
