@@ -149,3 +149,15 @@ def test_fused_attention_picks_the_narrow_head_tables():
     assert fa.launch_kind(False, False, 64) == "fuxi" and fa.launch_kind(False, False, 32) == "fuxi-d32"
     assert fa.launch_kind(False, True, 25) == "fuxi-split-d32" and fa.launch_kind(True, False, 32) == "hstu"
     assert all(fa.launch_kind(h, s, d) in fa.LAUNCH for h in (False, True) for s in (False, True) for d in (16, 64))
+
+
+def test_eval_speed_times_both_orders_and_checks_their_ranks(tmp_path):
+    import json
+
+    out = tmp_path / "eval.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_speed.py"), "--preset", "demo-fuxi-mme-base", "--device", "cpu",
+                    "--set", "data.demo_users=300", "--out", str(out)], check=True, capture_output=True, text=True)
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["users"] == 300 and run["same_ranks"] is True
+    assert run["length_sorted_s"] > 0 and run["user_order_s"] > 0 and run["device"]["device"] == "cpu"
+    assert "| demo-fuxi-mme-base data.demo_users=300 | valid | 300 |" in out.with_suffix(".md").read_text()

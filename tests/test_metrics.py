@@ -52,16 +52,20 @@ def test_evaluator_matches_brute_force_with_ties_and_filtering(filter_history):
     I = ds.num_items + 1
     table = np.round(rng.normal(size=(len(arrs), I)), 1)  # rounding makes many ties
 
-    def scorer(batch):
-        # rows of this batch, recovered through the targets' order
-        return torch.tensor(table[scorer.rows], dtype=torch.float32)
+    widths = []
 
-    got = []
-    for s in range(0, len(arrs), 7):
-        rows_b = np.arange(s, min(s + 7, len(arrs)))
-        scorer.rows = rows_b
-        got.append(evaluate_ranks(scorer, arrs, ds, filter_history, batch_size=7, rows=rows_b))
-    got = np.concatenate(got)
+    def scorer(batch):
+        # the batch's rows, each batch trimmed to its own longest sequence
+        assert batch["ids"].shape[1] == int(arrs.lengths[batch["rows"].numpy()].max())
+        widths.append(batch["ids"].shape[1])
+        return torch.tensor(table[batch["rows"].numpy()], dtype=torch.float32)
+
+    got = evaluate_ranks(scorer, arrs, ds, filter_history, batch_size=7)
+    # shortest rows first: batch widths never decrease, and the short ones are not padded to 5
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+    # any subset comes back in its own order
+    some = np.random.default_rng(1).permutation(len(arrs))[:15]
+    np.testing.assert_array_equal(evaluate_ranks(scorer, arrs, ds, filter_history, batch_size=4, rows=some), got[some])
     seen = [ds.items[a:b] if filter_history else [] for a, b in zip(arrs.hist_start, arrs.hist_end)]
     want = brute_force_ranks(table.astype(np.float32), arrs.targets, seen)
     np.testing.assert_array_equal(got, want)
@@ -69,3 +73,25 @@ def test_evaluator_matches_brute_force_with_ties_and_filtering(filter_history):
         [metrics_from_ranks(got)[k] for k in ("HR@10", "NDCG@10", "MRR")],
         [np.mean(want <= 10), np.mean(np.where(want <= 10, 1 / np.log2(want + 1), 0)), np.mean(1 / want)],
     )
+
+
+@pytest.mark.parametrize("model", ["fuxi-mme", "fuxi-alpha", "hstu", "sasrec"])
+def test_length_sorted_batches_rank_as_one_row_at_a_time(model):
+    """Evaluation batches take rows shortest first, each padded to its own longest sequence: the
+    ranks equal scoring every row alone at its own length, in the rows' order."""
+    from conftest import tiny_config
+
+    from fuxi_mme.data import load_dataset
+    from fuxi_mme.data.splits import eval_arrays
+    from fuxi_mme.eval.evaluator import model_scorer
+    from fuxi_mme.models import build_model
+
+    cfg = tiny_config(model)
+    ds = load_dataset(cfg.data)
+    arrs = eval_arrays(ds, "loo-val", "test", cfg.data.max_len)
+    assert len(set(arrs.lengths.tolist())) > 5  # lengths vary, so the order and trimming matter
+    torch.manual_seed(0)
+    net = build_model(cfg.model, ds.num_items, cfg.data.max_len).eval()
+    scorer = model_scorer(net)
+    alone = np.concatenate([evaluate_ranks(scorer, arrs, ds, batch_size=1, rows=np.array([r])) for r in range(len(arrs))])
+    np.testing.assert_array_equal(evaluate_ranks(scorer, arrs, ds, batch_size=64), alone)

@@ -75,12 +75,18 @@ def evaluate_ranks(
     device: torch.device | str = "cpu",
     rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """1-based rank of each target among all items (padding never a candidate)."""
-    rows_all = np.arange(len(arrs)) if rows is None else rows
-    out = []
-    for s in range(0, len(rows_all), batch_size):
-        rows_b = rows_all[s : s + batch_size]
+    """1-based rank of each target among all items (padding never a candidate), in the order of
+    ``rows`` (default: every row). Batches take the rows shortest first, so each is padded only
+    to its own longest sequence (``to_batch`` trims) rather than short histories being scored at
+    the width of a long one; a scorer sees the batch's row indices in ``batch["rows"]``."""
+    rows_all = np.arange(len(arrs)) if rows is None else np.asarray(rows)
+    order = np.argsort(arrs.lengths[rows_all], kind="stable")
+    out = np.zeros(len(rows_all), dtype=np.int64)
+    for s in range(0, len(order), batch_size):
+        at = order[s : s + batch_size]
+        rows_b = rows_all[at]
         batch = to_batch(arrs, rows_b, device)
+        batch["rows"] = torch.from_numpy(rows_b)
         scores = scorer(batch).float()
         scores[:, 0] = -torch.inf
         if filter_history:
@@ -88,8 +94,8 @@ def evaluate_ranks(
             tgt = torch.from_numpy(arrs.targets[rows_b])
             keep = it != tgt.numpy()[r]  # the target stays a candidate even if seen before
             scores[torch.from_numpy(r[keep]).to(scores.device), torch.from_numpy(it[keep]).to(scores.device)] = -torch.inf
-        out.append(ranks_from_scores(scores, batch["target"]).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+        out[at] = ranks_from_scores(scores, batch["target"]).cpu().numpy()
+    return out
 
 
 def evaluate(scorer: Scorer, arrs: EvalArrays, ds: PreparedDataset, ks=(10, 50, 200), filter_history=True, batch_size=1024, device="cpu") -> dict[str, float]:

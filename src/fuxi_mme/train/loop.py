@@ -354,13 +354,17 @@ class Trainer:
         scorer = model_scorer(self.model, self.amp_dtype)
         e = self.cfg.eval
         if self.dist.enabled:
-            # whole batches per rank (batch b -> rank b % world): scores identical to one process
+            # whole batches per rank (batch b -> rank b % world), the same length-sorted batches
+            # as one process makes (evaluate_ranks): scores identical to one process
+            by_length = np.argsort(arrs.lengths, kind="stable")
             starts = range(self.dist.rank * e.batch_size, len(arrs), self.dist.world * e.batch_size)
-            mine = {s: evaluate_ranks(scorer, arrs, self.ds, e.filter_history, e.batch_size, self.device, rows=np.arange(s, min(s + e.batch_size, len(arrs)))) for s in starts}
+            mine = {s: evaluate_ranks(scorer, arrs, self.ds, e.filter_history, e.batch_size, self.device, rows=by_length[s : s + e.batch_size]) for s in starts}
             gathered: dict[int, np.ndarray] = {}
             for part in D.all_gather_objects(mine, self.dist):
                 gathered.update(part)
-            ranks = np.concatenate([gathered[s] for s in sorted(gathered)]) if gathered else np.zeros(0, dtype=np.int64)
+            ranks = np.zeros(len(arrs), dtype=np.int64)
+            if gathered:
+                ranks[by_length] = np.concatenate([gathered[s] for s in sorted(gathered)])
         else:
             ranks = evaluate_ranks(scorer, arrs, self.ds, e.filter_history, e.batch_size, self.device)
         m = metrics_from_ranks(ranks, e.ks)
