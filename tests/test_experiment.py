@@ -190,7 +190,8 @@ def test_suites_measured_around_the_first_defaults_pin_them(tmp_path):
             if j.invalid:  # M=4 on a width of 50
                 continue
             m = j.planned["model"]
-            if j.variant in ("default", "first default", "fuxi-mme E=4", "fuxi-mme L=2") or j.variant.startswith("fuxi-mme ") and name in ("precision", "loss"):
+            at_first_defaults = j.variant in ("default", "first default", "fuxi-mme E=4", "fuxi-mme L=2") or (name in ("precision", "loss") and j.variant.startswith("fuxi-mme "))
+            if at_first_defaults:
                 assert (m["num_embeddings"], m["qk_dim"] * 2, m["ffn_multiply"], m["shared_decoder"]) == (2, build_preset(f"{ds}-fuxi-alpha-base").model.qk_dim, 1.0, True), (name, j.variant)
             if m["name"] == "fuxi-alpha":
                 assert "model.num_embeddings=2" not in j.args

@@ -241,23 +241,18 @@ def _done(job: Job) -> bool:
     return (job.run_dir / "metrics.json").exists() and not _stale(job)
 
 
-def _invalid(preset: str, sets: list[str]) -> str | None:
-    """The configuration error a run would stop with (e.g. M=4 with a width of 50), or None."""
+def _planned(preset: str, sets: list[str]) -> tuple[dict[str, Any] | None, str | None]:
+    """The config a run of ``preset`` with ``sets`` trains, or the configuration error it would
+    stop with (e.g. M=4 with a width of 50)."""
     from .config import ConfigError, apply_overrides, validate
     from .presets import build_preset
 
     try:
-        validate(apply_overrides(build_preset(preset), sets))
+        cfg = apply_overrides(build_preset(preset), sets)
+        validate(cfg)
     except ConfigError as e:
-        return str(e)
-    return None
-
-
-def _planned(preset: str, sets: list[str]) -> dict[str, Any]:
-    from .config import apply_overrides
-    from .presets import build_preset
-
-    return apply_overrides(build_preset(preset), sets).to_dict()
+        return None, str(e)
+    return cfg.to_dict(), None
 
 
 def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], datasets: list[str] | None = None, seeds: list[int] | None = None,
@@ -287,8 +282,7 @@ def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], dat
                 sets = [o.format(**fmt) for o in [*suite.sets, *suite.model_sets.get(model, []), *over, *extra]]
                 for o in sets:
                     args += ["--set", o]
-                bad = _invalid(preset_name(ds, model, size), sets)
-                planned = None if bad else _planned(preset_name(ds, model, size), [f"train.seed={seed}", f"data.protocol={protocol}", *sets])
+                planned, bad = _planned(preset_name(ds, model, size), [f"train.seed={seed}", f"data.protocol={protocol}", *sets])
                 jobs.append(Job(ds, variant, seed, args, run_dir, invalid=bad, planned=planned))
     return jobs
 
@@ -296,9 +290,9 @@ def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], dat
 def _run(job: Job, env: dict[str, str]) -> tuple[Job, int, float]:
     import shutil
 
-    if _done(job):
-        return job, 0, 0.0
     changes = _stale(job)
+    if (job.run_dir / "metrics.json").exists() and not changes:  # finished as planned
+        return job, 0, 0.0
     if changes:  # finished with other settings: keep it beside the new run until the next one
         aside = job.run_dir.with_name(job.run_dir.name + ".stale")
         if aside.exists():
@@ -418,15 +412,16 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str], comm
     """Mean and std over seeds of every (dataset, variant) with results; ``<root>/<suite>.json``
     and ``.md``. ``commit``: the checkout's commit, read once before several suites are written
     (the first suite's files would otherwise make the tree look modified to the next)."""
+    changes = {id(job): _stale(job) for job in todo}  # read each run's config once
+    done = [job for job in todo if (job.run_dir / "metrics.json").exists() and not changes[id(job)]]
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for job in todo:
-        if _done(job):
-            rows.setdefault((job.dataset, job.variant), []).append(json.loads((job.run_dir / "metrics.json").read_text()))
+    for job in done:
+        rows.setdefault((job.dataset, job.variant), []).append(json.loads((job.run_dir / "metrics.json").read_text()))
     # where each run came from: its commit and device (run.json), counted per suite and per row
     origin: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for job in todo:
+    for job in done:
         rj = job.run_dir / "run.json"
-        if _done(job) and rj.exists():
+        if rj.exists():
             info = json.loads(rj.read_text())
             dev = info.get("device", {})
             origin.setdefault((job.dataset, job.variant), []).append((run_commit(info), str(dev.get("gpu") or dev.get("device", "?"))))
@@ -455,11 +450,10 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str], comm
     invalid: dict[tuple[str, str], str] = {}
     stale: dict[tuple[str, str], list[str]] = {}
     for job in todo:
-        changes = _stale(job)
         if job.invalid is not None:
             invalid[(job.dataset, job.variant)] = job.invalid
-        elif changes:
-            stale.setdefault((job.dataset, job.variant), changes)
+        elif changes[id(job)]:
+            stale.setdefault((job.dataset, job.variant), changes[id(job)])
         elif not (job.run_dir / "metrics.json").exists():
             missing[(job.dataset, job.variant)] = missing.get((job.dataset, job.variant), 0) + 1
     out = {"suite": suite.name, "description": suite.description, "commit": commit or git_commit(), "run_commits": commits, "devices": devices,
