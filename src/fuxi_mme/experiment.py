@@ -111,6 +111,16 @@ AMAZON_TUNE = {
     "L=4, M=4": ("fuxi-mme", ["model.num_layers=4", "model.num_embeddings=4"]),
     "M=8": ("fuxi-mme", ["model.num_embeddings=8"]),
 }
+# Embedding width at equal embedding size: d for SASRec, FuXi-alpha and Fuxi-MME (each with its
+# preset's decoder), the heads' width growing with d (d / H per head, as FuXi-alpha's presets do
+# from ML-1M to ML-20M) and SASRec's FFN at d. Multi-embedding is meant to pay off as the tables
+# widen (SPEC section 4), so this is where its advantage should show, if it has one.
+WIDTHS = (128, 256)
+WIDTH = {
+    **{f"{m} d=base": (m, []) for m in ("sasrec", "fuxi-alpha", "fuxi-mme")},
+    **{f"sasrec d={w}": ("sasrec", [f"model.dim={w}", f"model.ffn_dim={w}"]) for w in WIDTHS},
+    **{f"{m} d={w}": (m, [f"model.dim={w}", f"model.qk_dim={{qk_d{w}}}", f"model.v_dim={{qk_d{w}}}"]) for m in ("fuxi-alpha", "fuxi-mme") for w in WIDTHS},
+}
 # The first Fuxi-MME defaults (before the capacity suite): heads and experts at the decoder's
 # width d / M, one decoder shared by the streams. The suites measured around them pin them, so
 # their runs stay what they were (fuxi-mme variants only; see Suite.model_sets). The widths are
@@ -163,6 +173,8 @@ SUITES = {
                       model_sets={"fuxi-mme": FIRST_MME}),
     "amazon": Suite("amazon", list(AMAZON), AMAZON_TUNE, description="Fuxi-MME on Amazon from two streams with full-width heads: depth, more streams, weight decay, dropout, on validation",
                     model_sets={"fuxi-mme": ["model.num_embeddings=2"]}),
+    "width": Suite("width", ["amazon-beauty", "amazon-sports", "amazon-toys", "ml-1m-ts70"], WIDTH,
+                   description="embedding width d at equal embedding size: SASRec, FuXi-alpha and Fuxi-MME (their presets' decoders) at the base width, 128 and 256, on each dataset's preset loss"),
     "loss": Suite("loss", ["amazon-beauty", "amazon-toys"], LOSS, seeds=[0], description="the training loss on Amazon: sampled softmax with K negatives or the full softmax, on validation; Fuxi-MME at its first defaults",
                   model_sets={"fuxi-mme": FIRST_MME},
                   extra={("amazon-beauty",): LOSS_MORE_K}),
@@ -262,7 +274,8 @@ def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], dat
     jobs = []
     for ds in datasets or suite.datasets:
         base = build_preset(preset_name(ds, "fuxi-alpha", "base")).model
-        fmt = {"qk_full": base.qk_dim, "qk_half": max(1, base.qk_dim // 2), "qk_quarter": max(1, base.qk_dim // 4), "ffn_base": base.ffn_multiply}
+        fmt = {"qk_full": base.qk_dim, "qk_half": max(1, base.qk_dim // 2), "qk_quarter": max(1, base.qk_dim // 4), "ffn_base": base.ffn_multiply,
+               **{f"qk_d{w}": max(1, w // base.num_heads) for w in WIDTHS}}
         data_args: list[str] = []
         folder = data_root / DATA_FOLDERS[ds] if data_root is not None and ds in DATA_FOLDERS else None
         if folder is not None and folder.exists():
