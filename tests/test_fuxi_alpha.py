@@ -147,3 +147,25 @@ def test_integer_bucketing_equals_the_float64_formula():
     edges = torch.cat([t - 1, t, t + 1])
     assert torch.equal(time_bucket(edges), formula(edges))
     assert time_bucket(torch.tensor([2.5, -100.0])).tolist() == formula(torch.tensor([2.5, -100.0])).tolist()
+
+
+def test_attention_norm_replaces_the_padded_length():
+    """model.attention_norm = 0 divides the semantic channel by the padded length (SPEC); a
+    positive value divides by itself instead: equal to max_len it is the same model, otherwise
+    the outputs change; a negative value is refused with the fix."""
+    from fuxi_mme.config import Config, ConfigError, validate
+
+    torch.manual_seed(0)
+    spec = tiny_model()
+    ids, ts, qts = batch()
+    same = tiny_model(attention_norm=float(spec.max_len))
+    same.load_state_dict(spec.state_dict())
+    torch.testing.assert_close(spec(ids, ts, qts), same(ids, ts, qts))
+    short = tiny_model(attention_norm=2.0)
+    short.load_state_dict(spec.state_dict())
+    assert all(b.norm == 2.0 for b in short.blocks) and all(b.norm == spec.max_len for b in spec.blocks)
+    assert not torch.allclose(spec(ids, ts, qts), short(ids, ts, qts))
+    cfg = Config()
+    cfg.model.attention_norm = -1.0
+    with pytest.raises(ConfigError, match="attention_norm"):
+        validate(cfg)

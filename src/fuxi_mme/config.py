@@ -76,6 +76,9 @@ class ModelConfig:
     num_time_buckets: int = 128  # bucket ids 0..num_time_buckets (129 scalars)
     time_bucket_divisor: float = 0.301
     use_temporal: bool = True  # disabled automatically when the dataset has no timestamps
+    # N in the semantic channel's phi(q k^T) / N: 0 is SPEC's padded length (data.max_len); a
+    # positive value divides by it instead (e.g. about the mean sequence length on short-sequence data)
+    attention_norm: float = 0.0
     attention: str = "auto"  # "reference" (PyTorch), "fused" (Triton kernel, GPU), "auto" (the reference: faster in the whole step, see docs/performance.md)
     # Fuxi-MME
     num_embeddings: int = 1  # M: item sub-tables of width dim / M
@@ -347,6 +350,8 @@ def validate(cfg: Config) -> None:
     lc = str(cfg.train.length_chunks)
     if lc != "auto" and not (lc.isdigit() and int(lc) >= 1):
         raise ConfigError(f"train.length_chunks={lc!r} must be auto or a whole number of at least 1")
+    if m.attention_norm < 0:
+        raise ConfigError(f"model.attention_norm={m.attention_norm} must be 0 (the padded length, SPEC) or a positive divisor")
     if cfg.train.temperature <= 0:
         raise ConfigError(f"train.temperature={cfg.train.temperature} must be positive")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:

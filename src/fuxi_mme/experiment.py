@@ -121,6 +121,14 @@ WIDTH = {
     **{f"sasrec d={w}": ("sasrec", [f"model.dim={w}", f"model.ffn_dim={w}"]) for w in WIDTHS},
     **{f"{m} d={w}": (m, [f"model.dim={w}", f"model.qk_dim={{qk_d{w}}}", f"model.v_dim={{qk_d{w}}}"]) for m in ("fuxi-alpha", "fuxi-mme") for w in WIDTHS},
 }
+# The semantic channel's normaliser N in phi(q k^T) / N (SPEC: the padded length, 50 on Amazon).
+# Amazon sequences are short (about 7 items in training), so dividing by 50 makes the
+# semantic channel small beside the positional one; N = 8 is about the mean length. At the base
+# width and at d = 256 (the `width` suite's other rows are the SPEC-N runs).
+NORM = {
+    **{f"{m} N=8": (m, ["model.attention_norm=8"]) for m in ("fuxi-alpha", "fuxi-mme")},
+    **{f"{m} d=256, N=8": (m, ["model.dim=256", "model.qk_dim={qk_d256}", "model.v_dim={qk_d256}", "model.attention_norm=8"]) for m in ("fuxi-alpha", "fuxi-mme")},
+}
 # The first Fuxi-MME defaults (before the capacity suite): heads and experts at the decoder's
 # width d / M, one decoder shared by the streams. The suites measured around them pin them, so
 # their runs stay what they were (fuxi-mme variants only; see Suite.model_sets). The widths are
@@ -175,6 +183,7 @@ SUITES = {
                     model_sets={"fuxi-mme": ["model.num_embeddings=2"]}),
     "width": Suite("width", ["amazon-beauty", "amazon-sports", "amazon-toys", "ml-1m-ts70"], WIDTH,
                    description="embedding width d at equal embedding size: SASRec, FuXi-alpha and Fuxi-MME (their presets' decoders) at the base width, 128 and 256, on each dataset's preset loss"),
+    "norm": Suite("norm", list(AMAZON), NORM, description="the semantic attention's normaliser N = 8 (about the mean Amazon training length) against SPEC's padded length 50 (the `width` suite's rows), FuXi-alpha and Fuxi-MME, at the base width and d = 256"),
     "loss": Suite("loss", ["amazon-beauty", "amazon-toys"], LOSS, seeds=[0], description="the training loss on Amazon: sampled softmax with K negatives or the full softmax, on validation; Fuxi-MME at its first defaults",
                   model_sets={"fuxi-mme": FIRST_MME},
                   extra={("amazon-beauty",): LOSS_MORE_K}),

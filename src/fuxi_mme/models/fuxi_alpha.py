@@ -54,12 +54,14 @@ class FuxiBlock(nn.Module):
         moe: MoEConfig | None = None,
         num_streams: int = 1,
         attention: str = "reference",
+        attention_norm: float = 0.0,
     ):
         super().__init__()
         H = num_heads
         self.attend = select_attention(attention, "fuxi")
         self.H, self.qk_dim, self.v_dim = H, qk_dim, v_dim
         self.max_len = max_len
+        self.norm = float(attention_norm) if attention_norm > 0 else float(max_len)  # N of phi(q k^T) / N
         self.moe_placement = moe.placement if moe is not None and moe.num_experts > 0 else None
         u_width = 3 * H * v_dim
         hidden = int(round(ffn_multiply * dim))
@@ -83,7 +85,7 @@ class FuxiBlock(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, width: int, max_len: int, moe: MoEConfig | None = None, num_streams: int = 1) -> "FuxiBlock":
-        return cls(width, cfg.num_heads, cfg.qk_dim, cfg.v_dim, cfg.ffn_multiply, cfg.dropout, max_len, cfg.num_time_buckets, moe=moe, num_streams=num_streams, attention=cfg.attention)
+        return cls(width, cfg.num_heads, cfg.qk_dim, cfg.v_dim, cfg.ffn_multiply, cfg.dropout, max_len, cfg.num_time_buckets, moe=moe, num_streams=num_streams, attention=cfg.attention, attention_norm=cfg.attention_norm)
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in (getattr(self, "u_moe", None), getattr(self, "out_moe", None), getattr(self, "ffn_moe", None)) if m is not None]
@@ -118,7 +120,7 @@ class FuxiBlock(nn.Module):
             # (and their table lookups and gradients) are computed once per sequence, not per stream
             q, k, v = (t.reshape(B // groups, groups * H, N, t.shape[-1]) for t in (q, k, v))
         # (B, N, 3*H*Dv), row b*g + m for group m: the fused kernels write it in that layout
-        attn = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len), lengths, groups)
+        attn = self.attend(q, k, v, self.pos_w, self.time_w, buckets, self.norm, lengths, groups)
         h = rms_norm(attn) * u
         hd = self.drop(h)
         o = (self.out_moe(hd, valid, stream) if self.out is None else self.out(hd)) + x

@@ -24,6 +24,7 @@ class HSTUBlock(nn.Module):
         super().__init__()
         H, Dq, Dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
         self.H, self.Dq, self.Dv, self.max_len = H, Dq, Dv, max_len
+        self.norm = float(cfg.attention_norm) if cfg.attention_norm > 0 else float(max_len)  # N of phi(...) / N
         self.uvqk = nn.Linear(cfg.dim, 2 * H * Dv + 2 * H * Dq, bias=False)
         self.pos_w = nn.Parameter(torch.empty(max_len).normal_(std=0.02))
         self.time_w = nn.Parameter(torch.empty(cfg.num_time_buckets + 1).normal_(std=0.02))
@@ -38,7 +39,7 @@ class HSTUBlock(nn.Module):
         q = q.view(B, N, H, Dq).transpose(1, 2)
         k = k.view(B, N, H, Dq).transpose(1, 2)
         v = v.view(B, N, H, Dv).transpose(1, 2)
-        a = self.attend(q, k, v, self.pos_w, self.time_w, buckets, float(self.max_len), lengths)
+        a = self.attend(q, k, v, self.pos_w, self.time_w, buckets, self.norm, lengths)
         return x + self.out(self.drop(u * _ln(a)))
 
 
