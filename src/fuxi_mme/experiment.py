@@ -59,9 +59,13 @@ PUBLISHED_EXTRA = {
     **{f"{m} (paper)": (m, [], "base", "paper") for m in BASELINES},
 }
 # Amazon: the main suite trains with the full softmax (the Amazon presets' loss, chosen by the
-# `loss` suite) and keeps SPEC's sampled softmax as extra rows for every model.
+# `loss` suite), adds the large sizes (d = 256, chosen by the `width` suite) and keeps SPEC's
+# sampled softmax as extra rows for every base model.
 AMAZON = ("amazon-beauty", "amazon-sports", "amazon-toys")
-AMAZON_EXTRA = {f"{m} (sampled loss)": (m, ["train.loss=sampled"]) for m in ("sasrec", "hstu", "fuxi-alpha", "fuxi-mme")}
+AMAZON_EXTRA = {
+    **{f"{m} large": (m, [], "large") for m in ("sasrec", "hstu", "fuxi-alpha", "fuxi-mme")},  # d = 256 (presets.FUXI_DIMS)
+    **{f"{m} (sampled loss)": (m, ["train.loss=sampled"]) for m in ("sasrec", "hstu", "fuxi-alpha", "fuxi-mme")},
+}
 # Scaling: depth for FuXi-alpha and Fuxi-MME; experts for Fuxi-MME and FuXi-alpha + MoE.
 SCALING = {
     **{f"fuxi-alpha L={n}": ("fuxi-alpha", [f"model.num_layers={n}"]) for n in (2, 4, 8)},
