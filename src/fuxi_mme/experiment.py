@@ -125,6 +125,8 @@ WIDTH = {
     **{f"sasrec d={w}": ("sasrec", [f"model.dim={w}", f"model.ffn_dim={w}"]) for w in WIDTHS},
     **{f"{m} d={w}": (m, [f"model.dim={w}", f"model.qk_dim={{qk_d{w}}}", f"model.v_dim={{qk_d{w}}}"]) for m in ("fuxi-alpha", "fuxi-mme") for w in WIDTHS},
 }
+# Amazon only: Fuxi-MME at d = 256 with four streams of width 64 instead of eight of 32
+WIDTH_AMAZON = {"fuxi-mme d=256, M=4": ("fuxi-mme", ["model.dim=256", "model.qk_dim={qk_d256}", "model.v_dim={qk_d256}", "model.num_embeddings=4"])}
 # The semantic channel's normaliser N in phi(q k^T) / N (SPEC: the padded length, 50 on Amazon).
 # Amazon sequences are short (about 7 items in training), so dividing by 50 makes the
 # semantic channel small beside the positional one; N = 8 is about the mean length. At the base
@@ -185,7 +187,7 @@ SUITES = {
                       model_sets={"fuxi-mme": FIRST_MME}),
     "amazon": Suite("amazon", list(AMAZON), AMAZON_TUNE, description="Fuxi-MME on Amazon from two streams with full-width heads: depth, more streams, weight decay, dropout, on validation",
                     model_sets={"fuxi-mme": ["model.num_embeddings=2"]}),
-    "width": Suite("width", ["amazon-beauty", "amazon-sports", "amazon-toys", "ml-1m-ts70"], WIDTH,
+    "width": Suite("width", ["amazon-beauty", "amazon-sports", "amazon-toys", "ml-1m-ts70"], WIDTH, extra={AMAZON: WIDTH_AMAZON},
                    description="embedding width d at equal embedding size: SASRec, FuXi-alpha and Fuxi-MME (their presets' decoders) at the base width, 128 and 256, on each dataset's preset loss"),
     "norm": Suite("norm", list(AMAZON), NORM, description="the semantic attention's normaliser N = 8 (about the mean Amazon training length) against SPEC's padded length 50 (the `width` suite's rows), FuXi-alpha and Fuxi-MME, at the base width and d = 256"),
     "loss": Suite("loss", ["amazon-beauty", "amazon-toys"], LOSS, seeds=[0], description="the training loss on Amazon: sampled softmax with K negatives or the full softmax, on validation; Fuxi-MME at its first defaults",
