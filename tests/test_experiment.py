@@ -51,8 +51,9 @@ def test_main_suite_adds_large_sizes_and_the_paper_protocol_on_movielens(tmp_pat
     ts70 = {j.variant for j in jobs if j.dataset == "ml-1m-ts70"}
     toys = {j.variant for j in jobs if j.dataset == "amazon-toys"}
     base = {"popularity", "sasrec", "hstu", "fuxi-alpha", "fuxi-mme"}
-    assert toys == base | {f"{m} (sampled loss)" for m in base - {"popularity"}}  # Amazon: SPEC's loss as extra rows
-    assert ts70 == base | {"sasrec large", "hstu large", "fuxi-alpha large", "fuxi-mme large"} | {f"{m} (paper)" for m in base}
+    large = {"sasrec large", "hstu large", "fuxi-alpha large", "fuxi-mme large"}
+    assert toys == base | large | {f"{m} (sampled loss)" for m in base - {"popularity"}}  # Amazon: SPEC's loss as extra rows
+    assert ts70 == base | large | {f"{m} (paper)" for m in base}
     j = next(j for j in jobs if j.variant == "hstu (sampled loss)")
     assert j.args[j.args.index("--preset") + 1] == "amazon-toys-hstu-base" and "train.loss=sampled" in j.args
     # the Amazon presets train with the full softmax; the option-comparing suites pin SPEC's loss
@@ -63,8 +64,18 @@ def test_main_suite_adds_large_sizes_and_the_paper_protocol_on_movielens(tmp_pat
         assert all("train.loss=sampled" in j.args for j in plan(SUITES[name], tmp_path / "r", None, [], ["amazon-beauty"]))
     j = next(j for j in jobs if j.variant == "fuxi-mme (paper)" and j.seed == 2)
     assert j.args[j.args.index("--protocol") + 1] == "paper" and j.args[j.args.index("--preset") + 1] == "ml-1m-ts70-fuxi-mme-base"
-    j = next(j for j in jobs if j.variant == "hstu large")
+    j = next(j for j in jobs if j.variant == "hstu large" and j.dataset == "ml-1m-ts70")
     assert j.args[j.args.index("--preset") + 1] == "ml-1m-ts70-hstu-large"
+    # Amazon large is wider (d 256), not deeper; the width suite's d=256 rows train the same config
+    j = next(j for j in jobs if j.variant == "fuxi-mme large" and j.dataset == "amazon-toys")
+    assert (j.planned["model"]["dim"], j.planned["model"]["num_layers"], j.planned["model"]["qk_dim"], j.planned["model"]["num_embeddings"]) == (256, 2, 128, 8)
+    from fuxi_mme.experiment import config_changes
+
+    (tmp_path / "amazon_s3rec").mkdir()
+    width = {(j.variant, j.seed): j for j in plan(SUITES["width"], tmp_path / "r", tmp_path, [], ["amazon-toys"])}
+    for m in ("sasrec", "fuxi-alpha", "fuxi-mme"):
+        mine = next(j for j in jobs if j.variant == f"{m} large" and j.dataset == "amazon-toys" and j.seed == 0)
+        assert config_changes(mine.planned, width[(f"{m} d=256", 0)].planned) == []
     assert len({j.run_dir for j in jobs}) == len(jobs)
 
 
@@ -275,3 +286,30 @@ def test_a_run_made_with_other_settings_is_left_out_then_run_again(tmp_path, mon
     assert json.loads((aside / "config.json").read_text())["model"]["qk_dim"] == 48
     row = next(e for e in res["results"] if e["variant"] == "fuxi-mme (full)")
     assert row["test/NDCG@10"]["mean"] == pytest.approx(0.7) and res["stale"] == []
+
+
+def test_welch_reading_and_the_published_target():
+    """Welch's t and its degrees of freedom match a hand computation; the reading needs the 5%
+    two-sided critical value of those degrees of freedom (rounded down); the published target
+    needs a one-sample test against the quoted figure."""
+    from fuxi_mme.experiment import equal_size_comparison, published_comparison, reading, t_critical, welch
+
+    a, b = {"mean": 0.0306, "std": 0.0003}, {"mean": 0.0277, "std": 0.0010}
+    t, df = welch(a, 3, b, 3)
+    va, vb = 0.0003**2 / 3, 0.0010**2 / 3
+    assert t == pytest.approx(0.0029 / (va + vb) ** 0.5) and df == pytest.approx((va + vb) ** 2 / (va**2 / 2 + vb**2 / 2))
+    assert t_critical(2.36) == 4.303 and t_critical(3.99) == 3.182 and t_critical(1000) == 1.96
+    assert reading(t, df) == "ahead" and reading(-t, df) == "behind" and reading(3.1, 3.99) == "level" and reading(3.2, 4.0) == "ahead"
+    assert welch({"mean": 1.0, "std": 0.0}, 3, {"mean": 1.0, "std": 0.0}, 3)[0] == 0.0
+    e = lambda ds, v, mean, std: {"dataset": ds, "variant": v, "protocol": "paper" if "paper" in v else "loo-val", "seeds": 3, "test/NDCG@10": {"mean": mean, "std": std}}  # noqa: E731
+    res = {"results": [e("amazon-toys", "fuxi-alpha", 0.0577, 0.0006), e("amazon-toys", "fuxi-mme", 0.0578, 0.0005),
+                       e("amazon-toys", "fuxi-alpha large", 0.0552, 0.0003), e("amazon-toys", "fuxi-mme large", 0.0600, 0.0001),
+                       e("amazon-toys", "fuxi-mme (sampled loss)", 0.09, 0.0), e("amazon-toys", "sasrec large", 0.0610, 0.0002),
+                       e("amazon-beauty", "fuxi-mme", 0.0533, 0.0030)]}
+    table = equal_size_comparison(res)
+    assert "| amazon-toys | base | loo-val |" in table and table.count("| level |") == 1 and "| amazon-toys | large | loo-val |" in table and "| ahead |" in table
+    assert "sampled" not in table and "amazon-beauty" not in table  # no FuXi-alpha to compare with
+    pub = published_comparison(res)
+    assert "| amazon-toys | 0.0580 / 0.0450 / 0.0437 | base | 0.0578 ± 0.0005 | fuxi-mme 0.0578 | no |" in pub
+    assert "| large | 0.0600 ± 0.0001 | sasrec large 0.0610 | yes, beyond seed noise |" in pub
+    assert "| amazon-beauty | 0.0531 / 0.0439 / 0.0451 | base | 0.0533 ± 0.0030 | fuxi-mme 0.0533 | above, within seed noise |" in pub

@@ -9,6 +9,7 @@ skipped, so an interrupted suite continues where it stopped. Several small jobs 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -640,29 +641,94 @@ PUBLISHED_AMAZON = {
 }
 
 
-def published_comparison(res: dict[str, Any]) -> str:
-    cells = {(e["dataset"], e["variant"]): e for e in res["results"] if e["protocol"] == "loo-val"}
-    lines = ["| dataset | published SASRec+SS / HSTU / FuXi-alpha (quoted) | our fuxi-mme | our best model | target met |", "|---|---|---|---|---|"]
-    for ds, pub in PUBLISHED_AMAZON.items():
-        mine = cells.get((ds, "fuxi-mme"))
-        if mine is None or "test/NDCG@10" not in mine:
+# Two-sided 5% critical values of Student's t for 1..30 degrees of freedom (the standard table).
+T_CRIT_05 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+             2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_critical(df: float) -> float:
+    """The two-sided 5% critical t for ``df`` degrees of freedom, rounded down (conservative)."""
+    return T_CRIT_05[min(max(int(df), 1), len(T_CRIT_05)) - 1] if df < len(T_CRIT_05) + 1 else 1.96
+
+
+def welch(a: dict[str, float], n_a: int, b: dict[str, float], n_b: int) -> tuple[float, float]:
+    """Welch's t of mean a - mean b (``{"mean", "std"}`` with sample std over n seeds) and its
+    Welch-Satterthwaite degrees of freedom. Zero spread on both sides: t is +-inf (or 0 when equal)."""
+    va, vb = a["std"] ** 2 / n_a, b["std"] ** 2 / n_b
+    diff = a["mean"] - b["mean"]
+    if va + vb == 0:
+        return (math.copysign(math.inf, diff) if diff else 0.0), float(n_a + n_b - 2)
+    den = (va ** 2 / (n_a - 1) if n_a > 1 else 0.0) + (vb ** 2 / (n_b - 1) if n_b > 1 else 0.0)
+    return diff / math.sqrt(va + vb), ((va + vb) ** 2 / den if den else float(n_a + n_b - 2))
+
+
+def reading(t: float, df: float) -> str:
+    """"ahead" / "behind" when Welch's test rejects equal means at 5% (two-sided), else "level"."""
+    crit = t_critical(df)
+    return "ahead" if t > crit else "behind" if t < -crit else "level"
+
+
+def _size_protocol(variant: str) -> tuple[str, str, str] | None:
+    """``fuxi-mme large`` -> (``fuxi-mme``, ``large``, ``loo-val``); ``x (paper)`` -> paper; other
+    labels (``(sampled loss)``) -> None."""
+    protocol = "loo-val"
+    if variant.endswith(" (paper)"):
+        variant, protocol = variant[: -len(" (paper)")], "paper"
+    model, _, size = variant.partition(" ")
+    if model not in HEADLINE_MODELS or size not in ("", "large"):
+        return None
+    return model, size or "base", protocol
+
+
+def equal_size_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
+    """Fuxi-MME against FuXi-alpha of the same size and protocol (equal embedding size) on every
+    dataset of the main suite, with Welch's t over seeds and its reading at 5%."""
+    cells: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for e in res["results"]:
+        key = _size_protocol(e["variant"])
+        if key is not None and metric in e:
+            cells[(e["dataset"], key[1], key[2], key[0])] = e
+    lines = ["| dataset | size | protocol | FuXi-alpha | Fuxi-MME | difference | Welch t (df) | reading at 5% |", "|---|---|---|---|---|---|---|---|"]
+    for (ds, size, protocol, model), mme in cells.items():
+        alpha = cells.get((ds, size, protocol, "fuxi-alpha"))
+        if model != "fuxi-mme" or alpha is None:
             continue
-        ours = {v: cells[(ds, v)]["test/NDCG@10"]["mean"] for v in HEADLINE_MODELS if (ds, v) in cells and "test/NDCG@10" in cells[(ds, v)]}
-        best = max(ours, key=ours.get)
-        m = mine["test/NDCG@10"]
-        lines.append(f"| {ds} | {' / '.join(f'{v:.4f}' for v in pub.values())} | {m['mean']:.4f} ± {m['std']:.4f} | {best} {ours[best]:.4f} | "
-                     f"{'yes' if m['mean'] > max(pub.values()) else 'no'} |")
+        a, m = alpha[metric], mme[metric]
+        t, df = welch(m, mme["seeds"], a, alpha["seeds"])
+        lines.append(f"| {ds} | {size} | {protocol} | {a['mean']:.4f} ± {a['std']:.4f} ({alpha['seeds']}) | {m['mean']:.4f} ± {m['std']:.4f} ({mme['seeds']}) | "
+                     f"{m['mean'] - a['mean']:+.4f} | {t:.1f} ({df:.1f}) | {reading(t, df)} |")
+    return "\n".join(lines) + "\n"
+
+
+def published_comparison(res: dict[str, Any]) -> str:
+    """Fuxi-MME (each size) against the best published Amazon figure: above it beyond seed noise
+    when a one-sample t-test of our seeds against that constant rejects equality at 5%."""
+    cells = {(e["dataset"], e["variant"]): e for e in res["results"] if e["protocol"] == "loo-val"}
+    lines = ["| dataset | published SASRec+SS / HSTU / FuXi-alpha (quoted) | size | our fuxi-mme | our best model of that size | target met |", "|---|---|---|---|---|---|"]
+    for ds, pub in PUBLISHED_AMAZON.items():
+        for size, suffix in (("base", ""), ("large", " large")):
+            mine = cells.get((ds, "fuxi-mme" + suffix))
+            if mine is None or "test/NDCG@10" not in mine:
+                continue
+            ours = {v + suffix: cells[(ds, v + suffix)]["test/NDCG@10"]["mean"] for v in HEADLINE_MODELS
+                    if (ds, v + suffix) in cells and "test/NDCG@10" in cells[(ds, v + suffix)]}
+            best = max(ours, key=ours.get)
+            m, top = mine["test/NDCG@10"], max(pub.values())
+            n = mine["seeds"]
+            t = (m["mean"] - top) / (m["std"] / math.sqrt(n)) if m["std"] > 0 else math.copysign(math.inf, m["mean"] - top)
+            met = "yes, beyond seed noise" if m["mean"] > top and n > 1 and t > t_critical(n - 1) else "above, within seed noise" if m["mean"] > top else "no"
+            lines.append(f"| {ds} | {' / '.join(f'{v:.4f}' for v in pub.values())} | {size} | {m['mean']:.4f} ± {m['std']:.4f} | {best} {ours[best]:.4f} | {met} |")
     return "\n".join(lines) + "\n"
 
 
 def write_docs(root: Path, docs: Path) -> Path:
     """docs/results.md from every ``<root>/<suite>.json`` present (tables, headline, plots)."""
-    parts = ["# Results", "", "Generated by `fuxi-mme experiment main ablation sweep capacity amazon scaling precision loss --root results --data-root ../shared/data",
+    parts = ["# Results", "", "Generated by `fuxi-mme experiment main ablation sweep capacity amazon width norm scaling precision loss --root results --data-root ../shared/data",
              "--docs docs/results.md` (add `--aggregate-only` to rebuild the tables without running) from the runs under",
              "`results/` (each run folder holds its config, commit, device and metrics). Mean ± std over seeds (the number",
              "of seeds in parentheses); full ranking; protocol as named.", ""]
     docs.parent.mkdir(parents=True, exist_ok=True)
-    for name in ("main", "ablation", "sweep", "capacity", "amazon", "scaling", "precision", "loss"):
+    for name in ("main", "ablation", "sweep", "capacity", "amazon", "width", "norm", "scaling", "precision", "loss"):
         f = root / f"{name}.json"
         if not f.exists():
             continue
@@ -675,7 +741,10 @@ def write_docs(root: Path, docs: Path) -> Path:
                       "\"(sampled loss)\" rows of the main table).", "", headline(base), "",
                       "### Against published Amazon figures", "",
                       "The published numbers are quoted from SPEC section 6 (an independent benchmark, leave-one-out, full ranking);",
-                      "they are not our runs. The target is Fuxi-MME above the best of them.", "", published_comparison(res), ""]
+                      "they are not our runs. The target is Fuxi-MME above the best of them.", "", published_comparison(res), "",
+                      "### Fuxi-MME against FuXi-alpha at equal embedding size", "",
+                      "Same size, protocol and seeds. Welch's t over seeds (degrees of freedom in parentheses); \"ahead\" or \"behind\"",
+                      "when a two-sided test at 5% rejects equal means, otherwise \"level\".", "", equal_size_comparison(res), ""]
         if name == "scaling":
             img = plot_scaling(res, docs.parent / "scaling.png")
             if img is not None:
