@@ -313,3 +313,18 @@ def test_welch_reading_and_the_published_target():
     assert "| amazon-toys | 0.0580 / 0.0450 / 0.0437 | base | 0.0578 ± 0.0005 | fuxi-mme 0.0578 | no |" in pub
     assert "| large | 0.0600 ± 0.0001 | sasrec large 0.0610 | yes, beyond seed noise |" in pub
     assert "| amazon-beauty | 0.0531 / 0.0439 / 0.0451 | base | 0.0533 ± 0.0030 | fuxi-mme 0.0533 | above, within seed noise |" in pub
+
+
+def test_every_suite_is_in_the_results_page_the_cli_help_and_the_readme_command():
+    from pathlib import Path
+
+    from fuxi_mme.cli import make_parser
+    from fuxi_mme.experiment import DOC_ORDER
+
+    assert sorted(DOC_ORDER) == sorted(SUITES)
+    experiment = next(a for a in make_parser()._actions if a.dest == "command").choices["experiment"]
+    helps = experiment.format_help()
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in SUITES:
+        assert name in helps
+    assert "fuxi-mme experiment " + " ".join(DOC_ORDER) + " --root results" in readme
