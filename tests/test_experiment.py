@@ -298,7 +298,7 @@ def test_welch_reading_and_the_published_target():
     t, df = welch(a, 3, b, 3)
     va, vb = 0.0003**2 / 3, 0.0010**2 / 3
     assert t == pytest.approx(0.0029 / (va + vb) ** 0.5) and df == pytest.approx((va + vb) ** 2 / (va**2 / 2 + vb**2 / 2))
-    assert t_critical(2.36) == 4.303 and t_critical(3.99) == 3.182 and t_critical(1000) == 1.96
+    assert t_critical(2.36) == 4.303 and t_critical(3.99) == 3.182 and t_critical(1000) == 2.042 and t_critical(0.5) == 12.706
     assert reading(t, df) == "ahead" and reading(-t, df) == "behind" and reading(3.1, 3.99) == "level" and reading(3.2, 4.0) == "ahead"
     assert welch({"mean": 1.0, "std": 0.0}, 3, {"mean": 1.0, "std": 0.0}, 3)[0] == 0.0
     e = lambda ds, v, mean, std: {"dataset": ds, "variant": v, "protocol": "paper" if "paper" in v else "loo-val", "seeds": 3, "test/NDCG@10": {"mean": mean, "std": std}}  # noqa: E731

@@ -649,8 +649,9 @@ T_CRIT_05 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.2
 
 
 def t_critical(df: float) -> float:
-    """The two-sided 5% critical t for ``df`` degrees of freedom, rounded down (conservative)."""
-    return T_CRIT_05[min(max(int(df), 1), len(T_CRIT_05)) - 1] if df < len(T_CRIT_05) + 1 else 1.96
+    """The two-sided 5% critical t for ``df`` degrees of freedom rounded down, and the value of 30
+    beyond the table (both conservative: the critical value falls as df grows)."""
+    return T_CRIT_05[min(max(int(df), 1), len(T_CRIT_05)) - 1]
 
 
 def welch(a: dict[str, float], n_a: int, b: dict[str, float], n_b: int) -> tuple[float, float]:
