@@ -304,11 +304,13 @@ def test_welch_reading_and_the_published_target():
     e = lambda ds, v, mean, std: {"dataset": ds, "variant": v, "protocol": "paper" if "paper" in v else "loo-val", "seeds": 3, "test/NDCG@10": {"mean": mean, "std": std}}  # noqa: E731
     res = {"results": [e("amazon-toys", "fuxi-alpha", 0.0577, 0.0006), e("amazon-toys", "fuxi-mme", 0.0578, 0.0005),
                        e("amazon-toys", "fuxi-alpha large", 0.0552, 0.0003), e("amazon-toys", "fuxi-mme large", 0.0600, 0.0001),
-                       e("amazon-toys", "fuxi-mme (sampled loss)", 0.09, 0.0), e("amazon-toys", "sasrec large", 0.0610, 0.0002),
+                       e("amazon-toys", "fuxi-mme (sampled loss)", 0.09, 0.0), e("amazon-toys", "fuxi-alpha (sampled loss)", 0.05, 0.001),
+                       e("amazon-toys", "sasrec large", 0.0610, 0.0002), e("amazon-toys", "fuxi-mme d=256", 0.5, 0.0),
                        e("amazon-beauty", "fuxi-mme", 0.0533, 0.0030)]}
     table = equal_size_comparison(res)
     assert "| amazon-toys | base | loo-val |" in table and table.count("| level |") == 1 and "| amazon-toys | large | loo-val |" in table and "| ahead |" in table
-    assert "sampled" not in table and "amazon-beauty" not in table  # no FuXi-alpha to compare with
+    assert "| amazon-toys | base, sampled loss | loo-val | 0.0500 ± 0.0010 (3) | 0.0900 ± 0.0000 (3) |" in table
+    assert "d=256" not in table and "amazon-beauty" not in table  # other labels; no FuXi-alpha to compare with
     pub = published_comparison(res)
     assert "| amazon-toys | 0.0580 / 0.0450 / 0.0437 | base | 0.0578 ± 0.0005 | fuxi-mme 0.0578 | no |" in pub
     assert "| large | 0.0600 ± 0.0001 | sasrec large 0.0610 | yes, beyond seed noise |" in pub

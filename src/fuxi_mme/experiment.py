@@ -672,15 +672,17 @@ def reading(t: float, df: float) -> str:
 
 
 def _size_protocol(variant: str) -> tuple[str, str, str] | None:
-    """``fuxi-mme large`` -> (``fuxi-mme``, ``large``, ``loo-val``); ``x (paper)`` -> paper; other
-    labels (``(sampled loss)``) -> None."""
-    protocol = "loo-val"
+    """``fuxi-mme large`` -> (``fuxi-mme``, ``large``, ``loo-val``); ``x (paper)`` -> protocol
+    paper; ``x (sampled loss)`` -> size ``base, sampled loss``; other labels -> None."""
+    protocol, loss = "loo-val", ""
     if variant.endswith(" (paper)"):
         variant, protocol = variant[: -len(" (paper)")], "paper"
+    if variant.endswith(" (sampled loss)"):
+        variant, loss = variant[: -len(" (sampled loss)")], ", sampled loss"
     model, _, size = variant.partition(" ")
     if model not in HEADLINE_MODELS or size not in ("", "large"):
         return None
-    return model, size or "base", protocol
+    return model, (size or "base") + loss, protocol
 
 
 def equal_size_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
