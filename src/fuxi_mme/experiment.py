@@ -123,20 +123,27 @@ AMAZON_TUNE = {
 # from ML-1M to ML-20M) and SASRec's FFN at d. Multi-embedding is meant to pay off as the tables
 # widen (SPEC section 4), so this is where its advantage should show, if it has one.
 WIDTHS = (128, 256)
+
+
+def _width(w: int) -> list[str]:
+    """A FuXi-family model at embedding width ``w``, heads of w / H (``{qk_d<w>}`` in plan)."""
+    return [f"model.dim={w}", f"model.qk_dim={{qk_d{w}}}", f"model.v_dim={{qk_d{w}}}"]
+
+
 WIDTH = {
     **{f"{m} d=base": (m, []) for m in ("sasrec", "fuxi-alpha", "fuxi-mme")},
     **{f"sasrec d={w}": ("sasrec", [f"model.dim={w}", f"model.ffn_dim={w}"]) for w in WIDTHS},
-    **{f"{m} d={w}": (m, [f"model.dim={w}", f"model.qk_dim={{qk_d{w}}}", f"model.v_dim={{qk_d{w}}}"]) for m in ("fuxi-alpha", "fuxi-mme") for w in WIDTHS},
+    **{f"{m} d={w}": (m, _width(w)) for m in ("fuxi-alpha", "fuxi-mme") for w in WIDTHS},
 }
 # Amazon only: Fuxi-MME at d = 256 with four streams of width 64 instead of eight of 32
-WIDTH_AMAZON = {"fuxi-mme d=256, M=4": ("fuxi-mme", ["model.dim=256", "model.qk_dim={qk_d256}", "model.v_dim={qk_d256}", "model.num_embeddings=4"])}
+WIDTH_AMAZON = {"fuxi-mme d=256, M=4": ("fuxi-mme", [*_width(256), "model.num_embeddings=4"])}
 # The semantic channel's normaliser N in phi(q k^T) / N (SPEC: the padded length, 50 on Amazon).
 # Amazon sequences are short (about 7 items in training), so dividing by 50 makes the
 # semantic channel small beside the positional one; N = 8 is about the mean length. At the base
 # width and at d = 256 (the `width` suite's other rows are the SPEC-N runs).
 NORM = {
     **{f"{m} N=8": (m, ["model.attention_norm=8"]) for m in ("fuxi-alpha", "fuxi-mme")},
-    **{f"{m} d=256, N=8": (m, ["model.dim=256", "model.qk_dim={qk_d256}", "model.v_dim={qk_d256}", "model.attention_norm=8"]) for m in ("fuxi-alpha", "fuxi-mme")},
+    **{f"{m} d=256, N=8": (m, [*_width(256), "model.attention_norm=8"]) for m in ("fuxi-alpha", "fuxi-mme")},
 }
 # The first Fuxi-MME defaults (before the capacity suite): heads and experts at the decoder's
 # width d / M, one decoder shared by the streams. The suites measured around them pin them, so
