@@ -309,7 +309,7 @@ def test_welch_reading_and_the_published_target():
                        e("amazon-beauty", "fuxi-mme", 0.0533, 0.0030)]}
     table = equal_size_comparison(res)
     assert "| amazon-toys | base | loo-val |" in table and table.count("| level |") == 1 and "| amazon-toys | large | loo-val |" in table and "| ahead |" in table
-    assert "| amazon-toys | base, sampled loss | loo-val | 0.0500 ± 0.0010 (3) | 0.0900 ± 0.0000 (3) |" in table
+    assert "| amazon-toys | base, train.loss=sampled | loo-val | 0.0500 ± 0.0010 (3) | 0.0900 ± 0.0000 (3) |" in table
     assert "d=256" not in table and "amazon-beauty" not in table  # other labels; no FuXi-alpha to compare with
     pub = published_comparison(res)
     assert "| amazon-toys | 0.0580 / 0.0450 / 0.0437 | base | 0.0578 ± 0.0005 | fuxi-mme 0.0578 | no |" in pub

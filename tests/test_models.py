@@ -166,3 +166,15 @@ def test_fuxi_block_streams_sharing_one_bucket_map_equal_repeated_maps():
         out.append((y.detach(), x.grad.clone(), blk.time_w.grad.clone(), blk.pos_w.grad.clone(), blk.uvqk.weight.grad.clone()))
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["hstu", "fuxi-mme"])
+def test_attention_norm_reaches_every_pointwise_attention(name):
+    """model.attention_norm changes HSTU's and Fuxi-MME's outputs as it does FuXi-alpha's (there
+    tested against SPEC's padded length); equal to max_len it is the same model."""
+    torch.manual_seed(0)
+    spec = build_model(cfg_for(name), I, N).eval()
+    for norm, same in ((float(N), True), (2.0, False)):
+        other = build_model(cfg_for(name, attention_norm=norm), I, N).eval()
+        other.load_state_dict(spec.state_dict())
+        assert same == torch.allclose(spec(*batch()), other(*batch()))

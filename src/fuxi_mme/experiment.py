@@ -678,35 +678,31 @@ def reading(t: float, df: float) -> str:
     return "ahead" if t > crit else "behind" if t < -crit else "level"
 
 
-def _size_protocol(variant: str) -> tuple[str, str, str] | None:
-    """``fuxi-mme large`` -> (``fuxi-mme``, ``large``, ``loo-val``); ``x (paper)`` -> protocol
-    paper; ``x (sampled loss)`` -> size ``base, sampled loss``; other labels -> None."""
-    protocol, loss = "loo-val", ""
-    if variant.endswith(" (paper)"):
-        variant, protocol = variant[: -len(" (paper)")], "paper"
-    if variant.endswith(" (sampled loss)"):
-        variant, loss = variant[: -len(" (sampled loss)")], ", sampled loss"
-    model, _, size = variant.partition(" ")
-    if model not in HEADLINE_MODELS or size not in ("", "large"):
+def _main_spec(dataset: str, variant: str) -> tuple[str, str, str, tuple[str, ...]] | None:
+    """(model, size, protocol, overrides) of a main-suite row, from the suite's own variant
+    table (not its label); None for a row the main suite does not define."""
+    spec = SUITES["main"].variants_for(dataset).get(variant)
+    if spec is None:
         return None
-    return model, (size or "base") + loss, protocol
+    return spec[0], spec[2] if len(spec) > 2 else "base", spec[3] if len(spec) > 3 else SUITES["main"].protocol, tuple(spec[1])
 
 
 def equal_size_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
     """Fuxi-MME against FuXi-alpha of the same size and protocol (equal embedding size) on every
     dataset of the main suite, with Welch's t over seeds and its reading at 5%."""
-    cells: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    cells: dict[tuple[str, str, str, str, tuple[str, ...]], dict[str, Any]] = {}
     for e in res["results"]:
-        key = _size_protocol(e["variant"])
-        if key is not None and metric in e:
-            cells[(e["dataset"], key[1], key[2], key[0])] = e
+        spec = _main_spec(e["dataset"], e["variant"])
+        if spec is not None and metric in e:
+            cells[(e["dataset"], *spec)] = e
     lines = ["| dataset | size | protocol | FuXi-alpha | Fuxi-MME | difference | Welch t (df) | reading at 5% |", "|---|---|---|---|---|---|---|---|"]
-    for (ds, size, protocol, model), mme in cells.items():
-        alpha = cells.get((ds, size, protocol, "fuxi-alpha"))
+    for (ds, model, size, protocol, over), mme in cells.items():
+        alpha = cells.get((ds, "fuxi-alpha", size, protocol, over))
         if model != "fuxi-mme" or alpha is None:
             continue
         a, m = alpha[metric], mme[metric]
         t, df = welch(m, mme["seeds"], a, alpha["seeds"])
+        size = ", ".join([size, *over])
         lines.append(f"| {ds} | {size} | {protocol} | {a['mean']:.4f} ± {a['std']:.4f} ({alpha['seeds']}) | {m['mean']:.4f} ± {m['std']:.4f} ({mme['seeds']}) | "
                      f"{m['mean'] - a['mean']:+.4f} | {t:.1f} ({df:.1f}) | {reading(t, df)} |")
     return "\n".join(lines) + "\n"
@@ -715,15 +711,19 @@ def equal_size_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> 
 def published_comparison(res: dict[str, Any]) -> str:
     """Fuxi-MME (each size) against the best published Amazon figure: above it beyond seed noise
     when a one-sample t-test of our seeds against that constant rejects equality at 5%."""
-    cells = {(e["dataset"], e["variant"]): e for e in res["results"] if e["protocol"] == "loo-val"}
+    # (dataset, model, size) -> (label, entry) of the plain loo-val rows (no extra overrides)
+    cells: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] = {}
+    for e in res["results"]:
+        spec = _main_spec(e["dataset"], e["variant"])
+        if spec is not None and spec[2:] == ("loo-val", ()) and "test/NDCG@10" in e:
+            cells[(e["dataset"], spec[0], spec[1])] = (e["variant"], e)
     lines = ["| dataset | published SASRec+SS / HSTU / FuXi-alpha (quoted) | size | our fuxi-mme | our best model of that size | target met |", "|---|---|---|---|---|---|"]
     for ds, pub in PUBLISHED_AMAZON.items():
-        for size, suffix in (("base", ""), ("large", " large")):
-            mine = cells.get((ds, "fuxi-mme" + suffix))
-            if mine is None or "test/NDCG@10" not in mine:
+        for size in ("base", "large"):
+            if (ds, "fuxi-mme", size) not in cells:
                 continue
-            ours = {v + suffix: cells[(ds, v + suffix)]["test/NDCG@10"]["mean"] for v in HEADLINE_MODELS
-                    if (ds, v + suffix) in cells and "test/NDCG@10" in cells[(ds, v + suffix)]}
+            mine = cells[(ds, "fuxi-mme", size)][1]
+            ours = {label: e["test/NDCG@10"]["mean"] for (d, _, z), (label, e) in cells.items() if d == ds and z == size}
             best = max(ours, key=ours.get)
             m, top = mine["test/NDCG@10"], max(pub.values())
             n = mine["seeds"]
