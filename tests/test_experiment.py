@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from fuxi_mme.experiment import SUITES, aggregate, plan
+from fuxi_mme.experiment import SUITES, _series, aggregate, plan
 
 
 def test_plan_builds_cli_runs_with_the_variant_overrides(tmp_path):
@@ -138,7 +138,7 @@ def test_results_doc_has_the_headline_and_the_scaling_plot(tmp_path):
         return aggregate(SUITES[suite], jobs, tmp_path, [])
 
     fake("main", {"popularity": 0.05, "sasrec": 0.10, "fuxi-mme": 0.12, "fuxi-mme (paper)": 0.2})
-    fake("scaling", {"fuxi-alpha L=2": 0.1, "fuxi-alpha L=4": 0.11, "fuxi-mme E=4": 0.12, "fuxi-mme E=8": 0.13})
+    fake("scaling", {"fuxi-alpha L=2": 0.1, "fuxi-alpha L=4": 0.11, "fuxi-mme E=4": 0.12, "fuxi-mme E=8": 0.13, "fuxi-mme shipped E=4": 0.14})
     doc = write_docs(tmp_path, tmp_path / "docs" / "results.md").read_text()
     assert "| ml-100k | 0.0550 ± 0.0071 (2) | 0.1050 ± 0.0071 (2) | - | - | **0.1250 ± 0.0071 (2)** |" in doc
     assert "![scaling](scaling.png)" in doc and (tmp_path / "docs" / "scaling.png").read_bytes()[:4] == b"\x89PNG"
@@ -165,7 +165,9 @@ def test_main_suite_runs_unchanged_on_the_official_file_layouts(tmp_path, capsys
             "--variants", "fuxi-mme", "fuxi-mme (paper)", "--seeds", "0", "--jobs", "2",
             "--set", "train.epochs=1", "--set", "data.max_len=16", "--set", "train.device=cpu", "--set", "data.data_dir=" + str(tmp_path / "cache")]
     assert main(args) == 0, capsys.readouterr()
+    assert SUITES["main"].seeds == [0, 1, 2] and SUITES["main"].model_seeds["fuxi-mme"] == [0, 1, 2, 3, 4]  # --seeds did not change the suite
     res = json.loads((tmp_path / "res" / "main.json").read_text())
+    assert {e["seeds"] for e in res["results"]} == {1}
     got = {(e["dataset"], e["variant"], e["protocol"]) for e in res["results"]}
     assert got == {(d, v, p) for d in ("ml-1m", "ml-20m", "kuairand-pure") for v, p in (("fuxi-mme", "loo-val"), ("fuxi-mme (paper)", "paper"))}
     assert "## Headline" in (tmp_path / "res" / "results.md").read_text()
@@ -210,6 +212,32 @@ def test_suites_measured_around_the_first_defaults_pin_them(tmp_path):
     (full,) = [j for j in plan(SUITES["ablation"], tmp_path, tmp_path, [], ["amazon-beauty"], seeds=[0], check_data=False) if j.variant == "fuxi-mme (full)"]
     assert full.planned["model"]["num_embeddings"] == 8
     assert full.planned == apply_overrides(build_preset("amazon-beauty-fuxi-mme-base"), ["train.seed=0", "data.protocol=loo-val", "train.loss=sampled"]).to_dict()
+
+
+def test_scaling_shipped_series_follows_the_ml1m_preset(tmp_path):
+    """The "fuxi-mme shipped" series sweeps depth and experts with the preset's decoder: its L=2
+    and E=4 train exactly the main suite's Fuxi-MME base config, L=8 only changes the depth."""
+    jobs = {j.variant: j for j in plan(SUITES["scaling"], tmp_path, tmp_path, [], seeds=[0], check_data=False)}
+    (main,) = [j for j in plan(SUITES["main"], tmp_path, tmp_path, [], ["ml-1m-ts70"], seeds=[0], check_data=False) if j.variant == "fuxi-mme"]
+    assert jobs["fuxi-mme shipped L=2"].planned == jobs["fuxi-mme shipped E=4"].planned == main.planned
+    assert main.planned["model"]["shared_decoder"] is False and main.planned["model"]["ffn_multiply"] == 4.0
+    deep = jobs["fuxi-mme shipped L=8"].planned
+    assert deep["model"].pop("num_layers") == 8 and main.planned["model"].pop("num_layers") == 2 and deep["model"] == main.planned["model"]
+    wide = jobs["fuxi-mme shipped E=16"].planned["model"]["moe"]
+    assert (wide["num_experts"], wide["top_k"]) == (16, 2)
+    assert jobs["fuxi-mme shipped E=1"].planned["model"]["moe"]["top_k"] == 1
+    # the plot draws it as its own series, not with the first defaults' "fuxi-mme"
+    assert (_series("fuxi-mme shipped L=4", "L="), _series("fuxi-mme L=4", "L="), _series("fuxi-alpha+moe E=16", "E=")) == ("fuxi-mme shipped", "fuxi-mme", "fuxi-alpha+moe")
+
+
+def test_main_runs_five_seeds_for_the_compared_models_and_seeds_overrides_them(tmp_path):
+    jobs = plan(SUITES["main"], tmp_path, tmp_path, [], ["amazon-toys"], check_data=False)
+    seeds = {}
+    for j in jobs:
+        seeds.setdefault(j.variant, []).append(j.seed)
+    assert seeds["fuxi-mme"] == seeds["fuxi-alpha large"] == seeds["fuxi-mme (sampled loss)"] == [0, 1, 2, 3, 4]
+    assert seeds["sasrec"] == seeds["hstu large"] == seeds["popularity"] == [0, 1, 2]
+    assert {j.seed for j in plan(SUITES["main"], tmp_path, tmp_path, [], ["amazon-toys"], seeds=[7], check_data=False)} == {7}
 
 
 def _finish(run_dir, cfg: dict, ndcg: float = 0.1) -> None:

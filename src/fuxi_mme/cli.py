@@ -4,6 +4,7 @@ function; user errors are printed as one clear line (exit code 2), never a trace
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -202,9 +203,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown suite {', '.join(map(repr, unknown))}; known: {', '.join(SUITES)}")
     suites = [SUITES[n] for n in dict.fromkeys(args.suite)]
-    for suite in suites:
-        if args.seeds:
-            suite.seeds = args.seeds
+    if args.seeds:  # these seeds for every variant, in the runs and in the tables (copies: SUITES stays as defined)
+        suites = [dataclasses.replace(s, seeds=list(args.seeds), model_seeds={}) for s in suites]
     root = Path(args.root)
     data_root = Path(args.data_root) if args.data_root else None
     docs = Path(args.docs) if args.docs else root / "results.md"
@@ -326,7 +326,7 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("--root", default="experiments", help="folder for the runs and the aggregated results")
     x.add_argument("--data-root", help="folder with the dataset files (the layout of ../shared/data)")
     x.add_argument("--jobs", type=int, default=1, help="runs at once, longest first, each on the visible GPU with the fewest running (several small runs share one GPU)")
-    x.add_argument("--seeds", type=int, nargs="+")
+    x.add_argument("--seeds", type=int, nargs="+", help="the seeds of every variant, run and aggregated (default: the suite's, e.g. main: 5 for FuXi-alpha and Fuxi-MME, 3 for the others)")
     x.add_argument("--datasets", nargs="+", help="the suite's datasets, or others (ml-1m, ml-20m, kuairand-pure, ... from --data-root or downloaded)")
     x.add_argument("--variants", nargs="+", help="a subset of the suite's variants (names as in its tables)")
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="applied to every run")
