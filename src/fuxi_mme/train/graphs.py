@@ -166,7 +166,8 @@ class GraphedStep:
         # captured, and a capture that fails half-way leaves the CUDA RNG unusable for the
         # eager fallback, so it must be refused here, before the capture starts.
         if not self.graphs and self.tr.graph_module is not self.tr.step_module:
-            log.info("compiling the model for the CUDA-graph step (once per run, typically 10-35 s; train.compile=false skips it)")
+            log.info("compiling the model for the CUDA-graph step (once per run, typically 10-35 s; train.compile=false skips it; "
+                     "if it never finishes, see docs/training.md: TORCHINDUCTOR_PERSISTENT_REDUCTIONS=0)")
         side = torch.cuda.Stream(self.tr.device)
         side.wait_stream(torch.cuda.current_stream(self.tr.device))
         try:
