@@ -171,6 +171,44 @@ def test_a_failing_compiled_model_is_replaced_by_the_plain_one(caplog):
     np.testing.assert_allclose(losses, eager, rtol=1e-5)
 
 
+def test_a_compile_still_running_after_the_limit_names_the_workaround(caplog):
+    """A first compiled call that runs past the limit logs the known hang's workaround once;
+    a quick one, or a call that does not compile, logs nothing."""
+    import time
+
+    from fuxi_mme.train.graphs import slow_compile_warning
+
+    with caplog.at_level("WARNING"):
+        with slow_compile_warning(True, seconds=0.05):
+            time.sleep(0.4)
+    assert caplog.text.count("TORCHINDUCTOR_PERSISTENT_REDUCTIONS=0") == 1 and "train.compile=false" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        with slow_compile_warning(True, seconds=0.2):
+            pass
+        with slow_compile_warning(False, seconds=0.0):
+            time.sleep(0.1)
+        time.sleep(0.4)  # past the first block's limit: its timer was cancelled
+    assert caplog.text == ""
+
+
+def test_only_the_first_always_compiled_step_is_watched(monkeypatch):
+    import contextlib
+
+    from fuxi_mme.train import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "slow_compile_warning", lambda active: seen.append(active) or contextlib.nullcontext())
+    tr = cpu_trainer("fuxi-alpha")
+    tr.compile = "always"  # as train.compile=true resolves (the plain model stands in for the compiled one)
+    epoch_losses_and_first_grads(tr)
+    assert seen[0] is True and len(seen) > 1 and not any(seen[1:])
+    seen.clear()
+    tr = cpu_trainer("fuxi-alpha")  # train.compile=auto on the CPU: nothing compiles, nothing watched
+    epoch_losses_and_first_grads(tr)
+    assert seen and not any(seen)
+
+
 @pytest.mark.parametrize("model", ["fuxi-alpha", "fuxi-mme", "hstu"])
 def test_a_compiled_model_does_not_recompile_on_its_second_call(model):
     """The CUDA-graph step compiles in an unchecked warm-up pass and then runs a second pass

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -57,6 +58,31 @@ if TYPE_CHECKING:
     from .loop import Trainer
 
 log = logging.getLogger(__name__)
+
+# Seconds of a first compiled call after which a warning names the known compile hang and its
+# workaround (compilation normally takes 10-35 s; docs/training.md, train.compile).
+SLOW_COMPILE_S = 180.0
+
+
+@contextlib.contextmanager
+def slow_compile_warning(active: bool, seconds: float | None = None):
+    """Inside the block (a call that may compile), warn once if it is still running after
+    ``seconds``: on an H200 one configuration never finished compiling because ``ptxas`` did
+    not return on an Inductor persistent-reduction kernel. Only a log line; nothing is stopped."""
+    if not active:
+        yield
+        return
+    seconds = SLOW_COMPILE_S if seconds is None else seconds
+    timer = threading.Timer(seconds, log.warning, args=(
+        "torch.compile has been running for %.0f s (usually 10-35 s). If it never finishes, a known cause is NVIDIA's ptxas "
+        "hanging on one Inductor persistent-reduction kernel: rerun with TORCHINDUCTOR_PERSISTENT_REDUCTIONS=0 in the "
+        "environment, or with --set train.compile=false (docs/training.md)", seconds))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def graphs_wanted(trainer: "Trainer") -> bool:
@@ -165,9 +191,9 @@ class GraphedStep:
         # value back, e.g. the padded MoE path sizing its buffer): such a step cannot be
         # captured, and a capture that fails half-way leaves the CUDA RNG unusable for the
         # eager fallback, so it must be refused here, before the capture starts.
-        if not self.graphs and self.tr.graph_module is not self.tr.step_module:
-            log.info("compiling the model for the CUDA-graph step (once per run, typically 10-35 s; train.compile=false skips it; "
-                     "if it never finishes, see docs/training.md: TORCHINDUCTOR_PERSISTENT_REDUCTIONS=0)")
+        compiling = self.tr.graph_module is not self.tr.step_module
+        if not self.graphs and compiling:
+            log.info("compiling the model for the CUDA-graph step (once per run, typically 10-35 s; train.compile=false skips it)")
         side = torch.cuda.Stream(self.tr.device)
         side.wait_stream(torch.cuda.current_stream(self.tr.device))
         try:
@@ -176,7 +202,8 @@ class GraphedStep:
                 # autotuning, lazy library initialisation); the second must not, so it must not
                 # recompile either (state that the first pass changes and compiled code guards
                 # on, like the old module-level bucket-bounds cache, would make it do so)
-                self._body(bufs)
+                with slow_compile_warning(compiling):
+                    self._body(bufs)
                 with _no_host_syncs():
                     self._body(bufs)
         finally:  # also when refused: the eager step that follows must start from these gradients

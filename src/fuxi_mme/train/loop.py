@@ -33,7 +33,7 @@ from ..models.common import SequenceModel
 from ..models.moe import one_batch_of_routing, release_aux_graphs
 from . import distributed as D
 from .checkpoint import config_fingerprint, load_state, load_weights, optimizer_state, save_checkpoint
-from .graphs import GraphedStep, graphs_wanted
+from .graphs import GraphedStep, graphs_wanted, slow_compile_warning
 from .loss import negatives_per_position, sample_negatives, sampled_softmax_loss
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ class Trainer:
         self.dist = dist_info
         self.model = model
         self.compile = compile_mode(cfg, device, dist_info.enabled)
+        self._compiled_once = False  # the first compiled step has run (slow_compile_warning)
         compiled = torch.compile(model) if self.compile else None
         self.step_module: torch.nn.Module = _Step(model, compiled if self.compile == "always" else model)
         # what the CUDA-graph step records: the compiled model under train.compile=auto too
@@ -223,7 +224,9 @@ class Trainer:
 
     def _loss(self, batch: dict[str, torch.Tensor], negs: torch.Tensor, normalizer: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.cfg.train
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        first_compiled = self.compile == "always" and not self._compiled_once
+        self._compiled_once = self._compiled_once or first_compiled
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None), slow_compile_warning(first_compiled):
             user, items = self.step_module(batch["ids"], batch["ts"], batch["query_ts"])
             loss = sampled_softmax_loss(user, batch["targets"], items, negs, t.temperature, normalizer=normalizer, positions=batch.get("positions"), full=t.loss == "full")
         aux = self.model.aux_loss()
