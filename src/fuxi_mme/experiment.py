@@ -604,7 +604,7 @@ def headline(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
 
 
 # The scaling plot's series: a variant name before its " L=" / " E=", labelled for the legend.
-SERIES_LABELS = {"fuxi-mme": "fuxi-mme (first defaults)", "fuxi-alpha+moe": "fuxi-alpha+moe (first defaults)", "fuxi-mme shipped": "fuxi-mme (ML-1M preset decoder)"}
+SERIES_LABELS = {"fuxi-mme": "fuxi-mme (first defaults)", "fuxi-mme shipped": "fuxi-mme (ML-1M preset decoder)"}
 
 
 def _series(variant: str, key: str) -> str:
@@ -615,6 +615,7 @@ def _series(variant: str, key: str) -> str:
 def plot_scaling(res: dict[str, Any], out: Path) -> Path | None:
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -649,6 +650,7 @@ def plot_scaling(res: dict[str, Any], out: Path) -> Path | None:
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{SERIES_LABELS.get(fam, fam)}, {'layers' if key == 'L=' else 'experts'}")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the 2x10^4.. labels overlap
     ax.set(xlabel="non-embedding parameters", ylabel="test NDCG@10", title=f"{rows[0]['dataset']}: test NDCG@10 vs parameters")
     for ax in axes:
         ax.grid(alpha=0.3)
