@@ -180,7 +180,10 @@ def test_a_compile_still_running_after_the_limit_names_the_workaround(caplog):
 
     with caplog.at_level("WARNING"):
         with slow_compile_warning(True, seconds=0.05):
-            time.sleep(0.4)
+            deadline = time.monotonic() + 10  # a "compile" that lasts until the warning is out (or 10 s)
+            while "torch.compile has been running" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.01)
+        time.sleep(0.1)
     assert caplog.text.count("TORCHINDUCTOR_PERSISTENT_REDUCTIONS=0") == 1 and "train.compile=false" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):

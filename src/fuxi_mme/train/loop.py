@@ -160,7 +160,7 @@ class Trainer:
         self.dist = dist_info
         self.model = model
         self.compile = compile_mode(cfg, device, dist_info.enabled)
-        self._compiled_once = False  # the first compiled step has run (slow_compile_warning)
+        self._stepped = False  # an eager step has run (under train.compile=true the first one compiles)
         compiled = torch.compile(model) if self.compile else None
         self.step_module: torch.nn.Module = _Step(model, compiled if self.compile == "always" else model)
         # what the CUDA-graph step records: the compiled model under train.compile=auto too
@@ -224,9 +224,8 @@ class Trainer:
 
     def _loss(self, batch: dict[str, torch.Tensor], negs: torch.Tensor, normalizer: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.cfg.train
-        first_compiled = self.compile == "always" and not self._compiled_once
-        self._compiled_once = self._compiled_once or first_compiled
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None), slow_compile_warning(first_compiled):
+        watch, self._stepped = self.compile == "always" and not self._stepped, True  # the first step is the one that compiles
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None), slow_compile_warning(watch):
             user, items = self.step_module(batch["ids"], batch["ts"], batch["query_ts"])
             loss = sampled_softmax_loss(user, batch["targets"], items, negs, t.temperature, normalizer=normalizer, positions=batch.get("positions"), full=t.loss == "full")
         aux = self.model.aux_loss()
