@@ -151,6 +151,12 @@ def _zero_padding(out: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tens
     return out * row_mask(lengths, out.shape[1])[:, :, None].to(out.dtype)
 
 
+def semantic_norm(attention_norm: float, max_len: int) -> float:
+    """N of the semantic channel's phi(q k^T) / N: ``model.attention_norm`` when positive, else
+    SPEC's padded length ``max_len``."""
+    return float(attention_norm) if attention_norm > 0 else float(max_len)
+
+
 def select_attention(mode: str, kind: str):
     """The attention function for ``model.attention`` (``kind``: "fuxi" or "hstu").
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig, ModelConfig
-from .attention import select_attention
+from .attention import select_attention, semantic_norm
 from .common import Dropout, ItemInput, SequenceModel, SwiGLU, TemporalBuckets, l2_normalize, rms_norm, sequence_lengths
 from .moe import MoE
 
@@ -61,7 +61,7 @@ class FuxiBlock(nn.Module):
         self.attend = select_attention(attention, "fuxi")
         self.H, self.qk_dim, self.v_dim = H, qk_dim, v_dim
         self.max_len = max_len
-        self.norm = float(attention_norm) if attention_norm > 0 else float(max_len)  # N of phi(q k^T) / N
+        self.norm = semantic_norm(attention_norm, max_len)
         self.moe_placement = moe.placement if moe is not None and moe.num_experts > 0 else None
         u_width = 3 * H * v_dim
         hidden = int(round(ffn_multiply * dim))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import select_attention
+from .attention import select_attention, semantic_norm
 from .common import Dropout, ItemInput, SequenceModel, TemporalBuckets, l2_normalize, sequence_lengths
 
 
@@ -24,7 +24,7 @@ class HSTUBlock(nn.Module):
         super().__init__()
         H, Dq, Dv = cfg.num_heads, cfg.qk_dim, cfg.v_dim
         self.H, self.Dq, self.Dv, self.max_len = H, Dq, Dv, max_len
-        self.norm = float(cfg.attention_norm) if cfg.attention_norm > 0 else float(max_len)  # N of phi(...) / N
+        self.norm = semantic_norm(cfg.attention_norm, max_len)
         self.uvqk = nn.Linear(cfg.dim, 2 * H * Dv + 2 * H * Dq, bias=False)
         self.pos_w = nn.Parameter(torch.empty(max_len).normal_(std=0.02))
         self.time_w = nn.Parameter(torch.empty(cfg.num_time_buckets + 1).normal_(std=0.02))
