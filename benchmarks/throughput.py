@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -31,7 +32,7 @@ from fuxi_mme.data.splits import eval_arrays  # noqa: E402
 from fuxi_mme.eval.evaluator import evaluate_ranks, model_scorer  # noqa: E402
 from fuxi_mme.models import build_model  # noqa: E402
 from fuxi_mme.presets import build_preset, preset_name  # noqa: E402
-from fuxi_mme.train.loop import Trainer  # noqa: E402
+from fuxi_mme.train.loop import PERSISTENT_REDUCTIONS, PERSISTENT_REDUCTIONS_ENV, Trainer, inductor_options  # noqa: E402
 from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.utils.runinfo import run_info  # noqa: E402
 
@@ -140,7 +141,17 @@ def what_ran(tr: Trainer) -> dict:
         "compiled": tr.compile,  # None, "graphs" (the graphed steps) or "always"
         # False where a compiled model failed to capture and the plain one was graphed instead
         "compiled_kept": tr.compile != "graphs" or tr.graph_module is not tr.step_module,
+        # Inductor's persistent reductions in the compiled model: off for MoE models unless
+        # the environment sets them (train/loop.py, inductor_options)
+        "persistent_reductions": persistent_reductions(tr) if tr.compile else None,
     }
+
+
+def persistent_reductions(tr: Trainer) -> bool:
+    import torch._inductor.config as inductor_config
+
+    options = inductor_options(tr.model) or {}
+    return bool(options.get(PERSISTENT_REDUCTIONS, inductor_config.triton.persistent_reductions))
 
 
 def train_step(tr: Trainer, rows) -> torch.Tensor:
@@ -227,6 +238,8 @@ def path_label(r: dict) -> str:
         notes.append("compiled")
     elif r["path"].startswith("compiled") and "compiled" in r and not compiled:
         notes.append("not compiled")
+    if r.get("persistent_reductions") is False:
+        notes.append("no persistent reductions")
     if r.get("length_chunks", 1) > 1:
         notes.append(f"{r['length_chunks']} length chunks")
     if r.get("moe_path"):
@@ -268,7 +281,15 @@ def main() -> None:
     ap.add_argument("--epoch", action="store_true", help="also time one whole training epoch (no syncs between steps)")
     ap.add_argument("--launch", help="an attention.py --sweep results JSON: time the fused attention with its launch_tables "
                                      "(recorded in the results) instead of fused_attention.LAUNCH")
+    ap.add_argument("--persistent-reductions", choices=["auto", "on", "off"], default="auto",
+                    help="Inductor's persistent reductions in compiled paths: auto = the library's choice (off for MoE models), "
+                         "on / off = set TORCHINDUCTOR_PERSISTENT_REDUCTIONS for every model")
     args = ap.parse_args()
+    if args.persistent_reductions != "auto":
+        import torch._inductor.config as inductor_config
+
+        os.environ[PERSISTENT_REDUCTIONS_ENV] = "1" if args.persistent_reductions == "on" else "0"
+        inductor_config.triton.persistent_reductions = args.persistent_reductions == "on"
     launch = use_launch_tables(args.launch) if args.launch else None
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
     info = run_info(dev)

@@ -10,6 +10,7 @@ import torch
 from conftest import epoch_losses_and_first_grads, tiny_config
 from fuxi_mme.data import load_dataset
 from fuxi_mme.models import build_model
+from fuxi_mme.models.moe import MoE
 from fuxi_mme.train.graphs import GraphedStep, graphs_wanted
 from fuxi_mme.train.loop import Trainer
 
@@ -147,6 +148,33 @@ def test_compile_auto_leaves_experts_on_u_with_dropout_uncompiled(monkeypatch):
     assert loop.compile_mode(cfg, cuda, False) == "graphs"
     cfg.model.moe.placement, cfg.train.compile = "u", True  # asked for explicitly: done, with a warning
     assert loop.compile_mode(cfg, cuda, False) == "always"
+
+
+def test_moe_models_compile_without_persistent_reductions(monkeypatch):
+    """Models with MoE layers are compiled with Inductor's persistent reductions off (on an
+    H200 ptxas never returned on one such kernel of the router statistics); models without
+    MoE keep Inductor's defaults, and an explicit TORCHINDUCTOR_PERSISTENT_REDUCTIONS wins."""
+    import torch._inductor.config as inductor_config
+
+    import fuxi_mme.train.loop as loop
+
+    monkeypatch.delenv(loop.PERSISTENT_REDUCTIONS_ENV, raising=False)
+    mme, alpha = cpu_trainer("fuxi-mme").model, cpu_trainer("fuxi-alpha").model
+    assert any(isinstance(m, MoE) for m in mme.modules())
+    options = loop.inductor_options(mme)
+    assert options == {"triton.persistent_reductions": False}
+    with inductor_config.patch(options):  # a setting this torch knows (patch raises otherwise)
+        assert inductor_config.triton.persistent_reductions is False
+    assert loop.inductor_options(alpha) is None
+    monkeypatch.setenv(loop.PERSISTENT_REDUCTIONS_ENV, "1")
+    assert loop.inductor_options(mme) is None
+
+    monkeypatch.delenv(loop.PERSISTENT_REDUCTIONS_ENV)
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    cpu_trainer("fuxi-mme", **{"train.compile": True})
+    cpu_trainer("fuxi-alpha", **{"train.compile": True})
+    assert seen == [{"options": {"triton.persistent_reductions": False}}, {"options": None}]
 
 
 def test_a_failing_compiled_model_is_replaced_by_the_plain_one(caplog):

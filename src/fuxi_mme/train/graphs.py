@@ -75,8 +75,8 @@ def slow_compile_warning(active: bool, seconds: float | None = None):
     seconds = SLOW_COMPILE_S if seconds is None else seconds
     timer = threading.Timer(seconds, log.warning, args=(
         "torch.compile has been running for %.0f s (usually 10-35 s). If it never finishes, a known cause is NVIDIA's ptxas "
-        "hanging on one Inductor persistent-reduction kernel: rerun with TORCHINDUCTOR_PERSISTENT_REDUCTIONS=0 in the "
-        "environment, or with --set train.compile=false (docs/training.md)", seconds))
+        "hanging on one Inductor persistent-reduction kernel (off by default for MoE models): rerun with "
+        "TORCHINDUCTOR_PERSISTENT_REDUCTIONS=0 in the environment, or with --set train.compile=false (docs/training.md)", seconds))
     timer.daemon = True
     timer.start()
     try:

@@ -30,7 +30,7 @@ from ..data.splits import EvalArrays, TrainArrays, eval_arrays, length_sorted_ch
 from ..eval.evaluator import autocast_dtype, evaluate_ranks, model_scorer
 from ..eval.metrics import metrics_from_ranks
 from ..models.common import SequenceModel
-from ..models.moe import one_batch_of_routing, release_aux_graphs
+from ..models.moe import MoE, one_batch_of_routing, release_aux_graphs
 from . import distributed as D
 from .checkpoint import config_fingerprint, load_state, load_weights, optimizer_state, save_checkpoint
 from .graphs import GraphedStep, graphs_wanted, slow_compile_warning
@@ -145,6 +145,35 @@ def compile_mode(cfg: Config, device: torch.device, distributed: bool) -> str | 
     return "graphs" if importlib_find_spec("triton") is not None else None
 
 
+# The Inductor setting that avoids a known compile hang in MoE models; the environment variable
+# that sets it (a user's explicit value wins)
+PERSISTENT_REDUCTIONS = "triton.persistent_reductions"
+PERSISTENT_REDUCTIONS_ENV = "TORCHINDUCTOR_PERSISTENT_REDUCTIONS"
+
+
+def inductor_options(model: torch.nn.Module) -> dict[str, object] | None:
+    """``torch.compile`` options for ``model``: persistent reductions off when it has MoE layers.
+
+    On an H200 (torch 2.11, triton 3.6) NVIDIA's ``ptxas`` never returned on the persistent
+    reduction that Inductor made of four MoE layers' router statistics (Fuxi-MME, 4 layers, 4
+    streams; benchmarks/results/compile-hang-NVIDIA_H200.md); with persistent reductions off
+    the same run compiled and trained. None (Inductor's defaults) for models without MoE, when
+    ``TORCHINDUCTOR_PERSISTENT_REDUCTIONS`` is set (the user's choice stands), or when this
+    torch has no such setting."""
+    if os.environ.get(PERSISTENT_REDUCTIONS_ENV) is not None:
+        return None
+    if not any(isinstance(m, MoE) for m in model.modules()):
+        return None
+    try:
+        import torch._inductor.config as inductor_config
+
+        if PERSISTENT_REDUCTIONS not in inductor_config._config:
+            return None
+    except Exception:  # no Inductor in this build: torch.compile will say so itself
+        return None
+    return {PERSISTENT_REDUCTIONS: False}
+
+
 class Trainer:
     def __init__(
         self,
@@ -161,7 +190,12 @@ class Trainer:
         self.model = model
         self.compile = compile_mode(cfg, device, dist_info.enabled)
         self._stepped = False  # an eager step has run (under train.compile=true the first one compiles)
-        compiled = torch.compile(model) if self.compile else None
+        compiled = None
+        if self.compile:
+            options = inductor_options(model)
+            if options:
+                log.info("torch.compile with Inductor's persistent reductions off (MoE layers: a known ptxas hang otherwise; docs/training.md)")
+            compiled = torch.compile(model, options=options)
         self.step_module: torch.nn.Module = _Step(model, compiled if self.compile == "always" else model)
         # what the CUDA-graph step records: the compiled model under train.compile=auto too
         self.graph_module: torch.nn.Module = _Step(model, compiled) if compiled is not None else self.step_module
