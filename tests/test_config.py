@@ -118,3 +118,15 @@ def test_fuxi_mme_decoder_defaults_follow_the_capacity_choice(preset, want):
     assert (m.num_embeddings, m.qk_dim, m.v_dim, m.ffn_multiply, m.shared_decoder, m.dim) == want
     assert (m.moe.num_experts, m.moe.top_k, m.moe.placement) == (4, 2, "ffn")
     validate(build_preset(preset))
+
+
+def test_large_amazon_fuxi_models_train_with_dropout_0_6():
+    """The `dropout` suite's choice: d = 256 FuXi-alpha and Fuxi-MME on Amazon at 0.6; the base
+    sizes, SASRec / HSTU large and the MovieLens presets keep their shapes' dropout."""
+    for ds in ("amazon-beauty", "amazon-sports", "amazon-toys"):
+        for model in ("fuxi-alpha", "fuxi-mme"):
+            assert build_preset(f"{ds}-{model}-large").model.dropout == 0.6
+            assert build_preset(f"{ds}-{model}-base").model.dropout == 0.5
+        for model in ("sasrec", "hstu"):
+            assert build_preset(f"{ds}-{model}-large").model.dropout == 0.5
+    assert build_preset("ml-1m-fuxi-mme-large").model.dropout == 0.2

@@ -162,6 +162,8 @@ SPORTS = {
 # validation (docs/models.md). Pinned, so the rows stay what they were whatever the presets say.
 DROPOUTS = (0.5, 0.6, 0.7)
 DROPOUT = {f"{m} large, dropout {p}": (m, [f"model.dropout={p}"], "large") for m in ("fuxi-alpha", "fuxi-mme") for p in DROPOUTS}
+# SASRec and HSTU large at 0.5 and 0.6, measured after the choice (their presets keep 0.5)
+DROPOUT_OTHERS = {f"{m} large, dropout {p}": (m, [f"model.dropout={p}"], "large") for m in ("sasrec", "hstu") for p in DROPOUTS[:2]}
 # The first Fuxi-MME defaults (before the capacity suite): heads and experts at the decoder's
 # width d / M, one decoder shared by the streams. The suites measured around them pin them, so
 # their runs stay what they were (fuxi-mme variants only; see Suite.model_sets). The widths are
@@ -238,8 +240,8 @@ SUITES = {
     "sports": Suite("sports", ["amazon-sports"], SPORTS, description="Amazon Sports, where Fuxi-MME large missed the published figure: one option changed at a time "
                     "from the large preset as it was (dropout 0.5): temporal channel, dropout, learning rate, depth, expert width, per-stream decoders; FuXi-alpha large "
                     "with the options both have; on validation", sets=["model.dropout=0.5"]),
-    "dropout": Suite("dropout", list(AMAZON), DROPOUT, description="dropout of the large (d = 256) Amazon models, FuXi-alpha and Fuxi-MME: 0.5 (the Amazon shapes' value, "
-                     "chosen at the base width), 0.6 and 0.7, on validation"),
+    "dropout": Suite("dropout", list(AMAZON), {**DROPOUT, **DROPOUT_OTHERS}, description="dropout of the large (d = 256) Amazon models, FuXi-alpha and Fuxi-MME: 0.5 (the Amazon shapes' value, "
+                     "chosen at the base width), 0.6 and 0.7, on validation; SASRec and HSTU large at 0.5 and 0.6"),
     "loss": Suite("loss", ["amazon-beauty", "amazon-toys"], LOSS, seeds=[0], description="the training loss on Amazon: sampled softmax with K negatives or the full softmax, on validation; Fuxi-MME at its first defaults",
                   model_sets={"fuxi-mme": FIRST_MME},
                   extra={("amazon-beauty",): LOSS_MORE_K}),
