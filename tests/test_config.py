@@ -120,13 +120,12 @@ def test_fuxi_mme_decoder_defaults_follow_the_capacity_choice(preset, want):
     validate(build_preset(preset))
 
 
-def test_large_amazon_fuxi_models_train_with_dropout_0_6():
-    """The `dropout` suite's choice: d = 256 FuXi-alpha and Fuxi-MME on Amazon at 0.6; the base
-    sizes, SASRec / HSTU large and the MovieLens presets keep their shapes' dropout."""
+def test_large_amazon_fuxi_and_hstu_models_train_with_dropout_0_6():
+    """The `dropout` suite's choice: d = 256 FuXi-alpha, Fuxi-MME and HSTU on Amazon at 0.6; the
+    base sizes, SASRec large and the MovieLens presets keep their shapes' dropout."""
     for ds in ("amazon-beauty", "amazon-sports", "amazon-toys"):
-        for model in ("fuxi-alpha", "fuxi-mme"):
+        for model in ("fuxi-alpha", "fuxi-mme", "hstu"):
             assert build_preset(f"{ds}-{model}-large").model.dropout == 0.6
             assert build_preset(f"{ds}-{model}-base").model.dropout == 0.5
-        for model in ("sasrec", "hstu"):
-            assert build_preset(f"{ds}-{model}-large").model.dropout == 0.5
+        assert build_preset(f"{ds}-sasrec-large").model.dropout == 0.5
     assert build_preset("ml-1m-fuxi-mme-large").model.dropout == 0.2
