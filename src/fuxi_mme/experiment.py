@@ -106,8 +106,9 @@ AMAZON_TUNE = {
     "M=4": ("fuxi-mme", ["model.num_embeddings=4"]),
     "weight decay 0.05": ("fuxi-mme", ["train.weight_decay=0.05"]),
     "dropout 0.3": ("fuxi-mme", ["model.dropout=0.3"]),
-    # uncompiled: on an H200 torch.compile of this step did not return in 170 s (docs/models.md);
-    # train.compile is an execution setting, so it does not change what the run trains
+    # uncompiled: on an H200 torch.compile of this step did not return in 170 s before MoE models
+    # were compiled with persistent reductions off (c5b58e8; docs/models.md). Its runs were
+    # made that way; train.compile is an execution setting, so it does not change what they train
     "L=4, M=4": ("fuxi-mme", ["model.num_layers=4", "model.num_embeddings=4", "train.compile=false"]),
     "M=8": ("fuxi-mme", ["model.num_embeddings=8"]),
 }
