@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from fuxi_mme.experiment import SUITES, _series, aggregate, plan
+from fuxi_mme.experiment import SUITES, _series, aggregate, config_changes, plan
 
 
 def test_plan_builds_cli_runs_with_the_variant_overrides(tmp_path):
@@ -70,7 +70,6 @@ def test_main_suite_adds_large_sizes_and_the_paper_protocol_on_movielens(tmp_pat
     # but for the large FuXi models' dropout of 0.6 (the dropout suite's choice, made after it)
     j = next(j for j in jobs if j.variant == "fuxi-mme large" and j.dataset == "amazon-toys")
     assert (j.planned["model"]["dim"], j.planned["model"]["num_layers"], j.planned["model"]["qk_dim"], j.planned["model"]["num_embeddings"]) == (256, 2, 128, 8)
-    from fuxi_mme.experiment import config_changes
 
     (tmp_path / "amazon_s3rec").mkdir()
     width = {(j.variant, j.seed): j for j in plan(SUITES["width"], tmp_path / "r", tmp_path, [], ["amazon-toys"])}
@@ -229,6 +228,23 @@ def test_scaling_shipped_series_follows_the_ml1m_preset(tmp_path):
     assert jobs["fuxi-mme shipped E=1"].planned["model"]["moe"]["top_k"] == 1
     # the plot draws it as its own series, not with the first defaults' "fuxi-mme"
     assert (_series("fuxi-mme shipped L=4", "L="), _series("fuxi-mme L=4", "L="), _series("fuxi-alpha+moe E=16", "E=")) == ("fuxi-mme shipped", "fuxi-mme", "fuxi-alpha+moe")
+
+
+def test_sports_and_dropout_suites_pin_their_dropout_and_main_trains_the_chosen_one(tmp_path):
+    """The `sports` suite stays at the large preset as it was (dropout 0.5) and changes one option
+    per row; the `dropout` rows train their own value; the main suite's large rows train the
+    chosen 0.6 (FuXi-alpha, Fuxi-MME, HSTU), so its seeds 0-2 are the dropout suite's 0.6 runs."""
+    def planned(suite, ds="amazon-sports"):
+        return {j.variant: j.planned for j in plan(SUITES[suite], tmp_path, tmp_path, [], [ds], seeds=[0], check_data=False)}
+
+    sports, drop, main = planned("sports"), planned("dropout"), planned("main")
+    assert sports["fuxi-mme large"]["model"]["dropout"] == sports["fuxi-alpha large"]["model"]["dropout"] == 0.5
+    assert sports["fuxi-mme large, dropout 0.6"]["model"]["dropout"] == 0.6
+    assert config_changes(sports["fuxi-mme large, L=3"], sports["fuxi-mme large"]) == ["model.num_layers: 2 -> 3"]  # (planned, saved)
+    assert config_changes(sports["fuxi-mme large"], drop["fuxi-mme large, dropout 0.5"]) == []
+    for m in ("fuxi-alpha", "fuxi-mme", "hstu"):
+        assert config_changes(main[f"{m} large"], drop[f"{m} large, dropout 0.6"]) == []
+    assert config_changes(main["sasrec large"], drop["sasrec large, dropout 0.5"]) == []
 
 
 def test_main_runs_five_seeds_for_the_compared_models_and_seeds_overrides_them(tmp_path):
