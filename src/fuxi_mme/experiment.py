@@ -167,6 +167,12 @@ DROPOUT = {f"{m} large, dropout {p}": (m, [f"model.dropout={p}"], "large") for m
 # SASRec and HSTU large at 0.5 and 0.6, measured after that choice: HSTU large took 0.6 too,
 # SASRec large kept 0.5 (presets.LARGE_DROPOUT)
 DROPOUT_OTHERS = {f"{m} large, dropout {p}": (m, [f"model.dropout={p}"], "large") for m in ("sasrec", "hstu") for p in DROPOUTS[:2]}
+# Softmax temperature of the large Amazon models (logits = cosine / T): SPEC's 0.05 against 0.035
+# and 0.07, each family at its preset's large dropout (pinned by the suite's model_sets: 0.6,
+# SASRec 0.5); 3 seeds, chosen on validation (docs/models.md). The loss suite compared 0.05 with
+# 0.1 at the base width only. The T 0.05 rows are the dropout suite's runs of the same configs.
+TEMPERATURES = (0.035, 0.05, 0.07)
+TEMPERATURE = {f"{m} large, T {t}": (m, [f"train.temperature={t}"], "large") for m in ("fuxi-alpha", "fuxi-mme", "hstu", "sasrec") for t in TEMPERATURES}
 # The first Fuxi-MME defaults (before the capacity suite): heads and experts at the decoder's
 # width d / M, one decoder shared by the streams. The suites measured around them pin them, so
 # their runs stay what they were (fuxi-mme variants only; see Suite.model_sets). The widths are
@@ -245,6 +251,9 @@ SUITES = {
                     "with the options both have; on validation", sets=["model.dropout=0.5"]),
     "dropout": Suite("dropout", list(AMAZON), {**DROPOUT, **DROPOUT_OTHERS}, description="dropout of the large (d = 256) Amazon models, FuXi-alpha and Fuxi-MME: 0.5 (the Amazon shapes' value, "
                      "chosen at the base width), 0.6 and 0.7, on validation; SASRec and HSTU large at 0.5 and 0.6"),
+    "temperature": Suite("temperature", list(AMAZON), TEMPERATURE, description="the softmax temperature of the large (d = 256) Amazon models: SPEC's 0.05 against 0.035 and 0.07, "
+                         "each at its large dropout (0.6; SASRec 0.5), on validation",
+                         model_sets={"fuxi-alpha": ["model.dropout=0.6"], "fuxi-mme": ["model.dropout=0.6"], "hstu": ["model.dropout=0.6"], "sasrec": ["model.dropout=0.5"]}),
     "loss": Suite("loss", ["amazon-beauty", "amazon-toys"], LOSS, seeds=[0], description="the training loss on Amazon: sampled softmax with K negatives or the full softmax, on validation; Fuxi-MME at its first defaults",
                   model_sets={"fuxi-mme": FIRST_MME},
                   extra={("amazon-beauty",): LOSS_MORE_K}),
@@ -791,7 +800,7 @@ def published_comparison(res: dict[str, Any]) -> str:
 
 
 # The order of the suites in docs/results.md (every suite of SUITES, tested).
-DOC_ORDER = ("main", "ablation", "sweep", "capacity", "amazon", "width", "norm", "sports", "dropout", "scaling", "precision", "loss")
+DOC_ORDER = ("main", "ablation", "sweep", "capacity", "amazon", "width", "norm", "sports", "dropout", "temperature", "scaling", "precision", "loss")
 
 
 def write_docs(root: Path, docs: Path) -> Path:
