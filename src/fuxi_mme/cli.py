@@ -320,8 +320,8 @@ def make_parser() -> argparse.ArgumentParser:
             di.add_argument("--rebuild", action="store_true", help="ignore the cache")
         di.set_defaults(func=cmd_data_info)
 
-    x = sub.add_parser("experiment", help="run a suite of runs (main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, scaling, ...) and aggregate over seeds")
-    x.add_argument("suite", nargs="+", help="main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, scaling, precision or loss; several run as one queue. Finished runs are skipped; "
+    x = sub.add_parser("experiment", help="run a suite of runs (main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, ...) and aggregate over seeds")
+    x.add_argument("suite", nargs="+", help="main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, precision or loss; several run as one queue. Finished runs are skipped; "
                    "a finished run made with other settings than the suite now asks for (a changed preset default) is run again, the old one kept as seed<k>.stale")
     x.add_argument("--root", default="experiments", help="folder for the runs and the aggregated results")
     x.add_argument("--data-root", help="folder with the dataset files (the layout of ../shared/data)")
