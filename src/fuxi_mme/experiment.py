@@ -253,9 +253,9 @@ SUITES = {
     "norm": Suite("norm", list(AMAZON), NORM, description="the semantic attention's normaliser N = 8 (about the mean Amazon training length) against SPEC's padded length 50 (the `width` suite's rows), FuXi-alpha and Fuxi-MME, at the base width and d = 256"),
     "sports": Suite("sports", ["amazon-sports"], SPORTS, description="Amazon Sports, where Fuxi-MME large missed the published figure: one option changed at a time "
                     "from the large preset as it was (dropout 0.5): temporal channel, dropout, learning rate, depth, expert width, per-stream decoders; FuXi-alpha large "
-                    "with the options both have; on validation", sets=["model.dropout=0.5"]),
+                    "with the options both have; on validation", sets=["model.dropout=0.5", "train.temperature=0.05"]),
     "dropout": Suite("dropout", list(AMAZON), {**DROPOUT, **DROPOUT_OTHERS}, description="dropout of the large (d = 256) Amazon models, FuXi-alpha and Fuxi-MME: 0.5 (the Amazon shapes' value, "
-                     "chosen at the base width), 0.6 and 0.7, on validation; SASRec and HSTU large at 0.5 and 0.6"),
+                     "chosen at the base width), 0.6 and 0.7, on validation; SASRec and HSTU large at 0.5 and 0.6; SPEC's temperature 0.05 (pinned)", sets=["train.temperature=0.05"]),
     "temperature": Suite("temperature", list(AMAZON), TEMPERATURE, description="the softmax temperature of the large (d = 256) Amazon models: SPEC's 0.05 against 0.035, 0.07 and 0.1, "
                          "each at its large dropout (0.6; SASRec 0.5), on validation",
                          model_sets={"fuxi-alpha": ["model.dropout=0.6"], "fuxi-mme": ["model.dropout=0.6"], "hstu": ["model.dropout=0.6"], "sasrec": ["model.dropout=0.5"]}),

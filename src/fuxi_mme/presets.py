@@ -89,6 +89,11 @@ MME_DECODERS: dict[str, dict[str, object]] = {
 # width (mean validation NDCG@10 over Beauty, Sports and Toys; `dropout` suite, docs/models.md);
 # SASRec large chose 0.5 (lower validation at 0.6 on all three) and keeps the shape's value.
 LARGE_DROPOUT: dict[str, dict[str, float]] = {"amazon": {"fuxi-alpha": 0.6, "fuxi-mme": 0.6, "hstu": 0.6}}
+# Softmax temperature of the large size where it differs from train.temperature's 0.05 (SPEC):
+# on Amazon the d = 256 FuXi-alpha and Fuxi-MME chose 0.07 over 0.035, 0.05 and 0.1 on mean
+# validation NDCG@10 over Beauty, Sports and Toys (`temperature` suite, docs/models.md). HSTU
+# and SASRec large were not measured there and keep 0.05.
+LARGE_TEMPERATURE: dict[str, dict[str, float]] = {"amazon": {"fuxi-alpha": 0.07, "fuxi-mme": 0.07}}
 
 
 def preset_name(dataset: str, model: str, size: str = "base") -> str:
@@ -135,6 +140,8 @@ def build_preset(name: str) -> Config:
     m = cfg.model
     m.name = model
     m.dropout = LARGE_DROPOUT.get(shape.dims, {}).get(model, shape.dropout) if size == "large" else shape.dropout
+    if size == "large" and model in LARGE_TEMPERATURE.get(shape.dims, {}):
+        cfg.train.temperature = LARGE_TEMPERATURE[shape.dims][model]
     if model in ("fuxi-alpha", "fuxi-mme", "hstu", "llama", "popularity"):
         m.dim, m.num_layers, m.num_heads, qk, m.ffn_multiply = FUXI_DIMS[shape.dims][size]
         m.qk_dim = m.v_dim = qk
