@@ -129,3 +129,13 @@ def test_large_amazon_fuxi_and_hstu_models_train_with_dropout_0_6():
             assert build_preset(f"{ds}-{model}-base").model.dropout == 0.5
         assert build_preset(f"{ds}-sasrec-large").model.dropout == 0.5
     assert build_preset("ml-1m-fuxi-mme-large").model.dropout == 0.2
+
+
+def test_large_amazon_fuxi_models_train_at_temperature_0_07():
+    """The `temperature` suite's choice: d = 256 FuXi-alpha and Fuxi-MME on Amazon at T = 0.07;
+    every other preset keeps SPEC's 0.05."""
+    from fuxi_mme.presets import all_presets
+
+    chosen = {f"{ds}-{m}-large" for ds in ("amazon-beauty", "amazon-sports", "amazon-toys") for m in ("fuxi-alpha", "fuxi-mme")}
+    for name in all_presets():
+        assert build_preset(name).train.temperature == (0.07 if name in chosen else 0.05), name

@@ -67,7 +67,8 @@ def test_main_suite_adds_large_sizes_and_the_paper_protocol_on_movielens(tmp_pat
     j = next(j for j in jobs if j.variant == "hstu large" and j.dataset == "ml-1m-ts70")
     assert j.args[j.args.index("--preset") + 1] == "ml-1m-ts70-hstu-large"
     # Amazon large is wider (d 256), not deeper; the width suite's d=256 rows train the same config,
-    # but for the large FuXi models' dropout of 0.6 (the dropout suite's choice, made after it)
+    # but for the large FuXi models' dropout of 0.6 and temperature of 0.07 (the dropout and
+    # temperature suites' choices, made after it)
     j = next(j for j in jobs if j.variant == "fuxi-mme large" and j.dataset == "amazon-toys")
     assert (j.planned["model"]["dim"], j.planned["model"]["num_layers"], j.planned["model"]["qk_dim"], j.planned["model"]["num_embeddings"]) == (256, 2, 128, 8)
 
@@ -75,7 +76,7 @@ def test_main_suite_adds_large_sizes_and_the_paper_protocol_on_movielens(tmp_pat
     width = {(j.variant, j.seed): j for j in plan(SUITES["width"], tmp_path / "r", tmp_path, [], ["amazon-toys"])}
     for m in ("sasrec", "fuxi-alpha", "fuxi-mme"):
         mine = next(j for j in jobs if j.variant == f"{m} large" and j.dataset == "amazon-toys" and j.seed == 0)
-        assert config_changes(mine.planned, width[(f"{m} d=256", 0)].planned) == ([] if m == "sasrec" else ["model.dropout: 0.5 -> 0.6"])
+        assert config_changes(mine.planned, width[(f"{m} d=256", 0)].planned) == ([] if m == "sasrec" else ["model.dropout: 0.5 -> 0.6", "train.temperature: 0.05 -> 0.07"])
     assert len({j.run_dir for j in jobs}) == len(jobs)
 
 
@@ -242,9 +243,30 @@ def test_sports_and_dropout_suites_pin_their_dropout_and_main_trains_the_chosen_
     assert sports["fuxi-mme large, dropout 0.6"]["model"]["dropout"] == 0.6
     assert config_changes(sports["fuxi-mme large, L=3"], sports["fuxi-mme large"]) == ["model.num_layers: 2 -> 3"]  # (planned, saved)
     assert config_changes(sports["fuxi-mme large"], drop["fuxi-mme large, dropout 0.5"]) == []
-    for m in ("fuxi-alpha", "fuxi-mme", "hstu"):
-        assert config_changes(main[f"{m} large"], drop[f"{m} large, dropout 0.6"]) == []
+    assert config_changes(main["hstu large"], drop["hstu large, dropout 0.6"]) == []
     assert config_changes(main["sasrec large"], drop["sasrec large, dropout 0.5"]) == []
+    # both suites keep SPEC's temperature whatever the presets say (the temperature suite chose 0.07)
+    assert {p["train"]["temperature"] for p in [*sports.values(), *drop.values()]} == {0.05}
+    for m in ("fuxi-alpha", "fuxi-mme"):
+        assert config_changes(main[f"{m} large"], drop[f"{m} large, dropout 0.6"]) == ["train.temperature: 0.05 -> 0.07"]
+
+
+def test_temperature_suite_pins_dropout_and_main_trains_the_chosen_temperature(tmp_path):
+    """The `temperature` rows train their own T at their family's large dropout; the main suite's
+    large FuXi-alpha and Fuxi-MME rows are its T 0.07 runs and HSTU / SASRec large its T 0.05 runs
+    (which are also the dropout suite's chosen runs)."""
+    for ds in ("amazon-beauty", "amazon-sports", "amazon-toys"):
+        jobs = plan(SUITES["temperature"], tmp_path, tmp_path, [], [ds], seeds=[0], check_data=False)
+        temp = {j.variant: j.planned for j in jobs}
+        main = {j.variant: j.planned for j in plan(SUITES["main"], tmp_path, tmp_path, [], [ds], seeds=[0], check_data=False)}
+        for v, p in temp.items():
+            assert p["train"]["temperature"] == float(v.rsplit(" ", 1)[1])
+            assert p["model"]["dropout"] == (0.5 if v.startswith("sasrec") else 0.6)
+        for m in ("fuxi-alpha", "fuxi-mme"):
+            assert config_changes(main[f"{m} large"], temp[f"{m} large, T 0.07"]) == []
+            assert config_changes(main[f"{m} large"], temp[f"{m} large, T 0.05"]) == ["train.temperature: 0.05 -> 0.07"]
+        for m in ("hstu", "sasrec"):
+            assert config_changes(main[f"{m} large"], temp[f"{m} large, T 0.05"]) == []
 
 
 def test_main_runs_five_seeds_for_the_compared_models_and_seeds_overrides_them(tmp_path):
