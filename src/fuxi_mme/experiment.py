@@ -174,10 +174,8 @@ DROPOUT_OTHERS = {f"{m} large, dropout {p}": (m, [f"model.dropout={p}"], "large"
 # (docs/models.md). The loss suite compared 0.05 with 0.1 at the base width only. The T 0.05 rows
 # are the dropout suite's runs of the same configs.
 TEMPERATURES = (0.035, 0.05, 0.07, 0.1)
-TEMPERATURE = {
-    **{f"{m} large, T {t}": (m, [f"train.temperature={t}"], "large") for m in ("fuxi-alpha", "fuxi-mme") for t in TEMPERATURES},
-    **{f"{m} large, T {t}": (m, [f"train.temperature={t}"], "large") for m in ("hstu", "sasrec") for t in TEMPERATURES[1:]},
-}
+TEMPERATURE = {f"{m} large, T {t}": (m, [f"train.temperature={t}"], "large") for m in ("fuxi-alpha", "fuxi-mme", "hstu", "sasrec")
+               for t in (TEMPERATURES if m.startswith("fuxi") else TEMPERATURES[1:])}
 # The first Fuxi-MME defaults (before the capacity suite): heads and experts at the decoder's
 # width d / M, one decoder shared by the streams. The suites measured around them pin them, so
 # their runs stay what they were (fuxi-mme variants only; see Suite.model_sets). The widths are
