@@ -1,0 +1,58 @@
+"""Checksums of the tensor files in a folder (checkpoints, exports).
+
+A folder's ``checksums.json`` maps file names to their sha256. ``write_manifest`` writes it
+(atomically) after the files; ``verify_manifest`` recomputes every listed file and refuses a
+mismatch or a missing file with one line naming it. A folder without a manifest (written by
+an older version) passes verification unless ``required``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .runinfo import atomic_write_json
+
+MANIFEST = "checksums.json"
+
+
+class IntegrityError(ValueError):
+    """A file does not match the checksum recorded when it was written."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | Path, names: list[str]) -> dict[str, str]:
+    """Record the sha256 of ``folder/name`` for each name; returns the mapping."""
+    folder = Path(folder)
+    sums = {n: sha256_file(folder / n) for n in sorted(names)}
+    atomic_write_json(folder / MANIFEST, {"sha256": sums})
+    return sums
+
+
+def verify_manifest(folder: str | Path, required: bool = False) -> None:
+    """Raise :class:`IntegrityError` if any file listed in the folder's manifest is missing or
+    differs from its recorded sha256."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        if required:
+            raise IntegrityError(f"{folder} has no {MANIFEST}; it was not written by this version, re-create it")
+        return
+    try:
+        sums = json.loads(path.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"{path} is unreadable ({type(exc).__name__}); the folder is damaged, re-create it") from exc
+    for name, want in sums.items():
+        f = folder / name
+        if not f.is_file():
+            raise IntegrityError(f"{f} is missing (listed in {MANIFEST}); the folder is incomplete, re-create it")
+        if sha256_file(f) != want:
+            raise IntegrityError(f"{f} does not match its recorded sha256 (damaged or changed since it was written); re-create it or use another copy")
