@@ -232,9 +232,9 @@ class MoE(nn.Module):
         self.last_path = "loop"
         y = x_TD.new_zeros(x_TD.shape[0], self._out_dim())
         for e in range(self.E):
+            # no early exit for an expert without tokens: its ops run on zero rows, so the path
+            # has no data-dependent branch and exports as it runs
             tok, slot = torch.nonzero(top_TK == e, as_tuple=True)
-            if not torch.jit.is_tracing() and tok.numel() == 0:  # traced: keep every expert's ops
-                continue
             y.index_add_(0, tok, (self._expert(x_TD[tok], e) * gate_TK[tok, slot, None]).to(y.dtype))
         return y
 
