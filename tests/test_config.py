@@ -133,7 +133,7 @@ def test_large_amazon_fuxi_and_hstu_models_train_with_dropout_0_6():
 
 def test_large_amazon_fuxi_models_train_at_temperature_0_07():
     """The `temperature` suite's choice: d = 256 FuXi-alpha and Fuxi-MME on Amazon at T = 0.07;
-    every other preset keeps SPEC's 0.05."""
+    every other preset keeps the published 0.05 (docs/models.md#loss)."""
     from fuxi_mme.presets import all_presets
 
     chosen = {f"{ds}-{m}-large" for ds in ("amazon-beauty", "amazon-sports", "amazon-toys") for m in ("fuxi-alpha", "fuxi-mme")}

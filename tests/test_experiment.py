@@ -52,11 +52,11 @@ def test_main_suite_adds_large_sizes_and_the_paper_protocol_on_movielens(tmp_pat
     toys = {j.variant for j in jobs if j.dataset == "amazon-toys"}
     base = {"popularity", "sasrec", "hstu", "fuxi-alpha", "fuxi-mme"}
     large = {"sasrec large", "hstu large", "fuxi-alpha large", "fuxi-mme large"}
-    assert toys == base | large | {f"{m} (sampled loss)" for m in base - {"popularity"}}  # Amazon: SPEC's loss as extra rows
+    assert toys == base | large | {f"{m} (sampled loss)" for m in base - {"popularity"}}  # Amazon: the sampled loss as extra rows
     assert ts70 == base | large | {f"{m} (paper)" for m in base}
     j = next(j for j in jobs if j.variant == "hstu (sampled loss)")
     assert j.args[j.args.index("--preset") + 1] == "amazon-toys-hstu-base" and "train.loss=sampled" in j.args
-    # the Amazon presets train with the full softmax; the option-comparing suites pin SPEC's loss
+    # the Amazon presets train with the full softmax; the option-comparing suites pin the sampled loss
     from fuxi_mme.presets import build_preset
 
     assert build_preset("amazon-toys-fuxi-mme-base").train.loss == "full" and build_preset("ml-1m-fuxi-mme-base").train.loss == "sampled"
@@ -245,7 +245,7 @@ def test_sports_and_dropout_suites_pin_their_dropout_and_main_trains_the_chosen_
     assert config_changes(sports["fuxi-mme large"], drop["fuxi-mme large, dropout 0.5"]) == []
     assert config_changes(main["hstu large"], drop["hstu large, dropout 0.6"]) == []
     assert config_changes(main["sasrec large"], drop["sasrec large, dropout 0.5"]) == []
-    # both suites keep SPEC's temperature whatever the presets say (the temperature suite chose 0.07)
+    # both suites keep the published temperature whatever the presets say (the temperature suite chose 0.07)
     assert {p["train"]["temperature"] for p in [*sports.values(), *drop.values()]} == {0.05}
     for m in ("fuxi-alpha", "fuxi-mme"):
         assert config_changes(main[f"{m} large"], drop[f"{m} large, dropout 0.6"]) == ["train.temperature: 0.05 -> 0.07"]

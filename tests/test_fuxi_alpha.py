@@ -150,7 +150,7 @@ def test_integer_bucketing_equals_the_float64_formula():
 
 
 def test_attention_norm_replaces_the_padded_length():
-    """model.attention_norm = 0 divides the semantic channel by the padded length (SPEC); a
+    """model.attention_norm = 0 divides the semantic channel by the padded length (docs/models.md#attention-channels); a
     positive value divides by itself instead: equal to max_len it is the same model, otherwise
     the outputs change; a negative value is refused with the fix."""
     from fuxi_mme.config import Config, ConfigError, validate

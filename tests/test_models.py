@@ -171,7 +171,7 @@ def test_fuxi_block_streams_sharing_one_bucket_map_equal_repeated_maps():
 @pytest.mark.parametrize("name", ["hstu", "fuxi-mme"])
 def test_attention_norm_reaches_every_pointwise_attention(name):
     """model.attention_norm changes HSTU's and Fuxi-MME's outputs as it does FuXi-alpha's (there
-    tested against SPEC's padded length); equal to max_len it is the same model."""
+    tested against the padded length); equal to max_len it is the same model."""
     torch.manual_seed(0)
     spec = build_model(cfg_for(name), I, N).eval()
     for norm, same in ((float(N), True), (2.0, False)):

@@ -1,7 +1,7 @@
 """Named presets: ``<dataset>-<model>-<size>``, e.g. ``ml-1m-fuxi-alpha-base``.
 
 A preset combines a dataset *shape* (data and training settings) with a model family's
-published dimensions for that shape (SPEC sections 2-4). Shapes without published dimensions
+published dimensions for that shape (docs/models.md#reference-hyperparameters). Shapes without published dimensions
 (demo, Amazon, user files) use choices documented in ``docs/models.md``.
 """
 
@@ -52,7 +52,7 @@ SHAPES: dict[str, Shape] = {
         Shape("amazon-beauty", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10, loss="full"),
         Shape("amazon-sports", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10, loss="full"),
         Shape("amazon-toys", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10, loss="full"),
-        # KuaiRand: FuXi-alpha's shape for it is not in SPEC; the ML-1M widths and HSTU's
+        # KuaiRand: FuXi-alpha's shape for it is not fully published; the ML-1M widths and HSTU's
         # long-sequence length are our choice (docs/datasets.md).
         Shape("kuairand-pure", "ml-1m", max_len=256, epochs=101),
         Shape("kuairand-1k", "ml-1m", max_len=256, epochs=101),
@@ -62,7 +62,7 @@ SHAPES: dict[str, Shape] = {
 MODEL_FAMILIES = ("fuxi-mme", "fuxi-alpha", "hstu", "sasrec", "llama", "popularity")
 SIZES = ("base", "large")
 
-# Fuxi-MME defaults (SPEC section 4 leaves them open; see docs/models.md for the evidence).
+# Fuxi-MME defaults (the paper leaves them open; docs/models.md#how-the-defaults-were-chosen).
 MME_DEFAULTS = {
     "num_embeddings": 2,
     "moe.num_experts": 4,
@@ -89,7 +89,7 @@ MME_DECODERS: dict[str, dict[str, object]] = {
 # width (mean validation NDCG@10 over Beauty, Sports and Toys; `dropout` suite, docs/models.md);
 # SASRec large chose 0.5 (lower validation at 0.6 on all three) and keeps the shape's value.
 LARGE_DROPOUT: dict[str, dict[str, float]] = {"amazon": {"fuxi-alpha": 0.6, "fuxi-mme": 0.6, "hstu": 0.6}}
-# Softmax temperature of the large size where it differs from train.temperature's 0.05 (SPEC):
+# Softmax temperature of the large size where it differs from train.temperature's 0.05 (docs/models.md#loss):
 # on Amazon the d = 256 FuXi-alpha and Fuxi-MME chose 0.07 over 0.035, 0.05 and 0.1 on mean
 # validation NDCG@10 over Beauty, Sports and Toys (`temperature` suite, docs/models.md). HSTU
 # and SASRec large were not measured there and keep 0.05.

@@ -2,7 +2,7 @@
 
 Legend: U users in a split, N = max_len, B batch rows.
 
-Protocols (SPEC section 5):
+Protocols (docs/models.md#evaluation-protocols):
 * ``paper``: train on everything but each user's last item; test target = last item.
 * ``loo-val``: train on everything but the last two; validation target = second-to-last
   (history = the items before it); test target = last (history includes the validation item).

@@ -13,7 +13,7 @@ from torch import nn
 
 
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm without a learnable weight (SPEC: RMSN)."""
+    """RMSNorm without a learnable weight (RMSN in docs/models.md#notation)."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 

@@ -1,4 +1,4 @@
-"""FuXi-alpha (arXiv 2502.03036), exactly as SPEC section 2, and its block.
+"""FuXi-alpha (arXiv 2502.03036), exactly as docs/models.md#fuxi-alpha, and its block.
 
 Legend: B batch, N positions, D width, H heads, Dq / Dv per-head widths.
 

@@ -1,4 +1,4 @@
-"""HSTU (arXiv 2402.17152) as SPEC section 3: pointwise attention with relative position and
+"""HSTU (arXiv 2402.17152) as docs/models.md#hstu: pointwise attention with relative position and
 time biases inside the SiLU, no FFN.
 
 Legend: B batch, N positions, D width, H heads, Dq / Dv per-head widths.

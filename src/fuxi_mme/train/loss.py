@@ -1,4 +1,4 @@
-"""Sampled softmax with uniform negatives (SPEC section 2), and the full softmax.
+"""Sampled softmax with uniform negatives (docs/models.md#loss), and the full softmax.
 
 Legend: B batch, N positions, D scoring width, K negatives, I items.
 
