@@ -44,7 +44,7 @@ from fuxi_mme.utils.runinfo import run_info  # noqa: E402
 
 def batch_lengths(shape: str, B: int, max_len: int, seed: int = 0) -> torch.Tensor:
     """Real positions of B training sequences drawn from the synthetic dataset of ``shape``
-    (the users and sequence-length distribution of SPEC section 5, as ``throughput.py``)."""
+    (the users and sequence-length distribution of docs/models.md#dataset-statistics, as ``throughput.py``)."""
     from throughput import synthetic
 
     from fuxi_mme.data.splits import train_arrays

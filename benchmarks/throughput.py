@@ -36,7 +36,7 @@ from fuxi_mme.train.loop import PERSISTENT_REDUCTIONS, PERSISTENT_REDUCTIONS_ENV
 from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.utils.runinfo import run_info  # noqa: E402
 
-# SPEC section 5 statistics: users, items, interactions (mean length = interactions / users).
+# docs/models.md#dataset-statistics: users, items, interactions (mean length = interactions / users).
 SHAPES = {"ml-1m": (6040, 3706, 1_000_209), "ml-20m": (138_493, 26_744, 20_000_263)}
 
 

@@ -76,7 +76,7 @@ class ModelConfig:
     num_time_buckets: int = 128  # bucket ids 0..num_time_buckets (129 scalars)
     time_bucket_divisor: float = 0.301
     use_temporal: bool = True  # disabled automatically when the dataset has no timestamps
-    # N in the semantic channel's phi(q k^T) / N: 0 is SPEC's padded length (data.max_len); a
+    # N in the semantic channel's phi(q k^T) / N: 0 is the padded length (data.max_len; docs/models.md#attention-channels); a
     # positive value divides by it instead (e.g. about the mean sequence length on short-sequence data)
     attention_norm: float = 0.0
     attention: str = "auto"  # "reference" (PyTorch), "fused" (Triton kernel, GPU), "auto" (the reference: faster in the whole step, see docs/performance.md)
@@ -96,7 +96,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
     # "sampled": softmax over the target and num_negatives uniform negatives per position
-    # (SPEC section 2); "full": softmax over the whole catalogue (no sampling; num_negatives unused)
+    # (docs/models.md#loss); "full": softmax over the whole catalogue (no sampling; num_negatives unused)
     loss: str = "sampled"
     num_negatives: int = 128
     temperature: float = 0.05

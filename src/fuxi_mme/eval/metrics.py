@@ -1,5 +1,5 @@
 """Pure ranking metrics from 1-based ranks (rank = 1 + number of candidates scored strictly
-higher than the target, so ties are resolved in the target's favour, as in SPEC section 5)."""
+higher than the target, so ties are resolved in the target's favour, as in docs/models.md#metrics)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The training loop: epochs of sampled-softmax steps, evaluation, selection, checkpoints.
 
-Model selection follows the protocol (SPEC section 5):
+Model selection follows the protocol (docs/models.md#evaluation-protocols):
 * ``loo-val``: evaluate validation every ``eval_every`` epochs, keep the best checkpoint by
   validation NDCG@10, stop after ``patience`` evaluations without improvement, then evaluate
   test once with the best checkpoint.
