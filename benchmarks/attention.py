@@ -255,7 +255,7 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help="also record every kernel's GPU time in the fused path (torch.profiler)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    from fuxi_mme.models import fused_attention as fa
+    from fuxi_mme.models.attention import fused as fa
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

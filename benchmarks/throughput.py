@@ -100,7 +100,7 @@ def set_bias_channels(mode: str) -> None:
     """Where the fused FuXi attention computes its bias channels for the paths that follow (a
     module setting, not a config field, while it is being measured; the module imports
     without triton)."""
-    from fuxi_mme.models import fused_attention as fa
+    from fuxi_mme.models.attention import fused as fa
 
     fa.BIAS_CHANNELS = mode
 
@@ -108,7 +108,7 @@ def set_bias_channels(mode: str) -> None:
 def use_launch_tables(path: str) -> dict:
     """Replace the fused attention's launch settings with the ``launch_tables`` of an
     ``attention.py --sweep`` results file; returns them (to be recorded)."""
-    from fuxi_mme.models import fused_attention as fa
+    from fuxi_mme.models.attention import fused as fa
 
     try:
         tables = json.loads(Path(path).read_text())["launch_tables"]

@@ -63,7 +63,7 @@ def test_every_throughput_path_is_a_valid_config():
         assert cfg.train.compile in (True, False, "auto")
     assert path_config("ml-1m", "fuxi-alpha", "compiled-graph-bf16", "cpu").train.compile == "auto"
     assert path_config("ml-1m", "fuxi-alpha", "graph-bf16", "cpu").train.compile is False
-    from fuxi_mme.models import fused_attention as fa
+    from fuxi_mme.models.attention import fused as fa
 
     assert path_config("ml-20m", "fuxi-alpha", "compiled-fast-split", "cpu").model.attention == "fused" and fa.BIAS_CHANNELS == "matmul"
     path_config("ml-20m", "fuxi-alpha", "compiled-fast", "cpu")
@@ -125,7 +125,7 @@ def test_throughput_takes_launch_tables_from_a_sweep_file(tmp_path):
     import pytest
     from throughput import use_launch_tables
 
-    from fuxi_mme.models import fused_attention as fa
+    from fuxi_mme.models.attention import fused as fa
 
     keep = {k: dict(v) for k, v in fa.LAUNCH.items()}
     try:
@@ -146,7 +146,7 @@ def test_throughput_takes_launch_tables_from_a_sweep_file(tmp_path):
 
 
 def test_fused_attention_picks_the_narrow_head_tables():
-    from fuxi_mme.models import fused_attention as fa
+    from fuxi_mme.models.attention import fused as fa
 
     assert fa.launch_kind(False, False, 64) == "fuxi" and fa.launch_kind(False, False, 32) == "fuxi-d32"
     assert fa.launch_kind(False, True, 25) == "fuxi-split-d32" and fa.launch_kind(True, False, 32) == "hstu"

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():  # before the kernels are defined (at import)
 
 from fuxi_mme.models.attention import fuxi_attention_reference, hstu_attention_reference
 
-fa = pytest.importorskip("fuxi_mme.models.fused_attention")
+fa = pytest.importorskip("fuxi_mme.models.attention.fused")
 if not fa.HAVE_TRITON:
     pytest.skip("triton is not installed", allow_module_level=True)
 
@@ -186,7 +186,7 @@ except ImportError:
     sys.exit(77)
 if "constexprs" not in inspect.signature(ASTSource).parameters:
     sys.exit(77)
-from fuxi_mme.models import fused_attention as fa
+from fuxi_mme.models.attention import fused as fa
 pointers = {"Q", "K", "V", "DO", "O", "DK", "DVp", "DQp"}
 for kern in (fa.fwd, fa.bwd_kv, fa.bwd_q):
     params = list(inspect.signature(kern.fn).parameters)

@@ -1,6 +1,6 @@
 """Fused Triton kernels for FuXi-alpha's three-channel attention and HSTU's attention.
 
-The reference (``attention.py``) materialises (B, H, N, N) attention maps per channel; these
+The reference (``reference.py``) materialises (B, H, N, N) attention maps per channel; these
 kernels stream key blocks through on-chip memory instead, flash-attention style (no softmax,
 so no running maximum is needed: every channel is a plain weighted sum).
 
@@ -23,7 +23,7 @@ depend on q or k: the gradient at (b, i, j) of a channel is ``sum_h dout_h[i] . 
 the ``bias_grad`` kernel computes it tile by tile (one product over all heads) and adds it
 into the tables' entries i - j and bucket[b, i, j] at once, skipping padding, so nothing
 (B, N, N)-sized is written or read back. For HSTU the dQ kernel adds each head's dz into a
-(B, N, N) fp32 buffer atomically, which ``attention.small_table_grad`` folds into the tables
+(B, N, N) fp32 buffer atomically, which ``shared.small_table_grad`` folds into the tables
 (as FuXi-alpha's map gradients, from one batched product per channel, under deterministic
 algorithms, where the unordered atomic adds of ``bias_grad`` are not allowed).
 
@@ -55,7 +55,7 @@ import os
 
 import torch
 
-from .attention import lookup, relative_position_bias, relative_positions, row_mask, small_table_grad, ungroup
+from .shared import lookup, relative_position_bias, relative_positions, row_mask, small_table_grad, ungroup
 
 try:
     import triton
@@ -406,7 +406,7 @@ def table_grads(v, do, gp, pos_n: int, buckets, time_n: int, hstu: bool, lengths
     """Gradients of the bias tables ``pos_w`` (``pos_n`` entries) and ``time_w`` (``time_n``;
     None without ``buckets``), fp32. FuXi-alpha: the ``bias_grad`` kernel, unless deterministic
     algorithms are on (its atomic adds are not ordered); then, and for HSTU, the map gradients
-    of :func:`map_grads` folded into the tables by :func:`~fuxi_mme.models.attention.small_table_grad`."""
+    of :func:`map_grads` folded into the tables by :func:`~fuxi_mme.models.attention.shared.small_table_grad`."""
     N = v.shape[2]
     if not hstu and not torch.are_deterministic_algorithms_enabled():
         d_pos, d_time = launch_bias_grad(v, do, buckets, lengths, groups, pos_n, time_n)
@@ -509,7 +509,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def bias_maps(pos_w, time_w, buckets, n: int, dtype: torch.dtype):
     """The positional (N, N) bias map in fp32 and the temporal (B, N, N) one in ``dtype`` (None
     without buckets), built once per call and shared by every head; their gradients go back to
-    the tables through :func:`~fuxi_mme.models.attention.lookup`. The positional map is small,
+    the tables through :func:`~fuxi_mme.models.attention.shared.lookup`. The positional map is small,
     and in fp32 its gradient (a sum over the batch, then over each diagonal) is not rounded to
     bf16 on the way."""
     pmap = relative_position_bias(pos_w, n).float().contiguous()
