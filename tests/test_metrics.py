@@ -25,18 +25,21 @@ def test_rank_counts_only_strictly_higher_scores():
 
 
 def brute_force_ranks(scores, targets, seen):
+    """Every seen item masked, the target too (then it is a miss: rank = number of items + 1)."""
     out = []
     for s, t, h in zip(scores, targets, seen):
+        if t in set(h):
+            out.append(len(s))  # the scores have I + 1 columns (padding first)
+            continue
         s = s.copy()
         s[0] = -np.inf
         for i in h:
-            if i != t:
-                s[i] = -np.inf
+            s[i] = -np.inf
         out.append(1 + sum(1 for j in range(len(s)) if s[j] > s[t]))
     return np.array(out)
 
 
-@pytest.mark.parametrize("filter_history", [True, False])
+@pytest.mark.parametrize("filter_history", ["mask", "keep"])
 def test_evaluator_matches_brute_force_with_ties_and_filtering(filter_history):
     import pandas as pd
 
@@ -66,7 +69,7 @@ def test_evaluator_matches_brute_force_with_ties_and_filtering(filter_history):
     # any subset comes back in its own order
     some = np.random.default_rng(1).permutation(len(arrs))[:15]
     np.testing.assert_array_equal(evaluate_ranks(scorer, arrs, ds, filter_history, batch_size=4, rows=some), got[some])
-    seen = [ds.items[a:b] if filter_history else [] for a, b in zip(arrs.hist_start, arrs.hist_end)]
+    seen = [ds.items[a:b] if filter_history == "mask" else [] for a, b in zip(arrs.hist_start, arrs.hist_end)]
     want = brute_force_ranks(table.astype(np.float32), arrs.targets, seen)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(

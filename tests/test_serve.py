@@ -42,7 +42,7 @@ def _hist(rec, user=0, n=None):
 
 def test_recommendations_exclude_seen_and_map_back_to_raw_ids(rec):
     q = _hist(rec, 3)
-    res = rec.recommend([Query(q.history, q.timestamps, k=15)])[0]
+    res = rec.recommend([Query(q.history, q.timestamps, k=15, exclude_seen=True)])[0]
     got = [x["item"] for x in res["items"]]
     assert len(got) == 15 and not set(got) & set(q.history)
     assert all(isinstance(x["title"], str) and x["title"] for x in res["items"])  # demo items have titles
@@ -50,6 +50,10 @@ def test_recommendations_exclude_seen_and_map_back_to_raw_ids(rec):
     assert scores == sorted(scores, reverse=True)
     with_seen = rec.recommend([Query(q.history, q.timestamps, k=15, exclude_seen=False)])[0]
     assert with_seen["items"][0]["score"] >= res["items"][0]["score"]
+    # by default the run's evaluation rule decides: the demo repeats items, so eval.history=auto
+    # resolved to keep, and seen items are recommended as in evaluation
+    assert rec.history_mode == "keep"
+    assert rec.recommend([Query(q.history, q.timestamps, k=15)])[0] == with_seen
 
 
 def test_recommender_scores_equal_the_evaluator(rec):

@@ -32,6 +32,16 @@ def metrics_table(rows: dict[str, dict[str, Any]], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def split_rows(name: str, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A split's table row, and beside it its repeat-target and new-item-target rows when the
+    split has repeat targets (docs/training.md#history-masking)."""
+    rows = {name: m}
+    for key, label in (("repeat_targets", "repeat targets"), ("new_targets", "new-item targets")):
+        if isinstance(m.get(key), dict):
+            rows[f"  {label}"] = m[key]
+    return rows
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="named preset (see `fuxi-mme presets`); default demo-fuxi-mme-base")
     p.add_argument("--dataset", help="dataset of the preset: demo, ml-1m, amazon-beauty, ... (or use --data-path)")
@@ -123,8 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # under torchrun, rank 0 prints
     rows = {}
     if "valid_best" in res:
-        rows[f"valid (epoch {res.get('selected_epoch', '-')})"] = res["valid_best"]
-    rows["test"] = res["test"]
+        rows.update(split_rows(f"valid (epoch {res.get('selected_epoch', '-')})", res["valid_best"]))
+    rows.update(split_rows("test", res["test"]))
     title = f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, full ranking ({res.get('selection', 'no training')})"
     print(metrics_table(rows, title))
     print(f"results: {res['run_dir']}/metrics.json")
@@ -135,7 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train.run import evaluate_run
 
     res = evaluate_run(args.run, args.split, args.checkpoint, args.device or "auto")
-    print(metrics_table({args.split: res[args.split]}, f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, checkpoint {res['checkpoint']}"))
+    print(metrics_table(split_rows(args.split, res[args.split]), f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, checkpoint {res['checkpoint']}"))
     if args.json:
         print(json.dumps(res, indent=2))
     return 0
@@ -166,6 +176,14 @@ def cmd_data_info(args: argparse.Namespace) -> int:
         print(f"  time span: {f(st['time_min'])} to {f(st['time_max'])} ({st['time_span_days']:.0f} days)")
     else:
         print("  timestamps: none (order only); the temporal attention channel is disabled for this dataset")
+    from .data.repeats import repeat_summary
+    from .eval.evaluator import resolve_history
+
+    proto = "loo-val" if ds.lengths.min() >= 3 else "paper"
+    rep = repeat_summary(ds, proto)
+    targets = ", ".join(f"{s} {rep[f'{s}_repeat_targets']:,} of {rep[f'{s}_targets']:,}" for s in ("valid", "test") if f"{s}_targets" in rep)
+    print(f"  repeats: {rep['repeat_rate']:.2%} of events repeat an earlier item of the user; repeat targets ({proto}): {targets}")
+    print(f"  {resolve_history('auto', ds, proto)[1]}")
     for n in st.get("notes", []):
         print(f"  note: {n}")
     for w in check_expected(ds):
@@ -197,7 +215,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .experiment import SUITES, aggregate, markdown, plan, run_suites, write_docs
+    from .experiments import SUITES, aggregate, markdown, plan, run_suites, write_docs
+    from .experiments.logs import pack_logs
 
     unknown = [n for n in args.suite if n not in SUITES]
     if unknown:
@@ -211,6 +230,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if args.aggregate_only:
         from .utils.runinfo import git_commit
 
+        if args.pack_logs:
+            for s in suites:
+                if (root / s.name).is_dir():
+                    print(f"{root / s.name}: packed {pack_logs(root / s.name)} per-epoch log files into logs.tar.xz")
         commit = git_commit()
         results = [aggregate(s, plan(s, root, data_root, args.overrides, args.datasets, check_data=False, variants=args.variants), root, [], commit) for s in suites]
         write_docs(root, docs)
@@ -222,7 +245,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import report
+    from .experiments.report import report
 
     res = report(args.runs, args.out)
     print(f"wrote {res['markdown']}" + (f" and {', '.join(res['images'])}" if res["images"] else " (no plots: matplotlib is missing)"))
@@ -238,7 +261,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
         if not args.output:
             raise ValueError("--input needs --output FILE (.csv, .tsv, .parquet or .jsonl)")
-        st = recommend_file(rec, args.input, args.output, args.k, not args.include_seen, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col)
+        st = recommend_file(rec, args.input, args.output, args.k, args.exclude_seen, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col)
         print(f"wrote {st['rows']:,} recommendations for {st['users']:,} users to {args.output}" + (f" ({st['skipped']} skipped, see above)" if st["skipped"] else ""))
         return 0
     if args.user is not None:
@@ -247,7 +270,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         q = Query(_ids(args.items), args.timestamps)
     else:
         raise ValueError("give a history with --items ID [ID ...], a dataset user with --user ID, or a file with --input")
-    q.k, q.exclude_seen, q.now = args.k, not args.include_seen, args.now
+    q.k, q.exclude_seen, q.now = args.k, args.exclude_seen, args.now
     try:
         res = rec.recommend([q])[0]
     except RequestError as exc:
@@ -272,7 +295,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("fuxi_mme").warning("binding to %s exposes the service beyond this machine; it has no authentication", args.host)
-    serve(args.run, args.host, args.port, args.checkpoint, args.device or "cpu", args.unknown_items, args.max_batch, args.max_wait_ms, args.max_body_kb * 1024)
+    if args.exported and (args.device or "cpu") != "cpu":
+        raise ValueError(f"--exported serves on the CPU (the export is a CPU program); drop --device {args.device} or serve the run with --run")
+    if args.runtime != "program" and not args.exported:
+        raise ValueError("--runtime applies to --exported DIR; a run (--run) is served by the eager model")
+    serve(args.run, args.host, args.port, args.checkpoint, args.device or "cpu", args.unknown_items, args.max_batch, args.max_wait_ms, args.max_body_kb * 1024,
+          exported=args.exported, runtime=args.runtime)
     return 0
 
 
@@ -281,7 +309,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .serve.export import export_run
 
     rec = Recommender.from_run(args.run, args.checkpoint, "cpu")
-    res = export_run(rec, args.out)
+    res = export_run(rec, args.out, aoti=not args.no_aoti, onnx=not args.no_onnx)
     print(f"wrote {', '.join(res['files'])} to {res['dir']}")
     return 0
 
@@ -331,6 +359,8 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("--variants", nargs="+", help="a subset of the suite's variants (names as in its tables)")
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="applied to every run")
     x.add_argument("--aggregate-only", action="store_true", help="only aggregate finished runs under --root")
+    x.add_argument("--pack-logs", action="store_true", help="with --aggregate-only: first move the runs' per-epoch logs into <root>/<suite>/logs.tar.xz "
+                   "(a run keeps config.json, run.json, metrics.json; running a suite does this by itself)")
     x.add_argument("--docs", help="Markdown page with every suite's tables and plots (default <root>/results.md)")
     x.set_defaults(func=cmd_experiment)
 
@@ -351,7 +381,10 @@ def make_parser() -> argparse.ArgumentParser:
     rc.add_argument("--item-col", default="item")
     rc.add_argument("--time-col", default="timestamp")
     rc.add_argument("-k", "--k", type=int, default=10)
-    rc.add_argument("--include-seen", action="store_true", help="allow items of the history in the results")
+    seen = rc.add_mutually_exclusive_group()
+    seen.add_argument("--include-seen", dest="exclude_seen", action="store_false", default=None, help="allow items of the history in the results")
+    seen.add_argument("--exclude-seen", dest="exclude_seen", action="store_true", help="leave items of the history out of the results "
+                      "(default: as the run's evaluation, eval.history: excluded unless the data has repeat consumption)")
     rc.add_argument("--unknown-items", default="report", choices=("report", "ignore", "reject"))
     rc.add_argument("--checkpoint", default="auto")
     rc.add_argument("--device")
@@ -359,7 +392,10 @@ def make_parser() -> argparse.ArgumentParser:
     rc.set_defaults(func=cmd_recommend)
 
     sv = sub.add_parser("serve", help="HTTP JSON API and demo page (needs fuxi-mme[serve])")
-    sv.add_argument("--run", required=True, metavar="RUN_DIR")
+    what = sv.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", metavar="RUN_DIR", help="serve a trained run (eager model)")
+    what.add_argument("--exported", metavar="DIR", help="serve a `fuxi-mme export` folder on the CPU (no run folder needed)")
+    sv.add_argument("--runtime", default="program", choices=("program", "aoti"), help="with --exported: the torch.export program or the AOTInductor package")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--checkpoint", default="auto")
@@ -370,10 +406,12 @@ def make_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-kb", type=int, default=1024)
     sv.set_defaults(func=cmd_serve)
 
-    ex = sub.add_parser("export", help="TorchScript user encoder + item matrix for serving elsewhere")
-    ex.add_argument("--run", required=True, metavar="RUN_DIR")
-    ex.add_argument("--out", required=True)
+    ex = sub.add_parser("export", help="torch.export user encoder (+ AOTInductor, ONNX) and item matrix for serving")
+    ex.add_argument("run", metavar="RUN", help="the run folder")
+    ex.add_argument("out", metavar="OUT", help="a new or empty folder (or an earlier export, replaced)")
     ex.add_argument("--checkpoint", default="auto")
+    ex.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor package (a C++ compile of about a minute)")
+    ex.add_argument("--no-onnx", action="store_true", help="skip the ONNX file (written when fuxi-mme[onnx] is installed)")
     ex.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", help="list named presets")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -37,6 +40,9 @@ class DataConfig:
     min_user_interactions: int | None = None  # None: the dataset's published filter (KuaiRand 5), else 2
     duplicates: str = "auto"  # exact duplicate (user, item, timestamp) rows: "error", "drop", "keep", "auto" (per dataset)
     ordering: str = "stable"  # "stable" (ties keep file order) or "hstu"
+    # repeat consumption (an item the user had before), applied before the splits: "keep",
+    # "drop-consecutive" (an event equal to the user's previous one) or "first" (first of each item)
+    repeats: str = "keep"
     protocol: str = "loo-val"  # "loo-val" (leak-free) or "paper" (HSTU/FuXi-alpha compatible)
     max_len: int = 200  # most recent items the model sees
     data_dir: str | None = None  # cache folder; None: $FUXI_MME_DATA or the user cache dir
@@ -130,7 +136,10 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     ks: tuple[int, ...] = (10, 50, 200)
-    filter_history: bool = True
+    # which of a user's earlier items are candidates (docs/training.md#history-masking):
+    # "mask" removes every history item, a repeated target included; "keep" masks nothing;
+    # "auto" is mask unless the training events show repeat consumption, then keep
+    history: str = "auto"
     batch_size: int = 1024
     # Report the per-epoch test curve under `paper` (labelled; never used for selection).
     log_test_curve: bool = False
@@ -240,8 +249,21 @@ def _fields(obj: Any) -> dict[str, dataclasses.Field]:
     return out
 
 
+def _filter_history(cfg: Config, value: Any) -> None:
+    on = _coerce(value, bool, "eval.filter_history")
+    log.warning("eval.filter_history is deprecated: use eval.history=%s (mask|keep|auto; docs/training.md#history-masking)", "mask" if on else "keep")
+    cfg.eval.history = "mask" if on else "keep"
+
+
+# old keys still read (e.g. from an older run's config.json), each turned into its replacement
+DEPRECATED_KEYS = {"eval.filter_history": _filter_history}
+
+
 def set_field(cfg: Config, dotted: str, value: Any) -> None:
     """Set ``section.field`` (nested: ``model.moe.num_experts``) with type checking."""
+    if dotted in DEPRECATED_KEYS:
+        DEPRECATED_KEYS[dotted](cfg, value)
+        return
     parts = dotted.split(".")
     obj: Any = cfg
     for i, part in enumerate(parts):
@@ -313,6 +335,8 @@ def validate(cfg: Config) -> None:
         "data.protocol": (cfg.data.protocol, ("loo-val", "paper")),
         "data.ordering": (cfg.data.ordering, ("stable", "hstu")),
         "data.duplicates": (cfg.data.duplicates, ("auto", "error", "drop", "keep")),
+        "data.repeats": (cfg.data.repeats, ("keep", "drop-consecutive", "first")),
+        "eval.history": (cfg.eval.history, ("auto", "mask", "keep")),
         "model.combine": (cfg.model.combine, ("concat", "mean")),
         "model.moe.placement": (cfg.model.moe.placement, ("ffn", "u", "out")),
         "model.moe.balance": (cfg.model.moe.balance, ("aux_loss", "aux_free", "none")),
@@ -351,7 +375,7 @@ def validate(cfg: Config) -> None:
     if lc != "auto" and not (lc.isdigit() and int(lc) >= 1):
         raise ConfigError(f"train.length_chunks={lc!r} must be auto or a whole number of at least 1")
     if m.attention_norm < 0:
-        raise ConfigError(f"model.attention_norm={m.attention_norm} must be 0 (the padded length, SPEC) or a positive divisor")
+        raise ConfigError(f"model.attention_norm={m.attention_norm} must be 0 (the padded length, docs/models.md#attention-channels) or a positive divisor")
     if cfg.train.temperature <= 0:
         raise ConfigError(f"train.temperature={cfg.train.temperature} must be positive")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:

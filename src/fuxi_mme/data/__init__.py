@@ -18,6 +18,7 @@ from .prepared import (
     load_prepared,
     save_prepared,
 )
+from .repeats import apply_repeats
 from .download import Remote, fetch, is_archive, is_url, safe_extract
 from .sources import SOURCES, get_source
 from .table import DataError
@@ -85,6 +86,8 @@ def _key_parts(cfg: DataConfig, path: Path | None) -> dict:
         "min_rating": cfg.min_rating,
         "duplicates": cfg.duplicates,
     }
+    if cfg.repeats != "keep":  # absent when "keep", so caches prepared before the option stay valid
+        parts["repeats"] = cfg.repeats
     if cfg.name == "demo":
         parts.update(demo_users=cfg.demo_users, demo_seed=cfg.demo_seed, demo_version=demo.DEMO_VERSION)
     if cfg.name == "file":
@@ -134,8 +137,8 @@ def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
     if not rebuild and (folder / "meta.json").exists():
         try:
             return load_prepared(folder)
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("cached dataset %s is unreadable (%s); rebuilding", folder, exc)
+        except Exception as exc:  # noqa: BLE001 - any damage to a cache file means: rebuild and replace it
+            log.warning("cached dataset %s is unreadable (%s: %s); rebuilding it", folder, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     df, titles = src.read(path, cfg)
     has_ts = bool(df.attrs.get("has_timestamps", src.has_timestamps))
     read_notes = list(df.attrs.get("notes", []))
@@ -143,6 +146,8 @@ def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
         policy = src.duplicates if cfg.duplicates == "auto" else cfg.duplicates
         df, dup_notes = handle_duplicates(df, policy, str(path) if path else cfg.name)
         read_notes += dup_notes
+    df, rep_notes = apply_repeats(df, cfg.repeats, cfg.ordering)
+    read_notes += rep_notes
     min_inter = cfg.min_user_interactions if cfg.min_user_interactions is not None else (src.min_user_interactions or 2)
     ds, notes = build_prepared(
         df,
@@ -158,6 +163,6 @@ def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
     for n in notes:
         log.warning("%s: %s", cfg.name, n)
     ds.stats["notes"] = notes
-    save_prepared(ds, folder, {"key": key, "parts": _key_parts(cfg, path)})
+    save_prepared(ds, folder, {"key": key, "parts": _key_parts(cfg, path)}, replace=folder.exists())  # a damaged or --rebuild cache is replaced
     ds.cache_dir = str(folder)
     return ds

@@ -5,12 +5,14 @@ Legend: B users in a batch, I items (+1 padding column), D scoring width.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..data.prepared import PreparedDataset, flat_ranges
+from ..data.repeats import repeat_flags, repeat_summary
 from ..data.splits import EvalArrays, split_points, to_batch
 from ..models.common import SequenceModel
 from .metrics import metrics_from_ranks, ranks_from_scores
@@ -65,41 +67,152 @@ def popularity_scorer(ds: PreparedDataset, protocol: str, device: torch.device |
     return score
 
 
+HISTORY_MODES = ("auto", "mask", "keep")
+# eval.history=auto masks the history unless more than this share of the training events
+# repeat an item the user had before (docs/training.md#history-masking)
+AUTO_REPEAT_THRESHOLD = 0.01
+
+
+def resolve_history(setting: str, ds: PreparedDataset, protocol: str) -> tuple[str, str]:
+    """``eval.history`` -> ("mask" | "keep", why). ``auto`` reads the training events only
+    (never a validation or test target): ``keep`` when more than
+    :data:`AUTO_REPEAT_THRESHOLD` of them repeat an earlier item of the same user, else ``mask``."""
+    if setting not in HISTORY_MODES:
+        raise ValueError(f"eval.history={setting!r} is not one of {', '.join(HISTORY_MODES)}")
+    if setting != "auto":
+        return setting, f"eval.history={setting}"
+    rate = repeat_summary(ds, protocol)["train_repeat_rate"]
+    if rate > AUTO_REPEAT_THRESHOLD:
+        return "keep", f"eval.history=auto: {rate:.1%} of training events repeat an earlier item of the user (> {AUTO_REPEAT_THRESHOLD:.0%}), so seen items stay candidates"
+    return "mask", f"eval.history=auto: {rate:.2%} of training events repeat an earlier item of the user (<= {AUTO_REPEAT_THRESHOLD:.0%}), so seen items are masked"
+
+
+class NonFiniteScores(ValueError):
+    """The model gave a target a NaN or infinite score: its metrics would be meaningless."""
+
+
+@dataclass
+class SplitRanks:
+    """Per-row results of ranking one split, in the order of the rows asked for."""
+
+    ranks: np.ndarray  # (U,) 1-based rank; a masked or non-finite target gets num_items + 1
+    masked_target: np.ndarray  # (U,) bool: eval.history=mask removed the (repeated) target
+    nonfinite: np.ndarray  # (U,) bool: the target's score was NaN or infinite
+
+
 @torch.no_grad()
-def evaluate_ranks(
+def rank_split(
     scorer: Scorer,
     arrs: EvalArrays,
     ds: PreparedDataset,
-    filter_history: bool = True,
+    history: str = "mask",
     batch_size: int = 1024,
     device: torch.device | str = "cpu",
     rows: np.ndarray | None = None,
-) -> np.ndarray:
-    """1-based rank of each target among all items (padding never a candidate), in the order of
-    ``rows`` (default: every row). Batches take the rows shortest first, so each is padded only
-    to its own longest sequence (``to_batch`` trims) rather than short histories being scored at
-    the width of a long one; a scorer sees the batch's row indices in ``batch["rows"]``."""
+) -> SplitRanks:
+    """Rank each target among all items (padding never a candidate), in the order of ``rows``
+    (default: every row).
+
+    ``history`` is ``mask`` (every item of the user's history is removed from the candidates,
+    the target too when it is a repeat: such a target counts as a miss) or ``keep`` (nothing
+    is removed); what is masked is read from the history alone, never from the target. A NaN
+    candidate counts as outranking the target; a target whose own score is not finite gets the
+    worst rank and is flagged. Batches take the rows shortest first, so each is padded only to
+    its own longest sequence; a scorer sees the batch's row indices in ``batch["rows"]``."""
+    if history not in ("mask", "keep"):
+        raise ValueError(f"history={history!r}: resolve eval.history first (mask or keep)")
     rows_all = np.arange(len(arrs)) if rows is None else np.asarray(rows)
     order = np.argsort(arrs.lengths[rows_all], kind="stable")
-    out = np.zeros(len(rows_all), dtype=np.int64)
+    out = SplitRanks(np.zeros(len(rows_all), np.int64), np.zeros(len(rows_all), bool), np.zeros(len(rows_all), bool))
+    worst = ds.num_items + 1
     for s in range(0, len(order), batch_size):
         at = order[s : s + batch_size]
         rows_b = rows_all[at]
         batch = to_batch(arrs, rows_b, device)
         batch["rows"] = torch.from_numpy(rows_b)
         scores = scorer(batch).float()
+        tgt = batch["target"]
+        bad = ~torch.isfinite(scores.gather(1, tgt[:, None])[:, 0])
         scores[:, 0] = -torch.inf
-        if filter_history:
+        if history == "mask":
             r, it = history_pairs(arrs, rows_b, ds)
-            tgt = torch.from_numpy(arrs.targets[rows_b])
-            keep = it != tgt.numpy()[r]  # the target stays a candidate even if seen before
-            scores[torch.from_numpy(r[keep]).to(scores.device), torch.from_numpy(it[keep]).to(scores.device)] = -torch.inf
-        out[at] = ranks_from_scores(scores, batch["target"]).cpu().numpy()
+            scores[torch.from_numpy(r).to(scores.device), torch.from_numpy(it).to(scores.device)] = -torch.inf
+        masked = torch.isneginf(scores.gather(1, tgt[:, None])[:, 0]) & ~bad
+        ranks = ranks_from_scores(scores, tgt)
+        ranks = torch.where(masked | bad, torch.full_like(ranks, worst), ranks)
+        out.ranks[at] = ranks.cpu().numpy()
+        out.masked_target[at] = masked.cpu().numpy()
+        out.nonfinite[at] = bad.cpu().numpy()
     return out
 
 
-def evaluate(scorer: Scorer, arrs: EvalArrays, ds: PreparedDataset, ks=(10, 50, 200), filter_history=True, batch_size=1024, device="cpu") -> dict[str, float]:
-    ranks = evaluate_ranks(scorer, arrs, ds, filter_history, batch_size, device)
-    m = metrics_from_ranks(ranks, ks)
-    m["users"] = int(len(ranks))
+def evaluate_ranks(
+    scorer: Scorer,
+    arrs: EvalArrays,
+    ds: PreparedDataset,
+    history: str | bool = "mask",
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """The ranks of :func:`rank_split` (``history`` True/False read as mask/keep)."""
+    if isinstance(history, bool):
+        history = "mask" if history else "keep"
+    return rank_split(scorer, arrs, ds, history, batch_size, device, rows).ranks
+
+
+Gather = Callable[[object], list]  # every rank's object, in rank order (torch.distributed)
+
+
+def evaluate_split(
+    scorer: Scorer,
+    arrs: EvalArrays,
+    ds: PreparedDataset,
+    *,
+    split: str,
+    history: str,
+    ks: tuple[int, ...] = (10, 50, 200),
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world: int = 1,
+    gather: Gather | None = None,
+) -> dict[str, Any]:
+    """Metrics of one split: HR/NDCG@K and MRR over its users, ``users``, and where the split
+    has targets that repeat an item of the user's history, the same metrics on those targets
+    and on new-item targets (``repeat_targets`` / ``new_targets``; split after scoring, so it
+    never influences a rank) and, under ``mask``, how many repeat targets were masked.
+
+    Training-time validation, ``evaluate``, the popularity baseline, experiments and
+    distributed evaluation all come here. With ``world`` > 1, rank r scores the length-sorted
+    batches b with b % world == r (the batches one process makes) and ``gather`` collects them,
+    so the ranks equal one process's. Raises :class:`NonFiniteScores` naming the split when any
+    target's score is NaN or infinite."""
+    if world > 1:
+        by_length = np.argsort(arrs.lengths, kind="stable")
+        starts = range(rank * batch_size, len(arrs), world * batch_size)
+        mine = {s: rank_split(scorer, arrs, ds, history, batch_size, device, by_length[s : s + batch_size]) for s in starts}
+        parts: dict[int, SplitRanks] = {}
+        for got in (gather(mine) if gather is not None else [mine]):
+            parts.update(got)
+        res = SplitRanks(np.zeros(len(arrs), np.int64), np.zeros(len(arrs), bool), np.zeros(len(arrs), bool))
+        if parts:
+            for field in ("ranks", "masked_target", "nonfinite"):
+                getattr(res, field)[by_length] = np.concatenate([getattr(parts[s], field) for s in sorted(parts)])
+    else:
+        res = rank_split(scorer, arrs, ds, history, batch_size, device)
+    if res.nonfinite.any():
+        raise NonFiniteScores(
+            f"{split}: {int(res.nonfinite.sum()):,} of {len(res.ranks):,} users' targets have a NaN or infinite score; "
+            "the model's weights or outputs are not finite (diverged training or a damaged checkpoint), so no metric is reported"
+        )
+    m: dict[str, Any] = metrics_from_ranks(res.ranks, ks)
+    m["users"] = int(len(res.ranks))
+    repeat = repeat_flags(ds)[arrs.hist_end]
+    if repeat.any():
+        m["repeat_targets"] = {"users": int(repeat.sum()), **metrics_from_ranks(res.ranks[repeat], ks)}
+        if history == "mask":
+            m["repeat_targets"]["masked"] = int(res.masked_target.sum())
+        if not repeat.all():
+            m["new_targets"] = {"users": int((~repeat).sum()), **metrics_from_ranks(res.ranks[~repeat], ks)}
     return m

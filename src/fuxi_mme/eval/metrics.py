@@ -8,9 +8,13 @@ import torch
 
 
 def ranks_from_scores(scores_BI: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
-    """(B, I) scores, (B,) target column -> (B,) 1-based ranks. -inf candidates never outrank."""
+    """(B, I) scores, (B,) target column -> (B,) 1-based ranks. -inf candidates never outrank;
+    a NaN candidate always does (a non-finite score never lifts a target), and a target whose
+    own score is NaN ranks last (I)."""
     t = scores_BI.gather(1, target_B[:, None])
-    return 1 + (scores_BI > t).sum(1)
+    above = (scores_BI > t) | torch.isnan(scores_BI)
+    ranks = 1 + above.sum(1) - torch.isnan(t[:, 0]).long()  # the target never counts itself
+    return torch.where(torch.isnan(t[:, 0]), torch.full_like(ranks, scores_BI.shape[1]), ranks)
 
 
 def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks=(10, 50, 200)) -> dict[str, float]:

@@ -35,7 +35,7 @@ class RecommendRequest(BaseModel):
     history: list[int | str] = Field(..., description="item ids of the original data, oldest first", examples=[[1, 50, 181]])
     timestamps: list[int] | None = Field(None, description="unix seconds, one per item, non-decreasing")
     k: int = Field(10, description="number of recommendations (1..catalogue size)")
-    exclude_seen: bool = Field(True, description="leave the history's items out of the results")
+    exclude_seen: bool | None = Field(None, description="leave the history's items out of the results (default: as the run's evaluation, eval.history)")
     unknown_items: Literal["report", "ignore", "reject"] | None = Field(None, description="what to do with ids not in the catalogue (default: the server's --unknown-items)")
     now: int | None = Field(None, description="unix time of the next interaction (default: the last timestamp)")
 
@@ -257,13 +257,20 @@ def create_app(rec: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0, 
     return BodyLimit(app, max_body_bytes) if max_body_bytes else app
 
 
-def serve(run_dir: str, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "auto", device: str = "cpu", unknown_items: str = "report",
-          max_batch: int = 64, max_wait_ms: float = 2.0, max_body_bytes: int = 1 << 20) -> None:
+def serve(run_dir: str | None, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "auto", device: str = "cpu", unknown_items: str = "report",
+          max_batch: int = 64, max_wait_ms: float = 2.0, max_body_bytes: int = 1 << 20, exported: str | None = None, runtime: str = "program") -> None:
+    """Serve a run (``run_dir``, the eager model) or an export folder (``exported``, on the CPU,
+    with the ``torch.export`` program or, ``runtime="aoti"``, the AOTInductor package)."""
     try:
         import uvicorn
     except ImportError as exc:
         raise ImportError("the HTTP service needs uvicorn: pip install 'fuxi-mme[serve]'") from exc
-    rec = Recommender.from_run(run_dir, checkpoint, device, unknown_items)
+    if exported:
+        from .export import load_exported
+
+        rec = load_exported(exported, runtime, unknown_items)
+    else:
+        rec = Recommender.from_run(run_dir, checkpoint, device, unknown_items)
     app = create_app(rec, max_batch, max_wait_ms, max_body_bytes)
-    log.info("serving %s (%s on %s, %d items) on http://%s:%d", run_dir, rec.cfg.model.name, rec.ds.name, rec.num_items, host, port)
+    log.info("serving %s (%s on %s, %d items) on http://%s:%d", exported or run_dir, rec.cfg.model.name, rec.ds.name, rec.num_items, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")

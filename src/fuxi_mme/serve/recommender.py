@@ -14,7 +14,10 @@ Conventions:
 * timestamps (unix seconds) are optional; when the model uses the temporal channel and none
   are given, all gaps are zero. ``now`` is the time of the next interaction (default: the last
   timestamp);
-* already-seen items are excluded from the results unless ``exclude_seen`` is false.
+* already-seen items are excluded from the results when ``exclude_seen`` is true and kept when
+  false; by default (None) the run's evaluation rule decides: excluded when its resolved
+  ``eval.history`` is ``mask``, kept when ``keep`` (data with repeat consumption;
+  docs/training.md#history-masking).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class Query:
     history: Sequence[Any]
     timestamps: Sequence[int] | None = None
     k: int = 10
-    exclude_seen: bool = True
+    exclude_seen: bool | None = None  # None: as the run's resolved eval.history (mask -> true)
     unknown_items: str | None = None  # None: the recommender's default policy
     now: int | None = None
 
@@ -81,6 +84,9 @@ class Recommender:
         self.titles = ds.item_titles
         self._index = {str(k): i for i, k in enumerate(ds.item_raw.tolist()) if i > 0}
         self.amp = autocast_dtype(cfg.train.amp)  # the run's own evaluation precision
+        from ..eval.evaluator import resolve_history
+
+        self.history_mode = resolve_history(cfg.eval.history, ds, cfg.data.protocol)[0]
         if model is None:
             raise ValueError("this run is a popularity baseline: it has no model to serve")
         model.eval()
@@ -191,7 +197,7 @@ class Recommender:
             now = 0
         if truncated:
             notes.append(f"history longer than max_len={self.max_len}: the {truncated} oldest item(s) were dropped")
-        return Prepared(ids_a, ts_a, now, seen, int(k), bool(q.exclude_seen), unknown if policy == "report" else [], truncated, notes)
+        return Prepared(ids_a, ts_a, now, seen, int(k), bool(self.history_mode == "mask" if q.exclude_seen is None else q.exclude_seen), unknown if policy == "report" else [], truncated, notes)
 
     # ------------------------------------------------------------------ scoring
     def batch_tensors(self, preps: list[Prepared]) -> dict[str, torch.Tensor]:

@@ -27,8 +27,7 @@ import torch
 from ..config import Config
 from ..data.prepared import PreparedDataset
 from ..data.splits import EvalArrays, TrainArrays, eval_arrays, length_sorted_chunks, to_batch, train_arrays
-from ..eval.evaluator import autocast_dtype, evaluate_ranks, model_scorer
-from ..eval.metrics import metrics_from_ranks
+from ..eval.evaluator import autocast_dtype, evaluate_split, model_scorer, resolve_history
 from ..models.common import SequenceModel
 from ..models.moe import MoE, one_batch_of_routing, release_aux_graphs
 from . import distributed as D
@@ -226,6 +225,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(t.amp)
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir and dist_info.main else None, cfg.log.tensorboard)
         self.fingerprint = config_fingerprint(cfg.to_dict())
+        self.history, self.history_reason = resolve_history(cfg.eval.history, ds, cfg.data.protocol)
+        if dist_info.main:
+            log.info(self.history_reason)
         self.length_chunks = length_chunks(cfg, device, dist_info.enabled)  # read by GraphedStep
         self.graphed: GraphedStep | None = GraphedStep(self) if graphs_wanted(self) else None
 
@@ -385,27 +387,12 @@ class Trainer:
         return rec
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, arrs: EvalArrays) -> dict[str, float]:
+    def evaluate(self, arrs: EvalArrays, split: str) -> dict[str, Any]:
         self.model.eval()
-        scorer = model_scorer(self.model, self.amp_dtype)
-        e = self.cfg.eval
-        if self.dist.enabled:
-            # whole batches per rank (batch b -> rank b % world), the same length-sorted batches
-            # as one process makes (evaluate_ranks): scores identical to one process
-            by_length = np.argsort(arrs.lengths, kind="stable")
-            starts = range(self.dist.rank * e.batch_size, len(arrs), self.dist.world * e.batch_size)
-            mine = {s: evaluate_ranks(scorer, arrs, self.ds, e.filter_history, e.batch_size, self.device, rows=by_length[s : s + e.batch_size]) for s in starts}
-            gathered: dict[int, np.ndarray] = {}
-            for part in D.all_gather_objects(mine, self.dist):
-                gathered.update(part)
-            ranks = np.zeros(len(arrs), dtype=np.int64)
-            if gathered:
-                ranks[by_length] = np.concatenate([gathered[s] for s in sorted(gathered)])
-        else:
-            ranks = evaluate_ranks(scorer, arrs, self.ds, e.filter_history, e.batch_size, self.device)
-        m = metrics_from_ranks(ranks, e.ks)
-        m["users"] = int(len(ranks))
-        return m
+        e, w = self.cfg.eval, self.dist
+        gather = (lambda obj: D.all_gather_objects(obj, w)) if w.enabled else None
+        return evaluate_split(model_scorer(self.model, self.amp_dtype), arrs, self.ds, split=split, history=self.history, ks=e.ks,
+                              batch_size=e.batch_size, device=self.device, rank=w.rank, world=w.world, gather=gather)
 
     # ------------------------------------------------------------------ checkpoints
     def _rng(self) -> dict[str, torch.Tensor]:
@@ -421,10 +408,11 @@ class Trainer:
         save_checkpoint(self.run_dir / "checkpoints" / tag, self.model, state, self.opt if resumable else None, self._rng() if resumable else None)
 
     def restore(self, folder: Path) -> None:
+        from .checkpoint import CheckpointError, remove_leftovers, resolve_checkpoint, truncate_metrics_log
+
+        folder = resolve_checkpoint(folder)  # <tag>.old when a save was killed between its renames
         state, tensors = load_state(folder)
         if state.get("fingerprint") != self.fingerprint:
-            from .checkpoint import CheckpointError
-
             raise CheckpointError(f"checkpoint {folder} was written with a different model or data config; resume needs the same config")
         load_weights(folder, self.model, self.device)
         self.opt.load_state_dict(optimizer_state(state, tensors))
@@ -435,6 +423,9 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         for k in TrainState.__dataclass_fields__:
             setattr(self.state, k, state[k])
+        if self.run_dir is not None and self.dist.main:  # what a killed run left after this checkpoint
+            remove_leftovers(folder.parent)
+            truncate_metrics_log(self.run_dir / "metrics.jsonl", self.state.epoch)
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> dict[str, Any]:
@@ -447,7 +438,7 @@ class Trainer:
             msg = f"epoch {epoch + 1}: loss {rec['loss']:.4f}, {rec['seq_per_s']:.0f} seq/s"
             if self.state.epoch % t.eval_every == 0 or self.state.epoch == t.epochs:
                 if self.valid_arrs is not None:
-                    vm = self.evaluate(self.valid_arrs)
+                    vm = self.evaluate(self.valid_arrs, "valid")
                     self.metrics_log.write({"kind": "valid", "epoch": self.state.epoch, "step": self.state.step, **vm})
                     msg += f", valid {SELECT_METRIC} {vm[SELECT_METRIC]:.4f}"
                     if vm[SELECT_METRIC] > self.state.best_value:
@@ -460,7 +451,7 @@ class Trainer:
                             self.state.stopped_early = True
                             msg += f" (no improvement for {t.patience} evaluations: stopping)"
                 elif self.cfg.eval.log_test_curve:
-                    tm = self.evaluate(self.test_arrs)
+                    tm = self.evaluate(self.test_arrs, "test")
                     self.metrics_log.write({"kind": "test_curve", "note": "per-epoch test curve; never used for selection", "epoch": self.state.epoch, **tm})
                     msg += f", test-curve {SELECT_METRIC} {tm[SELECT_METRIC]:.4f}"
             log.info(msg)
@@ -475,7 +466,7 @@ class Trainer:
             selected = self.state.best_epoch
         else:
             selected = self.state.epoch
-        test = self.evaluate(self.test_arrs)
+        test = self.evaluate(self.test_arrs, "test")
         self.metrics_log.write({"kind": "test", "epoch": selected, "step": self.state.step, **test})
         result = {
             "protocol": proto,
@@ -483,6 +474,7 @@ class Trainer:
             "selected_epoch": selected,
             "selection": f"best validation {SELECT_METRIC}" if proto == "loo-val" else "final epoch (paper protocol)",
             "epochs_trained": self.state.epoch,
+            "eval_history": {"mode": self.history, "why": self.history_reason},
             "test": test,
         }
         if valid_best is not None or self.state.best_epoch > 0:

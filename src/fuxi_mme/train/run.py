@@ -22,8 +22,7 @@ from ..config import Config, config_from_dict, validate
 from ..data import check_expected, load_dataset
 from ..data.prepared import PreparedDataset
 from ..data.splits import eval_arrays
-from ..eval.evaluator import autocast_dtype, evaluate_ranks, model_scorer, popularity_scorer
-from ..eval.metrics import metrics_from_ranks
+from ..eval.evaluator import autocast_dtype, evaluate_split, model_scorer, popularity_scorer, resolve_history
 from ..models import build_model
 from ..utils.runinfo import atomic_write_json, resolve_device, run_info
 from . import distributed as D
@@ -155,12 +154,13 @@ def _train(cfg: Config, resume, dinfo: D.DistInfo, device: torch.device) -> dict
 
 def _popularity(cfg: Config, ds: PreparedDataset, device: torch.device, run_dir: Path, write: bool = True) -> dict[str, Any]:
     scorer = popularity_scorer(ds, cfg.data.protocol, device)
-    out: dict[str, Any] = {"protocol": cfg.data.protocol, "split": "test", "model": "popularity", "preset": cfg.preset, "dataset": ds.name, "run_dir": str(run_dir)}
+    history, why = resolve_history(cfg.eval.history, ds, cfg.data.protocol)
+    log.info(why)
+    out: dict[str, Any] = {"protocol": cfg.data.protocol, "split": "test", "model": "popularity", "preset": cfg.preset, "dataset": ds.name,
+                           "run_dir": str(run_dir), "eval_history": {"mode": history, "why": why}}
     for split in (["valid", "test"] if cfg.data.protocol == "loo-val" else ["test"]):
         arrs = eval_arrays(ds, cfg.data.protocol, split, cfg.data.max_len)
-        ranks = evaluate_ranks(scorer, arrs, ds, cfg.eval.filter_history, cfg.eval.batch_size, device)
-        m = metrics_from_ranks(ranks, cfg.eval.ks)
-        m["users"] = int(len(ranks))
+        m = evaluate_split(scorer, arrs, ds, split=split, history=history, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, device=device)
         out["test" if split == "test" else "valid_best"] = m
     if write:
         atomic_write_json(run_dir / "metrics.json", out)
@@ -199,7 +199,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "au
     arrs = eval_arrays(ds, cfg.data.protocol, split, cfg.data.max_len)
     amp = autocast_dtype(cfg.train.amp)  # the precision of the run's own evaluations
     scorer = popularity_scorer(ds, cfg.data.protocol, dev) if model is None else model_scorer(model, amp)
-    ranks = evaluate_ranks(scorer, arrs, ds, cfg.eval.filter_history, cfg.eval.batch_size, dev)
-    m = metrics_from_ranks(ranks, cfg.eval.ks)
-    m["users"] = int(len(ranks))
-    return {"protocol": cfg.data.protocol, "split": split, "checkpoint": checkpoint, "model": cfg.model.name, "dataset": ds.name, split: m}
+    history, why = resolve_history(cfg.eval.history, ds, cfg.data.protocol)
+    log.info(why)
+    m = evaluate_split(scorer, arrs, ds, split=split, history=history, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, device=dev)
+    return {"protocol": cfg.data.protocol, "split": split, "checkpoint": checkpoint, "model": cfg.model.name, "dataset": ds.name,
+            "eval_history": {"mode": history, "why": why}, split: m}
