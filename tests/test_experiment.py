@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from fuxi_mme.experiment import SUITES, _series, aggregate, config_changes, plan
+from fuxi_mme.experiments import SUITES, aggregate, config_changes, plan
+from fuxi_mme.experiments.plots import series_of
 
 
 def test_plan_builds_cli_runs_with_the_variant_overrides(tmp_path):
@@ -84,7 +85,8 @@ def test_jobs_go_to_the_least_loaded_gpu_longest_first(tmp_path, monkeypatch):
     import threading
     import time as _time
 
-    from fuxi_mme import experiment
+    from fuxi_mme.experiments import runner
+    from fuxi_mme.experiments.tables import markdown
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     lock, running, peak, order = threading.Lock(), {}, {}, []
@@ -99,13 +101,13 @@ def test_jobs_go_to_the_least_loaded_gpu_longest_first(tmp_path, monkeypatch):
             running[job.gpu] -= 1
         return job, 0, 0.0
 
-    monkeypatch.setattr(experiment, "_run", fake_run)
-    res = experiment.run_suites([SUITES["ablation"], SUITES["sweep"]], tmp_path, None, jobs=4, datasets=["demo", "ml-100k"])
+    monkeypatch.setattr(runner, "run_job", fake_run)
+    res = runner.run_suites([SUITES["ablation"], SUITES["sweep"]], tmp_path, None, jobs=4, datasets=["demo", "ml-100k"])
     assert [r["suite"] for r in res] == ["ablation", "sweep"]
     # M=4 cannot split ml-100k's width of 50: never started, listed as not applicable
     assert len(order) == 4 * 2 * 3 + 10 * 2 * 2 - 2 and ("ml-100k", "M=4") not in order
     assert [m["variant"] for m in res[1]["not_applicable"]] == ["M=4"] and "divide model.dim=50" in res[1]["not_applicable"][0]["why"]
-    assert "Not applicable (never run): ml-100k / M=4" in experiment.markdown(res[1])
+    assert "Not applicable (never run): ml-100k / M=4" in markdown(res[1])
     # 4 at once over 3 GPUs: never 3 on one GPU while another is idle
     assert set(peak) == {"0", "1", "2"} and max(peak.values()) == 2
     # longest first: all 30 ml-100k runs (12 ablation, 18 sweep) start before any demo run
@@ -113,7 +115,7 @@ def test_jobs_go_to_the_least_loaded_gpu_longest_first(tmp_path, monkeypatch):
 
 
 def test_job_cost_ranks_large_and_deep_runs_first(tmp_path):
-    from fuxi_mme.experiment import job_cost, plan
+    from fuxi_mme.experiments import job_cost, plan
 
     jobs = {j.variant: j for j in plan(SUITES["scaling"], tmp_path, tmp_path, [], check_data=False, seeds=[0])}
     assert job_cost(jobs["fuxi-alpha L=8"]) == 4 * job_cost(jobs["fuxi-alpha L=2"])
@@ -123,7 +125,7 @@ def test_job_cost_ranks_large_and_deep_runs_first(tmp_path):
 
 
 def test_results_doc_has_the_headline_and_the_scaling_plot(tmp_path):
-    from fuxi_mme.experiment import write_docs
+    from fuxi_mme.experiments import write_docs
 
     def fake(suite, variants):
         jobs = plan(SUITES[suite], tmp_path, tmp_path, [], ["ml-100k"], seeds=[0, 1], check_data=False)
@@ -172,12 +174,16 @@ def test_main_suite_runs_unchanged_on_the_official_file_layouts(tmp_path, capsys
     got = {(e["dataset"], e["variant"], e["protocol"]) for e in res["results"]}
     assert got == {(d, v, p) for d in ("ml-1m", "ml-20m", "kuairand-pure") for v, p in (("fuxi-mme", "loo-val"), ("fuxi-mme (paper)", "paper"))}
     assert "## Headline" in (tmp_path / "res" / "results.md").read_text()
+    # the runs' per-epoch logs went into the suite's archive; their training seconds stay in the tables
+    assert (tmp_path / "res" / "main" / "logs.tar.xz").is_file() and not list((tmp_path / "res").rglob("metrics.jsonl"))
+    assert all(e["train_seconds"]["mean"] > 0 for e in res["results"])
 
 
 def test_a_run_without_a_recorded_commit_is_labelled_with_the_newest_earlier_one():
     import subprocess
 
-    from fuxi_mme.experiment import _short_hashes, run_commit
+    from fuxi_mme.experiments.aggregate import run_commit
+    from fuxi_mme.experiments.tables import short_hashes
 
     assert run_commit({"commit": "abc"}) == "abc"
     assert run_commit({"commit": None}) == "not recorded"
@@ -189,7 +195,7 @@ def test_a_run_without_a_recorded_commit_is_labelled_with_the_newest_earlier_one
     tomorrow = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.localtime(_time.time() + 86400))
     assert run_commit({"commit": None, "started": tomorrow}) == f"not recorded; newest earlier commit {head.stdout.strip()}"
     assert run_commit({"commit": None, "started": "1990-01-01T00:00:00"}) == "not recorded"  # before the first commit
-    assert _short_hashes(f"not recorded; newest earlier commit {'a' * 40}") == f"not recorded; newest earlier commit {'a' * 10}"
+    assert short_hashes(f"not recorded; newest earlier commit {'a' * 40}") == f"not recorded; newest earlier commit {'a' * 10}"
 
 
 def test_suites_measured_around_the_first_defaults_pin_them(tmp_path):
@@ -228,7 +234,7 @@ def test_scaling_shipped_series_follows_the_ml1m_preset(tmp_path):
     assert (wide["num_experts"], wide["top_k"]) == (16, 2)
     assert jobs["fuxi-mme shipped E=1"].planned["model"]["moe"]["top_k"] == 1
     # the plot draws it as its own series, not with the first defaults' "fuxi-mme"
-    assert (_series("fuxi-mme shipped L=4", "L="), _series("fuxi-mme L=4", "L="), _series("fuxi-alpha+moe E=16", "E=")) == ("fuxi-mme shipped", "fuxi-mme", "fuxi-alpha+moe")
+    assert (series_of("fuxi-mme shipped L=4", "L="), series_of("fuxi-mme L=4", "L="), series_of("fuxi-alpha+moe E=16", "E=")) == ("fuxi-mme shipped", "fuxi-mme", "fuxi-alpha+moe")
 
 
 def test_sports_and_dropout_suites_pin_their_dropout_and_main_trains_the_chosen_one(tmp_path):
@@ -289,7 +295,7 @@ def _finish(run_dir, cfg: dict, ndcg: float = 0.1) -> None:
 def test_config_changes_name_what_a_finished_run_trained_differently():
     import copy
 
-    from fuxi_mme.experiment import config_changes
+    from fuxi_mme.experiments import config_changes
 
     (job,) = [j for j in plan(SUITES["ablation"], Path("r"), None, [], ["demo"], seeds=[1]) if j.variant == "fuxi-mme (full)"]
     saved = copy.deepcopy(job.planned)
@@ -322,7 +328,7 @@ def test_a_run_made_with_other_settings_is_left_out_then_run_again(tmp_path, mon
     running the suite again moves it aside (seed<k>.stale) and trains the planned config."""
     import copy
 
-    from fuxi_mme import experiment
+    from fuxi_mme.experiments import runner
 
     suite = SUITES["ablation"]
     jobs = plan(suite, tmp_path, None, [], ["demo"], seeds=[0])
@@ -345,8 +351,8 @@ def test_a_run_made_with_other_settings_is_left_out_then_run_again(tmp_path, mon
         _finish(run_dir, planned, 0.7)
         return 0
 
-    monkeypatch.setattr(experiment.subprocess, "call", fake_call)
-    (res,) = experiment.run_suites([suite], tmp_path, None, jobs=2, datasets=["demo"], seeds=[0])
+    monkeypatch.setattr(runner.subprocess, "call", fake_call)
+    (res,) = runner.run_suites([suite], tmp_path, None, jobs=2, datasets=["demo"], seeds=[0])
     full = next(j for j in jobs if j.variant == "fuxi-mme (full)")
     assert started == [full.run_dir]  # the others are what the plan asks for: kept
     aside = full.run_dir.with_name("seed0.stale")
@@ -359,7 +365,8 @@ def test_welch_reading_and_the_published_target():
     """Welch's t and its degrees of freedom match a hand computation; the reading needs the 5%
     two-sided critical value of those degrees of freedom (rounded down); the published target
     needs a one-sample test against the quoted figure."""
-    from fuxi_mme.experiment import equal_size_comparison, published_comparison, reading, t_critical, welch
+    from fuxi_mme.experiments.stats import reading, t_critical, welch
+    from fuxi_mme.experiments.tables import equal_size_comparison, published_comparison
 
     a, b = {"mean": 0.0306, "std": 0.0003}, {"mean": 0.0277, "std": 0.0010}
     t, df = welch(a, 3, b, 3)
@@ -388,7 +395,7 @@ def test_every_suite_is_in_the_results_page_the_cli_help_and_the_readme_command(
     from pathlib import Path
 
     from fuxi_mme.cli import make_parser
-    from fuxi_mme.experiment import DOC_ORDER
+    from fuxi_mme.experiments import DOC_ORDER
 
     assert sorted(DOC_ORDER) == sorted(SUITES)
     experiment = next(a for a in make_parser()._actions if a.dest == "command").choices["experiment"]
@@ -397,3 +404,125 @@ def test_every_suite_is_in_the_results_page_the_cli_help_and_the_readme_command(
     for name in SUITES:
         assert name in helps
     assert "fuxi-mme experiment " + " ".join(DOC_ORDER) + " --root results" in readme
+
+
+# Each suite's job list as planned from the Python tables the YAML files replaced: the number of
+# jobs and a hash of the sorted jobs, each one its dataset, variant, seed, CLI arguments, folder,
+# reason it cannot run and planned config (data root "D", runs root "R").
+PLANS = {
+    "ablation": (48, "ce35927c31567cce"),
+    "sweep": (60, "836fa0fd9328b49d"),
+    "main": (261, "61c163069314cec7"),
+    "scaling": (63, "708a8f1e94d57577"),
+    "precision": (24, "66bc8c2706a8a6a3"),
+    "capacity": (60, "b87afdd5c2b12bc5"),
+    "amazon": (63, "21d72b78f90069fe"),
+    "width": (117, "813938d98e551468"),
+    "norm": (36, "fb8fb5de3ec349c5"),
+    "sports": (33, "b7247bd7443bd8bc"),
+    "dropout": (90, "2b3afa83a898249b"),
+    "temperature": (126, "8c6424cd223ce402"),
+    "loss": (18, "89473fcea4ec16ea"),
+}
+
+
+def _plan_fingerprint(jobs, data_root) -> tuple[int, str]:
+    import hashlib
+
+    ids = sorted(json.dumps([j.dataset, j.variant, j.seed, [a.replace(str(data_root), "D") for a in j.args], str(j.run_dir), j.invalid, j.planned], sort_keys=True)
+                 for j in jobs)
+    return len(jobs), hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def test_suites_load_from_their_yaml_files_and_plan_the_same_jobs_as_before(tmp_path):
+    import tomllib
+
+    from fuxi_mme.experiments.plan import DATA_FOLDERS
+    from fuxi_mme.experiments.suites import SUITES_DIR, load_suite
+
+    assert sorted(p.stem for p in SUITES_DIR.glob("*.yaml")) == sorted(SUITES) == sorted(PLANS)
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["package-data"]["fuxi_mme.experiments"] == ["suites/*.yaml"]  # shipped in the wheel
+    for folder in set(DATA_FOLDERS.values()):
+        (tmp_path / folder).mkdir()
+    for name, expected in PLANS.items():
+        suite = load_suite(SUITES_DIR / f"{name}.yaml")
+        assert suite.name == name and suite.variants
+        assert _plan_fingerprint(plan(suite, Path("R"), tmp_path, []), tmp_path) == expected, name
+
+
+def test_a_suite_file_with_a_mistake_is_refused_naming_it(tmp_path):
+    from fuxi_mme.experiments.suites import SuiteError, load_suite
+
+    cases = {
+        "typo": ("datasets: [demo]\nvariant: {a: {model: sasrec}}\n", "unknown key variant"),
+        "nomodel": ("datasets: [demo]\nvariants: {a: {sets: [model.dim=8]}}\n", "needs a model"),
+        "badmodel": ("datasets: [demo]\nvariants: {a: {model: bert}}\n", "model 'bert' is not one of"),
+        "badsize": ("datasets: [demo]\nvariants: {a: {model: sasrec, size: huge}}\n", "size 'huge' is not one of base, large"),
+        "badseeds": ("datasets: [demo]\nseeds: [a]\nvariants: {a: {model: sasrec}}\n", "seeds must be a list of integers"),
+        "badyaml": ("datasets: [demo\n", "is not valid YAML"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+        with pytest.raises(SuiteError, match=message) as err:
+            load_suite(tmp_path / f"{name}.yaml")
+        assert f"{name}.yaml" in str(err.value)
+    (tmp_path / "ok.yaml").write_text("datasets: [demo]\nvariants: {x: {model: sasrec, sets: [model.dim=8], protocol: paper}}\n")
+    ok = load_suite(tmp_path / "ok.yaml")
+    (job,) = plan(ok, tmp_path, None, [], seeds=[0])
+    assert (ok.name, job.planned["model"]["dim"], job.planned["data"]["protocol"]) == ("ok", 8, "paper")
+
+
+def _fake_runs(jobs, seconds: float) -> list[list[dict]]:
+    """Finished runs with a per-epoch log (two train epochs of ``seconds`` each) and a runner log."""
+    logs = []
+    for j in jobs:
+        _finish(j.run_dir, j.planned, 0.1 + 0.01 * j.seed)
+        recs = [{"kind": "train", "epoch": e, "loss": 5.0 - e, "epoch_seconds": seconds} for e in (1, 2)] + [{"kind": "valid", "epoch": 2, "NDCG@10": 0.1}]
+        (j.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (j.run_dir.parent / f"{j.run_dir.name}.log").write_text("epoch 1\nepoch 2\n")
+        logs.append(recs)
+    return logs
+
+
+def test_packed_logs_keep_the_tables_and_the_curves(tmp_path):
+    """A suite's per-epoch logs move into one archive; the tables come out the same without it
+    (training seconds kept in train_seconds.json) and the records read back from it unchanged."""
+    import tarfile
+
+    from fuxi_mme.experiments.logs import pack_logs, read_records, train_seconds
+
+    suite = SUITES["ablation"]
+    jobs = [j for j in plan(suite, tmp_path, None, [], ["demo"], seeds=[0, 1]) if j.variant == "fuxi-alpha"]
+    logs = _fake_runs(jobs[:1], 1.5)
+    before = aggregate(suite, jobs, tmp_path, [], "c", now="t")
+    assert before["results"][0]["train_seconds"] == {"mean": 3.0, "std": 0.0}
+    assert pack_logs(tmp_path / "ablation") == 2 and not list(tmp_path.rglob("*.jsonl")) and not list(tmp_path.rglob("*.log"))
+    logs += _fake_runs(jobs[1:], 2.5)  # a later run, packed into the same archive
+    assert pack_logs(tmp_path / "ablation") == 2
+    with tarfile.open(tmp_path / "ablation" / "logs.tar.xz") as tar:
+        assert sorted(tar.getnames()) == ["demo/fuxi-alpha/seed0.log", "demo/fuxi-alpha/seed0/metrics.jsonl", "demo/fuxi-alpha/seed1.log", "demo/fuxi-alpha/seed1/metrics.jsonl"]
+    assert json.loads((tmp_path / "ablation" / "train_seconds.json").read_text()) == {"demo/fuxi-alpha/seed0": 3.0, "demo/fuxi-alpha/seed1": 5.0}
+    assert [read_records(j.run_dir) for j in jobs] == logs
+    (tmp_path / "ablation" / "logs.tar.xz").unlink()  # the tables never read the archive
+    assert [train_seconds(j.run_dir) for j in jobs] == [3.0, 5.0]
+    after = aggregate(suite, jobs, tmp_path, [], "c", now="t")
+    assert after["results"][0]["train_seconds"] == {"mean": 4.0, "std": pytest.approx(2 ** 0.5)} and after["results"][0]["seeds"] == 2
+    assert read_records(jobs[0].run_dir) == [] and train_seconds(tmp_path / "elsewhere" / "run") is None
+
+
+def test_committed_results_aggregate_byte_for_byte_without_their_logs(tmp_path, monkeypatch):
+    """results/loss.json and .md come back byte for byte from the committed run files alone
+    (no per-epoch logs), with the commit and time they were stamped with."""
+    import shutil
+
+    repo = Path(__file__).parents[1] / "results"
+    if not (repo / "loss.json").exists():
+        pytest.skip("no committed results in this checkout")
+    shutil.copytree(repo / "loss", tmp_path / "results" / "loss", ignore=shutil.ignore_patterns("logs.tar.xz", "*.jsonl", "*.log"))
+    monkeypatch.chdir(tmp_path)  # the runs' metrics.json name their folders relative to the repository
+    old = json.loads((repo / "loss.json").read_text())
+    aggregate(SUITES["loss"], plan(SUITES["loss"], Path("results"), None, [], check_data=False), Path("results"), old["failed"], old["commit"], now=old["time"])
+    for f in ("loss.json", "loss.md"):
+        assert (tmp_path / "results" / f).read_bytes() == (repo / f).read_bytes(), f
+    assert all("train_seconds" in e for e in old["results"])

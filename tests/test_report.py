@@ -32,6 +32,25 @@ def test_report_writes_table_and_plots(two_runs, tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_report_draws_the_curves_of_a_suite_run_from_its_logs_archive(two_runs, tmp_path):
+    """A run of an experiment suite whose per-epoch logs were packed into the suite's
+    logs.tar.xz: the report reads its records from there, the same as from the loose file."""
+    import shutil
+
+    from fuxi_mme.experiments.logs import pack_logs
+    from fuxi_mme.experiments.report import read_run
+
+    root, _, _ = two_runs
+    run = tmp_path / "suite" / "demo" / "sasrec" / "seed0"
+    shutil.copytree(root / "sasrec", run, ignore=shutil.ignore_patterns("checkpoints"))
+    loose = read_run(run)["records"]
+    assert pack_logs(tmp_path / "suite") == 1 and not (run / "metrics.jsonl").exists()
+    assert read_run(run)["records"] == loose and any(r.get("kind") == "test_curve" for r in loose)
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    data = (tmp_path / "rep" / "curves.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not a run directory" in capsys.readouterr().err

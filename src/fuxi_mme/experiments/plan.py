@@ -1,0 +1,206 @@
+"""Planning a suite: the job list, each job's config, its relative cost and the GPU it runs on.
+
+Each job is a normal ``fuxi-mme train`` run in its own folder
+(``<root>/<suite>/<dataset>/<variant>/seed<k>``). Its config is built here with the library's
+own functions (:func:`fuxi_mme.presets.build_preset`, :func:`fuxi_mme.config.apply_overrides`),
+so a finished run can be checked against what the plan asks for.
+
+Placeholders in a suite's overrides, filled from the dataset's FuXi-alpha base preset:
+``{qk_full}`` (its head width), ``{qk_half}``, ``{qk_quarter}``, ``{ffn_base}`` (its FFN
+multiplier) and ``{qk_d<w>}`` (the head width at embedding width ``w``: w / heads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, ConfigError, apply_overrides, validate
+from ..presets import build_preset, preset_name
+from .suites import Suite, Variant
+
+# Where each dataset's files are, under the data root (plus the official archives' folder names
+# for the datasets that are not there). A dataset whose folder is absent is read from the cache's
+# raw folder or downloaded, as `fuxi-mme train` does.
+DATA_FOLDERS = {
+    "ml-100k": "ml-100k", "ml-1m": "ml-1m", "ml-1m-ts70": "ml-1m", "ml-20m": "ml-20m",
+    "kuairand-pure": "KuaiRand-Pure", "kuairand-1k": "KuaiRand-1K",
+    "amazon-beauty": "amazon_s3rec", "amazon-sports": "amazon_s3rec", "amazon-toys": "amazon_s3rec",
+}
+NO_DOWNLOAD = {"ml-1m-ts70"}  # built from the ML-1M files; there is no download of its own
+WIDTHS = (128, 256)  # the embedding widths with a {qk_d<w>} placeholder
+
+# Config fields that choose how a run executes (where its files are, kernels, graphs, compile,
+# threads), not what it trains: a finished run may differ from the plan in these and still count.
+EXECUTION_FIELDS = ("data.path", "data.data_dir", "model.attention", "model.moe.backend", "train.device", "train.tf32", "train.compile",
+                    "train.cuda_graphs", "train.length_chunks", "train.num_threads", "train.dist_timeout", "train.deterministic",
+                    "eval.batch_size", "log.")
+
+
+@dataclass
+class Job:
+    dataset: str
+    variant: str
+    seed: int
+    args: list[str]
+    run_dir: Path
+    gpu: str | None = None
+    invalid: str | None = None  # why this variant cannot run on this dataset (never started)
+    planned: dict[str, Any] | None = None  # the config the run trains (to tell a finished run made with other settings)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_changes(planned: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """What a finished run's saved ``config.json`` trained differently from the planned config,
+    as ``key: saved -> planned`` (empty: the run is what the plan asks for). Keys the run did
+    not record (older runs) count as their defaults; :data:`EXECUTION_FIELDS` are ignored."""
+    defaults, want, have = _flat(Config().to_dict()), _flat(planned), _flat(saved)
+    trains = want.get("model.name") != "popularity"  # popularity counts items: no model or training settings
+    out = []
+    for key, value in want.items():
+        if key == "preset" or key.startswith(EXECUTION_FIELDS) or (not trains and key.startswith(("model.", "train."))):
+            continue
+        old = have.get(key, defaults.get(key))
+        if key == "model.use_temporal" and old is False and value is True:
+            continue  # switched off by the run because its data has no timestamps
+        if old != value:
+            out.append(f"{key}: {old!r} -> {value!r}")
+    return out
+
+
+def stale_changes(job: Job) -> list[str]:
+    """How a finished run's settings differ from the plan (empty: not finished, or as planned)."""
+    f = job.run_dir / "config.json"
+    if job.planned is None or not (job.run_dir / "metrics.json").exists() or not f.exists():
+        return []
+    return config_changes(job.planned, json.loads(f.read_text()))
+
+
+def is_done(job: Job) -> bool:
+    """A finished run trained with the settings the plan asks for."""
+    return (job.run_dir / "metrics.json").exists() and not stale_changes(job)
+
+
+def planned_config(preset: str, sets: list[str]) -> tuple[Config | None, str | None]:
+    """The config a run of ``preset`` with ``sets`` trains, or the configuration error it would
+    stop with (e.g. M=4 with a width of 50)."""
+    try:
+        cfg = apply_overrides(build_preset(preset), sets)
+        validate(cfg)
+    except ConfigError as e:
+        return None, str(e)
+    return cfg, None
+
+
+def placeholders(dataset: str) -> dict[str, Any]:
+    """The values of the suite files' ``{...}`` placeholders on ``dataset``."""
+    base = build_preset(preset_name(dataset, "fuxi-alpha", "base")).model
+    return {"qk_full": base.qk_dim, "qk_half": max(1, base.qk_dim // 2), "qk_quarter": max(1, base.qk_dim // 4), "ffn_base": base.ffn_multiply,
+            **{f"qk_d{w}": max(1, w // base.num_heads) for w in WIDTHS}}
+
+
+def data_args(dataset: str, data_root: Path | None, check_data: bool) -> list[str]:
+    """``--data-path`` of ``dataset``'s folder under ``data_root`` when it is there."""
+    folder = data_root / DATA_FOLDERS[dataset] if data_root is not None and dataset in DATA_FOLDERS else None
+    if folder is not None and folder.exists():
+        return ["--data-path", str(folder)]
+    if dataset in NO_DOWNLOAD and check_data:
+        raise ValueError(f"dataset {dataset} needs --data-root (the folder holding {DATA_FOLDERS[dataset]}/)")
+    return []
+
+
+def run_folder(root: Path, suite: str, dataset: str, variant: str, seed: int) -> Path:
+    safe = variant.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus-").replace("=", "-")
+    return root / suite / dataset / safe / f"seed{seed}"
+
+
+def make_job(suite: Suite, name: str, v: Variant, dataset: str, seed: int, root: Path, data: list[str], extra: list[str]) -> Job:
+    """One run of variant ``name`` on ``dataset``: its CLI arguments and its planned config."""
+    fmt = placeholders(dataset)
+    preset, protocol = preset_name(dataset, v.model, v.size), suite.protocol_of(v)
+    run_dir = run_folder(root, suite.name, dataset, name, seed)
+    sets = [o.format(**fmt) for o in [*suite.sets, *suite.model_sets.get(v.model, []), *v.sets, *extra]]
+    args = ["train", "--preset", preset, "--seed", str(seed), "--protocol", protocol, "--run-dir", str(run_dir), "--no-progress", *data]
+    for o in sets:
+        args += ["--set", o]
+    cfg, bad = planned_config(preset, [f"train.seed={seed}", f"data.protocol={protocol}", *sets])
+    return Job(dataset, name, seed, args, run_dir, invalid=bad, planned=cfg.to_dict() if cfg is not None else None)
+
+
+def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], datasets: list[str] | None = None, seeds: list[int] | None = None,
+         check_data: bool = True, variants: list[str] | None = None) -> list[Job]:
+    """Every job of ``suite`` (its datasets, or ``datasets``; its seeds, or ``seeds``), ``extra``
+    overrides applied last; ``variants`` keeps only those rows."""
+    jobs = []
+    for ds in datasets or suite.datasets:
+        data = data_args(ds, data_root, check_data)
+        for name, v in suite.variants_for(ds).items():
+            if variants and name not in variants:
+                continue
+            jobs += [make_job(suite, name, v, ds, seed, root, data, extra) for seed in seeds or suite.seeds_of(v)]
+    return jobs
+
+
+# Rough relative cost of a run, to start the long ones first (longest-first keeps the tail of a
+# grid short). Only the order depends on it, never a result.
+DATASET_COST = {"ml-20m": 100.0, "kuairand-1k": 30.0, "kuairand-pure": 10.0, "ml-1m": 10.0, "ml-1m-ts70": 7.0,
+                "amazon-sports": 3.0, "amazon-beauty": 1.5, "amazon-toys": 1.5, "ml-100k": 1.0, "demo": 0.1}
+MODEL_COST = {"popularity": 0.01, "sasrec": 0.5, "hstu": 1.0, "llama": 1.0, "fuxi-alpha": 1.0, "fuxi-mme": 2.0}
+
+
+def job_cost(job: Job) -> float:
+    """Relative cost from the planned config: dataset x model family x 4 for a large preset,
+    scaled by its depth and experts against the preset's own."""
+    if job.planned is None:
+        return 0.0
+    preset = build_preset(job.planned["preset"])
+    m, p = job.planned["model"], preset.model
+    cost = DATASET_COST.get(job.dataset, 5.0) * MODEL_COST.get(m["name"], 1.0) * (4.0 if preset.preset.endswith("-large") else 1.0)
+    cost *= m["num_layers"] / p.num_layers
+    return cost * (1 + m["moe"]["num_experts"] / 16) / (1 + p.moe.num_experts / 16)
+
+
+def visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() != ""]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no torch/CUDA: CPU jobs
+        return []
+
+
+class GpuSlots:
+    """Hands each starting job the visible GPU with the fewest running jobs."""
+
+    def __init__(self, gpus: list[str]):
+        self.load = {g: 0 for g in gpus}
+        self.lock = threading.Lock()
+
+    def take(self) -> str | None:
+        with self.lock:
+            if not self.load:
+                return None
+            g = min(self.load, key=lambda k: self.load[k])
+            self.load[g] += 1
+            return g
+
+    def give(self, g: str | None) -> None:
+        if g is not None:
+            with self.lock:
+                self.load[g] -= 1

@@ -1,0 +1,98 @@
+"""Running suites: each job a ``fuxi-mme train`` subprocess, several at once over the visible
+GPUs, longest first; resumable (a job whose ``metrics.json`` exists is skipped). When a suite's
+runs end, their per-epoch logs are packed (:mod:`fuxi_mme.experiments.logs`) and the suite is
+aggregated."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from ..utils.runinfo import git_commit
+from .aggregate import aggregate
+from .logs import pack_logs
+from .page import write_docs
+from .plan import GpuSlots, Job, is_done, job_cost, plan, stale_changes, visible_gpus
+from .suites import Suite
+
+
+def run_job(job: Job, env: dict[str, str]) -> tuple[Job, int, float]:
+    """Train one job in a subprocess (output to ``seed<k>.log`` beside its folder); returns the
+    job, its exit status and its wall seconds. A run finished with other settings than planned
+    is moved aside to ``seed<k>.stale`` first; an interrupted one is started again cleanly."""
+    changes = stale_changes(job)
+    if (job.run_dir / "metrics.json").exists() and not changes:  # finished as planned
+        return job, 0, 0.0
+    if changes:  # finished with other settings: keep it beside the new run until the next one
+        aside = job.run_dir.with_name(job.run_dir.name + ".stale")
+        if aside.exists():
+            shutil.rmtree(aside)
+        job.run_dir.rename(aside)
+        sys.stdout.write(f"{job.run_dir}: trained with other settings ({'; '.join(changes)}), moved to {aside.name} and run again\n")  # one write: threads do not interleave
+        sys.stdout.flush()
+    elif job.run_dir.exists():
+        shutil.rmtree(job.run_dir)
+    job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if job.gpu is not None:
+        env = {**env, "CUDA_VISIBLE_DEVICES": job.gpu}
+    t0 = time.perf_counter()
+    with open(job.run_dir.parent / f"{job.run_dir.name}.log", "w") as log:
+        rc = subprocess.call([sys.executable, "-m", "fuxi_mme", *job.args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    return job, rc, time.perf_counter() - t0
+
+
+def run_jobs(pending: list[Job], jobs: int, names: dict[int, str]) -> dict[str, list[str]]:
+    """Run ``pending`` ``jobs`` at a time, longest first, each on the GPU with the fewest running
+    jobs; report each as it ends. Returns the failed run folders per suite name."""
+    slots = GpuSlots(visible_gpus())
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(jobs, 1))))
+
+    def start(job: Job) -> tuple[Job, int, float]:
+        job.gpu = slots.take()
+        try:
+            return run_job(job, env)
+        finally:
+            slots.give(job.gpu)
+
+    failed: dict[str, list[str]] = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job reported as it ends, not in start order
+        for fut in as_completed([pool.submit(start, j) for j in sorted(pending, key=job_cost, reverse=True)]):
+            job, rc, dt = fut.result()
+            status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {job.run_dir}.log)"
+            print(f"[{names[id(job)]}] {job.dataset} / {job.variant} / seed {job.seed}: {status} {dt:.0f}s" + (f" (GPU {job.gpu})" if job.gpu else ""), flush=True)
+            if rc:
+                failed.setdefault(names[id(job)], []).append(str(job.run_dir))
+    return failed
+
+
+def run_suites(suites: list[Suite], root: Path, data_root: Path | None, jobs: int = 1, extra: list[str] | None = None,
+               datasets: list[str] | None = None, seeds: list[int] | None = None, docs: Path | None = None,
+               variants: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the missing jobs of one or more suites as one queue, ``jobs`` at a time; then pack
+    each suite's logs and aggregate it (and write ``docs`` when given). Finished runs are
+    skipped, unless they trained with settings the plan no longer asks for (a changed preset
+    default, say): those run again, the old folder kept as ``seed<k>.stale``."""
+    todos = [plan(s, root, data_root, extra or [], datasets, seeds, variants=variants) for s in suites]
+    names = {id(j): s.name for s, todo in zip(suites, todos) for j in todo}
+    failed = run_jobs([j for todo in todos for j in todo if j.invalid is None and not is_done(j)], jobs, names)
+    commit = git_commit()
+    out = []
+    for s, todo in zip(suites, todos):
+        if (root / s.name).is_dir():
+            pack_logs(root / s.name)
+        out.append(aggregate(s, todo, root, failed.get(s.name, []), commit))
+    if docs is not None:
+        write_docs(root, docs)
+    return out
+
+
+def run_suite(suite: Suite, root: Path, data_root: Path | None, jobs: int = 1, **kw: Any) -> dict[str, Any]:
+    """Run one suite's missing jobs; see :func:`run_suites`."""
+    return run_suites([suite], root, data_root, jobs, **kw)[0]

@@ -1,0 +1,147 @@
+"""Markdown tables of aggregated suites: a suite's full table, the headline pivot, Fuxi-MME
+against FuXi-alpha at equal size, and against the published Amazon figures."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .stats import reading, welch
+from .suites import SUITES
+
+HEADLINE_MODELS = ("popularity", "sasrec", "hstu", "fuxi-alpha", "fuxi-mme")
+
+# Quoted, not ours: docs/models.md#published-figures, independent benchmark, Amazon 5-core leave-one-out, NDCG@10.
+PUBLISHED_AMAZON = {
+    "amazon-beauty": {"SASRec+SS": 0.0531, "HSTU": 0.0439, "FuXi-alpha": 0.0451},
+    "amazon-sports": {"SASRec+SS": 0.0314, "HSTU": 0.0243, "FuXi-alpha": 0.0244},
+    "amazon-toys": {"SASRec+SS": 0.0580, "HSTU": 0.0450, "FuXi-alpha": 0.0437},
+}
+
+
+def short_hashes(text: str) -> str:
+    """Full 40-digit commit hashes in ``text`` cut to 10 digits."""
+    return re.sub(r"\b([0-9a-f]{10})[0-9a-f]{30}\b", r"\1", text)
+
+
+def short_gpu(devices: list[str]) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``H100``; several joined by +."""
+    out = []
+    for d in devices:
+        words = [w for w in d.replace("NVIDIA", "").split() if w]
+        out.append(words[0] if words else d)
+    return "+".join(dict.fromkeys(out)) or "-"
+
+
+def _mean_std(e: dict[str, Any], key: str) -> str:
+    return f"{e[key]['mean']:.4f} ± {e[key]['std']:.4f}" if key in e else "-"
+
+
+def _table_row(e: dict[str, Any]) -> str:
+    p = e.get("parameters")
+    params = f"{p['total']:,} ({p['non_embedding']:,})" if p else "-"
+    ts = f"{e['train_seconds']['mean']:.0f}" if "train_seconds" in e else "-"
+    return (f"| {e['dataset']} | {e['variant']} | {e['protocol']} | {e['seeds']} | {_mean_std(e, 'valid_best/NDCG@10')} | {_mean_std(e, 'test/NDCG@10')} | "
+            f"{_mean_std(e, 'test/HR@10')} | {_mean_std(e, 'test/MRR')} | {params} | {ts} | {short_gpu(e.get('devices', []))} |")
+
+
+def _left_out(res: dict[str, Any]) -> list[str]:
+    """The notes under a suite's table: failed, not applicable, stale and missing rows."""
+    lines = []
+    if res.get("failed"):
+        lines += ["", "Failed runs: " + ", ".join(res["failed"])]
+    if res.get("not_applicable"):
+        lines += ["", "Not applicable (never run): " + "; ".join(f"{m['dataset']} / {m['variant']}: {m['why']}" for m in res["not_applicable"]) + "."]
+    if res.get("stale"):
+        lines += ["", "Left out, trained with settings the suite no longer asks for (running the suite again replaces them): "
+                  + "; ".join(f"{m['dataset']} / {m['variant']} ({', '.join(m['changes'])})" for m in res["stale"]) + "."]
+    if res.get("missing"):
+        lines += ["", "Planned but not run yet (no results file): " + "; ".join(f"{m['dataset']} / {m['variant']} ({m['runs']} runs)" for m in res["missing"]) + "."]
+    return lines
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """A suite's table: one row per (dataset, variant), mean ± std over seeds, and its notes."""
+    count = lambda d: ", ".join(f"{k} ({n})" for k, n in d.items()) or "-"  # noqa: E731
+    lines = [f"### Suite `{res['suite']}`: {res['description']}", "",
+             f"Aggregated at commit `{res['commit']}`, {res['time']}, from runs of commits {count({short_hashes(c): n for c, n in res.get('run_commits', {}).items()})} "
+             f"on {count(res.get('devices', {}))} (number of runs in parentheses; each run's folder names its own). Mean ± std over seeds; full ranking. "
+             "Train s is wall time with several runs sharing a GPU, so it compares runs of one suite, not machines.", ""]
+    lines.append("| dataset | variant | protocol | seeds | valid NDCG@10 | test NDCG@10 | test HR@10 | test MRR | params (non-emb.) | train s | GPU |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines += [_table_row(e) for e in res["results"]]
+    return "\n".join(lines + _left_out(res)) + "\n"
+
+
+def headline(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
+    """Datasets x models pivot of the main suite (loo-val, base sizes)."""
+    cells = {(e["dataset"], e["variant"]): e for e in res["results"]}
+    datasets = list(dict.fromkeys(e["dataset"] for e in res["results"]))
+    lines = ["| dataset | " + " | ".join(HEADLINE_MODELS) + " |", "|---" * (len(HEADLINE_MODELS) + 1) + "|"]
+    for ds in datasets:
+        row = []
+        best = max((cells[(ds, m)][metric]["mean"] for m in HEADLINE_MODELS if (ds, m) in cells and metric in cells[(ds, m)]), default=None)
+        for m in HEADLINE_MODELS:
+            e = cells.get((ds, m))
+            if e is None or metric not in e:
+                row.append("-")
+                continue
+            v = f"{e[metric]['mean']:.4f} ± {e[metric]['std']:.4f} ({e['seeds']})"
+            row.append(f"**{v}**" if e[metric]["mean"] == best else v)
+        label = ds + (" (not the published ML-1M)" if ds == "ml-1m-ts70" else "")
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main_spec(dataset: str, variant: str) -> tuple[str, str, str, tuple[str, ...]] | None:
+    """(model, size, protocol, overrides) of a main-suite row, from the suite's own variant
+    table (not its label); None for a row the main suite does not define."""
+    main = SUITES["main"]
+    v = main.variants_for(dataset).get(variant)
+    return None if v is None else (v.model, v.size, main.protocol_of(v), v.sets)
+
+
+def equal_size_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
+    """Fuxi-MME against FuXi-alpha of the same size and protocol (equal embedding size) on every
+    dataset of the main suite, with Welch's t over seeds and its reading at 5%."""
+    cells: dict[tuple[str, str, str, str, tuple[str, ...]], dict[str, Any]] = {}
+    for e in res["results"]:
+        spec = main_spec(e["dataset"], e["variant"])
+        if spec is not None and metric in e:
+            cells[(e["dataset"], *spec)] = e
+    lines = ["| dataset | size | protocol | FuXi-alpha | Fuxi-MME | difference | Welch t (df) | reading at 5% |", "|---|---|---|---|---|---|---|---|"]
+    for (ds, model, size, protocol, over), mme in cells.items():
+        alpha = cells.get((ds, "fuxi-alpha", size, protocol, over))
+        if model != "fuxi-mme" or alpha is None:
+            continue
+        a, m = alpha[metric], mme[metric]
+        t, df = welch(m, mme["seeds"], a, alpha["seeds"])
+        size = ", ".join([size, *over])
+        lines.append(f"| {ds} | {size} | {protocol} | {a['mean']:.4f} ± {a['std']:.4f} ({alpha['seeds']}) | {m['mean']:.4f} ± {m['std']:.4f} ({mme['seeds']}) | "
+                     f"{m['mean'] - a['mean']:+.4f} | {t:.1f} ({df:.1f}) | {reading(t, df)} |")
+    return "\n".join(lines) + "\n"
+
+
+def published_comparison(res: dict[str, Any]) -> str:
+    """Fuxi-MME (each size) against the best published Amazon figure: above it beyond seed noise
+    when a one-sample t-test of our seeds against that constant rejects equality at 5%."""
+    # (dataset, model, size) -> (label, entry) of the plain loo-val rows (no extra overrides)
+    cells: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] = {}
+    for e in res["results"]:
+        spec = main_spec(e["dataset"], e["variant"])
+        if spec is not None and spec[2:] == ("loo-val", ()) and "test/NDCG@10" in e:
+            cells[(e["dataset"], spec[0], spec[1])] = (e["variant"], e)
+    lines = ["| dataset | published SASRec+SS / HSTU / FuXi-alpha (quoted) | size | our fuxi-mme | our best model of that size | target met |", "|---|---|---|---|---|---|"]
+    for ds, pub in PUBLISHED_AMAZON.items():
+        for size in ("base", "large"):
+            if (ds, "fuxi-mme", size) not in cells:
+                continue
+            mine = cells[(ds, "fuxi-mme", size)][1]
+            ours = {label: e["test/NDCG@10"]["mean"] for (d, _, z), (label, e) in cells.items() if d == ds and z == size}
+            best = max(ours, key=ours.get)
+            m, top, n = mine["test/NDCG@10"], max(pub.values()), mine["seeds"]
+            # one-sample t against the quoted constant: Welch's t with a spread-free second side
+            t, df = welch(m, n, {"mean": top, "std": 0.0}, 1)
+            met = "yes, beyond seed noise" if n > 1 and reading(t, df) == "ahead" else "above, within seed noise" if m["mean"] > top else "no"
+            lines.append(f"| {ds} | {' / '.join(f'{v:.4f}' for v in pub.values())} | {size} | {m['mean']:.4f} ± {m['std']:.4f} | {best} {ours[best]:.4f} | {met} |")
+    return "\n".join(lines) + "\n"
