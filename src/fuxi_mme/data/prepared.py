@@ -5,7 +5,8 @@ A prepared dataset stores all users' sequences in CSR form (``offsets`` into fla
 sorted order of the raw ids; ``item_raw[i]`` maps back. The cache lives under
 ``<data_dir>/prepared/<name>-<key>/`` where ``key`` hashes the source fingerprint and every
 option that changes the result, so it is rebuilt exactly when those change. It is written to
-a temporary folder and renamed into place, so an interrupted run never leaves half a cache.
+a temporary folder with a ``checksums.json`` and renamed into place, so an interrupted run never
+leaves half a cache; a cache that fails its checksums or any reader is rebuilt and replaced.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..utils.integrity import verify_manifest, write_manifest
 from .table import DataError
 
 PREP_VERSION = 1
@@ -193,9 +196,25 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def save_prepared(ds: PreparedDataset, target: Path, meta: dict[str, Any]) -> None:
-    """Write atomically: a temporary sibling folder, then one rename."""
+STALE_SECONDS = 3600  # a temporary cache folder this old was left by a killed build
+
+
+def _remove_stale(target: Path) -> None:
+    """Temporary and replaced folders of ``target`` that a killed build left behind (recent
+    ones may belong to a build running in another process)."""
+    for p in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
+        try:
+            if time.time() - p.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def save_prepared(ds: PreparedDataset, target: Path, meta: dict[str, Any], replace: bool = False) -> None:
+    """Write atomically: a temporary sibling folder with checksums, then one rename; with
+    ``replace``, an existing (damaged or outdated) ``target`` is renamed away first."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         np.savez(tmp / "sequences.npz", offsets=ds.offsets, items=ds.items, timestamps=ds.timestamps)
@@ -205,6 +224,13 @@ def save_prepared(ds: PreparedDataset, target: Path, meta: dict[str, Any]) -> No
             pd.DataFrame({"title": ds.item_titles}).to_parquet(tmp / "titles.parquet")
         full = {**meta, "name": ds.name, "has_timestamps": ds.has_timestamps, "stats": ds.stats}
         (tmp / "meta.json").write_text(json.dumps(full, indent=2, default=str))
+        write_manifest(tmp, [f.name for f in tmp.iterdir()])
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+        if replace:
+            try:
+                os.rename(target, old)
+            except FileNotFoundError:
+                pass
         try:
             os.rename(tmp, target)
         except OSError:
@@ -212,6 +238,7 @@ def save_prepared(ds: PreparedDataset, target: Path, meta: dict[str, Any]) -> No
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 raise
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -222,6 +249,9 @@ def _as_storable(a: np.ndarray) -> np.ndarray:
 
 
 def load_prepared(folder: Path) -> PreparedDataset:
+    """Read a cache folder. Raises whatever its readers raise on a damaged file (and
+    :class:`DataError` on a checksum or consistency failure): the caller rebuilds it."""
+    verify_manifest(folder)
     meta = json.loads((folder / "meta.json").read_text())
     with np.load(folder / "sequences.npz") as z:
         offsets, items, ts = z["offsets"], z["items"], z["timestamps"]
@@ -230,7 +260,7 @@ def load_prepared(folder: Path) -> PreparedDataset:
     titles = None
     if (folder / "titles.parquet").exists():
         titles = pd.read_parquet(folder / "titles.parquet")["title"].tolist()
-    return PreparedDataset(
+    ds = PreparedDataset(
         name=meta["name"],
         offsets=offsets,
         items=items,
@@ -242,3 +272,18 @@ def load_prepared(folder: Path) -> PreparedDataset:
         item_titles=titles,
         cache_dir=str(folder),
     )
+    _check_consistent(ds, folder)
+    return ds
+
+
+def _check_consistent(ds: PreparedDataset, folder: Path) -> None:
+    """Shapes and id ranges agree (catches damage in a cache written without checksums)."""
+    n, U = len(ds.items), ds.num_users
+    ok = (
+        U >= 0 and len(ds.user_raw) == U and ds.offsets[0] == 0 and ds.offsets[-1] == n and len(ds.timestamps) == n
+        and bool(np.all(np.diff(ds.offsets) >= 0)) and (n == 0 or (ds.items.min() >= 1 and ds.items.max() <= ds.num_items))
+        and (ds.item_titles is None or len(ds.item_titles) == ds.num_items + 1)
+        and ds.stats.get("users") == U and ds.stats.get("interactions") == n
+    )
+    if not ok:
+        raise DataError(f"cached dataset {folder} is inconsistent (sequence offsets, ids or statistics disagree)")
