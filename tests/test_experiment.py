@@ -29,7 +29,8 @@ def test_aggregate_means_and_stds_over_seeds(tmp_path):
     for j, v in zip([j for j in jobs if j.variant == "fuxi-alpha"], (0.1, 0.2, 0.3)):
         j.run_dir.mkdir(parents=True)
         m = {"NDCG@10": v, "HR@10": 2 * v, "NDCG@50": v, "HR@50": v, "MRR": v}
-        (j.run_dir / "metrics.json").write_text(json.dumps({"protocol": "loo-val", "test": m, "valid_best": m, "selected_epoch": 3, "run_dir": str(j.run_dir)}))
+        metrics = {"protocol": "loo-val", "test": m, "valid_best": m, "selected_epoch": 3, "run_dir": str(j.run_dir)}
+        (j.run_dir / "metrics.json").write_text(json.dumps(metrics))
         gpu = "NVIDIA H100 80GB HBM3" if v < 0.3 else "NVIDIA H200"
         (j.run_dir / "run.json").write_text(json.dumps({"commit": "abc" if v < 0.2 else None, "device": {"device": "cuda", "gpu": gpu}}))
     res = aggregate(suite, jobs, tmp_path, [])
@@ -71,13 +72,15 @@ def test_main_suite_adds_large_sizes_and_the_paper_protocol_on_movielens(tmp_pat
     # but for the large FuXi models' dropout of 0.6 and temperature of 0.07 (the dropout and
     # temperature suites' choices, made after it)
     j = next(j for j in jobs if j.variant == "fuxi-mme large" and j.dataset == "amazon-toys")
-    assert (j.planned["model"]["dim"], j.planned["model"]["num_layers"], j.planned["model"]["qk_dim"], j.planned["model"]["num_embeddings"]) == (256, 2, 128, 8)
+    model = j.planned["model"]
+    assert (model["dim"], model["num_layers"], model["qk_dim"], model["num_embeddings"]) == (256, 2, 128, 8)
 
     (tmp_path / "amazon_s3rec").mkdir()
     width = {(j.variant, j.seed): j for j in plan(SUITES["width"], tmp_path / "r", tmp_path, [], ["amazon-toys"])}
     for m in ("sasrec", "fuxi-alpha", "fuxi-mme"):
         mine = next(j for j in jobs if j.variant == f"{m} large" and j.dataset == "amazon-toys" and j.seed == 0)
-        assert config_changes(mine.planned, width[(f"{m} d=256", 0)].planned) == ([] if m == "sasrec" else ["model.dropout: 0.5 -> 0.6", "train.temperature: 0.05 -> 0.07"])
+        chosen = [] if m == "sasrec" else ["model.dropout: 0.5 -> 0.6", "train.temperature: 0.05 -> 0.07"]
+        assert config_changes(mine.planned, width[(f"{m} d=256", 0)].planned) == chosen
     assert len({j.run_dir for j in jobs}) == len(jobs)
 
 
@@ -135,7 +138,8 @@ def test_results_doc_has_the_headline_and_the_scaling_plot(tmp_path):
             j.run_dir.mkdir(parents=True)
             v = variants[j.variant] + 0.01 * j.seed
             m = {"NDCG@10": v, "HR@10": v, "NDCG@50": v, "HR@50": v, "MRR": v}
-            (j.run_dir / "metrics.json").write_text(json.dumps({"protocol": "paper" if "paper" in j.variant else "loo-val", "test": m, "selected_epoch": 1, "run_dir": str(j.run_dir),
+            protocol = "paper" if "paper" in j.variant else "loo-val"
+            (j.run_dir / "metrics.json").write_text(json.dumps({"protocol": protocol, "test": m, "selected_epoch": 1, "run_dir": str(j.run_dir),
                                                                   "parameters": {"total": 1000, "non_embedding": 100}}))
             (j.run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "epoch_seconds": 2.5}) + "\n")
         return aggregate(SUITES[suite], jobs, tmp_path, [])
@@ -162,7 +166,8 @@ def test_main_suite_runs_unchanged_on_the_official_file_layouts(tmp_path, capsys
     (root / "ml-20m").mkdir()
     pd.DataFrame(rows, columns=["userId", "movieId", "rating", "timestamp"]).to_csv(root / "ml-20m" / "ratings.csv", index=False)
     (root / "KuaiRand-Pure" / "data").mkdir(parents=True)
-    kr = pd.DataFrame([(u, 100 + i, 20220408, 1200, t * 1000, 1) for u, i, _, t in rows], columns=["user_id", "video_id", "date", "hourmin", "time_ms", "is_click"])
+    kr = pd.DataFrame([(u, 100 + i, 20220408, 1200, t * 1000, 1) for u, i, _, t in rows],
+                      columns=["user_id", "video_id", "date", "hourmin", "time_ms", "is_click"])
     kr.to_csv(root / "KuaiRand-Pure" / "data" / "log_standard_4_08_to_4_21_pure.csv", index=False)
     args = ["experiment", "main", "--root", str(tmp_path / "res"), "--data-root", str(root), "--datasets", "ml-1m", "ml-20m", "kuairand-pure",
             "--variants", "fuxi-mme", "fuxi-mme (paper)", "--seeds", "0", "--jobs", "2",
@@ -205,20 +210,26 @@ def test_suites_measured_around_the_first_defaults_pin_them(tmp_path):
     from fuxi_mme.config import apply_overrides
     from fuxi_mme.presets import build_preset
 
-    for name, ds in (("sweep", "ml-1m-ts70"), ("scaling", "ml-1m-ts70"), ("precision", "amazon-beauty"), ("loss", "amazon-toys"), ("capacity", "amazon-sports")):
+    cases = (("sweep", "ml-1m-ts70"), ("scaling", "ml-1m-ts70"), ("precision", "amazon-beauty"), ("loss", "amazon-toys"),
+             ("capacity", "amazon-sports"))
+    for name, ds in cases:
         for j in plan(SUITES[name], tmp_path, tmp_path, [], [ds], seeds=[0], check_data=False):
             if j.invalid:  # M=4 on a width of 50
                 continue
             m = j.planned["model"]
-            at_first_defaults = j.variant in ("default", "first default", "fuxi-mme E=4", "fuxi-mme L=2") or (name in ("precision", "loss") and j.variant.startswith("fuxi-mme "))
+            at_first_defaults = (j.variant in ("default", "first default", "fuxi-mme E=4", "fuxi-mme L=2")
+                                 or (name in ("precision", "loss") and j.variant.startswith("fuxi-mme ")))
             if at_first_defaults:
-                assert (m["num_embeddings"], m["qk_dim"] * 2, m["ffn_multiply"], m["shared_decoder"]) == (2, build_preset(f"{ds}-fuxi-alpha-base").model.qk_dim, 1.0, True), (name, j.variant)
+                first = (2, build_preset(f"{ds}-fuxi-alpha-base").model.qk_dim, 1.0, True)
+                assert (m["num_embeddings"], m["qk_dim"] * 2, m["ffn_multiply"], m["shared_decoder"]) == first, (name, j.variant)
             if m["name"] == "fuxi-alpha":
                 assert "model.num_embeddings=2" not in j.args
     # the ablation and the main suite follow the presets
-    (full,) = [j for j in plan(SUITES["ablation"], tmp_path, tmp_path, [], ["amazon-beauty"], seeds=[0], check_data=False) if j.variant == "fuxi-mme (full)"]
+    ablation = plan(SUITES["ablation"], tmp_path, tmp_path, [], ["amazon-beauty"], seeds=[0], check_data=False)
+    (full,) = [j for j in ablation if j.variant == "fuxi-mme (full)"]
     assert full.planned["model"]["num_embeddings"] == 8
-    assert full.planned == apply_overrides(build_preset("amazon-beauty-fuxi-mme-base"), ["train.seed=0", "data.protocol=loo-val", "train.loss=sampled"]).to_dict()
+    preset = build_preset("amazon-beauty-fuxi-mme-base")
+    assert full.planned == apply_overrides(preset, ["train.seed=0", "data.protocol=loo-val", "train.loss=sampled"]).to_dict()
 
 
 def test_scaling_shipped_series_follows_the_ml1m_preset(tmp_path):
@@ -234,7 +245,8 @@ def test_scaling_shipped_series_follows_the_ml1m_preset(tmp_path):
     assert (wide["num_experts"], wide["top_k"]) == (16, 2)
     assert jobs["fuxi-mme shipped E=1"].planned["model"]["moe"]["top_k"] == 1
     # the plot draws it as its own series, not with the first defaults' "fuxi-mme"
-    assert (series_of("fuxi-mme shipped L=4", "L="), series_of("fuxi-mme L=4", "L="), series_of("fuxi-alpha+moe E=16", "E=")) == ("fuxi-mme shipped", "fuxi-mme", "fuxi-alpha+moe")
+    names = (series_of("fuxi-mme shipped L=4", "L="), series_of("fuxi-mme L=4", "L="), series_of("fuxi-alpha+moe E=16", "E="))
+    assert names == ("fuxi-mme shipped", "fuxi-mme", "fuxi-alpha+moe")
 
 
 def test_sports_and_dropout_suites_pin_their_dropout_and_main_trains_the_chosen_one(tmp_path):
@@ -288,7 +300,8 @@ def test_main_runs_five_seeds_for_the_compared_models_and_seeds_overrides_them(t
 def _finish(run_dir, cfg: dict, ndcg: float = 0.1) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     m = {"NDCG@10": ndcg, "HR@10": ndcg, "NDCG@50": ndcg, "HR@50": ndcg, "MRR": ndcg}
-    (run_dir / "metrics.json").write_text(json.dumps({"protocol": "loo-val", "test": m, "valid_best": m, "selected_epoch": 1, "run_dir": str(run_dir)}))
+    metrics = {"protocol": "loo-val", "test": m, "valid_best": m, "selected_epoch": 1, "run_dir": str(run_dir)}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
     (run_dir / "config.json").write_text(json.dumps(cfg))
 
 
@@ -375,14 +388,19 @@ def test_welch_reading_and_the_published_target():
     assert t_critical(2.36) == 4.303 and t_critical(3.99) == 3.182 and t_critical(1000) == 2.042 and t_critical(0.5) == 12.706
     assert reading(t, df) == "ahead" and reading(-t, df) == "behind" and reading(3.1, 3.99) == "level" and reading(3.2, 4.0) == "ahead"
     assert welch({"mean": 1.0, "std": 0.0}, 3, {"mean": 1.0, "std": 0.0}, 3)[0] == 0.0
-    e = lambda ds, v, mean, std: {"dataset": ds, "variant": v, "protocol": "paper" if "paper" in v else "loo-val", "seeds": 3, "test/NDCG@10": {"mean": mean, "std": std}}  # noqa: E731
+
+    def e(ds, v, mean, std):
+        protocol = "paper" if "paper" in v else "loo-val"
+        return {"dataset": ds, "variant": v, "protocol": protocol, "seeds": 3, "test/NDCG@10": {"mean": mean, "std": std}}
+
     res = {"results": [e("amazon-toys", "fuxi-alpha", 0.0577, 0.0006), e("amazon-toys", "fuxi-mme", 0.0578, 0.0005),
                        e("amazon-toys", "fuxi-alpha large", 0.0552, 0.0003), e("amazon-toys", "fuxi-mme large", 0.0600, 0.0001),
                        e("amazon-toys", "fuxi-mme (sampled loss)", 0.09, 0.0), e("amazon-toys", "fuxi-alpha (sampled loss)", 0.05, 0.001),
                        e("amazon-toys", "sasrec large", 0.0610, 0.0002), e("amazon-toys", "fuxi-mme d=256", 0.5, 0.0),
                        e("amazon-beauty", "fuxi-mme", 0.0533, 0.0030)]}
     table = equal_size_comparison(res)
-    assert "| amazon-toys | base | loo-val |" in table and table.count("| level |") == 1 and "| amazon-toys | large | loo-val |" in table and "| ahead |" in table
+    assert "| amazon-toys | base | loo-val |" in table and table.count("| level |") == 1
+    assert "| amazon-toys | large | loo-val |" in table and "| ahead |" in table
     assert "| amazon-toys | base, train.loss=sampled | loo-val | 0.0500 ± 0.0010 (3) | 0.0900 ± 0.0000 (3) |" in table
     assert "d=256" not in table and "amazon-beauty" not in table  # other labels; no FuXi-alpha to compare with
     pub = published_comparison(res)
@@ -429,7 +447,8 @@ PLANS = {
 def _plan_fingerprint(jobs, data_root) -> tuple[int, str]:
     import hashlib
 
-    ids = sorted(json.dumps([j.dataset, j.variant, j.seed, [a.replace(str(data_root), "D") for a in j.args], str(j.run_dir), j.invalid, j.planned], sort_keys=True)
+    ids = sorted(json.dumps([j.dataset, j.variant, j.seed, [a.replace(str(data_root), "D") for a in j.args], str(j.run_dir), j.invalid, j.planned],
+                            sort_keys=True)
                  for j in jobs)
     return len(jobs), hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
@@ -478,7 +497,8 @@ def _fake_runs(jobs, seconds: float) -> list[list[dict]]:
     logs = []
     for j in jobs:
         _finish(j.run_dir, j.planned, 0.1 + 0.01 * j.seed)
-        recs = [{"kind": "train", "epoch": e, "loss": 5.0 - e, "epoch_seconds": seconds} for e in (1, 2)] + [{"kind": "valid", "epoch": 2, "NDCG@10": 0.1}]
+        recs = [{"kind": "train", "epoch": e, "loss": 5.0 - e, "epoch_seconds": seconds} for e in (1, 2)]
+        recs.append({"kind": "valid", "epoch": 2, "NDCG@10": 0.1})
         (j.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
         (j.run_dir.parent / f"{j.run_dir.name}.log").write_text("epoch 1\nepoch 2\n")
         logs.append(recs)
@@ -501,7 +521,8 @@ def test_packed_logs_keep_the_tables_and_the_curves(tmp_path):
     logs += _fake_runs(jobs[1:], 2.5)  # a later run, packed into the same archive
     assert pack_logs(tmp_path / "ablation") == 2
     with tarfile.open(tmp_path / "ablation" / "logs.tar.xz") as tar:
-        assert sorted(tar.getnames()) == ["demo/fuxi-alpha/seed0.log", "demo/fuxi-alpha/seed0/metrics.jsonl", "demo/fuxi-alpha/seed1.log", "demo/fuxi-alpha/seed1/metrics.jsonl"]
+        assert sorted(tar.getnames()) == ["demo/fuxi-alpha/seed0.log", "demo/fuxi-alpha/seed0/metrics.jsonl",
+                                          "demo/fuxi-alpha/seed1.log", "demo/fuxi-alpha/seed1/metrics.jsonl"]
     assert json.loads((tmp_path / "ablation" / "train_seconds.json").read_text()) == {"demo/fuxi-alpha/seed0": 3.0, "demo/fuxi-alpha/seed1": 5.0}
     assert [read_records(j.run_dir) for j in jobs] == logs
     (tmp_path / "ablation" / "logs.tar.xz").unlink()  # the tables never read the archive
@@ -522,7 +543,22 @@ def test_committed_results_aggregate_byte_for_byte_without_their_logs(tmp_path, 
     shutil.copytree(repo / "loss", tmp_path / "results" / "loss", ignore=shutil.ignore_patterns("logs.tar.xz", "*.jsonl", "*.log"))
     monkeypatch.chdir(tmp_path)  # the runs' metrics.json name their folders relative to the repository
     old = json.loads((repo / "loss.json").read_text())
-    aggregate(SUITES["loss"], plan(SUITES["loss"], Path("results"), None, [], check_data=False), Path("results"), old["failed"], old["commit"], now=old["time"])
+    jobs = plan(SUITES["loss"], Path("results"), None, [], check_data=False)
+    aggregate(SUITES["loss"], jobs, Path("results"), old["failed"], old["commit"], now=old["time"])
     for f in ("loss.json", "loss.md"):
         assert (tmp_path / "results" / f).read_bytes() == (repo / f).read_bytes(), f
     assert all("train_seconds" in e for e in old["results"])
+
+
+def test_aggregate_only_packs_the_logs_when_asked(tmp_path, capsys):
+    from fuxi_mme.cli import main
+
+    jobs = [j for j in plan(SUITES["ablation"], tmp_path, None, [], ["demo"], seeds=[0]) if j.variant == "fuxi-alpha"]
+    _fake_runs(jobs, 2.0)
+    args = ["experiment", "ablation", "--root", str(tmp_path), "--datasets", "demo", "--seeds", "0", "--aggregate-only"]
+    assert main(args) == 0 and (jobs[0].run_dir / "metrics.jsonl").exists()  # aggregating alone moves nothing
+    assert main([*args, "--pack-logs"]) == 0
+    assert "packed 2 per-epoch log files into logs.tar.xz" in capsys.readouterr().out
+    assert not (jobs[0].run_dir / "metrics.jsonl").exists() and (tmp_path / "ablation" / "logs.tar.xz").is_file()
+    row = next(e for e in json.loads((tmp_path / "ablation.json").read_text())["results"] if e["variant"] == "fuxi-alpha")
+    assert row["train_seconds"]["mean"] == 4.0

@@ -60,8 +60,8 @@ def _origins(done: list[Job]) -> dict[tuple[str, str], list[tuple[str, str]]]:
 
 def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[str, str]]) -> dict[str, Any]:
     """One table row: the seeds' metrics as mean and std, epochs, training seconds, parameters."""
-    entry: dict[str, Any] = {"dataset": ds, "variant": variant, "seeds": len(runs), "protocol": runs[0]["protocol"], "runs": [r["run_dir"] for r in runs],
-                             "devices": sorted({d for _, d in devices})}
+    entry: dict[str, Any] = {"dataset": ds, "variant": variant, "seeds": len(runs), "protocol": runs[0]["protocol"],
+                             "runs": [r["run_dir"] for r in runs], "devices": sorted({d for _, d in devices})}
     for split in ("test", "valid_best"):
         if all(split in r for r in runs):
             for k in METRICS:
@@ -70,8 +70,9 @@ def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[
                     entry[f"{split}/{k}"] = _mean_std(vals)
     entry["epochs"] = [r.get("selected_epoch") for r in runs]
     secs = [train_seconds(Path(r["run_dir"])) for r in runs]
-    if all(x is not None for x in secs):
-        entry["train_seconds"] = _mean_std(secs)
+    known = [x for x in secs if x is not None]
+    if len(known) == len(secs):
+        entry["train_seconds"] = _mean_std(known)
     if runs[0].get("parameters"):
         entry["parameters"] = runs[0]["parameters"]
     return entry

@@ -95,7 +95,7 @@ def _archived(archive: Path) -> dict[str, bytes]:
     if not archive.exists():
         return {}
     with tarfile.open(archive, "r:xz") as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]  # a file member has data
 
 
 def _write_archive(archive: Path, members: dict[str, bytes]) -> None:

@@ -32,7 +32,8 @@ def _sweep_panel(ax: Any, rows: list[dict[str, Any]], key: str, label: str) -> N
             p = e.get("parameters", {}).get("non_embedding")
             t = e.get("train_seconds", {}).get("mean")
             if p is not None:
-                ax.annotate(f"{p / 1e3:.0f}k p" + (f", {t:.0f}s" if t else ""), (x, e["test/NDCG@10"]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                text = f"{p / 1e3:.0f}k p" + (f", {t:.0f}s" if t else "")
+                ax.annotate(text, (x, e["test/NDCG@10"]["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set(xlabel=label, ylabel="test NDCG@10", title=f"{rows[0]['dataset']}: test NDCG@10 vs {label}\n(points: non-embedding params, train s)")
 

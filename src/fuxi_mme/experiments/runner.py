@@ -34,7 +34,8 @@ def run_job(job: Job, env: dict[str, str]) -> tuple[Job, int, float]:
         if aside.exists():
             shutil.rmtree(aside)
         job.run_dir.rename(aside)
-        sys.stdout.write(f"{job.run_dir}: trained with other settings ({'; '.join(changes)}), moved to {aside.name} and run again\n")  # one write: threads do not interleave
+        # one write: threads do not interleave
+        sys.stdout.write(f"{job.run_dir}: trained with other settings ({'; '.join(changes)}), moved to {aside.name} and run again\n")
         sys.stdout.flush()
     elif job.run_dir.exists():
         shutil.rmtree(job.run_dir)
@@ -66,7 +67,8 @@ def run_jobs(pending: list[Job], jobs: int, names: dict[int, str]) -> dict[str, 
         for fut in as_completed([pool.submit(start, j) for j in sorted(pending, key=job_cost, reverse=True)]):
             job, rc, dt = fut.result()
             status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {job.run_dir}.log)"
-            print(f"[{names[id(job)]}] {job.dataset} / {job.variant} / seed {job.seed}: {status} {dt:.0f}s" + (f" (GPU {job.gpu})" if job.gpu else ""), flush=True)
+            gpu = f" (GPU {job.gpu})" if job.gpu else ""
+            print(f"[{names[id(job)]}] {job.dataset} / {job.variant} / seed {job.seed}: {status} {dt:.0f}s{gpu}", flush=True)
             if rc:
                 failed.setdefault(names[id(job)], []).append(str(job.run_dir))
     return failed

@@ -122,7 +122,8 @@ def suite_from_dict(name: str, raw: Any, where: str) -> Suite:
     for i, group in enumerate(raw.get("extra") or []):
         if not isinstance(group, dict) or set(group) != {"datasets", "variants"}:
             raise SuiteError(f"{where}: extra[{i}] must hold exactly datasets: and variants:")
-        extra.append((tuple(_strings(group["datasets"], f"{where}: extra[{i}].datasets")), _variants(group["variants"], f"{where}: extra[{i}].variants")))
+        at = f"{where}: extra[{i}]"
+        extra.append((tuple(_strings(group["datasets"], f"{at}.datasets")), _variants(group["variants"], f"{at}.variants")))
     return Suite(
         name=name,
         datasets=_strings(raw["datasets"], f"{where}: datasets"),

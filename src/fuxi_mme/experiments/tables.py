@@ -41,7 +41,8 @@ def _table_row(e: dict[str, Any]) -> str:
     p = e.get("parameters")
     params = f"{p['total']:,} ({p['non_embedding']:,})" if p else "-"
     ts = f"{e['train_seconds']['mean']:.0f}" if "train_seconds" in e else "-"
-    return (f"| {e['dataset']} | {e['variant']} | {e['protocol']} | {e['seeds']} | {_mean_std(e, 'valid_best/NDCG@10')} | {_mean_std(e, 'test/NDCG@10')} | "
+    return (f"| {e['dataset']} | {e['variant']} | {e['protocol']} | {e['seeds']} | "
+            f"{_mean_std(e, 'valid_best/NDCG@10')} | {_mean_std(e, 'test/NDCG@10')} | "
             f"{_mean_std(e, 'test/HR@10')} | {_mean_std(e, 'test/MRR')} | {params} | {ts} | {short_gpu(e.get('devices', []))} |")
 
 
@@ -56,7 +57,8 @@ def _left_out(res: dict[str, Any]) -> list[str]:
         lines += ["", "Left out, trained with settings the suite no longer asks for (running the suite again replaces them): "
                   + "; ".join(f"{m['dataset']} / {m['variant']} ({', '.join(m['changes'])})" for m in res["stale"]) + "."]
     if res.get("missing"):
-        lines += ["", "Planned but not run yet (no results file): " + "; ".join(f"{m['dataset']} / {m['variant']} ({m['runs']} runs)" for m in res["missing"]) + "."]
+        lines += ["", "Planned but not run yet (no results file): "
+                  + "; ".join(f"{m['dataset']} / {m['variant']} ({m['runs']} runs)" for m in res["missing"]) + "."]
     return lines
 
 
@@ -64,10 +66,13 @@ def markdown(res: dict[str, Any]) -> str:
     """A suite's table: one row per (dataset, variant), mean ± std over seeds, and its notes."""
     count = lambda d: ", ".join(f"{k} ({n})" for k, n in d.items()) or "-"  # noqa: E731
     lines = [f"### Suite `{res['suite']}`: {res['description']}", "",
-             f"Aggregated at commit `{res['commit']}`, {res['time']}, from runs of commits {count({short_hashes(c): n for c, n in res.get('run_commits', {}).items()})} "
-             f"on {count(res.get('devices', {}))} (number of runs in parentheses; each run's folder names its own). Mean ± std over seeds; full ranking. "
+             f"Aggregated at commit `{res['commit']}`, {res['time']}, "
+             f"from runs of commits {count({short_hashes(c): n for c, n in res.get('run_commits', {}).items()})} "
+             f"on {count(res.get('devices', {}))} (number of runs in parentheses; each run's folder names its own). "
+             "Mean ± std over seeds; full ranking. "
              "Train s is wall time with several runs sharing a GPU, so it compares runs of one suite, not machines.", ""]
-    lines.append("| dataset | variant | protocol | seeds | valid NDCG@10 | test NDCG@10 | test HR@10 | test MRR | params (non-emb.) | train s | GPU |")
+    lines.append("| dataset | variant | protocol | seeds | valid NDCG@10 | test NDCG@10 | test HR@10 | test MRR | params (non-emb.) "
+                 "| train s | GPU |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     lines += [_table_row(e) for e in res["results"]]
     return "\n".join(lines + _left_out(res)) + "\n"
@@ -108,7 +113,7 @@ def equal_size_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> 
     for e in res["results"]:
         spec = main_spec(e["dataset"], e["variant"])
         if spec is not None and metric in e:
-            cells[(e["dataset"], *spec)] = e
+            cells[(e["dataset"], spec[0], spec[1], spec[2], spec[3])] = e
     lines = ["| dataset | size | protocol | FuXi-alpha | Fuxi-MME | difference | Welch t (df) | reading at 5% |", "|---|---|---|---|---|---|---|---|"]
     for (ds, model, size, protocol, over), mme in cells.items():
         alpha = cells.get((ds, "fuxi-alpha", size, protocol, over))
@@ -117,7 +122,8 @@ def equal_size_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> 
         a, m = alpha[metric], mme[metric]
         t, df = welch(m, mme["seeds"], a, alpha["seeds"])
         size = ", ".join([size, *over])
-        lines.append(f"| {ds} | {size} | {protocol} | {a['mean']:.4f} ± {a['std']:.4f} ({alpha['seeds']}) | {m['mean']:.4f} ± {m['std']:.4f} ({mme['seeds']}) | "
+        lines.append(f"| {ds} | {size} | {protocol} | {a['mean']:.4f} ± {a['std']:.4f} ({alpha['seeds']}) | "
+                     f"{m['mean']:.4f} ± {m['std']:.4f} ({mme['seeds']}) | "
                      f"{m['mean'] - a['mean']:+.4f} | {t:.1f} ({df:.1f}) | {reading(t, df)} |")
     return "\n".join(lines) + "\n"
 
@@ -131,17 +137,19 @@ def published_comparison(res: dict[str, Any]) -> str:
         spec = main_spec(e["dataset"], e["variant"])
         if spec is not None and spec[2:] == ("loo-val", ()) and "test/NDCG@10" in e:
             cells[(e["dataset"], spec[0], spec[1])] = (e["variant"], e)
-    lines = ["| dataset | published SASRec+SS / HSTU / FuXi-alpha (quoted) | size | our fuxi-mme | our best model of that size | target met |", "|---|---|---|---|---|---|"]
+    lines = ["| dataset | published SASRec+SS / HSTU / FuXi-alpha (quoted) | size | our fuxi-mme | our best model of that size | target met |",
+             "|---|---|---|---|---|---|"]
     for ds, pub in PUBLISHED_AMAZON.items():
         for size in ("base", "large"):
             if (ds, "fuxi-mme", size) not in cells:
                 continue
             mine = cells[(ds, "fuxi-mme", size)][1]
             ours = {label: e["test/NDCG@10"]["mean"] for (d, _, z), (label, e) in cells.items() if d == ds and z == size}
-            best = max(ours, key=ours.get)
+            best = max(ours, key=lambda label: ours[label])
             m, top, n = mine["test/NDCG@10"], max(pub.values()), mine["seeds"]
             # one-sample t against the quoted constant: Welch's t with a spread-free second side
             t, df = welch(m, n, {"mean": top, "std": 0.0}, 1)
             met = "yes, beyond seed noise" if n > 1 and reading(t, df) == "ahead" else "above, within seed noise" if m["mean"] > top else "no"
-            lines.append(f"| {ds} | {' / '.join(f'{v:.4f}' for v in pub.values())} | {size} | {m['mean']:.4f} ± {m['std']:.4f} | {best} {ours[best]:.4f} | {met} |")
+            quoted = " / ".join(f"{v:.4f}" for v in pub.values())
+            lines.append(f"| {ds} | {quoted} | {size} | {m['mean']:.4f} ± {m['std']:.4f} | {best} {ours[best]:.4f} | {met} |")
     return "\n".join(lines) + "\n"
