@@ -3,12 +3,14 @@ fused Triton kernels (imported only when asked for)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .reference import fuxi_attention_reference, hstu_attention_reference
 
 
-def select_attention(mode: str, kind: str):
+def select_attention(mode: str, kind: str) -> Callable[..., torch.Tensor]:
     """The attention function for ``model.attention`` (``kind``: "fuxi" or "hstu").
 
     ``reference`` and ``auto`` use the PyTorch reference; ``fused`` the Triton kernels
