@@ -138,7 +138,8 @@ def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
         try:
             return load_prepared(folder)
         except Exception as exc:  # noqa: BLE001 - any damage to a cache file means: rebuild and replace it
-            log.warning("cached dataset %s is unreadable (%s: %s); rebuilding it", folder, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("cached dataset %s is unreadable (%s); rebuilding it", folder, why)
     df, titles = src.read(path, cfg)
     has_ts = bool(df.attrs.get("has_timestamps", src.has_timestamps))
     read_notes = list(df.attrs.get("notes", []))
@@ -163,6 +164,7 @@ def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
     for n in notes:
         log.warning("%s: %s", cfg.name, n)
     ds.stats["notes"] = notes
-    save_prepared(ds, folder, {"key": key, "parts": _key_parts(cfg, path)}, replace=folder.exists())  # a damaged or --rebuild cache is replaced
+    # a damaged or --rebuild cache is replaced
+    save_prepared(ds, folder, {"key": key, "parts": _key_parts(cfg, path)}, replace=folder.exists())
     ds.cache_dir = str(folder)
     return ds

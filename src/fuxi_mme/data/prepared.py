@@ -90,9 +90,7 @@ def order_interactions(df: pd.DataFrame, ordering: str) -> pd.DataFrame:
         idx = np.lexsort((np.arange(len(df)), df["timestamp"].to_numpy(), _codes(df["user"])))
     elif ordering == "hstu":
         by_user = df.sort_values("user", kind="quicksort")
-        inner = by_user.groupby("user", sort=True, group_keys=False)["timestamp"].apply(
-            lambda s: s.sort_values(kind="quicksort")
-        )
+        inner = by_user.groupby("user", sort=True, group_keys=False)["timestamp"].apply(lambda s: s.sort_values(kind="quicksort"))
         return df.loc[inner.index].reset_index(drop=True)
     else:
         raise DataError(f"unknown ordering {ordering!r}; use 'stable' or 'hstu'")
@@ -126,10 +124,7 @@ def build_prepared(
     short = counts < min_user_interactions
     if short.any():
         dropped_users = df.loc[short, "user"].nunique()
-        notes.append(
-            f"dropped {dropped_users:,} user(s) with fewer than {min_user_interactions} interactions "
-            f"({int(short.sum()):,} interactions)"
-        )
+        notes.append(f"dropped {dropped_users:,} user(s) with fewer than {min_user_interactions} interactions ({int(short.sum()):,} interactions)")
         df = df[~short]
     if len(df) == 0:
         raise DataError(
@@ -280,10 +275,16 @@ def _check_consistent(ds: PreparedDataset, folder: Path) -> None:
     """Shapes and id ranges agree (catches damage in a cache written without checksums)."""
     n, U = len(ds.items), ds.num_users
     ok = (
-        U >= 0 and len(ds.user_raw) == U and ds.offsets[0] == 0 and ds.offsets[-1] == n and len(ds.timestamps) == n
-        and bool(np.all(np.diff(ds.offsets) >= 0)) and (n == 0 or (ds.items.min() >= 1 and ds.items.max() <= ds.num_items))
+        U >= 0
+        and len(ds.user_raw) == U
+        and ds.offsets[0] == 0
+        and ds.offsets[-1] == n
+        and len(ds.timestamps) == n
+        and bool(np.all(np.diff(ds.offsets) >= 0))
+        and (n == 0 or (ds.items.min() >= 1 and ds.items.max() <= ds.num_items))
         and (ds.item_titles is None or len(ds.item_titles) == ds.num_items + 1)
-        and ds.stats.get("users") == U and ds.stats.get("interactions") == n
+        and ds.stats.get("users") == U
+        and ds.stats.get("interactions") == n
     )
     if not ok:
         raise DataError(f"cached dataset {folder} is inconsistent (sequence offsets, ids or statistics disagree)")

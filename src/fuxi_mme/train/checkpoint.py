@@ -20,8 +20,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -35,8 +36,17 @@ FORMAT = 2  # state.json "format": 2 and later always have a checksums.json
 
 # The steps of a save, in order, at which tests inject a kill (tests/test_faults.py). The
 # three swap steps happen only when the tag already exists.
-FAULT_STEPS = ("begin", "after-model", "after-optim", "after-state", "after-manifest",
-               "after-remove-old", "after-rename-old", "after-rename-new", "after-cleanup")
+FAULT_STEPS = (
+    "begin",
+    "after-model",
+    "after-optim",
+    "after-state",
+    "after-manifest",
+    "after-remove-old",
+    "after-rename-old",
+    "after-rename-new",
+    "after-cleanup",
+)
 _fault_hook: Callable[[str, Path], None] | None = None  # tests only: called as (step, target folder)
 
 
