@@ -1,5 +1,5 @@
 """Inference and serving: `recommend`, the HTTP service (every bad input is a 4xx with a
-clear message), micro-batching, export parity and the demo page in headless Chromium."""
+clear message), micro-batching and the demo page in headless Chromium (export: test_export.py)."""
 
 import json
 import shutil
@@ -207,32 +207,6 @@ def test_serve_binds_to_localhost_by_default():
 
     args = make_parser().parse_args(["serve", "--run", "x"])
     assert args.host == "127.0.0.1"
-
-
-# ---------------------------------------------------------------- export
-
-def test_export_gives_the_same_top_k_as_eager(run_dir, tmp_path):
-    from fuxi_mme.serve.export import load_exported
-
-    eager = Recommender.from_run(run_dir, device="cpu")
-    assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "exp")]) == 0
-    enc, items, meta = load_exported(tmp_path / "exp")
-    assert meta["max_len"] == eager.max_len and items.shape == eager.items_ID.shape
-    preps = [eager.prepare(_hist(eager, u, n)) for u, n in [(0, 3), (1, 10), (2, None), (7, 1)]]
-    for p in preps:
-        p.k = 10
-    want = eager.score(preps)
-    b = eager.batch_tensors(preps)
-    L = meta["max_len"]
-    pad = {k: torch.nn.functional.pad(v, (0, L - v.shape[1])) if v.dim() == 2 else v for k, v in b.items()}
-    with torch.no_grad():
-        scores = enc(pad["ids"], pad["ts"], pad["query_ts"], pad["lengths"]) @ items.T
-    scores[:, 0] = -torch.inf
-    for r, p in enumerate(preps):
-        scores[r, torch.from_numpy(p.seen)] = -torch.inf
-    top = torch.topk(scores, 10).indices
-    raw = meta["item_raw_ids"]
-    assert [[raw[i] for i in row] for row in top.tolist()] == [[x["item"] for x in w["items"]] for w in want]
 
 
 # ---------------------------------------------------------------- demo page in Chromium

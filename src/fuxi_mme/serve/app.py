@@ -257,8 +257,9 @@ def create_app(rec: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0, 
     return BodyLimit(app, max_body_bytes) if max_body_bytes else app
 
 
-def serve(run_dir: str | None, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "auto", device: str = "cpu", unknown_items: str = "report",
-          max_batch: int = 64, max_wait_ms: float = 2.0, max_body_bytes: int = 1 << 20, exported: str | None = None, runtime: str = "program") -> None:
+def serve(run_dir: str | None, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "auto", device: str = "cpu",
+          unknown_items: str = "report", max_batch: int = 64, max_wait_ms: float = 2.0, max_body_bytes: int = 1 << 20,
+          exported: str | None = None, runtime: str = "program") -> None:
     """Serve a run (``run_dir``, the eager model) or an export folder (``exported``, on the CPU,
     with the ``torch.export`` program or, ``runtime="aoti"``, the AOTInductor package)."""
     try:
