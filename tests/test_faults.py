@@ -192,7 +192,7 @@ def test_a_damaged_checkpoint_file_gives_one_line_errors(tmp_path, trained, caps
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         named = CKPT_FILES if name == "checksums.json" else (name,)  # a damaged manifest disagrees with a file
-        assert len(err) == 1 and err[0].startswith("fuxi-mme: error: checkpoint damaged:") and any(n in err[0] for n in named), err
+        assert len(err) == 1 and err[0].startswith("fuxi-mme: error: corrupt checkpoint:") and any(n in err[0] for n in named), err
     assert records(run) == records(trained)  # a refused resume wrote nothing
     if name == "model.safetensors" and damage is flip:
         assert main(["evaluate", "--run", str(run), "--checkpoint", "best", "--device", "cpu"]) == 0  # the other checkpoint serves
@@ -208,7 +208,7 @@ def test_every_single_bit_flip_of_the_manifest_is_refused(tmp_path):
     for pos in range(len(good)):
         for bit in range(8):
             flip(folder / "checksums.json", pos, bit)
-            with pytest.raises(ck.CheckpointError, match="checkpoint damaged"):
+            with pytest.raises(ck.CheckpointError, match="corrupt checkpoint"):
                 ck.verify_checkpoint(folder)
             flip(folder / "checksums.json", pos, bit)
     assert (folder / "checksums.json").read_bytes() == good

@@ -200,7 +200,7 @@ def verify_checkpoint(folder: Path) -> None:
         verify_manifest(folder)
     except (IntegrityError, OSError, ValueError, AttributeError, TypeError) as exc:
         what = str(exc).split("; ")[0]  # the problem; the advice below fits a checkpoint
-        raise CheckpointError(f"checkpoint damaged: {what}; use the run's other checkpoint (--checkpoint best or last) or train again") from exc
+        raise CheckpointError(f"corrupt checkpoint: {what}; use the run's other checkpoint (--checkpoint best or last) or train again") from exc
 
 
 def load_weights(folder: Path, model: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
