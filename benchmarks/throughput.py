@@ -1,7 +1,8 @@
 """Training and evaluation throughput on synthetic data shaped like ML-1M / ML-20M.
 
-Times the library's real training step (``Trainer._loss`` + backward + AdamW step, batches
-built by ``to_batch`` from the padded arrays) and the full-ranking evaluator. Step times are
+Times the library's real training step (``Trainer.forward_backward``, i.e. ``train/step.py``'s
+``loss_and_backward`` eager or replayed from a CUDA graph, + AdamW step, batches
+built by ``make_batch`` from the padded arrays) and the full-ranking evaluator. Step times are
 medians after warm-up, bracketed by ``torch.cuda.synchronize()`` on GPU. Every path is
 compared with the fp32 reference path of the same model measured in the same run.
 
@@ -32,7 +33,8 @@ from fuxi_mme.data.splits import eval_arrays  # noqa: E402
 from fuxi_mme.eval.evaluator import evaluate_ranks, model_scorer  # noqa: E402
 from fuxi_mme.models import build_model  # noqa: E402
 from fuxi_mme.presets import build_preset, preset_name  # noqa: E402
-from fuxi_mme.train.loop import PERSISTENT_REDUCTIONS, PERSISTENT_REDUCTIONS_ENV, Trainer, inductor_options  # noqa: E402
+from fuxi_mme.models.moe import PERSISTENT_REDUCTIONS, PERSISTENT_REDUCTIONS_ENV  # noqa: E402
+from fuxi_mme.train.loop import Trainer  # noqa: E402
 from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.utils.runinfo import run_info  # noqa: E402
 
@@ -140,9 +142,9 @@ def what_ran(tr: Trainer) -> dict:
         "moe_path": next((m.last_path for m in tr.model.modules() if hasattr(m, "last_path")), None),
         "compiled": tr.compile,  # None, "graphs" (the graphed steps) or "always"
         # False where a compiled model failed to capture and the plain one was graphed instead
-        "compiled_kept": tr.compile != "graphs" or tr.graph_module is not tr.step_module,
+        "compiled_kept": tr.compile != "graphs" or (tr.graphed is not None and tr.graphed.compiled),
         # Inductor's persistent reductions in the compiled model: off for MoE models unless
-        # the environment sets them (train/loop.py, inductor_options)
+        # the environment sets them (the model's compile_options)
         "persistent_reductions": persistent_reductions(tr) if tr.compile else None,
     }
 
@@ -150,7 +152,7 @@ def what_ran(tr: Trainer) -> dict:
 def persistent_reductions(tr: Trainer) -> bool:
     import torch._inductor.config as inductor_config
 
-    options = inductor_options(tr.model) or {}
+    options = tr.model.compile_options() or {}
     return bool(options.get(PERSISTENT_REDUCTIONS, inductor_config.triton.persistent_reductions))
 
 

@@ -8,7 +8,8 @@ from fuxi_mme.config import DataConfig
 from fuxi_mme.data import DataError, load_dataset
 from fuxi_mme.data import demo
 from fuxi_mme.data.prepared import build_prepared
-from fuxi_mme.data.splits import eval_arrays, to_batch, train_arrays
+from fuxi_mme.data.batches import make_batch
+from fuxi_mme.data.splits import eval_arrays, train_arrays
 from fuxi_mme.data.table import load_user_file
 
 
@@ -131,9 +132,10 @@ def test_windows_keep_the_most_recent_items_and_query_time_is_the_target_time():
     tr = train_arrays(ds, "paper", max_len=3)
     assert tr.ids[0].tolist() == [2, 3, 4] and tr.targets[0].tolist() == [3, 4, 5]
     assert tr.query_ts[0].tolist() == [30, 40, 50]
-    b = to_batch(te, np.array([1]))
-    assert b["ids"].shape == (1, 2)  # trimmed to the longest row
-    assert "targets" not in b and b["target"].tolist() == [1]
+    b = make_batch(te, np.array([1]))
+    assert b.ids.shape == (1, 2)  # trimmed to the longest row
+    assert b.target.tolist() == [1] and b.positions is None  # an evaluation batch: no training positions
+    assert b.targets.tolist() == [[2, 1]]  # the history's next item, then the held-out target
 
 
 def test_demo_is_deterministic_and_carries_signal():

@@ -56,7 +56,7 @@ def test_exported_top_k_equals_eager(trained):
     lengths = set()
     for spec in BATCHES:
         qs = _queries(rec, spec)
-        lengths.add(rec.batch_tensors([rec.prepare(q) for q in qs])["ids"].shape[1])
+        lengths.add(rec.batch_tensors([rec.prepare(q) for q in qs]).ids.shape[1])
         want, got = rec.recommend(qs), served.recommend(qs)
         for w, g in zip(want, got):
             assert [x["item"] for x in g["items"]] == [x["item"] for x in w["items"]]

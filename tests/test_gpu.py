@@ -205,7 +205,7 @@ def test_compile_auto_inside_cuda_graphs_equals_the_eager_step(model, amp, place
     eager, p_eager, _ = _steps(model, "off", amp, **{"train.compile": False, **over})
     graph, p_graph, tr = _steps(model, "on", amp, **over)
     assert tr.compile == "graphs" and tr.graphed.graphs and not tr.graphed.disabled
-    assert tr.graph_module is not tr.step_module  # the compiled model was captured, not replaced
+    assert tr.graphed.compiled  # the compiled step was captured, not replaced by the plain one
     tol = 1e-3 if amp == "none" else 3e-2
     np.testing.assert_allclose(graph, eager, rtol=tol)
     for k in p_eager:
@@ -221,7 +221,7 @@ def test_compiled_model_with_fused_attention_inside_cuda_graphs(model):
     eager, p_eager, _ = _steps(model, "off", "bf16", attention="fused", **{"train.compile": False})
     graph, p_graph, tr = _steps(model, "on", "bf16", attention="fused")
     assert tr.compile == "graphs" and tr.graphed.graphs and not tr.graphed.disabled
-    assert tr.graph_module is not tr.step_module  # the compiled model was captured
+    assert tr.graphed.compiled  # the compiled step was captured
     np.testing.assert_allclose(graph, eager, rtol=3e-2)
     for k in p_eager:
         torch.testing.assert_close(p_graph[k], p_eager[k], rtol=3e-2, atol=3e-2 * p_eager[k].abs().max().item() + 1e-9, msg=k)
@@ -257,10 +257,10 @@ def test_dropout_masks_change_between_graph_replays(compile_, model, over):
         torch.manual_seed(0)
         tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len).cuda(), torch.device("cuda"), None, progress=False)
         rows = tr._epoch_order(0)[: cfg.train.batch_size]
-        state = tr.neg_gen.get_state()
+        state = tr.sampler.generator.get_state()
         out = []
         for _ in range(4):
-            tr.neg_gen.set_state(state)  # the same negatives every time
+            tr.sampler.generator.set_state(state)  # the same negatives every time
             loss, _ = tr.forward_backward(rows)
             out.append(float(loss))
             tr.zero_grad()

@@ -11,18 +11,19 @@ from conftest import epoch_losses_and_first_grads, tiny_config
 from fuxi_mme.data import load_dataset
 from fuxi_mme.models import build_model
 from fuxi_mme.models.moe import MoE
+from fuxi_mme.train import setup
 from fuxi_mme.train.graphs import GraphedStep, graphs_wanted
 from fuxi_mme.train.loop import Trainer
 
 
 class ReplayEagerly(GraphedStep):
-    """Records nothing: 'replay' runs the body on the static buffers."""
+    """Records nothing: 'replay' runs the step function on the static batch."""
 
-    def _capture(self, Pb, bufs):
-        self.graphs[Pb] = (None, bufs, None)
+    def _capture(self, key, bufs):
+        self.graphs[key] = (None, bufs, None)
 
-    def _replay(self, Pb):
-        return self._body(self.graphs[Pb][1])
+    def _replay(self, key):
+        return self.variants[0].fn(self.graphs[key][1], self.norm)
 
 
 def cpu_trainer(model, **over) -> Trainer:
@@ -36,7 +37,7 @@ def run(model, graphed: bool, grad_accum=1, bucket=16, **over):
     tr = cpu_trainer(model, **{"train.grad_accum": grad_accum, **over})
     assert tr.graphed is None  # CPU: never graphs
     if graphed:
-        tr.graphed = ReplayEagerly(tr)
+        tr.graphed = tr.make_graphed_step(ReplayEagerly)
         if bucket:
             tr.graphed.bucket = bucket  # several buckets in one epoch
     losses, grads = epoch_losses_and_first_grads(tr, grad_accum)
@@ -58,7 +59,7 @@ def test_graphs_are_off_on_cpu_and_when_asked():
     cfg = tiny_config("fuxi-alpha", **{"train.cuda_graphs": "on"})
     ds = load_dataset(cfg.data)
     tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)
-    assert not graphs_wanted(tr) and tr.graphed is None
+    assert not graphs_wanted("on", tr.device, False) and tr.graphed is None
 
 
 def test_bucket_rounded_past_the_batch_size_times_max_len():
@@ -88,7 +89,7 @@ def test_length_chunks_in_graphs_equal_the_single_pass(model):
 
 
 class RefusesCapture(GraphedStep):
-    def _capture(self, Pb, bufs):
+    def _capture(self, key, bufs):
         from fuxi_mme.train.graphs import HostSyncInStep
 
         raise HostSyncInStep("the training step waits on the GPU")
@@ -97,7 +98,7 @@ class RefusesCapture(GraphedStep):
 def test_a_refused_capture_falls_back_to_the_eager_step(caplog):
     eager, p_eager, _ = run("fuxi-mme", False)
     tr = cpu_trainer("fuxi-mme")
-    tr.graphed = RefusesCapture(tr)
+    tr.graphed = tr.make_graphed_step(RefusesCapture)
     with caplog.at_level("WARNING"):
         losses, grads = epoch_losses_and_first_grads(tr, 1)
     assert tr.graphed.disabled and not tr.graphed.graphs
@@ -110,44 +111,44 @@ def test_trainer_builds_its_graphed_step(monkeypatch):
     settings the Trainer must have set first, e.g. the length chunks."""
     import fuxi_mme.train.loop as loop
 
-    monkeypatch.setattr(loop, "graphs_wanted", lambda tr: True)
+    monkeypatch.setattr(loop, "graphs_wanted", lambda *a: True)
     tr = cpu_trainer("fuxi-alpha", **{"train.length_chunks": 4})
     assert isinstance(tr.graphed, GraphedStep) and tr.graphed.chunks == 4 and tr.graphed.R == tr.cfg.train.batch_size // 4
 
 
 def test_compile_auto_only_for_the_cuda_graph_step(monkeypatch):
-    import fuxi_mme.train.loop as loop
-
     cfg = tiny_config("fuxi-alpha")
-    assert loop.compile_mode(cfg, torch.device("cpu"), False) is None  # auto: never on CPU
-    assert loop.compile_mode(cfg, torch.device("cuda"), True) is None  # nor under DDP
+    model = build_model(cfg.model, 50, cfg.data.max_len)
+    cm = lambda dev, dist=False: setup.compile_mode(cfg, model, torch.device(dev), dist)  # noqa: E731
+    assert cm("cpu") is None  # auto: never on CPU
+    assert cm("cuda", True) is None  # nor under DDP
     cfg.train.cuda_graphs = "off"
-    assert loop.compile_mode(cfg, torch.device("cuda"), False) is None
+    assert cm("cuda") is None
     cfg.train.cuda_graphs = "auto"
-    have_triton = loop.importlib_find_spec("triton") is not None
-    assert loop.compile_mode(cfg, torch.device("cuda"), False) == ("graphs" if have_triton else None)
+    have_triton = setup.find_spec("triton") is not None
+    assert cm("cuda") == ("graphs" if have_triton else None)
     cfg.train.deterministic = True
-    assert loop.compile_mode(cfg, torch.device("cuda"), False) is None  # auto keeps runs reproducible
+    assert cm("cuda") is None  # auto keeps runs reproducible
     cfg.train.compile = True
-    assert loop.compile_mode(cfg, torch.device("cpu"), False) == "always"
+    assert cm("cpu") == "always"
     cfg.train.compile = False
-    assert loop.compile_mode(cfg, torch.device("cuda"), False) is None
+    assert cm("cuda") is None
 
 
 def test_compile_auto_leaves_experts_on_u_with_dropout_uncompiled(monkeypatch):
-    """Measured on the GPU: that combination trains badly compiled inside CUDA graphs."""
-    import fuxi_mme.train.loop as loop
-
-    monkeypatch.setattr(loop, "importlib_find_spec", lambda name: object())  # as if triton were there
+    """Measured on the GPU: that combination trains badly compiled inside CUDA graphs; the
+    model says so through its interface (graph_compile_problem)."""
+    monkeypatch.setattr(setup, "find_spec", lambda name: object())  # as if triton were there
     cuda = torch.device("cuda")
-    cfg = tiny_config("fuxi-mme", **{"model.moe.placement": "u", "model.dropout": 0.2})
-    assert loop.compile_mode(cfg, cuda, False) is None
-    cfg.model.dropout = 0.0
-    assert loop.compile_mode(cfg, cuda, False) == "graphs"
-    cfg.model.dropout, cfg.model.moe.placement = 0.2, "ffn"
-    assert loop.compile_mode(cfg, cuda, False) == "graphs"
-    cfg.model.moe.placement, cfg.train.compile = "u", True  # asked for explicitly: done, with a warning
-    assert loop.compile_mode(cfg, cuda, False) == "always"
+
+    def cm(**over):
+        cfg = tiny_config("fuxi-mme", **{"model.moe.placement": "u", "model.dropout": 0.2, **over})
+        return setup.compile_mode(cfg, build_model(cfg.model, 50, cfg.data.max_len), cuda, False)
+
+    assert cm() is None
+    assert cm(**{"model.dropout": 0.0}) == "graphs"
+    assert cm(**{"model.moe.placement": "ffn"}) == "graphs"
+    assert cm(**{"train.compile": True}) == "always"  # asked for explicitly: done, with a warning
 
 
 def test_moe_models_compile_without_persistent_reductions(monkeypatch):
@@ -156,20 +157,20 @@ def test_moe_models_compile_without_persistent_reductions(monkeypatch):
     MoE keep Inductor's defaults, and an explicit TORCHINDUCTOR_PERSISTENT_REDUCTIONS wins."""
     import torch._inductor.config as inductor_config
 
-    import fuxi_mme.train.loop as loop
+    from fuxi_mme.models import moe
 
-    monkeypatch.delenv(loop.PERSISTENT_REDUCTIONS_ENV, raising=False)
+    monkeypatch.delenv(moe.PERSISTENT_REDUCTIONS_ENV, raising=False)
     mme, alpha = cpu_trainer("fuxi-mme").model, cpu_trainer("fuxi-alpha").model
     assert any(isinstance(m, MoE) for m in mme.modules())
-    options = loop.inductor_options(mme)
+    options = mme.compile_options()
     assert options == {"triton.persistent_reductions": False}
     with inductor_config.patch(options):  # a setting this torch knows (patch raises otherwise)
         assert inductor_config.triton.persistent_reductions is False
-    assert loop.inductor_options(alpha) is None
-    monkeypatch.setenv(loop.PERSISTENT_REDUCTIONS_ENV, "1")
-    assert loop.inductor_options(mme) is None
+    assert alpha.compile_options() is None
+    monkeypatch.setenv(moe.PERSISTENT_REDUCTIONS_ENV, "1")
+    assert mme.compile_options() is None
 
-    monkeypatch.delenv(loop.PERSISTENT_REDUCTIONS_ENV)
+    monkeypatch.delenv(moe.PERSISTENT_REDUCTIONS_ENV)
     seen = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
     cpu_trainer("fuxi-mme", **{"train.compile": True})
@@ -178,24 +179,30 @@ def test_moe_models_compile_without_persistent_reductions(monkeypatch):
 
 
 def test_a_failing_compiled_model_is_replaced_by_the_plain_one(caplog):
-    """train.compile=auto: if the compiled model fails inside the graph step, the plain model
-    is recorded instead; training goes on with the eager step's losses."""
+    """train.compile=auto: if the compiled step fails inside the graph step, the plain step is
+    recorded instead; training goes on with the eager step's losses."""
+    from fuxi_mme.train.graphs import StepVariant
 
-    class Broken(torch.nn.Module):
-        def forward(self, *a):
-            raise RuntimeError("inductor could not compile this")
+    def broken(batch, norm):
+        raise RuntimeError("inductor could not compile this")
 
     eager, _, _ = run("fuxi-alpha", False)
     tr = cpu_trainer("fuxi-alpha")
-    tr.graphed = ReplayEagerly(tr)
-    # the stand-in capture runs the recorded module forward once (the real one warms up and
-    # captures the whole body), which is where a compiled model fails
-    tr.graphed._capture = lambda key, bufs: (tr.graph_module(bufs["ids"], bufs["ts"], bufs["query_ts"]), ReplayEagerly._capture(tr.graphed, key, bufs))
-    tr.compile, tr.graph_module = "graphs", Broken()
+    tr.graphed = tr.make_graphed_step(ReplayEagerly)
+    assert [v.name for v in tr.graphed.variants] == ["plain"]  # nothing compiled on the CPU
+    tr.graphed.variants.insert(0, StepVariant("compiled", broken, compiled=True))
+    # the stand-in capture runs the compiled step once (the real one warms up and captures it),
+    # which is where a compiled model fails
+    def capture(key, bufs):
+        if tr.graphed.variants[0].compiled:
+            tr.graphed.variants[0].fn(bufs, tr.graphed.norm)
+        ReplayEagerly._capture(tr.graphed, key, bufs)
+
+    tr.graphed._capture = capture
     with caplog.at_level("WARNING"):
         losses, _ = epoch_losses_and_first_grads(tr)
-    assert "torch.compile failed in the CUDA-graph step (RuntimeError: inductor could not compile this)" in caplog.text
-    assert tr.graph_module is tr.step_module and not tr.graphed.disabled and tr.graphed.graphs
+    assert "the compiled step failed in the CUDA-graph step (RuntimeError: inductor could not compile this); recording the plain step" in caplog.text
+    assert [v.name for v in tr.graphed.variants] == ["plain"] and not tr.graphed.disabled and tr.graphed.graphs
     np.testing.assert_allclose(losses, eager, rtol=1e-5)
 
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from fuxi_mme.config import Config, ConfigError, apply_overrides, config_from_dict, validate
 from fuxi_mme.data.prepared import build_prepared
 from fuxi_mme.data.repeats import apply_repeats, repeat_flags, repeat_summary
+from fuxi_mme.data.batches import make_batch
 from fuxi_mme.data.splits import eval_arrays
 from fuxi_mme.eval.evaluator import NonFiniteScores, evaluate_split, popularity_scorer, rank_split, resolve_history
 from fuxi_mme.eval.metrics import ranks_from_scores
@@ -32,7 +33,7 @@ def _ds(seqs):
 
 
 def _table_scorer(table):
-    return lambda batch: torch.tensor(table[batch["rows"].numpy()], dtype=torch.float32)
+    return lambda batch: torch.tensor(table[batch.rows], dtype=torch.float32)
 
 
 @settings(max_examples=60, deadline=None)
@@ -123,7 +124,7 @@ def test_published_data_have_no_repeats_and_keep_their_ranks(name, source, tmp_p
     rows = np.arange(min(len(arrs), 400))
     scorer = popularity_scorer(ds, "loo-val")
     got = rank_split(scorer, arrs, ds, "mask", rows=rows).ranks
-    counts = scorer({"lengths": torch.zeros(1)})[0].numpy()
+    counts = scorer(make_batch(arrs, rows[:1]))[0].numpy()
     sub = eval_arrays(ds, "loo-val", "test", max_len=50)
     want = _old_masking_ranks(np.tile(counts, (len(rows), 1)), _take(sub, rows), ds)
     np.testing.assert_array_equal(got, want)
@@ -152,7 +153,7 @@ WORKER = textwrap.dedent(
     for mode in ("mask", "keep"):
         arrs = eval_arrays(ds, "loo-val", "test", max_len=5)
         table = np.round(np.random.default_rng(1).normal(size=(len(arrs), ds.num_items + 1)), 1)
-        scorer = lambda b: torch.tensor(table[b["rows"].numpy()], dtype=torch.float32)
+        scorer = lambda b: torch.tensor(table[b.rows], dtype=torch.float32)
         def gather(obj):
             got = [None] * world
             dist.all_gather_object(got, obj)

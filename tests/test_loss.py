@@ -101,7 +101,7 @@ def test_full_softmax_training_draws_no_negatives_and_learns():
     ds = load_dataset(cfg.data)
     torch.manual_seed(0)
     tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len), torch.device("cpu"), None, progress=False)
-    state = tr.neg_gen.get_state()
+    state = tr.sampler.generator.get_state()
     rows = np.arange(64)
     losses = []
     for _ in range(30):
@@ -109,7 +109,7 @@ def test_full_softmax_training_draws_no_negatives_and_learns():
         tr.opt.step()
         tr.opt.zero_grad()
         losses.append(float(loss))
-    assert torch.equal(tr.neg_gen.get_state(), state)  # nothing sampled
+    assert torch.equal(tr.sampler.generator.get_state(), state)  # nothing sampled
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
 
 

@@ -59,9 +59,9 @@ def test_evaluator_matches_brute_force_with_ties_and_filtering(filter_history):
 
     def scorer(batch):
         # the batch's rows, each batch trimmed to its own longest sequence
-        assert batch["ids"].shape[1] == int(arrs.lengths[batch["rows"].numpy()].max())
-        widths.append(batch["ids"].shape[1])
-        return torch.tensor(table[batch["rows"].numpy()], dtype=torch.float32)
+        assert batch.ids.shape[1] == int(arrs.lengths[batch.rows].max())
+        widths.append(batch.ids.shape[1])
+        return torch.tensor(table[batch.rows], dtype=torch.float32)
 
     got = evaluate_ranks(scorer, arrs, ds, filter_history, batch_size=7)
     # shortest rows first: batch widths never decrease, and the short ones are not padded to 5

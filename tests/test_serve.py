@@ -58,7 +58,8 @@ def test_recommendations_exclude_seen_and_map_back_to_raw_ids(rec):
 
 def test_recommender_scores_equal_the_evaluator(rec):
     """The serving path and the full-ranking evaluator agree on a user's test query."""
-    from fuxi_mme.data.splits import eval_arrays, to_batch
+    from fuxi_mme.data.batches import make_batch
+    from fuxi_mme.data.splits import eval_arrays
     from fuxi_mme.eval.evaluator import model_scorer
 
     ds, cfg = rec.ds, rec.cfg
@@ -69,7 +70,7 @@ def test_recommender_scores_equal_the_evaluator(rec):
     n_hist = arrs.hist_end[r] - arrs.hist_start[r]
     q = Query([ds.item_raw[i].item() for i in items[:n_hist]], [int(t) for t in ts[:n_hist]], k=20, exclude_seen=False, now=int(ts[n_hist]))
     served = rec.recommend([q])[0]["items"]
-    scores = model_scorer(rec.model)(to_batch(arrs, np.array([r])))[0]
+    scores = model_scorer(rec.model)(make_batch(arrs, np.array([r])))[0]
     scores[0] = -torch.inf
     top = torch.topk(scores, 20).indices.numpy()
     assert [x["item"] for x in served] == [ds.item_raw[i].item() for i in top]

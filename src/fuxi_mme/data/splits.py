@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
 from .prepared import PreparedDataset
 
 
@@ -118,23 +116,3 @@ def length_sorted_chunks(lengths: np.ndarray, chunks: int) -> list[np.ndarray]:
     near-equal size: the rows of a batch that run together when it is run in length chunks
     (each part is padded only to its own longest row)."""
     return np.array_split(np.argsort(lengths, kind="stable"), chunks)
-
-
-def to_batch(arrs, rows: np.ndarray, device: torch.device | str = "cpu", trim: bool = True, width: int | None = None) -> dict[str, torch.Tensor]:
-    """Slice rows of Train/EvalArrays into tensors, trimmed to the longest row (padding after),
-    or to ``width`` columns when given."""
-    if width is not None:
-        n = width
-    else:
-        n = int(arrs.lengths[rows].max()) if trim and len(rows) else arrs.ids.shape[1]
-    out = {
-        "ids": torch.from_numpy(arrs.ids[rows, :n]),
-        "ts": torch.from_numpy(arrs.ts[rows, :n]),
-        "query_ts": torch.from_numpy(arrs.query_ts[rows, :n]),
-        "lengths": torch.from_numpy(arrs.lengths[rows]),
-    }
-    if isinstance(arrs, TrainArrays):
-        out["targets"] = torch.from_numpy(arrs.targets[rows, :n])
-    else:
-        out["target"] = torch.from_numpy(arrs.targets[rows])
-    return {k: v.to(device, non_blocking=True) for k, v in out.items()}

@@ -13,11 +13,12 @@ import torch
 
 from ..data.prepared import PreparedDataset, flat_ranges
 from ..data.repeats import repeat_flags, repeat_summary
-from ..data.splits import EvalArrays, split_points, to_batch
+from ..data.batches import Batch, make_batch
+from ..data.splits import EvalArrays, split_points
 from ..models.common import SequenceModel
 from .metrics import metrics_from_ranks, ranks_from_scores
 
-Scorer = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # batch -> (B, I+1) scores
+Scorer = Callable[[Batch], torch.Tensor]  # batch -> (B, I+1) scores
 
 
 def history_pairs(arrs: EvalArrays, rows: np.ndarray, ds: PreparedDataset) -> tuple[np.ndarray, np.ndarray]:
@@ -32,13 +33,13 @@ def autocast_dtype(amp: str) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else None
 
 
-def encode_last(model: SequenceModel, batch: dict[str, torch.Tensor], amp: torch.dtype | None = None) -> torch.Tensor:
+def encode_last(model: SequenceModel, batch: Batch, amp: torch.dtype | None = None) -> torch.Tensor:
     """(B, D) fp32 user vectors at each row's last real position: what the next item is scored
     against. Shared by evaluation, ``recommend`` and the HTTP service."""
-    dev = batch["ids"].device
+    dev = batch.ids.device
     with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-        user_BND = model(batch["ids"], batch["ts"], batch["query_ts"])
-    last = batch["lengths"] - 1
+        user_BND = model(batch.ids, batch.ts, batch.query_ts)
+    last = batch.lengths - 1
     return user_BND[torch.arange(len(last), device=dev), last].float()
 
 
@@ -46,10 +47,10 @@ def model_scorer(model: SequenceModel, amp: torch.dtype | None = None) -> Scorer
     """Scores = last-position user vector . every item vector (items computed once)."""
     items_ID = None
 
-    def score(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def score(batch: Batch) -> torch.Tensor:
         nonlocal items_ID
         if items_ID is None:
-            with torch.autocast(batch["ids"].device.type, dtype=amp, enabled=amp is not None):
+            with torch.autocast(batch.ids.device.type, dtype=amp, enabled=amp is not None):
                 items_ID = model.item_vectors().float()
         return encode_last(model, batch, amp) @ items_ID.T
 
@@ -61,8 +62,8 @@ def popularity_scorer(ds: PreparedDataset, protocol: str, device: torch.device |
     idx = flat_ranges(ds.offsets[:-1], split_points(ds, protocol)["train_end"])
     counts = torch.from_numpy(np.bincount(ds.items[idx], minlength=ds.num_items + 1).astype(np.float32)).to(device)
 
-    def score(batch):
-        return counts.expand(len(batch["lengths"]), -1).clone()
+    def score(batch: Batch) -> torch.Tensor:
+        return counts.expand(len(batch.lengths), -1).clone()
 
     return score
 
@@ -118,7 +119,7 @@ def rank_split(
     is removed); what is masked is read from the history alone, never from the target. A NaN
     candidate counts as outranking the target; a target whose own score is not finite gets the
     worst rank and is flagged. Batches take the rows shortest first, so each is padded only to
-    its own longest sequence; a scorer sees the batch's row indices in ``batch["rows"]``."""
+    its own longest sequence; a scorer sees the batch's row indices in ``batch.rows``."""
     if history not in ("mask", "keep"):
         raise ValueError(f"history={history!r}: resolve eval.history first (mask or keep)")
     rows_all = np.arange(len(arrs)) if rows is None else np.asarray(rows)
@@ -128,10 +129,9 @@ def rank_split(
     for s in range(0, len(order), batch_size):
         at = order[s : s + batch_size]
         rows_b = rows_all[at]
-        batch = to_batch(arrs, rows_b, device)
-        batch["rows"] = torch.from_numpy(rows_b)
+        batch = make_batch(arrs, rows_b, device)
         scores = scorer(batch).float()
-        tgt = batch["target"]
+        tgt = batch.target
         bad = ~torch.isfinite(scores.gather(1, tgt[:, None])[:, 0])
         scores[:, 0] = -torch.inf
         if history == "mask":

@@ -5,6 +5,7 @@ Legend: B batch, N positions, D width, H heads, I items (+1 padding row), T toke
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -126,7 +127,13 @@ class TemporalBuckets(nn.Module):
 class SequenceModel(nn.Module):
     """Interface: ``forward`` gives one scoring vector per position, ``item_vectors`` gives the
     scoring vectors of all items; the score of an item is their dot product (for cosine models
-    both are unit vectors). ``aux_loss`` is added to the training loss (MoE balancing)."""
+    both are unit vectors). ``aux_loss`` is added to the training loss (MoE balancing).
+
+    A model's special training needs are answered here, so the trainer, exporter and server
+    never test for a model class: what to release after a backward pass, how forwards of one
+    batch run in chunks count as one batch, compiler options, whether DDP must look for unused
+    parameters, and whether the CUDA-graph step may run length chunks with their own backward
+    or compile the model. The defaults fit a model with no such needs."""
 
     max_len: int
 
@@ -141,3 +148,27 @@ class SequenceModel(nn.Module):
 
     def router_stats(self) -> dict[str, torch.Tensor]:
         return {}
+
+    def release_aux_graphs(self) -> None:
+        """Called after each backward pass: drop references that would keep its graph alive."""
+
+    def one_batch_of_routing(self) -> contextlib.AbstractContextManager:
+        """Forwards inside the block count as one batch (e.g. for a balance loss)."""
+        return contextlib.nullcontext()
+
+    def compile_options(self) -> dict[str, object] | None:
+        """``torch.compile`` options this model needs (None: Inductor's defaults)."""
+        return None
+
+    def has_unused_parameters(self) -> bool:
+        """Whether a training step can leave parameters without a gradient (DDP must look)."""
+        return False
+
+    def independent_length_chunks(self) -> bool:
+        """Whether each length chunk of a batch may run its own backward pass (nothing couples
+        the rows of a batch, such as a balance loss over all of its routing)."""
+        return True
+
+    def graph_compile_problem(self) -> str | None:
+        """Why this model must not be compiled inside CUDA graphs (None: it may)."""
+        return None

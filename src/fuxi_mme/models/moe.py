@@ -424,3 +424,32 @@ def one_batch_of_routing(model: nn.Module):
     finally:
         for m in layers:
             m._sums = None
+
+
+# The Inductor setting that avoids a known compile hang in MoE models, and the environment
+# variable that sets it (a user's explicit value wins)
+PERSISTENT_REDUCTIONS = "triton.persistent_reductions"
+PERSISTENT_REDUCTIONS_ENV = "TORCHINDUCTOR_PERSISTENT_REDUCTIONS"
+
+
+def moe_compile_options() -> dict[str, object] | None:
+    """``torch.compile`` options for a model with MoE layers: persistent reductions off.
+
+    On an H200 (torch 2.11, triton 3.6) NVIDIA's ``ptxas`` never returned on the persistent
+    reduction that Inductor made of four MoE layers' router statistics (Fuxi-MME, 4 layers, 4
+    streams; benchmarks/results/compile-hang-NVIDIA_H200.md); with persistent reductions off
+    the same run compiled and trained. None (Inductor's defaults) when
+    ``TORCHINDUCTOR_PERSISTENT_REDUCTIONS`` is set (the user's choice stands) or when this
+    torch has no such setting."""
+    import os
+
+    if os.environ.get(PERSISTENT_REDUCTIONS_ENV) is not None:
+        return None
+    try:
+        import torch._inductor.config as inductor_config
+
+        if PERSISTENT_REDUCTIONS not in inductor_config._config:
+            return None
+    except Exception:  # noqa: BLE001 - no Inductor in this build: torch.compile will say so itself
+        return None
+    return {PERSISTENT_REDUCTIONS: False}

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..data.batches import Batch
 from ..eval.evaluator import autocast_dtype, encode_last
 
 UNKNOWN_POLICIES = ("report", "ignore", "reject")
@@ -200,7 +201,8 @@ class Recommender:
         return Prepared(ids_a, ts_a, now, seen, int(k), bool(self.history_mode == "mask" if q.exclude_seen is None else q.exclude_seen), unknown if policy == "report" else [], truncated, notes)
 
     # ------------------------------------------------------------------ scoring
-    def batch_tensors(self, preps: list[Prepared]) -> dict[str, torch.Tensor]:
+    def batch_tensors(self, preps: list[Prepared]) -> Batch:
+        """The prepared queries as one :class:`~fuxi_mme.data.batches.Batch` (no targets)."""
         n = max(len(p.ids) for p in preps)
         B = len(preps)
         ids = np.zeros((B, n), dtype=np.int64)
@@ -212,8 +214,8 @@ class Recommender:
             ids[r, :L], ts[r, :L], lengths[r] = p.ids, p.ts, L
             qts[r, : L - 1] = p.ts[1:]
             qts[r, L - 1] = p.now
-        t = {"ids": ids, "ts": ts, "query_ts": qts, "lengths": lengths}
-        return {k: torch.from_numpy(v).to(self.device) for k, v in t.items()}
+        put = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        return Batch(ids=put(ids), ts=put(ts), query_ts=put(qts), lengths=put(lengths), targets=put(np.zeros_like(ids)))
 
     @torch.no_grad()
     def score(self, preps: list[Prepared]) -> list[dict[str, Any]]:

@@ -45,17 +45,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..data.splits import length_sorted_chunks
-from ..models.moe import release_aux_graphs
-from .loss import negatives_per_position, sample_negatives, sampled_softmax_loss
-
-if TYPE_CHECKING:
-    from .loop import Trainer
+from ..data.batches import Batch, NegativeSampler
+from ..data.splits import TrainArrays, length_sorted_chunks
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +82,12 @@ def slow_compile_warning(active: bool, seconds: float | None = None):
         timer.cancel()
 
 
-def graphs_wanted(trainer: "Trainer") -> bool:
-    t = trainer.cfg.train
-    if t.cuda_graphs == "off":
+def graphs_wanted(setting: str, device: torch.device, distributed: bool) -> bool:
+    """``train.cuda_graphs`` resolved: on for single-process CUDA training unless "off"."""
+    if setting == "off":
         return False
-    ok = trainer.device.type == "cuda" and not trainer.dist.enabled
-    if t.cuda_graphs == "on" and not ok:
+    ok = device.type == "cuda" and not distributed
+    if setting == "on" and not ok:
         log.warning("train.cuda_graphs=on needs single-process CUDA training; training eagerly")
     return ok
 
@@ -127,24 +124,45 @@ def _release_rng_from_failed_capture(device: torch.device) -> None:
         log.debug("could not reset the CUDA generator after a failed capture: %s", e)
 
 
+# (static batch, static target count) -> (loss, aux): forward, loss and backward of the batch
+# with gradients accumulated into .grad (``step.loss_and_backward`` bound to a forward)
+StepFn = Callable[[Batch, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass
+class StepVariant:
+    """A step function to record, by name; ``compiled`` ones log compilation and may fail to
+    capture, after which the next variant is recorded instead."""
+
+    name: str
+    fn: StepFn
+    compiled: bool = False
+
+
 class GraphedStep:
-    def __init__(self, trainer: "Trainer"):
-        self.tr = trainer
-        t = trainer.cfg.train
-        self.B, self.N, self.K = t.batch_size, trainer.train_arrs.ids.shape[1], negatives_per_position(t)
-        # ``train.length_chunks`` > 1: the batch's rows sorted by length and run as chunks of
-        # R rows, each at its own width rounded up to a multiple of ``width_step`` (one graph per
-        # width and target bucket); else one pass at the full width, as the eager step
-        # (models without MoE: each chunk's graph runs its own backward, and an MoE's balance
-        # loss needs the routing of the whole batch first)
-        c = trainer.length_chunks
-        self.chunks = c if c > 1 and self.B % c == 0 and not trainer.cfg.model.moe.num_experts else 1
+    """Records ``variants[0]`` (falling back along the list when a capture fails) on static
+    batches of ``batch_size`` rows, one graph per (width, target bucket), and replays it.
+
+    ``arrs`` are the training arrays the row indices of :meth:`run` refer to; ``sampler`` draws
+    the negatives outside the graph (the eager step's draws); ``params`` are the parameters
+    whose ``.grad`` the step accumulates into; ``chunks`` > 1 runs each batch as that many
+    length-sorted chunks (only for models whose chunks may each run their own backward)."""
+
+    def __init__(self, variants: list[StepVariant], params: list[torch.nn.Parameter], arrs: TrainArrays, sampler: NegativeSampler,
+                 batch_size: int, chunks: int = 1):
+        self.variants, self.params, self.arrs, self.sampler = list(variants), params, arrs, sampler
+        self.device = sampler.device
+        self.B, self.N, self.K = batch_size, arrs.ids.shape[1], sampler.k
+        # chunks > 1: the batch's rows sorted by length and run as chunks of R rows, each at its
+        # own width rounded up to a multiple of ``width_step`` (one graph per width and target
+        # bucket); else one pass at the full width, as the eager step
+        self.chunks = chunks if chunks > 1 and self.B % chunks == 0 else 1
         self.R = self.B // self.chunks
         self.width_step = self.N if self.chunks == 1 else -(-self.N // 8)  # <= 8 widths
         self.bucket = max(256, -(-self.R * self.N // 16))  # <= 16 target buckets per width
-        dev = trainer.device
-        self.ts_dtype = torch.from_numpy(trainer.train_arrs.ts[:1]).dtype
-        self.inputs: dict[int, dict[str, torch.Tensor]] = {}  # width -> static ids, ts, query_ts
+        dev = self.device
+        self.ts_dtype = torch.from_numpy(arrs.ts[:1]).dtype
+        self.inputs: dict[int, dict[str, torch.Tensor]] = {}  # width -> static ids, ts, query_ts, targets, lengths
         self.norm = torch.ones((), device=dev)  # the batch's number of targets (the loss divisor)
         # Two pinned host staging slots, so the next batch's copies are asynchronous and the
         # host prepares batch k+1 while the GPU replays step k (a pageable copy would wait for
@@ -154,7 +172,8 @@ class GraphedStep:
         self.region = 3 * (self.R * self.N + self.bucket)  # a chunk's target triples, rounded-up bucket included
         self.slots = [
             {
-                **{name: torch.empty(self.B * self.N, dtype=dt, pin_memory=pin) for name, dt in (("ids", torch.long), ("ts", self.ts_dtype), ("query_ts", self.ts_dtype))},
+                **{name: torch.empty(self.B * self.N, dtype=dt, pin_memory=pin) for name, dt in self._row_fields()},
+                "lengths": torch.zeros(self.B, dtype=torch.long, pin_memory=pin),
                 "idx": torch.zeros(self.chunks * self.region, dtype=torch.long, pin_memory=pin),
                 "norm": torch.ones((), pin_memory=pin),
                 "done": torch.cuda.Event() if pin else None,
@@ -162,91 +181,66 @@ class GraphedStep:
             for _ in range(2)
         ]
         self.slot = 0
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], tuple]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Batch, tuple]] = {}
         self.pool = None
         self.disabled = False
-        self.scale = 1.0 / t.grad_accum
 
-    # ---------------------------------------------------------------- the recorded work
-    def _body(self, bufs: dict[str, torch.Tensor]):
-        tr = self.tr
-        with torch.autocast(tr.device.type, dtype=tr.amp_dtype, enabled=tr.amp_dtype is not None, cache_enabled=False):
-            user, items = tr.graph_module(bufs["ids"], bufs["ts"], bufs["query_ts"])
-            user_P = user.reshape(-1, user.shape[-1]).index_select(0, bufs["pos"])
-            loss = sampled_softmax_loss(user_P[None], bufs["tgt"][None], items, bufs["neg"][None], tr.cfg.train.temperature, normalizer=self.norm, full=tr.cfg.train.loss == "full")
-        aux = tr.model.aux_loss()
-        ((loss + aux if aux is not None else loss) * self.scale).backward()
-        release_aux_graphs(tr.model)  # the captured (or warm-up) graph must not outlive the step
-        return loss, aux
+    def _row_fields(self) -> tuple[tuple[str, torch.dtype], ...]:
+        return (("ids", torch.long), ("ts", self.ts_dtype), ("query_ts", self.ts_dtype), ("targets", torch.long))
 
-    def _capture(self, key: tuple[int, int], bufs: dict[str, torch.Tensor]):
-        params = [p for p in self.tr.model.parameters() if p.requires_grad]
-        for p in params:
+    @property
+    def compiled(self) -> bool:
+        return bool(self.variants) and self.variants[0].compiled
+
+    # ---------------------------------------------------------------- recording
+    def _capture(self, key: tuple[int, int], bufs: Batch):
+        step = self.variants[0].fn
+        for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        saved = [p.grad.clone() for p in params]
+        saved = [p.grad.clone() for p in self.params]
         # warm-up outside the graph (lazy initialisation, kernel compilation), then restore the
         # gradients it accumulated: a capture may come in the middle of gradient accumulation
         # The warm-up also checks that the step never waits on the GPU (an op that reads a
         # value back, e.g. the padded MoE path sizing its buffer): such a step cannot be
         # captured, and a capture that fails half-way leaves the CUDA RNG unusable for the
         # eager fallback, so it must be refused here, before the capture starts.
-        compiling = self.tr.graph_module is not self.tr.step_module
-        if not self.graphs and compiling:
+        if not self.graphs and self.compiled:
             log.info("compiling the model for the CUDA-graph step (once per run, typically 10-35 s; train.compile=false skips it)")
-        side = torch.cuda.Stream(self.tr.device)
-        side.wait_stream(torch.cuda.current_stream(self.tr.device))
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(side):
                 # first pass unchecked: one-time work may synchronise (compilation and its
                 # autotuning, lazy library initialisation); the second must not, so it must not
-                # recompile either (state that the first pass changes and compiled code guards
-                # on, like the old module-level bucket-bounds cache, would make it do so)
-                with slow_compile_warning(compiling):
-                    self._body(bufs)
+                # recompile either
+                with slow_compile_warning(self.compiled):
+                    step(bufs, self.norm)
                 with _no_host_syncs():
-                    self._body(bufs)
+                    step(bufs, self.norm)
         finally:  # also when refused: the eager step that follows must start from these gradients
-            torch.cuda.current_stream(self.tr.device).wait_stream(side)
+            torch.cuda.current_stream(self.device).wait_stream(side)
             with torch.no_grad():
-                for p, g in zip(params, saved):
+                for p, g in zip(self.params, saved):
                     p.grad.copy_(g)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                loss, aux = self._body(bufs)
+                loss, aux = step(bufs, self.norm)
         except Exception:
-            _release_rng_from_failed_capture(self.tr.device)
+            _release_rng_from_failed_capture(self.device)
             raise
-        # keep the static outputs, not the captured autograd graph (it is never used again, and
-        # holding it keeps its AccumulateGrad nodes alive, which is what PyTorch's "stream does
-        # not match" warning at a later capture is about)
-        out = (loss.detach(), aux.detach() if aux is not None else None)
+        # keep the static outputs (already detached), not the captured autograd graph
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs[key] = (graph, bufs, out)
+        self.graphs[key] = (graph, bufs, (loss, aux))
         log.info("CUDA graph recorded for width %d, %d target positions (%d graphs)", key[0], key[1], len(self.graphs))
 
     # ---------------------------------------------------------------- one step
-    def run(self, rows: np.ndarray):
-        """Forward + backward of the global batch ``rows`` (gradients accumulate into ``.grad``);
-        returns (loss, aux) or None when this batch must take the eager step."""
-        if self.disabled or len(rows) != self.B:
-            return None
-        tr, N, K = self.tr, self.N, self.K
-        arrs = tr.train_arrs
-        lengths = arrs.lengths[rows]
-        n = int(lengths.max())
-        # the same negative draws as the eager step: (B, n, K) from the trainer's generator
-        # (rewound if this step falls back to eager, which then draws them again)
-        rng = tr.neg_gen.get_state()
-        negs = sample_negatives((len(rows), n, K), tr.ds.num_items, tr.device, tr.neg_gen).view(len(rows) * n, K)
+    def _plan(self, rows: np.ndarray, lengths: np.ndarray, n: int, slot: dict) -> tuple[list, int]:
+        """The host side of every chunk: its width, target bucket and staged inputs."""
+        arrs, N = self.arrs, self.N
         parts = [np.arange(self.B)] if self.chunks == 1 else length_sorted_chunks(lengths, self.chunks)
-        slot = self.slots[self.slot]
-        self.slot ^= 1
-        if slot["done"] is not None:
-            slot["done"].synchronize()  # its copies of two steps ago (long finished in practice)
-        # the host side of every chunk first: its width, target bucket and staged inputs
         plan, count = [], 0
         for j, idx in enumerate(parts):
             w = N if self.chunks == 1 else min(N, -(-int(lengths[idx].max()) // self.width_step) * self.width_step)
@@ -262,12 +256,33 @@ class GraphedStep:
             host[2, :P] = idx[r] * n + c  # row of the drawn negatives
             host[:, P:] = 0
             staged = {}
-            for name, src in (("ids", arrs.ids), ("ts", arrs.ts), ("query_ts", arrs.query_ts)):
+            for name, _ in self._row_fields():
                 region = slot[name][j * self.R * N : j * self.R * N + self.R * w].view(self.R, w)
-                region.numpy()[...] = src[sub, :w]
+                region.numpy()[...] = getattr(arrs, name)[sub, :w]
                 staged[name] = region
+            lens = slot["lengths"][j * self.R : (j + 1) * self.R]
+            lens.numpy()[...] = np.minimum(arrs.lengths[sub], w)
+            staged["lengths"] = lens
             plan.append(((w, Pb), staged, host_t))
             count += P
+        return plan, count
+
+    def run(self, rows: np.ndarray):
+        """Forward + backward of the global batch ``rows`` (gradients accumulate into ``.grad``);
+        returns (loss, aux) or None when this batch must take the eager step."""
+        if self.disabled or len(rows) != self.B:
+            return None
+        lengths = self.arrs.lengths[rows]
+        n = int(lengths.max())
+        # the same negative draws as the eager step: (B, n, K) from the sampler's generator
+        # (rewound if this step falls back to eager, which then draws them again)
+        rng = self.sampler.generator.get_state()
+        negs = self.sampler.draw(len(rows), n).view(len(rows) * n, self.K)
+        slot = self.slots[self.slot]
+        self.slot ^= 1
+        if slot["done"] is not None:
+            slot["done"].synchronize()  # its copies of two steps ago (long finished in practice)
+        plan, count = self._plan(rows, lengths, n, slot)
         slot["norm"].fill_(float(count))  # the whole batch's targets: every chunk's loss divisor
         self.norm.copy_(slot["norm"], non_blocking=True)
         # record the graphs this step needs before replaying any, so a refused capture leaves
@@ -277,17 +292,17 @@ class GraphedStep:
                 bufs = self._stage(key, staged, host_t, negs)
                 try:
                     self._capture(key, bufs)
-                except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
-                    tr.neg_gen.set_state(rng)
-                    if tr.compile == "graphs" and tr.graph_module is not tr.step_module:
-                        # train.compile=auto: record the plain model instead (graphs recorded
-                        # so far keep their compiled kernels: the same computation)
-                        log.warning("torch.compile failed in the CUDA-graph step (%s: %s); recording the plain model", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-                        tr.graph_module = tr.step_module
+                except Exception as e:  # noqa: BLE001 - any capture failure falls back
+                    self.sampler.generator.set_state(rng)
+                    failed = self.variants.pop(0)
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    if self.variants:  # e.g. the compiled model failed: record the plain one
+                        # (graphs recorded so far keep their kernels: the same computation)
+                        log.warning("the %s step failed in the CUDA-graph step (%s); recording the %s step", failed.name, why, self.variants[0].name)
                         return self.run(rows)
                     self.disabled = True
                     self.graphs.clear()
-                    log.warning("CUDA graphs off for this run (%s: %s); training eagerly", type(e).__name__, str(e).splitlines()[0][:200])
+                    log.warning("CUDA graphs off for this run (%s); training eagerly", why)
                     return None
         total = None
         for key, staged, host_t in plan:
@@ -301,22 +316,24 @@ class GraphedStep:
             slot["done"].record()
         return total if self.chunks == 1 else (total, None)
 
-    def _stage(self, key: tuple[int, int], staged: dict[str, torch.Tensor], host_t: torch.Tensor, negs: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Copy one chunk's staged inputs and targets into the static buffers of graph ``key``."""
-        tr, (w, Pb) = self.tr, key
+    def _stage(self, key: tuple[int, int], staged: dict[str, torch.Tensor], host_t: torch.Tensor, negs: torch.Tensor) -> Batch:
+        """Copy one chunk's staged inputs and targets into the static batch of graph ``key``."""
+        w, Pb = key
+        dev = self.device
         if w not in self.inputs:
-            self.inputs[w] = {name: torch.zeros(self.R, w, dtype=torch.long if name == "ids" else self.ts_dtype, device=tr.device) for name in ("ids", "ts", "query_ts")}
+            self.inputs[w] = {name: torch.zeros(self.R, w, dtype=dt, device=dev) for name, dt in self._row_fields()}
+            self.inputs[w]["lengths"] = torch.zeros(self.R, dtype=torch.long, device=dev)
         if key in self.graphs:
             bufs = self.graphs[key][1]
         else:
-            new = lambda *shape: torch.empty(*shape, dtype=torch.long, device=tr.device)  # noqa: E731
-            bufs = {**self.inputs[w], "pos": new(Pb), "tgt": new(Pb), "neg": new(Pb, self.K)}
+            new = lambda *shape: torch.empty(*shape, dtype=torch.long, device=dev)  # noqa: E731
+            bufs = Batch(**self.inputs[w], positions=new(Pb), pos_targets=new(Pb), negatives=new(Pb, self.K))
         for name, region in staged.items():
-            bufs[name].copy_(region, non_blocking=True)
-        idx = host_t.to(tr.device, non_blocking=True)
-        bufs["pos"].copy_(idx[0])
-        bufs["tgt"].copy_(idx[1])
-        bufs["neg"].copy_(negs.index_select(0, idx[2]))
+            getattr(bufs, name).copy_(region, non_blocking=True)
+        idx = host_t.to(dev, non_blocking=True)
+        bufs.positions.copy_(idx[0])
+        bufs.pos_targets.copy_(idx[1])
+        bufs.negatives.copy_(negs.index_select(0, idx[2]))
         return bufs
 
     def _replay(self, key: tuple[int, int]):

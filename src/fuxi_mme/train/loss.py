@@ -138,6 +138,27 @@ def sampled_softmax_loss(
     return (nll * valid).sum() / valid.sum().clamp(min=1)
 
 
+def position_softmax_loss(
+    user_PD: torch.Tensor,
+    targets_P: torch.Tensor,
+    items_ID: torch.Tensor,
+    negatives_PK: torch.Tensor,
+    temperature: float,
+    normalizer: float | torch.Tensor,
+    full: bool = False,
+    padded: bool = False,
+) -> torch.Tensor:
+    """The loss over P positions already picked out of the batch: the sum of their NLLs over
+    ``normalizer``. With ``padded`` some entries are padding (target 0, weight 0: the CUDA-graph
+    step's bucket). On the CPU the sampled loss of unpadded positions goes block by block
+    (``chunked``: the same numbers without the (P, I) score matrix)."""
+    if not full and not padded and not user_PD.is_cuda and user_PD.shape[0] * items_ID.shape[0] <= 2**30:
+        ids_PS = torch.cat([targets_P[:, None], negatives_PK], dim=-1)  # [target, negatives]
+        total = _BlockedSampledLoss.apply(user_PD, items_ID.to(user_PD.dtype), ids_PS, float(temperature))
+        return _divide(total, normalizer)
+    return sampled_softmax_loss(user_PD[None], targets_P[None], items_ID, negatives_PK[None], temperature, normalizer=normalizer, full=full)
+
+
 CHUNK_ROWS = 2048  # positions per block of the dense item-gradient product
 GATHER_ROWS = 256  # positions per block of gathered item rows: (256, 1+K, D) stays in cache
 
