@@ -521,8 +521,8 @@ def test_packed_logs_keep_the_tables_and_the_curves(tmp_path):
     logs += _fake_runs(jobs[1:], 2.5)  # a later run, packed into the same archive
     assert pack_logs(tmp_path / "ablation") == 2
     with tarfile.open(tmp_path / "ablation" / "logs.tar.xz") as tar:
-        assert sorted(tar.getnames()) == ["demo/fuxi-alpha/seed0.log", "demo/fuxi-alpha/seed0/metrics.jsonl",
-                                          "demo/fuxi-alpha/seed1.log", "demo/fuxi-alpha/seed1/metrics.jsonl"]
+        assert sorted(tar.getnames()) == ["demo/fuxi-alpha/seed0.log", "demo/fuxi-alpha/seed0/metrics.columns.json",
+                                          "demo/fuxi-alpha/seed1.log", "demo/fuxi-alpha/seed1/metrics.columns.json"]
     assert json.loads((tmp_path / "ablation" / "train_seconds.json").read_text()) == {"demo/fuxi-alpha/seed0": 3.0, "demo/fuxi-alpha/seed1": 5.0}
     assert [read_records(j.run_dir) for j in jobs] == logs
     (tmp_path / "ablation" / "logs.tar.xz").unlink()  # the tables never read the archive
@@ -530,6 +530,52 @@ def test_packed_logs_keep_the_tables_and_the_curves(tmp_path):
     after = aggregate(suite, jobs, tmp_path, [], "c", now="t")
     assert after["results"][0]["train_seconds"] == {"mean": 4.0, "std": pytest.approx(2 ** 0.5)} and after["results"][0]["seeds"] == 2
     assert read_records(jobs[0].run_dir) == [] and train_seconds(tmp_path / "elsewhere" / "run") is None
+
+
+def test_packed_logs_come_back_byte_for_byte(tmp_path):
+    """The columns encoding gives a log back byte for byte (float32 values, integer ratios such
+    as HR@K = hits / users, GiB = bytes / 2**30, lists); a log it cannot give back stays plain;
+    a run copied from another suite stores no log and reads its source's; packing rewrites the
+    runs' JSON files on one line with the same values."""
+    import tarfile
+
+    import numpy as np
+
+    from fuxi_mme.experiments.logs import decode_columns, encode_columns, log_text, pack_logs, read_records
+
+    recs = []
+    for e in range(1, 6):
+        recs.append({"kind": "train", "epoch": e, "step": 175 * e, "loss": float(np.float32(10 / e)), "lr": 0.001,
+                     "seq_per_s": 22363 / (1.3 + e / 7), "epoch_seconds": 1.3 + e / 7, "load": [float(np.float32(1 / 3)), 0.1 * e],
+                     "gpu_mem_gb": (1234567 * e) / 2**30, "ok": True, "note": None})
+        recs.append({"kind": "valid", "epoch": e, "HR@10": (100 + e) / 22363, "NDCG@10": 0.1 / e, "users": 22363})
+    text = "".join(json.dumps(r) + "\n" for r in recs) + json.dumps({"kind": "test", "MRR": float("nan")}) + "\n"
+    doc = encode_columns(text)
+    assert doc is not None and decode_columns(json.loads(json.dumps(doc))) == text
+    assert len(json.dumps(doc, separators=(",", ":"))) < len(text)
+    assert encode_columns('{"a":1}\n') is None and encode_columns("{\"a\": 1}") is None  # not as written by json.dumps
+
+    for suite, variant in (("main", "a"), ("copy", "b")):
+        run = tmp_path / suite / "demo" / variant / "seed0"
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(text)
+        (run / "config.json").write_text(json.dumps({"x": [1, 2]}, indent=2) + "\n")
+        (run / "metrics.json").write_text(json.dumps({"run_dir": "results/main/demo/a/seed0", "test": {"HR@10": 0.5}}, indent=2))
+    plain = tmp_path / "main" / "demo" / "c" / "seed0"
+    plain.mkdir(parents=True)
+    (plain / "metrics.jsonl").write_text('{"kind":"train"}\n')
+    assert pack_logs(tmp_path / "main") == 2 and pack_logs(tmp_path / "copy") == 1
+    with tarfile.open(tmp_path / "main" / "logs.tar.xz") as tar:
+        assert sorted(tar.getnames()) == ["demo/a/seed0/metrics.columns.json", "demo/c/seed0/metrics.jsonl"]
+    with tarfile.open(tmp_path / "copy" / "logs.tar.xz") as tar:
+        assert tar.getnames() == []  # the copy's log is its source's
+    copy = tmp_path / "copy" / "demo" / "b" / "seed0"
+    assert log_text(copy) == log_text(tmp_path / "main" / "demo" / "a" / "seed0") == text
+    assert log_text(plain) == '{"kind":"train"}\n' and len(read_records(copy)) == len(recs) + 1
+    assert (copy / "config.json").read_text() == '{"x":[1,2]}\n'
+    assert json.loads((copy / "metrics.json").read_text())["test"] == {"HR@10": 0.5}
+    (tmp_path / "main" / "demo" / "a" / "seed0" / "metrics.json").write_text('{"run_dir": "elsewhere"}')
+    assert log_text(copy) is None  # the source has been run again since: not its log any more
 
 
 def test_committed_results_aggregate_byte_for_byte_without_their_logs(tmp_path, monkeypatch):

@@ -5,6 +5,18 @@ per-epoch files (``metrics.jsonl``, ``tensorboard/``) and the runner's ``seed<k>
 ``<root>/<suite>/logs.tar.xz``, under their paths relative to the suite folder. The tables need
 one figure from those logs, a run's training seconds: :func:`pack_logs` keeps it in
 ``<root>/<suite>/train_seconds.json``, so aggregating never opens the archive.
+
+Stored compactly, with nothing lost:
+
+* a ``metrics.jsonl`` goes into the archive as ``metrics.columns.json`` (:func:`encode_columns`):
+  its records column by column, each column as written or, where that gives back every value
+  bit for bit, as float32 text, as integers over a divisor (HR@K = hits / users, seq/s =
+  sequences / seconds, GiB = bytes / 2**30) or as differences; :func:`log_text` gives back the
+  file byte for byte (a log the encoding cannot give back exactly stays as it was);
+* a run copied from another suite (its ``metrics.json`` names the other run's folder as
+  ``run_dir`` and equals that run's) keeps no log of its own when it is the same as that run's:
+  :func:`log_text` reads the other run's;
+* packing rewrites each run's ``config.json``, ``run.json`` and ``metrics.json`` as one-line JSON.
 """
 
 from __future__ import annotations
@@ -12,18 +24,28 @@ from __future__ import annotations
 import io
 import json
 import logging
+import lzma
+import math
 import shutil
+import struct
 import tarfile
 from pathlib import Path
 from typing import Any
 
-from ..utils.runinfo import atomic_write_json
+import numpy as np
+
+from ..utils.runinfo import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 ARCHIVE = "logs.tar.xz"
 TRAIN_SECONDS = "train_seconds.json"
 RUN_DEPTH = 3  # <suite>/<dataset>/<variant>/seed<k>
+LOG = "metrics.jsonl"
+COLUMNS = "metrics.columns.json"
+COLUMNS_FORMAT = "fuxi-mme/metrics-columns/1"
+RUN_FILES = ("config.json", "run.json", "metrics.json")
+GIB = 2**30
 
 
 def parse_records(text: str, where: str) -> list[dict[str, Any]]:
@@ -66,43 +88,282 @@ def train_seconds(run_dir: Path) -> float | None:
     return json.loads(index.read_text()).get(_member(run_dir))
 
 
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """A run's per-epoch records: its loose ``metrics.jsonl``, else the copy in the archive of
-    the suite folder above it; empty when there is neither."""
-    f = run_dir / "metrics.jsonl"
-    if f.is_file():
-        return parse_records(f.read_text(), str(f))
-    if len(run_dir.parents) < RUN_DEPTH or not (_suite_dir(run_dir) / ARCHIVE).is_file():
-        return []
-    archive, name = _suite_dir(run_dir) / ARCHIVE, f"{_member(run_dir)}/metrics.jsonl"
+def _member_text(archive: Path, run: str) -> str | None:
+    """The ``metrics.jsonl`` text of member folder ``run`` of ``archive``, stored plain or as columns."""
     with tarfile.open(archive, "r:xz") as tar:
-        try:
-            data = tar.extractfile(name)
-        except KeyError:
-            return []
-        return parse_records(data.read().decode(), f"{archive}:{name}") if data is not None else []
+        for name in (f"{run}/{LOG}", f"{run}/{COLUMNS}"):
+            try:
+                data = tar.extractfile(name)
+            except KeyError:
+                continue
+            if data is not None:
+                text = data.read().decode()
+                return text if name.endswith(LOG) else decode_columns(json.loads(text))
+    return None
+
+
+def _source(run_dir: Path, warn: bool = False) -> Path | None:
+    """The run a copied run was copied from: the folder its ``metrics.json`` names as ``run_dir``,
+    under the same results root, when that is another folder whose ``metrics.json`` is the same."""
+    f = run_dir / "metrics.json"
+    if len(run_dir.parents) < RUN_DEPTH + 1 or not f.is_file():
+        return None
+    mine = json.loads(f.read_text())
+    recorded = mine.get("run_dir") if isinstance(mine, dict) else None
+    if not recorded or len(Path(recorded).parts) < RUN_DEPTH + 1:
+        return None
+    src = _suite_dir(run_dir).parent.joinpath(*Path(recorded).parts[-(RUN_DEPTH + 1) :])
+    if src == run_dir or not (src / "metrics.json").is_file():
+        return None
+    if json.loads((src / "metrics.json").read_text()) != mine:
+        if warn:
+            log.warning("%s was copied from %s, whose metrics.json has changed since; its per-epoch log is not read from there", run_dir, src)
+        return None
+    return src
+
+
+def log_text(run_dir: Path, _seen: frozenset[Path] = frozenset()) -> str | None:
+    """A run's ``metrics.jsonl`` byte for byte: the loose file, else its copy in the archive of
+    the suite folder above it, else (a run copied from another suite's run) that run's; None
+    when there is none."""
+    f = run_dir / LOG
+    if f.is_file():
+        return f.read_text()
+    if len(run_dir.parents) < RUN_DEPTH:
+        return None
+    archive = _suite_dir(run_dir) / ARCHIVE
+    text = _member_text(archive, _member(run_dir)) if archive.is_file() else None
+    if text is None and run_dir not in _seen:
+        src = _source(run_dir, warn=True)
+        if src is not None:
+            text = log_text(src, _seen | {run_dir})
+    return text
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's per-epoch records (:func:`log_text`); empty when there are none."""
+    text = log_text(run_dir)
+    return parse_records(text, str(run_dir / LOG)) if text is not None else []
+
+
+# --- metrics.jsonl column by column -------------------------------------------------------
+
+
+def _shape(v: Any) -> Any:
+    """A record's skeleton: its keys and nesting, each value replaced by its JSON type."""
+    if isinstance(v, dict):
+        return {k: _shape(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_shape(x) for x in v]
+    return {bool: "b", int: "i", float: "f", str: "s", type(None): "n"}[type(v)]
+
+
+def _leaves(v: Any, path: tuple[Any, ...] = ()) -> Any:
+    if isinstance(v, dict):
+        for k, x in v.items():
+            yield from _leaves(x, (*path, k))
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            yield from _leaves(x, (*path, i))
+    else:
+        yield path, v
+
+
+def _bits(x: float) -> bytes:
+    return struct.pack("<d", x)
+
+
+def _diffs(xs: list[int]) -> list[int]:
+    return xs[:1] + [b - a for a, b in zip(xs, xs[1:], strict=False)]
+
+
+def _sums(xs: list[int]) -> list[int]:
+    out: list[int] = []
+    for x in xs:
+        out.append(x + out[-1] if out else x)
+    return out
+
+
+def _float32(vals: list[float]) -> list[str] | None:
+    """The shortest float32 text of each value, when each is a float32 and reads back exactly."""
+    out = []
+    for v in vals:
+        if not math.isfinite(v):
+            return None
+        s = str(np.float32(v))
+        if _bits(float(np.float32(s))) != _bits(v):
+            return None
+        out.append(s)
+    return out
+
+
+def _over(vals: list[float], divisors: list[Any]) -> list[int] | None:
+    """Integers k with k / d == v bit for bit for each value v and divisor d, if there are such."""
+    out = []
+    for v, d in zip(vals, divisors, strict=True):
+        if not math.isfinite(v) or isinstance(d, bool) or not d or not math.isfinite(d) or abs(v * d) >= 2**53:
+            return None
+        k = round(v * d)
+        if _bits(k / d) != _bits(v):
+            return None
+        out.append(k)
+    return out
+
+
+def _encode_shape(cols: dict[tuple[Any, ...], list[Any]]) -> list[list[Any]]:
+    """Each column of one record shape as ``[path, how, data]``: how is "raw", "diff" (integers
+    as differences), "f32" (float32 text) or ``["div", path or GIB]`` (integers, as differences,
+    over the divisor column or constant); the shortest text that gives the values back exactly."""
+    out, divided, divisors = [], set(), set()
+    for p, vals in cols.items():
+        how: Any = "raw"
+        data: list[Any] = vals
+        if all(type(v) is int for v in vals):
+            how, data = "diff", _diffs(vals)
+        elif all(type(v) is float for v in vals):
+            cands: list[tuple[Any, list[Any]]] = []
+            f32 = _float32(vals)
+            if f32 is not None:
+                cands.append(("f32", f32))
+            if p not in divisors:
+                others = [(list(q), c) for q, c in cols.items() if q != p and q not in divided and all(type(x) in (int, float) for x in c)]
+                for q, c in [*others, (GIB, [GIB] * len(vals))]:
+                    ks = _over(vals, c)
+                    if ks is not None:
+                        cands.append((["div", q], _diffs(ks)))
+            if cands:
+                how, data = min(cands, key=lambda c: len(json.dumps(c[1])))
+                if isinstance(how, list):
+                    divided.add(p)
+                    if isinstance(how[1], list):
+                        divisors.add(tuple(how[1]))
+        out.append([list(p), how, data])
+    return out
+
+
+def encode_columns(text: str) -> dict[str, Any] | None:
+    """A ``metrics.jsonl`` column by column (see the module notes); None when the text is not
+    one ``json.dumps`` line per record or the encoding would not give it back byte for byte."""
+    if not text.endswith("\n"):
+        return None
+    try:
+        records = [json.loads(line) for line in text.split("\n")[:-1]]
+    except json.JSONDecodeError:
+        return None
+    if any(not isinstance(r, dict) for r in records) or "".join(json.dumps(r) + "\n" for r in records) != text:
+        return None
+    shapes: list[Any] = []
+    index: dict[str, int] = {}
+    lines: list[int] = []
+    cols: list[dict[tuple[Any, ...], list[Any]]] = []
+    for r in records:
+        shape = _shape(r)
+        key = json.dumps(shape)
+        if key not in index:
+            index[key] = len(shapes)
+            shapes.append(shape)
+            cols.append({})
+        lines.append(index[key])
+        for p, v in _leaves(r):
+            cols[index[key]].setdefault(p, []).append(v)
+    doc = {"format": COLUMNS_FORMAT, "shapes": shapes, "lines": lines, "columns": [_encode_shape(c) for c in cols]}
+    try:
+        ok = decode_columns(json.loads(json.dumps(doc))) == text
+    except (KeyError, TypeError, ValueError, IndexError):
+        ok = False
+    return doc if ok else None
+
+
+def decode_columns(doc: dict[str, Any]) -> str:
+    """The ``metrics.jsonl`` text that :func:`encode_columns` encoded."""
+    if doc.get("format") != COLUMNS_FORMAT:
+        raise ValueError(f"not a {COLUMNS_FORMAT} document: {doc.get('format')!r}")
+    values: list[dict[tuple[Any, ...], list[Any]]] = []
+    for columns in doc["columns"]:
+        vals: dict[tuple[Any, ...], list[Any]] = {}
+        for p, how, data in columns:
+            if how == "raw":
+                vals[tuple(p)] = data
+            elif how == "diff":
+                vals[tuple(p)] = _sums(data)
+            elif how == "f32":
+                vals[tuple(p)] = [float(np.float32(s)) for s in data]
+        for p, how, data in columns:
+            if isinstance(how, list):
+                divisors = [how[1]] * len(data) if not isinstance(how[1], list) else vals[tuple(how[1])]
+                vals[tuple(p)] = [k / d for k, d in zip(_sums(data), divisors, strict=True)]
+        values.append(vals)
+
+    def build(shape: Any, s: int, n: int, path: tuple[Any, ...] = ()) -> Any:
+        if isinstance(shape, dict):
+            return {k: build(x, s, n, (*path, k)) for k, x in shape.items()}
+        if isinstance(shape, list):
+            return [build(x, s, n, (*path, i)) for i, x in enumerate(shape)]
+        return values[s][path][n]
+
+    seen = [0] * len(doc["shapes"])
+    out = []
+    for s in doc["lines"]:
+        out.append(json.dumps(build(doc["shapes"][s], s, seen[s])) + "\n")
+        seen[s] += 1
+    return "".join(out)
 
 
 def loose_logs(suite_dir: Path) -> list[Path]:
     """The per-epoch files under a suite folder: every ``metrics.jsonl``, the files of every
     ``tensorboard/`` folder and the runner's ``seed<k>.log`` files."""
-    files = [*suite_dir.glob("*/*/*/metrics.jsonl"), *suite_dir.glob("*/*/*.log"),
-             *(p for p in suite_dir.glob("*/*/*/tensorboard/**/*") if p.is_file())]
+    files = [
+        *suite_dir.glob("*/*/*/metrics.jsonl"),
+        *suite_dir.glob("*/*/*.log"),
+        *(p for p in suite_dir.glob("*/*/*/tensorboard/**/*") if p.is_file()),
+    ]
     return sorted(files)
 
 
 def _archived(archive: Path) -> dict[str, bytes]:
+    """The archive's members, each run's log as its ``metrics.jsonl`` text however it is stored."""
     if not archive.exists():
         return {}
+    out = {}
     with tarfile.open(archive, "r:xz") as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]  # a file member has data
+        for m in tar.getmembers():
+            if m.isfile():
+                data = tar.extractfile(m).read()  # type: ignore[union-attr]  # a file member has data
+                if m.name.endswith(f"/{COLUMNS}"):
+                    out[m.name[: -len(COLUMNS)] + LOG] = decode_columns(json.loads(data)).encode()
+                else:
+                    out[m.name] = data
+    return out
+
+
+def _stored(suite_dir: Path, members: dict[str, bytes]) -> dict[str, bytes]:
+    """The members as archived: a copied run's log left out when it is its source's, the other
+    logs as columns where that gives them back exactly."""
+    out = {}
+    for name, data in members.items():
+        if not name.endswith(f"/{LOG}"):
+            out[name] = data
+            continue
+        run = name[: -len(LOG) - 1]
+        src = _source(suite_dir / run)
+        if src is not None:
+            inside = src.parent.parent.parent == suite_dir
+            theirs = members.get(f"{_member(src)}/{LOG}") if inside else (log_text(src) or "").encode()
+            if theirs == data:
+                continue
+        doc = encode_columns(data.decode())
+        if doc is None:
+            out[name] = data
+        else:
+            out[f"{run}/{COLUMNS}"] = json.dumps(doc, separators=(",", ":")).encode()
+    return out
 
 
 def _write_archive(archive: Path, members: dict[str, bytes]) -> None:
     """Write ``members`` (sorted, no owners or times: the same logs give the same archive) to a
     temporary file, then move it over ``archive``."""
     tmp = archive.with_name(f".{archive.name}.tmp")
-    with tarfile.open(tmp, "w:xz", preset=9) as tar:
+    with tarfile.open(tmp, "w:xz", preset=9 | lzma.PRESET_EXTREME) as tar:  # type: ignore[call-overload]  # the stubs know presets 0-9 only
         for name in sorted(members):
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(members[name]), 0o644
@@ -110,25 +371,40 @@ def _write_archive(archive: Path, members: dict[str, bytes]) -> None:
     tmp.replace(archive)
 
 
-def pack_logs(suite_dir: Path) -> int:
+def compact_run_files(suite_dir: Path) -> int:
+    """Rewrite each run's ``config.json``, ``run.json`` and ``metrics.json`` under a suite folder
+    as one line of JSON (the same values); returns the number of files rewritten."""
+    n = 0
+    for f in sorted(p for name in RUN_FILES for p in suite_dir.glob(f"*/*/*/{name}")):
+        text = f.read_text()
+        compact = json.dumps(json.loads(text), separators=(",", ":")) + "\n"
+        if compact != text:
+            atomic_write_text(f, compact)
+            n += 1
+    return n
+
+
+def pack_logs(suite_dir: Path, repack: bool = False) -> int:
     """Move a suite folder's loose per-epoch files into its ``logs.tar.xz`` (merged with what it
-    holds; a loose file replaces its archived copy) and record each run's training seconds in
-    ``train_seconds.json``. The loose files are deleted only after both are written. Returns
-    the number of files moved."""
+    holds; a loose file replaces its archived copy; stored as in the module notes), record each
+    run's training seconds in ``train_seconds.json`` and write the runs' JSON files compactly.
+    The loose files are deleted only after both are written. ``repack``: rewrite the archive
+    even when there is nothing loose. Returns the number of files moved."""
     loose = loose_logs(suite_dir)
-    if not loose:
-        return 0
     archive = suite_dir / ARCHIVE
+    if not loose and not (repack and archive.is_file()):
+        return 0
     members = _archived(archive)
     members.update({p.relative_to(suite_dir).as_posix(): p.read_bytes() for p in loose})
     seconds = json.loads((suite_dir / TRAIN_SECONDS).read_text()) if (suite_dir / TRAIN_SECONDS).exists() else {}
     for name, data in members.items():
-        if name.endswith("/metrics.jsonl"):
-            seconds[name[: -len("/metrics.jsonl")]] = sum_train_seconds(parse_records(data.decode(), f"{archive}:{name}"))
-    _write_archive(archive, members)
+        if name.endswith(f"/{LOG}"):
+            seconds[name[: -len(LOG) - 1]] = sum_train_seconds(parse_records(data.decode(), f"{archive}:{name}"))
+    _write_archive(archive, _stored(suite_dir, members))
     atomic_write_json(suite_dir / TRAIN_SECONDS, dict(sorted(seconds.items())))
     for p in loose:
         p.unlink()
     for tb in {p for p in suite_dir.glob("*/*/*/tensorboard") if p.is_dir()}:
         shutil.rmtree(tb)
+    compact_run_files(suite_dir)
     return len(loose)

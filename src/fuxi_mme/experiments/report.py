@@ -2,7 +2,8 @@
 
 Reads each run's ``config.json``, ``run.json`` and ``metrics.json``, and its per-epoch records
 from its ``metrics.jsonl`` or, for a run of a suite whose logs were packed, from the suite's
-``logs.tar.xz`` (:mod:`fuxi_mme.experiments.logs`); writes into ``--out``:
+``logs.tar.xz``, or, for a run copied from another suite, its source run's (:mod:`fuxi_mme.experiments.logs`);
+writes into ``--out``:
 
 * ``report.md``: one row per run (dataset, model, protocol, selection, parameters, epochs,
   throughput, test metrics), then per-run notes; numbers are copied from the files, never
