@@ -52,7 +52,8 @@ def main() -> None:
     ap.add_argument("--amp", default="bf16")
     ap.add_argument("--out")
     args = ap.parse_args()
-    from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, resolve_device, run_info
+    from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, run_info
+    from fuxi_mme.utils.runtime import resolve_device
 
     info = run_info(resolve_device("auto"))
     card = (info["device"].get("gpu") or "cpu").replace(" ", "_")

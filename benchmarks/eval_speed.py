@@ -46,7 +46,7 @@ def main() -> None:
     from fuxi_mme.eval.metrics import metrics_from_ranks
     from fuxi_mme.models import build_model
     from fuxi_mme.presets import build_preset
-    from fuxi_mme.utils.runinfo import resolve_device
+    from fuxi_mme.utils.runtime import resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="amazon-beauty-fuxi-mme-base")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import TINY, free_port, tiny_config
-from fuxi_mme.train.run import evaluate_run, train
+from fuxi_mme.runs import evaluate_run
+from fuxi_mme.train.run import train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is unavailable")
 

@@ -19,7 +19,8 @@ from conftest import tiny_config
 from fuxi_mme.cli import main
 from fuxi_mme.data import load_dataset
 from fuxi_mme.train import checkpoint as ck
-from fuxi_mme.train.run import load_run, load_trained, train
+from fuxi_mme.runs import load_run, load_trained
+from fuxi_mme.train.run import train
 from fuxi_mme.utils.integrity import verify_manifest
 
 # best improves at epoch 2; one thread: the runs are tiny and the test machine is shared

@@ -9,7 +9,8 @@ from fuxi_mme.cli import main
 from fuxi_mme.data import load_dataset
 from fuxi_mme.models import build_model
 from fuxi_mme.train.loop import Trainer
-from fuxi_mme.train.run import evaluate_run, load_run, train
+from fuxi_mme.runs import evaluate_run, load_run
+from fuxi_mme.train.run import train
 
 
 @pytest.mark.parametrize("model", ["fuxi-alpha", "fuxi-mme", "hstu", "sasrec", "llama"])

@@ -115,7 +115,8 @@ def build_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.run import load_run, train
+    from .runs import load_run
+    from .train.run import train
 
     if args.resume:
         cfg = load_run(args.resume)
@@ -142,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .train.run import evaluate_run
+    from .runs import evaluate_run
 
     res = evaluate_run(args.run, args.split, args.checkpoint, args.device or "auto")
     print(metrics_table(split_rows(args.split, res[args.split]), f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, checkpoint {res['checkpoint']}"))

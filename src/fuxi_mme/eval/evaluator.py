@@ -16,6 +16,7 @@ from ..data.repeats import repeat_flags, repeat_summary
 from ..data.batches import Batch, make_batch
 from ..data.splits import EvalArrays, split_points
 from ..models.common import SequenceModel
+
 from .metrics import metrics_from_ranks, ranks_from_scores
 
 Scorer = Callable[[Batch], torch.Tensor]  # batch -> (B, I+1) scores
@@ -25,12 +26,6 @@ def history_pairs(arrs: EvalArrays, rows: np.ndarray, ds: PreparedDataset) -> tu
     """(row-in-batch, item) for every item in each user's full history (not only the last N)."""
     start, end = arrs.hist_start[rows], arrs.hist_end[rows]
     return np.repeat(np.arange(len(rows)), end - start), ds.items[flat_ranges(start, end)]
-
-
-def autocast_dtype(amp: str) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp``, on every device. Training, its evaluations,
-    ``fuxi-mme evaluate`` and serving all use it, so a run's numbers reproduce everywhere."""
-    return torch.bfloat16 if amp == "bf16" else None
 
 
 def encode_last(model: SequenceModel, batch: Batch, amp: torch.dtype | None = None) -> torch.Tensor:

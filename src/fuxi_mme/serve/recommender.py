@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ..data.batches import Batch
-from ..eval.evaluator import autocast_dtype, encode_last
+from ..eval.evaluator import encode_last
+from ..utils.runtime import autocast_dtype
 
 UNKNOWN_POLICIES = ("report", "ignore", "reject")
 
@@ -96,8 +97,8 @@ class Recommender:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str = "auto", device: str = "cpu", unknown_items: str = "report") -> "Recommender":
-        from ..train.run import load_trained
-        from ..utils.runinfo import resolve_device
+        from ..runs import load_trained
+        from ..utils.runtime import resolve_device
 
         cfg, ds, model = load_trained(run_dir, checkpoint, device)
         return cls(cfg, ds, model, resolve_device(cfg.train.device), unknown_items, run_dir)

@@ -29,8 +29,9 @@ from ..config import Config
 from ..data.batches import NegativeSampler, make_batch
 from ..data.prepared import PreparedDataset
 from ..data.splits import EvalArrays, TrainArrays, eval_arrays, length_sorted_chunks, train_arrays
-from ..eval.evaluator import autocast_dtype, evaluate_split, model_scorer, resolve_history
+from ..eval.evaluator import evaluate_split, model_scorer, resolve_history
 from ..models.common import SequenceModel
+from ..utils.runtime import autocast_dtype
 from . import distributed as D
 from .checkpoint import config_fingerprint, load_state, load_weights, optimizer_state, save_checkpoint
 from .graphs import GraphedStep, StepVariant, graphs_wanted, slow_compile_warning

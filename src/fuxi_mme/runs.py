@@ -1,0 +1,126 @@
+"""The run folder: where ``fuxi-mme train`` writes a run and where evaluate, recommend, serve,
+export and the experiments read it.
+
+``<run>/``
+* ``config.json``: the fully resolved :class:`~fuxi_mme.config.Config`;
+* ``run.json``: commit, library versions, device, dataset statistics, notes, start time;
+* ``metrics.jsonl``: the per-epoch records (``train``, ``valid``, ``test_curve``, ``test``);
+* ``metrics.json``: the final record;
+* ``checkpoints/best``, ``checkpoints/last``: safetensors checkpoints (``train/checkpoint.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, config_from_dict
+from .data import load_dataset
+from .data.prepared import PreparedDataset
+from .data.splits import eval_arrays
+from .eval.evaluator import evaluate_split, model_scorer, popularity_scorer, resolve_history
+from .models import build_model
+from .models.common import SequenceModel
+from .train.checkpoint import load_weights
+from .utils.runinfo import atomic_write_json
+from .utils.runtime import autocast_dtype, resolve_device, setup_device
+
+
+class Run:
+    """One run folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, cfg: Config) -> Run:
+        """A new run folder (``log.run_dir``, default ``runs/<time>-<preset>``); refuses one that
+        already holds a run."""
+        p = Path(cfg.log.run_dir) if cfg.log.run_dir else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset}"
+        if (p / "metrics.json").exists() or (p / "checkpoints").exists():
+            raise FileExistsError(f"run directory {p} already holds a run; pick another --run-dir or continue it with --resume {p}")
+        p.mkdir(parents=True, exist_ok=True)
+        return cls(p)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        run = cls(path)
+        if not (run.path / "config.json").is_file():
+            raise FileNotFoundError(f"{run.path} is not a run directory (no config.json); pass the folder `fuxi-mme train` wrote")
+        return run
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def config(self) -> Config:
+        return config_from_dict(json.loads((self.path / "config.json").read_text()))
+
+    def write_config(self, cfg: Config) -> None:
+        atomic_write_json(self.path / "config.json", cfg.to_dict())
+
+    def write_info(self, info: dict[str, Any]) -> None:
+        atomic_write_json(self.path / "run.json", info)
+
+    def write_metrics(self, result: dict[str, Any]) -> None:
+        atomic_write_json(self.path / "metrics.json", result)
+
+    def metrics(self) -> dict[str, Any]:
+        return json.loads((self.path / "metrics.json").read_text())
+
+    def checkpoint(self, which: str = "auto") -> Path:
+        """The folder of checkpoint ``which``; ``auto``: the best checkpoint when the run kept one
+        (also when a kill left only ``best.old``), else the last."""
+        if which == "auto":
+            which = "best" if any((self.checkpoints / t).exists() for t in ("best", "best.old")) else "last"
+        return self.checkpoints / which
+
+
+def adapt_to_dataset(cfg: Config, ds: PreparedDataset) -> list[str]:
+    """Settings the data forces: no timestamps -> temporal channel off."""
+    notes = []
+    if not ds.has_timestamps and cfg.model.use_temporal:
+        cfg.model.use_temporal = False
+        notes.append(f"{ds.name} has no timestamps: the temporal attention channel is disabled (model.use_temporal=false)")
+    return notes
+
+
+def load_run(run_dir: str | Path) -> Config:
+    """The resolved config of a run folder."""
+    return Run.open(run_dir).config()
+
+
+def load_trained(run_dir: str | Path, checkpoint: str = "auto", device: str = "auto") -> tuple[Config, PreparedDataset, SequenceModel | None]:
+    """(cfg, dataset, model) of a finished or interrupted run, weights loaded safely (None for
+    the popularity baseline, which has no model)."""
+    run = Run.open(run_dir)
+    cfg = run.config()
+    cfg.train.device = device
+    dev = setup_device(device, num_threads=cfg.train.num_threads, tf32=cfg.train.tf32)
+    ds = load_dataset(cfg.data)
+    adapt_to_dataset(cfg, ds)
+    if cfg.model.name == "popularity":
+        return cfg, ds, None
+    model = build_model(cfg.model, ds.num_items, cfg.data.max_len).to(dev)
+    load_weights(run.checkpoint(checkpoint), model, dev)
+    model.eval()
+    return cfg, ds, model
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "auto", device: str = "auto") -> dict[str, Any]:
+    """Metrics of a trained run's checkpoint on ``split``, as training computed them."""
+    cfg, ds, model = load_trained(run_dir, checkpoint, device)
+    dev = resolve_device(cfg.train.device)
+    arrs = eval_arrays(ds, cfg.data.protocol, split, cfg.data.max_len)
+    amp = autocast_dtype(cfg.train.amp)  # the precision of the run's own evaluations
+    scorer = popularity_scorer(ds, cfg.data.protocol, dev) if model is None else model_scorer(model, amp)
+    history, why = resolve_history(cfg.eval.history, ds, cfg.data.protocol)
+    m = evaluate_split(scorer, arrs, ds, split=split, history=history, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, device=dev)
+    return {"protocol": cfg.data.protocol, "split": split, "checkpoint": checkpoint, "model": cfg.model.name, "dataset": ds.name,
+            "eval_history": {"mode": history, "why": why}, split: m}
