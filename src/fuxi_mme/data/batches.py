@@ -6,7 +6,9 @@ a target, K negatives per position.
 Rows are left-aligned: real items at positions 0..len-1, zeros after. ``targets[b, i]`` is the
 item that follows position i (0 where none): in training every position of the training
 window; in evaluation the positions inside the history and, at the last real position, the
-held-out item (``Batch.target``). The model never sees a target as input.
+held-out item (``Batch.target``). The model never sees a target as input. The CUDA-graph
+step's static batches carry only what the step reads (inputs, positions, their targets and
+negatives); their ``targets`` and ``lengths`` are empty.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ class GraphedStep:
         self.bucket = max(256, -(-self.R * self.N // 16))  # <= 16 target buckets per width
         dev = self.device
         self.ts_dtype = torch.from_numpy(arrs.ts[:1]).dtype
-        self.inputs: dict[int, dict[str, torch.Tensor]] = {}  # width -> static ids, ts, query_ts, targets, lengths
+        self.inputs: dict[int, dict[str, torch.Tensor]] = {}  # width -> static ids, ts, query_ts
         self.norm = torch.ones((), device=dev)  # the batch's number of targets (the loss divisor)
         # Two pinned host staging slots, so the next batch's copies are asynchronous and the
         # host prepares batch k+1 while the GPU replays step k (a pageable copy would wait for
@@ -173,7 +173,6 @@ class GraphedStep:
         self.slots = [
             {
                 **{name: torch.empty(self.B * self.N, dtype=dt, pin_memory=pin) for name, dt in self._row_fields()},
-                "lengths": torch.zeros(self.B, dtype=torch.long, pin_memory=pin),
                 "idx": torch.zeros(self.chunks * self.region, dtype=torch.long, pin_memory=pin),
                 "norm": torch.ones((), pin_memory=pin),
                 "done": torch.cuda.Event() if pin else None,
@@ -186,7 +185,9 @@ class GraphedStep:
         self.disabled = False
 
     def _row_fields(self) -> tuple[tuple[str, torch.dtype], ...]:
-        return (("ids", torch.long), ("ts", self.ts_dtype), ("query_ts", self.ts_dtype), ("targets", torch.long))
+        """The per-row inputs staged each step (the step reads the targets at the positions,
+        not ``targets``/``lengths``: a static batch leaves those empty)."""
+        return (("ids", torch.long), ("ts", self.ts_dtype), ("query_ts", self.ts_dtype))
 
     @property
     def compiled(self) -> bool:
@@ -260,9 +261,6 @@ class GraphedStep:
                 region = slot[name][j * self.R * N : j * self.R * N + self.R * w].view(self.R, w)
                 region.numpy()[...] = getattr(arrs, name)[sub, :w]
                 staged[name] = region
-            lens = slot["lengths"][j * self.R : (j + 1) * self.R]
-            lens.numpy()[...] = np.minimum(arrs.lengths[sub], w)
-            staged["lengths"] = lens
             plan.append(((w, Pb), staged, host_t))
             count += P
         return plan, count
@@ -322,7 +320,7 @@ class GraphedStep:
         dev = self.device
         if w not in self.inputs:
             self.inputs[w] = {name: torch.zeros(self.R, w, dtype=dt, device=dev) for name, dt in self._row_fields()}
-            self.inputs[w]["lengths"] = torch.zeros(self.R, dtype=torch.long, device=dev)
+            self.inputs[w].update(targets=torch.zeros(0, dtype=torch.long, device=dev), lengths=torch.zeros(0, dtype=torch.long, device=dev))
         if key in self.graphs:
             bufs = self.graphs[key][1]
         else:
