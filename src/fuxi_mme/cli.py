@@ -346,7 +346,7 @@ def make_parser() -> argparse.ArgumentParser:
         di.add_argument("--ordering", default="stable", choices=("stable", "hstu"), help="stable: ties keep file order (default); hstu: imitate the published HSTU/FuXi code's unstable sort")
         di.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.FIELD=VALUE")
         if name == "prepare":
-            di.add_argument("--rebuild", action="store_true", help="ignore the cache")
+            di.add_argument("--rebuild", action="store_true", help="prepare the data again and replace the cached copy")
         di.set_defaults(func=cmd_data_info)
 
     x = sub.add_parser("experiment", help="run a suite of runs (main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, ...) and aggregate over seeds")

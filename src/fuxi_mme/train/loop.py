@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +34,17 @@ from ..eval.evaluator import evaluate_split, model_scorer, resolve_history
 from ..models.common import SequenceModel
 from ..utils.runtime import autocast_dtype
 from . import distributed as D
-from .checkpoint import config_fingerprint, load_state, load_weights, optimizer_state, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    config_fingerprint,
+    load_state,
+    load_weights,
+    optimizer_state,
+    remove_leftovers,
+    resolve_checkpoint,
+    save_checkpoint,
+    truncate_metrics_log,
+)
 from .graphs import GraphedStep, StepVariant, graphs_wanted, slow_compile_warning
 from .loss import negatives_per_position
 from .setup import MetricsLog, build_optimizer, build_scheduler, compile_mode, length_chunks
@@ -96,7 +107,7 @@ class Trainer:
         gen.manual_seed(t.seed + 1)
         self.sampler = NegativeSampler(ds.num_items, negatives_per_position(t), gen, device)
         self.state = TrainState()
-        self.progress = progress and dist_info.main
+        self.progress = progress and dist_info.main and sys.stderr.isatty()  # no redraws into a log file
         self.amp_dtype = autocast_dtype(t.amp)
         self.settings = StepSettings(t.temperature, t.loss == "full", self.amp_dtype, 1.0 / t.grad_accum)
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl" if run_dir and dist_info.main else None, cfg.log.tensorboard)
@@ -198,7 +209,25 @@ class Trainer:
         # graphs write into the existing .grad tensors, so those are zeroed, never dropped
         self.opt.zero_grad(set_to_none=self.graphed is None)
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def _optimizer_step(self) -> None:
+        t = self.cfg.train
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.zero_grad()
+        self.state.step += 1
+
+    def _progress_bar(self, epoch: int):
+        """A per-step progress bar on a terminal; None when stderr is a file or a pipe (the
+        epoch's log line is then the only output)."""
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", leave=False, dynamic_ncols=True)
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
         t = self.cfg.train
         fail = os.environ.get("FUXI_MME_TEST_FAIL")  # "RANK:EPOCH": simulate a crashed rank (tests only)
         if fail and fail == f"{self.dist.rank}:{epoch + 1}":
@@ -208,32 +237,21 @@ class Trainer:
         sum_loss = torch.zeros((), device=self.device)
         sum_aux = torch.zeros((), device=self.device)
         n_batches, n_seq, t0 = 0, 0, time.perf_counter()
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True)
+        bar = self._progress_bar(epoch)
         self.zero_grad()
         for i in range(self.steps_per_epoch):
             rows = order[i * t.batch_size : (i + 1) * t.batch_size]
             if len(rows) < self.dist.world:  # a final scrap smaller than the number of ranks
                 continue
             update = (i + 1) % t.grad_accum == 0 or i + 1 == self.steps_per_epoch
-            sync = self.forward_module.no_sync() if self.dist.enabled and not update else contextlib.nullcontext()
-            with sync:
+            with self.forward_module.no_sync() if self.dist.enabled and not update else contextlib.nullcontext():
                 loss, aux = self.forward_backward(rows)
             if update:
-                if t.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                self.opt.step()
-                self.sched.step()
-                self.zero_grad()
-                self.state.step += 1
+                self._optimizer_step()
             sum_loss += loss.detach()
             if aux is not None:
                 sum_aux += aux.detach()
-            n_batches += 1
-            n_seq += len(rows)
+            n_batches, n_seq = n_batches + 1, n_seq + len(rows)
             if bar is not None:
                 bar.update(1)
                 if (i + 1) % 20 == 0 or i + 1 == self.steps_per_epoch:
@@ -242,13 +260,16 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        return self._epoch_record(epoch, sum_loss, sum_aux, n_batches, n_seq, time.perf_counter() - t0)
+
+    def _epoch_record(self, epoch: int, sum_loss: torch.Tensor, sum_aux: torch.Tensor, n_batches: int, n_seq: int, dt: float) -> dict[str, Any]:
+        """The epoch's ``train`` record (losses averaged over ranks), written to the log."""
         if self.dist.enabled:  # rank r's loss is world x its share of the global mean
             D.all_reduce_sum(sum_loss, self.dist)
             D.all_reduce_sum(sum_aux, self.dist)
             sum_loss /= self.dist.world
             sum_aux /= self.dist.world
-        dt = time.perf_counter() - t0
-        rec = {
+        rec: dict[str, Any] = {
             "kind": "train",
             "epoch": epoch + 1,
             "step": self.state.step,
@@ -290,8 +311,6 @@ class Trainer:
         save_checkpoint(self.run_dir / "checkpoints" / tag, self.model, state, self.opt if resumable else None, self._rng() if resumable else None)
 
     def restore(self, folder: Path) -> None:
-        from .checkpoint import CheckpointError, remove_leftovers, resolve_checkpoint, truncate_metrics_log
-
         folder = resolve_checkpoint(folder)  # <tag>.old when a save was killed between its renames
         state, tensors = load_state(folder)
         if state.get("fingerprint") != self.fingerprint:
