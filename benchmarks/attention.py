@@ -36,18 +36,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.models.attention import fuxi_attention_reference, hstu_attention_reference  # noqa: E402
 from fuxi_mme.presets import build_preset, preset_name  # noqa: E402
-from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.utils.runinfo import run_info  # noqa: E402
 
 
 def batch_lengths(shape: str, B: int, max_len: int, seed: int = 0) -> torch.Tensor:
     """Real positions of B training sequences drawn from the synthetic dataset of ``shape``
     (the users and sequence-length distribution of docs/models.md#dataset-statistics, as ``throughput.py``)."""
-    from throughput import synthetic
-
     from fuxi_mme.data.splits import train_arrays
+    from throughput import synthetic
 
     ds = synthetic(shape)
     lens = train_arrays(ds, build_preset(preset_name(shape, "fuxi-alpha", "base")).data.protocol, max_len).lengths
@@ -207,8 +206,7 @@ def graphed_ms(fn, args, norm, steps: int, warmup: int) -> float:
 
 
 # Launch settings tried by --sweep: (BM, BN, num_warps, num_stages)
-SWEEP = [(bm, bn, w, st) for bm, bn in ((32, 32), (32, 64), (64, 32), (64, 64), (128, 64), (64, 128))
-         for w, st in ((4, 2), (4, 3), (8, 2))]
+SWEEP = [(bm, bn, w, st) for bm, bn in ((32, 32), (32, 64), (64, 32), (64, 64), (128, 64), (64, 128)) for w, st in ((4, 2), (4, 3), (8, 2))]
 
 
 def sweep(fa, a, norm, hstu, steps, warmup, split=False, lengths=None) -> dict:
@@ -243,15 +241,23 @@ def sweep(fa, a, norm, hstu, steps, warmup, split=False, lengths=None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["ml-20m", "ml-1m"])
-    ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "hstu"], choices=("fuxi-alpha", "fuxi-mme", "hstu"),
-                    help="fuxi-mme: FuXi attention at Fuxi-MME's shape (M streams as extra heads of half the width)")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["fuxi-alpha", "hstu"],
+        choices=("fuxi-alpha", "fuxi-mme", "hstu"),
+        help="fuxi-mme: FuXi attention at Fuxi-MME's shape (M streams as extra heads of half the width)",
+    )
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--sweep", action="store_true", help="time every launch setting of each kernel first and use the fastest")
-    ap.add_argument("--full-length", action="store_true",
-                    help="every sequence N long (no padding); default: lengths drawn from the shape's distribution, padding after")
+    ap.add_argument(
+        "--full-length",
+        action="store_true",
+        help="every sequence N long (no padding); default: lengths drawn from the shape's distribution, padding after",
+    )
     ap.add_argument("--kernels", action="store_true", help="also record every kernel's GPU time in the fused path (torch.profiler)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -271,6 +277,7 @@ def main() -> None:
 
     def with_lengths(fn, lengths, groups):
         return lambda q, k, v, p, t, b, norm: fn(q, k, v, p, t, b, norm, lengths, groups)
+
     if args.sweep and cuda:
         # sweep at the first shape, per model; the fastest setting of each kernel is kept in the
         # table of its variant and head width (FuXi: also the semantic-only kernels of the split
@@ -284,7 +291,10 @@ def main() -> None:
                 for name, rows_ in table.items():
                     launch = fa.LAUNCH[fa.bias_launch_kind(a[2].shape[-1]) if name == "bias_grad" else fa.launch_kind(hstu, split, a[2].shape[-1])]
                     best = min((r for r in rows_ if r[1] is not None), key=lambda r: r[1])
-                    print(f"sweep {args.shapes[0]} {model}{' split' if split else ''} {name}: best {best[0]} {best[1]:.3f} ms; was {list(launch[name])}", flush=True)
+                    print(
+                        f"sweep {args.shapes[0]} {model}{' split' if split else ''} {name}: best {best[0]} {best[1]:.3f} ms; was {list(launch[name])}",
+                        flush=True,
+                    )
                     launch[name] = tuple(best[0])
         print("launch settings used:", fa.LAUNCH, flush=True)
     for shape in args.shapes:
@@ -297,10 +307,18 @@ def main() -> None:
             with torch.no_grad():
                 err = (fused_fn(*a, norm, lengths, dims["groups"]).float() - ref_fn(*a, norm, lengths, dims["groups"]).float()).abs().max().item()
             dv = a[2].shape[-1]
-            rec = {"shape": shape, "model": model, "dtype": args.dtype, **dims, "max_abs_diff": err,
-                   "lengths": "full" if lengths is None else {"mean": float(lengths.float().mean()), "min": int(lengths.min()), "max": int(lengths.max())},
-                   "launch": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu, False, dv)].items()},
-                   **({} if hstu else {"launch_split": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu, True, dv)].items()}})}
+            rec = {
+                "shape": shape,
+                "model": model,
+                "dtype": args.dtype,
+                **dims,
+                "max_abs_diff": err,
+                "lengths": "full"
+                if lengths is None
+                else {"mean": float(lengths.float().mean()), "min": int(lengths.min()), "max": int(lengths.max())},
+                "launch": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu, False, dv)].items()},
+                **({} if hstu else {"launch_split": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu, True, dv)].items()}}),
+            }
             paths = [("reference", ref_fn), ("fused", fused_fn)]
             if not hstu:  # FuXi's bias channels as products outside the kernels (fused_attention.BIAS_CHANNELS = "matmul")
                 paths.append(("fused_split", functools.partial(fa.fused_fuxi_attention, split=True)))
@@ -331,36 +349,48 @@ def main() -> None:
             rows.append(rec)
             print(rec, flush=True)
     out = Path(args.out or RESULTS / f"attention-{card(info)}")
-    md = [f"# Attention forward + backward, {card(info)}, torch {info['versions'].get('torch')}, commit {info['commit']}", "",
-          "Forward + backward of one attention call. `reference`: PyTorch eager (the target's baseline); `compiled`: the same under "
-          "`torch.compile`; `fused`: the Triton kernels, and its parts (forward kernel, dK/dV kernel, dQ kernel, the bias maps with their table gradients) timed alone. "
-          "These are launched from Python (host time included); `graphed`: forward + backward recorded in a CUDA graph and replayed, the GPU time alone, as "
-          "inside the graphed training step. `lengths`: the batch's real positions per sequence (padding after them, as in training; "
-          "drawn from the shape's length distribution), which the fused kernels skip and the reference computes in full; `full`: no padding. "
-          "`split` (FuXi only): the kernels compute the semantic channel and the positional and "
-          "temporal channels are two batched matrix products over all heads outside them (`fused_attention.BIAS_CHANNELS = \"matmul\"`).", "",
-          "| shape | model | B x N, H, qk/v | lengths | dtype | reference ms | compiled ms | fused ms | speedup vs reference | vs compiled | reference graphed ms | fused graphed ms | graphed speedup "
-          "| fused parts: fwd / bwd_kv / bwd_q / bias ms | reference peak GB | compiled peak GB | fused peak GB | max abs diff | split ms | split graphed ms "
-          "| split graphed speedup | split peak GB |", "|" + "---|" * 22]
+    md = [
+        f"# Attention forward + backward, {card(info)}, torch {info['versions'].get('torch')}, commit {info['commit']}",
+        "",
+        "Forward + backward of one attention call. `reference`: PyTorch eager (the target's baseline); `compiled`: the same under "
+        "`torch.compile`; `fused`: the Triton kernels, and its parts (forward kernel, dK/dV kernel, dQ kernel, the bias maps with their table gradients) timed alone. "
+        "These are launched from Python (host time included); `graphed`: forward + backward recorded in a CUDA graph and replayed, the GPU time alone, as "
+        "inside the graphed training step. `lengths`: the batch's real positions per sequence (padding after them, as in training; "
+        "drawn from the shape's length distribution), which the fused kernels skip and the reference computes in full; `full`: no padding. "
+        "`split` (FuXi only): the kernels compute the semantic channel and the positional and "
+        'temporal channels are two batched matrix products over all heads outside them (`fused_attention.BIAS_CHANNELS = "matmul"`).',
+        "",
+        "| shape | model | B x N, H, qk/v | lengths | dtype | reference ms | compiled ms | fused ms | speedup vs reference | vs compiled | reference graphed ms | fused graphed ms | graphed speedup "
+        "| fused parts: fwd / bwd_kv / bwd_q / bias ms | reference peak GB | compiled peak GB | fused peak GB | max abs diff | split ms | split graphed ms "
+        "| split graphed speedup | split peak GB |",
+        "|" + "---|" * 22,
+    ]
     for r in rows:
         pt = r.get("parts")
         parts = " / ".join(f"{pt[k]:.3f}" for k in ("fwd", "bwd_kv", "bwd_q", "bias_tables")) if pt else "-"
-        gr = (f"{r['reference_graphed_ms']:.3f} | {r['fused_graphed_ms']:.3f} | {r['speedup_graphed']:.2f}x" if "speedup_graphed" in r else "- | - | -")
+        gr = f"{r['reference_graphed_ms']:.3f} | {r['fused_graphed_ms']:.3f} | {r['speedup_graphed']:.2f}x" if "speedup_graphed" in r else "- | - | -"
         comp = f"{r['reference_compiled_ms']:.2f}" if "reference_compiled_ms" in r else "-"
         vs = f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-"
         ln = r.get("lengths", "full")
         ln = ln if isinstance(ln, str) else f"mean {ln['mean']:.0f} ({ln['min']}-{ln['max']})"
-        md.append(f"| {r['shape']} | {r['model']} | {r['B']} x {r['N']}, {r['H']}, {r['qk_dim']}/{r['v_dim']} | {ln} | {r['dtype']} | {r['reference_ms']:.2f} | {comp} | {r['fused_ms']:.2f} | "
-                  f"{r['speedup']:.2f}x | {vs} | {gr} | {parts} | {r.get('reference_peak_gb', 0):.3f} | {r.get('reference_compiled_peak_gb', 0):.3f} | {r.get('fused_peak_gb', 0):.3f} | {r['max_abs_diff']:.2e} | "
-                  + (f"{r['fused_split_ms']:.2f} | " if "fused_split_ms" in r else "- | ")
-                  + (f"{r['fused_split_graphed_ms']:.3f} | {r['speedup_split_graphed']:.2f}x | " if "speedup_split_graphed" in r else "- | - | ")
-                  + f"{r.get('fused_split_peak_gb', 0):.3f} |")
+        md.append(
+            f"| {r['shape']} | {r['model']} | {r['B']} x {r['N']}, {r['H']}, {r['qk_dim']}/{r['v_dim']} | {ln} | {r['dtype']} | {r['reference_ms']:.2f} | {comp} | {r['fused_ms']:.2f} | "
+            f"{r['speedup']:.2f}x | {vs} | {gr} | {parts} | {r.get('reference_peak_gb', 0):.3f} | {r.get('reference_compiled_peak_gb', 0):.3f} | {r.get('fused_peak_gb', 0):.3f} | {r['max_abs_diff']:.2e} | "
+            + (f"{r['fused_split_ms']:.2f} | " if "fused_split_ms" in r else "- | ")
+            + (f"{r['fused_split_graphed_ms']:.3f} | {r['speedup_split_graphed']:.2f}x | " if "speedup_split_graphed" in r else "- | - | ")
+            + f"{r.get('fused_split_peak_gb', 0):.3f} |"
+        )
     for kind, launch in fa.LAUNCH.items():
         md += ["", f"Launch settings for {kind} (BM, BN, warps, stages): " + ", ".join(f"{k} {tuple(v)}" for k, v in launch.items())]
     for key, table in sweeps.items():
         names = list(table)
-        md += ["", f"Sweep at {key} (GPU ms per kernel call, from ten calls replayed in a CUDA graph; fastest marked):", "",
-               "| setting | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        md += [
+            "",
+            f"Sweep at {key} (GPU ms per kernel call, from ten calls replayed in a CUDA graph; fastest marked):",
+            "",
+            "| setting | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
         best = {n: min((ms for _, ms, _ in t if ms is not None), default=None) for n, t in table.items()}
         for i, (setting, _, _) in enumerate(table["fwd"]):
             cells = []
@@ -370,8 +400,13 @@ def main() -> None:
             md.append(f"| {tuple(setting)} | " + " | ".join(cells) + " |")
     for r in rows:
         if r.get("fused_kernels"):
-            md += ["", f"Kernels of the fused path, {r['shape']} {r['model']} (GPU ms per forward + backward, eager, torch.profiler):", "",
-                   "| kernel | ms | calls |", "|---|---|---|"]
+            md += [
+                "",
+                f"Kernels of the fused path, {r['shape']} {r['model']} (GPU ms per forward + backward, eager, torch.profiler):",
+                "",
+                "| kernel | ms | calls |",
+                "|---|---|---|",
+            ]
             md += [f"| `{k['name'][:70]}` | {k['ms']:.4f} | {k['calls']:.0f} |" for k in r["fused_kernels"]]
     tables = {kind: {k: list(v) for k, v in launch.items()} for kind, launch in fa.LAUNCH.items()}
     save(out, {"benchmark": "attention", **info, "results": rows, "sweeps": sweeps, "launch_tables": tables}, md)

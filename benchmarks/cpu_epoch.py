@@ -25,10 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from throughput import make_trainer, path_config, synthetic  # noqa: E402
-
 from common import RESULTS, save  # noqa: E402
 from fuxi_mme.utils.runinfo import run_info  # noqa: E402
+from throughput import make_trainer, path_config, synthetic  # noqa: E402
 
 TARGET_S = 60.0
 
@@ -44,15 +43,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-path", help="folder of the real ML-1M files (ml-1m-ts70 is read from it)")
     ap.add_argument("--models", nargs="+", default=["fuxi-alpha"], help="base presets timed on the synthetic shape (the real data: FuXi-alpha)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="applied to every timed run (named in the record)")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="applied to every timed run (named in the record)"
+    )
     ap.add_argument("--out", default=str(RESULTS / "cpu-epoch-ml1m.json"))
     args = ap.parse_args()
     from fuxi_mme.config import apply_overrides
 
     suffix = "".join(f", {o}" for o in args.overrides)
     info = run_info(torch.device("cpu"))
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": info["commit"], "torch_threads": torch.get_num_threads(),
-              "cpu_count": info["device"].get("cpu_count"), "versions": info["versions"], "epochs": {}}
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "commit": info["commit"],
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": info["device"].get("cpu_count"),
+        "versions": info["versions"],
+        "epochs": {},
+    }
     for model in args.models:
         # the "default" path: what ``fuxi-mme train`` runs on a CPU (fp32, reference attention,
         # length-sorted chunks, no graphs, no compile). Not "fp32", which pins one chunk for the
@@ -77,12 +84,19 @@ def main() -> None:
     runs = old.get("runs", [])
     runs.append(record)
     doc = {**{k: v for k, v in old.items() if k != "runs"}, "benchmark": "cpu_epoch", "target_s": TARGET_S, "runs": runs}
-    lines = ["# CPU epoch, base presets (FuXi-alpha unless named), fp32", "",
-             "Whole epochs timed end to end by `benchmarks/cpu_epoch.py` (earlier measured or projected figures are in the JSON's other keys).", "",
-             "| time | commit | threads | data | steps | epoch s | under 60 s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# CPU epoch, base presets (FuXi-alpha unless named), fp32",
+        "",
+        "Whole epochs timed end to end by `benchmarks/cpu_epoch.py` (earlier measured or projected figures are in the JSON's other keys).",
+        "",
+        "| time | commit | threads | data | steps | epoch s | under 60 s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         for name, e in r["epochs"].items():
-            lines.append(f"| {r['time']} | `{str(r['commit'])[:10]}` | {r['torch_threads']} | {name} | {e['steps']} | {e['epoch_s']:.1f} | {'yes' if e['epoch_s'] < TARGET_S else 'no'} |")
+            lines.append(
+                f"| {r['time']} | `{str(r['commit'])[:10]}` | {r['torch_threads']} | {name} | {e['steps']} | {e['epoch_s']:.1f} | {'yes' if e['epoch_s'] < TARGET_S else 'no'} |"
+            )
     print(save(out, doc, lines))
 
 

@@ -39,8 +39,15 @@ def _summary(run: Path, wall: float) -> dict:
     m = json.loads((run / "metrics.json").read_text())
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     ep = [r["epoch_seconds"] for r in recs if r["kind"] == "train"]
-    return {"wall_s": wall, "epochs": len(ep), "epoch_s_mean": sum(ep) / len(ep), "seq_per_s_mean": sum(r["seq_per_s"] for r in recs if r["kind"] == "train") / len(ep),
-            "selected_epoch": m["selected_epoch"], "test": m["test"], "valid_best": m.get("valid_best")}
+    return {
+        "wall_s": wall,
+        "epochs": len(ep),
+        "epoch_s_mean": sum(ep) / len(ep),
+        "seq_per_s_mean": sum(r["seq_per_s"] for r in recs if r["kind"] == "train") / len(ep),
+        "selected_epoch": m["selected_epoch"],
+        "test": m["test"],
+        "valid_best": m.get("valid_best"),
+    }
 
 
 def main() -> None:
@@ -61,20 +68,52 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         one, many = Path(tmp) / "one", Path(tmp) / "many"
         w1 = _run([sys.executable, "-m", "fuxi_mme", *common, "--run-dir", str(one)])
-        wn = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "fuxi_mme", *common, "--run-dir", str(many)])
+        wn = _run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={args.nproc}",
+                "-m",
+                "fuxi_mme",
+                *common,
+                "--run-dir",
+                str(many),
+            ]
+        )
         res = {"1": _summary(one, w1), str(args.nproc): _summary(many, wn)}
-        p = subprocess.run([sys.executable, "-m", "fuxi_mme", "evaluate", "--run", str(many), "--checkpoint", "best", "--json"],
-                           env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), capture_output=True, text=True, check=True)
-        single_eval = json.loads(p.stdout[p.stdout.index("{"):])["test"]
+        p = subprocess.run(
+            [sys.executable, "-m", "fuxi_mme", "evaluate", "--run", str(many), "--checkpoint", "best", "--json"],
+            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        single_eval = json.loads(p.stdout[p.stdout.index("{") :])["test"]
     equal = single_eval == res[str(args.nproc)]["test"]
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"ddp-e2e-{args.preset}-{card}")
-    payload = {"benchmark": "ddp_end_to_end", "preset": args.preset, "amp": args.amp, "epochs": args.epochs, **info, "results": res,
-               "single_process_eval_of_distributed_checkpoint": single_eval, "distributed_eval_equals_single": equal}
+    payload = {
+        "benchmark": "ddp_end_to_end",
+        "preset": args.preset,
+        "amp": args.amp,
+        "epochs": args.epochs,
+        **info,
+        "results": res,
+        "single_process_eval_of_distributed_checkpoint": single_eval,
+        "distributed_eval_equals_single": equal,
+    }
     atomic_write_json(out.with_suffix(".json"), payload)
-    md = [f"# {args.preset}: 1 vs {args.nproc} GPUs ({card}), {args.epochs} epochs, amp={args.amp}, commit {info['commit']}", "",
-          "| GPUs | wall s (incl. start-up, data, eval) | mean epoch s | train seq/s | selected epoch | test NDCG@10 | test HR@10 |", "|---|---|---|---|---|---|---|"]
+    md = [
+        f"# {args.preset}: 1 vs {args.nproc} GPUs ({card}), {args.epochs} epochs, amp={args.amp}, commit {info['commit']}",
+        "",
+        "| GPUs | wall s (incl. start-up, data, eval) | mean epoch s | train seq/s | selected epoch | test NDCG@10 | test HR@10 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k, r in res.items():
-        md.append(f"| {k} | {r['wall_s']:.1f} | {r['epoch_s_mean']:.2f} | {r['seq_per_s_mean']:,.0f} | {r['selected_epoch']} | {r['test']['NDCG@10']:.4f} | {r['test']['HR@10']:.4f} |")
+        md.append(
+            f"| {k} | {r['wall_s']:.1f} | {r['epoch_s_mean']:.2f} | {r['seq_per_s_mean']:,.0f} | {r['selected_epoch']} | {r['test']['NDCG@10']:.4f} | {r['test']['HR@10']:.4f} |"
+        )
     md += ["", f"One-process evaluation of the {args.nproc}-GPU run's best checkpoint equals its distributed evaluation: **{equal}**"]
     atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
     print("\n".join(md))

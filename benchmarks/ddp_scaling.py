@@ -37,14 +37,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def worker(args) -> None:
-    from throughput import synthetic
-
     from fuxi_mme.config import apply_overrides
     from fuxi_mme.models import build_model
     from fuxi_mme.presets import build_preset, preset_name
     from fuxi_mme.train import distributed as D
     from fuxi_mme.train.loop import Trainer
     from fuxi_mme.utils.runtime import setup_device
+    from throughput import synthetic
 
     info = D.from_env()
     cfg = build_preset(preset_name("ml-1m", args.model, "base"))
@@ -61,7 +60,7 @@ def worker(args) -> None:
     B = cfg.train.batch_size
     times = []
     for i in range(args.warmup + args.steps):
-        rows = order[(i * B) % (len(order) - B):][:B]
+        rows = order[(i * B) % (len(order) - B) :][:B]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         D.barrier(info)
@@ -104,9 +103,31 @@ def driver(args) -> None:
         for n in args.nprocs:
             with tempfile.TemporaryDirectory() as tmp:
                 res = Path(tmp) / "r.json"
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__, "--worker",
-                       "--result", str(res), "--model", args.model, "--amp", args.amp, "--regime", regime, "--batch", str(args.batch),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc_per_node={n}",
+                    __file__,
+                    "--worker",
+                    "--result",
+                    str(res),
+                    "--model",
+                    args.model,
+                    "--amp",
+                    args.amp,
+                    "--regime",
+                    regime,
+                    "--batch",
+                    str(args.batch),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--device",
+                    args.device,
+                ]
                 env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
                 p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
                 if p.returncode != 0:
@@ -117,17 +138,34 @@ def driver(args) -> None:
             rows.append(rec)
             print(json.dumps(rec), flush=True)
     for r in rows:
-        base = next(x for x in rows if x["regime"] == r["regime"] and x["nproc"] == 1) if any(x["nproc"] == 1 and x["regime"] == r["regime"] for x in rows) else None
+        base = (
+            next(x for x in rows if x["regime"] == r["regime"] and x["nproc"] == 1)
+            if any(x["nproc"] == 1 and x["regime"] == r["regime"] for x in rows)
+            else None
+        )
         r["speedup"] = r["seq_per_s"] / base["seq_per_s"] if base else None
         r["efficiency"] = r["speedup"] / r["nproc"] if base else None
     out = Path(args.out or RESULTS / f"ddp-{args.model}-{card(info)}")
-    payload = {"benchmark": "ddp_scaling", "data": "synthetic ML-1M shape (6,040 users, 3,706 items, 1,000,209 interactions)", "preset": f"ml-1m-{args.model}-base", **info, "results": rows}
-    md = [f"# DDP scaling, {card(info)} ({info['device'].get('gpu_count', 1)} visible), torch {info['versions'].get('torch')}, commit {info['commit']}", "",
-          f"ml-1m-{args.model}-base on synthetic ML-1M-shaped data, amp={args.amp}; median of {args.steps} steps after {args.warmup} warm-up.", "",
-          "| regime | processes | global batch | per-rank batch | step ms | seq/s | speedup | efficiency | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
+    payload = {
+        "benchmark": "ddp_scaling",
+        "data": "synthetic ML-1M shape (6,040 users, 3,706 items, 1,000,209 interactions)",
+        "preset": f"ml-1m-{args.model}-base",
+        **info,
+        "results": rows,
+    }
+    md = [
+        f"# DDP scaling, {card(info)} ({info['device'].get('gpu_count', 1)} visible), torch {info['versions'].get('torch')}, commit {info['commit']}",
+        "",
+        f"ml-1m-{args.model}-base on synthetic ML-1M-shaped data, amp={args.amp}; median of {args.steps} steps after {args.warmup} warm-up.",
+        "",
+        "| regime | processes | global batch | per-rank batch | step ms | seq/s | speedup | efficiency | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        md.append(f"| {r['regime']} | {r['nproc']} | {r['global_batch']} | {r['per_rank_batch']} | {r['step_ms_median']:.1f} | {r['seq_per_s']:,.0f} | "
-                  f"{r['speedup']:.2f}x | {100 * r['efficiency']:.0f}% | {r['gpu_mem_gb'] or 0:.2f} |")
+        md.append(
+            f"| {r['regime']} | {r['nproc']} | {r['global_batch']} | {r['per_rank_batch']} | {r['step_ms_median']:.1f} | {r['seq_per_s']:,.0f} | "
+            f"{r['speedup']:.2f}x | {100 * r['efficiency']:.0f}% | {r['gpu_mem_gb'] or 0:.2f} |"
+        )
     save(out, payload, md)
     print("\n".join(md))
 

@@ -69,33 +69,63 @@ def main() -> None:
     evaluate_ranks(scorer, arrs, ds, True, bs, dev, rows=np.arange(min(bs, len(arrs))))  # warm-up
 
     def user_order() -> np.ndarray:
-        return np.concatenate([evaluate_ranks(scorer, arrs, ds, True, bs, dev, rows=np.arange(s, min(s + bs, len(arrs)))) for s in range(0, len(arrs), bs)])
+        return np.concatenate(
+            [evaluate_ranks(scorer, arrs, ds, True, bs, dev, rows=np.arange(s, min(s + bs, len(arrs)))) for s in range(0, len(arrs), bs)]
+        )
 
     sorted_s, ranks = timed(lambda: evaluate_ranks(scorer, arrs, ds, True, bs, dev))
     user_s, ranks_user = timed(user_order)
     info = run_info(dev)
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": info["commit"], "device": info["device"], "versions": info["versions"],
-              "preset": args.preset, "split": args.split, "users": len(arrs), "items": ds.num_items, "batch_size": bs,
-              "mean_length": float(arrs.lengths.mean()), "max_len": cfg.data.max_len, "overrides": args.overrides,
-              "length_sorted_s": sorted_s, "user_order_s": user_s, "rows_ranked_differently": int((ranks != ranks_user).sum()),
-              "largest_rank_change": int(np.abs(ranks - ranks_user).max()) if len(ranks) else 0,
-              "ndcg10_length_sorted": metrics_from_ranks(ranks)["NDCG@10"], "ndcg10_user_order": metrics_from_ranks(ranks_user)["NDCG@10"]}
-    print(json.dumps({k: record[k] for k in ("preset", "users", "mean_length", "length_sorted_s", "user_order_s", "rows_ranked_differently", "largest_rank_change")}), flush=True)
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "commit": info["commit"],
+        "device": info["device"],
+        "versions": info["versions"],
+        "preset": args.preset,
+        "split": args.split,
+        "users": len(arrs),
+        "items": ds.num_items,
+        "batch_size": bs,
+        "mean_length": float(arrs.lengths.mean()),
+        "max_len": cfg.data.max_len,
+        "overrides": args.overrides,
+        "length_sorted_s": sorted_s,
+        "user_order_s": user_s,
+        "rows_ranked_differently": int((ranks != ranks_user).sum()),
+        "largest_rank_change": int(np.abs(ranks - ranks_user).max()) if len(ranks) else 0,
+        "ndcg10_length_sorted": metrics_from_ranks(ranks)["NDCG@10"],
+        "ndcg10_user_order": metrics_from_ranks(ranks_user)["NDCG@10"],
+    }
+    print(
+        json.dumps(
+            {
+                k: record[k]
+                for k in ("preset", "users", "mean_length", "length_sorted_s", "user_order_s", "rows_ranked_differently", "largest_rank_change")
+            }
+        ),
+        flush=True,
+    )
 
     out = Path(args.out) if args.out else RESULTS / f"eval-{card(info)}.json"
     old = json.loads(out.read_text()) if out.exists() else {}
     runs = [*old.get("runs", []), record]
-    lines = ["# Full-ranking evaluation time, length-sorted batches against user order", "",
-             "`benchmarks/eval_speed.py`: one split of a preset's data, the preset's model freshly initialised, history filtered. "
-             "Rows ranked differently: targets that a last-bit difference in the scores (another padding width) moved past a near-tied item.", "",
-             "| time | commit | device | threads | preset | split | users | mean length / max | length-sorted s | user order s | speed-up | rows ranked differently (largest change) | NDCG@10 sorted / user order |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Full-ranking evaluation time, length-sorted batches against user order",
+        "",
+        "`benchmarks/eval_speed.py`: one split of a preset's data, the preset's model freshly initialised, history filtered. "
+        "Rows ranked differently: targets that a last-bit difference in the scores (another padding width) moved past a near-tied item.",
+        "",
+        "| time | commit | device | threads | preset | split | users | mean length / max | length-sorted s | user order s | speed-up | rows ranked differently (largest change) | NDCG@10 sorted / user order |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in runs:
         d = r["device"]
-        lines.append(f"| {r['time']} | `{str(r['commit'])[:10]}` | {d.get('gpu') or d.get('device')} | {d.get('torch_threads', '-')} | {r['preset']}{''.join(' ' + o for o in r['overrides'])} | "
-                     f"{r['split']} | {r['users']:,} | {r['mean_length']:.1f} / {r['max_len']} | {r['length_sorted_s']:.2f} | {r['user_order_s']:.2f} | "
-                     f"{r['user_order_s'] / r['length_sorted_s']:.1f}x | {r['rows_ranked_differently']} ({r['largest_rank_change']}) | "
-                     f"{r['ndcg10_length_sorted']:.5f} / {r['ndcg10_user_order']:.5f} |")
+        lines.append(
+            f"| {r['time']} | `{str(r['commit'])[:10]}` | {d.get('gpu') or d.get('device')} | {d.get('torch_threads', '-')} | {r['preset']}{''.join(' ' + o for o in r['overrides'])} | "
+            f"{r['split']} | {r['users']:,} | {r['mean_length']:.1f} / {r['max_len']} | {r['length_sorted_s']:.2f} | {r['user_order_s']:.2f} | "
+            f"{r['user_order_s'] / r['length_sorted_s']:.1f}x | {r['rows_ranked_differently']} ({r['largest_rank_change']}) | "
+            f"{r['ndcg10_length_sorted']:.5f} / {r['ndcg10_user_order']:.5f} |"
+        )
     print(save(out, {"benchmark": "eval_speed", "runs": runs}, lines))
 
 

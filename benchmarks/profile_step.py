@@ -32,10 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from throughput import make_trainer, path_label, synthetic, train_step, what_ran  # noqa: E402
-
 from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.utils.runinfo import run_info  # noqa: E402
+from throughput import make_trainer, path_label, synthetic, train_step, what_ran  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("optimizer", r"adam|multi_tensor|foreach"),
@@ -136,21 +135,31 @@ def main() -> None:
                 r = {"shape": shape, "model": model, "path": path, "preset": cfg.preset, **profile_one(cfg, ds, dev, args.steps, args.warmup)}
                 rows.append(r)
                 cats = ", ".join(f"{k} {v:.2f}" for k, v in r["categories_ms_per_step"].items())
-                print(f"{shape} {model} {path_label(r)}: wall {r['wall_ms_per_step']:.2f} ms, GPU busy {r['gpu_busy_ms_per_step']:.2f} ms "
-                      f"({100 * r['gpu_busy_share']:.0f}%), {r['kernels_per_step']:.0f} kernels, {r['syncs_per_step']} syncs | {cats}", flush=True)
+                print(
+                    f"{shape} {model} {path_label(r)}: wall {r['wall_ms_per_step']:.2f} ms, GPU busy {r['gpu_busy_ms_per_step']:.2f} ms "
+                    f"({100 * r['gpu_busy_share']:.0f}%), {r['kernels_per_step']:.0f} kernels, {r['syncs_per_step']} syncs | {cats}",
+                    flush=True,
+                )
     out = Path(args.out or RESULTS / f"profile-{card(info)}")
     cat_names = [c for c, _ in CATEGORIES] + ["other"]
-    md = [f"Device: {info['device'].get('gpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`. "
-          "Milliseconds per training step (GPU kernel time by category).", "",
-          "| shape | model | path | wall ms | GPU busy ms | busy % | kernels | syncs | " + " | ".join(cat_names) + " |",
-          "|---" * (8 + len(cat_names)) + "|"]
+    md = [
+        f"Device: {info['device'].get('gpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`. "
+        "Milliseconds per training step (GPU kernel time by category).",
+        "",
+        "| shape | model | path | wall ms | GPU busy ms | busy % | kernels | syncs | " + " | ".join(cat_names) + " |",
+        "|---" * (8 + len(cat_names)) + "|",
+    ]
     for r in rows:
         c = r["categories_ms_per_step"]
-        md.append(f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['wall_ms_per_step']:.2f} | {r['gpu_busy_ms_per_step']:.2f} | {100 * r['gpu_busy_share']:.0f} | "
-                  f"{r['kernels_per_step']:.0f} | {r['syncs_per_step']} | " + " | ".join(f"{c.get(n, 0):.2f}" for n in cat_names) + " |")
+        md.append(
+            f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['wall_ms_per_step']:.2f} | {r['gpu_busy_ms_per_step']:.2f} | {100 * r['gpu_busy_share']:.0f} | "
+            f"{r['kernels_per_step']:.0f} | {r['syncs_per_step']} | " + " | ".join(f"{c.get(n, 0):.2f}" for n in cat_names) + " |"
+        )
     md += ["", "Top kernels:", ""]
     for r in rows:
-        md.append(f"- {r['shape']} {r['model']} {r['path']}: " + "; ".join(f"`{k['name'][:60]}` {k['ms_per_step']:.2f} ms" for k in r["top_kernels"][:6]))
+        md.append(
+            f"- {r['shape']} {r['model']} {r['path']}: " + "; ".join(f"`{k['name'][:60]}` {k['ms_per_step']:.2f} ms" for k in r["top_kernels"][:6])
+        )
     print(save(out, {"benchmark": "profile_step", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": rows}, md))
 
 

@@ -27,7 +27,20 @@ def plan(gpus: int, data_root: str | None) -> list[list[str]]:
             cmd += ["--data-path", str(Path(data_root) / "ml-1m")]
         return [cmd]
     runs = [
-        [*py, str(HERE / "throughput.py"), "--shapes", "ml-1m", "ml-20m", "--paths", "fp32", "default", "default-bf16", "compiled-fast", "graph-bf16", "--epoch"],
+        [
+            *py,
+            str(HERE / "throughput.py"),
+            "--shapes",
+            "ml-1m",
+            "ml-20m",
+            "--paths",
+            "fp32",
+            "default",
+            "default-bf16",
+            "compiled-fast",
+            "graph-bf16",
+            "--epoch",
+        ],
         [*py, str(HERE / "attention.py"), "--shapes", "ml-20m", "ml-1m"],
         [*py, str(HERE / "profile_step.py"), "--paths", "default-bf16", "compiled-fast"],
     ]

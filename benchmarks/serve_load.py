@@ -122,9 +122,10 @@ def main() -> None:
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
 
+    import torch
+
     from fuxi_mme.serve import Recommender
     from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, run_info
-    import torch
 
     rec = Recommender.from_run(args.run, device="cpu")
     rng = random.Random(0)
@@ -132,8 +133,8 @@ def main() -> None:
 
     def body() -> dict:
         q = rec.history_of(rec.ds.user_raw[rng.choice(users)])
-        h = q.history[-rec.max_len:]
-        t = q.timestamps[-rec.max_len:] if q.timestamps else None
+        h = q.history[-rec.max_len :]
+        t = q.timestamps[-rec.max_len :] if q.timestamps else None
         return {"history": h, "timestamps": t, "k": args.k}
 
     singles = [json.dumps(body()).encode() for _ in range(args.requests)]
@@ -142,7 +143,20 @@ def main() -> None:
 
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    cmd = [sys.executable, "-m", "fuxi_mme", "serve", "--run", args.run, "--port", str(port), "--device", "cpu", "--max-wait-ms", str(args.max_wait_ms)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fuxi_mme",
+        "serve",
+        "--run",
+        args.run,
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_health(port, proc)
@@ -159,20 +173,36 @@ def main() -> None:
     info = run_info(torch.device("cpu"))
     name = args.name or f"serve-{model['dataset']}-{model['model']}-cpu"
     params = sum(p.numel() for p in rec.model.parameters())
-    payload = {"benchmark": "serve_load", **info, "run": args.run, "model": model, "parameters": params, "concurrency": args.concurrency,
-               "k": args.k, "mean_history_len": hist_len, "batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms,
-               "client_and_server_on_the_same_machine": True, "single": single, "batch": batch}
+    payload = {
+        "benchmark": "serve_load",
+        **info,
+        "run": args.run,
+        "model": model,
+        "parameters": params,
+        "concurrency": args.concurrency,
+        "k": args.k,
+        "mean_history_len": hist_len,
+        "batch_size": args.batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "client_and_server_on_the_same_machine": True,
+        "single": single,
+        "batch": batch,
+    }
     out = ROOT / "benchmarks" / "results" / name
     atomic_write_json(out.with_suffix(".json"), payload)
-    md = [f"# Serving load test: {model['model']} on {model['dataset']} ({model['items']:,} items, {params:,} parameters), CPU",
-          "",
-          f"{info['device']['platform']}, {info['device']['cpu_count']} cores shared by server and client, torch {info['versions'].get('torch')}, commit {info['commit']}. "
-          f"{args.concurrency} client connections, k={args.k}, mean history {hist_len:.0f} items, micro-batch window {args.max_wait_ms} ms.",
-          "",
-          "| phase | requests | errors | throughput | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|---|---|",
-          f"| single (`/recommend`) | {single['requests']:,} | {single['errors']} | {single['req_per_s']:,.0f} req/s | {single['p50_ms']:.1f} | {single['p95_ms']:.1f} | {single['p99_ms']:.1f} |",
-          f"| batch of {args.batch_size} (`/recommend/batch`) | {batch['requests']:,} | {batch['errors']} | {batch['req_per_s']:,.1f} req/s = {batch['queries_per_s']:,.0f} users/s | {batch['p50_ms']:.1f} | {batch['p95_ms']:.1f} | {batch['p99_ms']:.1f} |",
-          "", f"Server-side micro-batches: {model['micro_batches']:,} for {model['queries_served']:,} queries."]
+    md = [
+        f"# Serving load test: {model['model']} on {model['dataset']} ({model['items']:,} items, {params:,} parameters), CPU",
+        "",
+        f"{info['device']['platform']}, {info['device']['cpu_count']} cores shared by server and client, torch {info['versions'].get('torch')}, commit {info['commit']}. "
+        f"{args.concurrency} client connections, k={args.k}, mean history {hist_len:.0f} items, micro-batch window {args.max_wait_ms} ms.",
+        "",
+        "| phase | requests | errors | throughput | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+        f"| single (`/recommend`) | {single['requests']:,} | {single['errors']} | {single['req_per_s']:,.0f} req/s | {single['p50_ms']:.1f} | {single['p95_ms']:.1f} | {single['p99_ms']:.1f} |",
+        f"| batch of {args.batch_size} (`/recommend/batch`) | {batch['requests']:,} | {batch['errors']} | {batch['req_per_s']:,.1f} req/s = {batch['queries_per_s']:,.0f} users/s | {batch['p50_ms']:.1f} | {batch['p95_ms']:.1f} | {batch['p99_ms']:.1f} |",
+        "",
+        f"Server-side micro-batches: {model['micro_batches']:,} for {model['queries_served']:,} queries.",
+    ]
     atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
     print("\n".join(md))
     if single["errors"] or batch["errors"]:

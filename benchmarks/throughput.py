@@ -27,15 +27,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.config import apply_overrides  # noqa: E402
 from fuxi_mme.data.prepared import PreparedDataset, compute_stats  # noqa: E402
 from fuxi_mme.data.splits import eval_arrays  # noqa: E402
 from fuxi_mme.eval.evaluator import evaluate_ranks, model_scorer  # noqa: E402
 from fuxi_mme.models import build_model  # noqa: E402
-from fuxi_mme.presets import build_preset, preset_name  # noqa: E402
 from fuxi_mme.models.moe import PERSISTENT_REDUCTIONS, PERSISTENT_REDUCTIONS_ENV  # noqa: E402
+from fuxi_mme.presets import build_preset, preset_name  # noqa: E402
 from fuxi_mme.train.loop import Trainer  # noqa: E402
-from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.utils.runinfo import run_info  # noqa: E402
 
 # docs/models.md#dataset-statistics: users, items, interactions (mean length = interactions / users).
@@ -92,8 +92,15 @@ def path_config(shape: str, model: str, path: str, dev):
     amp, attention, graphs, moe, chunks, compiled = PATHS[path]
     attention, _, bias = attention.partition("+")
     set_bias_channels(bias or "kernel")
-    sets = [f"train.device={dev}", f"train.amp={amp}", f"model.attention={attention}", f"train.cuda_graphs={graphs}", f"model.moe.backend={moe}",
-            f"train.length_chunks={chunks}", f"train.compile={compiled}"]
+    sets = [
+        f"train.device={dev}",
+        f"train.amp={amp}",
+        f"model.attention={attention}",
+        f"train.cuda_graphs={graphs}",
+        f"model.moe.backend={moe}",
+        f"train.length_chunks={chunks}",
+        f"train.compile={compiled}",
+    ]
     apply_overrides(cfg, sets)
     return cfg
 
@@ -115,8 +122,9 @@ def use_launch_tables(path: str) -> dict:
     try:
         tables = json.loads(Path(path).read_text())["launch_tables"]
     except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"--launch {path}: cannot read launch_tables from it ({e}); give the JSON that "
-                         "benchmarks/attention.py --sweep wrote") from None
+        raise SystemExit(
+            f"--launch {path}: cannot read launch_tables from it ({e}); give the JSON that benchmarks/attention.py --sweep wrote"
+        ) from None
     for kind, kernels in tables.items():
         if kind not in fa.LAUNCH:
             raise SystemExit(f"--launch {path}: unknown kernel variant {kind!r} (known: {sorted(fa.LAUNCH)})")
@@ -259,13 +267,18 @@ def speedup_cell(r: dict) -> str:
 def write(results: list[dict], info: dict, out_arg: str | None) -> Path:
     """JSON + Markdown table of the results so far (rewritten after every measurement)."""
     out = Path(out_arg) if out_arg else RESULTS / f"throughput-{card(info)}.json"
-    lines = [f"Device: {info['device'].get('gpu', 'cpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`.", "",
-             "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | measured epoch s (seq/s) | warm-up s | peak GB | eval users/s | vs fp32 reference |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {info['device'].get('gpu', 'cpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`.",
+        "",
+        "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | measured epoch s (seq/s) | warm-up s | peak GB | eval users/s | vs fp32 reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         whole = f"{r['epoch_s_measured']:.1f} ({r['epoch_seq_per_s']:,.0f})" if "epoch_s_measured" in r else "-"
-        lines.append(f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {whole} | "
-                     f"{r.get('warmup_s', 0):.0f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {speedup_cell(r)} |")
+        lines.append(
+            f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {whole} | "
+            f"{r.get('warmup_s', 0):.0f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {speedup_cell(r)} |"
+        )
     save(out, {"benchmark": "throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": results}, lines)
     return out.with_suffix(".json")
 
@@ -274,18 +287,30 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["ml-1m", "ml-20m"])
     ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "fuxi-mme"])
-    ap.add_argument("--paths", nargs="+", default=["fp32", "bf16", "fast"], choices=list(PATHS),
-                    help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); chunked-bf16 = eager bf16 in 4 length-sorted chunks; chunked-graph-bf16 = the same with CUDA graphs (one pass for MoE models); compiled-* = torch.compile inside the graphs (compiled-fast: with the fused attention; compiled-fast-split: FuXi's bias channels as matrix products outside the kernels); default-bf16 = default with --amp bf16")
+    ap.add_argument(
+        "--paths",
+        nargs="+",
+        default=["fp32", "bf16", "fast"],
+        choices=list(PATHS),
+        help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); chunked-bf16 = eager bf16 in 4 length-sorted chunks; chunked-graph-bf16 = the same with CUDA graphs (one pass for MoE models); compiled-* = torch.compile inside the graphs (compiled-fast: with the fused attention; compiled-fast-split: FuXi's bias channels as matrix products outside the kernels); default-bf16 = default with --amp bf16",
+    )
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None)
     ap.add_argument("--epoch", action="store_true", help="also time one whole training epoch (no syncs between steps)")
-    ap.add_argument("--launch", help="an attention.py --sweep results JSON: time the fused attention with its launch_tables "
-                                     "(recorded in the results) instead of fused_attention.LAUNCH")
-    ap.add_argument("--persistent-reductions", choices=["auto", "on", "off"], default="auto",
-                    help="Inductor's persistent reductions in compiled paths: auto = the library's choice (off for MoE models), "
-                         "on / off = set TORCHINDUCTOR_PERSISTENT_REDUCTIONS for every model")
+    ap.add_argument(
+        "--launch",
+        help="an attention.py --sweep results JSON: time the fused attention with its launch_tables "
+        "(recorded in the results) instead of fused_attention.LAUNCH",
+    )
+    ap.add_argument(
+        "--persistent-reductions",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="Inductor's persistent reductions in compiled paths: auto = the library's choice (off for MoE models), "
+        "on / off = set TORCHINDUCTOR_PERSISTENT_REDUCTIONS for every model",
+    )
     args = ap.parse_args()
     if args.persistent_reductions != "auto":
         import torch._inductor.config as inductor_config
@@ -305,15 +330,24 @@ def main() -> None:
             # the fp32 reference first, so every other path is compared with it
             for path in sorted(args.paths, key=lambda p: p != "fp32"):
                 cfg = path_config(shape, model, path, dev)
-                r = {"shape": shape, "model": model, "path": path, "preset": cfg.preset, "config": cfg.to_dict(),
-                     **bench_train(cfg, ds, dev, args.steps, args.warmup, epoch=args.epoch)}
+                r = {
+                    "shape": shape,
+                    "model": model,
+                    "path": path,
+                    "preset": cfg.preset,
+                    "config": cfg.to_dict(),
+                    **bench_train(cfg, ds, dev, args.steps, args.warmup, epoch=args.epoch),
+                }
                 if ref is None:
                     ref = r
                 r["speedup_vs_reference"] = r["seq_per_s"] / ref["seq_per_s"]
                 r["speedup_base"] = ref["path"]
                 whole = f", measured epoch {r['epoch_s_measured']:.1f} s ({r['epoch_seq_per_s']:.0f} seq/s)" if "epoch_s_measured" in r else ""
-                print(f"{shape} {model} {path}: {r['seq_per_s']:.0f} seq/s, step {r['step_ms_median']:.1f} ms, epoch {r['epoch_s_projected']:.1f} s{whole}, "
-                      f"eval {r['eval_users_per_s']:.0f} users/s, mem {r.get('peak_mem_gb', 0):.2f} GB", flush=True)
+                print(
+                    f"{shape} {model} {path}: {r['seq_per_s']:.0f} seq/s, step {r['step_ms_median']:.1f} ms, epoch {r['epoch_s_projected']:.1f} s{whole}, "
+                    f"eval {r['eval_users_per_s']:.0f} users/s, mem {r.get('peak_mem_gb', 0):.2f} GB",
+                    flush=True,
+                )
                 results.append(r)
                 write(results, info, args.out)
     print(write(results, info, args.out))

@@ -46,16 +46,18 @@ def test_throughput_table_says_what_really_ran():
     assert path_label({"path": "default", "cuda_graphs_used": True, "moe_path": None}) == "default (graphs)"
     assert path_label({"path": "fp32", "cuda_graphs_used": False, "moe_path": None}) == "fp32"
     assert path_label({"path": "chunked-bf16", "cuda_graphs_used": False, "moe_path": None, "length_chunks": 4}) == "chunked-bf16 (4 length chunks)"
-    assert path_label({"path": "default-bf16", "cuda_graphs_used": True, "compiled": "graphs", "moe_path": "grouped"}) == "default-bf16 (graphs, compiled, MoE grouped)"
+    assert (
+        path_label({"path": "default-bf16", "cuda_graphs_used": True, "compiled": "graphs", "moe_path": "grouped"})
+        == "default-bf16 (graphs, compiled, MoE grouped)"
+    )
     assert path_label({"path": "compiled-graph-bf16", "cuda_graphs_used": True, "compiled": None}) == "compiled-graph-bf16 (not compiled)"
     fell = {"path": "compiled-fast", "cuda_graphs_used": True, "compiled": "graphs", "compiled_kept": False, "moe_path": None}
     assert path_label(fell) == "compiled-fast (compile fell back: plain model graphed)"
 
 
 def test_every_throughput_path_is_a_valid_config():
-    from throughput import PATHS, path_config
-
     from fuxi_mme.config import validate
+    from throughput import PATHS, path_config
 
     for path in PATHS:
         cfg = path_config("ml-20m", "fuxi-mme", path, "cpu")
@@ -75,11 +77,11 @@ def test_throughput_times_a_whole_epoch_on_cpu(monkeypatch):
     import time
 
     import torch
-    from conftest import tiny_config
-    from throughput import bench_train
 
+    from conftest import tiny_config
     from fuxi_mme.data import load_dataset
     from fuxi_mme.train.loop import Trainer
+    from throughput import bench_train
 
     seen = []
     real = Trainer.train_epoch
@@ -94,7 +96,7 @@ def test_throughput_times_a_whole_epoch_on_cpu(monkeypatch):
     cfg = tiny_config("fuxi-alpha")
     ds = load_dataset(cfg.data)
     r = bench_train(cfg, ds, torch.device("cpu"), steps=2, warmup=1, epoch=True)
-    (dt, steps, per_epoch, users), = seen
+    ((dt, steps, per_epoch, users),) = seen
     assert steps == per_epoch and r["epoch_s_measured"] >= dt and r["epoch_seq_per_s"] == users / r["epoch_s_measured"]
     assert r["warmup_s"] > 0 and r["compiled"] is None
 
@@ -123,9 +125,9 @@ def test_throughput_takes_launch_tables_from_a_sweep_file(tmp_path):
     import json
 
     import pytest
-    from throughput import use_launch_tables
 
     from fuxi_mme.models.attention import fused as fa
+    from throughput import use_launch_tables
 
     keep = {k: dict(v) for k, v in fa.LAUNCH.items()}
     try:
@@ -157,9 +159,28 @@ def test_eval_speed_times_both_orders_and_checks_their_ranks(tmp_path):
     import json
 
     out = tmp_path / "eval.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eval_speed.py"), "--preset", "demo-fuxi-mme-base", "--device", "cpu",
-                    "--set", "data.demo_users=300", "--out", str(out)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "eval_speed.py"),
+            "--preset",
+            "demo-fuxi-mme-base",
+            "--device",
+            "cpu",
+            "--set",
+            "data.demo_users=300",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (run,) = json.loads(out.read_text())["runs"]
-    assert run["users"] == 300 and run["rows_ranked_differently"] <= 3 and run["ndcg10_length_sorted"] == pytest.approx(run["ndcg10_user_order"], abs=0.01)
+    assert (
+        run["users"] == 300
+        and run["rows_ranked_differently"] <= 3
+        and run["ndcg10_length_sorted"] == pytest.approx(run["ndcg10_user_order"], abs=0.01)
+    )
     assert run["length_sorted_s"] > 0 and run["user_order_s"] > 0 and run["device"]["device"] == "cpu"
     assert "| demo-fuxi-mme-base data.demo_users=300 | valid | 300 |" in out.with_suffix(".md").read_text()

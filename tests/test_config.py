@@ -6,7 +6,9 @@ from fuxi_mme.presets import all_presets, build_preset, parse_preset
 
 def test_overrides_are_typed():
     cfg = Config()
-    apply_overrides(cfg, ["model.moe.num_experts=8", "train.lr=3e-4", "train.betas=0.9,0.99", "eval.ks=5,10", "data.time_col=none", "train.tf32=false"])
+    apply_overrides(
+        cfg, ["model.moe.num_experts=8", "train.lr=3e-4", "train.betas=0.9,0.99", "eval.ks=5,10", "data.time_col=none", "train.tf32=false"]
+    )
     assert cfg.model.moe.num_experts == 8 and cfg.train.lr == 3e-4
     assert cfg.train.betas == (0.9, 0.99) and cfg.eval.ks == (5, 10)
     assert cfg.data.time_col is None and cfg.train.tf32 is False
@@ -58,7 +60,15 @@ def test_presets_match_spec_shapes():
     c = build_preset("ml-1m-fuxi-alpha-base")
     m = c.model
     assert (m.dim, m.num_layers, m.num_heads, m.qk_dim, m.v_dim, m.ffn_multiply) == (50, 2, 1, 50, 50, 1.0)
-    assert (c.data.max_len, c.train.batch_size, c.train.lr, c.train.betas, c.train.num_negatives, c.train.temperature, c.train.epochs) == (200, 128, 1e-3, (0.9, 0.98), 128, 0.05, 101)
+    assert (c.data.max_len, c.train.batch_size, c.train.lr, c.train.betas, c.train.num_negatives, c.train.temperature, c.train.epochs) == (
+        200,
+        128,
+        1e-3,
+        (0.9, 0.98),
+        128,
+        0.05,
+        101,
+    )
     m = build_preset("ml-1m-fuxi-alpha-large").model
     assert (m.dim, m.num_layers, m.num_heads, m.qk_dim) == (50, 8, 2, 25)
     m = build_preset("ml-20m-fuxi-alpha-base").model

@@ -5,10 +5,9 @@ import pandas as pd
 import pytest
 
 from fuxi_mme.config import DataConfig
-from fuxi_mme.data import DataError, load_dataset
-from fuxi_mme.data import demo
-from fuxi_mme.data.prepared import build_prepared
+from fuxi_mme.data import DataError, demo, load_dataset
 from fuxi_mme.data.batches import make_batch
+from fuxi_mme.data.prepared import build_prepared
 from fuxi_mme.data.splits import eval_arrays, train_arrays
 from fuxi_mme.data.table import load_user_file
 

@@ -17,7 +17,9 @@ from conftest import TINY, free_port, tiny_config
 from fuxi_mme.runs import evaluate_run
 from fuxi_mme.train.run import train
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is unavailable")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is unavailable"
+)
 
 OVERRIDES = {**TINY, "train.epochs": 3, "eval.batch_size": 24}
 
@@ -39,8 +41,21 @@ def _env(tmp_path, **extra):
 
 
 def _torchrun(tmp_path, run_dir, nproc=2, over=None, extra_env=None, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "fuxi_mme", "train",
-           "--preset", "demo-fuxi-alpha-base", "--run-dir", str(run_dir), *_sets(over or OVERRIDES)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "fuxi_mme",
+        "train",
+        "--preset",
+        "demo-fuxi-alpha-base",
+        "--run-dir",
+        str(run_dir),
+        *_sets(over or OVERRIDES),
+    ]
     return subprocess.run(cmd, env=_env(tmp_path, **(extra_env or {})), capture_output=True, text=True, timeout=timeout)
 
 
@@ -89,8 +104,20 @@ def test_without_torchrun_a_surviving_rank_gets_a_clear_message(tmp_path):
     port = str(free_port())
     procs = []
     for rank in (0, 1):
-        env = _env(tmp_path, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FUXI_MME_TEST_FAIL="1:2")
-        cmd = [sys.executable, "-m", "fuxi_mme", "train", "--preset", "demo-fuxi-alpha-base", "--run-dir", str(tmp_path / "manual"), *_sets({**OVERRIDES, "train.dist_timeout": 30})]
+        env = _env(
+            tmp_path, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FUXI_MME_TEST_FAIL="1:2"
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "fuxi_mme",
+            "train",
+            "--preset",
+            "demo-fuxi-alpha-base",
+            "--run-dir",
+            str(tmp_path / "manual"),
+            *_sets({**OVERRIDES, "train.dist_timeout": 30}),
+        ]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     out0 = procs[0].communicate(timeout=200)
     procs[1].communicate(timeout=60)

@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import free_port
-
 from fuxi_mme.config import DataConfig
 from fuxi_mme.data import DataError, load_dataset
 from fuxi_mme.data.download import Remote, download, fetch, safe_extract

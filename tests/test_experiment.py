@@ -139,8 +139,17 @@ def test_results_doc_has_the_headline_and_the_scaling_plot(tmp_path):
             v = variants[j.variant] + 0.01 * j.seed
             m = {"NDCG@10": v, "HR@10": v, "NDCG@50": v, "HR@50": v, "MRR": v}
             protocol = "paper" if "paper" in j.variant else "loo-val"
-            (j.run_dir / "metrics.json").write_text(json.dumps({"protocol": protocol, "test": m, "selected_epoch": 1, "run_dir": str(j.run_dir),
-                                                                  "parameters": {"total": 1000, "non_embedding": 100}}))
+            (j.run_dir / "metrics.json").write_text(
+                json.dumps(
+                    {
+                        "protocol": protocol,
+                        "test": m,
+                        "selected_epoch": 1,
+                        "run_dir": str(j.run_dir),
+                        "parameters": {"total": 1000, "non_embedding": 100},
+                    }
+                )
+            )
             (j.run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "epoch_seconds": 2.5}) + "\n")
         return aggregate(SUITES[suite], jobs, tmp_path, [])
 
@@ -166,12 +175,37 @@ def test_main_suite_runs_unchanged_on_the_official_file_layouts(tmp_path, capsys
     (root / "ml-20m").mkdir()
     pd.DataFrame(rows, columns=["userId", "movieId", "rating", "timestamp"]).to_csv(root / "ml-20m" / "ratings.csv", index=False)
     (root / "KuaiRand-Pure" / "data").mkdir(parents=True)
-    kr = pd.DataFrame([(u, 100 + i, 20220408, 1200, t * 1000, 1) for u, i, _, t in rows],
-                      columns=["user_id", "video_id", "date", "hourmin", "time_ms", "is_click"])
+    kr = pd.DataFrame(
+        [(u, 100 + i, 20220408, 1200, t * 1000, 1) for u, i, _, t in rows], columns=["user_id", "video_id", "date", "hourmin", "time_ms", "is_click"]
+    )
     kr.to_csv(root / "KuaiRand-Pure" / "data" / "log_standard_4_08_to_4_21_pure.csv", index=False)
-    args = ["experiment", "main", "--root", str(tmp_path / "res"), "--data-root", str(root), "--datasets", "ml-1m", "ml-20m", "kuairand-pure",
-            "--variants", "fuxi-mme", "fuxi-mme (paper)", "--seeds", "0", "--jobs", "2",
-            "--set", "train.epochs=1", "--set", "data.max_len=16", "--set", "train.device=cpu", "--set", "data.data_dir=" + str(tmp_path / "cache")]
+    args = [
+        "experiment",
+        "main",
+        "--root",
+        str(tmp_path / "res"),
+        "--data-root",
+        str(root),
+        "--datasets",
+        "ml-1m",
+        "ml-20m",
+        "kuairand-pure",
+        "--variants",
+        "fuxi-mme",
+        "fuxi-mme (paper)",
+        "--seeds",
+        "0",
+        "--jobs",
+        "2",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "data.max_len=16",
+        "--set",
+        "train.device=cpu",
+        "--set",
+        "data.data_dir=" + str(tmp_path / "cache"),
+    ]
     assert main(args) == 0, capsys.readouterr()
     assert SUITES["main"].seeds == [0, 1, 2] and SUITES["main"].model_seeds["fuxi-mme"] == [0, 1, 2, 3, 4]  # --seeds did not change the suite
     res = json.loads((tmp_path / "res" / "main.json").read_text())
@@ -210,15 +244,21 @@ def test_suites_measured_around_the_first_defaults_pin_them(tmp_path):
     from fuxi_mme.config import apply_overrides
     from fuxi_mme.presets import build_preset
 
-    cases = (("sweep", "ml-1m-ts70"), ("scaling", "ml-1m-ts70"), ("precision", "amazon-beauty"), ("loss", "amazon-toys"),
-             ("capacity", "amazon-sports"))
+    cases = (
+        ("sweep", "ml-1m-ts70"),
+        ("scaling", "ml-1m-ts70"),
+        ("precision", "amazon-beauty"),
+        ("loss", "amazon-toys"),
+        ("capacity", "amazon-sports"),
+    )
     for name, ds in cases:
         for j in plan(SUITES[name], tmp_path, tmp_path, [], [ds], seeds=[0], check_data=False):
             if j.invalid:  # M=4 on a width of 50
                 continue
             m = j.planned["model"]
-            at_first_defaults = (j.variant in ("default", "first default", "fuxi-mme E=4", "fuxi-mme L=2")
-                                 or (name in ("precision", "loss") and j.variant.startswith("fuxi-mme ")))
+            at_first_defaults = j.variant in ("default", "first default", "fuxi-mme E=4", "fuxi-mme L=2") or (
+                name in ("precision", "loss") and j.variant.startswith("fuxi-mme ")
+            )
             if at_first_defaults:
                 first = (2, build_preset(f"{ds}-fuxi-alpha-base").model.qk_dim, 1.0, True)
                 assert (m["num_embeddings"], m["qk_dim"] * 2, m["ffn_multiply"], m["shared_decoder"]) == first, (name, j.variant)
@@ -253,6 +293,7 @@ def test_sports_and_dropout_suites_pin_their_dropout_and_main_trains_the_chosen_
     """The `sports` suite stays at the large preset as it was (dropout 0.5) and changes one option
     per row; the `dropout` rows train their own value; the main suite's large rows train the
     chosen 0.6 (FuXi-alpha, Fuxi-MME, HSTU), so its seeds 0-2 are the dropout suite's 0.6 runs."""
+
     def planned(suite, ds="amazon-sports"):
         return {j.variant: j.planned for j in plan(SUITES[suite], tmp_path, tmp_path, [], [ds], seeds=[0], check_data=False)}
 
@@ -393,11 +434,19 @@ def test_welch_reading_and_the_published_target():
         protocol = "paper" if "paper" in v else "loo-val"
         return {"dataset": ds, "variant": v, "protocol": protocol, "seeds": 3, "test/NDCG@10": {"mean": mean, "std": std}}
 
-    res = {"results": [e("amazon-toys", "fuxi-alpha", 0.0577, 0.0006), e("amazon-toys", "fuxi-mme", 0.0578, 0.0005),
-                       e("amazon-toys", "fuxi-alpha large", 0.0552, 0.0003), e("amazon-toys", "fuxi-mme large", 0.0600, 0.0001),
-                       e("amazon-toys", "fuxi-mme (sampled loss)", 0.09, 0.0), e("amazon-toys", "fuxi-alpha (sampled loss)", 0.05, 0.001),
-                       e("amazon-toys", "sasrec large", 0.0610, 0.0002), e("amazon-toys", "fuxi-mme d=256", 0.5, 0.0),
-                       e("amazon-beauty", "fuxi-mme", 0.0533, 0.0030)]}
+    res = {
+        "results": [
+            e("amazon-toys", "fuxi-alpha", 0.0577, 0.0006),
+            e("amazon-toys", "fuxi-mme", 0.0578, 0.0005),
+            e("amazon-toys", "fuxi-alpha large", 0.0552, 0.0003),
+            e("amazon-toys", "fuxi-mme large", 0.0600, 0.0001),
+            e("amazon-toys", "fuxi-mme (sampled loss)", 0.09, 0.0),
+            e("amazon-toys", "fuxi-alpha (sampled loss)", 0.05, 0.001),
+            e("amazon-toys", "sasrec large", 0.0610, 0.0002),
+            e("amazon-toys", "fuxi-mme d=256", 0.5, 0.0),
+            e("amazon-beauty", "fuxi-mme", 0.0533, 0.0030),
+        ]
+    }
     table = equal_size_comparison(res)
     assert "| amazon-toys | base | loo-val |" in table and table.count("| level |") == 1
     assert "| amazon-toys | large | loo-val |" in table and "| ahead |" in table
@@ -447,9 +496,12 @@ PLANS = {
 def _plan_fingerprint(jobs, data_root) -> tuple[int, str]:
     import hashlib
 
-    ids = sorted(json.dumps([j.dataset, j.variant, j.seed, [a.replace(str(data_root), "D") for a in j.args], str(j.run_dir), j.invalid, j.planned],
-                            sort_keys=True)
-                 for j in jobs)
+    ids = sorted(
+        json.dumps(
+            [j.dataset, j.variant, j.seed, [a.replace(str(data_root), "D") for a in j.args], str(j.run_dir), j.invalid, j.planned], sort_keys=True
+        )
+        for j in jobs
+    )
     return len(jobs), hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
@@ -521,14 +573,18 @@ def test_packed_logs_keep_the_tables_and_the_curves(tmp_path):
     logs += _fake_runs(jobs[1:], 2.5)  # a later run, packed into the same archive
     assert pack_logs(tmp_path / "ablation") == 2
     with tarfile.open(tmp_path / "ablation" / "logs.tar.xz") as tar:
-        assert sorted(tar.getnames()) == ["demo/fuxi-alpha/seed0.log", "demo/fuxi-alpha/seed0/metrics.columns.json",
-                                          "demo/fuxi-alpha/seed1.log", "demo/fuxi-alpha/seed1/metrics.columns.json"]
+        assert sorted(tar.getnames()) == [
+            "demo/fuxi-alpha/seed0.log",
+            "demo/fuxi-alpha/seed0/metrics.columns.json",
+            "demo/fuxi-alpha/seed1.log",
+            "demo/fuxi-alpha/seed1/metrics.columns.json",
+        ]
     assert json.loads((tmp_path / "ablation" / "train_seconds.json").read_text()) == {"demo/fuxi-alpha/seed0": 3.0, "demo/fuxi-alpha/seed1": 5.0}
     assert [read_records(j.run_dir) for j in jobs] == logs
     (tmp_path / "ablation" / "logs.tar.xz").unlink()  # the tables never read the archive
     assert [train_seconds(j.run_dir) for j in jobs] == [3.0, 5.0]
     after = aggregate(suite, jobs, tmp_path, [], "c", now="t")
-    assert after["results"][0]["train_seconds"] == {"mean": 4.0, "std": pytest.approx(2 ** 0.5)} and after["results"][0]["seeds"] == 2
+    assert after["results"][0]["train_seconds"] == {"mean": 4.0, "std": pytest.approx(2**0.5)} and after["results"][0]["seeds"] == 2
     assert read_records(jobs[0].run_dir) == [] and train_seconds(tmp_path / "elsewhere" / "run") is None
 
 
@@ -545,15 +601,27 @@ def test_packed_logs_come_back_byte_for_byte(tmp_path):
 
     recs = []
     for e in range(1, 6):
-        recs.append({"kind": "train", "epoch": e, "step": 175 * e, "loss": float(np.float32(10 / e)), "lr": 0.001,
-                     "seq_per_s": 22363 / (1.3 + e / 7), "epoch_seconds": 1.3 + e / 7, "load": [float(np.float32(1 / 3)), 0.1 * e],
-                     "gpu_mem_gb": (1234567 * e) / 2**30, "ok": True, "note": None})
+        recs.append(
+            {
+                "kind": "train",
+                "epoch": e,
+                "step": 175 * e,
+                "loss": float(np.float32(10 / e)),
+                "lr": 0.001,
+                "seq_per_s": 22363 / (1.3 + e / 7),
+                "epoch_seconds": 1.3 + e / 7,
+                "load": [float(np.float32(1 / 3)), 0.1 * e],
+                "gpu_mem_gb": (1234567 * e) / 2**30,
+                "ok": True,
+                "note": None,
+            }
+        )
         recs.append({"kind": "valid", "epoch": e, "HR@10": (100 + e) / 22363, "NDCG@10": 0.1 / e, "users": 22363})
     text = "".join(json.dumps(r) + "\n" for r in recs) + json.dumps({"kind": "test", "MRR": float("nan")}) + "\n"
     doc = encode_columns(text)
     assert doc is not None and decode_columns(json.loads(json.dumps(doc))) == text
     assert len(json.dumps(doc, separators=(",", ":"))) < len(text)
-    assert encode_columns('{"a":1}\n') is None and encode_columns("{\"a\": 1}") is None  # not as written by json.dumps
+    assert encode_columns('{"a":1}\n') is None and encode_columns('{"a": 1}') is None  # not as written by json.dumps
 
     for suite, variant in (("main", "a"), ("copy", "b")):
         run = tmp_path / suite / "demo" / variant / "seed0"

@@ -18,8 +18,8 @@ import pytest
 from conftest import tiny_config
 from fuxi_mme.cli import main
 from fuxi_mme.data import load_dataset
-from fuxi_mme.train import checkpoint as ck
 from fuxi_mme.runs import load_run, load_trained
+from fuxi_mme.train import checkpoint as ck
 from fuxi_mme.train.run import train
 from fuxi_mme.utils.integrity import verify_manifest
 

@@ -88,7 +88,7 @@ def test_kuairand_standard_logs(tmp_path):
     pd.DataFrame([(99, 1, 0, 0, 1649390000000, 1, 1)], columns=cols).to_csv(d / "log_random_4_22_to_5_08_pure.csv", index=False)
     ds = _load("kuairand-pure", tmp_path / "KuaiRand-Pure", tmp_path)
     assert ds.stats["users"] == 6 and ds.stats["interactions"] == 48 and ds.has_timestamps
-    seq = ds.items[ds.offsets[0]:ds.offsets[1]]
+    seq = ds.items[ds.offsets[0] : ds.offsets[1]]
     raw = ds.item_raw[seq]
     assert list(raw) == [100, 101, 102, 103, 104, 105, 200, 201]  # time_ms order across files
     bad = tmp_path / "bad"
@@ -134,7 +134,7 @@ def test_s3rec_and_sasrec_sequence_files_agree(tmp_path):
     b = _load("amazon-beauty", sas, tmp_path)
     assert not a.has_timestamps and not b.has_timestamps
     assert (a.items == b.items).all() and (a.offsets == b.offsets).all()
-    assert list(a.item_raw[a.items[a.offsets[1]:a.offsets[2]]]) == [3, 3, 8, 1, 4, 6]  # repeats kept, order kept
+    assert list(a.item_raw[a.items[a.offsets[1] : a.offsets[2]]]) == [3, 3, 8, 1, 4, 6]  # repeats kept, order kept
 
 
 def test_sequence_file_malformed(tmp_path):

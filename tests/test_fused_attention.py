@@ -118,17 +118,19 @@ def test_fused_skips_padding_and_matches_reference_with_lengths(kind, groups, sh
     assert (args[0].grad.transpose(1, 2)[~rows[::groups]] == 0).all()  # no gradient into padding's queries
 
 
-@pytest.mark.parametrize("model,bias", [("fuxi-alpha", "kernel"), ("fuxi-mme", "kernel"), ("hstu", "kernel"), ("fuxi-alpha", "matmul"), ("fuxi-mme", "matmul")])
+@pytest.mark.parametrize(
+    "model,bias", [("fuxi-alpha", "kernel"), ("fuxi-mme", "kernel"), ("hstu", "kernel"), ("fuxi-alpha", "matmul"), ("fuxi-mme", "matmul")]
+)
 def test_models_train_the_same_with_the_fused_kernel(model, bias, monkeypatch):
     """model.attention=fused: same loss and gradients as the reference on a tiny model (FuXi
     bias channels in the kernels or as products outside)."""
     monkeypatch.setattr(fa, "BIAS_CHANNELS", bias)
+    import numpy as np
+
     from conftest import tiny_config
     from fuxi_mme.data import load_dataset
     from fuxi_mme.models import build_model
     from fuxi_mme.train.loop import Trainer
-
-    import numpy as np
 
     grads = []
     for mode in ("reference", "fused"):

@@ -88,8 +88,19 @@ def _steps(model: str, graphs: str, amp: str, grad_accum: int = 1, attention: st
     from fuxi_mme.models import build_model
     from fuxi_mme.train.loop import Trainer
 
-    cfg = tiny_config(model, **{"train.device": "cuda", "train.cuda_graphs": graphs, "train.amp": amp, "train.grad_accum": grad_accum,
-                                "train.tf32": False, "model.attention": attention, "data.max_len": 32, **over})
+    cfg = tiny_config(
+        model,
+        **{
+            "train.device": "cuda",
+            "train.cuda_graphs": graphs,
+            "train.amp": amp,
+            "train.grad_accum": grad_accum,
+            "train.tf32": False,
+            "model.attention": attention,
+            "data.max_len": 32,
+            **over,
+        },
+    )
     ds = load_dataset(cfg.data)
     torch.manual_seed(0)
     net = build_model(cfg.model, ds.num_items, cfg.data.max_len).cuda()
@@ -154,7 +165,9 @@ def test_a_capture_that_fails_half_way_leaves_eager_training_working():
     from fuxi_mme.models import build_model
     from fuxi_mme.train.loop import Trainer
 
-    cfg = tiny_config("fuxi-alpha", **{"train.device": "cuda", "train.cuda_graphs": "on", "train.compile": False, "model.dropout": 0.3, "data.max_len": 32})
+    cfg = tiny_config(
+        "fuxi-alpha", **{"train.device": "cuda", "train.cuda_graphs": "on", "train.compile": False, "model.dropout": 0.3, "data.max_len": 32}
+    )
     ds = load_dataset(cfg.data)
     torch.manual_seed(0)
     net = build_model(cfg.model, ds.num_items, cfg.data.max_len).cuda()
@@ -237,8 +250,10 @@ def test_compiled_grouped_gemm_experts_inside_cuda_graphs():
     np.testing.assert_allclose(graph, eager, rtol=3e-2)
 
 
-@pytest.mark.parametrize("compile_,model,over", [(False, "fuxi-alpha", {}), ("auto", "fuxi-alpha", {}), ("auto", "fuxi-mme", {}),
-                                                 (True, "fuxi-mme", {"model.moe.placement": "u"})])
+@pytest.mark.parametrize(
+    "compile_,model,over",
+    [(False, "fuxi-alpha", {}), ("auto", "fuxi-alpha", {}), ("auto", "fuxi-mme", {}), (True, "fuxi-mme", {"model.moe.placement": "u"})],
+)
 def test_dropout_masks_change_between_graph_replays(compile_, model, over):
     """With dropout, replaying a recorded step must draw new masks (graph-safe RNG), also for
     the compiled model's own random kernels: the same batch with the same negatives and
@@ -252,7 +267,9 @@ def test_dropout_masks_change_between_graph_replays(compile_, model, over):
 
     losses = {}
     for p in (0.0, 0.5):
-        cfg = tiny_config(model, **{"train.device": "cuda", "train.cuda_graphs": "on", "train.compile": compile_, "model.dropout": p, "data.max_len": 32, **over})
+        cfg = tiny_config(
+            model, **{"train.device": "cuda", "train.cuda_graphs": "on", "train.compile": compile_, "model.dropout": p, "data.max_len": 32, **over}
+        )
         ds = load_dataset(cfg.data)
         torch.manual_seed(0)
         tr = Trainer(cfg, ds, build_model(cfg.model, ds.num_items, cfg.data.max_len).cuda(), torch.device("cuda"), None, progress=False)

@@ -191,6 +191,7 @@ def test_a_failing_compiled_model_is_replaced_by_the_plain_one(caplog):
     tr.graphed = tr.make_graphed_step(ReplayEagerly)
     assert [v.name for v in tr.graphed.variants] == ["plain"]  # nothing compiled on the CPU
     tr.graphed.variants.insert(0, StepVariant("compiled", broken, compiled=True))
+
     # the stand-in capture runs the compiled step once (the real one warms up and captures it),
     # which is where a compiled model fails
     def capture(key, bufs):

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fuxi_mme.config import Config, ConfigError, apply_overrides, config_from_dict, validate
+from fuxi_mme.data.batches import make_batch
 from fuxi_mme.data.prepared import build_prepared
 from fuxi_mme.data.repeats import apply_repeats, repeat_flags, repeat_summary
-from fuxi_mme.data.batches import make_batch
 from fuxi_mme.data.splits import eval_arrays
 from fuxi_mme.eval.evaluator import NonFiniteScores, evaluate_split, popularity_scorer, rank_split, resolve_history
 from fuxi_mme.eval.metrics import ranks_from_scores
@@ -173,8 +173,13 @@ def test_distributed_evaluation_equals_one_process_under_every_setting(tmp_path)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "out.json")],
-                       env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "out.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     for mode in ("mask", "keep"):
@@ -218,9 +223,9 @@ def test_old_filter_history_values_still_load(caplog):
 
 
 def test_non_finite_scores_never_lift_a_target():
-    scores = torch.tensor([[-torch.inf, 0.5, float("nan"), 0.1, 0.2],
-                           [-torch.inf, float("nan"), 0.3, 0.1, 0.2],
-                           [-torch.inf, 0.5, torch.inf, 0.1, 0.2]])
+    scores = torch.tensor(
+        [[-torch.inf, 0.5, float("nan"), 0.1, 0.2], [-torch.inf, float("nan"), 0.3, 0.1, 0.2], [-torch.inf, 0.5, torch.inf, 0.1, 0.2]]
+    )
     ranks = ranks_from_scores(scores, torch.tensor([3, 1, 1]))
     # row 0: 0.5, 0.2 and the NaN outrank 0.1; row 1: the target's score is NaN: last (5
     # columns); row 2: +inf outranks 0.5

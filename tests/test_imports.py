@@ -176,9 +176,7 @@ def test_attention_paths_do_not_import_each_other():
 def test_no_import_cycles():
     graph = import_graph()
     found = cycles(graph)
-    assert not found, "import cycles in the package:\n" + "\n".join(
-        _describe(graph, c) for c in found
-    )
+    assert not found, "import cycles in the package:\n" + "\n".join(_describe(graph, c) for c in found)
 
 
 @pytest.mark.parametrize("module", sorted(set(MODULES) - ENTRY_POINTS))

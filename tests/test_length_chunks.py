@@ -28,8 +28,18 @@ def first_step(model: str, chunks: int, **over):
     return float(loss.detach()), grads, extra
 
 
-@pytest.mark.parametrize("model,over", [("fuxi-alpha", {}), ("hstu", {}), ("sasrec", {}), ("llama", {}), ("fuxi-mme", {}),
-                                        ("fuxi-mme", {"model.moe.balance": "aux_free"}), ("fuxi-alpha", {"train.loss": "full"})])
+@pytest.mark.parametrize(
+    "model,over",
+    [
+        ("fuxi-alpha", {}),
+        ("hstu", {}),
+        ("sasrec", {}),
+        ("llama", {}),
+        ("fuxi-mme", {}),
+        ("fuxi-mme", {"model.moe.balance": "aux_free"}),
+        ("fuxi-alpha", {"train.loss": "full"}),
+    ],
+)
 def test_chunked_step_equals_the_full_width_step(model, over):
     loss1, g1, x1 = first_step(model, 1, **over)
     loss4, g4, x4 = first_step(model, 4, **over)

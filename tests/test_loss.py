@@ -114,7 +114,7 @@ def test_full_softmax_training_draws_no_negatives_and_learns():
 
 
 def test_unknown_loss_is_refused():
-    from fuxi_mme.config import ConfigError, Config, validate
+    from fuxi_mme.config import Config, ConfigError, validate
 
     cfg = Config()
     cfg.train.loss = "bpr"

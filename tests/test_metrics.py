@@ -83,7 +83,6 @@ def test_length_sorted_batches_rank_as_one_row_at_a_time(model):
     """Evaluation batches take rows shortest first, each padded to its own longest sequence: the
     ranks equal scoring every row alone at its own length, in the rows' order."""
     from conftest import tiny_config
-
     from fuxi_mme.data import load_dataset
     from fuxi_mme.data.splits import eval_arrays
     from fuxi_mme.eval.evaluator import model_scorer

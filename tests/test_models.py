@@ -77,8 +77,18 @@ MME_OPTIONS = list(
 @pytest.mark.parametrize("M,shared,combine,E,placement", [o for o in MME_OPTIONS if o[3] or o[4] == "ffn"])
 def test_fuxi_mme_option_combinations(M, shared, combine, E, placement):
     torch.manual_seed(0)
-    moe = MoEConfig(num_experts=E, top_k=2, placement=placement, shared_expert=(M == 2), router_noise=0.1 if M == 4 else 0.0, stream_embedding=(M > 1), balance="aux_free" if placement == "u" else "aux_loss")
-    cfg = cfg_for("fuxi-mme", num_embeddings=M, shared_decoder=shared, combine=combine, moe=moe, qk_dim=4, v_dim=4, num_heads=1, shared_positions=(M == 4))
+    moe = MoEConfig(
+        num_experts=E,
+        top_k=2,
+        placement=placement,
+        shared_expert=(M == 2),
+        router_noise=0.1 if M == 4 else 0.0,
+        stream_embedding=(M > 1),
+        balance="aux_free" if placement == "u" else "aux_loss",
+    )
+    cfg = cfg_for(
+        "fuxi-mme", num_embeddings=M, shared_decoder=shared, combine=combine, moe=moe, qk_dim=4, v_dim=4, num_heads=1, shared_positions=(M == 4)
+    )
     model = build_model(cfg, I, N)
     out = model(*batch())
     assert out.shape == (3, 10, 16)

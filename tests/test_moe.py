@@ -247,8 +247,17 @@ def test_fuxi_mme_loss_and_gradients_do_not_depend_on_computing_padding(placemen
     from fuxi_mme.models import build_model
     from fuxi_mme.models.moe import MoE
 
-    cfg = ModelConfig(name="fuxi-mme", dim=16, num_layers=2, num_heads=2, qk_dim=4, v_dim=4, dropout=0.0, num_embeddings=2,
-                      moe=MoEConfig(num_experts=4, top_k=2, placement=placement, backend="batched"))
+    cfg = ModelConfig(
+        name="fuxi-mme",
+        dim=16,
+        num_layers=2,
+        num_heads=2,
+        qk_dim=4,
+        v_dim=4,
+        dropout=0.0,
+        num_embeddings=2,
+        moe=MoEConfig(num_experts=4, top_k=2, placement=placement, backend="batched"),
+    )
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 41, (4, 9), generator=g)
     ids[0, 5:] = 0

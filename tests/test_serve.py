@@ -96,7 +96,11 @@ def test_cli_recommend_for_a_file_of_users(run_dir, rec, tmp_path, capsys, suffi
     rows.append({"user": "ghost", "item": 999_999, "timestamp": 1})  # no known item: skipped, reported
     inp = tmp_path / f"in{suffix}"
     df = pd.DataFrame(rows)
-    {".csv": lambda: df.to_csv(inp, index=False), ".parquet": lambda: df.to_parquet(inp), ".jsonl": lambda: df.to_json(inp, orient="records", lines=True)}[suffix]()
+    {
+        ".csv": lambda: df.to_csv(inp, index=False),
+        ".parquet": lambda: df.to_parquet(inp),
+        ".jsonl": lambda: df.to_json(inp, orient="records", lines=True),
+    }[suffix]()
     out = tmp_path / f"out{suffix}"
     assert main(["recommend", "--run", str(run_dir), "--input", str(inp), "--output", str(out), "-k", "4"]) == 0
     cap = capsys.readouterr()
@@ -111,6 +115,7 @@ def test_cli_recommend_for_a_file_of_users(run_dir, rec, tmp_path, capsys, suffi
 
 
 # ---------------------------------------------------------------- HTTP service
+
 
 @pytest.fixture(scope="module")
 def client(rec):
@@ -181,7 +186,7 @@ def test_bad_inputs_get_clear_4xx(client, rec):
     assert len(long_q.history) > rec.max_len
     r = client.post("/recommend", json={"history": long_q.history, "timestamps": long_q.timestamps, "k": 5})
     assert r.status_code == 200 and r.json()["truncated"] == len(long_q.history) - rec.max_len
-    recent = rec.recommend([Query(long_q.history[-rec.max_len:], long_q.timestamps[-rec.max_len:], k=5, exclude_seen=False)])[0]
+    recent = rec.recommend([Query(long_q.history[-rec.max_len :], long_q.timestamps[-rec.max_len :], k=5, exclude_seen=False)])[0]
     r2 = client.post("/recommend", json={"history": long_q.history, "timestamps": long_q.timestamps, "k": 5, "exclude_seen": False})
     assert [x["item"] for x in r2.json()["items"]] == [x["item"] for x in recent["items"]]
 
@@ -212,6 +217,7 @@ def test_serve_binds_to_localhost_by_default():
 
 # ---------------------------------------------------------------- demo page in Chromium
 
+
 def test_demo_page_end_to_end_in_headless_chromium(rec, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -235,8 +241,17 @@ def test_demo_page_end_to_end_in_headless_chromium(rec, tmp_path):
         time.sleep(0.05)
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"):
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         opts.add_argument(a)
     drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_bin))
     try:

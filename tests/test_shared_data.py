@@ -42,11 +42,13 @@ def test_ml1m_ts70_every_user_keeps_two_targets():
 
 
 def test_a_short_fuxi_mme_run_on_ml100k(tmp_path):
-    cfg = tiny_config("fuxi-mme", **{"data.name": "ml-100k", "data.path": str(shared("ml-100k")), "data.max_len": 50, "train.epochs": 1, "log.run_dir": str(tmp_path / "r")})
+    cfg = tiny_config(
+        "fuxi-mme",
+        **{"data.name": "ml-100k", "data.path": str(shared("ml-100k")), "data.max_len": 50, "train.epochs": 1, "log.run_dir": str(tmp_path / "r")},
+    )
     res = train(cfg)
     assert res["test"]["users"] == 943 and 0 <= res["test"]["NDCG@10"] <= 1
     assert res["test"]["HR@200"] > 0.2  # far above chance (200 / 1682 ~ 0.12)
-
 
 
 def test_ml1m_movies_titles_are_decoded_from_latin1():

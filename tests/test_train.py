@@ -8,8 +8,8 @@ from conftest import tiny_config
 from fuxi_mme.cli import main
 from fuxi_mme.data import load_dataset
 from fuxi_mme.models import build_model
-from fuxi_mme.train.loop import Trainer
 from fuxi_mme.runs import evaluate_run, load_run
+from fuxi_mme.train.loop import Trainer
 from fuxi_mme.train.run import train
 
 
@@ -79,8 +79,28 @@ def test_demo_training_clearly_beats_popularity(tmp_path):
 
 def test_cli_train_evaluate_presets_and_errors(tmp_path, capsys):
     run = tmp_path / "cli"
-    args = ["train", "--model", "fuxi-alpha", "--run-dir", str(run), "--epochs", "1", "--no-progress", "--device", "cpu",
-            "--set", "data.demo_users=150", "--set", "data.max_len=10", "--set", "model.dim=8", "--set", "model.qk_dim=8", "--set", "model.v_dim=8"]
+    args = [
+        "train",
+        "--model",
+        "fuxi-alpha",
+        "--run-dir",
+        str(run),
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--set",
+        "data.demo_users=150",
+        "--set",
+        "data.max_len=10",
+        "--set",
+        "model.dim=8",
+        "--set",
+        "model.qk_dim=8",
+        "--set",
+        "model.v_dim=8",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "NDCG@10" in out and "test" in out and "loo-val" in out
@@ -102,9 +122,30 @@ def test_cli_trains_on_a_user_file(tmp_path, capsys):
     rng = np.random.default_rng(0)
     lines = ["uid\tmovie\twhen"] + [f"u{u}\tm{rng.integers(30)}\t{1000 + 10 * j}" for u in range(60) for j in range(8)]
     (tmp_path / "log.tsv").write_text("\n".join(lines) + "\n")
-    args = ["train", "--data-path", str(tmp_path / "log.tsv"), "--run-dir", str(tmp_path / "r"), "--epochs", "1", "--no-progress",
-            "--set", "data.user_col=uid", "--set", "data.item_col=movie", "--set", "data.time_col=when", "--set", "data.max_len=8",
-            "--set", "model.dim=8", "--set", "model.qk_dim=4", "--set", "model.v_dim=4"]
+    args = [
+        "train",
+        "--data-path",
+        str(tmp_path / "log.tsv"),
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--set",
+        "data.user_col=uid",
+        "--set",
+        "data.item_col=movie",
+        "--set",
+        "data.time_col=when",
+        "--set",
+        "data.max_len=8",
+        "--set",
+        "model.dim=8",
+        "--set",
+        "model.qk_dim=4",
+        "--set",
+        "model.v_dim=4",
+    ]
     assert main(args) == 0
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["dataset"] == "file"
 

@@ -48,7 +48,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model family: fuxi-mme, fuxi-alpha, hstu, sasrec, llama, popularity")
     p.add_argument("--size", choices=("base", "large"), help="model size of the preset")
     p.add_argument("--config", help="YAML file with sections data:, model:, train:, eval:, log:")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override any config field (repeatable), e.g. --set model.moe.num_experts=8")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any config field (repeatable), e.g. --set model.moe.num_experts=8",
+    )
     p.add_argument("--data-path", "--source", dest="data_path", help="a user interactions file, or a named dataset's folder, file, archive or URL")
     p.add_argument("--data-dir", help="cache folder for prepared datasets (env FUXI_MME_DATA)")
     p.add_argument("--protocol", choices=("loo-val", "paper"))
@@ -61,7 +68,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--amp", choices=("none", "bf16"), help="bf16 autocast with fp32 master weights")
     g.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls on GPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model on every step (default auto: compiled inside the CUDA graphs on a GPU)")
+    g.add_argument(
+        "--compile", action="store_true", help="torch.compile the model on every step (default auto: compiled inside the CUDA graphs on a GPU)"
+    )
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
     g.add_argument("--schedule", choices=("constant", "cosine"), help="learning-rate schedule (cosine: warmup + cosine decay)")
     g.add_argument("--warmup-steps", type=int)
@@ -146,7 +155,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .runs import evaluate_run
 
     res = evaluate_run(args.run, args.split, args.checkpoint, args.device or "auto")
-    print(metrics_table(split_rows(args.split, res[args.split]), f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, checkpoint {res['checkpoint']}"))
+    print(
+        metrics_table(
+            split_rows(args.split, res[args.split]), f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, checkpoint {res['checkpoint']}"
+        )
+    )
     if args.json:
         print(json.dumps(res, indent=2))
     return 0
@@ -169,7 +182,11 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     print(f"dataset {ds.name}  (cache: {ds.cache_dir})")
     print(f"  users {st['users']:,}   items {st['items']:,}   interactions {st['interactions']:,}")
     pct = st["seq_len_percentiles"]
-    print("  sequence length: mean {:.1f}; min {:.0f}, p25 {:.0f}, median {:.0f}, p75 {:.0f}, p90 {:.0f}, p99 {:.0f}, max {:.0f}".format(st["seq_len_mean"], *[pct[k] for k in ("0", "25", "50", "75", "90", "99", "100")]))
+    print(
+        "  sequence length: mean {:.1f}; min {:.0f}, p25 {:.0f}, median {:.0f}, p75 {:.0f}, p90 {:.0f}, p99 {:.0f}, max {:.0f}".format(
+            st["seq_len_mean"], *[pct[k] for k in ("0", "25", "50", "75", "90", "99", "100")]
+        )
+    )
     if ds.has_timestamps:
         import datetime as dt
 
@@ -236,7 +253,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 if (root / s.name).is_dir():
                     print(f"{root / s.name}: packed {pack_logs(root / s.name)} per-epoch log files into logs.tar.xz")
         commit = git_commit()
-        results = [aggregate(s, plan(s, root, data_root, args.overrides, args.datasets, check_data=False, variants=args.variants), root, [], commit) for s in suites]
+        results = [
+            aggregate(s, plan(s, root, data_root, args.overrides, args.datasets, check_data=False, variants=args.variants), root, [], commit)
+            for s in suites
+        ]
         write_docs(root, docs)
     else:
         results = run_suites(suites, root, data_root, args.jobs, args.overrides, args.datasets, docs=docs, variants=args.variants)
@@ -262,8 +282,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
         if not args.output:
             raise ValueError("--input needs --output FILE (.csv, .tsv, .parquet or .jsonl)")
-        st = recommend_file(rec, args.input, args.output, args.k, args.exclude_seen, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col)
-        print(f"wrote {st['rows']:,} recommendations for {st['users']:,} users to {args.output}" + (f" ({st['skipped']} skipped, see above)" if st["skipped"] else ""))
+        st = recommend_file(
+            rec, args.input, args.output, args.k, args.exclude_seen, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col
+        )
+        print(
+            f"wrote {st['rows']:,} recommendations for {st['users']:,} users to {args.output}"
+            + (f" ({st['skipped']} skipped, see above)" if st["skipped"] else "")
+        )
         return 0
     if args.user is not None:
         q = rec.history_of(args.user)
@@ -300,8 +325,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--exported serves on the CPU (the export is a CPU program); drop --device {args.device} or serve the run with --run")
     if args.runtime != "program" and not args.exported:
         raise ValueError("--runtime applies to --exported DIR; a run (--run) is served by the eager model")
-    serve(args.run, args.host, args.port, args.checkpoint, args.device or "cpu", args.unknown_items, args.max_batch, args.max_wait_ms, args.max_body_kb * 1024,
-          exported=args.exported, runtime=args.runtime)
+    serve(
+        args.run,
+        args.host,
+        args.port,
+        args.checkpoint,
+        args.device or "cpu",
+        args.unknown_items,
+        args.max_batch,
+        args.max_wait_ms,
+        args.max_body_kb * 1024,
+        exported=args.exported,
+        runtime=args.runtime,
+    )
     return 0
 
 
@@ -340,28 +376,63 @@ def make_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True)
     for name, helptext in (("info", "prepare (cached) and describe a dataset"), ("prepare", "prepare a dataset into the cache")):
         di = dsub.add_parser(name, help=helptext)
-        di.add_argument("name", nargs="?", help="dataset name (demo, ml-100k, ml-1m, ml-1m-ts70, ml-20m, kuairand-pure, kuairand-1k, amazon-beauty, amazon-<category>, file); `file` or omitted with --source reads your own file")
-        di.add_argument("--source", "--data-path", dest="data_path", help="folder, file, archive (.zip/.tar.gz) or http(s) URL; omitted: <data-dir>/raw/NAME, else the official download")
+        di.add_argument(
+            "name",
+            nargs="?",
+            help="dataset name (demo, ml-100k, ml-1m, ml-1m-ts70, ml-20m, kuairand-pure, kuairand-1k, amazon-beauty, amazon-<category>, file); `file` or omitted with --source reads your own file",
+        )
+        di.add_argument(
+            "--source",
+            "--data-path",
+            dest="data_path",
+            help="folder, file, archive (.zip/.tar.gz) or http(s) URL; omitted: <data-dir>/raw/NAME, else the official download",
+        )
         di.add_argument("--data-dir", help="cache folder (env FUXI_MME_DATA)")
-        di.add_argument("--ordering", default="stable", choices=("stable", "hstu"), help="stable: ties keep file order (default); hstu: imitate the published HSTU/FuXi code's unstable sort")
+        di.add_argument(
+            "--ordering",
+            default="stable",
+            choices=("stable", "hstu"),
+            help="stable: ties keep file order (default); hstu: imitate the published HSTU/FuXi code's unstable sort",
+        )
         di.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.FIELD=VALUE")
         if name == "prepare":
             di.add_argument("--rebuild", action="store_true", help="prepare the data again and replace the cached copy")
         di.set_defaults(func=cmd_data_info)
 
-    x = sub.add_parser("experiment", help="run a suite of runs (main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, ...) and aggregate over seeds")
-    x.add_argument("suite", nargs="+", help="main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, precision or loss; several run as one queue. Finished runs are skipped; "
-                   "a finished run made with other settings than the suite now asks for (a changed preset default) is run again, the old one kept as seed<k>.stale")
+    x = sub.add_parser(
+        "experiment",
+        help="run a suite of runs (main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, ...) and aggregate over seeds",
+    )
+    x.add_argument(
+        "suite",
+        nargs="+",
+        help="main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, precision or loss; several run as one queue. Finished runs are skipped; "
+        "a finished run made with other settings than the suite now asks for (a changed preset default) is run again, the old one kept as seed<k>.stale",
+    )
     x.add_argument("--root", default="experiments", help="folder for the runs and the aggregated results")
     x.add_argument("--data-root", help="folder with the dataset files (the layout of ../shared/data)")
-    x.add_argument("--jobs", type=int, default=1, help="runs at once, longest first, each on the visible GPU with the fewest running (several small runs share one GPU)")
-    x.add_argument("--seeds", type=int, nargs="+", help="the seeds of every variant, run and aggregated (default: the suite's, e.g. main: 5 for FuXi-alpha and Fuxi-MME, 3 for the others)")
+    x.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, longest first, each on the visible GPU with the fewest running (several small runs share one GPU)",
+    )
+    x.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="the seeds of every variant, run and aggregated (default: the suite's, e.g. main: 5 for FuXi-alpha and Fuxi-MME, 3 for the others)",
+    )
     x.add_argument("--datasets", nargs="+", help="the suite's datasets, or others (ml-1m, ml-20m, kuairand-pure, ... from --data-root or downloaded)")
     x.add_argument("--variants", nargs="+", help="a subset of the suite's variants (names as in its tables)")
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="applied to every run")
     x.add_argument("--aggregate-only", action="store_true", help="only aggregate finished runs under --root")
-    x.add_argument("--pack-logs", action="store_true", help="with --aggregate-only: first move the runs' per-epoch logs into <root>/<suite>/logs.tar.xz "
-                   "(a run keeps config.json, run.json, metrics.json; running a suite does this by itself)")
+    x.add_argument(
+        "--pack-logs",
+        action="store_true",
+        help="with --aggregate-only: first move the runs' per-epoch logs into <root>/<suite>/logs.tar.xz "
+        "(a run keeps config.json, run.json, metrics.json; running a suite does this by itself)",
+    )
     x.add_argument("--docs", help="Markdown page with every suite's tables and plots (default <root>/results.md)")
     x.set_defaults(func=cmd_experiment)
 
@@ -384,8 +455,13 @@ def make_parser() -> argparse.ArgumentParser:
     rc.add_argument("-k", "--k", type=int, default=10)
     seen = rc.add_mutually_exclusive_group()
     seen.add_argument("--include-seen", dest="exclude_seen", action="store_false", default=None, help="allow items of the history in the results")
-    seen.add_argument("--exclude-seen", dest="exclude_seen", action="store_true", help="leave items of the history out of the results "
-                      "(default: as the run's evaluation, eval.history: excluded unless the data has repeat consumption)")
+    seen.add_argument(
+        "--exclude-seen",
+        dest="exclude_seen",
+        action="store_true",
+        help="leave items of the history out of the results "
+        "(default: as the run's evaluation, eval.history: excluded unless the data has repeat consumption)",
+    )
     rc.add_argument("--unknown-items", default="report", choices=("report", "ignore", "reject"))
     rc.add_argument("--checkpoint", default="auto")
     rc.add_argument("--device")
@@ -396,7 +472,9 @@ def make_parser() -> argparse.ArgumentParser:
     what = sv.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", metavar="RUN_DIR", help="serve a trained run (eager model)")
     what.add_argument("--exported", metavar="DIR", help="serve a `fuxi-mme export` folder on the CPU (no run folder needed)")
-    sv.add_argument("--runtime", default="program", choices=("program", "aoti"), help="with --exported: the torch.export program or the AOTInductor package")
+    sv.add_argument(
+        "--runtime", default="program", choices=("program", "aoti"), help="with --exported: the torch.export program or the AOTInductor package"
+    )
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--checkpoint", default="auto")

@@ -85,7 +85,9 @@ class ModelConfig:
     # N in the semantic channel's phi(q k^T) / N: 0 is the padded length (data.max_len; docs/models.md#attention-channels); a
     # positive value divides by it instead (e.g. about the mean sequence length on short-sequence data)
     attention_norm: float = 0.0
-    attention: str = "auto"  # "reference" (PyTorch), "fused" (Triton kernel, GPU), "auto" (the reference: faster in the whole step, see docs/performance.md)
+    attention: str = (
+        "auto"  # "reference" (PyTorch), "fused" (Triton kernel, GPU), "auto" (the reference: faster in the whole step, see docs/performance.md)
+    )
     # Fuxi-MME
     num_embeddings: int = 1  # M: item sub-tables of width dim / M
     shared_decoder: bool = True  # one stack for all streams (folded into the batch) or one per stream
@@ -352,9 +354,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     m = cfg.model
     if m.num_embeddings < 1 or m.dim % m.num_embeddings:
-        raise ConfigError(
-            f"model.num_embeddings={m.num_embeddings} must be >= 1 and divide model.dim={m.dim}"
-        )
+        raise ConfigError(f"model.num_embeddings={m.num_embeddings} must be >= 1 and divide model.dim={m.dim}")
     if m.moe.num_experts and not (1 <= m.moe.top_k <= m.moe.num_experts):
         raise ConfigError(f"model.moe.top_k={m.moe.top_k} must be in 1..model.moe.num_experts={m.moe.num_experts}")
     positive = {
@@ -375,7 +375,9 @@ def validate(cfg: Config) -> None:
     if lc != "auto" and not (lc.isdigit() and int(lc) >= 1):
         raise ConfigError(f"train.length_chunks={lc!r} must be auto or a whole number of at least 1")
     if m.attention_norm < 0:
-        raise ConfigError(f"model.attention_norm={m.attention_norm} must be 0 (the padded length, docs/models.md#attention-channels) or a positive divisor")
+        raise ConfigError(
+            f"model.attention_norm={m.attention_norm} must be 0 (the padded length, docs/models.md#attention-channels) or a positive divisor"
+        )
     if cfg.train.temperature <= 0:
         raise ConfigError(f"train.temperature={cfg.train.temperature} must be positive")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:

@@ -122,5 +122,12 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "au
     scorer = popularity_scorer(ds, cfg.data.protocol, dev) if model is None else model_scorer(model, amp)
     history, why = resolve_history(cfg.eval.history, ds, cfg.data.protocol)
     m = evaluate_split(scorer, arrs, ds, split=split, history=history, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, device=dev)
-    return {"protocol": cfg.data.protocol, "split": split, "checkpoint": checkpoint, "model": cfg.model.name, "dataset": ds.name,
-            "eval_history": {"mode": history, "why": why}, split: m}
+    return {
+        "protocol": cfg.data.protocol,
+        "split": split,
+        "checkpoint": checkpoint,
+        "model": cfg.model.name,
+        "dataset": ds.name,
+        "eval_history": {"mode": history, "why": why},
+        split: m,
+    }

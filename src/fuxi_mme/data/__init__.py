@@ -9,6 +9,7 @@ import numpy as np
 
 from ..config import DataConfig
 from . import demo
+from .download import Remote, fetch, is_archive, is_url, safe_extract
 from .prepared import (
     PreparedDataset,
     build_prepared,
@@ -19,7 +20,6 @@ from .prepared import (
     save_prepared,
 )
 from .repeats import apply_repeats
-from .download import Remote, fetch, is_archive, is_url, safe_extract
 from .sources import SOURCES, get_source
 from .table import DataError
 
@@ -51,7 +51,9 @@ def resolve_source_path(cfg: DataConfig, progress: bool = True) -> Path | None:
     if cfg.path:
         p = Path(cfg.path).expanduser()
         if not p.exists():
-            raise DataError(f"{p} does not exist; pass the {'file' if cfg.name == 'file' else 'dataset folder, file or archive'} with --source/--data-path")
+            raise DataError(
+                f"{p} does not exist; pass the {'file' if cfg.name == 'file' else 'dataset folder, file or archive'} with --source/--data-path"
+            )
         if p.is_file() and is_archive(p) and cfg.name != "file":
             stem = raw / ("from-" + p.name.replace(".", "_"))
             marker = stem.with_name(stem.name + ".done")
@@ -67,10 +69,7 @@ def resolve_source_path(cfg: DataConfig, progress: bool = True) -> Path | None:
     if src.remotes:
         log.warning("%s is not in %s; downloading it from %s (licence: %s)", cfg.name, raw, src.remotes[0].url, src.licence)
         return fetch(src.remotes, raw, progress=progress, where_hint=where)
-    raise DataError(
-        f"dataset {cfg.name!r} needs its files: put {src.files_hint} in {raw} or pass --source PATH "
-        f"(licence: {src.licence})"
-    )
+    raise DataError(f"dataset {cfg.name!r} needs its files: put {src.files_hint} in {raw} or pass --source PATH (licence: {src.licence})")
 
 
 def _stamp(p: Path) -> str:
@@ -124,8 +123,10 @@ def check_expected(ds: PreparedDataset) -> list[str]:
         return []
     exp = ", ".join(f"{k} {v:,}" for k, v in src.expected.items())
     have = ", ".join(f"{k} {v:,}" for k, v in got.items())
-    return [f"WARNING: {ds.name} should have {exp} after preprocessing, but has {have}: "
-            "the source files or filters differ from the published ones, so numbers are not comparable"]
+    return [
+        f"WARNING: {ds.name} should have {exp} after preprocessing, but has {have}: "
+        "the source files or filters differ from the published ones, so numbers are not comparable"
+    ]
 
 
 def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:

@@ -87,8 +87,14 @@ def make_batch(
         lens = arrs.lengths[rows]
         targets_np[np.arange(len(rows)), lens - 1] = arrs.targets[rows]
         targets_np[np.arange(n)[None, :] >= lens[:, None]] = 0
-    batch = Batch(ids=put(arrs.ids[rows, :n]), ts=put(arrs.ts[rows, :n]), query_ts=put(arrs.query_ts[rows, :n]),
-                  lengths=put(arrs.lengths[rows]), targets=put(targets_np), rows=rows)
+    batch = Batch(
+        ids=put(arrs.ids[rows, :n]),
+        ts=put(arrs.ts[rows, :n]),
+        query_ts=put(arrs.query_ts[rows, :n]),
+        lengths=put(arrs.lengths[rows]),
+        targets=put(targets_np),
+        rows=rows,
+    )
     if isinstance(arrs, TrainArrays):
         flat = np.flatnonzero(targets_np.reshape(-1))
         batch.positions = put(flat)

@@ -43,9 +43,7 @@ def item_catalogue() -> pd.DataFrame:
     genre = cell // NUM_STYLES
     style = cell % NUM_STYLES
     titles = [f"G{g}-S{s}-series{sr % SERIES_PER_CELL}-part{p + 1}" for g, s, sr, p in zip(genre, style, series, pos)]
-    return pd.DataFrame(
-        {"item": ids + 1, "genre": genre, "style": style, "series": series, "part": pos, "title": titles}
-    )
+    return pd.DataFrame({"item": ids + 1, "genre": genre, "style": style, "series": series, "part": pos, "title": titles})
 
 
 def generate(num_users: int = 3000, seed: int = 0) -> pd.DataFrame:

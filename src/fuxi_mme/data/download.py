@@ -110,7 +110,9 @@ def download(
         if exc.code == 416 and start:  # the part file is already complete (or bigger than the file)
             resp = None
         else:
-            raise DataError(f"download of {url} failed: HTTP {exc.code} {exc.reason}; check the URL or fetch the file by hand to {dest}{where_hint}") from exc
+            raise DataError(
+                f"download of {url} failed: HTTP {exc.code} {exc.reason}; check the URL or fetch the file by hand to {dest}{where_hint}"
+            ) from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DataError(
@@ -132,8 +134,7 @@ def download(
                             block = resp.read(CHUNK)
                         except OSError as exc:
                             raise DataError(
-                                f"download of {url} was interrupted ({exc}); run the same command again to resume "
-                                f"from {part.stat().st_size:,} bytes"
+                                f"download of {url} was interrupted ({exc}); run the same command again to resume from {part.stat().st_size:,} bytes"
                             ) from exc
                         if not block:
                             break
@@ -142,10 +143,7 @@ def download(
             finally:
                 bar.close()
             if total is not None and part.stat().st_size < total:
-                raise DataError(
-                    f"download of {url} stopped at {part.stat().st_size:,} of {total:,} bytes; run the same "
-                    "command again to resume"
-                )
+                raise DataError(f"download of {url} stopped at {part.stat().st_size:,} of {total:,} bytes; run the same command again to resume")
     for algo, want in (("md5", md5), ("sha256", sha256)):
         if want:
             got = _hash(part, algo)
@@ -165,6 +163,7 @@ def _bar(total: int | None, initial: int, name: str, enabled: bool):
 
         return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=not enabled)
     except ImportError:  # pragma: no cover - tqdm is a dependency
+
         class _Null:
             def update(self, n):
                 pass
@@ -223,8 +222,7 @@ def safe_extract(archive: Path, target: Path) -> Path:
                             shutil.copyfileobj(src, out, CHUNK)
             except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
                 raise DataError(
-                    f"{archive} is truncated, corrupt or not a zip/tar archive ({exc}); delete it and download it "
-                    "again, or pass the extracted folder"
+                    f"{archive} is truncated, corrupt or not a zip/tar archive ({exc}); delete it and download it again, or pass the extracted folder"
                 ) from exc
         if target.exists():
             shutil.rmtree(target)

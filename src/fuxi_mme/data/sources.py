@@ -11,9 +11,10 @@ from __future__ import annotations
 import gzip
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,7 @@ class Source:
     duplicates: str = "error"  # default policy for exact duplicate (user, item, timestamp) rows
     min_user_interactions: int | None = None  # the published preprocessing's user filter, if any
 
+
 def _read_bytes(path: Path) -> bytes:
     raw = path.read_bytes()
     if path.suffix == ".gz":
@@ -52,8 +54,7 @@ def _open_text(path: Path, encoding: str = "utf-8") -> io.TextIOBase:
         return io.StringIO(_read_bytes(path).decode(encoding))
     except UnicodeDecodeError as exc:
         raise DataError(
-            f"{path} is not {encoding} text (byte {exc.start}: {exc.reason}); convert it to {encoding} or check that "
-            "this is the right file"
+            f"{path} is not {encoding} text (byte {exc.start}: {exc.reason}); convert it to {encoding} or check that this is the right file"
         ) from exc
 
 
@@ -73,13 +74,14 @@ def _find(folder: Path, names: list[str], what: str) -> Path:
         if (folder / n).is_file():
             return folder / n
         # an extracted archive's sub-folders (skipping partial downloads in dot-folders)
-        hits = sorted((h for h in folder.rglob(n) if not any(x.startswith(".") for x in h.relative_to(folder).parts)), key=lambda h: (len(h.parts), str(h)))
+        hits = sorted(
+            (h for h in folder.rglob(n) if not any(x.startswith(".") for x in h.relative_to(folder).parts)), key=lambda h: (len(h.parts), str(h))
+        )
         if hits:
             return hits[0]
     present = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) if folder.is_dir() else "nothing"
     raise DataError(
-        f"{folder} holds none of {', '.join(names)} ({what}); it has {present or 'no files'}. "
-        "Point --source at the dataset's files or archive"
+        f"{folder} holds none of {', '.join(names)} ({what}); it has {present or 'no files'}. Point --source at the dataset's files or archive"
     )
 
 
@@ -96,10 +98,7 @@ def _read_sep_ratings(path: Path, sep: str, cols: list[str]) -> pd.DataFrame:
             other = next((c for c in ("\t", "::", ",", ";", "|", " ") if c != sep and c in rows[bad[0]][0]), None)
             if other:
                 hint = f"the line is separated by {other!r}, not {sep!r}: this is not the original file format"
-        raise DataError(
-            f"{path}: line {bad[0] + 1} has {got} field(s) separated by {sep!r}, expected {len(cols)} "
-            f"({', '.join(cols)}); {hint}"
-        )
+        raise DataError(f"{path}: line {bad[0] + 1} has {got} field(s) separated by {sep!r}, expected {len(cols)} ({', '.join(cols)}); {hint}")
     df = pd.DataFrame(rows, columns=cols)
     for c in cols:
         num = pd.to_numeric(df[c], errors="coerce")
@@ -197,8 +196,7 @@ def _read_kuairand(variant: str):
             missing = [c for c in ("user_id", "video_id", "time_ms") if c not in t.columns]
             if missing:
                 raise DataError(
-                    f"{f} lacks column(s) {', '.join(missing)} (has {', '.join(map(str, t.columns[:8]))}); "
-                    "is this a KuaiRand log_standard file?"
+                    f"{f} lacks column(s) {', '.join(missing)} (has {', '.join(map(str, t.columns[:8]))}); is this a KuaiRand log_standard file?"
                 )
             parts.append(canonicalize(t, str(f), "user_id", "video_id", "time_ms"))
         df = pd.concat(parts, ignore_index=True)
@@ -351,17 +349,100 @@ def _grouplens(name: str) -> list[Remote]:
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in [
-        Source("demo", "built-in synthetic log (facets, order and time gaps carry signal)", _read_demo, needs_files=False, licence="generated; ours (MIT)"),
+        Source(
+            "demo",
+            "built-in synthetic log (facets, order and time gaps carry signal)",
+            _read_demo,
+            needs_files=False,
+            licence="generated; ours (MIT)",
+        ),
         Source("file", "your own interactions file (CSV/TSV/Parquet/JSONL; --data-path)", _read_file),
-        Source("ml-100k", "MovieLens-100K (u.data)", _read_ml100k, expected={"users": 943, "items": 1682, "interactions": 100000}, files_hint="the extracted ml-100k folder (u.data, u.item) or ml-100k.zip", licence=_ML_LICENCE, remotes=_grouplens("ml-100k")),
-        Source("ml-1m", "MovieLens-1M (ratings.dat)", _read_ml1m, expected={"users": 6040, "items": 3706, "interactions": 1000209}, files_hint="the extracted ml-1m folder (ratings.dat, movies.dat) or ml-1m.zip", licence=_ML_LICENCE, remotes=_grouplens("ml-1m")),
-        Source("ml-1m-ts70", "MovieLens-1M, the 70% of ratings with known timestamps (not the published ML-1M)", _read_ml1m_ts70, expected={"users": 6040, "interactions": 699929}, files_hint="a folder with ratings_timestamped_subset.dat.gz (../shared/data/ml-1m)", licence=_ML_LICENCE),
-        Source("ml-20m", "MovieLens-20M (ratings.csv)", _read_ml20m, expected={"users": 138493, "items": 26744, "interactions": 20000263}, files_hint="the extracted ml-20m folder (ratings.csv, movies.csv) or ml-20m.zip", licence=_ML_LICENCE, remotes=_grouplens("ml-20m")),
-        Source("kuairand-pure", "KuaiRand-Pure standard logs (user_id, video_id, time_ms)", _read_kuairand("pure"), expected={"users": 25634, "items": 7550, "interactions": 6945823}, files_hint="the extracted KuaiRand-Pure folder (data/log_standard_*_pure.csv) or KuaiRand-Pure.tar.gz", licence=_KUAI_LICENCE, remotes=[Remote(f"{_ZENODO}/KuaiRand-Pure.tar.gz")], duplicates="drop", min_user_interactions=5),
-        Source("kuairand-1k", "KuaiRand-1K standard logs (user_id, video_id, time_ms)", _read_kuairand("1k"), files_hint="the extracted KuaiRand-1K folder (data/log_standard_*_1k.csv) or KuaiRand-1K.tar.gz", licence=_KUAI_LICENCE, remotes=[Remote(f"{_ZENODO}/KuaiRand-1K.tar.gz")], duplicates="drop", min_user_interactions=5),
-        Source("amazon-beauty", "Amazon Beauty 5-core: S3-Rec sequences (order only) or the raw ratings CSV", _amazon("Beauty.txt"), has_timestamps=False, expected={"users": 22363, "items": 12101, "interactions": 198502}, files_hint="a folder with Beauty.txt or ratings_Beauty.csv", licence=_AMAZON_LICENCE, remotes=[Remote(f"{_S3REC}/Beauty.txt")]),
-        Source("amazon-sports", "Amazon Sports_and_Outdoors 5-core: S3-Rec sequences (order only) or the raw ratings CSV", _amazon("Sports_and_Outdoors.txt"), has_timestamps=False, expected={"users": 35598, "items": 18357, "interactions": 296337}, files_hint="a folder with Sports_and_Outdoors.txt or ratings_Sports_and_Outdoors.csv", licence=_AMAZON_LICENCE, remotes=[Remote(f"{_S3REC}/Sports_and_Outdoors.txt")]),
-        Source("amazon-toys", "Amazon Toys_and_Games 5-core: S3-Rec sequences (order only) or the raw ratings CSV", _amazon("Toys_and_Games.txt"), has_timestamps=False, expected={"users": 19412, "items": 11924, "interactions": 167597}, files_hint="a folder with Toys_and_Games.txt or ratings_Toys_and_Games.csv", licence=_AMAZON_LICENCE, remotes=[Remote(f"{_S3REC}/Toys_and_Games.txt")]),
+        Source(
+            "ml-100k",
+            "MovieLens-100K (u.data)",
+            _read_ml100k,
+            expected={"users": 943, "items": 1682, "interactions": 100000},
+            files_hint="the extracted ml-100k folder (u.data, u.item) or ml-100k.zip",
+            licence=_ML_LICENCE,
+            remotes=_grouplens("ml-100k"),
+        ),
+        Source(
+            "ml-1m",
+            "MovieLens-1M (ratings.dat)",
+            _read_ml1m,
+            expected={"users": 6040, "items": 3706, "interactions": 1000209},
+            files_hint="the extracted ml-1m folder (ratings.dat, movies.dat) or ml-1m.zip",
+            licence=_ML_LICENCE,
+            remotes=_grouplens("ml-1m"),
+        ),
+        Source(
+            "ml-1m-ts70",
+            "MovieLens-1M, the 70% of ratings with known timestamps (not the published ML-1M)",
+            _read_ml1m_ts70,
+            expected={"users": 6040, "interactions": 699929},
+            files_hint="a folder with ratings_timestamped_subset.dat.gz (../shared/data/ml-1m)",
+            licence=_ML_LICENCE,
+        ),
+        Source(
+            "ml-20m",
+            "MovieLens-20M (ratings.csv)",
+            _read_ml20m,
+            expected={"users": 138493, "items": 26744, "interactions": 20000263},
+            files_hint="the extracted ml-20m folder (ratings.csv, movies.csv) or ml-20m.zip",
+            licence=_ML_LICENCE,
+            remotes=_grouplens("ml-20m"),
+        ),
+        Source(
+            "kuairand-pure",
+            "KuaiRand-Pure standard logs (user_id, video_id, time_ms)",
+            _read_kuairand("pure"),
+            expected={"users": 25634, "items": 7550, "interactions": 6945823},
+            files_hint="the extracted KuaiRand-Pure folder (data/log_standard_*_pure.csv) or KuaiRand-Pure.tar.gz",
+            licence=_KUAI_LICENCE,
+            remotes=[Remote(f"{_ZENODO}/KuaiRand-Pure.tar.gz")],
+            duplicates="drop",
+            min_user_interactions=5,
+        ),
+        Source(
+            "kuairand-1k",
+            "KuaiRand-1K standard logs (user_id, video_id, time_ms)",
+            _read_kuairand("1k"),
+            files_hint="the extracted KuaiRand-1K folder (data/log_standard_*_1k.csv) or KuaiRand-1K.tar.gz",
+            licence=_KUAI_LICENCE,
+            remotes=[Remote(f"{_ZENODO}/KuaiRand-1K.tar.gz")],
+            duplicates="drop",
+            min_user_interactions=5,
+        ),
+        Source(
+            "amazon-beauty",
+            "Amazon Beauty 5-core: S3-Rec sequences (order only) or the raw ratings CSV",
+            _amazon("Beauty.txt"),
+            has_timestamps=False,
+            expected={"users": 22363, "items": 12101, "interactions": 198502},
+            files_hint="a folder with Beauty.txt or ratings_Beauty.csv",
+            licence=_AMAZON_LICENCE,
+            remotes=[Remote(f"{_S3REC}/Beauty.txt")],
+        ),
+        Source(
+            "amazon-sports",
+            "Amazon Sports_and_Outdoors 5-core: S3-Rec sequences (order only) or the raw ratings CSV",
+            _amazon("Sports_and_Outdoors.txt"),
+            has_timestamps=False,
+            expected={"users": 35598, "items": 18357, "interactions": 296337},
+            files_hint="a folder with Sports_and_Outdoors.txt or ratings_Sports_and_Outdoors.csv",
+            licence=_AMAZON_LICENCE,
+            remotes=[Remote(f"{_S3REC}/Sports_and_Outdoors.txt")],
+        ),
+        Source(
+            "amazon-toys",
+            "Amazon Toys_and_Games 5-core: S3-Rec sequences (order only) or the raw ratings CSV",
+            _amazon("Toys_and_Games.txt"),
+            has_timestamps=False,
+            expected={"users": 19412, "items": 11924, "interactions": 167597},
+            files_hint="a folder with Toys_and_Games.txt or ratings_Toys_and_Games.csv",
+            licence=_AMAZON_LICENCE,
+            remotes=[Remote(f"{_S3REC}/Toys_and_Games.txt")],
+        ),
         _amazon_generic("books"),
     ]
 }
@@ -373,5 +454,5 @@ def get_source(name: str) -> Source:
     if name in SOURCES:
         return SOURCES[name]
     if _AMAZON_NAME.match(name):  # any other Amazon category, from its raw ratings CSV
-        return _amazon_generic(name[len("amazon-"):])
+        return _amazon_generic(name[len("amazon-") :])
     raise DataError(f"unknown dataset {name!r}; known: {', '.join(SOURCES)}, amazon-<category> (or --data-path FILE)")

@@ -46,9 +46,7 @@ def read_table_file(path: str | Path, sep: str | None = None) -> pd.DataFrame:
             return pd.read_csv(p, sep=sep, engine=engine)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError, OSError) as exc:
         raise DataError(f"could not read {p} as {kind or 'text'}: {exc}") from exc
-    raise DataError(
-        f"{p}: unknown file type {kind!r}; use .csv, .tsv, .parquet or .jsonl (optionally .gz)"
-    )
+    raise DataError(f"{p}: unknown file type {kind!r}; use .csv, .tsv, .parquet or .jsonl (optionally .gz)")
 
 
 def canonicalize(

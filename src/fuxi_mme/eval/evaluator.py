@@ -5,18 +5,18 @@ Legend: B users in a batch, I items (+1 padding column), D scoring width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..data.batches import Batch, make_batch
 from ..data.prepared import PreparedDataset, flat_ranges
 from ..data.repeats import repeat_flags, repeat_summary
-from ..data.batches import Batch, make_batch
 from ..data.splits import EvalArrays, split_points
 from ..models.common import SequenceModel
-
 from .metrics import metrics_from_ranks, ranks_from_scores
 
 Scorer = Callable[[Batch], torch.Tensor]  # batch -> (B, I+1) scores
@@ -79,8 +79,14 @@ def resolve_history(setting: str, ds: PreparedDataset, protocol: str) -> tuple[s
         return setting, f"eval.history={setting}"
     rate = repeat_summary(ds, protocol)["train_repeat_rate"]
     if rate > AUTO_REPEAT_THRESHOLD:
-        return "keep", f"eval.history=auto: {rate:.1%} of training events repeat an earlier item of the user (> {AUTO_REPEAT_THRESHOLD:.0%}), so seen items stay candidates"
-    return "mask", f"eval.history=auto: {rate:.2%} of training events repeat an earlier item of the user (<= {AUTO_REPEAT_THRESHOLD:.0%}), so seen items are masked"
+        return (
+            "keep",
+            f"eval.history=auto: {rate:.1%} of training events repeat an earlier item of the user (> {AUTO_REPEAT_THRESHOLD:.0%}), so seen items stay candidates",
+        )
+    return (
+        "mask",
+        f"eval.history=auto: {rate:.2%} of training events repeat an earlier item of the user (<= {AUTO_REPEAT_THRESHOLD:.0%}), so seen items are masked",
+    )
 
 
 class NonFiniteScores(ValueError):
@@ -188,7 +194,7 @@ def evaluate_split(
         starts = range(rank * batch_size, len(arrs), world * batch_size)
         mine = {s: rank_split(scorer, arrs, ds, history, batch_size, device, by_length[s : s + batch_size]) for s in starts}
         parts: dict[int, SplitRanks] = {}
-        for got in (gather(mine) if gather is not None else [mine]):
+        for got in gather(mine) if gather is not None else [mine]:
             parts.update(got)
         res = SplitRanks(np.zeros(len(arrs), np.int64), np.zeros(len(arrs), bool), np.zeros(len(arrs), bool))
         if parts:

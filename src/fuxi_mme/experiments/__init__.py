@@ -15,5 +15,19 @@ from .runner import run_suite, run_suites
 from .suites import SUITES, Suite, Variant, load_suite
 from .tables import markdown
 
-__all__ = ["DOC_ORDER", "SUITES", "Job", "Suite", "Variant", "aggregate", "config_changes", "job_cost", "load_suite", "markdown", "plan",
-           "run_suite", "run_suites", "write_docs"]
+__all__ = [
+    "DOC_ORDER",
+    "SUITES",
+    "Job",
+    "Suite",
+    "Variant",
+    "aggregate",
+    "config_changes",
+    "job_cost",
+    "load_suite",
+    "markdown",
+    "plan",
+    "run_suite",
+    "run_suites",
+    "write_docs",
+]

@@ -33,8 +33,13 @@ def run_commit(info: dict[str, Any]) -> str:
     started = info.get("started")
     if started:
         try:
-            out = subprocess.run(["git", "rev-list", "-1", f"--before={started}", "HEAD"], capture_output=True, text=True, timeout=10,
-                                 cwd=Path(__file__).resolve().parent)
+            out = subprocess.run(
+                ["git", "rev-list", "-1", f"--before={started}", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent,
+            )
             if out.returncode == 0 and out.stdout.strip():
                 return f"not recorded; newest earlier commit {out.stdout.strip()}"
         except (OSError, subprocess.SubprocessError):
@@ -60,8 +65,14 @@ def _origins(done: list[Job]) -> dict[tuple[str, str], list[tuple[str, str]]]:
 
 def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[str, str]]) -> dict[str, Any]:
     """One table row: the seeds' metrics as mean and std, epochs, training seconds, parameters."""
-    entry: dict[str, Any] = {"dataset": ds, "variant": variant, "seeds": len(runs), "protocol": runs[0]["protocol"],
-                             "runs": [r["run_dir"] for r in runs], "devices": sorted({d for _, d in devices})}
+    entry: dict[str, Any] = {
+        "dataset": ds,
+        "variant": variant,
+        "seeds": len(runs),
+        "protocol": runs[0]["protocol"],
+        "runs": [r["run_dir"] for r in runs],
+        "devices": sorted({d for _, d in devices}),
+    }
     for split in ("test", "valid_best"):
         if all(split in r for r in runs):
             for k in METRICS:
@@ -91,9 +102,11 @@ def _not_in_table(todo: list[Job], changes: dict[int, list[str]]) -> dict[str, l
             stale.setdefault(key, changes[id(job)])
         elif not (job.run_dir / "metrics.json").exists():
             missing[key] = missing.get(key, 0) + 1
-    return {"missing": [{"dataset": d, "variant": v, "runs": n} for (d, v), n in missing.items()],
-            "stale": [{"dataset": d, "variant": v, "changes": c} for (d, v), c in stale.items()],
-            "not_applicable": [{"dataset": d, "variant": v, "why": w} for (d, v), w in invalid.items()]}
+    return {
+        "missing": [{"dataset": d, "variant": v, "runs": n} for (d, v), n in missing.items()],
+        "stale": [{"dataset": d, "variant": v, "changes": c} for (d, v), c in stale.items()],
+        "not_applicable": [{"dataset": d, "variant": v, "why": w} for (d, v), w in invalid.items()],
+    }
 
 
 def _counts(values: list[str]) -> dict[str, int]:
@@ -112,11 +125,17 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str], comm
         rows.setdefault((job.dataset, job.variant), []).append(json.loads((job.run_dir / "metrics.json").read_text()))
     origin = _origins(done)
     every = [o for runs in origin.values() for o in runs]
-    out = {"suite": suite.name, "description": suite.description, "commit": commit or git_commit(),
-           "run_commits": _counts([c for c, _ in every]), "devices": _counts([d for _, d in every]),
-           "time": now or time.strftime("%Y-%m-%dT%H:%M:%S"), "failed": failed,
-           "results": [_row(ds, v, runs, origin.get((ds, v), [])) for (ds, v), runs in rows.items()],
-           **_not_in_table(todo, changes)}
+    out = {
+        "suite": suite.name,
+        "description": suite.description,
+        "commit": commit or git_commit(),
+        "run_commits": _counts([c for c, _ in every]),
+        "devices": _counts([d for _, d in every]),
+        "time": now or time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "failed": failed,
+        "results": [_row(ds, v, runs, origin.get((ds, v), [])) for (ds, v), runs in rows.items()],
+        **_not_in_table(todo, changes),
+    }
     atomic_write_json(root / f"{suite.name}.json", out)
     atomic_write_text(root / f"{suite.name}.md", markdown(out))
     return out

@@ -27,18 +27,37 @@ from .suites import Suite, Variant
 # for the datasets that are not there). A dataset whose folder is absent is read from the cache's
 # raw folder or downloaded, as `fuxi-mme train` does.
 DATA_FOLDERS = {
-    "ml-100k": "ml-100k", "ml-1m": "ml-1m", "ml-1m-ts70": "ml-1m", "ml-20m": "ml-20m",
-    "kuairand-pure": "KuaiRand-Pure", "kuairand-1k": "KuaiRand-1K",
-    "amazon-beauty": "amazon_s3rec", "amazon-sports": "amazon_s3rec", "amazon-toys": "amazon_s3rec",
+    "ml-100k": "ml-100k",
+    "ml-1m": "ml-1m",
+    "ml-1m-ts70": "ml-1m",
+    "ml-20m": "ml-20m",
+    "kuairand-pure": "KuaiRand-Pure",
+    "kuairand-1k": "KuaiRand-1K",
+    "amazon-beauty": "amazon_s3rec",
+    "amazon-sports": "amazon_s3rec",
+    "amazon-toys": "amazon_s3rec",
 }
 NO_DOWNLOAD = {"ml-1m-ts70"}  # built from the ML-1M files; there is no download of its own
 WIDTHS = (128, 256)  # the embedding widths with a {qk_d<w>} placeholder
 
 # Config fields that choose how a run executes (where its files are, kernels, graphs, compile,
 # threads), not what it trains: a finished run may differ from the plan in these and still count.
-EXECUTION_FIELDS = ("data.path", "data.data_dir", "model.attention", "model.moe.backend", "train.device", "train.tf32", "train.compile",
-                    "train.cuda_graphs", "train.length_chunks", "train.num_threads", "train.dist_timeout", "train.deterministic",
-                    "eval.batch_size", "log.")
+EXECUTION_FIELDS = (
+    "data.path",
+    "data.data_dir",
+    "model.attention",
+    "model.moe.backend",
+    "train.device",
+    "train.tf32",
+    "train.compile",
+    "train.cuda_graphs",
+    "train.length_chunks",
+    "train.num_threads",
+    "train.dist_timeout",
+    "train.deterministic",
+    "eval.batch_size",
+    "log.",
+)
 
 
 @dataclass
@@ -108,8 +127,13 @@ def planned_config(preset: str, sets: list[str]) -> tuple[Config | None, str | N
 def placeholders(dataset: str) -> dict[str, Any]:
     """The values of the suite files' ``{...}`` placeholders on ``dataset``."""
     base = build_preset(preset_name(dataset, "fuxi-alpha", "base")).model
-    return {"qk_full": base.qk_dim, "qk_half": max(1, base.qk_dim // 2), "qk_quarter": max(1, base.qk_dim // 4), "ffn_base": base.ffn_multiply,
-            **{f"qk_d{w}": max(1, w // base.num_heads) for w in WIDTHS}}
+    return {
+        "qk_full": base.qk_dim,
+        "qk_half": max(1, base.qk_dim // 2),
+        "qk_quarter": max(1, base.qk_dim // 4),
+        "ffn_base": base.ffn_multiply,
+        **{f"qk_d{w}": max(1, w // base.num_heads) for w in WIDTHS},
+    }
 
 
 def data_args(dataset: str, data_root: Path | None, check_data: bool) -> list[str]:
@@ -140,8 +164,16 @@ def make_job(suite: Suite, name: str, v: Variant, dataset: str, seed: int, root:
     return Job(dataset, name, seed, args, run_dir, invalid=bad, planned=cfg.to_dict() if cfg is not None else None)
 
 
-def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], datasets: list[str] | None = None, seeds: list[int] | None = None,
-         check_data: bool = True, variants: list[str] | None = None) -> list[Job]:
+def plan(
+    suite: Suite,
+    root: Path,
+    data_root: Path | None,
+    extra: list[str],
+    datasets: list[str] | None = None,
+    seeds: list[int] | None = None,
+    check_data: bool = True,
+    variants: list[str] | None = None,
+) -> list[Job]:
     """Every job of ``suite`` (its datasets, or ``datasets``; its seeds, or ``seeds``), ``extra``
     overrides applied last; ``variants`` keeps only those rows."""
     jobs = []
@@ -156,8 +188,18 @@ def plan(suite: Suite, root: Path, data_root: Path | None, extra: list[str], dat
 
 # Rough relative cost of a run, to start the long ones first (longest-first keeps the tail of a
 # grid short). Only the order depends on it, never a result.
-DATASET_COST = {"ml-20m": 100.0, "kuairand-1k": 30.0, "kuairand-pure": 10.0, "ml-1m": 10.0, "ml-1m-ts70": 7.0,
-                "amazon-sports": 3.0, "amazon-beauty": 1.5, "amazon-toys": 1.5, "ml-100k": 1.0, "demo": 0.1}
+DATASET_COST = {
+    "ml-20m": 100.0,
+    "kuairand-1k": 30.0,
+    "kuairand-pure": 10.0,
+    "ml-1m": 10.0,
+    "ml-1m-ts70": 7.0,
+    "amazon-sports": 3.0,
+    "amazon-beauty": 1.5,
+    "amazon-toys": 1.5,
+    "ml-100k": 1.0,
+    "demo": 0.1,
+}
 MODEL_COST = {"popularity": 0.01, "sasrec": 0.5, "hstu": 1.0, "llama": 1.0, "fuxi-alpha": 1.0, "fuxi-mme": 2.0}
 
 

@@ -44,8 +44,11 @@ def _cost_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
 
     for key, label in SWEEPS:
         for fam in _families(rows, key):
-            pts = sorted((e["parameters"]["non_embedding"], e["test/NDCG@10"]["mean"]) for e in rows
-                         if key in e["variant"] and series_of(e["variant"], key) == fam and e.get("parameters"))
+            pts = sorted(
+                (e["parameters"]["non_embedding"], e["test/NDCG@10"]["mean"])
+                for e in rows
+                if key in e["variant"] and series_of(e["variant"], key) == fam and e.get("parameters")
+            )
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{SERIES_LABELS.get(fam, fam)}, {label}")
     ax.set_xscale("log")

@@ -74,9 +74,17 @@ def run_jobs(pending: list[Job], jobs: int, names: dict[int, str]) -> dict[str, 
     return failed
 
 
-def run_suites(suites: list[Suite], root: Path, data_root: Path | None, jobs: int = 1, extra: list[str] | None = None,
-               datasets: list[str] | None = None, seeds: list[int] | None = None, docs: Path | None = None,
-               variants: list[str] | None = None) -> list[dict[str, Any]]:
+def run_suites(
+    suites: list[Suite],
+    root: Path,
+    data_root: Path | None,
+    jobs: int = 1,
+    extra: list[str] | None = None,
+    datasets: list[str] | None = None,
+    seeds: list[int] | None = None,
+    docs: Path | None = None,
+    variants: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """Run the missing jobs of one or more suites as one queue, ``jobs`` at a time; then pack
     each suite's logs and aggregate it (and write ``docs`` when given). Finished runs are
     skipped, unless they trained with settings the plan no longer asks for (a changed preset

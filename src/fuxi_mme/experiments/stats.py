@@ -5,8 +5,38 @@ from __future__ import annotations
 import math
 
 # Two-sided 5% critical values of Student's t for 1..30 degrees of freedom (the standard table).
-T_CRIT_05 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-             2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+T_CRIT_05 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def t_critical(df: float) -> float:
@@ -22,11 +52,11 @@ def welch(a: dict[str, float], n_a: int, b: dict[str, float], n_b: int) -> tuple
     diff = a["mean"] - b["mean"]
     if va + vb == 0:
         return (math.copysign(math.inf, diff) if diff else 0.0), float(n_a + n_b - 2)
-    den = (va ** 2 / (n_a - 1) if n_a > 1 else 0.0) + (vb ** 2 / (n_b - 1) if n_b > 1 else 0.0)
+    den = (va**2 / (n_a - 1) if n_a > 1 else 0.0) + (vb**2 / (n_b - 1) if n_b > 1 else 0.0)
     return diff / math.sqrt(va + vb), ((va + vb) ** 2 / den if den else float(n_a + n_b - 2))
 
 
 def reading(t: float, df: float) -> str:
-    """"ahead" / "behind" when Welch's test rejects equal means at 5% (two-sided), else "level"."""
+    """ "ahead" / "behind" when Welch's test rejects equal means at 5% (two-sided), else "level"."""
     crit = t_critical(df)
     return "ahead" if t > crit else "behind" if t < -crit else "level"

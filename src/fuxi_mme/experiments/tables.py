@@ -41,9 +41,11 @@ def _table_row(e: dict[str, Any]) -> str:
     p = e.get("parameters")
     params = f"{p['total']:,} ({p['non_embedding']:,})" if p else "-"
     ts = f"{e['train_seconds']['mean']:.0f}" if "train_seconds" in e else "-"
-    return (f"| {e['dataset']} | {e['variant']} | {e['protocol']} | {e['seeds']} | "
-            f"{_mean_std(e, 'valid_best/NDCG@10')} | {_mean_std(e, 'test/NDCG@10')} | "
-            f"{_mean_std(e, 'test/HR@10')} | {_mean_std(e, 'test/MRR')} | {params} | {ts} | {short_gpu(e.get('devices', []))} |")
+    return (
+        f"| {e['dataset']} | {e['variant']} | {e['protocol']} | {e['seeds']} | "
+        f"{_mean_std(e, 'valid_best/NDCG@10')} | {_mean_std(e, 'test/NDCG@10')} | "
+        f"{_mean_std(e, 'test/HR@10')} | {_mean_std(e, 'test/MRR')} | {params} | {ts} | {short_gpu(e.get('devices', []))} |"
+    )
 
 
 def _left_out(res: dict[str, Any]) -> list[str]:
@@ -54,25 +56,38 @@ def _left_out(res: dict[str, Any]) -> list[str]:
     if res.get("not_applicable"):
         lines += ["", "Not applicable (never run): " + "; ".join(f"{m['dataset']} / {m['variant']}: {m['why']}" for m in res["not_applicable"]) + "."]
     if res.get("stale"):
-        lines += ["", "Left out, trained with settings the suite no longer asks for (running the suite again replaces them): "
-                  + "; ".join(f"{m['dataset']} / {m['variant']} ({', '.join(m['changes'])})" for m in res["stale"]) + "."]
+        lines += [
+            "",
+            "Left out, trained with settings the suite no longer asks for (running the suite again replaces them): "
+            + "; ".join(f"{m['dataset']} / {m['variant']} ({', '.join(m['changes'])})" for m in res["stale"])
+            + ".",
+        ]
     if res.get("missing"):
-        lines += ["", "Planned but not run yet (no results file): "
-                  + "; ".join(f"{m['dataset']} / {m['variant']} ({m['runs']} runs)" for m in res["missing"]) + "."]
+        lines += [
+            "",
+            "Planned but not run yet (no results file): "
+            + "; ".join(f"{m['dataset']} / {m['variant']} ({m['runs']} runs)" for m in res["missing"])
+            + ".",
+        ]
     return lines
 
 
 def markdown(res: dict[str, Any]) -> str:
     """A suite's table: one row per (dataset, variant), mean ± std over seeds, and its notes."""
     count = lambda d: ", ".join(f"{k} ({n})" for k, n in d.items()) or "-"  # noqa: E731
-    lines = [f"### Suite `{res['suite']}`: {res['description']}", "",
-             f"Aggregated at commit `{res['commit']}`, {res['time']}, "
-             f"from runs of commits {count({short_hashes(c): n for c, n in res.get('run_commits', {}).items()})} "
-             f"on {count(res.get('devices', {}))} (number of runs in parentheses; each run's folder names its own). "
-             "Mean ± std over seeds; full ranking. "
-             "Train s is wall time with several runs sharing a GPU, so it compares runs of one suite, not machines.", ""]
-    lines.append("| dataset | variant | protocol | seeds | valid NDCG@10 | test NDCG@10 | test HR@10 | test MRR | params (non-emb.) "
-                 "| train s | GPU |")
+    lines = [
+        f"### Suite `{res['suite']}`: {res['description']}",
+        "",
+        f"Aggregated at commit `{res['commit']}`, {res['time']}, "
+        f"from runs of commits {count({short_hashes(c): n for c, n in res.get('run_commits', {}).items()})} "
+        f"on {count(res.get('devices', {}))} (number of runs in parentheses; each run's folder names its own). "
+        "Mean ± std over seeds; full ranking. "
+        "Train s is wall time with several runs sharing a GPU, so it compares runs of one suite, not machines.",
+        "",
+    ]
+    lines.append(
+        "| dataset | variant | protocol | seeds | valid NDCG@10 | test NDCG@10 | test HR@10 | test MRR | params (non-emb.) | train s | GPU |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     lines += [_table_row(e) for e in res["results"]]
     return "\n".join(lines + _left_out(res)) + "\n"
@@ -122,9 +137,11 @@ def equal_size_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> 
         a, m = alpha[metric], mme[metric]
         t, df = welch(m, mme["seeds"], a, alpha["seeds"])
         size = ", ".join([size, *over])
-        lines.append(f"| {ds} | {size} | {protocol} | {a['mean']:.4f} ± {a['std']:.4f} ({alpha['seeds']}) | "
-                     f"{m['mean']:.4f} ± {m['std']:.4f} ({mme['seeds']}) | "
-                     f"{m['mean'] - a['mean']:+.4f} | {t:.1f} ({df:.1f}) | {reading(t, df)} |")
+        lines.append(
+            f"| {ds} | {size} | {protocol} | {a['mean']:.4f} ± {a['std']:.4f} ({alpha['seeds']}) | "
+            f"{m['mean']:.4f} ± {m['std']:.4f} ({mme['seeds']}) | "
+            f"{m['mean'] - a['mean']:+.4f} | {t:.1f} ({df:.1f}) | {reading(t, df)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -137,8 +154,10 @@ def published_comparison(res: dict[str, Any]) -> str:
         spec = main_spec(e["dataset"], e["variant"])
         if spec is not None and spec[2:] == ("loo-val", ()) and "test/NDCG@10" in e:
             cells[(e["dataset"], spec[0], spec[1])] = (e["variant"], e)
-    lines = ["| dataset | published SASRec+SS / HSTU / FuXi-alpha (quoted) | size | our fuxi-mme | our best model of that size | target met |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | published SASRec+SS / HSTU / FuXi-alpha (quoted) | size | our fuxi-mme | our best model of that size | target met |",
+        "|---|---|---|---|---|---|",
+    ]
     for ds, pub in PUBLISHED_AMAZON.items():
         for size in ("base", "large"):
             if (ds, "fuxi-mme", size) not in cells:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MoEConfig, ModelConfig
+from ..config import ModelConfig, MoEConfig
 from .attention import select_attention, semantic_norm
 from .common import Dropout, ItemInput, SequenceModel, SwiGLU, TemporalBuckets, l2_normalize, rms_norm, sequence_lengths
 from .moe import MoE
@@ -84,8 +84,21 @@ class FuxiBlock(nn.Module):
             self.ffn = SwiGLU(dim, hidden)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, width: int, max_len: int, moe: MoEConfig | None = None, num_streams: int = 1) -> "FuxiBlock":
-        return cls(width, cfg.num_heads, cfg.qk_dim, cfg.v_dim, cfg.ffn_multiply, cfg.dropout, max_len, cfg.num_time_buckets, moe=moe, num_streams=num_streams, attention=cfg.attention, attention_norm=cfg.attention_norm)
+    def from_config(cls, cfg: ModelConfig, width: int, max_len: int, moe: MoEConfig | None = None, num_streams: int = 1) -> FuxiBlock:
+        return cls(
+            width,
+            cfg.num_heads,
+            cfg.qk_dim,
+            cfg.v_dim,
+            cfg.ffn_multiply,
+            cfg.dropout,
+            max_len,
+            cfg.num_time_buckets,
+            moe=moe,
+            num_streams=num_streams,
+            attention=cfg.attention,
+            attention_norm=cfg.attention_norm,
+        )
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in (getattr(self, "u_moe", None), getattr(self, "out_moe", None), getattr(self, "ffn_moe", None)) if m is not None]

@@ -23,7 +23,8 @@ from .recommender import Prepared, Query, Recommender, RequestError
 log = logging.getLogger(__name__)
 
 try:  # optional dependency
-    from fastapi import FastAPI, Query as QueryParam, Request
+    from fastapi import FastAPI, Request
+    from fastapi import Query as QueryParam
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
     from pydantic import BaseModel, Field
@@ -35,8 +36,12 @@ class RecommendRequest(BaseModel):
     history: list[int | str] = Field(..., description="item ids of the original data, oldest first", examples=[[1, 50, 181]])
     timestamps: list[int] | None = Field(None, description="unix seconds, one per item, non-decreasing")
     k: int = Field(10, description="number of recommendations (1..catalogue size)")
-    exclude_seen: bool | None = Field(None, description="leave the history's items out of the results (default: as the run's evaluation, eval.history)")
-    unknown_items: Literal["report", "ignore", "reject"] | None = Field(None, description="what to do with ids not in the catalogue (default: the server's --unknown-items)")
+    exclude_seen: bool | None = Field(
+        None, description="leave the history's items out of the results (default: as the run's evaluation, eval.history)"
+    )
+    unknown_items: Literal["report", "ignore", "reject"] | None = Field(
+        None, description="what to do with ids not in the catalogue (default: the server's --unknown-items)"
+    )
     now: int | None = Field(None, description="unix time of the next interaction (default: the last timestamp)")
 
     def query(self) -> Query:
@@ -137,7 +142,13 @@ class BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _send_json(send, 413, {"error": f"request body of {int(length):,} bytes is over the limit of {self.limit:,} bytes; send fewer or shorter histories (or raise --max-body-kb)"})
+            return await _send_json(
+                send,
+                413,
+                {
+                    "error": f"request body of {int(length):,} bytes is over the limit of {self.limit:,} bytes; send fewer or shorter histories (or raise --max-body-kb)"
+                },
+            )
         seen = 0
         too_big = False
         replaced = False
@@ -175,7 +186,13 @@ class _TooBig(Exception):
 
 async def _send_json(send, status: int, obj: dict) -> None:
     body = json.dumps(obj).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -183,7 +200,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     errs = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errs):
         e = next(e for e in errs if e.get("type") == "json_invalid")
-        return 400, f"malformed JSON: {e.get('ctx', {}).get('error', e.get('msg'))}; send a JSON object such as {{\"history\": [1, 2, 3], \"k\": 10}}"
+        return 400, f'malformed JSON: {e.get("ctx", {}).get("error", e.get("msg"))}; send a JSON object such as {{"history": [1, 2, 3], "k": 10}}'
     parts = []
     for e in errs[:5]:
         loc = ".".join(str(x) for x in e.get("loc", []) if x != "body")
@@ -229,14 +246,22 @@ def create_app(rec: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0, 
     async def items(q: str = QueryParam("", max_length=200), limit: int = QueryParam(20, ge=1, le=200)) -> list[dict]:
         return rec.search(q, limit)
 
-    @app.post("/recommend", response_model=RecommendResponse, response_model_exclude_none=True,
-              responses={400: {"description": "malformed JSON"}, 413: {"description": "body too large"}, 422: {"description": "invalid request"}})
+    @app.post(
+        "/recommend",
+        response_model=RecommendResponse,
+        response_model_exclude_none=True,
+        responses={400: {"description": "malformed JSON"}, 413: {"description": "body too large"}, 422: {"description": "invalid request"}},
+    )
     async def recommend(req: RecommendRequest):
         prep = rec.prepare(req.query())
         return (await batcher.submit([prep]))[0]
 
-    @app.post("/recommend/batch", response_model=BatchResponse, response_model_exclude_none=True,
-              responses={400: {"description": "malformed JSON"}, 413: {"description": "body too large"}, 422: {"description": "invalid request"}})
+    @app.post(
+        "/recommend/batch",
+        response_model=BatchResponse,
+        response_model_exclude_none=True,
+        responses={400: {"description": "malformed JSON"}, 413: {"description": "body too large"}, 422: {"description": "invalid request"}},
+    )
     async def recommend_batch(req: BatchRequest):
         if not req.requests:
             raise RequestError("requests is empty: give at least one query")
@@ -257,9 +282,19 @@ def create_app(rec: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0, 
     return BodyLimit(app, max_body_bytes) if max_body_bytes else app
 
 
-def serve(run_dir: str | None, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "auto", device: str = "cpu",
-          unknown_items: str = "report", max_batch: int = 64, max_wait_ms: float = 2.0, max_body_bytes: int = 1 << 20,
-          exported: str | None = None, runtime: str = "program") -> None:
+def serve(
+    run_dir: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    checkpoint: str = "auto",
+    device: str = "cpu",
+    unknown_items: str = "report",
+    max_batch: int = 64,
+    max_wait_ms: float = 2.0,
+    max_body_bytes: int = 1 << 20,
+    exported: str | None = None,
+    runtime: str = "program",
+) -> None:
     """Serve a run (``run_dir``, the eager model) or an export folder (``exported``, on the CPU,
     with the ``torch.export`` program or, ``runtime="aoti"``, the AOTInductor package)."""
     try:

@@ -28,7 +28,9 @@ from ..data.table import DataError, read_table_file
 from .recommender import Query, Recommender, RequestError
 
 
-def read_queries(path: str | Path, k: int, exclude_seen: bool | None, user_col="user", item_col="item", time_col: str | None = "timestamp") -> list[tuple[Any, Query]]:
+def read_queries(
+    path: str | Path, k: int, exclude_seen: bool | None, user_col="user", item_col="item", time_col: str | None = "timestamp"
+) -> list[tuple[Any, Query]]:
     df = read_table_file(path)
     if "history" in df.columns:
         if user_col not in df.columns:
@@ -77,7 +79,9 @@ def write_table(df: pd.DataFrame, path: str | Path) -> None:
         raise
 
 
-def recommend_file(rec: Recommender, inp: str | Path, out: str | Path, k: int, exclude_seen: bool | None, batch_size: int = 256, **cols) -> dict[str, int]:
+def recommend_file(
+    rec: Recommender, inp: str | Path, out: str | Path, k: int, exclude_seen: bool | None, batch_size: int = 256, **cols
+) -> dict[str, int]:
     pairs = read_queries(inp, k, exclude_seen, **cols)
     rows: list[dict[str, Any]] = []
     failed = 0

@@ -129,10 +129,15 @@ def export_run(rec: Recommender, out: str | Path, aoti: bool = True, onnx: bool 
         "uses_timestamps": rec.uses_time,
         "items": rec.num_items,
         "dim": int(items_ID.shape[1]),
-        "files": {"program": PROGRAM, "aoti": AOTI if AOTI in files else None, "onnx": ONNX if ONNX in files else None,
-                  "items": ITEMS, "item_ids": ITEM_IDS},
+        "files": {
+            "program": PROGRAM,
+            "aoti": AOTI if AOTI in files else None,
+            "onnx": ONNX if ONNX in files else None,
+            "items": ITEMS,
+            "item_ids": ITEM_IDS,
+        },
         "inputs": "ids, ts, query_ts: int64 (B, N), 1 <= N <= max_len, left-aligned, zero-padded; "
-                  "query_ts[i] = ts[i+1], at the last item the time of the next interaction",
+        "query_ts[i] = ts[i+1], at the last item the time of the next interaction",
         "outputs": "user: float32 (B, D), the user vector at each row's last item",
         "scoring": "scores = user @ items.T (items: (I+1, D)); scores[:, 0] = -inf; history items = -inf; top-k; row r is item_ids raw_ids[r]",
         "export_overrides": list(EXPORT_OVERRIDES),
@@ -217,6 +222,7 @@ def _onnx_file(ep, out: Path, check: list, want: list) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- loading
+
 
 @dataclass
 class Catalogue:

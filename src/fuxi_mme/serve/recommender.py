@@ -22,9 +22,10 @@ Conventions:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,7 +97,7 @@ class Recommender:
             self.items_ID = model.item_vectors().float()  # computed once
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, checkpoint: str = "auto", device: str = "cpu", unknown_items: str = "report") -> "Recommender":
+    def from_run(cls, run_dir: str | Path, checkpoint: str = "auto", device: str = "cpu", unknown_items: str = "report") -> Recommender:
         from ..runs import load_trained
         from ..utils.runtime import resolve_device
 
@@ -179,7 +180,9 @@ class Recommender:
             shown = ", ".join(map(repr, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
             raise RequestError(f"{len(unknown)} item id(s) are not in the model's catalogue: {shown}; remove them or pass unknown_items='ignore'")
         if not ids:
-            raise RequestError(f"none of the history's {len(history)} item id(s) is in the model's catalogue (e.g. {history[0]!r}); check the ids (raw ids of the training data)")
+            raise RequestError(
+                f"none of the history's {len(history)} item id(s) is in the model's catalogue (e.g. {history[0]!r}); check the ids (raw ids of the training data)"
+            )
         notes = []
         if ts is None and self.uses_time:
             notes.append("no timestamps given: the temporal channel sees zero gaps")
@@ -199,7 +202,17 @@ class Recommender:
             now = 0
         if truncated:
             notes.append(f"history longer than max_len={self.max_len}: the {truncated} oldest item(s) were dropped")
-        return Prepared(ids_a, ts_a, now, seen, int(k), bool(self.history_mode == "mask" if q.exclude_seen is None else q.exclude_seen), unknown if policy == "report" else [], truncated, notes)
+        return Prepared(
+            ids_a,
+            ts_a,
+            now,
+            seen,
+            int(k),
+            bool(self.history_mode == "mask" if q.exclude_seen is None else q.exclude_seen),
+            unknown if policy == "report" else [],
+            truncated,
+            notes,
+        )
 
     # ------------------------------------------------------------------ scoring
     def batch_tensors(self, preps: list[Prepared]) -> Batch:

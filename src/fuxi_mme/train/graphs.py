@@ -45,8 +45,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -70,10 +70,16 @@ def slow_compile_warning(active: bool, seconds: float | None = None):
         yield
         return
     seconds = SLOW_COMPILE_S if seconds is None else seconds
-    timer = threading.Timer(seconds, log.warning, args=(
-        "torch.compile has been running for %.0f s (usually 10-35 s). If it never finishes, a known cause is NVIDIA's ptxas "
-        "hanging on one Inductor persistent-reduction kernel (off by default for MoE models): rerun with "
-        "TORCHINDUCTOR_PERSISTENT_REDUCTIONS=0 in the environment, or with --set train.compile=false (docs/training.md)", seconds))
+    timer = threading.Timer(
+        seconds,
+        log.warning,
+        args=(
+            "torch.compile has been running for %.0f s (usually 10-35 s). If it never finishes, a known cause is NVIDIA's ptxas "
+            "hanging on one Inductor persistent-reduction kernel (off by default for MoE models): rerun with "
+            "TORCHINDUCTOR_PERSISTENT_REDUCTIONS=0 in the environment, or with --set train.compile=false (docs/training.md)",
+            seconds,
+        ),
+    )
     timer.daemon = True
     timer.start()
     try:
@@ -148,8 +154,15 @@ class GraphedStep:
     whose ``.grad`` the step accumulates into; ``chunks`` > 1 runs each batch as that many
     length-sorted chunks (only for models whose chunks may each run their own backward)."""
 
-    def __init__(self, variants: list[StepVariant], params: list[torch.nn.Parameter], arrs: TrainArrays, sampler: NegativeSampler,
-                 batch_size: int, chunks: int = 1):
+    def __init__(
+        self,
+        variants: list[StepVariant],
+        params: list[torch.nn.Parameter],
+        arrs: TrainArrays,
+        sampler: NegativeSampler,
+        batch_size: int,
+        chunks: int = 1,
+    ):
         self.variants, self.params, self.arrs, self.sampler = list(variants), params, arrs, sampler
         self.device = sampler.device
         self.B, self.N, self.K = batch_size, arrs.ids.shape[1], sampler.k

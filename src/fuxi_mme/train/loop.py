@@ -136,8 +136,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             D.broadcast_module(model, self.dist)  # identical start even if seeds were not
-            self.forward_module = DDP(self.forward_module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                      find_unused_parameters=model.has_unused_parameters())
+            self.forward_module = DDP(
+                self.forward_module, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=model.has_unused_parameters()
+            )
         self._compiled, self._plain = compiled, plain
         self.graphed: GraphedStep | None = None
         if graphs_wanted(cfg.train.cuda_graphs, dev, self.dist.enabled):
@@ -294,8 +295,19 @@ class Trainer:
         self.model.eval()
         e, w = self.cfg.eval, self.dist
         gather = (lambda obj: D.all_gather_objects(obj, w)) if w.enabled else None
-        return evaluate_split(model_scorer(self.model, self.amp_dtype), arrs, self.ds, split=split, history=self.history, ks=e.ks,
-                              batch_size=e.batch_size, device=self.device, rank=w.rank, world=w.world, gather=gather)
+        return evaluate_split(
+            model_scorer(self.model, self.amp_dtype),
+            arrs,
+            self.ds,
+            split=split,
+            history=self.history,
+            ks=e.ks,
+            batch_size=e.batch_size,
+            device=self.device,
+            rank=w.rank,
+            world=w.world,
+            gather=gather,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def _rng(self) -> dict[str, torch.Tensor]:
@@ -336,9 +348,11 @@ class Trainer:
             epoch = self.state.epoch
             rec = self.train_epoch(epoch)
             if not math.isfinite(rec["loss"]):
-                raise NonFiniteLoss(f"epoch {epoch + 1}: the training loss is {rec['loss']} (not finite); training stopped before saving it, "
-                                    f"so checkpoints/last still holds epoch {self.state.epoch}. Lower train.lr, set train.grad_clip, or check the data "
-                                    "and the checkpoint (--resume continues from it)")
+                raise NonFiniteLoss(
+                    f"epoch {epoch + 1}: the training loss is {rec['loss']} (not finite); training stopped before saving it, "
+                    f"so checkpoints/last still holds epoch {self.state.epoch}. Lower train.lr, set train.grad_clip, or check the data "
+                    "and the checkpoint (--resume continues from it)"
+                )
             self.state.epoch += 1
             msg = f"epoch {epoch + 1}: loss {rec['loss']:.4f}, {rec['seq_per_s']:.0f} seq/s"
             if self.state.epoch % t.eval_every == 0 or self.state.epoch == t.epochs:
@@ -357,7 +371,9 @@ class Trainer:
                             msg += f" (no improvement for {t.patience} evaluations: stopping)"
                 elif self.cfg.eval.log_test_curve:
                     tm = self.evaluate(self.test_arrs, "test")
-                    self.metrics_log.write({"kind": "test_curve", "note": "per-epoch test curve; never used for selection", "epoch": self.state.epoch, **tm})
+                    self.metrics_log.write(
+                        {"kind": "test_curve", "note": "per-epoch test curve; never used for selection", "epoch": self.state.epoch, **tm}
+                    )
                     msg += f", test-curve {SELECT_METRIC} {tm[SELECT_METRIC]:.4f}"
             log.info(msg)
             self.save("last", resumable=True)

@@ -71,9 +71,14 @@ def full_softmax_nll(user_PD: torch.Tensor, targets_P: torch.Tensor, items_ID: t
     from torch.utils.checkpoint import checkpoint
 
     rows = max(1, FULL_MAX_LOGITS // items.shape[0])
-    return torch.cat([checkpoint(_full_block, user_PD[s : s + rows], targets_P[s : s + rows], items, mask, temperature, use_reentrant=False,
-                                 preserve_rng_state=False)  # no randomness inside; reading the RNG state would sync
-                      for s in range(0, P, rows)])
+    return torch.cat(
+        [
+            checkpoint(
+                _full_block, user_PD[s : s + rows], targets_P[s : s + rows], items, mask, temperature, use_reentrant=False, preserve_rng_state=False
+            )  # no randomness inside; reading the RNG state would sync
+            for s in range(0, P, rows)
+        ]
+    )
 
 
 def sampled_softmax_loss(

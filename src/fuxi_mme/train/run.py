@@ -106,9 +106,16 @@ def _popularity(cfg: Config, ds: PreparedDataset, device: torch.device, run_dir:
     scorer = popularity_scorer(ds, cfg.data.protocol, device)
     history, why = resolve_history(cfg.eval.history, ds, cfg.data.protocol)
     log.info(why)
-    out: dict[str, Any] = {"protocol": cfg.data.protocol, "split": "test", "model": "popularity", "preset": cfg.preset, "dataset": ds.name,
-                           "run_dir": str(run_dir), "eval_history": {"mode": history, "why": why}}
-    for split in (["valid", "test"] if cfg.data.protocol == "loo-val" else ["test"]):
+    out: dict[str, Any] = {
+        "protocol": cfg.data.protocol,
+        "split": "test",
+        "model": "popularity",
+        "preset": cfg.preset,
+        "dataset": ds.name,
+        "run_dir": str(run_dir),
+        "eval_history": {"mode": history, "why": why},
+    }
+    for split in ["valid", "test"] if cfg.data.protocol == "loo-val" else ["test"]:
         arrs = eval_arrays(ds, cfg.data.protocol, split, cfg.data.max_len)
         m = evaluate_split(scorer, arrs, ds, split=split, history=history, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, device=device)
         out["test" if split == "test" else "valid_best"] = m

@@ -9,8 +9,8 @@ function on static batches (``graphs.py``). Legend: B rows, N width, P target po
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -42,7 +42,9 @@ def batch_loss(forward: Forward, batch: Batch, normalizer: float | torch.Tensor,
         user_BND, items_ID = forward(batch.ids, batch.ts, batch.query_ts)
         user_PD = user_BND.reshape(-1, user_BND.shape[-1]).index_select(0, batch.positions)
         negatives = batch.negatives if batch.negatives is not None else batch.pos_targets.new_zeros(len(batch.pos_targets), 0)
-        return position_softmax_loss(user_PD, batch.pos_targets, items_ID, negatives, st.temperature, normalizer, full=st.full, padded=st.padded_positions)
+        return position_softmax_loss(
+            user_PD, batch.pos_targets, items_ID, negatives, st.temperature, normalizer, full=st.full, padded=st.padded_positions
+        )
 
 
 def loss_and_backward(

@@ -55,4 +55,6 @@ def verify_manifest(folder: str | Path, required: bool = False) -> None:
         if not f.is_file():
             raise IntegrityError(f"{f} is missing (listed in {MANIFEST}); the folder is incomplete, re-create it")
         if sha256_file(f) != want:
-            raise IntegrityError(f"{f} does not match its recorded sha256 (damaged or changed since it was written); re-create it or use another copy")
+            raise IntegrityError(
+                f"{f} does not match its recorded sha256 (damaged or changed since it was written); re-create it or use another copy"
+            )

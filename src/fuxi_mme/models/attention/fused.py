@@ -122,8 +122,28 @@ if HAVE_TRITON:
         return L
 
     @triton.jit
-    def _tile(Q, K, V, PM, TM, b, bh, offs_m, offs_n, q, N, L, DQ, DV,
-              HSTU: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, IEEE: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
+    def _tile(
+        Q,
+        K,
+        V,
+        PM,
+        TM,
+        b,
+        bh,
+        offs_m,
+        offs_n,
+        q,
+        N,
+        L,
+        DQ,
+        DV,
+        HSTU: tl.constexpr,
+        BIAS: tl.constexpr,
+        USE_TIME: tl.constexpr,
+        IEEE: tl.constexpr,
+        BDQ: tl.constexpr,
+        BDV: tl.constexpr,
+    ):
         """k, v of key rows ``offs_n``; the pre-activation z, the mask (causal, and both rows
         inside the sequence's L real positions) and the bias maps (read only where the kernel
         uses them: ``BIAS``)."""
@@ -146,9 +166,32 @@ if HAVE_TRITON:
         return k, v, z, causal, p, t
 
     @triton.jit
-    def fwd(Q, K, V, PM, TM, LEN, O, H, G, N, DQ, DV, inv_norm,
-            HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, HAS_LEN: tl.constexpr, IEEE: tl.constexpr,
-            C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
+    def fwd(
+        Q,
+        K,
+        V,
+        PM,
+        TM,
+        LEN,
+        O,
+        H,
+        G,
+        N,
+        DQ,
+        DV,
+        inv_norm,
+        HSTU: tl.constexpr,
+        BIAS_CH: tl.constexpr,
+        BIAS: tl.constexpr,
+        USE_TIME: tl.constexpr,
+        HAS_LEN: tl.constexpr,
+        IEEE: tl.constexpr,
+        C: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BDQ: tl.constexpr,
+        BDV: tl.constexpr,
+    ):
         pid_m, bh, b, h, offs_m = _program(H, BM)
         L = _seq_len(LEN, b, N, HAS_LEN)
         q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
@@ -171,9 +214,34 @@ if HAVE_TRITON:
             tl.store(ptr + 2 * (H // G) * DV, acc2.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd_kv(Q, K, V, PM, TM, LEN, DO, DK, DVp, H, G, N, DQ, DV, inv_norm,
-               HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, HAS_LEN: tl.constexpr, IEEE: tl.constexpr,
-               C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
+    def bwd_kv(
+        Q,
+        K,
+        V,
+        PM,
+        TM,
+        LEN,
+        DO,
+        DK,
+        DVp,
+        H,
+        G,
+        N,
+        DQ,
+        DV,
+        inv_norm,
+        HSTU: tl.constexpr,
+        BIAS_CH: tl.constexpr,
+        BIAS: tl.constexpr,
+        USE_TIME: tl.constexpr,
+        HAS_LEN: tl.constexpr,
+        IEEE: tl.constexpr,
+        C: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BDQ: tl.constexpr,
+        BDV: tl.constexpr,
+    ):
         pid_n, bh, b, h, offs_n = _program(H, BN)
         L = _seq_len(LEN, b, N, HAS_LEN)
         dk = tl.zeros((BN, BDQ), tl.float32)
@@ -201,9 +269,34 @@ if HAVE_TRITON:
         tl.store(ptr, dv.to(DVp.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd_q(Q, K, V, PM, TM, LEN, DO, DQp, GP, H, G, N, DQ, DV, inv_norm,
-              HSTU: tl.constexpr, BIAS_CH: tl.constexpr, BIAS: tl.constexpr, USE_TIME: tl.constexpr, HAS_LEN: tl.constexpr, IEEE: tl.constexpr,
-              C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDQ: tl.constexpr, BDV: tl.constexpr):
+    def bwd_q(
+        Q,
+        K,
+        V,
+        PM,
+        TM,
+        LEN,
+        DO,
+        DQp,
+        GP,
+        H,
+        G,
+        N,
+        DQ,
+        DV,
+        inv_norm,
+        HSTU: tl.constexpr,
+        BIAS_CH: tl.constexpr,
+        BIAS: tl.constexpr,
+        USE_TIME: tl.constexpr,
+        HAS_LEN: tl.constexpr,
+        IEEE: tl.constexpr,
+        C: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BDQ: tl.constexpr,
+        BDV: tl.constexpr,
+    ):
         pid_m, bh, b, h, offs_m = _program(H, BM)
         L = _seq_len(LEN, b, N, HAS_LEN)
         q = _load_rows(Q, bh, offs_m, N, DQ, BDQ)
@@ -222,10 +315,26 @@ if HAVE_TRITON:
         ptr, mask = _rows(DQp, bh, offs_m, N, DQ, BDQ)
         tl.store(ptr, dq.to(DQp.dtype.element_ty), mask=mask)
 
-
     @triton.jit
-    def bias_grad(V, DO, BKT, LEN, PG, TG, N, NT, H: tl.constexpr, G: tl.constexpr, DV: tl.constexpr,
-                  USE_TIME: tl.constexpr, HAS_LEN: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+    def bias_grad(
+        V,
+        DO,
+        BKT,
+        LEN,
+        PG,
+        TG,
+        N,
+        NT,
+        H: tl.constexpr,
+        G: tl.constexpr,
+        DV: tl.constexpr,
+        USE_TIME: tl.constexpr,
+        HAS_LEN: tl.constexpr,
+        IEEE: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BW: tl.constexpr,
+    ):
         """FuXi-alpha's bias-table gradients. For query rows i of one block of sequence b and
         every key j <= i < L: g_c[i, j] = sum_h do_c,h[i] . v_h[j] (one product over all heads
         at once, width H*DV, in chunks of BW), c = the positional and temporal channels, added
@@ -323,8 +432,19 @@ def _channels(hstu: bool, split: bool) -> int:
 
 def _consts(q, v, hstu, use_time, bm, bn, split, has_len):
     bias_ch = not hstu and not split
-    return dict(HSTU=hstu, BIAS_CH=bias_ch, BIAS=hstu or bias_ch, USE_TIME=use_time, HAS_LEN=has_len, IEEE=q.dtype == torch.float32,
-                C=_channels(hstu, split), BM=bm, BN=bn, BDQ=_pow2(q.shape[-1]), BDV=_pow2(v.shape[-1]))
+    return dict(
+        HSTU=hstu,
+        BIAS_CH=bias_ch,
+        BIAS=hstu or bias_ch,
+        USE_TIME=use_time,
+        HAS_LEN=has_len,
+        IEEE=q.dtype == torch.float32,
+        C=_channels(hstu, split),
+        BM=bm,
+        BN=bn,
+        BDQ=_pow2(q.shape[-1]),
+        BDV=_pow2(v.shape[-1]),
+    )
 
 
 def _tmap_arg(tmap, pmap):
@@ -347,8 +467,23 @@ def launch_fwd(q, k, v, pmap, tmap, inv_norm: float, hstu: bool, split: bool = F
     DV = v.shape[-1]
     out = torch.empty(B, groups, N, _channels(hstu, split), H // groups, DV, device=q.device, dtype=q.dtype)
     bm, bn, opts = _launch("fwd", hstu, split, DV)
-    fwd[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), _len_arg(lengths, q), out, H, groups, N, q.shape[-1], DV, inv_norm,
-                                     **_consts(q, v, hstu, tmap is not None, bm, bn, split, lengths is not None), **opts)
+    fwd[(triton.cdiv(N, bm), B * H)](
+        q,
+        k,
+        v,
+        pmap,
+        _tmap_arg(tmap, pmap),
+        _len_arg(lengths, q),
+        out,
+        H,
+        groups,
+        N,
+        q.shape[-1],
+        DV,
+        inv_norm,
+        **_consts(q, v, hstu, tmap is not None, bm, bn, split, lengths is not None),
+        **opts,
+    )
     return out
 
 
@@ -357,8 +492,25 @@ def launch_bwd_kv(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: b
     B, H, N, _ = q.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     bm, bn, opts = _launch("bwd_kv", hstu, split, v.shape[-1])
-    bwd_kv[(triton.cdiv(N, bn), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), _len_arg(lengths, q), do, dk, dv, H, groups, N, q.shape[-1], v.shape[-1], inv_norm,
-                                        **_consts(q, v, hstu, tmap is not None, bm, bn, split, lengths is not None), **opts)
+    bwd_kv[(triton.cdiv(N, bn), B * H)](
+        q,
+        k,
+        v,
+        pmap,
+        _tmap_arg(tmap, pmap),
+        _len_arg(lengths, q),
+        do,
+        dk,
+        dv,
+        H,
+        groups,
+        N,
+        q.shape[-1],
+        v.shape[-1],
+        inv_norm,
+        **_consts(q, v, hstu, tmap is not None, bm, bn, split, lengths is not None),
+        **opts,
+    )
     return dk, dv
 
 
@@ -369,9 +521,25 @@ def launch_bwd_q(q, k, v, pmap, tmap, do, inv_norm: float, hstu: bool, split: bo
     dq = torch.empty_like(q)
     gp = torch.zeros(B, N, N, device=q.device, dtype=torch.float32) if hstu else q.new_empty(0, dtype=torch.float32)
     bm, bn, opts = _launch("bwd_q", hstu, split, v.shape[-1])
-    bwd_q[(triton.cdiv(N, bm), B * H)](q, k, v, pmap, _tmap_arg(tmap, pmap), _len_arg(lengths, q), do, dq, gp if hstu else dq, H, groups, N, q.shape[-1],
-                                       v.shape[-1], inv_norm, **_consts(q, v, hstu, tmap is not None, bm, bn, split, lengths is not None),
-                                       **opts)  # GP unused for FuXi
+    bwd_q[(triton.cdiv(N, bm), B * H)](
+        q,
+        k,
+        v,
+        pmap,
+        _tmap_arg(tmap, pmap),
+        _len_arg(lengths, q),
+        do,
+        dq,
+        gp if hstu else dq,
+        H,
+        groups,
+        N,
+        q.shape[-1],
+        v.shape[-1],
+        inv_norm,
+        **_consts(q, v, hstu, tmap is not None, bm, bn, split, lengths is not None),
+        **opts,
+    )  # GP unused for FuXi
     return dq, gp
 
 
@@ -396,8 +564,26 @@ def launch_bias_grad(v, do, buckets, lengths, groups: int, n_pos: int, n_time: i
     use_time = buckets is not None
     pg = torch.zeros(B, N, device=v.device, dtype=torch.float32)
     tg = torch.zeros(B if use_time else 0, n_time, device=v.device, dtype=torch.float32)
-    bias_grad[grid](v, do, buckets if use_time else v, lengths if lengths is not None else v, pg, tg if use_time else pg, N, n_time, H=H, G=groups, DV=DV,
-                    USE_TIME=use_time, HAS_LEN=lengths is not None, IEEE=v.dtype == torch.float32, BM=bm, BN=bn, BW=bw, **opts)
+    bias_grad[grid](
+        v,
+        do,
+        buckets if use_time else v,
+        lengths if lengths is not None else v,
+        pg,
+        tg if use_time else pg,
+        N,
+        n_time,
+        H=H,
+        G=groups,
+        DV=DV,
+        USE_TIME=use_time,
+        HAS_LEN=lengths is not None,
+        IEEE=v.dtype == torch.float32,
+        BM=bm,
+        BN=bn,
+        BW=bw,
+        **opts,
+    )
     # entries past N - 1 (a table longer than this call's length) get no gradient
     return torch.nn.functional.pad(pg.sum(0), (0, n_pos - N)), tg.sum(0)
 
@@ -438,12 +624,17 @@ def map_grads(v, do, gp, has_time: bool, hstu: bool, lengths=None, groups: int =
 # The kernels as two custom operators: opaque to torch.compile (Inductor compiles the model
 # around them instead of tracing into the Triton launches) and recorded as they are by CUDA graphs.
 _LIB = "fuxi_mme"
-_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, Tensor pos_w, Tensor time_w, Tensor? buckets, "
-               "float inv_norm, bool hstu, bool split, int groups) -> Tensor")
-_TABLE_SCHEMA = ("(Tensor v, Tensor do, Tensor? gp, Tensor? buckets, Tensor? lengths, int pos_n, int time_n, bool hstu, int groups) "
-                 "-> (Tensor, Tensor)")
-_BWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, Tensor do, float inv_norm, bool hstu, bool split, int groups) "
-               "-> (Tensor, Tensor, Tensor, Tensor)")
+_FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, Tensor pos_w, Tensor time_w, Tensor? buckets, "
+    "float inv_norm, bool hstu, bool split, int groups) -> Tensor"
+)
+_TABLE_SCHEMA = (
+    "(Tensor v, Tensor do, Tensor? gp, Tensor? buckets, Tensor? lengths, int pos_n, int time_n, bool hstu, int groups) -> (Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor pmap, Tensor? tmap, Tensor? lengths, Tensor do, float inv_norm, bool hstu, bool split, int groups) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
 
 
 @torch.library.custom_op(f"{_LIB}::fused_attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
@@ -538,7 +729,9 @@ def _attention(q, k, v, pos_w, time_w, buckets, norm: float, hstu: bool, split: 
     # FuXi-alpha, bias channels outside the kernels: the semantic channel from the kernel (the
     # maps are not read; q stands in for them), then each bias channel as one product per
     # sequence over all heads at once, (N, N) x (N, H*DV), through autograd
-    sem = _fwd_op(q, k, v, q.detach(), None, lengths, pos_w.detach(), time_w.detach(), None, 1.0 / float(norm), False, True, groups).view(B, groups, N, -1)
+    sem = _fwd_op(q, k, v, q.detach(), None, lengths, pos_w.detach(), time_w.detach(), None, 1.0 / float(norm), False, True, groups).view(
+        B, groups, N, -1
+    )
     v_cat = v.transpose(1, 2).reshape(B, N, -1)  # (B, N, H*DV)
     pos = torch.matmul(pmap.tril().to(dt), v_cat)
     time = torch.bmm(tmap.tril(), v_cat) if tmap is not None else torch.zeros_like(pos)
