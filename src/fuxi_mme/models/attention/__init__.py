@@ -1,5 +1,5 @@
 """FuXi-alpha's and HSTU's pointwise attention: the PyTorch reference (``reference.py``), the
-fused Triton kernels (``fused.py``, imported on demand: ``fuxi_mme.models.attention.fused``),
+fused Triton kernels (``fused.py``, its kernels in ``kernels.py``, imported on demand: ``fuxi_mme.models.attention.fused``),
 the pieces both share (``shared.py``) and the choice between them (``select.py``)."""
 
 from .reference import fuxi_attention_reference, hstu_attention_reference
