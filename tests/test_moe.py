@@ -45,7 +45,7 @@ def test_expert_with_no_tokens_and_all_tokens_to_one_expert():
         moe.router.weight[2] += 1.0  # expert 2 wins whenever sum(x) > 0
     x = torch.rand(20, 8) + 0.1  # positive: every token goes to expert 2, experts 0, 1, 3 idle
     (y1, gx1, gp1), *others = run_both(moe, x)
-    for y2, gx2, gp2 in others:
+    for y2, _gx2, gp2 in others:
         torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gp1["w1"], gp2["w1"], rtol=1e-5, atol=1e-6)
     assert gp1["w1"][[0, 1, 3]].abs().sum() == 0 and gp1["w1"][2].abs().sum() > 0
@@ -151,7 +151,7 @@ def test_auto_backend_is_dense_for_few_experts_and_batched_for_many():
 
 
 def test_group_ends_equal_cumsum_of_bincount():
-    from fuxi_mme.models.moe import group_ends
+    from fuxi_mme.models.moe_dispatch import group_ends
 
     torch.manual_seed(0)
     for E in (1, 4, 16):
@@ -187,7 +187,7 @@ def test_no_autograd_graph_outlives_a_training_step():
 
 @pytest.mark.parametrize("E", [1, 4, 40])  # 40 > COUNTING_MAX_EXPERTS: the sorting branch
 def test_dispatch_plan_equals_a_stable_sort(E):
-    from fuxi_mme.models.moe import dispatch_plan
+    from fuxi_mme.models.moe_dispatch import dispatch_plan
 
     torch.manual_seed(0)
     ids = torch.randint(0, E, (997,))
@@ -202,7 +202,7 @@ def test_dispatch_plan_equals_a_stable_sort(E):
 
 
 def test_permutation_rows_have_gather_backwards_equal_to_indexing():
-    from fuxi_mme.models.moe import DispatchRows, PermuteRows, dispatch_plan
+    from fuxi_mme.models.moe_dispatch import DispatchRows, PermuteRows, dispatch_plan
 
     torch.manual_seed(0)
     T, K, E = 11, 2, 3
@@ -284,7 +284,7 @@ def test_fuxi_mme_loss_and_gradients_do_not_depend_on_computing_padding(placemen
 
 
 def test_running_counts_across_chunks():
-    from fuxi_mme.models.moe import _running_counts
+    from fuxi_mme.models.moe_dispatch import _running_counts
 
     torch.manual_seed(0)
     for A, E, chunk in ((1, 1, 4), (10, 3, 4), (4099, 5, 1024), (37, 4, 37)):
@@ -297,7 +297,7 @@ def test_running_counts_across_chunks():
 
 @pytest.mark.parametrize("E,K", [(4, 1), (4, 2), (8, 3), (4, 4), (64, 4), (80, 2), (16, 6)])
 def test_top_k_indices_equal_topk(E, K):
-    from fuxi_mme.models.moe import top_k_indices
+    from fuxi_mme.models.moe_dispatch import top_k_indices
 
     g = torch.Generator().manual_seed(E * 10 + K)
     x = torch.randn(500, E, generator=g)  # continuous: no ties
