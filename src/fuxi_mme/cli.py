@@ -1,45 +1,14 @@
-"""Command line: ``fuxi-mme {train,evaluate,data,presets}``. Parses, builds a config, calls one
-function; user errors are printed as one clear line (exit code 2), never a traceback."""
+"""Command line: ``fuxi-mme {train,evaluate,data,experiment,report,recommend,serve,export,presets}``.
+Parses and calls one function of ``commands.py``; user errors are printed as one clear line
+(exit code 2), never a traceback."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
-import os
 import sys
-from typing import Any
 
-from . import __version__
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def metrics_table(rows: dict[str, dict[str, Any]], title: str = "") -> str:
-    """Plain-text table: one row per split/model, metric columns in a stable order."""
-    cols: list[str] = []
-    for m in rows.values():
-        cols.extend(k for k in m if k not in cols and isinstance(m[k], (int, float)))
-    first = max([len("split")] + [len(r) for r in rows])
-    widths = [max(len(c), 7) for c in cols]
-    lines = [title] if title else []
-    lines.append("  ".join(["split".ljust(first)] + [c.rjust(w) for c, w in zip(cols, widths)]))
-    for name, m in rows.items():
-        lines.append("  ".join([name.ljust(first)] + [_fmt(m.get(c, "")).rjust(w) for c, w in zip(cols, widths)]))
-    return "\n".join(lines)
-
-
-def split_rows(name: str, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A split's table row, and beside it its repeat-target and new-item-target rows when the
-    split has repeat targets (docs/training.md#history-masking)."""
-    rows = {name: m}
-    for key, label in (("repeat_targets", "repeat targets"), ("new_targets", "new-item targets")):
-        if isinstance(m.get(key), dict):
-            rows[f"  {label}"] = m[key]
-    return rows
+from . import __version__, commands
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -80,298 +49,29 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files (needs tensorboard)")
 
 
-def build_config(args: argparse.Namespace):
-    from .config import apply_mapping, apply_overrides, load_yaml, validate
-    from .presets import build_preset, parse_preset, preset_name
-
-    if args.preset:
-        dataset, model, size = parse_preset(args.preset)
-    else:
-        dataset, model, size = "demo", "fuxi-mme", "base"
-    if args.data_path and not args.dataset and not args.preset:
-        dataset = "file"
-    dataset = args.dataset or dataset
-    model = args.model or model
-    size = args.size or size
-    cfg = build_preset(preset_name(dataset, model, size))
-    if args.config:
-        apply_mapping(cfg, load_yaml(args.config))
-    direct = {
-        "data.path": args.data_path,
-        "data.data_dir": args.data_dir,
-        "data.protocol": args.protocol,
-        "train.epochs": args.epochs,
-        "train.device": args.device,
-        "train.seed": args.seed,
-        "log.run_dir": args.run_dir,
-        "train.batch_size": args.batch_size,
-        "train.lr": args.lr,
-        "train.amp": args.amp,
-        "train.tf32": False if args.no_tf32 else None,
-        "train.compile": True if args.compile else None,
-        "train.grad_clip": args.grad_clip,
-        "train.schedule": args.schedule,
-        "train.warmup_steps": args.warmup_steps,
-        "train.grad_accum": args.grad_accum,
-        "train.patience": args.patience,
-        "train.deterministic": True if args.deterministic else None,
-        "log.tensorboard": True if args.tensorboard else None,
-    }
-    apply_overrides(cfg, [f"{k}={v}" for k, v in direct.items() if v is not None])
-    apply_overrides(cfg, args.overrides)
-    validate(cfg)
-    return cfg
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from .runs import load_run
-    from .train.run import train
-
-    if args.resume:
-        cfg = load_run(args.resume)
-        if args.epochs:
-            cfg.train.epochs = args.epochs
-    else:
-        cfg = build_config(args)
-    if args.no_progress:
-        cfg.log.progress = False
-    if args.print_config:
-        print(cfg.to_json())
-        return 0
-    res = train(cfg, resume=args.resume)
-    if os.environ.get("RANK", "0") != "0":
-        return 0  # under torchrun, rank 0 prints
-    rows = {}
-    if "valid_best" in res:
-        rows.update(split_rows(f"valid (epoch {res.get('selected_epoch', '-')})", res["valid_best"]))
-    rows.update(split_rows("test", res["test"]))
-    title = f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, full ranking ({res.get('selection', 'no training')})"
-    print(metrics_table(rows, title))
-    print(f"results: {res['run_dir']}/metrics.json")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .runs import evaluate_run
-
-    res = evaluate_run(args.run, args.split, args.checkpoint, args.device or "auto")
-    print(
-        metrics_table(
-            split_rows(args.split, res[args.split]), f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, checkpoint {res['checkpoint']}"
-        )
-    )
-    if args.json:
-        print(json.dumps(res, indent=2))
-    return 0
-
-
-def cmd_data_info(args: argparse.Namespace) -> int:
-    from .config import DataConfig
-    from .data import check_expected, load_dataset
-
-    cfg = DataConfig(name=args.name if args.name else ("file" if args.data_path else "demo"))
-    cfg.path = args.data_path
-    cfg.data_dir = args.data_dir
-    cfg.ordering = args.ordering
-    if args.overrides:
-        from .config import Config, apply_overrides
-
-        apply_overrides(Config(data=cfg), args.overrides)  # edits cfg in place
-    ds = load_dataset(cfg, rebuild=getattr(args, "rebuild", False))
-    st = ds.stats
-    print(f"dataset {ds.name}  (cache: {ds.cache_dir})")
-    print(f"  users {st['users']:,}   items {st['items']:,}   interactions {st['interactions']:,}")
-    pct = st["seq_len_percentiles"]
-    print(
-        "  sequence length: mean {:.1f}; min {:.0f}, p25 {:.0f}, median {:.0f}, p75 {:.0f}, p90 {:.0f}, p99 {:.0f}, max {:.0f}".format(
-            st["seq_len_mean"], *[pct[k] for k in ("0", "25", "50", "75", "90", "99", "100")]
-        )
-    )
-    if ds.has_timestamps:
-        import datetime as dt
-
-        f = lambda s: dt.datetime.fromtimestamp(s, dt.timezone.utc).strftime("%Y-%m-%d")  # noqa: E731
-        print(f"  time span: {f(st['time_min'])} to {f(st['time_max'])} ({st['time_span_days']:.0f} days)")
-    else:
-        print("  timestamps: none (order only); the temporal attention channel is disabled for this dataset")
-    from .data.repeats import repeat_summary
-    from .eval.evaluator import resolve_history
-
-    proto = "loo-val" if ds.lengths.min() >= 3 else "paper"
-    rep = repeat_summary(ds, proto)
-    targets = ", ".join(f"{s} {rep[f'{s}_repeat_targets']:,} of {rep[f'{s}_targets']:,}" for s in ("valid", "test") if f"{s}_targets" in rep)
-    print(f"  repeats: {rep['repeat_rate']:.2%} of events repeat an earlier item of the user; repeat targets ({proto}): {targets}")
-    print(f"  {resolve_history('auto', ds, proto)[1]}")
-    for n in st.get("notes", []):
-        print(f"  note: {n}")
-    for w in check_expected(ds):
-        print(w)
-    return 0
-
-
-def cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import SHAPES, all_presets, build_preset, parse_preset
-
-    names = all_presets()
-    if args.show:
-        print(build_preset(args.show).to_json())
-        return 0
-    print("Presets (<dataset>-<model>-<size>); `fuxi-mme presets --show NAME` prints one in full.")
-    for ds in SHAPES:
-        mine = [n for n in names if parse_preset(n)[0] == ds]
-        print(f"  {ds}:")
-        for n in mine:
-            c = build_preset(n)
-            m = c.model
-            desc = "no parameters" if m.name == "popularity" else f"d={m.dim} L={m.num_layers} H={m.num_heads}"
-            if m.name == "fuxi-mme":
-                desc += f" M={m.num_embeddings} E={m.moe.num_experts} top{m.moe.top_k}"
-            print(f"    {n:34s} {desc}, max_len={c.data.max_len}, epochs={c.train.epochs}")
-    return 0
-
-
-def cmd_experiment(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .experiments import SUITES, aggregate, markdown, plan, run_suites, write_docs
-    from .experiments.logs import pack_logs
-
-    unknown = [n for n in args.suite if n not in SUITES]
-    if unknown:
-        raise ValueError(f"unknown suite {', '.join(map(repr, unknown))}; known: {', '.join(SUITES)}")
-    suites = [SUITES[n] for n in dict.fromkeys(args.suite)]
-    if args.seeds:  # these seeds for every variant, in the runs and in the tables (copies: SUITES stays as defined)
-        suites = [dataclasses.replace(s, seeds=list(args.seeds), model_seeds={}) for s in suites]
-    root = Path(args.root)
-    data_root = Path(args.data_root) if args.data_root else None
-    docs = Path(args.docs) if args.docs else root / "results.md"
-    if args.aggregate_only:
-        from .utils.runinfo import git_commit
-
-        if args.pack_logs:
-            for s in suites:
-                if (root / s.name).is_dir():
-                    print(f"{root / s.name}: packed {pack_logs(root / s.name)} per-epoch log files into logs.tar.xz")
-        commit = git_commit()
-        results = [
-            aggregate(s, plan(s, root, data_root, args.overrides, args.datasets, check_data=False, variants=args.variants), root, [], commit)
-            for s in suites
-        ]
-        write_docs(root, docs)
-    else:
-        results = run_suites(suites, root, data_root, args.jobs, args.overrides, args.datasets, docs=docs, variants=args.variants)
-    for res in results:
-        print(markdown(res))
-    return 1 if any(res["failed"] for res in results) else 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from .experiments.report import report
-
-    res = report(args.runs, args.out)
-    print(f"wrote {res['markdown']}" + (f" and {', '.join(res['images'])}" if res["images"] else " (no plots: matplotlib is missing)"))
-    return 0
-
-
-def cmd_recommend(args: argparse.Namespace) -> int:
-    from .serve import Query, Recommender, RequestError
-
-    rec = Recommender.from_run(args.run, args.checkpoint, args.device or "cpu", args.unknown_items)
-    if args.input:
-        from .serve.batch import recommend_file
-
-        if not args.output:
-            raise ValueError("--input needs --output FILE (.csv, .tsv, .parquet or .jsonl)")
-        st = recommend_file(
-            rec, args.input, args.output, args.k, args.exclude_seen, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col
-        )
-        print(
-            f"wrote {st['rows']:,} recommendations for {st['users']:,} users to {args.output}"
-            + (f" ({st['skipped']} skipped, see above)" if st["skipped"] else "")
-        )
-        return 0
-    if args.user is not None:
-        q = rec.history_of(args.user)
-    elif args.items:
-        q = Query(_ids(args.items), args.timestamps)
-    else:
-        raise ValueError("give a history with --items ID [ID ...], a dataset user with --user ID, or a file with --input")
-    q.k, q.exclude_seen, q.now = args.k, args.exclude_seen, args.now
-    try:
-        res = rec.recommend([q])[0]
-    except RequestError as exc:
-        raise ValueError(str(exc)) from exc
-    if args.json:
-        print(json.dumps(res, indent=2, default=str))
-        return 0
-    for r, it in enumerate(res["items"], start=1):
-        print(f"{r:3d}. {it['item']!s:>10}  {it['score']:+.4f}  {it.get('title', '')}")
-    for key in ("unknown_items", "truncated", "notes"):
-        if key in res:
-            print(f"{key}: {res[key]}", file=sys.stderr)
-    return 0
-
-
-def _ids(values: list[str]) -> list:
-    return [int(v) if v.lstrip("-").isdigit() else v for v in values]
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve.app import serve
-
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logging.getLogger("fuxi_mme").warning("binding to %s exposes the service beyond this machine; it has no authentication", args.host)
-    if args.exported and (args.device or "cpu") != "cpu":
-        raise ValueError(f"--exported serves on the CPU (the export is a CPU program); drop --device {args.device} or serve the run with --run")
-    if args.runtime != "program" and not args.exported:
-        raise ValueError("--runtime applies to --exported DIR; a run (--run) is served by the eager model")
-    serve(
-        args.run,
-        args.host,
-        args.port,
-        args.checkpoint,
-        args.device or "cpu",
-        args.unknown_items,
-        args.max_batch,
-        args.max_wait_ms,
-        args.max_body_kb * 1024,
-        exported=args.exported,
-        runtime=args.runtime,
-    )
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .serve import Recommender
-    from .serve.export import export_run
-
-    rec = Recommender.from_run(args.run, args.checkpoint, "cpu")
-    res = export_run(rec, args.out, aoti=not args.no_aoti, onnx=not args.no_onnx)
-    print(f"wrote {', '.join(res['files'])} to {res['dir']}")
-    return 0
-
-
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fuxi-mme", description="Generative sequential recommendation: Fuxi-MME, FuXi-alpha, HSTU, SASRec.")
-    p.add_argument("--version", action="version", version=f"fuxi-mme {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """``train``: the config arguments, resume and progress options."""
     t = sub.add_parser("train", help="train a model and evaluate it (full ranking)")
     _add_config_args(t)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=commands.cmd_train)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    """``evaluate``: a trained run on one split."""
     e = sub.add_parser("evaluate", help="evaluate a trained run (full ranking)")
     e.add_argument("--run", required=True, metavar="RUN_DIR")
     e.add_argument("--split", default="test", choices=("test", "valid"))
     e.add_argument("--checkpoint", default="auto", help="best, last, or auto (best when the run kept one)")
     e.add_argument("--device")
     e.add_argument("--json", action="store_true", help="also print the result as JSON")
-    e.set_defaults(func=cmd_evaluate)
+    e.set_defaults(func=commands.cmd_evaluate)
 
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    """``data info`` and ``data prepare``: one dataset, prepared (cached) and described."""
     d = sub.add_parser("data", help="dataset commands")
     dsub = d.add_subparsers(dest="data_command", required=True)
     for name, helptext in (("info", "prepare (cached) and describe a dataset"), ("prepare", "prepare a dataset into the cache")):
@@ -379,7 +79,8 @@ def make_parser() -> argparse.ArgumentParser:
         di.add_argument(
             "name",
             nargs="?",
-            help="dataset name (demo, ml-100k, ml-1m, ml-1m-ts70, ml-20m, kuairand-pure, kuairand-1k, amazon-beauty, amazon-<category>, file); `file` or omitted with --source reads your own file",
+            help="dataset name (demo, ml-100k, ml-1m, ml-1m-ts70, ml-20m, kuairand-pure, kuairand-1k, amazon-beauty, amazon-<category>, file); "
+            "`file` or omitted with --source reads your own file",
         )
         di.add_argument(
             "--source",
@@ -397,17 +98,23 @@ def make_parser() -> argparse.ArgumentParser:
         di.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.FIELD=VALUE")
         if name == "prepare":
             di.add_argument("--rebuild", action="store_true", help="prepare the data again and replace the cached copy")
-        di.set_defaults(func=cmd_data_info)
+        di.set_defaults(func=commands.cmd_data_info)
 
+
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    """``experiment``: suites of runs, aggregated over seeds."""
     x = sub.add_parser(
         "experiment",
-        help="run a suite of runs (main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, ...) and aggregate over seeds",
+        help="run a suite of runs (main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, ...) "
+        "and aggregate over seeds",
     )
     x.add_argument(
         "suite",
         nargs="+",
-        help="main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, precision or loss; several run as one queue. Finished runs are skipped; "
-        "a finished run made with other settings than the suite now asks for (a changed preset default) is run again, the old one kept as seed<k>.stale",
+        help="main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, precision or loss; "
+        "several run as one queue. Finished runs are skipped; "
+        "a finished run made with other settings than the suite now asks for (a changed preset default) is run again, "
+        "the old one kept as seed<k>.stale",
     )
     x.add_argument("--root", default="experiments", help="folder for the runs and the aggregated results")
     x.add_argument("--data-root", help="folder with the dataset files (the layout of ../shared/data)")
@@ -434,13 +141,19 @@ def make_parser() -> argparse.ArgumentParser:
         "(a run keeps config.json, run.json, metrics.json; running a suite does this by itself)",
     )
     x.add_argument("--docs", help="Markdown page with every suite's tables and plots (default <root>/results.md)")
-    x.set_defaults(func=cmd_experiment)
+    x.set_defaults(func=commands.cmd_experiment)
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    """``report``: curves and a comparison table of runs."""
     r = sub.add_parser("report", help="learning curves (PNG) and a comparison table (Markdown) of runs")
     r.add_argument("runs", nargs="+", metavar="RUN_DIR")
     r.add_argument("--out", default="report", help="folder for report.md, curves.png, comparison.png")
-    r.set_defaults(func=cmd_report)
+    r.set_defaults(func=commands.cmd_report)
 
+
+def _add_recommend(sub: argparse._SubParsersAction) -> None:
+    """``recommend``: top-k for a history, a dataset user or a file of users."""
     rc = sub.add_parser("recommend", help="top-k recommendations for a history, a dataset user or a file of users")
     rc.add_argument("--run", required=True, metavar="RUN_DIR")
     rc.add_argument("--items", nargs="+", metavar="ID", help="history as raw item ids, oldest first")
@@ -466,8 +179,11 @@ def make_parser() -> argparse.ArgumentParser:
     rc.add_argument("--checkpoint", default="auto")
     rc.add_argument("--device")
     rc.add_argument("--json", action="store_true")
-    rc.set_defaults(func=cmd_recommend)
+    rc.set_defaults(func=commands.cmd_recommend)
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    """``serve``: the HTTP API of a run or an export."""
     sv = sub.add_parser("serve", help="HTTP JSON API and demo page (needs fuxi-mme[serve])")
     what = sv.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", metavar="RUN_DIR", help="serve a trained run (eager model)")
@@ -483,19 +199,34 @@ def make_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=64, help="queries scored together at most")
     sv.add_argument("--max-wait-ms", type=float, default=2.0, help="how long the first request waits for others")
     sv.add_argument("--max-body-kb", type=int, default=1024)
-    sv.set_defaults(func=cmd_serve)
+    sv.set_defaults(func=commands.cmd_serve)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """``export``: a run as a serving export."""
     ex = sub.add_parser("export", help="torch.export user encoder (+ AOTInductor, ONNX) and item matrix for serving")
     ex.add_argument("run", metavar="RUN", help="the run folder")
     ex.add_argument("out", metavar="OUT", help="a new or empty folder (or an earlier export, replaced)")
     ex.add_argument("--checkpoint", default="auto")
     ex.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor package (a C++ compile of about a minute)")
     ex.add_argument("--no-onnx", action="store_true", help="skip the ONNX file (written when fuxi-mme[onnx] is installed)")
-    ex.set_defaults(func=cmd_export)
+    ex.set_defaults(func=commands.cmd_export)
 
+
+def _add_presets(sub: argparse._SubParsersAction) -> None:
+    """``presets``: list presets or show one."""
     pr = sub.add_parser("presets", help="list named presets")
     pr.add_argument("--show", metavar="NAME", help="print one preset's full config")
-    pr.set_defaults(func=cmd_presets)
+    pr.set_defaults(func=commands.cmd_presets)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fuxi-mme", description="Generative sequential recommendation: Fuxi-MME, FuXi-alpha, HSTU, SASRec.")
+    p.add_argument("--version", action="version", version=f"fuxi-mme {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_evaluate, _add_data, _add_experiment, _add_report, _add_recommend, _add_serve, _add_export, _add_presets):
+        add(sub)
     return p
 
 
