@@ -8,7 +8,6 @@ loader for user files. ``docs/datasets.md`` documents every dataset and its prep
 
 from __future__ import annotations
 
-import gzip
 import io
 import re
 from collections.abc import Callable
@@ -20,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from . import demo
+from .amazon import read_amazon_ratings, read_sequence_file
 from .download import Remote
-from .table import DataError, canonicalize, load_user_file, read_table_file
+from .table import DataError, canonicalize, load_user_file, open_text, read_bytes, read_table_file
 
 
 @dataclass
@@ -39,28 +39,9 @@ class Source:
     min_user_interactions: int | None = None  # the published preprocessing's user filter, if any
 
 
-def _read_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{path} is truncated or not a valid gzip file ({exc}); download it again") from exc
-    return raw
-
-
-def _open_text(path: Path, encoding: str = "utf-8") -> io.TextIOBase:
-    try:
-        return io.StringIO(_read_bytes(path).decode(encoding))
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path} is not {encoding} text (byte {exc.start}: {exc.reason}); convert it to {encoding} or check that this is the right file"
-        ) from exc
-
-
 def _decode_titles(path: Path) -> str:
     """MovieLens metadata is ISO-8859-1 in the original archives; UTF-8 copies exist too."""
-    raw = _read_bytes(path)
+    raw = read_bytes(path)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -86,7 +67,7 @@ def _find(folder: Path, names: list[str], what: str) -> Path:
 
 
 def _read_sep_ratings(path: Path, sep: str, cols: list[str]) -> pd.DataFrame:
-    text = _open_text(path, "latin-1")
+    text = open_text(path, "latin-1")
     rows = [line.rstrip("\r\n").split(sep) for line in text if line.strip()]
     if not rows:
         raise DataError(f"{path} is empty; download it again")
@@ -209,74 +190,6 @@ def _read_kuairand(variant: str):
 
 
 # --------------------------------------------------------------------------- Amazon
-
-
-def read_sequence_file(path: Path) -> pd.DataFrame:
-    """Preprocessed order-only sequences, in one of the two common layouts:
-
-    * S3-Rec: ``user item item ...`` per line, items in chronological order;
-    * SASRec: ``user item`` per line, each user's lines in chronological order.
-
-    The layout is recognised by users repeating over lines (SASRec). No timestamps.
-    """
-    users, items = [], []
-    lines_per_user: dict[str, int] = {}
-    for n, line in enumerate(_open_text(path), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        if "," in line:
-            raise DataError(f"{path}: line {n} contains commas; sequence files are whitespace-separated ('user item ...')")
-        if len(parts) < 2:
-            raise DataError(f"{path}: line {n} has a user but no items; expected 'user item item ...' (S3-Rec) or 'user item' (SASRec)")
-        lines_per_user[parts[0]] = lines_per_user.get(parts[0], 0) + 1
-        users.extend([parts[0]] * (len(parts) - 1))
-        items.extend(parts[1:])
-    if not users:
-        raise DataError(f"{path} holds no sequences")
-    layout = "sasrec" if any(v > 1 for v in lines_per_user.values()) else "s3rec"
-    df = pd.DataFrame({"user": users, "item": items})
-    for c in ("user", "item"):
-        num = pd.to_numeric(df[c], errors="coerce")
-        if not num.isna().any():
-            df[c] = num.astype(np.int64)
-    df["timestamp"] = np.zeros(len(df), dtype=np.int64)
-    df.attrs["has_timestamps"] = False
-    df.attrs["layout"] = layout
-    return df
-
-
-def k_core(df: pd.DataFrame, k: int) -> pd.DataFrame:
-    """Iteratively drop users and items with fewer than ``k`` interactions until none remain."""
-    while True:
-        u = df.groupby("user")["item"].transform("size")
-        i = df.groupby("item")["user"].transform("size")
-        keep = (u >= k) & (i >= k)
-        if keep.all():
-            return df
-        df = df[keep]
-
-
-def read_amazon_ratings(path: Path, k: int = 5) -> pd.DataFrame:
-    """Raw Amazon ratings CSV (``user,item,rating,timestamp``, no header) with k-core filtering."""
-    try:
-        raw = pd.read_csv(path, header=None, dtype={0: str, 1: str})
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, OSError, EOFError) as exc:
-        raise DataError(f"could not read {path} as an Amazon ratings CSV: {exc}") from exc
-    if raw.shape[1] != 4:
-        raise DataError(
-            f"{path} has {raw.shape[1]} column(s), expected 4 (user, item, rating, timestamp) as in the raw Amazon "
-            "ratings_<Category>.csv files; check the file and its separator"
-        )
-    raw.columns = ["user", "item", "rating", "timestamp"]
-    if not pd.api.types.is_numeric_dtype(raw["timestamp"]) and str(raw["timestamp"].iloc[0]).lower() == "timestamp":
-        raw = raw.iloc[1:]  # a header row
-    df = canonicalize(raw, str(path), rating_col="rating", header_lines=0)
-    before = len(df)
-    df = k_core(df, k).reset_index(drop=True)
-    df.attrs["has_timestamps"] = True
-    df.attrs["notes"] = [f"{k}-core filtering kept {len(df):,} of {before:,} ratings"]
-    return df
 
 
 def _amazon(category_file: str):

@@ -8,6 +8,8 @@ the file, the row or column, and what to do.
 
 from __future__ import annotations
 
+import gzip
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,27 @@ import pandas as pd
 
 class DataError(ValueError):
     """A user-facing data problem: the message names the input and the fix."""
+
+
+def read_bytes(path: Path) -> bytes:
+    """A file's bytes, gunzipped when it ends in ``.gz``."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path} is truncated or not a valid gzip file ({exc}); download it again") from exc
+    return raw
+
+
+def open_text(path: Path, encoding: str = "utf-8") -> io.TextIOBase:
+    """A (gzipped) text file as a text stream; a clear error when it is not ``encoding``."""
+    try:
+        return io.StringIO(read_bytes(path).decode(encoding))
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not {encoding} text (byte {exc.start}: {exc.reason}); convert it to {encoding} or check that this is the right file"
+        ) from exc
 
 
 def _suffixes(path: Path) -> list[str]:
