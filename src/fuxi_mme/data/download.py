@@ -24,6 +24,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urlparse
 
 from .table import DataError
@@ -104,46 +105,63 @@ def download(
         )
     part = dest.with_name(dest.name + ".part")
     start = part.stat().st_size if part.exists() else 0
+    resp = _connect(url, start, timeout, dest, where_hint)
+    if resp is not None:
+        with resp:
+            _stream(resp, url, part, start, progress)
+    _verify(url, part, md5, sha256)
+    os.replace(part, dest)
+    return dest
+
+
+def _connect(url: str, start: int, timeout: float, dest: Path, where_hint: str) -> Any:
+    """The open response from byte ``start`` on, or None when the part file is already whole."""
     try:
-        resp = _open(url, start, timeout)
+        return _open(url, start, timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and start:  # the part file is already complete (or bigger than the file)
-            resp = None
-        else:
-            raise DataError(
-                f"download of {url} failed: HTTP {exc.code} {exc.reason}; check the URL or fetch the file by hand to {dest}{where_hint}"
-            ) from exc
+            return None
+        raise DataError(
+            f"download of {url} failed: HTTP {exc.code} {exc.reason}; check the URL or fetch the file by hand to {dest}{where_hint}"
+        ) from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DataError(
             f"could not download {url} ({reason}); are you offline? Download it yourself and put it at {dest}"
             f"{where_hint}, or pass --source PATH to the file"
         ) from exc
-    if resp is not None:
-        with resp:
-            status = getattr(resp, "status", 200)
-            if start and status != 206:
-                start = 0  # the server ignored the Range header: start again
-            length = resp.headers.get("Content-Length")
-            total = (int(length) + start) if length and length.isdigit() else None
-            bar = _bar(total, start, dest.name, progress)
-            try:
-                with open(part, "ab" if start else "wb") as out:
-                    while True:
-                        try:
-                            block = resp.read(CHUNK)
-                        except OSError as exc:
-                            raise DataError(
-                                f"download of {url} was interrupted ({exc}); run the same command again to resume from {part.stat().st_size:,} bytes"
-                            ) from exc
-                        if not block:
-                            break
-                        out.write(block)
-                        bar.update(len(block))
-            finally:
-                bar.close()
-            if total is not None and part.stat().st_size < total:
-                raise DataError(f"download of {url} stopped at {part.stat().st_size:,} of {total:,} bytes; run the same command again to resume")
+
+
+def _stream(resp: Any, url: str, part: Path, start: int, progress: bool) -> None:
+    """Append the response to ``part`` (from the start again when the server ignored the Range
+    header); an interrupted or short download raises, the part file kept for resuming."""
+    status = getattr(resp, "status", 200)
+    if start and status != 206:
+        start = 0  # the server ignored the Range header: start again
+    length = resp.headers.get("Content-Length")
+    total = (int(length) + start) if length and length.isdigit() else None
+    bar = _bar(total, start, part.name.removesuffix(".part"), progress)
+    try:
+        with open(part, "ab" if start else "wb") as out:
+            while True:
+                try:
+                    block = resp.read(CHUNK)
+                except OSError as exc:
+                    raise DataError(
+                        f"download of {url} was interrupted ({exc}); run the same command again to resume from {part.stat().st_size:,} bytes"
+                    ) from exc
+                if not block:
+                    break
+                out.write(block)
+                bar.update(len(block))
+    finally:
+        bar.close()
+    if total is not None and part.stat().st_size < total:
+        raise DataError(f"download of {url} stopped at {part.stat().st_size:,} of {total:,} bytes; run the same command again to resume")
+
+
+def _verify(url: str, part: Path, md5: str | None, sha256: str | None) -> None:
+    """Check the downloaded file's digests; on a mismatch delete it and raise."""
     for algo, want in (("md5", md5), ("sha256", sha256)):
         if want:
             got = _hash(part, algo)
@@ -153,8 +171,6 @@ def download(
                     f"{url}: {algo} checksum mismatch (got {got}, expected {want}); the partial file was deleted, "
                     "run the command again (if it keeps failing, the server's file changed: report it)"
                 )
-    os.replace(part, dest)
-    return dest
 
 
 def _bar(total: int | None, initial: int, name: str, enabled: bool):
