@@ -146,7 +146,8 @@ class BodyLimit:
                 send,
                 413,
                 {
-                    "error": f"request body of {int(length):,} bytes is over the limit of {self.limit:,} bytes; send fewer or shorter histories (or raise --max-body-kb)"
+                    "error": f"request body of {int(length):,} bytes is over the limit of {self.limit:,} bytes; "
+                    "send fewer or shorter histories (or raise --max-body-kb)"
                 },
             )
         seen = 0
@@ -224,6 +225,19 @@ def create_app(rec: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0, 
     app = FastAPI(title="fuxi-mme", description="Next-item recommendations from a trained fuxi-mme run.", version="1", lifespan=lifespan)
     app.state.batcher = batcher
     app.state.recommender = rec
+    _add_error_handlers(app)
+    _add_info_routes(app, rec, batcher)
+    _add_recommend_routes(app, rec, batcher, max_batch_request)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def demo() -> str:
+        return DEMO_HTML
+
+    return BodyLimit(app, max_body_bytes) if max_body_bytes else app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Invalid requests answer ``{"error": message}`` with their status, never a traceback."""
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError):
@@ -233,6 +247,10 @@ def create_app(rec: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0, 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+
+def _add_info_routes(app: FastAPI, rec: Recommender, batcher: MicroBatcher) -> None:
+    """``/health``, ``/model`` (the run and the batcher's counts) and ``/items`` (title search)."""
 
     @app.get("/health")
     async def health() -> dict:
@@ -246,22 +264,20 @@ def create_app(rec: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0, 
     async def items(q: str = QueryParam("", max_length=200), limit: int = QueryParam(20, ge=1, le=200)) -> list[dict]:
         return rec.search(q, limit)
 
-    @app.post(
-        "/recommend",
-        response_model=RecommendResponse,
-        response_model_exclude_none=True,
-        responses={400: {"description": "malformed JSON"}, 413: {"description": "body too large"}, 422: {"description": "invalid request"}},
-    )
+
+_ERRORS = {400: {"description": "malformed JSON"}, 413: {"description": "body too large"}, 422: {"description": "invalid request"}}
+
+
+def _add_recommend_routes(app: FastAPI, rec: Recommender, batcher: MicroBatcher, max_batch_request: int) -> None:
+    """``/recommend`` (one query) and ``/recommend/batch`` (up to ``max_batch_request``), both
+    scored through the micro-batcher."""
+
+    @app.post("/recommend", response_model=RecommendResponse, response_model_exclude_none=True, responses=_ERRORS)
     async def recommend(req: RecommendRequest):
         prep = rec.prepare(req.query())
         return (await batcher.submit([prep]))[0]
 
-    @app.post(
-        "/recommend/batch",
-        response_model=BatchResponse,
-        response_model_exclude_none=True,
-        responses={400: {"description": "malformed JSON"}, 413: {"description": "body too large"}, 422: {"description": "invalid request"}},
-    )
+    @app.post("/recommend/batch", response_model=BatchResponse, response_model_exclude_none=True, responses=_ERRORS)
     async def recommend_batch(req: BatchRequest):
         if not req.requests:
             raise RequestError("requests is empty: give at least one query")
@@ -274,12 +290,6 @@ def create_app(rec: Recommender, max_batch: int = 64, max_wait_ms: float = 2.0, 
             except RequestError as exc:
                 raise RequestError(f"requests[{i}]: {exc}", exc.status) from exc
         return {"results": await batcher.submit(preps)}
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def demo() -> str:
-        return DEMO_HTML
-
-    return BodyLimit(app, max_body_bytes) if max_body_bytes else app
 
 
 def serve(
