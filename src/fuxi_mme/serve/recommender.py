@@ -72,6 +72,26 @@ def _py(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
+def _checked_timestamps(timestamps: Any, n: int) -> list | None:
+    """A query's timestamps as a list (None without): one per history item, integer unix
+    seconds >= 0, non-decreasing; otherwise a RequestError saying which one is wrong."""
+    if timestamps is None:
+        return None
+    ts = list(timestamps)
+    if len(ts) != n:
+        raise RequestError(f"timestamps has {len(ts)} values but history has {n} items; give one timestamp per item or none")
+    for i, t in enumerate(ts):
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+            raise RequestError(f"timestamps[{i}] = {t!r} is not a unix time in seconds (an integer >= 0)")
+    bad = next((i for i in range(1, len(ts)) if ts[i] < ts[i - 1]), None)
+    if bad is not None:
+        raise RequestError(
+            f"timestamps must be non-decreasing (history oldest first), but timestamps[{bad}] = {ts[bad]} "
+            f"< timestamps[{bad - 1}] = {ts[bad - 1]}; sort the history by time"
+        )
+    return ts
+
+
 class Recommender:
     def __init__(self, cfg, ds, model, device: torch.device | str = "cpu", unknown_items: str = "report", run_dir: str | Path | None = None):
         if unknown_items not in UNKNOWN_POLICIES:
@@ -149,40 +169,11 @@ class Recommender:
         history = list(q.history) if q.history is not None else []
         if not history:
             raise RequestError("history is empty: give at least one item id (oldest first)")
-        ts = None
-        if q.timestamps is not None:
-            ts = list(q.timestamps)
-            if len(ts) != len(history):
-                raise RequestError(f"timestamps has {len(ts)} values but history has {len(history)} items; give one timestamp per item or none")
-            for i, t in enumerate(ts):
-                if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
-                    raise RequestError(f"timestamps[{i}] = {t!r} is not a unix time in seconds (an integer >= 0)")
-            bad = next((i for i in range(1, len(ts)) if ts[i] < ts[i - 1]), None)
-            if bad is not None:
-                raise RequestError(
-                    f"timestamps must be non-decreasing (history oldest first), but timestamps[{bad}] = {ts[bad]} "
-                    f"< timestamps[{bad - 1}] = {ts[bad - 1]}; sort the history by time"
-                )
+        ts = _checked_timestamps(q.timestamps, len(history))
         policy = q.unknown_items or self.unknown_policy
         if policy not in UNKNOWN_POLICIES:
             raise RequestError(f"unknown_items must be one of {', '.join(UNKNOWN_POLICIES)}; got {policy!r}")
-        ids, kept_ts, unknown = [], [], []
-        for j, raw in enumerate(history):
-            if isinstance(raw, (dict, list, bool)) or raw is None:
-                raise RequestError(f"history[{j}] = {raw!r} is not an item id (a string or an integer)")
-            i = self._index.get(str(raw))
-            if i is None:
-                unknown.append(raw)
-                continue
-            ids.append(i)
-            kept_ts.append(int(ts[j]) if ts is not None else 0)
-        if unknown and policy == "reject":
-            shown = ", ".join(map(repr, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
-            raise RequestError(f"{len(unknown)} item id(s) are not in the model's catalogue: {shown}; remove them or pass unknown_items='ignore'")
-        if not ids:
-            raise RequestError(
-                f"none of the history's {len(history)} item id(s) is in the model's catalogue (e.g. {history[0]!r}); check the ids (raw ids of the training data)"
-            )
+        ids, kept_ts, unknown = self._known_items(history, ts, policy)
         notes = []
         if ts is None and self.uses_time:
             notes.append("no timestamps given: the temporal channel sees zero gaps")
@@ -213,6 +204,31 @@ class Recommender:
             truncated,
             notes,
         )
+
+    def _known_items(self, history: list, ts: list[int] | None, policy: str) -> tuple[list[int], list[int], list]:
+        """The history's catalogue indices and their timestamps (0 without), and the ids not in
+        the catalogue; raises under ``reject`` with unknown ids, or when no id is known."""
+        ids: list[int] = []
+        kept_ts: list[int] = []
+        unknown: list = []
+        for j, raw in enumerate(history):
+            if isinstance(raw, (dict, list, bool)) or raw is None:
+                raise RequestError(f"history[{j}] = {raw!r} is not an item id (a string or an integer)")
+            i = self._index.get(str(raw))
+            if i is None:
+                unknown.append(raw)
+                continue
+            ids.append(i)
+            kept_ts.append(int(ts[j]) if ts is not None else 0)
+        if unknown and policy == "reject":
+            shown = ", ".join(map(repr, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
+            raise RequestError(f"{len(unknown)} item id(s) are not in the model's catalogue: {shown}; remove them or pass unknown_items='ignore'")
+        if not ids:
+            raise RequestError(
+                f"none of the history's {len(history)} item id(s) is in the model's catalogue (e.g. {history[0]!r}); "
+                "check the ids (raw ids of the training data)"
+            )
+        return ids, kept_ts, unknown
 
     # ------------------------------------------------------------------ scoring
     def batch_tensors(self, preps: list[Prepared]) -> Batch:
