@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from attention_tables import kernel_tables, results_table, sweep_tables  # noqa: E402
 from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.models.attention import fuxi_attention_reference, hstu_attention_reference  # noqa: E402
 from fuxi_mme.presets import build_preset, preset_name  # noqa: E402
@@ -238,7 +239,7 @@ def sweep(fa, a, norm, hstu, steps, warmup, split=False, lengths=None) -> dict:
     return out
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["ml-20m", "ml-1m"])
     ap.add_argument(
@@ -260,154 +261,121 @@ def main() -> None:
     )
     ap.add_argument("--kernels", action="store_true", help="also record every kernel's GPU time in the fused path (torch.profiler)")
     ap.add_argument("--out")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def _with_lengths(fn, lengths, groups):
+    return lambda q, k, v, p, t, b, norm: fn(q, k, v, p, t, b, norm, lengths, groups)
+
+
+def _run_sweeps(fa, args, dtype, dev, lengths_for) -> dict:
+    """Sweep at the first shape, per model; the fastest setting of each kernel is kept in the
+    table of its variant and head width (FuXi: also the semantic-only kernels of the split
+    variant, their own tables; Fuxi-MME's heads of 32 have their own, "-d32")."""
+    sweeps = {}
+    shape = args.shapes[0]
+    for model in args.models:
+        hstu = model == "hstu"
+        a, norm, dims = inputs(shape, model, args.batch, dtype, dev)
+        for split in (False,) if hstu else (False, True):
+            table = sweep(fa, a, norm, hstu, max(5, args.steps // 2), 3, split, lengths_for(shape, dims["N"]))
+            sweeps[f"{shape}/{model}" + ("/split" if split else "")] = table
+            for name, rows_ in table.items():
+                dv = a[2].shape[-1]
+                launch = fa.LAUNCH[fa.bias_launch_kind(dv) if name == "bias_grad" else fa.launch_kind(hstu, split, dv)]
+                best = min((r for r in rows_ if r[1] is not None), key=lambda r: r[1])
+                print(
+                    f"sweep {shape} {model}{' split' if split else ''} {name}: best {best[0]} {best[1]:.3f} ms; was {list(launch[name])}",
+                    flush=True,
+                )
+                launch[name] = tuple(best[0])
+    print("launch settings used:", fa.LAUNCH, flush=True)
+    return sweeps
+
+
+def _measure(fa, args, shape, model, dtype, dev, lengths_for) -> dict:
+    """One shape and model: the paths' agreement, times (eager, compiled, graphed) and peak memory."""
+    hstu = model == "hstu"
+    cuda = dev.type == "cuda"
+    ref_fn = hstu_attention_reference if hstu else fuxi_attention_reference
+    fused_fn = fa.fused_hstu_attention if hstu else fa.fused_fuxi_attention
+    a, norm, dims = inputs(shape, model, args.batch, dtype, dev)
+    lengths = lengths_for(shape, dims["N"])
+    with torch.no_grad():
+        err = (fused_fn(*a, norm, lengths, dims["groups"]).float() - ref_fn(*a, norm, lengths, dims["groups"]).float()).abs().max().item()
+    dv = a[2].shape[-1]
+    rec = {
+        "shape": shape,
+        "model": model,
+        "dtype": args.dtype,
+        **dims,
+        "max_abs_diff": err,
+        "lengths": "full" if lengths is None else {"mean": float(lengths.float().mean()), "min": int(lengths.min()), "max": int(lengths.max())},
+        "launch": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu, False, dv)].items()},
+        **({} if hstu else {"launch_split": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu, True, dv)].items()}}),
+    }
+    paths = [("reference", ref_fn), ("fused", fused_fn)]
+    if not hstu:  # FuXi's bias channels as products outside the kernels (fused_attention.BIAS_CHANNELS = "matmul")
+        paths.append(("fused_split", functools.partial(fa.fused_fuxi_attention, split=True)))
+    if cuda:
+        torch._dynamo.reset()
+        paths.insert(1, ("reference_compiled", torch.compile(ref_fn)))
+    paths = [(name, _with_lengths(fn, lengths, dims["groups"])) for name, fn in paths]
+    for name, fn in paths:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        rec[f"{name}_ms"] = timed(fn, a, norm, args.steps, args.warmup, dev)
+        if cuda:
+            rec[f"{name}_peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    rec["speedup"] = rec["reference_ms"] / rec["fused_ms"]
+    if cuda:
+        _measure_graphed(fa, args, rec, paths, a, norm, hstu, lengths)
+    return rec
+
+
+def _measure_graphed(fa, args, rec, paths, a, norm, hstu, lengths) -> None:
+    """On a GPU: the fused path's parts, every path replayed in a CUDA graph, and (--kernels)
+    the fused path's kernels."""
+    rec["speedup_vs_compiled"] = rec["reference_compiled_ms"] / rec["fused_ms"]
+    rec["parts"] = fused_parts(fa, a, norm, hstu, args.steps, args.warmup, lengths)
+    for name, fn in paths:
+        if name != "reference_compiled":
+            rec[f"{name}_graphed_ms"] = graphed_ms(fn, a, norm, args.steps, args.warmup)
+    rec["speedup_graphed"] = rec["reference_graphed_ms"] / rec["fused_graphed_ms"]
+    if args.kernels:
+        rec["fused_kernels"] = kernel_breakdown(dict(paths)["fused"], a, norm)
+    if "fused_split_graphed_ms" in rec:
+        rec["speedup_split_graphed"] = rec["reference_graphed_ms"] / rec["fused_split_graphed_ms"]
+
+
+def main() -> None:
+    args = _parse_args()
     from fuxi_mme.models.attention import fused as fa
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     info = run_info(dev)
-    rows, sweeps = [], {}
-    cuda = dev.type == "cuda"
-    lens = {}  # shape -> (B,) lengths on the device, or None
+    lens: dict = {}  # shape -> (B,) lengths on the device, or None
 
     def lengths_for(shape, N):
         if shape not in lens:
             lens[shape] = None if args.full_length else batch_lengths(shape, args.batch, N).to(dev)
         return lens[shape]
 
-    def with_lengths(fn, lengths, groups):
-        return lambda q, k, v, p, t, b, norm: fn(q, k, v, p, t, b, norm, lengths, groups)
-
-    if args.sweep and cuda:
-        # sweep at the first shape, per model; the fastest setting of each kernel is kept in the
-        # table of its variant and head width (FuXi: also the semantic-only kernels of the split
-        # variant, their own tables; Fuxi-MME's heads of 32 have their own, "-d32")
-        for model in args.models:
-            hstu = model == "hstu"
-            a, norm, dims = inputs(args.shapes[0], model, args.batch, dtype, dev)
-            for split in (False,) if hstu else (False, True):
-                table = sweep(fa, a, norm, hstu, max(5, args.steps // 2), 3, split, lengths_for(args.shapes[0], dims["N"]))
-                sweeps[f"{args.shapes[0]}/{model}" + ("/split" if split else "")] = table
-                for name, rows_ in table.items():
-                    launch = fa.LAUNCH[fa.bias_launch_kind(a[2].shape[-1]) if name == "bias_grad" else fa.launch_kind(hstu, split, a[2].shape[-1])]
-                    best = min((r for r in rows_ if r[1] is not None), key=lambda r: r[1])
-                    print(
-                        f"sweep {args.shapes[0]} {model}{' split' if split else ''} {name}: best {best[0]} {best[1]:.3f} ms; was {list(launch[name])}",
-                        flush=True,
-                    )
-                    launch[name] = tuple(best[0])
-        print("launch settings used:", fa.LAUNCH, flush=True)
+    sweeps = _run_sweeps(fa, args, dtype, dev, lengths_for) if args.sweep and dev.type == "cuda" else {}
+    rows = []
     for shape in args.shapes:
         for model in args.models:
-            hstu = model == "hstu"
-            ref_fn = hstu_attention_reference if hstu else fuxi_attention_reference
-            fused_fn = fa.fused_hstu_attention if hstu else fa.fused_fuxi_attention
-            a, norm, dims = inputs(shape, model, args.batch, dtype, dev)
-            lengths = lengths_for(shape, dims["N"])
-            with torch.no_grad():
-                err = (fused_fn(*a, norm, lengths, dims["groups"]).float() - ref_fn(*a, norm, lengths, dims["groups"]).float()).abs().max().item()
-            dv = a[2].shape[-1]
-            rec = {
-                "shape": shape,
-                "model": model,
-                "dtype": args.dtype,
-                **dims,
-                "max_abs_diff": err,
-                "lengths": "full"
-                if lengths is None
-                else {"mean": float(lengths.float().mean()), "min": int(lengths.min()), "max": int(lengths.max())},
-                "launch": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu, False, dv)].items()},
-                **({} if hstu else {"launch_split": {k: list(v) for k, v in fa.LAUNCH[fa.launch_kind(hstu, True, dv)].items()}}),
-            }
-            paths = [("reference", ref_fn), ("fused", fused_fn)]
-            if not hstu:  # FuXi's bias channels as products outside the kernels (fused_attention.BIAS_CHANNELS = "matmul")
-                paths.append(("fused_split", functools.partial(fa.fused_fuxi_attention, split=True)))
-            if cuda:
-                torch._dynamo.reset()
-                paths.insert(1, ("reference_compiled", torch.compile(ref_fn)))
-            paths = [(name, with_lengths(fn, lengths, dims["groups"])) for name, fn in paths]
-            for name, fn in paths:
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                rec[f"{name}_ms"] = timed(fn, a, norm, args.steps, args.warmup, dev)
-                if dev.type == "cuda":
-                    rec[f"{name}_peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-            rec["speedup"] = rec["reference_ms"] / rec["fused_ms"]
-            if cuda:
-                rec["speedup_vs_compiled"] = rec["reference_compiled_ms"] / rec["fused_ms"]
-                rec["parts"] = fused_parts(fa, a, norm, hstu, args.steps, args.warmup, lengths)
-                for name, fn in paths:
-                    if name != "reference_compiled":
-                        rec[f"{name}_graphed_ms"] = graphed_ms(fn, a, norm, args.steps, args.warmup)
-                rec["speedup_graphed"] = rec["reference_graphed_ms"] / rec["fused_graphed_ms"]
-                if args.kernels:
-                    rec["fused_kernels"] = kernel_breakdown(dict(paths)["fused"], a, norm)
-                if "fused_split_graphed_ms" in rec:
-                    rec["speedup_split_graphed"] = rec["reference_graphed_ms"] / rec["fused_split_graphed_ms"]
+            rec = _measure(fa, args, shape, model, dtype, dev, lengths_for)
             rows.append(rec)
             print(rec, flush=True)
     out = Path(args.out or RESULTS / f"attention-{card(info)}")
-    md = [
-        f"# Attention forward + backward, {card(info)}, torch {info['versions'].get('torch')}, commit {info['commit']}",
-        "",
-        "Forward + backward of one attention call. `reference`: PyTorch eager (the target's baseline); `compiled`: the same under "
-        "`torch.compile`; `fused`: the Triton kernels, and its parts (forward kernel, dK/dV kernel, dQ kernel, the bias maps with their table gradients) timed alone. "
-        "These are launched from Python (host time included); `graphed`: forward + backward recorded in a CUDA graph and replayed, the GPU time alone, as "
-        "inside the graphed training step. `lengths`: the batch's real positions per sequence (padding after them, as in training; "
-        "drawn from the shape's length distribution), which the fused kernels skip and the reference computes in full; `full`: no padding. "
-        "`split` (FuXi only): the kernels compute the semantic channel and the positional and "
-        'temporal channels are two batched matrix products over all heads outside them (`fused_attention.BIAS_CHANNELS = "matmul"`).',
-        "",
-        "| shape | model | B x N, H, qk/v | lengths | dtype | reference ms | compiled ms | fused ms | speedup vs reference | vs compiled | reference graphed ms | fused graphed ms | graphed speedup "
-        "| fused parts: fwd / bwd_kv / bwd_q / bias ms | reference peak GB | compiled peak GB | fused peak GB | max abs diff | split ms | split graphed ms "
-        "| split graphed speedup | split peak GB |",
-        "|" + "---|" * 22,
-    ]
-    for r in rows:
-        pt = r.get("parts")
-        parts = " / ".join(f"{pt[k]:.3f}" for k in ("fwd", "bwd_kv", "bwd_q", "bias_tables")) if pt else "-"
-        gr = f"{r['reference_graphed_ms']:.3f} | {r['fused_graphed_ms']:.3f} | {r['speedup_graphed']:.2f}x" if "speedup_graphed" in r else "- | - | -"
-        comp = f"{r['reference_compiled_ms']:.2f}" if "reference_compiled_ms" in r else "-"
-        vs = f"{r['speedup_vs_compiled']:.2f}x" if "speedup_vs_compiled" in r else "-"
-        ln = r.get("lengths", "full")
-        ln = ln if isinstance(ln, str) else f"mean {ln['mean']:.0f} ({ln['min']}-{ln['max']})"
-        md.append(
-            f"| {r['shape']} | {r['model']} | {r['B']} x {r['N']}, {r['H']}, {r['qk_dim']}/{r['v_dim']} | {ln} | {r['dtype']} | {r['reference_ms']:.2f} | {comp} | {r['fused_ms']:.2f} | "
-            f"{r['speedup']:.2f}x | {vs} | {gr} | {parts} | {r.get('reference_peak_gb', 0):.3f} | {r.get('reference_compiled_peak_gb', 0):.3f} | {r.get('fused_peak_gb', 0):.3f} | {r['max_abs_diff']:.2e} | "
-            + (f"{r['fused_split_ms']:.2f} | " if "fused_split_ms" in r else "- | ")
-            + (f"{r['fused_split_graphed_ms']:.3f} | {r['speedup_split_graphed']:.2f}x | " if "speedup_split_graphed" in r else "- | - | ")
-            + f"{r.get('fused_split_peak_gb', 0):.3f} |"
-        )
+    md = results_table(rows, info)
     for kind, launch in fa.LAUNCH.items():
         md += ["", f"Launch settings for {kind} (BM, BN, warps, stages): " + ", ".join(f"{k} {tuple(v)}" for k, v in launch.items())]
-    for key, table in sweeps.items():
-        names = list(table)
-        md += [
-            "",
-            f"Sweep at {key} (GPU ms per kernel call, from ten calls replayed in a CUDA graph; fastest marked):",
-            "",
-            "| setting | " + " | ".join(names) + " |",
-            "|---" * (len(names) + 1) + "|",
-        ]
-        best = {n: min((ms for _, ms, _ in t if ms is not None), default=None) for n, t in table.items()}
-        for i, (setting, _, _) in enumerate(table["fwd"]):
-            cells = []
-            for n in names:
-                ms, err_ = table[n][i][1], table[n][i][2]
-                cells.append(err_ or (f"**{ms:.3f}**" if ms == best[n] else f"{ms:.3f}"))
-            md.append(f"| {tuple(setting)} | " + " | ".join(cells) + " |")
-    for r in rows:
-        if r.get("fused_kernels"):
-            md += [
-                "",
-                f"Kernels of the fused path, {r['shape']} {r['model']} (GPU ms per forward + backward, eager, torch.profiler):",
-                "",
-                "| kernel | ms | calls |",
-                "|---|---|---|",
-            ]
-            md += [f"| `{k['name'][:70]}` | {k['ms']:.4f} | {k['calls']:.0f} |" for k in r["fused_kernels"]]
+    md += sweep_tables(sweeps) + kernel_tables(rows)
     tables = {kind: {k: list(v) for k, v in launch.items()} for kind, launch in fa.LAUNCH.items()}
     save(out, {"benchmark": "attention", **info, "results": rows, "sweeps": sweeps, "launch_tables": tables}, md)
     print("\n".join(md))
