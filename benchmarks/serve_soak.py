@@ -156,28 +156,19 @@ def summarize(sent: list[Sent], t_start: float, t_sig: float) -> dict:
     }
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", help="a trained run directory (default: train a tiny demo run first)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30.0, help="load before SIGTERM")
     ap.add_argument("--grace", type=float, default=30.0, help="seconds the clients keep sending after SIGTERM at most")
     ap.add_argument("--name", default=None)
-    args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
-    import torch
+    return ap.parse_args()
 
-    from fuxi_mme.serve import Recommender
-    from fuxi_mme.utils.runinfo import run_info
 
-    tmp = tempfile.TemporaryDirectory(prefix="serve-soak-")
-    run = Path(args.run) if args.run else train_tiny_run(Path(tmp.name))
-    rec = Recommender.from_run(run, device="cpu")
-    hist = [rec.history_of(u) for u in rec.ds.user_raw[:200]]
-    histories = [q.history[-rec.max_len :] for q in hist]
-    stamps = [q.timestamps[-rec.max_len :] if q.timestamps else None for q in hist]
-    mix = request_mix(histories, stamps, random.Random(0))
-
+def soak(run: Path, mix: list, args: argparse.Namespace) -> dict:
+    """Start ``fuxi-mme serve`` on the run, load it from ``args.clients`` threads for
+    ``args.seconds``, send SIGTERM under load and summarise what the clients saw."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     cmd = [sys.executable, "-m", "fuxi_mme", "serve", "--run", str(run), "--port", str(port), "--device", "cpu", "--max-body-kb", str(MAX_BODY_KB)]
@@ -215,25 +206,11 @@ def main() -> None:
         rss_before_sigterm_mb=rss_end["VmRSS"] / 1024,
         peak_rss_mb=rss_end["VmHWM"] / 1024,
     )
-    info = run_info(torch.device("cpu"))
-    params = sum(p.numel() for p in rec.model.parameters())
-    payload = {
-        "benchmark": "serve_soak",
-        **info,
-        "run": str(run) if args.run else "tiny demo run trained by the script",
-        "model": rec.cfg.model.name,
-        "items": rec.num_items,
-        "parameters": params,
-        "clients": args.clients,
-        "seconds": args.seconds,
-        "max_body_kb": MAX_BODY_KB,
-        "mix": {m[1]: {"weight": m[0], "expect": m[5]} for m in mix},
-        "client_and_server_on_the_same_machine": True,
-        "result": res,
-    }
-    out = RESULTS / (args.name or f"serve-soak-{card(info)}")
-    r = res
-    md = [
+    return res
+
+
+def _markdown(rec, info: dict, params: int, args: argparse.Namespace, r: dict) -> list[str]:
+    return [
         f"# Serving soak: {rec.cfg.model.name} on {rec.ds.name} ({rec.num_items:,} items, {params:,} parameters), CPU",
         "",
         f"{info['device']['platform']}, {info['device']['cpu_count']} cores shared by server and clients, torch {info['versions'].get('torch')}, "
@@ -254,6 +231,42 @@ def main() -> None:
         f"| exit after SIGTERM | {r['seconds_to_exit_after_sigterm']:.2f} s, code {r['exit_code']}{SIGTERM_CODE if r['exit_code'] == -15 else ''}, "
         f"traceback: {'yes' if r['server_traceback'] else 'no'} |",
     ]
+
+
+def main() -> None:
+    args = _parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from fuxi_mme.serve import Recommender
+    from fuxi_mme.utils.runinfo import run_info
+
+    tmp = tempfile.TemporaryDirectory(prefix="serve-soak-")
+    run = Path(args.run) if args.run else train_tiny_run(Path(tmp.name))
+    rec = Recommender.from_run(run, device="cpu")
+    hist = [rec.history_of(u) for u in rec.ds.user_raw[:200]]
+    histories = [q.history[-rec.max_len :] for q in hist]
+    stamps = [q.timestamps[-rec.max_len :] if q.timestamps else None for q in hist]
+    mix = request_mix(histories, stamps, random.Random(0))
+    r = soak(run, mix, args)
+    info = run_info(torch.device("cpu"))
+    params = sum(p.numel() for p in rec.model.parameters())
+    payload = {
+        "benchmark": "serve_soak",
+        **info,
+        "run": str(run) if args.run else "tiny demo run trained by the script",
+        "model": rec.cfg.model.name,
+        "items": rec.num_items,
+        "parameters": params,
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "max_body_kb": MAX_BODY_KB,
+        "mix": {m[1]: {"weight": m[0], "expect": m[5]} for m in mix},
+        "client_and_server_on_the_same_machine": True,
+        "result": r,
+    }
+    out = RESULTS / (args.name or f"serve-soak-{card(info)}")
+    md = _markdown(rec, info, params, args, r)
     print("\n".join(md[2:]))
     print(f"wrote {save(out, payload, md)}")
     tmp.cleanup()
