@@ -109,7 +109,7 @@ def phase(port: int, bodies: list[bytes], path: str, concurrency: int, time_limi
     }
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
     ap.add_argument("--requests", type=int, default=2000, help="single-query requests")
@@ -120,14 +120,11 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per phase at most")
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--name", default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    import torch
 
-    from fuxi_mme.serve import Recommender
-    from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, run_info
-
-    rec = Recommender.from_run(args.run, device="cpu")
+def _bodies(rec, args: argparse.Namespace) -> tuple[list[bytes], list[bytes]]:
+    """Request bodies of random dataset users' histories: single queries and batches."""
     rng = random.Random(0)
     users = list(range(rec.ds.num_users))
 
@@ -139,24 +136,15 @@ def main() -> None:
 
     singles = [json.dumps(body()).encode() for _ in range(args.requests)]
     batches = [json.dumps({"requests": [body() for _ in range(args.batch_size)]}).encode() for _ in range(args.batch_requests)]
-    hist_len = statistics.mean(len(json.loads(b)["history"]) for b in singles[:500])
+    return singles, batches
 
+
+def _load(args: argparse.Namespace, singles: list[bytes], batches: list[bytes]) -> tuple[dict, dict, dict]:
+    """Start ``fuxi-mme serve`` on the run and time both phases; the server's ``/model`` after them."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "fuxi_mme",
-        "serve",
-        "--run",
-        args.run,
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        "--max-wait-ms",
-        str(args.max_wait_ms),
-    ]
+    cmd = [sys.executable, "-m", "fuxi_mme", "serve", "--run", args.run, "--port", str(port), "--device", "cpu"]
+    cmd += ["--max-wait-ms", str(args.max_wait_ms)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_health(port, proc)
@@ -170,6 +158,41 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
     batch["queries_per_s"] = batch["req_per_s"] * args.batch_size
+    return single, batch, model
+
+
+def _markdown(args, info: dict, model: dict, params: int, hist_len: float, single: dict, batch: dict) -> list[str]:
+    return [
+        f"# Serving load test: {model['model']} on {model['dataset']} ({model['items']:,} items, {params:,} parameters), CPU",
+        "",
+        f"{info['device']['platform']}, {info['device']['cpu_count']} cores shared by server and client, torch {info['versions'].get('torch')}, "
+        f"commit {info['commit']}. "
+        f"{args.concurrency} client connections, k={args.k}, mean history {hist_len:.0f} items, micro-batch window {args.max_wait_ms} ms.",
+        "",
+        "| phase | requests | errors | throughput | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+        f"| single (`/recommend`) | {single['requests']:,} | {single['errors']} | {single['req_per_s']:,.0f} req/s "
+        f"| {single['p50_ms']:.1f} | {single['p95_ms']:.1f} | {single['p99_ms']:.1f} |",
+        f"| batch of {args.batch_size} (`/recommend/batch`) | {batch['requests']:,} | {batch['errors']} "
+        f"| {batch['req_per_s']:,.1f} req/s = {batch['queries_per_s']:,.0f} users/s "
+        f"| {batch['p50_ms']:.1f} | {batch['p95_ms']:.1f} | {batch['p99_ms']:.1f} |",
+        "",
+        f"Server-side micro-batches: {model['micro_batches']:,} for {model['queries_served']:,} queries.",
+    ]
+
+
+def main() -> None:
+    args = _parse_args()
+
+    import torch
+
+    from fuxi_mme.serve import Recommender
+    from fuxi_mme.utils.runinfo import atomic_write_json, atomic_write_text, run_info
+
+    rec = Recommender.from_run(args.run, device="cpu")
+    singles, batches = _bodies(rec, args)
+    hist_len = statistics.mean(len(json.loads(b)["history"]) for b in singles[:500])
+    single, batch, model = _load(args, singles, batches)
     info = run_info(torch.device("cpu"))
     name = args.name or f"serve-{model['dataset']}-{model['model']}-cpu"
     params = sum(p.numel() for p in rec.model.parameters())
@@ -190,19 +213,7 @@ def main() -> None:
     }
     out = ROOT / "benchmarks" / "results" / name
     atomic_write_json(out.with_suffix(".json"), payload)
-    md = [
-        f"# Serving load test: {model['model']} on {model['dataset']} ({model['items']:,} items, {params:,} parameters), CPU",
-        "",
-        f"{info['device']['platform']}, {info['device']['cpu_count']} cores shared by server and client, torch {info['versions'].get('torch')}, commit {info['commit']}. "
-        f"{args.concurrency} client connections, k={args.k}, mean history {hist_len:.0f} items, micro-batch window {args.max_wait_ms} ms.",
-        "",
-        "| phase | requests | errors | throughput | p50 ms | p95 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|",
-        f"| single (`/recommend`) | {single['requests']:,} | {single['errors']} | {single['req_per_s']:,.0f} req/s | {single['p50_ms']:.1f} | {single['p95_ms']:.1f} | {single['p99_ms']:.1f} |",
-        f"| batch of {args.batch_size} (`/recommend/batch`) | {batch['requests']:,} | {batch['errors']} | {batch['req_per_s']:,.1f} req/s = {batch['queries_per_s']:,.0f} users/s | {batch['p50_ms']:.1f} | {batch['p95_ms']:.1f} | {batch['p99_ms']:.1f} |",
-        "",
-        f"Server-side micro-batches: {model['micro_batches']:,} for {model['queries_served']:,} queries.",
-    ]
+    md = _markdown(args, info, model, params, hist_len, single, batch)
     atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
     print("\n".join(md))
     if single["errors"] or batch["errors"]:
