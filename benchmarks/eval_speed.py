@@ -38,6 +38,40 @@ def timed(fn) -> tuple[float, np.ndarray]:
     return time.perf_counter() - t0, out
 
 
+def _parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="amazon-beauty-fuxi-mme-base")
+    ap.add_argument("--data-path", help="the dataset's folder (the layout of ../shared/data)")
+    ap.add_argument("--split", default="valid", choices=("valid", "test"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    ap.add_argument("--out", help="results file (default benchmarks/results/eval-<card>.json)")
+    return ap.parse_args()
+
+
+def _markdown(runs: list[dict]) -> list[str]:
+    lines = [
+        "# Full-ranking evaluation time, length-sorted batches against user order",
+        "",
+        "`benchmarks/eval_speed.py`: one split of a preset's data, the preset's model freshly initialised, history filtered. "
+        "Rows ranked differently: targets that a last-bit difference in the scores (another padding width) moved past a near-tied item.",
+        "",
+        "| time | commit | device | threads | preset | split | users | mean length / max | length-sorted s | user order s | speed-up "
+        "| rows ranked differently (largest change) | NDCG@10 sorted / user order |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        d = r["device"]
+        lines.append(
+            f"| {r['time']} | `{str(r['commit'])[:10]}` | {d.get('gpu') or d.get('device')} | {d.get('torch_threads', '-')} "
+            f"| {r['preset']}{''.join(' ' + o for o in r['overrides'])} | "
+            f"{r['split']} | {r['users']:,} | {r['mean_length']:.1f} / {r['max_len']} | {r['length_sorted_s']:.2f} | {r['user_order_s']:.2f} | "
+            f"{r['user_order_s'] / r['length_sorted_s']:.1f}x | {r['rows_ranked_differently']} ({r['largest_rank_change']}) | "
+            f"{r['ndcg10_length_sorted']:.5f} / {r['ndcg10_user_order']:.5f} |"
+        )
+    return lines
+
+
 def main() -> None:
     from fuxi_mme.config import apply_overrides
     from fuxi_mme.data import load_dataset
@@ -48,15 +82,7 @@ def main() -> None:
     from fuxi_mme.presets import build_preset
     from fuxi_mme.utils.runtime import resolve_device
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="amazon-beauty-fuxi-mme-base")
-    ap.add_argument("--data-path", help="the dataset's folder (the layout of ../shared/data)")
-    ap.add_argument("--split", default="valid", choices=("valid", "test"))
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    ap.add_argument("--out", help="results file (default benchmarks/results/eval-<card>.json)")
-    args = ap.parse_args()
-
+    args = _parse_args()
     cfg = build_preset(args.preset)
     apply_overrides(cfg, [*([f"data.path={args.data_path}"] if args.data_path else []), f"train.device={args.device}", *args.overrides])
     dev = resolve_device(cfg.train.device)
@@ -96,37 +122,12 @@ def main() -> None:
         "ndcg10_length_sorted": metrics_from_ranks(ranks)["NDCG@10"],
         "ndcg10_user_order": metrics_from_ranks(ranks_user)["NDCG@10"],
     }
-    print(
-        json.dumps(
-            {
-                k: record[k]
-                for k in ("preset", "users", "mean_length", "length_sorted_s", "user_order_s", "rows_ranked_differently", "largest_rank_change")
-            }
-        ),
-        flush=True,
-    )
-
+    shown = ("preset", "users", "mean_length", "length_sorted_s", "user_order_s", "rows_ranked_differently", "largest_rank_change")
+    print(json.dumps({k: record[k] for k in shown}), flush=True)
     out = Path(args.out) if args.out else RESULTS / f"eval-{card(info)}.json"
     old = json.loads(out.read_text()) if out.exists() else {}
     runs = [*old.get("runs", []), record]
-    lines = [
-        "# Full-ranking evaluation time, length-sorted batches against user order",
-        "",
-        "`benchmarks/eval_speed.py`: one split of a preset's data, the preset's model freshly initialised, history filtered. "
-        "Rows ranked differently: targets that a last-bit difference in the scores (another padding width) moved past a near-tied item.",
-        "",
-        "| time | commit | device | threads | preset | split | users | mean length / max | length-sorted s | user order s | speed-up | rows ranked differently (largest change) | NDCG@10 sorted / user order |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in runs:
-        d = r["device"]
-        lines.append(
-            f"| {r['time']} | `{str(r['commit'])[:10]}` | {d.get('gpu') or d.get('device')} | {d.get('torch_threads', '-')} | {r['preset']}{''.join(' ' + o for o in r['overrides'])} | "
-            f"{r['split']} | {r['users']:,} | {r['mean_length']:.1f} / {r['max_len']} | {r['length_sorted_s']:.2f} | {r['user_order_s']:.2f} | "
-            f"{r['user_order_s'] / r['length_sorted_s']:.1f}x | {r['rows_ranked_differently']} ({r['largest_rank_change']}) | "
-            f"{r['ndcg10_length_sorted']:.5f} / {r['ndcg10_user_order']:.5f} |"
-        )
-    print(save(out, {"benchmark": "eval_speed", "runs": runs}, lines))
+    print(save(out, {"benchmark": "eval_speed", "runs": runs}, _markdown(runs)))
 
 
 if __name__ == "__main__":
