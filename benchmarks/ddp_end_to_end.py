@@ -50,6 +50,24 @@ def _summary(run: Path, wall: float) -> dict:
     }
 
 
+def _train_both(args, common: list[str], tmp: Path) -> tuple[dict, dict]:
+    """Train in one process and under torchrun; each run's summary, and the one-process
+    evaluation of the distributed run's best checkpoint."""
+    one, many = tmp / "one", tmp / "many"
+    w1 = _run([sys.executable, "-m", "fuxi_mme", *common, "--run-dir", str(one)])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    wn = _run([*torchrun, "-m", "fuxi_mme", *common, "--run-dir", str(many)])
+    res = {"1": _summary(one, w1), str(args.nproc): _summary(many, wn)}
+    p = subprocess.run(
+        [sys.executable, "-m", "fuxi_mme", "evaluate", "--run", str(many), "--checkpoint", "best", "--json"],
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return res, json.loads(p.stdout[p.stdout.index("{") :])["test"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="ml-1m-ts70-fuxi-mme-base")
@@ -66,31 +84,7 @@ def main() -> None:
     card = (info["device"].get("gpu") or "cpu").replace(" ", "_")
     common = ["train", "--preset", args.preset, "--source", args.source, "--amp", args.amp, "--epochs", str(args.epochs), "--no-progress"]
     with tempfile.TemporaryDirectory() as tmp:
-        one, many = Path(tmp) / "one", Path(tmp) / "many"
-        w1 = _run([sys.executable, "-m", "fuxi_mme", *common, "--run-dir", str(one)])
-        wn = _run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={args.nproc}",
-                "-m",
-                "fuxi_mme",
-                *common,
-                "--run-dir",
-                str(many),
-            ]
-        )
-        res = {"1": _summary(one, w1), str(args.nproc): _summary(many, wn)}
-        p = subprocess.run(
-            [sys.executable, "-m", "fuxi_mme", "evaluate", "--run", str(many), "--checkpoint", "best", "--json"],
-            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        single_eval = json.loads(p.stdout[p.stdout.index("{") :])["test"]
+        res, single_eval = _train_both(args, common, Path(tmp))
     equal = single_eval == res[str(args.nproc)]["test"]
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"ddp-e2e-{args.preset}-{card}")
     payload = {
@@ -112,7 +106,8 @@ def main() -> None:
     ]
     for k, r in res.items():
         md.append(
-            f"| {k} | {r['wall_s']:.1f} | {r['epoch_s_mean']:.2f} | {r['seq_per_s_mean']:,.0f} | {r['selected_epoch']} | {r['test']['NDCG@10']:.4f} | {r['test']['HR@10']:.4f} |"
+            f"| {k} | {r['wall_s']:.1f} | {r['epoch_s_mean']:.2f} | {r['seq_per_s_mean']:,.0f} | {r['selected_epoch']} "
+            f"| {r['test']['NDCG@10']:.4f} | {r['test']['HR@10']:.4f} |"
         )
     md += ["", f"One-process evaluation of the {args.nproc}-GPU run's best checkpoint equals its distributed evaluation: **{equal}**"]
     atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")

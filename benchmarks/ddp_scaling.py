@@ -91,6 +91,38 @@ def worker(args) -> None:
     D.shutdown()
 
 
+def _torchrun(args, regime: str, n: int) -> dict:
+    """One regime at ``n`` processes under torchrun: the worker's result record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        res = Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", __file__, "--worker"]
+        cmd += ["--result", str(res), "--model", args.model, "--amp", args.amp, "--regime", regime, "--batch", str(args.batch)]
+        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        if p.returncode != 0:
+            print(p.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"torchrun with {n} processes failed")
+        return json.loads(res.read_text())
+
+
+def _markdown(args, info: dict, rows: list[dict], card) -> list[str]:
+    md = [
+        f"# DDP scaling, {card(info)} ({info['device'].get('gpu_count', 1)} visible), torch {info['versions'].get('torch')}, commit {info['commit']}",
+        "",
+        f"ml-1m-{args.model}-base on synthetic ML-1M-shaped data, amp={args.amp}; median of {args.steps} steps after {args.warmup} warm-up.",
+        "",
+        "| regime | processes | global batch | per-rank batch | step ms | seq/s | speedup | efficiency | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['regime']} | {r['nproc']} | {r['global_batch']} | {r['per_rank_batch']} | {r['step_ms_median']:.1f} | {r['seq_per_s']:,.0f} | "
+            f"{r['speedup']:.2f}x | {100 * r['efficiency']:.0f}% | {r['gpu_mem_gb'] or 0:.2f} |"
+        )
+    return md
+
+
 def driver(args) -> None:
     from common import RESULTS, card, save
     from fuxi_mme.utils.runinfo import run_info
@@ -101,39 +133,7 @@ def driver(args) -> None:
     rows = []
     for regime in args.regimes:
         for n in args.nprocs:
-            with tempfile.TemporaryDirectory() as tmp:
-                res = Path(tmp) / "r.json"
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
-                    f"--nproc_per_node={n}",
-                    __file__,
-                    "--worker",
-                    "--result",
-                    str(res),
-                    "--model",
-                    args.model,
-                    "--amp",
-                    args.amp,
-                    "--regime",
-                    regime,
-                    "--batch",
-                    str(args.batch),
-                    "--steps",
-                    str(args.steps),
-                    "--warmup",
-                    str(args.warmup),
-                    "--device",
-                    args.device,
-                ]
-                env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-                p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-                if p.returncode != 0:
-                    print(p.stderr[-4000:], file=sys.stderr)
-                    raise SystemExit(f"torchrun with {n} processes failed")
-                rec = json.loads(res.read_text())
+            rec = _torchrun(args, regime, n)
             rec.update(model=args.model, amp=args.amp)
             rows.append(rec)
             print(json.dumps(rec), flush=True)
@@ -153,19 +153,7 @@ def driver(args) -> None:
         **info,
         "results": rows,
     }
-    md = [
-        f"# DDP scaling, {card(info)} ({info['device'].get('gpu_count', 1)} visible), torch {info['versions'].get('torch')}, commit {info['commit']}",
-        "",
-        f"ml-1m-{args.model}-base on synthetic ML-1M-shaped data, amp={args.amp}; median of {args.steps} steps after {args.warmup} warm-up.",
-        "",
-        "| regime | processes | global batch | per-rank batch | step ms | seq/s | speedup | efficiency | peak GB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        md.append(
-            f"| {r['regime']} | {r['nproc']} | {r['global_batch']} | {r['per_rank_batch']} | {r['step_ms_median']:.1f} | {r['seq_per_s']:,.0f} | "
-            f"{r['speedup']:.2f}x | {100 * r['efficiency']:.0f}% | {r['gpu_mem_gb'] or 0:.2f} |"
-        )
+    md = _markdown(args, info, rows, card)
     save(out, payload, md)
     print("\n".join(md))
 
