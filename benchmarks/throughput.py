@@ -270,20 +270,22 @@ def write(results: list[dict], info: dict, out_arg: str | None) -> Path:
     lines = [
         f"Device: {info['device'].get('gpu', 'cpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`.",
         "",
-        "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | measured epoch s (seq/s) | warm-up s | peak GB | eval users/s | vs fp32 reference |",
+        "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | measured epoch s (seq/s) "
+        "| warm-up s | peak GB | eval users/s | vs fp32 reference |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         whole = f"{r['epoch_s_measured']:.1f} ({r['epoch_seq_per_s']:,.0f})" if "epoch_s_measured" in r else "-"
         lines.append(
-            f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {whole} | "
+            f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['seq_per_s']:,.0f} | {r['tokens_per_s']:,.0f} "
+            f"| {r['step_ms_median']:.1f} | {r['epoch_s_projected']:.1f} | {whole} | "
             f"{r.get('warmup_s', 0):.0f} | {r.get('peak_mem_gb', 0):.2f} | {r['eval_users_per_s']:,.0f} | {speedup_cell(r)} |"
         )
     save(out, {"benchmark": "throughput", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info, "results": results}, lines)
     return out.with_suffix(".json")
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["ml-1m", "ml-20m"])
     ap.add_argument("--models", nargs="+", default=["fuxi-alpha", "fuxi-mme"])
@@ -292,7 +294,11 @@ def main() -> None:
         nargs="+",
         default=["fp32", "bf16", "fast"],
         choices=list(PATHS),
-        help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); chunked-bf16 = eager bf16 in 4 length-sorted chunks; chunked-graph-bf16 = the same with CUDA graphs (one pass for MoE models); compiled-* = torch.compile inside the graphs (compiled-fast: with the fused attention; compiled-fast-split: FuXi's bias channels as matrix products outside the kernels); default-bf16 = default with --amp bf16",
+        help="fp32 = reference; bf16 = autocast; fused-bf16 = + Triton attention; dense-bf16 = + dense MoE; graph-bf16 = + CUDA graphs; "
+        "fast = all of them; grouped-graph-bf16 = graphs with the grouped-GEMM experts; default = no options (fp32, auto); "
+        "chunked-bf16 = eager bf16 in 4 length-sorted chunks; chunked-graph-bf16 = the same with CUDA graphs (one pass for MoE models); "
+        "compiled-* = torch.compile inside the graphs (compiled-fast: with the fused attention; "
+        "compiled-fast-split: FuXi's bias channels as matrix products outside the kernels); default-bf16 = default with --amp bf16",
     )
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
@@ -311,7 +317,40 @@ def main() -> None:
         help="Inductor's persistent reductions in compiled paths: auto = the library's choice (off for MoE models), "
         "on / off = set TORCHINDUCTOR_PERSISTENT_REDUCTIONS for every model",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def _bench_paths(args, shape: str, model: str, ds, dev, results: list[dict], info: dict) -> None:
+    """Every path of one shape and model, the fp32 reference first so every other path is
+    compared with it; the results file is rewritten after each."""
+    ref = None
+    for path in sorted(args.paths, key=lambda p: p != "fp32"):
+        cfg = path_config(shape, model, path, dev)
+        r = {
+            "shape": shape,
+            "model": model,
+            "path": path,
+            "preset": cfg.preset,
+            "config": cfg.to_dict(),
+            **bench_train(cfg, ds, dev, args.steps, args.warmup, epoch=args.epoch),
+        }
+        if ref is None:
+            ref = r
+        r["speedup_vs_reference"] = r["seq_per_s"] / ref["seq_per_s"]
+        r["speedup_base"] = ref["path"]
+        whole = f", measured epoch {r['epoch_s_measured']:.1f} s ({r['epoch_seq_per_s']:.0f} seq/s)" if "epoch_s_measured" in r else ""
+        print(
+            f"{shape} {model} {path}: {r['seq_per_s']:.0f} seq/s, step {r['step_ms_median']:.1f} ms, "
+            f"epoch {r['epoch_s_projected']:.1f} s{whole}, "
+            f"eval {r['eval_users_per_s']:.0f} users/s, mem {r.get('peak_mem_gb', 0):.2f} GB",
+            flush=True,
+        )
+        results.append(r)
+        write(results, info, args.out)
+
+
+def main() -> None:
+    args = _parse_args()
     if args.persistent_reductions != "auto":
         import torch._inductor.config as inductor_config
 
@@ -322,34 +361,11 @@ def main() -> None:
     info = run_info(dev)
     if launch is not None:
         info["launch_tables"] = {"from": args.launch, **launch}
-    results = []
+    results: list[dict] = []
     for shape in args.shapes:
         ds = synthetic(shape)
         for model in args.models:
-            ref = None
-            # the fp32 reference first, so every other path is compared with it
-            for path in sorted(args.paths, key=lambda p: p != "fp32"):
-                cfg = path_config(shape, model, path, dev)
-                r = {
-                    "shape": shape,
-                    "model": model,
-                    "path": path,
-                    "preset": cfg.preset,
-                    "config": cfg.to_dict(),
-                    **bench_train(cfg, ds, dev, args.steps, args.warmup, epoch=args.epoch),
-                }
-                if ref is None:
-                    ref = r
-                r["speedup_vs_reference"] = r["seq_per_s"] / ref["seq_per_s"]
-                r["speedup_base"] = ref["path"]
-                whole = f", measured epoch {r['epoch_s_measured']:.1f} s ({r['epoch_seq_per_s']:.0f} seq/s)" if "epoch_s_measured" in r else ""
-                print(
-                    f"{shape} {model} {path}: {r['seq_per_s']:.0f} seq/s, step {r['step_ms_median']:.1f} ms, epoch {r['epoch_s_projected']:.1f} s{whole}, "
-                    f"eval {r['eval_users_per_s']:.0f} users/s, mem {r.get('peak_mem_gb', 0):.2f} GB",
-                    flush=True,
-                )
-                results.append(r)
-                write(results, info, args.out)
+            _bench_paths(args, shape, model, ds, dev, results, info)
     print(write(results, info, args.out))
 
 
