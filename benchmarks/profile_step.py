@@ -152,7 +152,8 @@ def main() -> None:
     for r in rows:
         c = r["categories_ms_per_step"]
         md.append(
-            f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['wall_ms_per_step']:.2f} | {r['gpu_busy_ms_per_step']:.2f} | {100 * r['gpu_busy_share']:.0f} | "
+            f"| {r['shape']} | {r['model']} | {path_label(r)} | {r['wall_ms_per_step']:.2f} | {r['gpu_busy_ms_per_step']:.2f} "
+            f"| {100 * r['gpu_busy_share']:.0f} | "
             f"{r['kernels_per_step']:.0f} | {r['syncs_per_step']} | " + " | ".join(f"{c.get(n, 0):.2f}" for n in cat_names) + " |"
         )
     md += ["", "Top kernels:", ""]

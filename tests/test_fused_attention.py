@@ -76,9 +76,9 @@ def test_fused_matches_reference(kind, time, shape, dtype):
             continue
         assert a.grad is not None, name
         if name in ("q", "k", "v"):
-            torch.testing.assert_close(a.grad.float(), r.grad.float(), **tol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(a.grad.float(), r.grad.float(), **tol, msg=lambda m, name=name: f"{name}: {m}")
         elif exact is None:
-            torch.testing.assert_close(a.grad.float(), r.grad.float(), rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(a.grad.float(), r.grad.float(), rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
         else:
             truth = exact[i].grad
             err_fused = (a.grad.float() - truth).abs().max().item()
@@ -114,7 +114,7 @@ def test_fused_skips_padding_and_matches_reference_with_lengths(kind, groups, sh
     (out * g).sum().backward()
     (ref * g).sum().backward()
     for name, a, r in zip(["q", "k", "v", "pos_w", "time_w"], args[:5], ref_args[:5]):
-        torch.testing.assert_close(a.grad, r.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     assert (args[0].grad.transpose(1, 2)[~rows[::groups]] == 0).all()  # no gradient into padding's queries
 
 
@@ -149,7 +149,7 @@ def test_models_train_the_same_with_the_fused_kernel(model, bias, monkeypatch):
     assert l_fused == pytest.approx(l_ref, rel=1e-5)
     assert g_ref.keys() == g_fused.keys()
     for n in g_ref:
-        torch.testing.assert_close(g_fused[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(g_fused[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -175,7 +175,7 @@ def test_compiles_without_graph_breaks(kind):
     want.backward()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for name, g, a in zip(["q", "k", "v", "pos_w", "time_w"], grads, args[:5]):
-        torch.testing.assert_close(g, a.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, a.grad, rtol=1e-3, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 AOT_CHECK = """

@@ -81,11 +81,13 @@ def resolve_history(setting: str, ds: PreparedDataset, protocol: str) -> tuple[s
     if rate > AUTO_REPEAT_THRESHOLD:
         return (
             "keep",
-            f"eval.history=auto: {rate:.1%} of training events repeat an earlier item of the user (> {AUTO_REPEAT_THRESHOLD:.0%}), so seen items stay candidates",
+            f"eval.history=auto: {rate:.1%} of training events repeat an earlier item of the user (> {AUTO_REPEAT_THRESHOLD:.0%}), "
+            "so seen items stay candidates",
         )
     return (
         "mask",
-        f"eval.history=auto: {rate:.2%} of training events repeat an earlier item of the user (<= {AUTO_REPEAT_THRESHOLD:.0%}), so seen items are masked",
+        f"eval.history=auto: {rate:.2%} of training events repeat an earlier item of the user (<= {AUTO_REPEAT_THRESHOLD:.0%}), "
+        "so seen items are masked",
     )
 
 

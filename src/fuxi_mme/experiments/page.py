@@ -34,7 +34,8 @@ HEADLINE_PROSE = [
 PUBLISHED_PROSE = [
     "### Against published Amazon figures",
     "",
-    "The published numbers are quoted from the published figures (docs/models.md#published-figures) (an independent benchmark, leave-one-out, full ranking);",
+    "The published numbers are quoted from the published figures (docs/models.md#published-figures) "
+    "(an independent benchmark, leave-one-out, full ranking);",
     "they are not our runs. The target is Fuxi-MME above the best of them.",
     "",
 ]

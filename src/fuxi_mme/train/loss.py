@@ -106,7 +106,7 @@ def sampled_softmax_loss(
     (on CUDA those accumulate through a sort-based kernel).
     """
     if positions is not None:  # (P,) rows only: padding never reaches the (P, I) logits
-        D, K = user_BND.shape[-1], negatives_BNK.shape[-1]
+        D = user_BND.shape[-1]
         user_BND = user_BND.reshape(-1, D).index_select(0, positions).unsqueeze(0)
         targets_BN = targets_BN.reshape(-1).index_select(0, positions).unsqueeze(0)
         negatives_BNK = negatives_BNK.flatten(0, -2).index_select(0, positions).unsqueeze(0)  # also K = 0
