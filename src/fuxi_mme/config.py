@@ -382,7 +382,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.num_embeddings={m.num_embeddings} must be >= 1 and divide model.dim={m.dim}")
     if m.moe.num_experts and not (1 <= m.moe.top_k <= m.moe.num_experts):
         raise ConfigError(f"model.moe.top_k={m.moe.top_k} must be in 1..model.moe.num_experts={m.moe.num_experts}")
-    positive = {
+    positive: dict[str, int] = {
         "data.max_len": cfg.data.max_len,
         "train.batch_size": cfg.train.batch_size,
         "train.num_negatives": cfg.train.num_negatives,
@@ -391,9 +391,9 @@ def validate(cfg: Config) -> None:
         "model.num_layers": m.num_layers,
         "model.num_heads": m.num_heads,
     }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1")
+    for key, n in positive.items():
+        if n < 1:
+            raise ConfigError(f"{key}={n} must be at least 1")
     if isinstance(cfg.train.compile, str) and cfg.train.compile != "auto":
         raise ConfigError(f"train.compile={cfg.train.compile!r} must be true, false or auto")
     lc = str(cfg.train.length_chunks)

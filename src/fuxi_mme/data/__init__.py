@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ..config import DataConfig
 from . import demo
@@ -78,7 +80,7 @@ def _stamp(p: Path) -> str:
 
 
 def _key_parts(cfg: DataConfig, path: Path | None) -> dict:
-    parts = {
+    parts: dict[str, Any] = {
         "name": cfg.name,
         "ordering": cfg.ordering,
         "min_user_interactions": cfg.min_user_interactions,
@@ -96,7 +98,7 @@ def _key_parts(cfg: DataConfig, path: Path | None) -> dict:
     return parts
 
 
-def handle_duplicates(df, policy: str, source: str) -> tuple[object, list[str]]:
+def handle_duplicates(df: pd.DataFrame, policy: str, source: str) -> tuple[pd.DataFrame, list[str]]:
     """Exact duplicate (user, item, timestamp) rows: refuse, drop or keep them."""
     dup = df.duplicated(["user", "item", "timestamp"], keep="first").to_numpy()
     n = int(dup.sum())

@@ -232,10 +232,10 @@ def safe_extract(archive: Path, target: Path) -> Path:
                         if not m.isfile():
                             continue
                         dest.parent.mkdir(parents=True, exist_ok=True)
-                        src = t.extractfile(m)
-                        assert src is not None
-                        with src, open(dest, "wb") as out:
-                            shutil.copyfileobj(src, out, CHUNK)
+                        member = t.extractfile(m)
+                        assert member is not None
+                        with member, open(dest, "wb") as out:
+                            shutil.copyfileobj(member, out, CHUNK)
             except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
                 raise DataError(
                     f"{archive} is truncated, corrupt or not a zip/tar archive ({exc}); delete it and download it again, or pass the extracted folder"

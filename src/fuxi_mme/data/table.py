@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -65,7 +66,7 @@ def read_table_file(path: str | Path, sep: str | None = None) -> pd.DataFrame:
         if kind in (".csv", ".tsv", ".txt", ".dat", ""):
             if sep is None:
                 sep = "," if kind == ".csv" else "\t"
-            engine = "python" if len(sep) > 1 else "c"
+            engine: Literal["python", "c"] = "python" if len(sep) > 1 else "c"
             return pd.read_csv(p, sep=sep, engine=engine)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError, OSError) as exc:
         raise DataError(f"could not read {p} as {kind or 'text'}: {exc}") from exc

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +117,7 @@ class TemporalBuckets(nn.Module):
         super().__init__()
         self.enabled, self.divisor, self.max_bucket = cfg.use_temporal, cfg.time_bucket_divisor, cfg.num_time_buckets
         # built here, moved with the model, not saved in checkpoints (derived from the config)
+        self.bounds: torch.Tensor
         self.register_buffer("bounds", bucket_bounds(self.divisor, self.max_bucket), persistent=False)
 
     def forward(self, ts_BN: torch.Tensor, query_ts_BN: torch.Tensor) -> torch.Tensor | None:
@@ -156,7 +158,7 @@ class SequenceModel(nn.Module):
         """Forwards inside the block count as one batch (e.g. for a balance loss)."""
         return contextlib.nullcontext()
 
-    def compile_options(self) -> dict[str, object] | None:
+    def compile_options(self) -> dict[str, Any] | None:
         """``torch.compile`` options this model needs (None: Inductor's defaults)."""
         return None
 

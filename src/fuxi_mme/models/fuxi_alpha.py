@@ -18,7 +18,8 @@ from .common import Dropout, ItemInput, SequenceModel, SwiGLU, TemporalBuckets, 
 from .moe import MoE
 
 
-def _make_moe(moe: MoEConfig, dim: int, out_dim: int, kind: str, hidden: int | None, bias: bool, num_streams: int) -> MoE:
+def _make_moe(moe: MoEConfig | None, dim: int, out_dim: int, kind: str, hidden: int | None, bias: bool, num_streams: int) -> MoE:
+    assert moe is not None, "an MoE placement is set only with model.moe"
     return MoE(
         dim,
         out_dim,

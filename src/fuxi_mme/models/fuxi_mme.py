@@ -20,6 +20,7 @@ are identical (tested).
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -28,6 +29,11 @@ from ..config import ModelConfig
 from .common import Dropout, SequenceModel, TemporalBuckets, l2_normalize, sequence_lengths
 from .fuxi_alpha import FuxiBlock
 from .moe import moe_compile_options, one_batch_of_routing, release_aux_graphs
+
+
+def _embeddings(modules: nn.ModuleList) -> list[nn.Embedding]:
+    """The embeddings held by a ModuleList, typed as such (its items are typed plain Modules)."""
+    return [cast(nn.Embedding, e) for e in modules]
 
 
 class FuxiMME(SequenceModel):
@@ -41,7 +47,7 @@ class FuxiMME(SequenceModel):
         for emb in [*self.item_embs, *self.pos_embs]:
             nn.init.trunc_normal_(emb.weight, std=0.02)
         with torch.no_grad():
-            for emb in self.item_embs:
+            for emb in _embeddings(self.item_embs):
                 emb.weight[0].zero_()
         self.drop = Dropout(cfg.dropout)
         self.temporal = TemporalBuckets(cfg)
@@ -58,15 +64,15 @@ class FuxiMME(SequenceModel):
 
     # ---------------------------------------------------------------- helpers
     def _moe_layers(self):
-        stacks = [self.blocks] if self.shared_decoder else list(self.stream_blocks)
-        return [m for s in stacks for blk in s for m in blk.moe_layers()]
+        stacks = [self.blocks] if self.shared_decoder else [cast(nn.ModuleList, s) for s in self.stream_blocks]
+        return [m for s in stacks for blk in s for m in cast(FuxiBlock, blk).moe_layers()]
 
     def _input(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, N) -> (B, M, N, D)."""
         N = ids.shape[1]
         xs = []
         for m, emb in enumerate(self.item_embs):
-            pos = self.pos_embs[m if len(self.pos_embs) > 1 else 0].weight[:N]
+            pos = cast(nn.Embedding, self.pos_embs[m if len(self.pos_embs) > 1 else 0]).weight[:N]
             xs.append(emb(ids) * math.sqrt(self.D) + pos)
         x = self.drop(torch.stack(xs, dim=1))
         return x * (ids != 0)[:, None, :, None].to(x.dtype)
@@ -100,14 +106,14 @@ class FuxiMME(SequenceModel):
             for m, blocks in enumerate(self.stream_blocks):
                 xm = x[:, m]
                 stream = torch.full_like(ids, m)
-                for blk in blocks:
+                for blk in cast(nn.ModuleList, blocks):
                     xm = blk(xm, buckets, valid, stream, lengths=lengths)
                 outs.append(xm)
             x = torch.stack(outs, dim=1)
         return self._combine(x.transpose(1, 2), user=True)  # (B, N, M*D)
 
     def item_vectors(self) -> torch.Tensor:
-        w = torch.stack([e.weight for e in self.item_embs], dim=1)  # (I+1, M, D)
+        w = torch.stack([e.weight for e in _embeddings(self.item_embs)], dim=1)  # (I+1, M, D)
         return self._combine(w, user=False)
 
     def aux_loss(self) -> torch.Tensor | None:
@@ -121,7 +127,7 @@ class FuxiMME(SequenceModel):
     def one_batch_of_routing(self):
         return one_batch_of_routing(self)
 
-    def compile_options(self) -> dict[str, object] | None:
+    def compile_options(self) -> dict[str, Any] | None:
         return moe_compile_options() if self.moe_cfg is not None else None
 
     def has_unused_parameters(self) -> bool:

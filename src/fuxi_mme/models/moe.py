@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +102,7 @@ class MoE(nn.Module):
             self.b = nn.Parameter(torch.zeros(E, out_dim)) if bias else None
         else:
             raise ValueError(f"unknown expert kind {kind!r}")
-        self.shared = None
+        self.shared: nn.Module | None = None
         if shared_expert:
             if kind == "swiglu":
                 from .common import SwiGLU
@@ -109,6 +110,7 @@ class MoE(nn.Module):
                 self.shared = SwiGLU(dim, hidden or dim, out_dim)
             else:
                 self.shared = nn.Linear(dim, out_dim, bias=bias)
+        self.expert_bias: torch.Tensor
         self.register_buffer("expert_bias", torch.zeros(E), persistent=True)
         self.last_aux: torch.Tensor | None = None
         self.last_path = ""  # which expert path the last forward took: loop, grouped or padded
@@ -326,7 +328,7 @@ PERSISTENT_REDUCTIONS = "triton.persistent_reductions"
 PERSISTENT_REDUCTIONS_ENV = "TORCHINDUCTOR_PERSISTENT_REDUCTIONS"
 
 
-def moe_compile_options() -> dict[str, object] | None:
+def moe_compile_options() -> dict[str, Any] | None:
     """``torch.compile`` options for a model with MoE layers: persistent reductions off.
 
     On an H200 (torch 2.11, triton 3.6) NVIDIA's ``ptxas`` never returned on the persistent
@@ -342,7 +344,8 @@ def moe_compile_options() -> dict[str, object] | None:
     try:
         import torch._inductor.config as inductor_config
 
-        if PERSISTENT_REDUCTIONS not in inductor_config._config:
+        # _config is set on the module at runtime (torch's ConfigModule); the stub is the plain module
+        if PERSISTENT_REDUCTIONS not in inductor_config._config:  # type: ignore[attr-defined]
             return None
     except Exception:  # noqa: BLE001 - no Inductor in this build: torch.compile will say so itself
         return None

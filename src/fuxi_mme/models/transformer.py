@@ -70,6 +70,8 @@ class RoPE(nn.Module):
             raise ValueError(f"llama: per-head width {head_dim} must be even for RoPE")
         inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
+        self.cos: torch.Tensor
+        self.sin: torch.Tensor
         self.register_buffer("cos", ang.cos(), persistent=False)
         self.register_buffer("sin", ang.sin(), persistent=False)
 

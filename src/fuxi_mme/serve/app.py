@@ -265,7 +265,11 @@ def _add_info_routes(app: FastAPI, rec: Recommender, batcher: MicroBatcher) -> N
         return rec.search(q, limit)
 
 
-_ERRORS = {400: {"description": "malformed JSON"}, 413: {"description": "body too large"}, 422: {"description": "invalid request"}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "malformed JSON"},
+    413: {"description": "body too large"},
+    422: {"description": "invalid request"},
+}
 
 
 def _add_recommend_routes(app: FastAPI, rec: Recommender, batcher: MicroBatcher, max_batch_request: int) -> None:
@@ -316,6 +320,7 @@ def serve(
 
         rec = load_exported(exported, runtime, unknown_items)
     else:
+        assert run_dir is not None, "serve needs a run folder or an export folder"
         rec = Recommender.from_run(run_dir, checkpoint, device, unknown_items)
     app = create_app(rec, max_batch, max_wait_ms, max_body_bytes)
     log.info("serving %s (%s on %s, %d items) on http://%s:%d", exported or run_dir, rec.cfg.model.name, rec.ds.name, rec.num_items, host, port)

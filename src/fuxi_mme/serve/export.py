@@ -271,6 +271,7 @@ def load_exported(folder: str | Path, runtime: str = "program", unknown_items: s
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r}; use one of {', '.join(RUNTIMES)}")
     verify_manifest(folder, required=True)
+    encoder: Callable[..., torch.Tensor]
     if runtime == "aoti":
         if not meta["files"]["aoti"]:
             raise FileNotFoundError(f"{folder} has no AOTInductor package; export again without --no-aoti (needs a C++ compiler), or use the program")

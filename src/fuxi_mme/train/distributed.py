@@ -26,6 +26,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -63,7 +64,7 @@ def init(info: DistInfo, device: torch.device, timeout_s: float) -> None:
     if not info.enabled or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if backend == "nccl":
         kwargs["device_id"] = device
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)

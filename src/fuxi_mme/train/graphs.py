@@ -47,6 +47,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,7 +184,9 @@ class GraphedStep:
         # each chunk has its own region of a slot.
         pin = dev.type == "cuda"
         self.region = 3 * (self.R * self.N + self.bucket)  # a chunk's target triples, rounded-up bucket included
-        self.slots = [
+        # per slot: the staged row inputs by name, "idx" (target triples), "norm", and "done"
+        # (the event after its copies; None on the CPU)
+        self.slots: list[dict[str, Any]] = [
             {
                 **{name: torch.empty(self.B * self.N, dtype=dt, pin_memory=pin) for name, dt in self._row_fields()},
                 "idx": torch.zeros(self.chunks * self.region, dtype=torch.long, pin_memory=pin),
@@ -194,7 +197,7 @@ class GraphedStep:
         ]
         self.slot = 0
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Batch, tuple]] = {}
-        self.pool = None
+        self.pool: Any = None  # the memory pool the graphs share (``graph.pool()`` of the first)
         self.disabled = False
 
     def _row_fields(self) -> tuple[tuple[str, torch.dtype], ...]:
@@ -209,10 +212,11 @@ class GraphedStep:
     # ---------------------------------------------------------------- recording
     def _capture(self, key: tuple[int, int], bufs: Batch):
         step = self.variants[0].fn
+        saved = []
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        saved = [p.grad.clone() for p in self.params]
+            saved.append(p.grad.clone())
         # warm-up outside the graph (lazy initialisation, kernel compilation), then restore the
         # gradients it accumulated: a capture may come in the middle of gradient accumulation
         # The warm-up also checks that the step never waits on the GPU (an op that reads a
@@ -236,6 +240,7 @@ class GraphedStep:
             torch.cuda.current_stream(self.device).wait_stream(side)
             with torch.no_grad():
                 for p, g in zip(self.params, saved):
+                    assert p.grad is not None  # set above; a step accumulates into it
                     p.grad.copy_(g)
         graph = torch.cuda.CUDAGraph()
         try:
@@ -315,17 +320,18 @@ class GraphedStep:
                     self.graphs.clear()
                     log.warning("CUDA graphs off for this run (%s); training eagerly", why)
                     return None
-        total = None
+        whole = None  # one pass: its (loss, aux)
+        total: torch.Tensor | None = None  # chunks: the sum of their losses
         for key, staged, host_t in plan:
             self._stage(key, staged, host_t, negs)
             loss, aux = self._replay(key)
             if self.chunks == 1:
-                total = (loss, aux)
+                whole = (loss, aux)
             else:  # read each chunk's loss before the next replay reuses the pool (stream order)
                 total = loss.clone() if total is None else total.add_(loss)
         if slot["done"] is not None:
             slot["done"].record()
-        return total if self.chunks == 1 else (total, None)
+        return whole if self.chunks == 1 else (total, None)
 
     def _stage(self, key: tuple[int, int], staged: dict[str, torch.Tensor], host_t: torch.Tensor, negs: torch.Tensor) -> Batch:
         """Copy one chunk's staged inputs and targets into the static batch of graph ``key``."""
@@ -338,13 +344,25 @@ class GraphedStep:
             bufs = self.graphs[key][1]
         else:
             new = lambda *shape: torch.empty(*shape, dtype=torch.long, device=dev)  # noqa: E731
-            bufs = Batch(**self.inputs[w], positions=new(Pb), pos_targets=new(Pb), negatives=new(Pb, self.K))
+            inp = self.inputs[w]
+            bufs = Batch(
+                ids=inp["ids"],
+                ts=inp["ts"],
+                query_ts=inp["query_ts"],
+                lengths=inp["lengths"],
+                targets=inp["targets"],
+                positions=new(Pb),
+                pos_targets=new(Pb),
+                negatives=new(Pb, self.K),
+            )
         for name, region in staged.items():
             getattr(bufs, name).copy_(region, non_blocking=True)
         idx = host_t.to(dev, non_blocking=True)
-        bufs.positions.copy_(idx[0])
-        bufs.pos_targets.copy_(idx[1])
-        bufs.negatives.copy_(negs.index_select(0, idx[2]))
+        positions, pos_targets, negatives = bufs.positions, bufs.pos_targets, bufs.negatives
+        assert positions is not None and pos_targets is not None and negatives is not None  # a static training batch
+        positions.copy_(idx[0])
+        pos_targets.copy_(idx[1])
+        negatives.copy_(negs.index_select(0, idx[2]))
         return bufs
 
     def _replay(self, key: tuple[int, int]):

@@ -21,10 +21,13 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config
 from ..data.batches import NegativeSampler, make_batch
@@ -245,7 +248,9 @@ class Trainer:
             if len(rows) < self.dist.world:  # a final scrap smaller than the number of ranks
                 continue
             update = (i + 1) % t.grad_accum == 0 or i + 1 == self.steps_per_epoch
-            with self.forward_module.no_sync() if self.dist.enabled and not update else contextlib.nullcontext():
+            # with several ranks, forward_module is the DistributedDataParallel wrapper
+            no_sync = cast("DistributedDataParallel", self.forward_module).no_sync if self.dist.enabled and not update else None
+            with no_sync() if no_sync is not None else contextlib.nullcontext():
                 loss, aux = self.forward_backward(rows)
             if update:
                 self._optimizer_step()

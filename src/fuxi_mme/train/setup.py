@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=fused)
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.betas[0], t.betas[1]), weight_decay=t.weight_decay, fused=fused)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: Config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
