@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuxi_mme.data.formats import detect, read
+from fuxi_mme.data.formats import detect
+from fuxi_mme.data.readers import read
 from fuxi_mme.data.table import DataError
 
 S3REC = "1 10 11 12\n2 13 10\n3 11 12 13 14\n"
