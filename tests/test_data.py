@@ -32,20 +32,25 @@ def test_user_file_formats(tmp_path):
 @pytest.mark.parametrize(
     "text, kwargs, needle",
     [
-        ("user,item,timestamp\n", {}, "empty table"),
+        ("user,item,timestamp\n", {}, "holds no interactions"),
         ("user,itm,timestamp\n1,2,3\n", {}, "no column 'item'"),
-        ("user;item;timestamp\n1;2;3\n", {}, "check the separator"),
-        ("user,item,timestamp\n1,2,3\n,3,4\n", {}, "empty user id in column 'user', first at data row 2 \\(line 3\\)"),
-        ("user,item,timestamp\n1,2,3\n1,,4\n", {}, "empty item id"),
-        ("user,item,timestamp\n1,2,3\n1,3,yesterday\n", {}, "not numeric at data row 2 \\(line 3, value 'yesterday'\\)"),
-        ("user,item,timestamp\n1,2,3\n1,3,-4\n", {}, "negative at data row 2"),
+        ("user,item,timestamp\n1,2,3\n,3,4\n", {}, "line 3 has no user id \\(column 'user' is empty\\)"),
+        ("user,item,timestamp\n1,2,3\n1,,4\n", {}, "line 3 has no item id"),
+        ("user,item,timestamp\n1,2,3\n1,3,yesterday\n", {}, "line 3: timestamp 'yesterday' in column 'timestamp' is not a unix time"),
+        ("user,item,timestamp\n1,2,3\n1,3,-4\n", {}, "line 3: timestamp '-4' in column 'timestamp' is not a unix time >= 0"),
     ],
 )
 def test_bad_user_files_get_clear_errors(tmp_path, text, kwargs, needle):
     p = write(tmp_path, "bad.csv", text)
     with pytest.raises(DataError, match=needle) as e:
         load_dataset(DataConfig(name="file", path=str(p)))
-    assert "bad.csv" in str(e.value)
+    assert "bad.csv" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_semicolon_table_is_detected(tmp_path):
+    p = write(tmp_path, "semi.csv", "user;item;timestamp\n1;2;3\n1;3;4\n")
+    ds = load_dataset(DataConfig(name="file", path=str(p), data_dir=str(tmp_path / "c")))
+    assert ds.stats["interactions"] == 2 and ds.has_timestamps
 
 
 def test_missing_file_and_all_users_too_short(tmp_path):

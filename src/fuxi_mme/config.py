@@ -36,7 +36,11 @@ class DataConfig:
     item_col: str = "item"
     time_col: str | None = "timestamp"  # None: no timestamps, file order is the sequence order
     rating_col: str | None = None
-    sep: str | None = None  # CSV separator; None: from the file suffix
+    sep: str | None = None  # text separator of dataset "file"; None: detected from the content
+    # dataset "file": the layout ("auto": detected from the content; table, sequences, pairs,
+    # movielens or sessions) and whether a text table has a header row (None: detected)
+    format: str = "auto"
+    header: bool | None = None
     min_rating: float | None = None  # keep only interactions with rating >= this
     min_user_interactions: int | None = None  # None: the dataset's published filter (KuaiRand 5), else 2
     duplicates: str = "auto"  # exact duplicate (user, item, timestamp) rows: "error", "drop", "keep", "auto" (per dataset)
@@ -356,13 +360,34 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return apply_mapping(cfg, d)
 
 
+# data.sep spellings that are not the separator itself (a --set value loses its spaces and tabs)
+SEP_ALIASES = {"tab": "\t", "\\t": "\t", "whitespace": " "}
+
+
+def _separator(sep: str | None) -> str | None:
+    """data.sep as the readers take it: None (detected), one character, ``::``, or " " for any
+    run of spaces and tabs; raises ConfigError naming the spellings otherwise."""
+    if sep is None:
+        return None
+    sep = SEP_ALIASES.get(sep.lower(), sep)
+    if len(sep) == 1 or sep == "::":
+        return sep
+    got = " is empty (--set drops spaces and tabs)" if not sep else f"={sep!r} is not one character"
+    raise ConfigError(
+        f"data.sep{got}: give one character (--set 'data.sep=;'), tab, whitespace (any run of spaces), :: or none (detected from the file)"
+    )
+
+
 def validate(cfg: Config) -> None:
-    """Check values that types alone do not catch; raise ConfigError naming the fix."""
+    """Check values that types alone do not catch; raise ConfigError naming the fix. Spells
+    data.sep as the readers take it (``tab`` -> a tab)."""
+    cfg.data.sep = _separator(cfg.data.sep)
     choices = {
         "data.protocol": (cfg.data.protocol, ("loo-val", "paper")),
         "data.ordering": (cfg.data.ordering, ("stable", "hstu")),
         "data.duplicates": (cfg.data.duplicates, ("auto", "error", "drop", "keep")),
         "data.repeats": (cfg.data.repeats, ("keep", "drop-consecutive", "first")),
+        "data.format": (cfg.data.format, ("auto", "table", "sequences", "pairs", "movielens", "sessions")),
         "eval.history": (cfg.eval.history, ("auto", "mask", "keep")),
         "model.combine": (cfg.model.combine, ("concat", "mean")),
         "model.moe.placement": (cfg.model.moe.placement, ("ffn", "u", "out")),

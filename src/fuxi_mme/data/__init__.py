@@ -92,7 +92,9 @@ def _key_parts(cfg: DataConfig, path: Path | None) -> dict:
     if cfg.name == "demo":
         parts.update(demo_users=cfg.demo_users, demo_seed=cfg.demo_seed, demo_version=demo.DEMO_VERSION)
     if cfg.name == "file":
-        parts.update(columns=[cfg.user_col, cfg.item_col, cfg.time_col, cfg.rating_col], sep=cfg.sep)
+        parts.update(columns=[cfg.user_col, cfg.item_col, cfg.time_col, cfg.rating_col], sep=cfg.sep, reader="formats-1")
+        if cfg.format != "auto" or cfg.header is not None:
+            parts.update(format=cfg.format, header=cfg.header)
     if path is not None:
         parts["source"] = file_fingerprint(path)
     return parts

@@ -9,9 +9,10 @@ loader for user files. ``docs/datasets.md`` documents every dataset and its prep
 from __future__ import annotations
 
 import io
+import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,11 @@ import pandas as pd
 from . import demo
 from .amazon import read_amazon_ratings, read_sequence_file
 from .download import Remote
-from .table import DataError, canonicalize, load_user_file, open_text, read_bytes, read_table_file
+from .formats import detect
+from .readers import read as read_layout
+from .table import DataError, canonicalize, open_text, read_bytes, read_table_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -237,9 +242,18 @@ def _read_demo(path: Path | None, cfg: Any):
 
 
 def _read_file(path: Path | None, cfg: Any):
+    """A user's own file in any layout :mod:`~fuxi_mme.data.formats` recognises (tables with or
+    without a header, S3-Rec sequences, SASRec pairs, MovieLens ``::``, OTTO sessions; gzip, zip,
+    Parquet folders), detected from its content unless ``data.format`` names one."""
     if path is None:
-        raise DataError("dataset 'file' needs a file: pass --data-path FILE (CSV, TSV, Parquet or JSONL)")
-    df = load_user_file(path, cfg.user_col, cfg.item_col, cfg.time_col, cfg.rating_col, cfg.sep)
+        raise DataError("dataset 'file' needs a file: pass --source FILE (a table, sequence, pairs, MovieLens or sessions file)")
+    det = detect(path)
+    if cfg.format != "auto":
+        det = replace(det, format=cfg.format, reason=f"data.format={cfg.format} (detection found {det.format}: {det.reason})")
+    log.info("%s: %s (%s)", path, det.format, det.reason)
+    df = read_layout(
+        path, det, user_col=cfg.user_col, item_col=cfg.item_col, time_col=cfg.time_col, rating_col=cfg.rating_col, sep=cfg.sep, header=cfg.header
+    )
     if cfg.time_col is None:
         df.attrs["has_timestamps"] = False
     return df, None
@@ -269,7 +283,11 @@ SOURCES: dict[str, Source] = {
             needs_files=False,
             licence="generated; ours (MIT)",
         ),
-        Source("file", "your own interactions file (CSV/TSV/Parquet/JSONL; --data-path)", _read_file),
+        Source(
+            "file",
+            "your own interactions file, layout detected (tables, S3-Rec sequences, SASRec pairs, MovieLens ::, OTTO sessions; --source)",
+            _read_file,
+        ),
         Source(
             "ml-100k",
             "MovieLens-100K (u.data)",
