@@ -177,3 +177,17 @@ def test_hstu_ordering_differs_only_among_ties(tmp_path):
     assert list(stable.item_raw[stable.items]) == [r[1] for r in rows]
     assert sorted(hstu.items.tolist()) == sorted(stable.items.tolist())
     assert (hstu.timestamps == stable.timestamps).all()  # the time order itself is the same
+
+
+def test_a_dataset_prepared_from_a_source_is_found_later_without_it(tmp_path, monkeypatch):
+    """``data prepare ml-1m --source DIR``, then ``data info ml-1m`` / ``train --dataset ml-1m``
+    with no ``--source``: the prepared copy is used, nothing is downloaded."""
+    import fuxi_mme.data as data
+
+    d = tmp_path / "elsewhere"
+    d.mkdir()
+    (d / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in _rows()))
+    first = _load("ml-1m", d, tmp_path)
+    monkeypatch.setattr(data, "fetch", lambda *a, **k: pytest.fail("downloaded although the dataset was prepared from --source"))
+    again = load_dataset(DataConfig(name="ml-1m", data_dir=str(tmp_path / "cache")))
+    assert again.cache_dir == first.cache_dir and again.stats["interactions"] == 24

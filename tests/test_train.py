@@ -165,3 +165,33 @@ def test_bf16_autocast_training_path(tmp_path, model):
     assert 0 <= res["test"]["NDCG@10"] <= 1
     log = [json.loads(x) for x in (tmp_path / model / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(log[0]["loss"])
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """A model whose outputs become NaN in epoch 2: training stops with one line naming the
+    epoch (exit code 2 from the CLI), ``checkpoints/last`` still holds epoch 1 and no metric is
+    written (before, NaN scores reported NDCG@10 = 1.0)."""
+    from conftest import TINY
+    from fuxi_mme.models.transformer import SASRec
+
+    forward, train_epoch = SASRec.forward, Trainer.train_epoch
+    epoch = {"now": 0}
+
+    def poisoned(self, ids, ts, query_ts):
+        out = forward(self, ids, ts, query_ts)
+        return out * float("nan") if self.training and epoch["now"] >= 1 else out  # from epoch 2 on
+
+    def counted(self, e):
+        epoch["now"] = e
+        return train_epoch(self, e)
+
+    monkeypatch.setattr(SASRec, "forward", poisoned)
+    monkeypatch.setattr(Trainer, "train_epoch", counted)
+    argv = ["train", "--preset", "demo-sasrec-base", "--run-dir", str(tmp_path / "n")]
+    for k, v in {**TINY, "train.epochs": 3}.items():
+        argv += ["--set", f"{k}={v}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fuxi-mme: error: epoch 2: the training loss is nan") and "checkpoints/last still holds epoch 1" in err
+    state = json.loads((tmp_path / "n" / "checkpoints" / "last" / "state.json").read_text())
+    assert state["epoch"] == 1 and not (tmp_path / "n" / "metrics.json").exists()

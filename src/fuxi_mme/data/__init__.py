@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import DataConfig
+from ..utils.runinfo import atomic_write_json
 from . import demo
 from .download import Remote, fetch, is_archive, is_url, safe_extract
 from .prepared import (
@@ -68,10 +70,34 @@ def resolve_source_path(cfg: DataConfig, progress: bool = True) -> Path | None:
         return None  # the reader raises the clear error
     if raw.exists() and any(not f.name.startswith(".") for f in raw.iterdir()):
         return raw
+    remembered = _remembered_source(cfg)
+    if remembered is not None:
+        log.info("%s: using %s, the --source it was prepared from before", cfg.name, remembered)
+        return remembered
     if src.remotes:
         log.warning("%s is not in %s; downloading it from %s (licence: %s)", cfg.name, raw, src.remotes[0].url, src.licence)
         return fetch(src.remotes, raw, progress=progress, where_hint=where)
     raise DataError(f"dataset {cfg.name!r} needs its files: put {src.files_hint} in {raw} or pass --source PATH (licence: {src.licence})")
+
+
+def _source_note(cfg: DataConfig) -> Path:
+    return Path(cfg.data_dir or default_data_dir()) / "prepared" / f"{cfg.name}.source.json"
+
+
+def _remember_source(cfg: DataConfig, path: Path) -> None:
+    """Record the ``--source`` a named dataset was prepared from, so later commands without
+    ``--source`` find it (``data prepare NAME --source X``, then ``train --dataset NAME``)."""
+    if cfg.name != "file" and cfg.path and not is_url(cfg.path):
+        atomic_write_json(_source_note(cfg), {"source": str(Path(cfg.path).expanduser().resolve()), "resolved": str(path.resolve())})
+
+
+def _remembered_source(cfg: DataConfig) -> Path | None:
+    note = _source_note(cfg)
+    try:
+        p = Path(json.loads(note.read_text())["resolved"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return p if p.exists() else None
 
 
 def _stamp(p: Path) -> str:
@@ -137,6 +163,8 @@ def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
     """Prepared dataset for ``cfg``, from the cache when its key matches, else built and cached."""
     src = get_source(cfg.name)
     path = resolve_source_path(cfg)
+    if path is not None:
+        _remember_source(cfg, path)
     key = cache_key(_key_parts(cfg, path))
     folder = Path(cfg.data_dir or default_data_dir()) / "prepared" / f"{cfg.name}-{key}"
     if not rebuild and (folder / "meta.json").exists():
