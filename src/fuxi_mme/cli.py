@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from . import __version__, commands
@@ -234,13 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
+        return rc
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as exc:
         # ConfigError, DataError and CheckpointError derive from these; -v shows the traceback.
         if args.verbose:
             raise
         print(f"fuxi-mme: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`fuxi-mme presets | head`): stop quietly. Python flushes stdout
+        # again at exit, so point it at devnull first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # killed by SIGPIPE, as the shell reports it
 
 
 if __name__ == "__main__":

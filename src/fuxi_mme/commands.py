@@ -134,9 +134,10 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     cfg.data_dir = args.data_dir
     cfg.ordering = args.ordering
     if args.overrides:
-        from .config import Config, apply_overrides
+        from .config import Config, apply_overrides, validate
 
         apply_overrides(Config(data=cfg), args.overrides)  # edits cfg in place
+        validate(Config(data=cfg))  # and spells data.sep as the readers take it
     ds = load_dataset(cfg, rebuild=getattr(args, "rebuild", False))
     st = ds.stats
     print(f"dataset {ds.name}  (cache: {ds.cache_dir})")
@@ -229,7 +230,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .experiments.report import report
 
     res = report(args.runs, args.out)
-    print(f"wrote {res['markdown']}" + (f" and {', '.join(res['images'])}" if res["images"] else " (no plots: matplotlib is missing)"))
+    plots = f" and {', '.join(res['images'])}" if res["images"] else " (no plots: they need the [plots] extra, pip install 'fuxi-mme[plots]')"
+    print(f"wrote {res['markdown']}{plots}")
     return 0
 
 
@@ -266,9 +268,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         return 0
     for r, it in enumerate(res["items"], start=1):
         print(f"{r:3d}. {it['item']!s:>10}  {it['score']:+.4f}  {it.get('title', '')}")
-    for key in ("unknown_items", "truncated", "notes"):
-        if key in res:
-            print(f"{key}: {res[key]}", file=sys.stderr)
+    if "unknown_items" in res:
+        print(f"unknown items (ignored): {', '.join(map(str, res['unknown_items']))}", file=sys.stderr)
+    for note in res.get("notes", []):  # the truncation is one of them
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

@@ -112,7 +112,21 @@ def parse_preset(name: str) -> tuple[str, str, str]:
             for s in SIZES:
                 if rest == f"{m}-{s}":
                     return ds, m, s
-    raise ConfigError(f"unknown preset {name!r}; `fuxi-mme presets` lists them (form: <dataset>-<model>-<size>)")
+    raise ConfigError(_unknown_preset(name))
+
+
+def _unknown_preset(name: str) -> str:
+    """Which part of ``name`` is unknown, with the known values of that part."""
+    models = f"model families: {', '.join(MODEL_FAMILIES)}; sizes: {', '.join(SIZES)} (popularity has none)"
+    datasets = f"datasets with presets: {', '.join(SHAPES)} (file: your own data, with --source FILE)"
+    tails = [preset_name("", m, s)[1:] for m in MODEL_FAMILIES for s in SIZES]
+    dataset = next((name[: -len(t) - 1] for t in tails if name.endswith("-" + t)), None)
+    if dataset is not None:
+        return f"unknown preset {name!r}: unknown dataset {dataset!r}; {datasets}"
+    known = next((ds for ds in sorted(SHAPES, key=len, reverse=True) if name.startswith(ds + "-")), None)
+    if known is not None:
+        return f"unknown preset {name!r}: unknown model or size {name[len(known) + 1 :]!r}; {models}"
+    return f"unknown preset {name!r} (form: <dataset>-<model>-<size>); {datasets}; {models}; `fuxi-mme presets` lists them"
 
 
 def all_presets() -> list[str]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,20 @@ import pandas as pd
 
 class DataError(ValueError):
     """A user-facing data problem: the message names the input and the fix."""
+
+
+def plain(v: Any) -> str:
+    """A value as a message shows it: numbers as numbers (never ``np.int64(5)``), text in
+    quotes (cut at 60 characters), NaN and None as ``missing``."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if v is None or v is pd.NaT or (isinstance(v, float) and math.isnan(v)):
+        return "missing"
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))  # -5.0 read from a column that also holds text or blanks
+    if isinstance(v, str):
+        return repr(v[:60] + ("..." if len(v) > 60 else ""))
+    return str(v)
 
 
 def read_bytes(path: Path) -> bytes:
@@ -119,7 +134,10 @@ def canonicalize(
         r = pd.to_numeric(df[rating_col], errors="coerce")
         if r.isna().any():
             row = int(np.flatnonzero(r.isna().to_numpy())[0])
-            raise DataError(f"{source}: rating column {rating_col!r} is not numeric at data row {row + 1}")
+            raise DataError(
+                f"{source}: rating column {rating_col!r} is not a number at data row {row + 1} "
+                f"(line {row + 1 + header_lines}, value {plain(df[rating_col].iloc[row])}); fix the row or drop data.rating_col"
+            )
         out["rating"] = r.to_numpy(dtype=np.float32)
     return out
 
@@ -134,9 +152,11 @@ def _to_seconds(col: pd.Series, source: str, name: str, header_lines: int) -> np
     bad = num.isna().to_numpy()
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
+        raw = col.iloc[row]
+        what = "is empty" if plain(raw) == "missing" else f"is not numeric ({plain(raw)})"
         raise DataError(
-            f"{source}: timestamp column {name!r} is not numeric at data row {row + 1} "
-            f"(line {row + 1 + header_lines}, value {col.iloc[row]!r}); give unix times as numbers, "
+            f"{source}: timestamp column {name!r} {what} at data row {row + 1} "
+            f"(line {row + 1 + header_lines}); give unix times as numbers, "
             "or --set data.time_col=none to use file order"
         )
     neg = (num < 0).to_numpy()
@@ -144,7 +164,7 @@ def _to_seconds(col: pd.Series, source: str, name: str, header_lines: int) -> np
         row = int(np.flatnonzero(neg)[0])
         raise DataError(
             f"{source}: timestamp column {name!r} is negative at data row {row + 1} "
-            f"(line {row + 1 + header_lines}, value {col.iloc[row]!r}); timestamps must be unix times >= 0"
+            f"(line {row + 1 + header_lines}, value {plain(col.iloc[row])}); timestamps must be unix times >= 0"
         )
     return np.floor(num.to_numpy(dtype=np.float64)).astype(np.int64)
 

@@ -276,10 +276,16 @@ class Recommender:
                 res["unknown_items"] = [_py(u) for u in p.unknown]
             if p.truncated:
                 res["truncated"] = p.truncated
-            if p.notes:
-                res["notes"] = p.notes
+            notes = p.notes + ([self._short_note(len(items))] if len(items) < p.k and p.exclude_seen else [])
+            if notes:
+                res["notes"] = notes
             out.append(res)
         return out
+
+    def _short_note(self, n: int) -> str:
+        """Why a query got fewer than k items: the rest of the catalogue is in its history."""
+        why = "every item of the catalogue is" if n == 0 else f"all but {n} of the {self.num_items} items of the catalogue are"
+        return f"{why} in the history and exclude_seen is on: pass exclude_seen=false (CLI: --include-seen) to rank the seen ones too"
 
     def recommend(self, queries: list[Query]) -> list[dict[str, Any]]:
         """Validate then score; the first invalid query raises RequestError."""
