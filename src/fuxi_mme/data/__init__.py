@@ -25,7 +25,7 @@ from .prepared import (
 )
 from .repeats import apply_repeats
 from .sources import SOURCES, get_source
-from .table import DataError
+from .table import DataError, plain
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def handle_duplicates(df: pd.DataFrame, policy: str, source: str) -> tuple[pd.Da
     row = df.iloc[first]
     raise DataError(
         f"{source}: {n:,} row(s) repeat an earlier (user, item, timestamp) exactly, first at data row {first + 1} "
-        f"(user {row['user']!r}, item {row['item']!r}, timestamp {row['timestamp']}); this usually means a file was "
+        f"(user {plain(row['user'])}, item {plain(row['item'])}, timestamp {plain(row['timestamp'])}); this usually means a file was "
         "concatenated twice. Fix the file, or pass --set data.duplicates=drop (or keep)"
     )
 
