@@ -493,12 +493,27 @@ PLANS = {
 }
 
 
+# Config fields added after the plans above were pinned: at their defaults they change no job
+ADDED_SINCE_PINNED = {("data", "format"): "auto", ("data", "header"): None}
+
+
+def _pinned_view(planned):
+    if planned is None:
+        return None
+    planned = json.loads(json.dumps(planned))
+    for (section, key), default in ADDED_SINCE_PINNED.items():
+        if planned[section].get(key, default) == default:
+            planned[section].pop(key, None)
+    return planned
+
+
 def _plan_fingerprint(jobs, data_root) -> tuple[int, str]:
     import hashlib
 
     ids = sorted(
         json.dumps(
-            [j.dataset, j.variant, j.seed, [a.replace(str(data_root), "D") for a in j.args], str(j.run_dir), j.invalid, j.planned], sort_keys=True
+            [j.dataset, j.variant, j.seed, [a.replace(str(data_root), "D") for a in j.args], str(j.run_dir), j.invalid, _pinned_view(j.planned)],
+            sort_keys=True,
         )
         for j in jobs
     )
