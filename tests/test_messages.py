@@ -100,3 +100,14 @@ def test_a_history_of_the_whole_catalogue_gets_a_note_not_a_silent_empty_list():
     assert len(res["items"]) == 3 and any(f"all but 3 of the {ds.num_items} items" in n for n in res["notes"])
     res = rec.recommend([Query(every, k=5, exclude_seen=False)])[0]
     assert len(res["items"]) == 5 and not any("exclude_seen" in n for n in res.get("notes", []))
+
+
+def test_repeat_rows_of_each_split_are_kept_apart():
+    from fuxi_mme.commands import metrics_table, split_rows
+
+    rows = {}
+    rows.update(split_rows("valid (epoch 3)", {"NDCG@10": 0.1, "repeat_targets": {"NDCG@10": 0.2}, "new_targets": {"NDCG@10": 0.3}}))
+    rows.update(split_rows("test", {"NDCG@10": 0.4, "repeat_targets": {"NDCG@10": 0.5}, "new_targets": {"NDCG@10": 0.6}}))
+    lines = metrics_table(rows).splitlines()[1:]
+    assert [ln.split()[-1] for ln in lines] == ["0.1000", "0.2000", "0.3000", "0.4000", "0.5000", "0.6000"]
+    assert lines[1].strip().startswith("valid: repeat targets") and lines[4].strip().startswith("test: repeat targets")

@@ -36,7 +36,7 @@ def split_rows(name: str, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     rows = {name: m}
     for key, label in (("repeat_targets", "repeat targets"), ("new_targets", "new-item targets")):
         if isinstance(m.get(key), dict):
-            rows[f"  {label}"] = m[key]
+            rows[f"  {name.split()[0]}: {label}"] = m[key]  # keyed by split: valid's rows must not be test's
     return rows
 
 
