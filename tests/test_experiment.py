@@ -410,7 +410,10 @@ def test_a_run_made_with_other_settings_is_left_out_then_run_again(tmp_path, mon
     full = next(j for j in jobs if j.variant == "fuxi-mme (full)")
     assert started == [full.run_dir]  # the others are what the plan asks for: kept
     aside = full.run_dir.with_name("seed0.stale")
-    assert json.loads((aside / "config.json").read_text())["model"]["qk_dim"] == 48
+    from fuxi_mme.experiments.store import run_file
+
+    assert run_file(aside, "config.json")["model"]["qk_dim"] == 48  # kept (packed into the suite's runs.jsonl)
+    assert run_file(full.run_dir, "config.json")["model"]["qk_dim"] == 24 and not full.run_dir.exists()
     row = next(e for e in res["results"] if e["variant"] == "fuxi-mme (full)")
     assert row["test/NDCG@10"]["mean"] == pytest.approx(0.7) and res["stale"] == []
 
@@ -584,7 +587,8 @@ def test_packed_logs_keep_the_tables_and_the_curves(tmp_path):
     logs = _fake_runs(jobs[:1], 1.5)
     before = aggregate(suite, jobs, tmp_path, [], "c", now="t")
     assert before["results"][0]["train_seconds"] == {"mean": 3.0, "std": 0.0}
-    assert pack_logs(tmp_path / "ablation") == 2 and not list(tmp_path.rglob("*.jsonl")) and not list(tmp_path.rglob("*.log"))
+    assert pack_logs(tmp_path / "ablation") == 2 and not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("*.log"))
+    assert sorted(p.name for p in (tmp_path / "ablation").iterdir()) == ["logs.tar.xz", "runs.jsonl", "train_seconds.json"]  # no run folders left
     logs += _fake_runs(jobs[1:], 2.5)  # a later run, packed into the same archive
     assert pack_logs(tmp_path / "ablation") == 2
     with tarfile.open(tmp_path / "ablation" / "logs.tar.xz") as tar:
@@ -655,21 +659,26 @@ def test_packed_logs_come_back_byte_for_byte(tmp_path):
     copy = tmp_path / "copy" / "demo" / "b" / "seed0"
     assert log_text(copy) == log_text(tmp_path / "main" / "demo" / "a" / "seed0") == text
     assert log_text(plain) == '{"kind":"train"}\n' and len(read_records(copy)) == len(recs) + 1
-    assert (copy / "config.json").read_text() == '{"x":[1,2]}\n'
-    assert json.loads((copy / "metrics.json").read_text())["test"] == {"HR@10": 0.5}
-    (tmp_path / "main" / "demo" / "a" / "seed0" / "metrics.json").write_text('{"run_dir": "elsewhere"}')
+    from fuxi_mme.experiments.store import RUNS, run_file
+
+    assert not copy.exists() and run_file(copy, "config.json") == {"x": [1, 2]}  # stored in the suite's runs.jsonl
+    assert run_file(copy, "metrics.json")["test"] == {"HR@10": 0.5}
+    assert (tmp_path / "copy" / RUNS).read_text().splitlines()[0].startswith('{"run":"demo/b/seed0","config.json":{"x":[1,2]}')
+    source = tmp_path / "main" / "demo" / "a" / "seed0"
+    source.mkdir(parents=True)
+    (source / "metrics.json").write_text('{"run_dir": "elsewhere"}')  # a loose file wins over the stored copy
     assert log_text(copy) is None  # the source has been run again since: not its log any more
 
 
 def test_committed_results_aggregate_byte_for_byte_without_their_logs(tmp_path, monkeypatch):
-    """results/loss.json and .md come back byte for byte from the committed run files alone
+    """results/loss.json and .md come back byte for byte from the committed runs.jsonl alone
     (no per-epoch logs), with the commit and time they were stamped with."""
     import shutil
 
     repo = Path(__file__).parents[1] / "results"
     if not (repo / "loss.json").exists():
         pytest.skip("no committed results in this checkout")
-    shutil.copytree(repo / "loss", tmp_path / "results" / "loss", ignore=shutil.ignore_patterns("logs.tar.xz", "*.jsonl", "*.log"))
+    shutil.copytree(repo / "loss", tmp_path / "results" / "loss", ignore=shutil.ignore_patterns("logs.tar.xz", "metrics.jsonl", "*.log"))
     monkeypatch.chdir(tmp_path)  # the runs' metrics.json name their folders relative to the repository
     old = json.loads((repo / "loss.json").read_text())
     jobs = plan(SUITES["loss"], Path("results"), None, [], check_data=False)

@@ -7,7 +7,6 @@ Reads each run's ``metrics.json`` and ``run.json`` and its training seconds
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from ..utils.runinfo import atomic_write_json, atomic_write_text, git_commit
 from .logs import train_seconds
 from .plan import Job, stale_changes
+from .store import has_run_file, run_file
 from .suites import Suite
 from .tables import markdown
 
@@ -55,9 +55,8 @@ def _origins(done: list[Job]) -> dict[tuple[str, str], list[tuple[str, str]]]:
     """(dataset, variant) -> (commit, device) of each of its runs that has a ``run.json``."""
     origin: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for job in done:
-        rj = job.run_dir / "run.json"
-        if rj.exists():
-            info = json.loads(rj.read_text())
+        info = run_file(job.run_dir, "run.json")
+        if info is not None:
             dev = info.get("device", {})
             origin.setdefault((job.dataset, job.variant), []).append((run_commit(info), str(dev.get("gpu") or dev.get("device", "?"))))
     return origin
@@ -100,7 +99,7 @@ def _not_in_table(todo: list[Job], changes: dict[int, list[str]]) -> dict[str, l
             invalid[key] = job.invalid
         elif changes[id(job)]:
             stale.setdefault(key, changes[id(job)])
-        elif not (job.run_dir / "metrics.json").exists():
+        elif not has_run_file(job.run_dir, "metrics.json"):
             missing[key] = missing.get(key, 0) + 1
     return {
         "missing": [{"dataset": d, "variant": v, "runs": n} for (d, v), n in missing.items()],
@@ -119,10 +118,10 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str], comm
     (the first suite's files would otherwise make the tree look modified to the next); ``now``:
     the time to stamp (default: the current time)."""
     changes = {id(job): stale_changes(job) for job in todo}  # read each run's config once
-    done = [job for job in todo if (job.run_dir / "metrics.json").exists() and not changes[id(job)]]
+    done = [job for job in todo if has_run_file(job.run_dir, "metrics.json") and not changes[id(job)]]
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for job in done:
-        rows.setdefault((job.dataset, job.variant), []).append(json.loads((job.run_dir / "metrics.json").read_text()))
+        rows.setdefault((job.dataset, job.variant), []).append(run_file(job.run_dir, "metrics.json"))
     origin = _origins(done)
     every = [o for runs in origin.values() for o in runs]
     out = {

@@ -1,7 +1,7 @@
 """Per-epoch logs of a suite's runs, packed into one archive per suite folder.
 
-A finished run keeps ``config.json``, ``run.json`` and ``metrics.json`` as plain files. Its
-per-epoch files (``metrics.jsonl``, ``tensorboard/``) and the runner's ``seed<k>.log`` go into
+A finished run's ``config.json``, ``run.json`` and ``metrics.json`` go into the suite's
+``runs.jsonl`` (:mod:`.store`). Its per-epoch files (``metrics.jsonl``, ``tensorboard/``) and the runner's ``seed<k>.log`` go into
 ``<root>/<suite>/logs.tar.xz``, under their paths relative to the suite folder. The tables need
 one figure from those logs, a run's training seconds: :func:`pack_logs` keeps it in
 ``<root>/<suite>/train_seconds.json``, so aggregating never opens the archive.
@@ -16,7 +16,9 @@ Stored compactly, with nothing lost:
 * a run copied from another suite (its ``metrics.json`` names the other run's folder as
   ``run_dir`` and equals that run's) keeps no log of its own when it is the same as that run's:
   :func:`log_text` reads the other run's;
-* packing rewrites each run's ``config.json``, ``run.json`` and ``metrics.json`` as one-line JSON.
+* packing also moves each run's ``config.json``, ``run.json`` and ``metrics.json`` into the
+  suite's ``runs.jsonl`` (:func:`.store.pack_runs`), so a packed suite is a few files, not a
+  folder per run.
 """
 
 from __future__ import annotations
@@ -34,17 +36,16 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.runinfo import atomic_write_json, atomic_write_text
+from ..utils.runinfo import atomic_write_json
+from .store import RUN_DEPTH, has_run_file, pack_runs, run_file
 
 log = logging.getLogger(__name__)
 
 ARCHIVE = "logs.tar.xz"
 TRAIN_SECONDS = "train_seconds.json"
-RUN_DEPTH = 3  # <suite>/<dataset>/<variant>/seed<k>
 LOG = "metrics.jsonl"
 COLUMNS = "metrics.columns.json"
 COLUMNS_FORMAT = "fuxi-mme/metrics-columns/1"
-RUN_FILES = ("config.json", "run.json", "metrics.json")
 GIB = 2**30
 
 
@@ -105,17 +106,16 @@ def _member_text(archive: Path, run: str) -> str | None:
 def _source(run_dir: Path, warn: bool = False) -> Path | None:
     """The run a copied run was copied from: the folder its ``metrics.json`` names as ``run_dir``,
     under the same results root, when that is another folder whose ``metrics.json`` is the same."""
-    f = run_dir / "metrics.json"
-    if len(run_dir.parents) < RUN_DEPTH + 1 or not f.is_file():
+    mine = run_file(run_dir, "metrics.json") if len(run_dir.parents) >= RUN_DEPTH + 1 else None
+    if mine is None:
         return None
-    mine = json.loads(f.read_text())
     recorded = mine.get("run_dir") if isinstance(mine, dict) else None
     if not recorded or len(Path(recorded).parts) < RUN_DEPTH + 1:
         return None
     src = _suite_dir(run_dir).parent.joinpath(*Path(recorded).parts[-(RUN_DEPTH + 1) :])
-    if src == run_dir or not (src / "metrics.json").is_file():
+    if src == run_dir or not has_run_file(src, "metrics.json"):
         return None
-    if json.loads((src / "metrics.json").read_text()) != mine:
+    if run_file(src, "metrics.json") != mine:
         if warn:
             log.warning("%s was copied from %s, whose metrics.json has changed since; its per-epoch log is not read from there", run_dir, src)
         return None
@@ -371,40 +371,27 @@ def _write_archive(archive: Path, members: dict[str, bytes]) -> None:
     tmp.replace(archive)
 
 
-def compact_run_files(suite_dir: Path) -> int:
-    """Rewrite each run's ``config.json``, ``run.json`` and ``metrics.json`` under a suite folder
-    as one line of JSON (the same values); returns the number of files rewritten."""
-    n = 0
-    for f in sorted(p for name in RUN_FILES for p in suite_dir.glob(f"*/*/*/{name}")):
-        text = f.read_text()
-        compact = json.dumps(json.loads(text), separators=(",", ":")) + "\n"
-        if compact != text:
-            atomic_write_text(f, compact)
-            n += 1
-    return n
-
-
 def pack_logs(suite_dir: Path, repack: bool = False) -> int:
     """Move a suite folder's loose per-epoch files into its ``logs.tar.xz`` (merged with what it
     holds; a loose file replaces its archived copy; stored as in the module notes), record each
-    run's training seconds in ``train_seconds.json`` and write the runs' JSON files compactly.
-    The loose files are deleted only after both are written. ``repack``: rewrite the archive
-    even when there is nothing loose. Returns the number of files moved."""
+    run's training seconds in ``train_seconds.json``, then move the runs' JSON files into its
+    ``runs.jsonl`` (:func:`.store.pack_runs`). The loose files are deleted only after what holds
+    them is written. ``repack``: rewrite the archive even when there is nothing loose. Returns
+    the number of per-epoch files moved."""
     loose = loose_logs(suite_dir)
     archive = suite_dir / ARCHIVE
-    if not loose and not (repack and archive.is_file()):
-        return 0
-    members = _archived(archive)
-    members.update({p.relative_to(suite_dir).as_posix(): p.read_bytes() for p in loose})
-    seconds = json.loads((suite_dir / TRAIN_SECONDS).read_text()) if (suite_dir / TRAIN_SECONDS).exists() else {}
-    for name, data in members.items():
-        if name.endswith(f"/{LOG}"):
-            seconds[name[: -len(LOG) - 1]] = sum_train_seconds(parse_records(data.decode(), f"{archive}:{name}"))
-    _write_archive(archive, _stored(suite_dir, members))
-    atomic_write_json(suite_dir / TRAIN_SECONDS, dict(sorted(seconds.items())))
-    for p in loose:
-        p.unlink()
-    for tb in {p for p in suite_dir.glob("*/*/*/tensorboard") if p.is_dir()}:
-        shutil.rmtree(tb)
-    compact_run_files(suite_dir)
+    if loose or (repack and archive.is_file()):
+        members = _archived(archive)
+        members.update({p.relative_to(suite_dir).as_posix(): p.read_bytes() for p in loose})
+        seconds = json.loads((suite_dir / TRAIN_SECONDS).read_text()) if (suite_dir / TRAIN_SECONDS).exists() else {}
+        for name, data in members.items():
+            if name.endswith(f"/{LOG}"):
+                seconds[name[: -len(LOG) - 1]] = sum_train_seconds(parse_records(data.decode(), f"{archive}:{name}"))
+        _write_archive(archive, _stored(suite_dir, members))
+        atomic_write_json(suite_dir / TRAIN_SECONDS, dict(sorted(seconds.items())))
+        for p in loose:
+            p.unlink()
+        for tb in {p for p in suite_dir.glob("*/*/*/tensorboard") if p.is_dir()}:
+            shutil.rmtree(tb)
+    pack_runs(suite_dir)
     return len(loose)

@@ -12,7 +12,6 @@ multiplier) and ``{qk_d<w>}`` (the head width at embedding width ``w``: w / head
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, apply_overrides, validate
 from ..presets import build_preset, preset_name
+from .store import has_run_file, run_file
 from .suites import Suite, Variant
 
 # Where each dataset's files are, under the data root (plus the official archives' folder names
@@ -102,15 +102,15 @@ def config_changes(planned: dict[str, Any], saved: dict[str, Any]) -> list[str]:
 
 def stale_changes(job: Job) -> list[str]:
     """How a finished run's settings differ from the plan (empty: not finished, or as planned)."""
-    f = job.run_dir / "config.json"
-    if job.planned is None or not (job.run_dir / "metrics.json").exists() or not f.exists():
+    saved = run_file(job.run_dir, "config.json")
+    if job.planned is None or saved is None or not has_run_file(job.run_dir, "metrics.json"):
         return []
-    return config_changes(job.planned, json.loads(f.read_text()))
+    return config_changes(job.planned, saved)
 
 
 def is_done(job: Job) -> bool:
     """A finished run trained with the settings the plan asks for."""
-    return (job.run_dir / "metrics.json").exists() and not stale_changes(job)
+    return has_run_file(job.run_dir, "metrics.json") and not stale_changes(job)
 
 
 def planned_config(preset: str, sets: list[str]) -> tuple[Config | None, str | None]:

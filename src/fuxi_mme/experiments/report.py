@@ -18,13 +18,13 @@ written and the command says so.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from ..utils.runinfo import atomic_write_text
 from .logs import read_records
+from .store import run_file
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,11 @@ class ReportError(ValueError):
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     """A run folder's config, run info, final metrics (None when unfinished) and per-epoch records."""
     p = Path(run_dir)
-    if not (p / "config.json").is_file():
+    cfg = run_file(p, "config.json")  # loose, or stored in its suite's runs.jsonl (experiments/store.py)
+    if cfg is None:
         raise ReportError(f"{p} is not a run directory (no config.json); pass folders written by `fuxi-mme train`")
-    cfg = json.loads((p / "config.json").read_text())
-    info = json.loads((p / "run.json").read_text()) if (p / "run.json").is_file() else {}
-    final = json.loads((p / "metrics.json").read_text()) if (p / "metrics.json").is_file() else None
+    info = run_file(p, "run.json") or {}
+    final = run_file(p, "metrics.json")
     return {"dir": str(p), "name": p.name, "config": cfg, "info": info, "final": final, "records": read_records(p)}
 
 

@@ -19,6 +19,7 @@ from .aggregate import aggregate
 from .logs import pack_logs
 from .page import write_docs
 from .plan import GpuSlots, Job, is_done, job_cost, plan, stale_changes, visible_gpus
+from .store import has_run_file, unpack_run
 from .suites import Suite
 
 
@@ -27,9 +28,10 @@ def run_job(job: Job, env: dict[str, str]) -> tuple[Job, int, float]:
     job, its exit status and its wall seconds. A run finished with other settings than planned
     is moved aside to ``seed<k>.stale`` first; an interrupted one is started again cleanly."""
     changes = stale_changes(job)
-    if (job.run_dir / "metrics.json").exists() and not changes:  # finished as planned
+    if has_run_file(job.run_dir, "metrics.json") and not changes:  # finished as planned
         return job, 0, 0.0
     if changes:  # finished with other settings: keep it beside the new run until the next one
+        unpack_run(job.run_dir)  # a packed run's files back into its folder first
         aside = job.run_dir.with_name(job.run_dir.name + ".stale")
         if aside.exists():
             shutil.rmtree(aside)
