@@ -92,14 +92,14 @@ def main() -> None:
     model = build_model(cfg.model, ds.num_items, cfg.data.max_len).to(dev).eval()
     scorer = model_scorer(model)
     bs = cfg.eval.batch_size
-    evaluate_ranks(scorer, arrs, ds, True, bs, dev, rows=np.arange(min(bs, len(arrs))))  # warm-up
+    evaluate_ranks(scorer, arrs, ds, "mask", bs, dev, rows=np.arange(min(bs, len(arrs))))  # warm-up
 
     def user_order() -> np.ndarray:
         return np.concatenate(
-            [evaluate_ranks(scorer, arrs, ds, True, bs, dev, rows=np.arange(s, min(s + bs, len(arrs)))) for s in range(0, len(arrs), bs)]
+            [evaluate_ranks(scorer, arrs, ds, "mask", bs, dev, rows=np.arange(s, min(s + bs, len(arrs)))) for s in range(0, len(arrs), bs)]
         )
 
-    sorted_s, ranks = timed(lambda: evaluate_ranks(scorer, arrs, ds, True, bs, dev))
+    sorted_s, ranks = timed(lambda: evaluate_ranks(scorer, arrs, ds, "mask", bs, dev))
     user_s, ranks_user = timed(user_order)
     info = run_info(dev)
     record = {

@@ -223,10 +223,10 @@ def bench_train(cfg, ds, dev, steps: int, warmup: int, epoch: bool = False) -> d
     ev = eval_arrays(ds, "paper", "test", cfg.data.max_len)
     model.eval()
     scorer = model_scorer(model, tr.amp_dtype)
-    evaluate_ranks(scorer, ev, ds, True, 2048, dev, rows=np.arange(min(2048, len(ev))))  # warm-up
+    evaluate_ranks(scorer, ev, ds, "mask", 2048, dev, rows=np.arange(min(2048, len(ev))))  # warm-up
     sync(dev)
     t0 = time.perf_counter()
-    evaluate_ranks(scorer, ev, ds, True, 2048, dev)
+    evaluate_ranks(scorer, ev, ds, "mask", 2048, dev)
     sync(dev)
     dt = time.perf_counter() - t0
     out.update(eval_users=len(ev), eval_s=dt, eval_users_per_s=len(ev) / dt)

@@ -153,14 +153,12 @@ def evaluate_ranks(
     scorer: Scorer,
     arrs: EvalArrays,
     ds: PreparedDataset,
-    history: str | bool = "mask",
+    history: str = "mask",
     batch_size: int = 1024,
     device: torch.device | str = "cpu",
     rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The ranks of :func:`rank_split` (``history`` True/False read as mask/keep)."""
-    if isinstance(history, bool):
-        history = "mask" if history else "keep"
+    """The ranks of :func:`rank_split` alone."""
     return rank_split(scorer, arrs, ds, history, batch_size, device, rows).ranks
 
 

@@ -167,7 +167,7 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.train.seed * 100003 + epoch)
         return torch.randperm(len(self.train_arrs), generator=g).numpy()
 
-    def _batches(self, rows: np.ndarray):
+    def _batches(self, rows: np.ndarray, chunks: int | None = None):
         """This rank's batches of the global batch ``rows`` (one, or its length chunks) and the
         loss normaliser. The negatives are drawn for the whole padded global batch (the same
         draws whatever the number of ranks or chunks) and picked at the target positions."""
@@ -176,10 +176,11 @@ class Trainer:
         n = int(lengths.max())
         negs = self.sampler.draw(len(rows), n)
         count = float(np.count_nonzero(arrs.targets[rows, :n]))
-        if self.length_chunks > 1 and len(rows) >= 2 * self.length_chunks and not w.enabled:
+        chunks = self.length_chunks if chunks is None else chunks
+        if chunks > 1 and len(rows) >= 2 * chunks and not w.enabled:
             # each chunk padded only to its own longest row; nothing in a model mixes rows, so
             # every row's outputs are the full-width batch's (about a third of an ML-1M batch is padding)
-            parts = length_sorted_chunks(lengths, self.length_chunks)
+            parts = length_sorted_chunks(lengths, chunks)
             return [make_batch(arrs, rows[i], dev, width=int(lengths[i].max()), negatives=negs[torch.from_numpy(i).to(dev)]) for i in parts], count
         if not w.enabled:
             return [make_batch(arrs, rows, dev, width=n, negatives=negs)], count
@@ -189,11 +190,7 @@ class Trainer:
     def loss_for_rows(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Loss (and aux loss) of the global batch ``rows`` in one eager forward pass (no length
         chunks, no backward): what tests and benchmarks time and compare."""
-        chunks, self.length_chunks = self.length_chunks, 1
-        try:
-            (batch,), normalizer = self._batches(rows)
-        finally:
-            self.length_chunks = chunks
+        (batch,), normalizer = self._batches(rows, chunks=1)
         loss = batch_loss(self.forward_module, batch, normalizer, self.settings)
         return loss, self.model.aux_loss()
 
