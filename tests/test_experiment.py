@@ -395,6 +395,10 @@ def test_a_run_made_with_other_settings_is_left_out_then_run_again(tmp_path, mon
     assert {e["variant"] for e in res["results"]} == set(suite.variants) - {"fuxi-mme (full)"}
     assert res["stale"] == [{"dataset": "demo", "variant": "fuxi-mme (full)", "changes": ["model.qk_dim: 48 -> 24", "model.v_dim: 48 -> 24"]}]
     assert "Left out, trained with settings the suite no longer asks for" in (tmp_path / "ablation.md").read_text()
+    from fuxi_mme.experiments.logs import pack_logs
+
+    pack_logs(tmp_path / "ablation")  # as committed: the runs stored in runs.jsonl, no run folders
+    assert not any(j.run_dir.exists() for j in jobs)
 
     started = []
 
