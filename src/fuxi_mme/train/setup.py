@@ -63,6 +63,7 @@ class MetricsLog:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
+            self.tb.flush()  # a record per epoch: on disk at once, the final test record too
 
 
 def length_chunks(cfg: Config, device: torch.device, distributed: bool) -> int:
