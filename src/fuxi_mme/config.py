@@ -99,6 +99,18 @@ class ModelConfig:
     shared_positions: bool = False  # one positional table for all streams
     combine: str = "concat"  # "concat" (cosine of concatenated streams) or "mean" (mean of per-stream cosines)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # State space (the `ssm` model and model.mixer; docs/models.md#state-space-encoder)
+    # FuXi-alpha / Fuxi-MME blocks: "attention" (the published block), "ssm" (state-space
+    # blocks instead of FuXi blocks), "hybrid" (a state-space block after every FuXi block)
+    mixer: str = "attention"
+    ssm_state: int = 16  # state size per inner channel
+    ssm_conv: int = 4  # width of the causal depthwise convolution
+    ssm_expand: int = 2  # inner width = ssm_expand * width
+    ssm_dt_rank: int = 0  # rank of the step-size projection; 0: ceil(width / 16)
+    # "auto" (mamba-ssm's CUDA kernel when installed and on a GPU, else chunked), "reference"
+    # (sequential), "chunked" (parallel scan in PyTorch), "kernel" (mamba-ssm, required)
+    ssm_scan: str = "auto"
+    ssm_chunk: int = 64  # positions per chunk of the chunked scan (a power of two)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from .common import SequenceModel
 from .fuxi_alpha import FuxiAlpha
 from .fuxi_mme import FuxiMME
 from .hstu import HSTU
+from .ssm import SSMRec
 from .transformer import Llama, SASRec
 
 MODELS: dict[str, Callable[[ModelConfig, int, int], SequenceModel]] = {
@@ -17,6 +18,7 @@ MODELS: dict[str, Callable[[ModelConfig, int, int], SequenceModel]] = {
     "hstu": HSTU,
     "sasrec": SASRec,
     "llama": Llama,
+    "ssm": SSMRec,
 }
 # Non-neural baselines evaluated by the same harness (see fuxi_mme.eval.popularity).
 NON_NEURAL = ("popularity",)

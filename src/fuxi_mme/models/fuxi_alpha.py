@@ -4,6 +4,8 @@ Legend: B batch, N positions, D width, H heads, Dq / Dv per-head widths.
 
 The block optionally swaps one of its projections for a Mixture-of-Experts layer, which is how
 Fuxi-MME reuses it (:mod:`fuxi_mme.models.fuxi_mme`); with ``moe=None`` it is plain FuXi-alpha.
+``model.mixer`` replaces the FuXi blocks by state-space blocks (``ssm``) or puts one after each
+(``hybrid``; docs/models.md#state-space-encoder); ``attention`` builds exactly the published model.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, MoEConfig
+from ..config import ConfigError, ModelConfig, MoEConfig
 from .attention import select_attention, semantic_norm
 from .common import Dropout, ItemInput, SequenceModel, SwiGLU, TemporalBuckets, l2_normalize, rms_norm, sequence_lengths
 from .moe import MoE
+from .ssm import SSMBlock, check_ssm_config
 
 
 def _make_moe(moe: MoEConfig | None, dim: int, out_dim: int, kind: str, hidden: int | None, bias: bool, num_streams: int) -> MoE:
@@ -142,6 +145,46 @@ class FuxiBlock(nn.Module):
         return (self.ffn_moe(z, valid, stream) if self.ffn is None else self.ffn(z)) + o
 
 
+def decoder(cfg: ModelConfig, width: int, max_len: int, moe: MoEConfig | None = None, num_streams: int = 1) -> tuple[nn.ModuleList, nn.ModuleList | None]:
+    """One stack of ``model.num_layers`` blocks under ``model.mixer``, and the state-space blocks
+    that follow each of them (``hybrid``; else None). Under ``ssm`` an MoE replaces the blocks'
+    SwiGLU (placement ffn); under ``hybrid`` the FuXi blocks carry it and the SSM blocks do not."""
+    check_ssm_config(cfg)
+    L = cfg.num_layers
+    if cfg.mixer == "ssm":
+        if moe is not None and moe.placement != "ffn":
+            raise ConfigError(f"model.moe.placement={moe.placement!r} needs attention blocks; use ffn with model.mixer=ssm")
+        hidden = int(round(cfg.ffn_multiply * width))
+        make = (lambda: _make_moe(moe, width, width, "swiglu", hidden, False, num_streams)) if moe is not None else (lambda: None)
+        return nn.ModuleList(SSMBlock(cfg, width, max_len, make()) for _ in range(L)), None
+    blocks = nn.ModuleList(FuxiBlock.from_config(cfg, width, max_len, moe, num_streams) for _ in range(L))
+    ssm = nn.ModuleList(SSMBlock(cfg, width, max_len) for _ in range(L)) if cfg.mixer == "hybrid" else None
+    return blocks, ssm
+
+
+def run_decoder(
+    blocks: nn.ModuleList,
+    ssm_blocks: nn.ModuleList | None,
+    x: torch.Tensor,
+    buckets: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    stream: torch.Tensor | None = None,
+    groups: int = 1,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x (B, N, D) through one stack from :func:`decoder` (arguments as :meth:`FuxiBlock.forward`)."""
+    for i, blk in enumerate(blocks):
+        if isinstance(blk, SSMBlock):
+            assert valid is not None
+            x = blk(x, valid, stream)
+        else:
+            x = blk(x, buckets, valid, stream, groups=groups, lengths=lengths)
+        if ssm_blocks is not None:
+            assert valid is not None
+            x = ssm_blocks[i](x, valid, stream)
+    return x
+
+
 class FuxiAlpha(SequenceModel):
     """Item input layer -> L FuXi blocks -> L2-normalised user vectors (no final norm)."""
 
@@ -150,14 +193,18 @@ class FuxiAlpha(SequenceModel):
         self.max_len = max_len
         self.temporal = TemporalBuckets(cfg)
         self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout)
-        self.blocks = nn.ModuleList(FuxiBlock.from_config(cfg, cfg.dim, max_len) for _ in range(cfg.num_layers))
+        self.mixer = cfg.mixer
+        blocks, ssm_blocks = decoder(cfg, cfg.dim, max_len)
+        self.blocks = blocks
+        if ssm_blocks is not None:  # under attention no key is added: checkpoints are unchanged
+            self.ssm_blocks = ssm_blocks
 
     def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor) -> torch.Tensor:
         x = self.input(ids)
-        buckets = self.temporal(ts, query_ts)
+        buckets = self.temporal(ts, query_ts) if self.mixer != "ssm" else None
         lengths = sequence_lengths(ids)
-        for blk in self.blocks:
-            x = blk(x, buckets, lengths=lengths)
+        valid = ids != 0 if self.mixer != "attention" else None
+        x = run_decoder(self.blocks, getattr(self, "ssm_blocks", None), x, buckets, valid, lengths=lengths)
         return l2_normalize(x)
 
     def item_vectors(self) -> torch.Tensor:

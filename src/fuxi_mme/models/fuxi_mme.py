@@ -14,7 +14,8 @@ projection. Streams are combined for scoring by:
   user side scaled by 1/M, so a plain dot product still gives the score).
 
 With M = 1 and MoE off the parameters map one-to-one onto :class:`FuxiAlpha` and the outputs
-are identical (tested).
+are identical (tested). ``model.mixer`` swaps or interleaves state-space blocks as in FuXi-alpha
+(docs/models.md#state-space-encoder).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from torch import nn
 
 from ..config import ModelConfig
 from .common import Dropout, SequenceModel, TemporalBuckets, l2_normalize, sequence_lengths
-from .fuxi_alpha import FuxiBlock
+from .fuxi_alpha import FuxiBlock, decoder, run_decoder
 from .moe import moe_compile_options, one_batch_of_routing, release_aux_graphs
+from .ssm import SSMBlock
 
 
 def _embeddings(modules: nn.ModuleList) -> list[nn.Embedding]:
@@ -54,18 +56,23 @@ class FuxiMME(SequenceModel):
         moe = cfg.moe if cfg.moe.num_experts > 0 else None
         self.moe_cfg, self.dropout_p = moe, cfg.dropout
 
-        def stack() -> nn.ModuleList:
-            return nn.ModuleList(FuxiBlock.from_config(cfg, self.D, max_len, moe, M) for _ in range(cfg.num_layers))
-
+        self.mixer = cfg.mixer
+        # model.mixer (docs/models.md#state-space-encoder): the state-space blocks of `hybrid` sit
+        # in their own lists, so under `attention` the keys are those of the published model
         if self.shared_decoder:
-            self.blocks = stack()
+            self.blocks, ssm = decoder(cfg, self.D, max_len, moe, M)
+            if ssm is not None:
+                self.ssm_blocks = ssm
         else:
-            self.stream_blocks = nn.ModuleList(stack() for _ in range(M))
+            stacks = [decoder(cfg, self.D, max_len, moe, M) for _ in range(M)]
+            self.stream_blocks = nn.ModuleList(b for b, _ in stacks)
+            if cfg.mixer == "hybrid":
+                self.stream_ssm_blocks = nn.ModuleList(s for _, s in stacks)
 
     # ---------------------------------------------------------------- helpers
     def _moe_layers(self):
         stacks = [self.blocks] if self.shared_decoder else [cast(nn.ModuleList, s) for s in self.stream_blocks]
-        return [m for s in stacks for blk in s for m in cast(FuxiBlock, blk).moe_layers()]
+        return [m for s in stacks for blk in s for m in cast(FuxiBlock | SSMBlock, blk).moe_layers()]
 
     def _input(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, N) -> (B, M, N, D)."""
@@ -93,22 +100,22 @@ class FuxiMME(SequenceModel):
         x = self._input(ids)  # (B, M, N, D)
         valid = ids != 0
         lengths = sequence_lengths(ids)
-        buckets = self.temporal(ts, query_ts)  # (B, N, N), shared by every stream and block
+        # (B, N, N), shared by every stream and block
+        buckets = self.temporal(ts, query_ts) if self.mixer != "ssm" else None
         if self.shared_decoder:
             x = x.reshape(B * M, N, self.D)  # row b * M + m: stream m of sequence b
             valid_f = valid.repeat_interleave(M, 0)
             stream = torch.arange(M, device=ids.device).repeat(B)[:, None].expand(B * M, N)
-            for blk in self.blocks:
-                x = blk(x, buckets, valid_f, stream, groups=M, lengths=lengths)  # the M streams share one bucket map
+            # the M streams share one bucket map
+            x = run_decoder(self.blocks, getattr(self, "ssm_blocks", None), x, buckets, valid_f, stream, groups=M, lengths=lengths)
             x = x.view(B, M, N, self.D)
         else:
             outs = []
+            ssm_stacks = getattr(self, "stream_ssm_blocks", None)
             for m, blocks in enumerate(self.stream_blocks):
-                xm = x[:, m]
                 stream = torch.full_like(ids, m)
-                for blk in cast(nn.ModuleList, blocks):
-                    xm = blk(xm, buckets, valid, stream, lengths=lengths)
-                outs.append(xm)
+                ssm = cast(nn.ModuleList, ssm_stacks[m]) if ssm_stacks is not None else None
+                outs.append(run_decoder(cast(nn.ModuleList, blocks), ssm, x[:, m], buckets, valid, stream, lengths=lengths))
             x = torch.stack(outs, dim=1)
         return self._combine(x.transpose(1, 2), user=True)  # (B, N, M*D)
 
