@@ -27,7 +27,9 @@ def metrics_table(rows: dict[str, dict[str, Any]], title: str = "") -> str:
     lines.append("  ".join(["split".ljust(first)] + [c.rjust(w) for c, w in zip(cols, widths)]))
     for name, m in rows.items():
         lines.append("  ".join([name.ljust(first)] + [_fmt(m.get(c, "")).rjust(w) for c, w in zip(cols, widths)]))
-    return "\n".join(lines)
+    from .eval.beyond import beyond_block  # the compact second block: coverage, Gini, novelty, ILD, ...
+
+    return "\n".join(lines) + beyond_block(rows)
 
 
 def split_rows(name: str, m: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -162,6 +162,9 @@ class EvalConfig:
     batch_size: int = 1024
     # Report the per-epoch test curve under `paper` (labelled; never used for selection).
     log_test_curve: bool = False
+    # beyond-accuracy metrics (coverage, Gini, entropy, novelty, popularity, long tail, ILD) of
+    # the same top-K lists at every evaluation (docs/training.md#beyond-accuracy-metrics)
+    beyond: bool = True
 
 
 @dataclass

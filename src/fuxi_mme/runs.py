@@ -121,7 +121,18 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "au
     amp = autocast_dtype(cfg.train.amp)  # the precision of the run's own evaluations
     scorer = popularity_scorer(ds, cfg.data.protocol, dev) if model is None else model_scorer(model, amp)
     history, why = resolve_history(cfg.eval.history, ds, cfg.data.protocol)
-    m = evaluate_split(scorer, arrs, ds, split=split, history=history, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, device=dev)
+    m = evaluate_split(
+        scorer,
+        arrs,
+        ds,
+        split=split,
+        history=history,
+        ks=cfg.eval.ks,
+        batch_size=cfg.eval.batch_size,
+        device=dev,
+        protocol=cfg.data.protocol,
+        beyond=cfg.eval.beyond,
+    )
     return {
         "protocol": cfg.data.protocol,
         "split": split,

@@ -17,6 +17,7 @@ from ..data.prepared import PreparedDataset, flat_ranges
 from ..data.repeats import repeat_flags, repeat_summary
 from ..data.splits import EvalArrays, split_points
 from ..models.common import SequenceModel
+from .beyond import BeyondAccumulator, beyond_metrics, popularity_cached
 from .metrics import metrics_from_ranks, ranks_from_scores
 
 Scorer = Callable[[Batch], torch.Tensor]  # batch -> (B, I+1) scores
@@ -102,6 +103,7 @@ class SplitRanks:
     ranks: np.ndarray  # (U,) 1-based rank; a masked or non-finite target gets num_items + 1
     masked_target: np.ndarray  # (U,) bool: eval.history=mask removed the (repeated) target
     nonfinite: np.ndarray  # (U,) bool: the target's score was NaN or infinite
+    ild: np.ndarray | None = None  # (batches, C, 2) per-batch diversity sums (eval/beyond.py), in batch order
 
 
 @torch.no_grad()
@@ -113,6 +115,7 @@ def rank_split(
     batch_size: int = 1024,
     device: torch.device | str = "cpu",
     rows: np.ndarray | None = None,
+    beyond: BeyondAccumulator | None = None,
 ) -> SplitRanks:
     """Rank each target among all items (padding never a candidate), in the order of ``rows``
     (default: every row).
@@ -122,13 +125,15 @@ def rank_split(
     is removed); what is masked is read from the history alone, never from the target. A NaN
     candidate counts as outranking the target; a target whose own score is not finite gets the
     worst rank and is flagged. Batches take the rows shortest first, so each is padded only to
-    its own longest sequence; a scorer sees the batch's row indices in ``batch.rows``."""
+    its own longest sequence; a scorer sees the batch's row indices in ``batch.rows``.
+    ``beyond`` counts each batch's masked top-K lists (beyond-accuracy metrics)."""
     if history not in ("mask", "keep"):
         raise ValueError(f"history={history!r}: resolve eval.history first (mask or keep)")
     rows_all = np.arange(len(arrs)) if rows is None else np.asarray(rows)
     order = np.argsort(arrs.lengths[rows_all], kind="stable")
     out = SplitRanks(np.zeros(len(rows_all), np.int64), np.zeros(len(rows_all), bool), np.zeros(len(rows_all), bool))
     worst = ds.num_items + 1
+    ild = []
     for s in range(0, len(order), batch_size):
         at = order[s : s + batch_size]
         rows_b = rows_all[at]
@@ -141,11 +146,15 @@ def rank_split(
             r, it = history_pairs(arrs, rows_b, ds)
             scores[torch.from_numpy(r).to(scores.device), torch.from_numpy(it).to(scores.device)] = -torch.inf
         masked = torch.isneginf(scores.gather(1, tgt[:, None])[:, 0]) & ~bad
+        if beyond is not None and (part := beyond.add(scores)) is not None:
+            ild.append(part)
         ranks = ranks_from_scores(scores, tgt)
         ranks = torch.where(masked | bad, torch.full_like(ranks, worst), ranks)
         out.ranks[at] = ranks.cpu().numpy()
         out.masked_target[at] = masked.cpu().numpy()
         out.nonfinite[at] = bad.cpu().numpy()
+    if ild:
+        out.ild = torch.stack(ild).cpu().numpy()
     return out
 
 
@@ -178,30 +187,44 @@ def evaluate_split(
     rank: int = 0,
     world: int = 1,
     gather: Gather | None = None,
+    protocol: str | None = None,
+    beyond: bool = True,
 ) -> dict[str, Any]:
     """Metrics of one split: HR/NDCG@K and MRR over its users, ``users``, and where the split
     has targets that repeat an item of the user's history, the same metrics on those targets
     and on new-item targets (``repeat_targets`` / ``new_targets``; split after scoring, so it
     never influences a rank) and, under ``mask``, how many repeat targets were masked.
 
+    With ``beyond``, ``beyond`` holds the beyond-accuracy metrics of the same top-K lists
+    (:mod:`fuxi_mme.eval.beyond`), popularity read from the training part of ``protocol``
+    (without one: each evaluated user's events before its target).
+
     Training-time validation, ``evaluate``, the popularity baseline, experiments and
     distributed evaluation all come here. With ``world`` > 1, rank r scores the length-sorted
     batches b with b % world == r (the batches one process makes) and ``gather`` collects them,
-    so the ranks equal one process's. Raises :class:`NonFiniteScores` naming the split when any
+    so the ranks equal one process's (item counts are summed over ranks, diversity sums taken
+    in batch order: the beyond-accuracy metrics equal one process's too). Raises :class:`NonFiniteScores` naming the split when any
     target's score is NaN or infinite."""
+    acc, ild_note = _accumulator(ds, ks, device) if beyond else (None, "")
     if world > 1:
         by_length = np.argsort(arrs.lengths, kind="stable")
         starts = range(rank * batch_size, len(arrs), world * batch_size)
-        mine = {s: rank_split(scorer, arrs, ds, history, batch_size, device, by_length[s : s + batch_size]) for s in starts}
+        mine = {s: rank_split(scorer, arrs, ds, history, batch_size, device, by_length[s : s + batch_size], acc) for s in starts}
         parts: dict[int, SplitRanks] = {}
-        for got in gather(mine) if gather is not None else [mine]:
+        counts = []
+        for got, got_counts in gather((mine, acc and acc.counts())) if gather is not None else [(mine, acc and acc.counts())]:
             parts.update(got)
+            counts.append(got_counts)
         res = SplitRanks(np.zeros(len(arrs), np.int64), np.zeros(len(arrs), bool), np.zeros(len(arrs), bool))
         if parts:
             for field in ("ranks", "masked_target", "nonfinite"):
                 getattr(res, field)[by_length] = np.concatenate([getattr(parts[s], field) for s in sorted(parts)])
+            ilds = [parts[s].ild for s in sorted(parts) if parts[s].ild is not None]
+            res.ild = np.concatenate(ilds) if ilds else None
+        total = np.sum(counts, axis=0) if acc is not None else None
     else:
-        res = rank_split(scorer, arrs, ds, history, batch_size, device)
+        res = rank_split(scorer, arrs, ds, history, batch_size, device, beyond=acc)
+        total = acc.counts() if acc is not None else None
     if res.nonfinite.any():
         raise NonFiniteScores(
             f"{split}: {int(res.nonfinite.sum()):,} of {len(res.ranks):,} users' targets have a NaN or infinite score; "
@@ -216,4 +239,17 @@ def evaluate_split(
             m["repeat_targets"]["masked"] = int(res.masked_target.sum())
         if not repeat.all():
             m["new_targets"] = {"users": int((~repeat).sum()), **metrics_from_ranks(res.ranks[~repeat], ks)}
+    if acc is not None and total is not None:
+        pop = popularity_cached(ds, protocol, arrs.hist_end, arrs.users)
+        ild = res.ild.sum(0) if res.ild is not None else None
+        m["beyond"] = beyond_metrics(total, acc.ks, pop, ild, ild_note)
     return m
+
+
+def _accumulator(ds: PreparedDataset, ks: tuple[int, ...], device: torch.device | str) -> tuple[BeyondAccumulator, str]:
+    """The beyond-accuracy counters for ``ds`` on ``device``, and why ILD is skipped (no item features)."""
+    from ..data.features import item_features
+
+    feats, why = item_features(ds)
+    acc = BeyondAccumulator(ks, ds.num_items, feats.matrix if feats is not None else None, device)
+    return acc, (f"ILD skipped: {why}" if feats is None else "")

@@ -309,6 +309,8 @@ class Trainer:
             rank=w.rank,
             world=w.world,
             gather=gather,
+            protocol=self.cfg.data.protocol,
+            beyond=e.beyond,
         )
 
     # ------------------------------------------------------------------ checkpoints

@@ -117,7 +117,18 @@ def _popularity(cfg: Config, ds: PreparedDataset, device: torch.device, run_dir:
     }
     for split in ["valid", "test"] if cfg.data.protocol == "loo-val" else ["test"]:
         arrs = eval_arrays(ds, cfg.data.protocol, split, cfg.data.max_len)
-        m = evaluate_split(scorer, arrs, ds, split=split, history=history, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, device=device)
+        m = evaluate_split(
+            scorer,
+            arrs,
+            ds,
+            split=split,
+            history=history,
+            ks=cfg.eval.ks,
+            batch_size=cfg.eval.batch_size,
+            device=device,
+            protocol=cfg.data.protocol,
+            beyond=cfg.eval.beyond,
+        )
         out["test" if split == "test" else "valid_best"] = m
     if write:
         Run(run_dir).write_metrics(out)
