@@ -325,3 +325,53 @@ def test_batch_size_changes_no_metric():
             assert a[key] == pytest.approx(b[key], rel=1e-9)
         else:  # everything else comes from integer counts
             assert a[key] == b[key], key
+
+
+# ------------------------------------------------------------------ aggregates, results page, report
+
+
+def _runs(tmp_path, covs):
+    out = []
+    for i, c in enumerate(covs):
+        test = {"NDCG@10": 0.1 + i / 100, "HR@10": 0.2, "MRR": 0.05}
+        if c is not None:
+            test["beyond"] = {"Coverage@10": c, "Gini@10": 0.8, "Novelty@10": 5.0 + i, "ILD@10": 0.6, "Entropy@10": 7.0}
+        out.append({"protocol": "loo-val", "run_dir": str(tmp_path / f"seed{i}"), "test": test})
+    return out
+
+
+def test_aggregates_tables_and_page_show_beyond_columns_only_where_runs_have_them(tmp_path):
+    from fuxi_mme.experiments.aggregate import _row
+    from fuxi_mme.experiments.page import main_sections
+    from fuxi_mme.experiments.tables import beyond_table, markdown
+
+    new = _row("demo", "fuxi-mme", _runs(tmp_path, [0.2, 0.4]), [])
+    assert new["test/Coverage@10"] == {"mean": pytest.approx(0.3), "std": pytest.approx(math.sqrt(0.02))}
+    assert new["test/Novelty@10"]["mean"] == pytest.approx(5.5) and "test/Entropy@10" not in new  # a few columns only
+    mixed = _row("demo", "sasrec", _runs(tmp_path, [0.2, None]), [])  # a seed without them: no mean over the others
+    old = _row("demo", "hstu", _runs(tmp_path, [None, None]), [])
+    assert not any("Coverage" in k for k in mixed) and not any("Coverage" in k for k in old)
+    res = {"suite": "main", "description": "d", "commit": "c", "time": "t", "failed": [], "results": [old]}
+    table = markdown(res)
+    assert "| valid NDCG@10 | test NDCG@10 | test HR@10 | test MRR | params (non-emb.) | train s | GPU |" in table  # as before
+    assert beyond_table(res) == "" and not any("Beyond" in s for s in main_sections(res))
+    res["results"] = [old, new]
+    table = markdown(res).splitlines()
+    head = next(x for x in table if x.startswith("| dataset"))
+    assert "| test MRR | test Cov@10 | test Gini@10 | test Nov@10 | test ILD@10 | params" in head
+    rows = [x for x in table if x.startswith("| demo")]
+    assert len(head.split("|")) == len(table[table.index(head) + 1].split("|")) == len(rows[0].split("|")) == len(rows[1].split("|"))
+    assert "| - | - | - | - |" in rows[0] and "0.3000 ± 0.1414 | 0.8000 ± 0.0000 | 5.50 ± 0.71 | 0.6000 ± 0.0000 |" in rows[1]
+    page = "\n".join(main_sections(res))
+    assert "### Beyond accuracy" in page and "| demo | fuxi-mme | 2 | 0.1050 ± 0.0071 | 0.3000 ± 0.1414 |" in page
+    assert "| demo | hstu |" not in beyond_table(res)
+
+
+def test_run_report_shows_beyond_columns_and_notes():
+    from fuxi_mme.experiments.report import table
+
+    run = {"name": "r", "config": {"data": {"name": "demo", "protocol": "loo-val"}, "model": {"name": "sasrec"}}, "info": {}, "records": []}
+    fin = {"test": {"NDCG@10": 0.1, "beyond": {"Coverage@10": 0.25, "Gini@10": 0.5, "Novelty@10": 4.0, "notes": ["ILD skipped: x"]}}}
+    md = table([{**run, "final": fin}, {**run, "name": "old", "final": {"test": {"NDCG@10": 0.1}}}]).splitlines()
+    assert md[0].endswith("| MRR | Coverage@10 | Gini@10 | Novelty@10 | ILD@10 |")
+    assert md[2].endswith("| 0.2500 | 0.5000 | 4.0000 | - |") and md[3].endswith("| - | - | - | - |")

@@ -22,6 +22,9 @@ from .suites import Suite
 from .tables import markdown
 
 METRICS = ("NDCG@10", "HR@10", "NDCG@50", "HR@50", "MRR")
+# beyond-accuracy metrics (a metrics record's "beyond" part; docs/training.md#beyond-accuracy-metrics),
+# aggregated where every seed of a row has them (runs from before them have none)
+BEYOND_METRICS = ("Coverage@10", "Gini@10", "Novelty@10", "ILD@10")
 
 
 def run_commit(info: dict[str, Any]) -> str:
@@ -78,6 +81,10 @@ def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[
                 vals = [r[split][k] for r in runs if k in r[split]]
                 if vals:
                     entry[f"{split}/{k}"] = _mean_std(vals)
+            for k in BEYOND_METRICS:
+                got = [(r[split].get("beyond") or {}).get(k) for r in runs]
+                if all(isinstance(v, (int, float)) for v in got):
+                    entry[f"{split}/{k}"] = _mean_std(got)
     entry["epochs"] = [r.get("selected_epoch") for r in runs]
     secs = [train_seconds(Path(r["run_dir"])) for r in runs]
     known = [x for x in secs if x is not None]

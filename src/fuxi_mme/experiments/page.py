@@ -9,7 +9,7 @@ from typing import Any
 
 from ..utils.runinfo import atomic_write_text
 from .plots import plot_scaling
-from .tables import equal_size_comparison, headline, markdown, published_comparison
+from .tables import beyond_table, equal_size_comparison, headline, markdown, published_comparison
 
 # The order of the suites on the page (every suite, tested).
 DOC_ORDER = ("main", "ablation", "sweep", "capacity", "amazon", "width", "norm", "sports", "dropout", "temperature", "scaling", "precision", "loss")
@@ -46,12 +46,32 @@ EQUAL_SIZE_PROSE = [
     'when a two-sided test at 5% rejects equal means, otherwise "level".',
     "",
 ]
+BEYOND_PROSE = [
+    "### Beyond accuracy: test @10, loo-val",
+    "",
+    "Catalogue coverage, Gini index, novelty (bits) and intra-list diversity of the top-10 lists beside NDCG@10, mean ± std",
+    "over seeds (definitions: docs/training.md#beyond-accuracy-metrics): which model recommends more diversely at equal",
+    "accuracy. Rows whose runs predate these metrics are not listed.",
+    "",
+]
 
 
 def main_sections(res: dict[str, Any]) -> list[str]:
     """The headline (loo-val rows only) and the two comparisons, above the main suite's table."""
     base = {**res, "results": [e for e in res["results"] if e["protocol"] == "loo-val"]}
-    return [*HEADLINE_PROSE, headline(base), "", *PUBLISHED_PROSE, published_comparison(res), "", *EQUAL_SIZE_PROSE, equal_size_comparison(res), ""]
+    beyond = beyond_table(base)
+    return [
+        *HEADLINE_PROSE,
+        headline(base),
+        "",
+        *([*BEYOND_PROSE, beyond, ""] if beyond else []),
+        *PUBLISHED_PROSE,
+        published_comparison(res),
+        "",
+        *EQUAL_SIZE_PROSE,
+        equal_size_comparison(res),
+        "",
+    ]
 
 
 def write_docs(root: Path, docs: Path) -> Path:

@@ -6,8 +6,9 @@ from its ``metrics.jsonl`` or, for a run of a suite whose logs were packed, from
 writes into ``--out``:
 
 * ``report.md``: one row per run (dataset, model, protocol, selection, parameters, epochs,
-  throughput, test metrics), then per-run notes; numbers are copied from the files, never
-  recomputed;
+  throughput, test metrics, and the beyond-accuracy ones where the run has them: coverage,
+  Gini, novelty, ILD @10, docs/training.md#beyond-accuracy-metrics), then per-run notes;
+  numbers are copied from the files, never recomputed;
 * ``curves.png``: training loss and validation NDCG@10 (or the labelled per-epoch test curve
   under ``paper``) against the epoch, one line per run;
 * ``comparison.png``: test NDCG@10 and HR@10 per run as bars.
@@ -29,6 +30,7 @@ from .store import run_file
 log = logging.getLogger(__name__)
 
 TABLE_METRICS = ("NDCG@10", "HR@10", "NDCG@50", "HR@50", "HR@200", "MRR")
+BEYOND_METRICS = ("Coverage@10", "Gini@10", "Novelty@10", "ILD@10")  # from the test record's "beyond" part
 
 
 class ReportError(ValueError):
@@ -57,7 +59,7 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    head = ["run", "dataset", "model", "protocol", "selection", "params", "epochs", "seq/s", "device", *TABLE_METRICS]
+    head = ["run", "dataset", "model", "protocol", "selection", "params", "epochs", "seq/s", "device", *TABLE_METRICS, *BEYOND_METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         cfg, fin, info = r["config"], r["final"] or {}, r["info"]
@@ -78,6 +80,7 @@ def table(runs: list[dict[str, Any]]) -> str:
             _fmt(seq, 0) if seq else "-",
             str(dev),
             *[_fmt(test.get(m)) for m in TABLE_METRICS],
+            *[_fmt((test.get("beyond") or {}).get(m)) for m in BEYOND_METRICS],
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -156,7 +159,7 @@ def report(run_dirs: list[str | Path], out: str | Path) -> dict[str, Any]:
     for img in images:
         md += [f"![{img.stem}]({img.name})", ""]
     for r in runs:
-        notes = (r["info"] or {}).get("notes") or []
+        notes = [*((r["info"] or {}).get("notes") or []), *(((r["final"] or {}).get("test") or {}).get("beyond") or {}).get("notes", [])]
         commit = (r["info"] or {}).get("commit")
         md.append(f"- `{r['name']}`: {r['dir']}" + (f", commit {commit}" if commit else "") + ("; " + "; ".join(notes) if notes else ""))
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")

@@ -10,6 +10,8 @@ from .stats import reading, welch
 from .suites import SUITES
 
 HEADLINE_MODELS = ("popularity", "sasrec", "hstu", "fuxi-alpha", "fuxi-mme")
+# test beyond-accuracy columns (aggregate.BEYOND_METRICS) and their short headers
+BEYOND_COLUMNS = {"test/Coverage@10": "test Cov@10", "test/Gini@10": "test Gini@10", "test/Novelty@10": "test Nov@10", "test/ILD@10": "test ILD@10"}
 
 # Quoted, not ours: docs/models.md#published-figures, independent benchmark, Amazon 5-core leave-one-out, NDCG@10.
 PUBLISHED_AMAZON = {
@@ -37,14 +39,28 @@ def _mean_std(e: dict[str, Any], key: str) -> str:
     return f"{e[key]['mean']:.4f} ± {e[key]['std']:.4f}" if key in e else "-"
 
 
-def _table_row(e: dict[str, Any]) -> str:
+def _beyond_cell(e: dict[str, Any], key: str) -> str:
+    """Mean ± std of a beyond-accuracy column (novelty in bits: two decimals)."""
+    if key not in e:
+        return "-"
+    d = 2 if "Novelty" in key else 4
+    return f"{e[key]['mean']:.{d}f} ± {e[key]['std']:.{d}f}"
+
+
+def beyond_columns(results: list[dict[str, Any]]) -> list[str]:
+    """The beyond-accuracy columns any row has (none for runs from before them: the table stays as it was)."""
+    return [k for k in BEYOND_COLUMNS if any(k in e for e in results)]
+
+
+def _table_row(e: dict[str, Any], extra: list[str] | tuple[str, ...] = ()) -> str:
     p = e.get("parameters")
     params = f"{p['total']:,} ({p['non_embedding']:,})" if p else "-"
     ts = f"{e['train_seconds']['mean']:.0f}" if "train_seconds" in e else "-"
+    beyond = "".join(f" {_beyond_cell(e, k)} |" for k in extra)
     return (
         f"| {e['dataset']} | {e['variant']} | {e['protocol']} | {e['seeds']} | "
         f"{_mean_std(e, 'valid_best/NDCG@10')} | {_mean_std(e, 'test/NDCG@10')} | "
-        f"{_mean_std(e, 'test/HR@10')} | {_mean_std(e, 'test/MRR')} | {params} | {ts} | {short_gpu(e.get('devices', []))} |"
+        f"{_mean_std(e, 'test/HR@10')} | {_mean_std(e, 'test/MRR')} |{beyond} {params} | {ts} | {short_gpu(e.get('devices', []))} |"
     )
 
 
@@ -85,12 +101,32 @@ def markdown(res: dict[str, Any]) -> str:
         "Train s is wall time with several runs sharing a GPU, so it compares runs of one suite, not machines.",
         "",
     ]
+    extra = beyond_columns(res["results"])
     lines.append(
-        "| dataset | variant | protocol | seeds | valid NDCG@10 | test NDCG@10 | test HR@10 | test MRR | params (non-emb.) | train s | GPU |"
+        "| dataset | variant | protocol | seeds | valid NDCG@10 | test NDCG@10 | test HR@10 | test MRR |"
+        + "".join(f" {BEYOND_COLUMNS[k]} |" for k in extra)
+        + " params (non-emb.) | train s | GPU |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
-    lines += [_table_row(e) for e in res["results"]]
+    lines.append("|---|---|---|---|---|---|---|---|" + "---|" * len(extra) + "---|---|---|")
+    lines += [_table_row(e, extra) for e in res["results"]]
     return "\n".join(lines + _left_out(res)) + "\n"
+
+
+def beyond_table(res: dict[str, Any]) -> str:
+    """Accuracy beside diversity: test NDCG@10 and the beyond-accuracy columns of every row that
+    has them, mean ± std over seeds (seeds in parentheses); "" when no row has them."""
+    extra = beyond_columns(res["results"])
+    rows = [e for e in res["results"] if any(k in e for k in extra)]
+    if not rows:
+        return ""
+    lines = [
+        "| dataset | variant | seeds | test NDCG@10 |" + "".join(f" {BEYOND_COLUMNS[k]} |" for k in extra),
+        "|---|---|---|---|" + "---|" * len(extra),
+    ]
+    for e in rows:
+        cells = "".join(f" {_beyond_cell(e, k)} |" for k in extra)
+        lines.append(f"| {e['dataset']} | {e['variant']} | {e['seeds']} | {_mean_std(e, 'test/NDCG@10')} |{cells}")
+    return "\n".join(lines) + "\n"
 
 
 def headline(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
