@@ -501,13 +501,25 @@ PLANS = {
 
 
 # Config fields added after the plans above were pinned: at their defaults they change no job
-ADDED_SINCE_PINNED = {("data", "format"): "auto", ("data", "header"): None}
+ADDED_SINCE_PINNED = {
+    ("data", "format"): "auto",
+    ("data", "header"): None,
+    ("model", "mixer"): "attention",
+    ("model", "ssm_state"): 16,
+    ("model", "ssm_conv"): 4,
+    ("model", "ssm_expand"): 2,
+    ("model", "ssm_dt_rank"): 0,
+    ("model", "ssm_scan"): "auto",
+    ("model", "ssm_chunk"): 64,
+    ("eval", "beyond"): True,
+}
 
 
 def _pinned_view(planned):
     if planned is None:
         return None
     planned = json.loads(json.dumps(planned))
+    planned.pop("shape", None)  # a label added since: the shape's values are the pinned fields
     for (section, key), default in ADDED_SINCE_PINNED.items():
         if planned[section].get(key, default) == default:
             planned[section].pop(key, None)

@@ -285,4 +285,6 @@ def test_train_on_a_sequence_file_from_the_command_line(tmp_path):
         argv += ["--set", s]
     assert main(argv) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["dataset"] == "file" and 0.0 <= metrics["test"]["NDCG@10"] <= 1.0 and metrics["test"]["users"] == 60
+    assert metrics["dataset"] == "seq" and 0.0 <= metrics["test"]["NDCG@10"] <= 1.0 and metrics["test"]["users"] == 60
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["name"] == "seq" and config["shape"] == "short"  # the file's stem; median history under 20

@@ -147,7 +147,7 @@ def test_cli_trains_on_a_user_file(tmp_path, capsys):
         "model.v_dim=4",
     ]
     assert main(args) == 0
-    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["dataset"] == "file"
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["dataset"] == "log"  # the file's stem (--name overrides)
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path):

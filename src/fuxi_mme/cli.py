@@ -27,6 +27,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         help="override any config field (repeatable), e.g. --set model.moe.num_experts=8",
     )
     p.add_argument("--data-path", "--source", dest="data_path", help="a user interactions file, or a named dataset's folder, file, archive or URL")
+    p.add_argument("--name", help="own data: the name it is known by (default: the file's stem); later commands find it with --dataset NAME")
+    p.add_argument(
+        "--shape",
+        choices=("short", "long", "long-few-users", "long-large", "demo"),
+        help="defaults of this data shape instead of the one measured from the data (docs/datasets.md#defaults-by-shape)",
+    )
     p.add_argument("--data-dir", help="cache folder for prepared datasets (env FUXI_MME_DATA)")
     p.add_argument("--protocol", choices=("loo-val", "paper"))
     p.add_argument("--epochs", type=int)
@@ -81,7 +87,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
             "name",
             nargs="?",
             help="dataset name (demo, ml-100k, ml-1m, ml-1m-ts70, ml-20m, kuairand-pure, kuairand-1k, amazon-beauty, amazon-<category>, file); "
-            "`file` or omitted with --source reads your own file",
+            "with --source: any other name is your own data known by that name (omitted: the file's stem)",
         )
         di.add_argument(
             "--source",

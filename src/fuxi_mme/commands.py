@@ -43,19 +43,40 @@ def split_rows(name: str, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def build_config(args: argparse.Namespace):
-    from .config import apply_mapping, apply_overrides, load_yaml, validate
-    from .presets import build_preset, parse_preset, preset_name
+    """The run's config: a named preset, or for own data (``--source FILE`` without a named
+    dataset) the defaults of the shape measured from the data (docs/datasets.md#defaults-by-shape)."""
+    from .config import validate
+    from .data import is_own_data, own_data_name
+    from .presets import build_defaults, build_preset, parse_preset, preset_name
+    from .shapes import DATASETS
 
     if args.preset:
         dataset, model, size = parse_preset(args.preset)
     else:
         dataset, model, size = "demo", "fuxi-mme", "base"
     if args.data_path and not args.dataset and not args.preset:
-        dataset = "file"
+        dataset = getattr(args, "name", None) or own_data_name(args.data_path)
     dataset = args.dataset or dataset
     model = args.model or model
     size = args.size or size
-    cfg = build_preset(preset_name(dataset, model, size))
+    shape = getattr(args, "shape", None)
+    measured = not args.preset and not shape and (dataset not in DATASETS or is_own_data(dataset))
+    if args.preset or (dataset in DATASETS and not measured and not shape):
+        cfg = build_preset(preset_name(dataset, model, size))
+    else:  # --shape, or own data / a dataset without presets: "long" until measured
+        cfg = build_defaults(shape or "long", model, size, dataset)
+    _apply_args(cfg, args)
+    if measured:
+        cfg = build_defaults(_measured_shape(cfg), model, size, cfg.data.name)
+        _apply_args(cfg, args)
+    validate(cfg)
+    return cfg
+
+
+def _apply_args(cfg, args: argparse.Namespace) -> None:
+    """The command line's settings on top of the defaults (the YAML of --config first)."""
+    from .config import apply_mapping, apply_overrides, load_yaml
+
     if args.config:
         apply_mapping(cfg, load_yaml(args.config))
     direct = {
@@ -81,8 +102,19 @@ def build_config(args: argparse.Namespace):
     }
     apply_overrides(cfg, [f"{k}={v}" for k, v in direct.items() if v is not None])
     apply_overrides(cfg, args.overrides)
-    validate(cfg)
-    return cfg
+
+
+def _measured_shape(cfg) -> str:
+    """Prepare (or load) own data and pick its shape from what it looks like; logged."""
+    from .config import validate
+    from .data import load_dataset
+    from .shapes import choose_shape
+
+    validate(cfg)  # data.sep and friends spelled as the readers take them
+    ds = load_dataset(cfg.data)
+    shape, why = choose_shape(ds.stats)
+    logging.getLogger("fuxi_mme").info("%s: shape %s: %s (--shape NAME to choose another)", cfg.data.name, shape, why)
+    return shape
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -129,9 +161,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_data_info(args: argparse.Namespace) -> int:
     from .config import DataConfig
-    from .data import check_expected, load_dataset
+    from .data import check_expected, load_dataset, own_data_name
+    from .shapes import DATASETS, choose_shape
 
-    cfg = DataConfig(name=args.name if args.name else ("file" if args.data_path else "demo"))
+    cfg = DataConfig(name=args.name if args.name else (own_data_name(args.data_path) if args.data_path else "demo"))
     cfg.path = args.data_path
     cfg.data_dir = args.data_dir
     cfg.ordering = args.ordering
@@ -165,6 +198,8 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     targets = ", ".join(f"{s} {rep[f'{s}_repeat_targets']:,} of {rep[f'{s}_targets']:,}" for s in ("valid", "test") if f"{s}_targets" in rep)
     print(f"  repeats: {rep['repeat_rate']:.2%} of events repeat an earlier item of the user; repeat targets ({proto}): {targets}")
     print(f"  {resolve_history('auto', ds, proto)[1]}")
+    shape, why = (DATASETS[ds.name].shape, "its named shape") if ds.name in DATASETS and ds.name != "file" else choose_shape(st)
+    print(f"  shape: {shape} ({why})")
     for n in st.get("notes", []):
         print(f"  note: {n}")
     for w in check_expected(ds):
@@ -173,16 +208,20 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import SHAPES, all_presets, build_preset, parse_preset
+    from .presets import all_presets, build_preset, parse_preset
+    from .shapes import DATASETS, SHAPES
 
     names = all_presets()
     if args.show:
         print(build_preset(args.show).to_json())
         return 0
+    print("Data shapes (own data gets the one measured from it; --shape NAME picks another):")
+    for s in SHAPES.values():
+        print(f"  {s.name:15s} {s.about}; max_len={s.max_len}, epochs={s.epochs}, dropout={s.dropout}, loss={s.loss}")
     print("Presets (<dataset>-<model>-<size>); `fuxi-mme presets --show NAME` prints one in full.")
-    for ds in SHAPES:
+    for ds, defaults in DATASETS.items():
         mine = [n for n in names if parse_preset(n)[0] == ds]
-        print(f"  {ds}:")
+        print(f"  {ds} (shape {defaults.shape}):")
         for n in mine:
             c = build_preset(n)
             m = c.model

@@ -177,6 +177,8 @@ class LogConfig:
 @dataclass
 class Config:
     preset: str = "custom"
+    # the data shape whose defaults the preset holds (shapes.py; docs/datasets.md#defaults-by-shape)
+    shape: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -349,6 +351,9 @@ def apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> Con
         dotted = f"{prefix}{key}"
         if key == "preset" and not prefix:
             cfg.preset = str(value)
+            continue
+        if key == "shape" and not prefix:
+            cfg.shape = None if value is None else str(value)
             continue
         set_field(cfg, dotted, value)
     return cfg

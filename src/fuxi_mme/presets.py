@@ -1,15 +1,15 @@
 """Named presets: ``<dataset>-<model>-<size>``, e.g. ``ml-1m-fuxi-alpha-base``.
 
-A preset combines a dataset *shape* (data and training settings) with a model family's
-published dimensions for that shape (docs/models.md#reference-hyperparameters). Shapes without published dimensions
-(demo, Amazon, user files) use choices documented in ``docs/models.md``.
+A preset combines a data *shape* (``shapes.py``: data and training settings) with a model
+family's dimensions for that shape (docs/models.md#reference-hyperparameters). Shapes without
+published dimensions (demo, Amazon-like) use choices documented in ``docs/models.md``. Own data
+gets the same defaults through its measured shape (:func:`build_defaults`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .config import Config, ConfigError
+from .shapes import DATASETS, SHAPES
 
 # (dim, layers, heads, qk_dim = v_dim, ffn_multiply) per model family and size, per dim group.
 FUXI_DIMS = {
@@ -28,37 +28,6 @@ SASREC_DIMS = {  # (dim, layers, heads, ffn_dim)
 }
 
 
-@dataclass(frozen=True)
-class Shape:
-    dataset: str
-    dims: str  # key of the *_DIMS tables
-    max_len: int
-    epochs: int
-    dropout: float = 0.2
-    patience: int | None = 10
-    loss: str = "sampled"  # train.loss; "full" where the validation split chose it (docs/models.md)
-    mme: str | None = None  # key of MME_DECODERS for Fuxi-MME; None: the dims group's (a key not there: the first defaults)
-
-
-SHAPES: dict[str, Shape] = {
-    s.dataset: s
-    for s in [
-        Shape("demo", "demo", max_len=50, epochs=15, patience=5),
-        # ML-100K overfits the ML-1M group's wider Fuxi-MME decoder (validation, docs/models.md)
-        Shape("ml-100k", "ml-1m", max_len=200, epochs=101, mme="first"),
-        Shape("ml-1m", "ml-1m", max_len=200, epochs=101),
-        Shape("ml-1m-ts70", "ml-1m", max_len=200, epochs=101),
-        Shape("ml-20m", "ml-20m", max_len=200, epochs=101),
-        Shape("amazon-beauty", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10, loss="full"),
-        Shape("amazon-sports", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10, loss="full"),
-        Shape("amazon-toys", "amazon", max_len=50, epochs=200, dropout=0.5, patience=10, loss="full"),
-        # KuaiRand: FuXi-alpha's shape for it is not fully published; the ML-1M widths and HSTU's
-        # long-sequence length are our choice (docs/datasets.md).
-        Shape("kuairand-pure", "ml-1m", max_len=256, epochs=101),
-        Shape("kuairand-1k", "ml-1m", max_len=256, epochs=101),
-        Shape("file", "ml-1m", max_len=200, epochs=101),
-    ]
-}
 MODEL_FAMILIES = ("fuxi-mme", "fuxi-alpha", "hstu", "sasrec", "llama", "popularity")
 SIZES = ("base", "large")
 
@@ -102,7 +71,7 @@ def preset_name(dataset: str, model: str, size: str = "base") -> str:
 
 def parse_preset(name: str) -> tuple[str, str, str]:
     """``ml-1m-fuxi-mme-base`` -> (``ml-1m``, ``fuxi-mme``, ``base``)."""
-    for ds in sorted(SHAPES, key=len, reverse=True):
+    for ds in sorted(DATASETS, key=len, reverse=True):
         if not name.startswith(ds + "-"):
             continue
         rest = name[len(ds) + 1 :]
@@ -118,12 +87,12 @@ def parse_preset(name: str) -> tuple[str, str, str]:
 def _unknown_preset(name: str) -> str:
     """Which part of ``name`` is unknown, with the known values of that part."""
     models = f"model families: {', '.join(MODEL_FAMILIES)}; sizes: {', '.join(SIZES)} (popularity has none)"
-    datasets = f"datasets with presets: {', '.join(SHAPES)} (file: your own data, with --source FILE)"
+    datasets = f"datasets with presets: {', '.join(DATASETS)} (your own data: --source FILE, defaults by its shape)"
     tails = [preset_name("", m, s)[1:] for m in MODEL_FAMILIES for s in SIZES]
     dataset = next((name[: -len(t) - 1] for t in tails if name.endswith("-" + t)), None)
     if dataset is not None:
         return f"unknown preset {name!r}: unknown dataset {dataset!r}; {datasets}"
-    known = next((ds for ds in sorted(SHAPES, key=len, reverse=True) if name.startswith(ds + "-")), None)
+    known = next((ds for ds in sorted(DATASETS, key=len, reverse=True) if name.startswith(ds + "-")), None)
     if known is not None:
         return f"unknown preset {name!r}: unknown model or size {name[len(known) + 1 :]!r}; {models}"
     return f"unknown preset {name!r} (form: <dataset>-<model>-<size>); {datasets}; {models}; `fuxi-mme presets` lists them"
@@ -131,7 +100,7 @@ def _unknown_preset(name: str) -> str:
 
 def all_presets() -> list[str]:
     out = []
-    for ds in SHAPES:
+    for ds in DATASETS:
         for m in MODEL_FAMILIES:
             if m == "popularity":
                 out.append(preset_name(ds, m))
@@ -141,11 +110,24 @@ def all_presets() -> list[str]:
 
 
 def build_preset(name: str) -> Config:
+    """The config of a named preset: its dataset's shape and settings, the model's dimensions."""
+    dataset, model, size = parse_preset(name)
+    cfg = build_defaults(DATASETS[dataset].shape, model, size, dataset)
+    for k, v in DATASETS[dataset].overrides.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
+def build_defaults(shape_name: str, model: str, size: str, dataset: str) -> Config:
+    """Defaults of ``model`` at ``size`` for data of shape ``shape_name`` (``shapes.SHAPES``)."""
     from .config import set_field
 
-    dataset, model, size = parse_preset(name)
-    shape = SHAPES[dataset]
-    cfg = Config(preset=name)
+    if shape_name not in SHAPES:
+        raise ConfigError(f"unknown shape {shape_name!r}; known: {', '.join(SHAPES)} (`fuxi-mme presets` describes them)")
+    if model not in MODEL_FAMILIES:
+        raise ConfigError(f"unknown model {model!r}; model families: {', '.join(MODEL_FAMILIES)}")
+    shape = SHAPES[shape_name]
+    cfg = Config(preset=preset_name(dataset, model, size), shape=shape_name)
     cfg.data.name = dataset
     cfg.data.max_len = shape.max_len
     cfg.train.epochs = shape.epochs

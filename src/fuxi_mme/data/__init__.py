@@ -24,12 +24,12 @@ from .prepared import (
     save_prepared,
 )
 from .repeats import apply_repeats
-from .sources import SOURCES, get_source
+from .sources import SOURCES, get_source, is_own_data, own_data_name
 from .table import DataError, plain
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataError", "PreparedDataset", "load_dataset", "resolve_source_path", "SOURCES", "check_expected"]
+__all__ = ["DataError", "PreparedDataset", "load_dataset", "resolve_source_path", "SOURCES", "check_expected", "is_own_data", "own_data_name"]
 
 
 def raw_dir(cfg: DataConfig) -> Path:
@@ -46,19 +46,20 @@ def resolve_source_path(cfg: DataConfig, progress: bool = True) -> Path | None:
     src = get_source(cfg.name)
     if not src.needs_files:
         return None
+    own = is_own_data(cfg.name)
     raw = raw_dir(cfg)
     where = f" (or the extracted files into {raw})"
     if cfg.path and is_url(cfg.path):
-        if cfg.name == "file":
-            raise DataError("dataset 'file' reads a local file; download it first and pass its path")
+        if own:
+            raise DataError(f"{cfg.path}: your own data is read from a local file; download it first and pass its path with --source")
         return fetch([Remote(cfg.path)], raw, progress=progress, where_hint=where)
     if cfg.path:
         p = Path(cfg.path).expanduser()
         if not p.exists():
             raise DataError(
-                f"{p} does not exist; pass the {'file' if cfg.name == 'file' else 'dataset folder, file or archive'} with --source/--data-path"
+                f"{p} does not exist; pass the {'file' if own else 'dataset folder, file or archive'} with --source/--data-path"
             )
-        if p.is_file() and is_archive(p) and cfg.name != "file":
+        if p.is_file() and is_archive(p) and not own:
             stem = raw / ("from-" + p.name.replace(".", "_"))
             marker = stem.with_name(stem.name + ".done")
             if not marker.exists() or marker.read_text() != _stamp(p):
@@ -68,12 +69,17 @@ def resolve_source_path(cfg: DataConfig, progress: bool = True) -> Path | None:
         return p
     if cfg.name == "file":
         return None  # the reader raises the clear error
-    if raw.exists() and any(not f.name.startswith(".") for f in raw.iterdir()):
+    if not own and raw.exists() and any(not f.name.startswith(".") for f in raw.iterdir()):
         return raw
     remembered = _remembered_source(cfg)
     if remembered is not None:
         log.info("%s: using %s, the --source it was prepared from before", cfg.name, remembered)
         return remembered
+    if own:
+        raise DataError(
+            f"unknown dataset {cfg.name!r}: not a named dataset ({', '.join(n for n in SOURCES if n != 'file')}, amazon-<category>) "
+            "and nothing was prepared under this name; for your own data pass --source FILE (and --name NAME to reuse it later)"
+        )
     if src.remotes:
         log.warning("%s is not in %s; downloading it from %s (licence: %s)", cfg.name, raw, src.remotes[0].url, src.licence)
         return fetch(src.remotes, raw, progress=progress, where_hint=where)
@@ -87,7 +93,7 @@ def _source_note(cfg: DataConfig) -> Path:
 def _remember_source(cfg: DataConfig, path: Path) -> None:
     """Record the ``--source`` a named dataset was prepared from, so later commands without
     ``--source`` find it (``data prepare NAME --source X``, then ``train --dataset NAME``)."""
-    if cfg.name != "file" and cfg.path and not is_url(cfg.path):
+    if cfg.name != "file" and cfg.path and not is_url(cfg.path):  # own data under its own name too
         atomic_write_json(_source_note(cfg), {"source": str(Path(cfg.path).expanduser().resolve()), "resolved": str(path.resolve())})
 
 
@@ -117,7 +123,7 @@ def _key_parts(cfg: DataConfig, path: Path | None) -> dict:
         parts["repeats"] = cfg.repeats
     if cfg.name == "demo":
         parts.update(demo_users=cfg.demo_users, demo_seed=cfg.demo_seed, demo_version=demo.DEMO_VERSION)
-    if cfg.name == "file":
+    if is_own_data(cfg.name):
         parts.update(columns=[cfg.user_col, cfg.item_col, cfg.time_col, cfg.rating_col], sep=cfg.sep, reader="formats-1")
         if cfg.format != "auto" or cfg.header is not None:
             parts.update(format=cfg.format, header=cfg.header)

@@ -381,9 +381,28 @@ SOURCES: dict[str, Source] = {
 _AMAZON_NAME = re.compile(r"^amazon-[a-z0-9_]+$")
 
 
+def is_own_data(name: str) -> bool:
+    """A user's own data: the generic ``file`` or any name that is not a named dataset (the
+    data's own name, e.g. its file's stem)."""
+    return name == "file" or (name not in SOURCES and not _AMAZON_NAME.match(name))
+
+
+def own_data_name(path: str | Path) -> str:
+    """The name own data is known by when ``--name`` is not given: its file's (or folder's) stem,
+    lower-case, without compression and format suffixes; ``file-<stem>`` where that is a named
+    dataset's name (``ml-1m.csv`` is not the MovieLens-1M reader's input)."""
+    stem = Path(str(path).rstrip("/\\")).name.lower()
+    for _ in range(3):
+        base, dot, ext = stem.rpartition(".")
+        if dot and base and ext in ("gz", "zip", "csv", "tsv", "txt", "dat", "parquet", "pq", "jsonl", "json", "ndjson", "inter"):
+            stem = base
+    stem = re.sub(r"[^a-z0-9._-]+", "-", stem).strip("-.") or "data"
+    return stem if is_own_data(stem) else f"file-{stem}"
+
+
 def get_source(name: str) -> Source:
     if name in SOURCES:
         return SOURCES[name]
     if _AMAZON_NAME.match(name):  # any other Amazon category, from its raw ratings CSV
         return _amazon_generic(name[len("amazon-") :])
-    raise DataError(f"unknown dataset {name!r}; known: {', '.join(SOURCES)}, amazon-<category> (or --data-path FILE)")
+    return SOURCES["file"]  # own data under its own name

@@ -90,7 +90,7 @@ def config_changes(planned: dict[str, Any], saved: dict[str, Any]) -> list[str]:
     trains = want.get("model.name") != "popularity"  # popularity counts items: no model or training settings
     out = []
     for key, value in want.items():
-        if key == "preset" or key.startswith(EXECUTION_FIELDS) or (not trains and key.startswith(("model.", "train."))):
+        if key in ("preset", "shape") or key.startswith(EXECUTION_FIELDS) or (not trains and key.startswith(("model.", "train."))):
             continue
         old = have.get(key, defaults.get(key))
         if key == "model.use_temporal" and old is False and value is True:
