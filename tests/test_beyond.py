@@ -28,6 +28,7 @@ from fuxi_mme.eval.beyond import BeyondAccumulator, Popularity, beyond_block, be
 from fuxi_mme.eval.evaluator import evaluate_split, popularity_scorer
 
 NEG = -math.inf
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gini_known_answers():
@@ -375,3 +376,19 @@ def test_run_report_shows_beyond_columns_and_notes():
     md = table([{**run, "final": fin}, {**run, "name": "old", "final": {"test": {"NDCG@10": 0.1}}}]).splitlines()
     assert md[0].endswith("| MRR | Coverage@10 | Gini@10 | Novelty@10 | ILD@10 |")
     assert md[2].endswith("| 0.2500 | 0.5000 | 4.0000 | - |") and md[3].endswith("| - | - | - | - |")
+
+
+def test_overhead_benchmark_quick_run(tmp_path):
+    out = tmp_path / "eval-overhead.json"
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "eval_overhead.py"), "--quick", "--device", "cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["users"] == 300 and len(run["off_s_all"]) == len(run["on_s_all"]) == 2 and run["off_s"] > 0 and run["on_s"] > 0
+    assert run["added"] == pytest.approx(run["on_s"] / run["off_s"] - 1) and run["ild"] and "ILD@10" in run["beyond"]
+    assert run["device"]["device"] == "cpu" and run["versions"]["torch"] == torch.__version__ and run["commit"]
+    assert "| demo-fuxi-mme-base data.demo_users=300 data.max_len=50 | test | 300 /" in out.with_suffix(".md").read_text()

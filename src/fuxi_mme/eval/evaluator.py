@@ -211,17 +211,19 @@ def evaluate_split(
         starts = range(rank * batch_size, len(arrs), world * batch_size)
         mine = {s: rank_split(scorer, arrs, ds, history, batch_size, device, by_length[s : s + batch_size], acc) for s in starts}
         parts: dict[int, SplitRanks] = {}
-        counts = []
-        for got, got_counts in gather((mine, acc and acc.counts())) if gather is not None else [(mine, acc and acc.counts())]:
+        counts: list[np.ndarray] = []
+        here = (mine, acc.counts() if acc is not None else None)
+        for got, got_counts in gather(here) if gather is not None else [here]:
             parts.update(got)
-            counts.append(got_counts)
+            if got_counts is not None:
+                counts.append(got_counts)
         res = SplitRanks(np.zeros(len(arrs), np.int64), np.zeros(len(arrs), bool), np.zeros(len(arrs), bool))
         if parts:
             for field in ("ranks", "masked_target", "nonfinite"):
                 getattr(res, field)[by_length] = np.concatenate([getattr(parts[s], field) for s in sorted(parts)])
-            ilds = [parts[s].ild for s in sorted(parts) if parts[s].ild is not None]
+            ilds = [a for a in (parts[s].ild for s in sorted(parts)) if a is not None]
             res.ild = np.concatenate(ilds) if ilds else None
-        total = np.sum(counts, axis=0) if acc is not None else None
+        total = np.sum(counts, axis=0) if counts else None
     else:
         res = rank_split(scorer, arrs, ds, history, batch_size, device, beyond=acc)
         total = acc.counts() if acc is not None else None

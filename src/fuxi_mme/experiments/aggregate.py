@@ -83,8 +83,9 @@ def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[
                     entry[f"{split}/{k}"] = _mean_std(vals)
             for k in BEYOND_METRICS:
                 got = [(r[split].get("beyond") or {}).get(k) for r in runs]
-                if all(isinstance(v, (int, float)) for v in got):
-                    entry[f"{split}/{k}"] = _mean_std(got)
+                nums = [float(v) for v in got if isinstance(v, (int, float))]
+                if len(nums) == len(runs):
+                    entry[f"{split}/{k}"] = _mean_std(nums)
     entry["epochs"] = [r.get("selected_epoch") for r in runs]
     secs = [train_seconds(Path(r["run_dir"])) for r in runs]
     known = [x for x in secs if x is not None]
