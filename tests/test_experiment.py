@@ -512,6 +512,7 @@ ADDED_SINCE_PINNED = {
     ("model", "ssm_scan"): "auto",
     ("model", "ssm_chunk"): 64,
     ("eval", "beyond"): True,
+    ("eval", "final_test"): True,
 }
 
 

@@ -220,6 +220,22 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=commands.cmd_export)
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    """``tune``: a hyperparameter search on the validation split."""
+    t = sub.add_parser("tune", help="search hyperparameters on the validation split; test once for the winner")
+    _add_config_args(t)
+    t.add_argument("--space", help="search space YAML (default: the model family's, docs/training.md#tuning)")
+    t.add_argument("--trials", type=int, default=20, help="number of trials, the base config's own first (default 20)")
+    t.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no trial after this many seconds (the same command continues)")
+    t.add_argument("--parallel", type=int, help="trials at once (default: 4 per visible GPU, 1 on CPU)")
+    t.add_argument("--out", help="study folder (default tune/<dataset>-<model>-<size>); an existing one is continued")
+    t.add_argument("--sampler", choices=("auto", "optuna", "random"), default="auto", help="auto: Optuna's TPE when installed, else seeded random")
+    t.add_argument("--search-seed", type=int, default=0, help="seed of the sampler (the trials train with train.seed)")
+    t.add_argument("--no-prune", action="store_true", help="run every trial to its end (default: median pruning)")
+    t.add_argument("--no-test", action="store_true", help="do not evaluate the winner on the test split")
+    t.set_defaults(func=commands.cmd_tune)
+
+
 def _add_presets(sub: argparse._SubParsersAction) -> None:
     """``presets``: list presets or show one."""
     pr = sub.add_parser("presets", help="list named presets")
@@ -232,7 +248,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"fuxi-mme {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_evaluate, _add_data, _add_experiment, _add_report, _add_recommend, _add_serve, _add_export, _add_presets):
+    for add in (_add_train, _add_evaluate, _add_data, _add_experiment, _add_report, _add_recommend, _add_serve, _add_export, _add_tune, _add_presets):
         add(sub)
     return p
 

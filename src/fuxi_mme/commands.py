@@ -138,7 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     rows = {}
     if "valid_best" in res:
         rows.update(split_rows(f"valid (epoch {res.get('selected_epoch', '-')})", res["valid_best"]))
-    rows.update(split_rows("test", res["test"]))
+    if res.get("test") is not None:  # eval.final_test=false (tune's trials): validation only
+        rows.update(split_rows("test", res["test"]))
     title = f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, full ranking ({res.get('selection', 'no training')})"
     print(metrics_table(rows, title))
     print(f"results: {res['run_dir']}/metrics.json")
@@ -204,6 +205,31 @@ def cmd_data_info(args: argparse.Namespace) -> int:
         print(f"  note: {n}")
     for w in check_expected(ds):
         print(w)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import Budget, Study, default_space, load_space
+    from .tune.report import render
+
+    base = build_config(args)
+    space = load_space(args.space) if args.space else default_space(base.model.name)
+    size = args.size or (base.preset.rsplit("-", 1)[-1] if base.preset.endswith(("-base", "-large")) else "base")
+    out = args.out or os.path.join("tune", f"{base.data.name}-{base.model.name}-{size}")
+    parallel = args.parallel
+    if parallel is None:
+        from .experiments.plan import visible_gpus
+
+        parallel = 4 * len(visible_gpus()) if base.train.device != "cpu" and visible_gpus() else 1
+    if args.trials < 1 or parallel < 1:
+        raise ValueError(f"--trials ({args.trials}) and --parallel ({parallel}) must be at least 1")
+    study = Study(out, base, space, sampler=args.sampler, seed=args.search_seed, prune=not args.no_prune)
+    res = study.run(Budget(trials=args.trials, seconds=args.time_budget, parallel=parallel))
+    if not args.no_test and res.get("best"):
+        study.test_best(base.train.device)
+        res = json.loads((study.out / "results.json").read_text())
+    print(render(res))
+    print(f"results: {study.out}/results.md; the best config: {study.out}/best.yaml (fuxi-mme train --config it)")
     return 0
 
 

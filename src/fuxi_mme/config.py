@@ -165,6 +165,9 @@ class EvalConfig:
     # beyond-accuracy metrics (coverage, Gini, entropy, novelty, popularity, long tail, ILD) of
     # the same top-K lists at every evaluation (docs/training.md#beyond-accuracy-metrics)
     beyond: bool = True
+    # evaluate the test split once at the end; `tune` trials set false: test is evaluated for
+    # the chosen configuration alone (docs/training.md#tuning)
+    final_test: bool = True
 
 
 @dataclass

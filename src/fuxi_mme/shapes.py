@@ -40,7 +40,9 @@ SHAPES: dict[str, Shape] = {
         ),
         Shape("long", "long histories (MovieLens-1M-like)", "ml-1m", max_len=200, epochs=101),
         # ML-100K overfits the ML-1M group's wider Fuxi-MME decoder (validation, docs/models.md)
-        Shape("long-few-users", "long histories of few users (MovieLens-100K-like: under 2,500 users)", "ml-1m", max_len=200, epochs=101, mme="first"),
+        Shape(
+            "long-few-users", "long histories of few users (MovieLens-100K-like: under 2,500 users)", "ml-1m", max_len=200, epochs=101, mme="first"
+        ),
         Shape("long-large", "long histories, many interactions (MovieLens-20M-like: 5 million or more)", "ml-20m", max_len=200, epochs=101),
         Shape("demo", "the built-in demo log", "demo", max_len=50, epochs=15, patience=5),
     ]

@@ -391,8 +391,10 @@ class Trainer:
             selected = self.state.best_epoch
         else:
             selected = self.state.epoch
-        test = self.evaluate(self.test_arrs, "test")
-        self.metrics_log.write({"kind": "test", "epoch": selected, "step": self.state.step, **test})
+        test = None
+        if self.cfg.eval.final_test:
+            test = self.evaluate(self.test_arrs, "test")
+            self.metrics_log.write({"kind": "test", "epoch": selected, "step": self.state.step, **test})
         result = {
             "protocol": proto,
             "split": "test",
