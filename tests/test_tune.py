@@ -121,6 +121,8 @@ def test_tune_end_to_end_resume_and_winner(tmp_path, capsys):
     for n in (0, 1):  # trials never evaluate test: only the winner, once, afterwards
         trial_metrics = json.loads((study / "trials" / f"{n:03d}" / "run" / "metrics.json").read_text())
         assert trial_metrics["test"] is None and trial_metrics["valid_best"]["NDCG@10"] == res["trials"][n]["value"]
+        kept = sorted(p.name for p in (study / "trials" / f"{n:03d}" / "run" / "checkpoints").iterdir())
+        assert all(k.startswith("best") for k in kept) and bool(kept) == (n == best["number"])  # the winner's best checkpoint alone
     # the winner's YAML is a config `train --config` takes, with the winning values
     assert main(["train", "--config", str(study / "best.yaml"), "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)

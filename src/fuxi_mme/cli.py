@@ -233,6 +233,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--search-seed", type=int, default=0, help="seed of the sampler (the trials train with train.seed)")
     t.add_argument("--no-prune", action="store_true", help="run every trial to its end (default: median pruning)")
     t.add_argument("--no-test", action="store_true", help="do not evaluate the winner on the test split")
+    t.add_argument("--keep-checkpoints", action="store_true", help="keep every trial's checkpoints (default: the best trial's best one only)")
     t.set_defaults(func=commands.cmd_tune)
 
 

@@ -223,7 +223,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         parallel = 4 * len(visible_gpus()) if base.train.device != "cpu" and visible_gpus() else 1
     if args.trials < 1 or parallel < 1:
         raise ValueError(f"--trials ({args.trials}) and --parallel ({parallel}) must be at least 1")
-    study = Study(out, base, space, sampler=args.sampler, seed=args.search_seed, prune=not args.no_prune)
+    study = Study(out, base, space, sampler=args.sampler, seed=args.search_seed, prune=not args.no_prune, keep_checkpoints=args.keep_checkpoints)
     res = study.run(Budget(trials=args.trials, seconds=args.time_budget, parallel=parallel))
     if not args.no_test and res.get("best"):
         study.test_best(base.train.device)

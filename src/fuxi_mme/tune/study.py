@@ -64,7 +64,9 @@ def _jsonable(cfg: Config) -> dict[str, Any]:
 
 
 class Study:
-    def __init__(self, out: str | Path, base: Config, space: Space, sampler: str = "auto", seed: int = 0, prune: bool = True):
+    def __init__(
+        self, out: str | Path, base: Config, space: Space, sampler: str = "auto", seed: int = 0, prune: bool = True, keep_checkpoints: bool = False
+    ):
         if base.data.protocol != "loo-val":
             raise ConfigError("tune selects on the validation split: use --protocol loo-val (the paper protocol has none)")
         validate(base)
@@ -74,6 +76,7 @@ class Study:
         self.seed = seed
         self.sampler = make_sampler(sampler, self.space, seed)
         self.pruner = MedianPruner() if prune else None
+        self.keep_checkpoints = keep_checkpoints
         self.trials: dict[int, Trial] = {}
         self.spec = {
             "base": _jsonable(base),
@@ -158,7 +161,25 @@ class Study:
         self.sampler.tell(t.number, t.params, t.value, t.state)
         shown = f"{METRIC} {t.value:.4f} (epoch {t.epoch})" if t.value is not None else (t.error or "")
         log.info("trial %d %s: %s", t.number, t.state, shown)
+        if not self.keep_checkpoints:
+            self._drop_checkpoints()
         self.write_results()
+
+    def _drop_checkpoints(self) -> None:
+        """Finished trials keep no checkpoints except the best trial's best-validation one (the
+        test split and ``best.yaml``'s users need no other): a study's disk use stays one run's."""
+        import shutil
+
+        best = self.best()
+        for t in self.trials.values():
+            if t.state == "running":
+                continue
+            ckpt = self.out / "trials" / f"{t.number:03d}" / "run" / "checkpoints"
+            if not ckpt.is_dir():
+                continue
+            for f in ckpt.iterdir():
+                if best is None or t.number != best.number or not f.name.startswith("best"):
+                    shutil.rmtree(f) if f.is_dir() else f.unlink()
 
     def _finished_curves(self, epoch: int) -> list[list[tuple[int, float]]]:
         done = [t for t in self.trials.values() if t.curve and (t.state == "complete" or (t.state == "pruned" and t.curve[-1][0] >= epoch))]
