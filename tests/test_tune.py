@@ -175,3 +175,31 @@ def test_optuna_sampler_learns_from_told_trials():
     assert 1e-4 <= p["train.lr"] <= 1e-2 and p["model.dim"] in (16, 32)
     s.tell(1, p, 0.2, "complete")
     assert len(s.study.trials) == 2 and s.study.best_value == 0.2
+
+
+@pytest.mark.slow
+def test_a_killed_study_stops_its_trials_and_leaves_them_to_rerun(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "space.yaml").write_text("train.lr: [0.001, 0.002]\n")
+    argv = ["tune", "--dataset", "demo", "--model", "sasrec", "--device", "cpu", "--epochs", "200", "--set", "data.demo_users=120"]
+    argv += ["--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "study"), "--space", str(tmp_path / "space.yaml"), "--trials", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "fuxi_mme", *argv], stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "study" / "trials" / "000" / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and log.read_text().count("valid")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert log.exists(), "the trial never started evaluating"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    records = [json.loads(line) for line in (tmp_path / "study" / "trials.jsonl").read_text().splitlines()]
+    assert records[-1]["number"] == 0 and records[-1]["state"] == "running"  # rerun by the same command
+    size = log.stat().st_size
+    time.sleep(3)
+    assert log.stat().st_size == size  # the trial's process was stopped with the study
+    assert os.path.exists(tmp_path / "study" / "results.json")

@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fuxi-mme: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fuxi-mme: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # the reader went away (`fuxi-mme presets | head`): stop quietly. Python flushes stdout
         # again at exit, so point it at devnull first

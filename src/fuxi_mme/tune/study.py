@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,10 +187,28 @@ class Study:
         return [t.curve for t in done]
 
     def run(self, budget: Budget) -> dict[str, Any]:
+        """Run trials until ``budget`` is spent. Killed (SIGTERM, Ctrl-C), it stops its running
+        trials first; they stay ``running`` in trials.jsonl and the same command reruns them."""
         self._open()
+        running: dict[int, tuple[Trial, subprocess.Popen, Path, str | None, float]] = {}
+        previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return self._run(budget, running)
+        except KeyboardInterrupt:
+            for t, proc, *_ in running.values():
+                _stop(proc)
+            log.warning("interrupted: %d running trial(s) stopped; the same command continues the study", len(running))
+            self.write_results()
+            raise
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
+
+    def _run(self, budget: Budget, running: dict[int, tuple[Trial, subprocess.Popen, Path, str | None, float]]) -> dict[str, Any]:
         start = time.monotonic()
         gpus = visible_gpus()
-        running: dict[int, tuple[Trial, subprocess.Popen, Path, str | None, float]] = {}
         todo = [n for n in range(budget.trials) if n not in self.trials or self.trials[n].state == "running"]
         while todo or running:
             while todo and len(running) < budget.parallel and (budget.seconds is None or time.monotonic() - start < budget.seconds):
@@ -286,6 +305,10 @@ class Study:
         test = {"trial": best.number, **{k: v for k, v in res["test"].items() if isinstance(v, (int, float))}}
         self.write_results(test)
         return test
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _stop(proc: subprocess.Popen) -> None:
