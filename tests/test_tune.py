@@ -203,3 +203,11 @@ def test_a_killed_study_stops_its_trials_and_leaves_them_to_rerun(tmp_path):
     time.sleep(3)
     assert log.stat().st_size == size  # the trial's process was stopped with the study
     assert os.path.exists(tmp_path / "study" / "results.json")
+
+
+def test_a_study_stops_when_the_base_config_cannot_run(tmp_path, capsys):
+    """The data is prepared once before any trial: a missing file stops the study at once with one
+    line, and no trial is started."""
+    assert main(["tune", "--source", str(tmp_path / "missing.txt"), "--model", "sasrec", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "trials").exists()

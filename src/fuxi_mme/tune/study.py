@@ -197,7 +197,7 @@ class Study:
         try:
             return self._run(budget, running)
         except KeyboardInterrupt:
-            for t, proc, *_ in running.values():
+            for _t, proc, *_ in running.values():
                 _stop(proc)
             log.warning("interrupted: %d running trial(s) stopped; the same command continues the study", len(running))
             self.write_results()
@@ -207,7 +207,10 @@ class Study:
                 signal.signal(signal.SIGTERM, previous)
 
     def _run(self, budget: Budget, running: dict[int, tuple[Trial, subprocess.Popen, Path, str | None, float]]) -> dict[str, Any]:
+        from ..data import load_dataset
+
         start = time.monotonic()
+        load_dataset(self.base.data)  # prepared once here, not by every trial at once (and a data error stops the study now)
         gpus = visible_gpus()
         todo = [n for n in range(budget.trials) if n not in self.trials or self.trials[n].state == "running"]
         while todo or running:
@@ -230,6 +233,10 @@ class Study:
                     t.seconds = round(time.monotonic() - began, 1)
                     self._complete(t, proc.returncode, run_dir)
                     del running[n]
+                    if n == 0 and t.state == "failed":  # the base config itself fails: every trial would
+                        for _, other, *_ in running.values():
+                            _stop(other)
+                        raise RuntimeError(f"the base config (trial 0) failed, so the study stops: {t.error} (log: {run_dir.parent / 'log.txt'})")
                 elif self.pruner is not None and t.curve and self.pruner.should_prune(t.curve, self._finished_curves(t.curve[-1][0])):
                     _stop(proc)
                     t.seconds = round(time.monotonic() - began, 1)
