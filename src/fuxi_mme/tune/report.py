@@ -22,7 +22,8 @@ def render(res: dict[str, Any]) -> str:
         "",
         f"Selection on the validation split ({res['metric']}), {res['sampler']} sampler (seed {res['seed']}), "
         f"pruning {'on (median rule)' if res['prune'] else 'off'}. Trials: {len(trials)} "
-        f"({', '.join(f'{n} {s}' for s, n in states.items() if n)}), {seconds:,.0f} trial-seconds in all.",
+        f"({', '.join(f'{n} {s}' for s, n in states.items() if n)}), {seconds:,.0f} trial-seconds in all, "
+        f"{res.get('wall_seconds', 0):,.0f} s wall time.",
         "",
     ]
     best, base = res.get("best"), res.get("baseline")

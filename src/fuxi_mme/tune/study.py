@@ -194,6 +194,7 @@ class Study:
         previous = signal.getsignal(signal.SIGTERM)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _interrupt)
+        began = time.monotonic()
         try:
             return self._run(budget, running)
         except KeyboardInterrupt:
@@ -205,6 +206,9 @@ class Study:
         finally:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, previous)
+            with open(self.out / "invocations.jsonl", "a") as f:  # the study's wall time, over every invocation
+                f.write(json.dumps({"ended": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.monotonic() - began, 1)}) + "\n")
+            self.write_results()
 
     def _run(self, budget: Budget, running: dict[int, tuple[Trial, subprocess.Popen, Path, str | None, float]]) -> dict[str, Any]:
         from ..data import load_dataset
@@ -286,6 +290,7 @@ class Study:
             "trials": [t.record() for t in sorted(self.trials.values(), key=lambda t: t.number)],
             "best": best.record() if best else None,
             "baseline": self.trials[0].record() if 0 in self.trials else None,
+            "wall_seconds": self._wall_seconds(),
         }
         old = self.out / "results.json"
         if test is None and old.exists():
@@ -299,6 +304,11 @@ class Study:
             cfg.log.run_dir = None
             atomic_write_text(self.out / "best.yaml", yaml.safe_dump(_jsonable(cfg), sort_keys=False))
         return res
+
+    def _wall_seconds(self) -> float:
+        f = self.out / "invocations.jsonl"
+        lines = f.read_text().splitlines() if f.exists() else []
+        return round(sum(json.loads(line)["seconds"] for line in lines if line.strip()), 1)
 
     def test_best(self, device: str = "auto") -> dict[str, Any] | None:
         """The test split, once, for the winner (its best-validation checkpoint)."""
