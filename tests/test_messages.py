@@ -17,7 +17,7 @@ from fuxi_mme.data.table import DataError, canonicalize, plain
 def test_a_closed_pipe_ends_the_command_quietly():
     cmd = f"{sys.executable} -m fuxi_mme presets | head -1; echo rc ${{PIPESTATUS[0]}} >&2"
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.startswith("Presets") and len(r.stdout.splitlines()) == 1
+    assert r.returncode == 0 and r.stdout.startswith("Data shapes") and len(r.stdout.splitlines()) == 1
     # 141 = 128 + SIGPIPE, as a shell reports a writer its reader left (0 if it wrote all first)
     assert r.stderr.strip() in ("rc 141", "rc 0"), r.stderr
 

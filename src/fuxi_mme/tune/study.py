@@ -317,7 +317,14 @@ class Study:
         best = self.best()
         if best is None:
             return None
+        old = self.out / "results.json"
+        done = json.loads(old.read_text()).get("test") if old.exists() else None
+        if done and done.get("trial") == best.number:
+            return done  # this winner was tested by an earlier invocation: once is enough
         run_dir = self.out / "trials" / f"{best.number:03d}" / "run"
+        if not (run_dir / "checkpoints" / "best").exists():
+            log.warning("trial %d's checkpoint is gone (%s); its test split is not evaluated", best.number, run_dir)
+            return None
         res = evaluate_run(run_dir, "test", "best", device)
         test = {"trial": best.number, **{k: v for k, v in res["test"].items() if isinstance(v, (int, float))}}
         self.write_results(test)
