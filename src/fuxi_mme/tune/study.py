@@ -78,6 +78,7 @@ class Study:
         self.sampler = make_sampler(sampler, self.space, seed)
         self.pruner = MedianPruner() if prune else None
         self.keep_checkpoints = keep_checkpoints
+        self.parallel = 1
         self.trials: dict[int, Trial] = {}
         self.spec = {
             "base": _jsonable(base),
@@ -146,6 +147,7 @@ class Study:
         folder.mkdir(parents=True)
         atomic_write_text(folder / "config.yaml", yaml.safe_dump(_jsonable(cfg), sort_keys=False))
         env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // self.parallel)))  # trials share the host's cores
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         cmd = [sys.executable, "-m", "fuxi_mme", "train", "--config", str(folder / "config.yaml"), "--no-progress"]
@@ -214,6 +216,7 @@ class Study:
         from ..data import load_dataset
 
         start = time.monotonic()
+        self.parallel = budget.parallel
         load_dataset(self.base.data)  # prepared once here, not by every trial at once (and a data error stops the study now)
         gpus = visible_gpus()
         todo = [n for n in range(budget.trials) if n not in self.trials or self.trials[n].state == "running"]
