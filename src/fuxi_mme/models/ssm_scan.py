@@ -75,16 +75,20 @@ def selective_scan_chunked(
     chunks of ``chunk`` positions; inside every chunk (all at once) the states are a doubling
     scan from zero; the chunk-end states are carried across chunks by a second doubling scan
     over the chunks; each position then adds its decay from the chunk start times the state
-    entering its chunk. ``max_len`` (default N) bounds the number of chunks, so the number of
-    levels does not depend on the traced length (torch.export with a dynamic N)."""
+    entering its chunk. ``max_len`` bounds a symbolic N (torch.export with a dynamic length): the
+    sequence is then padded to a fixed number of chunks, so no level count depends on N."""
     Bsz, N, Di = u.shape
     S = A.shape[1]
     L = chunk
-    pad = (-N) % L  # padding at the end: dt = 0 there (decay 1, no input), after every real position
+    # padding at the end (dt = 0 there: decay 1, no input), after every real position: to a
+    # multiple of L, or, for a symbolic N (torch.export), to a fixed (max_len // L + 1) * L
+    # (never a zero pad, which the exporter would have to guard on)
+    symbolic = isinstance(N, torch.SymInt) and max_len is not None
+    pad = (max_len // L + 1) * L - N if symbolic else (-N) % L
     ct = _compute_dtype(u)
     uf, dtf, Bf, Cf = (F.pad(t.to(ct), (0, 0, 0, pad)) for t in (u, dt, B, C))
     A = A.to(ct)
-    nc = (N + pad) // L
+    nc = uf.shape[1] // L
     a = torch.exp(dtf[..., None] * A)  # (B, N', Di, S)
     b = (dtf * uf)[..., None] * Bf[:, :, None, :]
     a = a.view(Bsz * nc, L, Di, S)
@@ -92,7 +96,7 @@ def selective_scan_chunked(
     decay_CL, h_CL = linear_scan(a, b, (L - 1).bit_length())  # from a zero state at each chunk start
     decay_BCL = decay_CL.view(Bsz, nc, L, Di, S)
     h_BCL = h_CL.view(Bsz, nc, L, Di, S)
-    max_chunks = -(-(max_len or N) // L)
+    max_chunks = max_len // L + 1 if symbolic else nc  # type: ignore[operator]
     _, carry_BC = linear_scan(decay_BCL[:, :, -1], h_BCL[:, :, -1], (max_chunks - 1).bit_length())
     entering = _shift(carry_BC, 1, 0.0)  # (B, C, Di, S): the state before each chunk's first position
     h = h_BCL + decay_BCL * entering[:, :, None]
@@ -117,9 +121,15 @@ def selective_scan_kernel(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
 def selective_scan(
     u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, how: str = "auto", chunk: int = 64, max_len: int | None = None
 ) -> torch.Tensor:
-    """Dispatch on ``how`` (``model.ssm_scan``): auto is the kernel on CUDA when mamba-ssm is
-    installed, else the chunked scan."""
-    if how == "kernel" or (how == "auto" and _mamba_scan is not None and u.is_cuda and not torch.compiler.is_compiling()):
+    """Dispatch on ``how`` (``model.ssm_scan``). ``auto``: mamba-ssm's kernel on CUDA when it is
+    installed, else the chunked scan on CUDA and whenever the code is traced (torch.compile,
+    torch.export: its level counts do not depend on the length); the sequential reference in
+    eager CPU runs, where its small per-step tensors stay in cache and it is several times
+    faster than the chunked scan (docs/models.md#state-space-encoder)."""
+    traced = torch.compiler.is_compiling()
+    if how == "auto":
+        how = "kernel" if u.is_cuda and _mamba_scan is not None and not traced else "chunked" if u.is_cuda or traced else "reference"
+    if how == "kernel":
         if _mamba_scan is None:
             raise RuntimeError("model.ssm_scan=kernel needs the mamba-ssm package (pip install mamba-ssm); use auto or chunked")
         return selective_scan_kernel(u, dt, A, B, C, D)
