@@ -31,7 +31,8 @@ def test_every_named_preset_resolves_to_the_config_pinned_before_shapes():
     """Every preset's resolved config, pinned before presets moved to shapes: no published row
     changes. Fields added since (a new option at its default) are not in the pinned file."""
     pinned = json.loads(PINNED.read_text())
-    assert sorted(pinned) == sorted(all_presets())
+    added_families = ("-ssm-",)  # model families added since the pin: their presets are new
+    assert sorted(pinned) == sorted(n for n in all_presets() if not any(f in n for f in added_families))
     for name, old in pinned.items():
         now = _flat(json.loads(build_preset(name).to_json()))
         changed = {k: (v, now.get(k)) for k, v in _flat(old).items() if now.get(k) != v}

@@ -15,7 +15,7 @@ from . import __version__, commands
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="named preset (see `fuxi-mme presets`); default demo-fuxi-mme-base")
     p.add_argument("--dataset", help="dataset of the preset: demo, ml-1m, amazon-beauty, ... (or use --data-path)")
-    p.add_argument("--model", help="model family: fuxi-mme, fuxi-alpha, hstu, sasrec, llama, popularity")
+    p.add_argument("--model", help="model family: fuxi-mme, fuxi-alpha, hstu, sasrec, llama, ssm, popularity")
     p.add_argument("--size", choices=("base", "large"), help="model size of the preset")
     p.add_argument("--config", help="YAML file with sections data:, model:, train:, eval:, log:")
     p.add_argument(

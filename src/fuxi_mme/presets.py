@@ -28,7 +28,7 @@ SASREC_DIMS = {  # (dim, layers, heads, ffn_dim)
 }
 
 
-MODEL_FAMILIES = ("fuxi-mme", "fuxi-alpha", "hstu", "sasrec", "llama", "popularity")
+MODEL_FAMILIES = ("fuxi-mme", "fuxi-alpha", "hstu", "sasrec", "llama", "ssm", "popularity")
 SIZES = ("base", "large")
 
 # Fuxi-MME defaults (the paper leaves them open; docs/models.md#how-the-defaults-were-chosen).
@@ -143,6 +143,8 @@ def build_defaults(shape_name: str, model: str, size: str, dataset: str) -> Conf
         m.qk_dim = m.v_dim = qk
     if model == "sasrec":
         m.dim, m.num_layers, m.num_heads, m.ffn_dim = SASREC_DIMS[shape.dims][size]
+    if model == "ssm":  # the FuXi groups' width and depth; state 16, convolution 4, expand 2 (docs/models.md#state-space-encoder)
+        m.dim, m.num_layers = FUXI_DIMS[shape.dims][size][:2]
     if model == "fuxi-mme":
         decoder = dict(MME_DECODERS.get(shape.mme or shape.dims, {}))
         full_heads = decoder.pop("full_heads", False)
