@@ -112,13 +112,13 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     """``experiment``: suites of runs, aggregated over seeds."""
     x = sub.add_parser(
         "experiment",
-        help="run a suite of runs (main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, ...) "
+        help="run a suite of runs (main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, mixer, ...) "
         "and aggregate over seeds",
     )
     x.add_argument(
         "suite",
         nargs="+",
-        help="main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, precision or loss; "
+        help="main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, precision, loss or mixer; "
         "several run as one queue. Finished runs are skipped; "
         "a finished run made with other settings than the suite now asks for (a changed preset default) is run again, "
         "the old one kept as seed<k>.stale",

@@ -12,7 +12,22 @@ from .plots import plot_scaling
 from .tables import beyond_table, equal_size_comparison, headline, markdown, published_comparison
 
 # The order of the suites on the page (every suite, tested).
-DOC_ORDER = ("main", "ablation", "sweep", "capacity", "amazon", "width", "norm", "sports", "dropout", "temperature", "scaling", "precision", "loss")
+DOC_ORDER = (
+    "main",
+    "ablation",
+    "sweep",
+    "capacity",
+    "amazon",
+    "width",
+    "norm",
+    "sports",
+    "dropout",
+    "temperature",
+    "scaling",
+    "precision",
+    "loss",
+    "mixer",
+)
 
 INTRO = [
     "# Results",
