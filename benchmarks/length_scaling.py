@@ -137,12 +137,14 @@ def measure(name: str, N: int, args, dev: torch.device) -> dict[str, Any]:
         row.update(fits=False, error="out of memory")
     except RuntimeError as exc:  # a failure of one cell is recorded, the sweep goes on
         row.update(fits=None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-    finally:
-        del model, opt
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
     return row
+
+
+def release(dev: torch.device) -> None:
+    """Free what the last cell held (its model, optimizer and activations went out of scope)."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def fmt_cell(r: dict[str, Any]) -> str:
@@ -179,7 +181,11 @@ def plot(rows: list[dict[str, Any]], models: list[str], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    keys = [("train_tokens_per_s", "training tokens/s"), ("infer_tokens_per_s", "inference tokens/s"), ("train_peak_gb", "training peak memory (GiB)")]
+    keys = [
+        ("train_tokens_per_s", "training tokens/s"),
+        ("infer_tokens_per_s", "inference tokens/s"),
+        ("train_peak_gb", "training peak memory (GiB)"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, (key, label) in zip(axes, keys):
         for m in models:
@@ -237,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"model": m, "length": n, "batch": max(1, args.tokens // n), "fits": False, "after_oom_at_shorter_length": True})
                 continue
             r = measure(m, n, args, dev)
+            release(dev)
             oom = r["fits"] is False
             rows.append(r)
             print(f"{m:>18} N={n:>5}: {fmt_cell(r)}" + (f" ({r['error']})" if r.get("error") else ""), flush=True)

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def scan_inputs(Bsz, N, Di, S, dtype=torch.float64, device="cpu", dt_scale=2.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
-    args = [r(Bsz, N, Di), torch.rand(Bsz, N, Di, generator=g, dtype=dtype) * dt_scale, -torch.rand(Di, S, generator=g, dtype=dtype) * 3, r(Bsz, N, S), r(Bsz, N, S), r(Di)]
+    dt = torch.rand(Bsz, N, Di, generator=g, dtype=dtype) * dt_scale
+    args = [r(Bsz, N, Di), dt, -torch.rand(Di, S, generator=g, dtype=dtype) * 3, r(Bsz, N, S), r(Bsz, N, S), r(Di)]
     return [a.to(device).requires_grad_(True) for a in args]
 
 
@@ -149,7 +150,8 @@ def test_attention_mixer_is_the_model_of_before(case):
     assert len(keys) == n_keys and not any("ssm" in k for k in keys)
     if case == "fuxi-alpha":
         assert [k for k in keys if not k.startswith("blocks.")] == FUXI_ALPHA_KEYS
-        assert {k.split(".", 2)[2] for k in keys if k.startswith("blocks.")} == {"pos_w", "time_w", "uvqk.weight", "out.weight", "out.bias", "ffn.w1.weight", "ffn.w3.weight", "ffn.w2.weight"}
+        block_keys = {"pos_w", "time_w", "uvqk.weight", "out.weight", "out.bias", "ffn.w1.weight", "ffn.w3.weight", "ffn.w2.weight"}
+        assert {k.split(".", 2)[2] for k in keys if k.startswith("blocks.")} == block_keys
     with torch.no_grad():
         out = m(ids, ts, ts.roll(-1, 1))
     assert out[:, :, :3].sum((0, 1)).tolist() == pytest.approx(sums, abs=1e-4)
@@ -255,7 +257,7 @@ def test_length_scaling_benchmark_runs_on_cpu(tmp_path):
     assert res["config"]["tokens"] == 256 and res["config"]["lengths"] == [16, 32]
     rows = {(r["model"], r["length"]): r for r in res["rows"]}
     assert set(rows) == {(m, n) for m in ("sasrec", "fuxi-alpha", "ssm", "fuxi-alpha-hybrid") for n in (16, 32)}
-    for (model, n), r in rows.items():
+    for (_, n), r in rows.items():
         assert r["fits"] and r["batch"] == 256 // n
         assert r["train_tokens_per_s"] > 0 and r["infer_tokens_per_s"] > 0 and r["params"] > 0
     assert "commit" in res and res["versions"]["torch"] and res["device"]["device"] == "cpu"

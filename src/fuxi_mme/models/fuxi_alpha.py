@@ -145,7 +145,9 @@ class FuxiBlock(nn.Module):
         return (self.ffn_moe(z, valid, stream) if self.ffn is None else self.ffn(z)) + o
 
 
-def decoder(cfg: ModelConfig, width: int, max_len: int, moe: MoEConfig | None = None, num_streams: int = 1) -> tuple[nn.ModuleList, nn.ModuleList | None]:
+def decoder(
+    cfg: ModelConfig, width: int, max_len: int, moe: MoEConfig | None = None, num_streams: int = 1
+) -> tuple[nn.ModuleList, nn.ModuleList | None]:
     """One stack of ``model.num_layers`` blocks under ``model.mixer``, and the state-space blocks
     that follow each of them (``hybrid``; else None). Under ``ssm`` an MoE replaces the blocks'
     SwiGLU (placement ffn); under ``hybrid`` the FuXi blocks carry it and the SSM blocks do not."""

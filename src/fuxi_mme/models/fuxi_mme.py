@@ -67,7 +67,7 @@ class FuxiMME(SequenceModel):
             stacks = [decoder(cfg, self.D, max_len, moe, M) for _ in range(M)]
             self.stream_blocks = nn.ModuleList(b for b, _ in stacks)
             if cfg.mixer == "hybrid":
-                self.stream_ssm_blocks = nn.ModuleList(s for _, s in stacks)
+                self.stream_ssm_blocks = nn.ModuleList(cast(nn.ModuleList, s) for _, s in stacks)
 
     # ---------------------------------------------------------------- helpers
     def _moe_layers(self):

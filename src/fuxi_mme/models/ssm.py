@@ -48,7 +48,17 @@ class SelectiveSSM(nn.Module):
     B, C = W_B x, W_C x; y = scan(x, dt, A = -exp(A_log), B, C, D); out_proj(y * phi(z)).
     """
 
-    def __init__(self, dim: int, state: int = 16, conv: int = 4, expand: int = 2, dt_rank: int = 0, scan: str = "auto", chunk: int = 64, max_len: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        state: int = 16,
+        conv: int = 4,
+        expand: int = 2,
+        dt_rank: int = 0,
+        scan: str = "auto",
+        chunk: int = 64,
+        max_len: int | None = None,
+    ):
         super().__init__()
         Di = expand * dim
         R = dt_rank or math.ceil(dim / 16)

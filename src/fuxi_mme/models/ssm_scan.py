@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 try:  # optional extra: the fused CUDA kernel of the Mamba authors
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_scan
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_scan  # type: ignore[import-not-found]
 except ImportError:  # the usual case: the PyTorch scans below are used
     _mamba_scan = None
 
@@ -84,7 +84,7 @@ def selective_scan_chunked(
     # multiple of L, or, for a symbolic N (torch.export), to a fixed (max_len // L + 1) * L
     # (never a zero pad, which the exporter would have to guard on)
     symbolic = isinstance(N, torch.SymInt) and max_len is not None
-    pad = (max_len // L + 1) * L - N if symbolic else (-N) % L
+    pad = (max_len // L + 1) * L - N if symbolic and max_len is not None else (-N) % L
     ct = _compute_dtype(u)
     uf, dtf, Bf, Cf = (F.pad(t.to(ct), (0, 0, 0, pad)) for t in (u, dt, B, C))
     A = A.to(ct)
@@ -119,7 +119,15 @@ def selective_scan_kernel(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B:
 
 
 def selective_scan(
-    u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, how: str = "auto", chunk: int = 64, max_len: int | None = None
+    u: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    how: str = "auto",
+    chunk: int = 64,
+    max_len: int | None = None,
 ) -> torch.Tensor:
     """Dispatch on ``how`` (``model.ssm_scan``). ``auto``: mamba-ssm's kernel on CUDA when it is
     installed, else the chunked scan on CUDA and whenever the code is traced (torch.compile,
