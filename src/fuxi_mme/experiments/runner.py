@@ -17,6 +17,7 @@ from typing import Any
 from ..utils.runinfo import git_commit
 from .aggregate import aggregate
 from .logs import pack_logs
+from .packing import OOM_RETRIES, MemoryGate, ended_out_of_memory, peak_memory_gb
 from .page import write_docs
 from .plan import GpuSlots, Job, is_done, job_cost, plan, stale_changes, visible_gpus
 from .store import has_run_file, unpack_run
@@ -50,19 +51,36 @@ def run_job(job: Job, env: dict[str, str]) -> tuple[Job, int, float]:
     return job, rc, time.perf_counter() - t0
 
 
-def run_jobs(pending: list[Job], jobs: int, names: dict[int, str]) -> dict[str, list[str]]:
-    """Run ``pending`` ``jobs`` at a time, longest first, each on the GPU with the fewest running
-    jobs; report each as it ends. Returns the failed run folders per suite name."""
+def run_jobs(pending: list[Job], jobs: int, names: dict[int, str], gate: MemoryGate | None = None) -> dict[str, list[str]]:
+    """Run ``pending`` at most ``jobs`` at a time, longest first, each on the GPU with the fewest
+    running jobs once its free memory covers the job's measured need (``packing.py``); a job
+    that ends out of GPU memory runs again (at most twice). Reports each as it ends. Returns
+    the failed run folders per suite name."""
     slots = GpuSlots(visible_gpus())
+    gate = gate or MemoryGate()
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(jobs, 1))))
 
     def start(job: Job) -> tuple[Job, int, float]:
-        job.gpu = slots.take()
-        try:
-            return run_job(job, env)
-        finally:
-            slots.give(job.gpu)
+        key = (job.dataset, job.variant)
+        total = 0.0
+        for attempt in range(OOM_RETRIES + 1):
+            job.gpu = slots.take()
+            gate.acquire(job.gpu, key)
+            try:
+                job, rc, dt = run_job(job, env)
+            finally:
+                gate.release(job.gpu)
+                slots.give(job.gpu)
+            total += dt
+            gate.learn(key, peak_memory_gb(job.run_dir))
+            if rc == 0 or job.gpu is None or attempt == OOM_RETRIES or not ended_out_of_memory(job.run_dir.parent / f"{job.run_dir.name}.log"):
+                return job, rc, total
+            gate.raise_need(key)
+            what = f"[{names[id(job)]}] {job.dataset} / {job.variant} / seed {job.seed}"
+            sys.stdout.write(f"{what}: out of GPU memory, started again when memory frees up\n")
+            sys.stdout.flush()
+        return job, rc, total
 
     failed: dict[str, list[str]] = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job reported as it ends, not in start order

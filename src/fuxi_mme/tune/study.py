@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from ..config import Config, ConfigError, validate
+from ..experiments.packing import OOM_RETRIES, MemoryGate, ended_out_of_memory, peak_memory_gb
 from ..experiments.plan import visible_gpus
 from ..utils.runinfo import atomic_write_json, atomic_write_text
 from .search import MedianPruner, make_sampler
@@ -79,6 +80,8 @@ class Study:
         self.pruner = MedianPruner() if prune else None
         self.keep_checkpoints = keep_checkpoints
         self.parallel = 1
+        self.gate = MemoryGate()  # trials start on a GPU when its free memory covers one (experiments/packing.py)
+        self.oom_retries: dict[int, int] = {}
         self.trials: dict[int, Trial] = {}
         self.spec = {
             "base": _jsonable(base),
@@ -222,11 +225,15 @@ class Study:
         todo = [n for n in range(budget.trials) if n not in self.trials or self.trials[n].state == "running"]
         while todo or running:
             while todo and len(running) < budget.parallel and (budget.seconds is None or time.monotonic() - start < budget.seconds):
-                n = todo.pop(0)
                 gpu = min(gpus, key=lambda g: sum(r[3] == g for r in running.values())) if gpus else None
+                if not self.gate.try_acquire(gpu, "trial"):  # its free memory does not cover a trial yet
+                    break
+                n = todo.pop(0)
                 launched = self._launch(n, gpu)
                 if launched is not None:
                     running[n] = (*launched, gpu, time.monotonic())
+                else:
+                    self.gate.release(gpu)
             if budget.seconds is not None and time.monotonic() - start >= budget.seconds and todo:
                 log.info("time budget of %.0f s spent: no new trials (%d not started; run the same command to continue)", budget.seconds, len(todo))
                 todo = []
@@ -234,18 +241,28 @@ class Study:
                 break
             time.sleep(1.0)
             for n in list(running):
-                t, proc, run_dir, _, began = running[n]
+                t, proc, run_dir, gpu, began = running[n]
                 self._read_curve(t, run_dir)
                 if proc.poll() is not None:
+                    del running[n]
+                    self.gate.release(gpu)
+                    self.gate.learn("trial", peak_memory_gb(run_dir))
+                    oom = proc.returncode != 0 and gpu is not None and ended_out_of_memory(run_dir.parent / "log.txt")
+                    if oom and self.oom_retries.get(n, 0) < OOM_RETRIES:  # another trial grew: run it again later
+                        self.oom_retries[n] = self.oom_retries.get(n, 0) + 1
+                        self.gate.raise_need("trial")
+                        todo.insert(0, n)
+                        log.info("trial %d ran out of GPU memory; it starts again when memory frees up", n)
+                        continue
                     t.seconds = round(time.monotonic() - began, 1)
                     self._complete(t, proc.returncode, run_dir)
-                    del running[n]
                     if n == 0 and t.state == "failed":  # the base config itself fails: every trial would
                         for _, other, *_ in running.values():
                             _stop(other)
                         raise RuntimeError(f"the base config (trial 0) failed, so the study stops: {t.error} (log: {run_dir.parent / 'log.txt'})")
                 elif self.pruner is not None and t.curve and self.pruner.should_prune(t.curve, self._finished_curves(t.curve[-1][0])):
                     _stop(proc)
+                    self.gate.release(gpu)
                     t.seconds = round(time.monotonic() - began, 1)
                     t.state = "pruned"
                     t.value, t.epoch = max((v, e) for e, v in t.curve)

@@ -1,0 +1,112 @@
+"""Packing runs onto a GPU by measured memory, and starting again a run that ran out of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fuxi_mme.experiments import packing
+from fuxi_mme.experiments.packing import MemoryGate, ended_out_of_memory, peak_memory_gb
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+def test_a_run_waits_for_free_memory_its_kind_needs():
+    clock = Clock()
+    free = {"0": 100.0}
+    waited_until: list[float] = []
+
+    def sleep(s: float) -> None:
+        clock.sleep(s)
+        if clock.t >= 30:  # the first run shrinks (or another ends) at t = 30
+            free["0"] = 100.0
+        waited_until.append(clock.t)
+
+    gate = MemoryGate(free=lambda g: free[g], default_gb=8.0, settle_s=10.0, poll_s=1.0, clock=clock, sleep=sleep)
+    gate.acquire("0", "a")  # nothing runs there: starts at once
+    assert gate.running["0"] == 1 and clock.t == 0
+    gate.learn("a", 20.0)  # a run of kind a logged a 20 GiB peak: need 20 * 1.25 + 1.5
+    assert gate.expect("a") == 26.5 and gate.expect("b") == 8.0
+    free["0"] = 10.0
+    gate.acquire("0", "b")  # 10 GiB free covers b's assumed 8, once the first start has settled
+    assert clock.t == 10 and gate.running["0"] == 2
+    gate.acquire("0", "a")  # a needs 26.5: waits until memory frees up
+    assert clock.t == 30 and gate.running["0"] == 3
+    gate.release("0")
+    gate.release("0")
+    gate.release("0")
+    assert gate.running["0"] == 0
+    gate.raise_need("a")
+    assert gate.expect("a") == 26.5 * 1.5
+    gate.acquire(None, "a")  # CPU runs are not gated
+
+
+def test_try_acquire_answers_without_waiting():
+    clock = Clock()
+    free = {"0": 5.0}
+    gate = MemoryGate(free=lambda g: free[g], default_gb=8.0, settle_s=10.0, clock=clock, sleep=clock.sleep)
+    assert gate.try_acquire("0", "t")  # an empty GPU
+    assert not gate.try_acquire("0", "t")  # not settled yet
+    clock.t = 11
+    assert not gate.try_acquire("0", "t")  # settled, but 5 GiB free < 8 needed
+    free["0"] = 50.0
+    assert gate.try_acquire("0", "t") and gate.running["0"] == 2
+    unknown = MemoryGate(free=lambda g: None, clock=clock, sleep=clock.sleep, settle_s=0)
+    assert unknown.try_acquire("0", "t") and unknown.try_acquire("0", "t")  # no reading: only --jobs bounds
+
+
+def test_peaks_and_out_of_memory_ends_are_read_from_the_run(tmp_path):
+    run = tmp_path / "seed0"
+    run.mkdir()
+    records = [{"kind": "train", "gpu_mem_gb": 3.5}, {"kind": "valid", "NDCG@10": 0.1}, {"kind": "train", "gpu_mem_gb": 4.25}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{partial")
+    assert peak_memory_gb(run) == 4.25 and peak_memory_gb(tmp_path / "none") is None
+    log = tmp_path / "seed0.log"
+    log.write_text("INFO ...\nfuxi-mme: error: CUDA out of memory. Tried to allocate 12.00 MiB.\n")
+    assert ended_out_of_memory(log)
+    log.write_text("fuxi-mme: error: something else\n")
+    assert not ended_out_of_memory(log) and not ended_out_of_memory(tmp_path / "missing.log")
+
+
+def test_a_job_that_ran_out_of_gpu_memory_runs_again(tmp_path, monkeypatch, capsys):
+    from fuxi_mme.experiments import runner
+    from fuxi_mme.experiments.plan import Job
+
+    calls: list[str | None] = []
+
+    def fake_run_job(job, env):
+        calls.append(job.gpu)
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        log = job.run_dir.parent / f"{job.run_dir.name}.log"
+        if len(calls) == 1:
+            log.write_text("fuxi-mme: error: CUDA out of memory. Tried to allocate 1.46 GiB.\n")
+            return job, 2, 5.0
+        (job.run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "gpu_mem_gb": 2.0}) + "\n")
+        log.write_text("ok\n")
+        return job, 0, 7.0
+
+    monkeypatch.setattr(runner, "run_job", fake_run_job)
+    monkeypatch.setattr(runner, "visible_gpus", lambda: ["0"])
+    gate = MemoryGate(free=lambda g: 100.0, settle_s=0)
+    job = Job("demo", "sasrec", 0, [], Path(tmp_path / "demo" / "sasrec" / "seed0"))
+    failed = runner.run_jobs([job], 1, {id(job): "s"}, gate=gate)
+    out = capsys.readouterr().out
+    assert failed == {} and calls == ["0", "0"]
+    assert "out of GPU memory, started again" in out and "seed 0: ok 12s" in out
+    # raised to 8 * 1.5 after the out-of-memory end; the finished run's 2 GiB peak (need 4) stays below it
+    assert gate.expect(("demo", "sasrec")) == 12.0
+    assert gate.running["0"] == 0
+
+
+def test_free_memory_is_none_without_nvidia_smi(monkeypatch):
+    monkeypatch.setattr(packing.shutil, "which", lambda name: None)
+    assert packing.free_memory_gb("0") is None
