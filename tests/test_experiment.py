@@ -516,6 +516,10 @@ ADDED_SINCE_PINNED = {
     ("model", "ssm_chunk"): 64,
     ("eval", "beyond"): True,
     ("eval", "final_test"): True,
+    ("data", "noise"): {"kind": "none", "rate": 0.0, "sampling": "uniform", "window": 3, "eval": False},
+    ("data", "sparsity"): {"kind": "none", "k": 20, "rate": 0.0},
+    ("model", "denoise"): "none",
+    ("model", "denoise_weight"): 0.01,
 }
 
 

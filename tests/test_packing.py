@@ -60,7 +60,7 @@ def test_try_acquire_answers_without_waiting():
     assert not gate.try_acquire("0", "t")  # settled, but 5 GiB free < 8 needed
     free["0"] = 50.0
     assert gate.try_acquire("0", "t") and gate.running["0"] == 2
-    unknown = MemoryGate(free=lambda g: None, clock=clock, sleep=clock.sleep, settle_s=0)
+    unknown = MemoryGate(free=lambda g: None, clock=clock, sleep=clock.sleep, settle_s=100)
     assert unknown.try_acquire("0", "t") and unknown.try_acquire("0", "t")  # no reading: only --jobs bounds
 
 

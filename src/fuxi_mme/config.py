@@ -27,6 +27,26 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class NoiseConfig:
+    """Noise in the training part of each sequence (docs/training.md#robustness-protocols); off by default."""
+
+    kind: str = "none"  # "none", "insert" (random items), "replace" (random items), "shuffle" (local windows)
+    rate: float = 0.0  # in [0, 1): share of training events inserted, replaced, or chance a window is shuffled
+    sampling: str = "uniform"  # random items: "uniform" over the catalogue or "popularity" (training counts)
+    window: int = 3  # shuffle: events per local window
+    eval: bool = False  # also perturb the histories fed at evaluation (targets stay clean)
+
+
+@dataclass
+class SparsityConfig:
+    """Fewer training events per user (docs/training.md#robustness-protocols); off by default."""
+
+    kind: str = "none"  # "none", "last_k" (keep each user's last k training events), "drop" (drop a share at random)
+    k: int = 20  # last_k: training events kept per user (at least 2)
+    rate: float = 0.0  # drop: in [0, 1), share of each user's training events dropped
+
+
+@dataclass
 class DataConfig:
     """Which dataset, how it is split and how sequences are cut."""
 
@@ -53,6 +73,8 @@ class DataConfig:
     data_dir: str | None = None  # cache folder; None: $FUXI_MME_DATA or the user cache dir
     demo_users: int = 3000  # size of the built-in demo dataset
     demo_seed: int = 0
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
 
 @dataclass
@@ -111,6 +133,11 @@ class ModelConfig:
     # (sequential), "chunked" (parallel scan in PyTorch), "kernel" (mamba-ssm, required)
     ssm_scan: str = "auto"
     ssm_chunk: int = 64  # positions per chunk of the chunked scan (a power of two)
+    # FuXi-alpha / Fuxi-MME noise decoupling before the blocks (docs/models.md#noise-decoupling):
+    # "none" (the published model), "filter" (learnable causal frequency-domain filter), "gate"
+    # (per-event keep weight, hard-dropped below 0.1 in training, with a sparsity penalty)
+    denoise: str = "none"
+    denoise_weight: float = 0.01  # gate: weight of the mean keep weight added to the loss
 
 
 @dataclass
@@ -421,6 +448,10 @@ def validate(cfg: Config) -> None:
         "train.cuda_graphs": (cfg.train.cuda_graphs, ("auto", "on", "off")),
         "train.schedule": (cfg.train.schedule, ("constant", "cosine")),
         "train.loss": (cfg.train.loss, ("sampled", "full")),
+        "data.noise.kind": (cfg.data.noise.kind, ("none", "insert", "replace", "shuffle")),
+        "data.noise.sampling": (cfg.data.noise.sampling, ("uniform", "popularity")),
+        "data.sparsity.kind": (cfg.data.sparsity.kind, ("none", "last_k", "drop")),
+        "model.denoise": (cfg.model.denoise, ("none", "filter", "gate")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -451,7 +482,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.attention_norm={m.attention_norm} must be 0 (the padded length, docs/models.md#attention-channels) or a positive divisor"
         )
+    _validate_robustness(cfg)
     if cfg.train.temperature <= 0:
         raise ConfigError(f"train.temperature={cfg.train.temperature} must be positive")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:
         raise ConfigError(f"eval.ks={cfg.eval.ks} must be positive cut-offs such as 10,50,200")
+
+
+def _validate_robustness(cfg: Config) -> None:
+    """The noise and sparsity protocols and the denoise option (docs/training.md#robustness-protocols)."""
+    for key, rate in (("data.noise.rate", cfg.data.noise.rate), ("data.sparsity.rate", cfg.data.sparsity.rate)):
+        if not 0.0 <= rate < 1.0:
+            raise ConfigError(f"{key}={rate} must be in [0, 1)")
+    if cfg.data.sparsity.k < 2:
+        raise ConfigError(f"data.sparsity.k={cfg.data.sparsity.k} must be at least 2 (a training window needs an input and a target)")
+    if cfg.data.noise.window < 2:
+        raise ConfigError(f"data.noise.window={cfg.data.noise.window} must be at least 2 (a shuffled window of one event is unchanged)")
+    if cfg.model.denoise_weight < 0:
+        raise ConfigError(f"model.denoise_weight={cfg.model.denoise_weight} must be 0 or more")

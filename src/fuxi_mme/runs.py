@@ -18,6 +18,7 @@ from typing import Any
 
 from .config import Config, config_from_dict
 from .data import load_dataset
+from .data.noise import evaluation_view, training_view
 from .data.prepared import PreparedDataset
 from .data.splits import eval_arrays
 from .eval.evaluator import evaluate_split, model_scorer, popularity_scorer, resolve_history
@@ -117,9 +118,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "au
     """Metrics of a trained run's checkpoint on ``split``, as training computed them."""
     cfg, ds, model = load_trained(run_dir, checkpoint, device)
     dev = resolve_device(cfg.train.device)
-    arrs = eval_arrays(ds, cfg.data.protocol, split, cfg.data.max_len)
     amp = autocast_dtype(cfg.train.amp)  # the precision of the run's own evaluations
-    scorer = popularity_scorer(ds, cfg.data.protocol, dev) if model is None else model_scorer(model, amp)
+    scorer = popularity_scorer(training_view(ds, cfg.data, cfg.train.seed), cfg.data.protocol, dev) if model is None else model_scorer(model, amp)
+    ds = evaluation_view(ds, cfg.data, cfg.train.seed)  # clean unless data.noise.eval (docs/training.md#robustness-protocols)
+    arrs = eval_arrays(ds, cfg.data.protocol, split, cfg.data.max_len)
     history, why = resolve_history(cfg.eval.history, ds, cfg.data.protocol)
     m = evaluate_split(
         scorer,

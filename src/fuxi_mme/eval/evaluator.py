@@ -18,6 +18,7 @@ from ..data.repeats import repeat_flags, repeat_summary
 from ..data.splits import EvalArrays, split_points
 from ..models.common import SequenceModel
 from .beyond import BeyondAccumulator, beyond_metrics, popularity_cached
+from .buckets import bucket_metrics
 from .metrics import metrics_from_ranks, ranks_from_scores
 
 Scorer = Callable[[Batch], torch.Tensor]  # batch -> (B, I+1) scores
@@ -193,7 +194,8 @@ def evaluate_split(
     """Metrics of one split: HR/NDCG@K and MRR over its users, ``users``, and where the split
     has targets that repeat an item of the user's history, the same metrics on those targets
     and on new-item targets (``repeat_targets`` / ``new_targets``; split after scoring, so it
-    never influences a rank) and, under ``mask``, how many repeat targets were masked.
+    never influences a rank) and, under ``mask``, how many repeat targets were masked;
+    ``buckets`` holds the same metrics per history-length bucket (:mod:`fuxi_mme.eval.buckets`).
 
     With ``beyond``, ``beyond`` holds the beyond-accuracy metrics of the same top-K lists
     (:mod:`fuxi_mme.eval.beyond`), popularity read from the training part of ``protocol``
@@ -234,6 +236,7 @@ def evaluate_split(
         )
     m: dict[str, Any] = metrics_from_ranks(res.ranks, ks)
     m["users"] = int(len(res.ranks))
+    m["buckets"] = bucket_metrics(res.ranks, arrs.hist_end - arrs.hist_start, ks)  # by history length (eval/buckets.py)
     repeat = repeat_flags(ds)[arrs.hist_end]
     if repeat.any():
         m["repeat_targets"] = {"users": int(repeat.sum()), **metrics_from_ranks(res.ranks[repeat], ks)}

@@ -110,10 +110,9 @@ class MemoryGate:
                 settled = self.clock() - self.last_start.get(gpu, -1e9) >= self.settle_s
                 if busy == 0:
                     break
-                if settled:
-                    free = self.free(gpu)
-                    if free is None or free >= self.expect(key):
-                        break
+                free = self.free(gpu)
+                if free is None or (settled and free >= self.expect(key)):  # no reading: only --jobs bounds
+                    break
                 self.sleep(self.poll_s)
             with self.lock:
                 self.running[gpu] = self.running.get(gpu, 0) + 1
@@ -127,10 +126,9 @@ class MemoryGate:
             with self.lock:
                 busy = self.running.get(gpu, 0)
             if busy:
-                if self.clock() - self.last_start.get(gpu, -1e9) < self.settle_s:
-                    return False
                 free = self.free(gpu)
-                if free is not None and free < self.expect(key):
+                settled = self.clock() - self.last_start.get(gpu, -1e9) >= self.settle_s
+                if free is not None and (not settled or free < self.expect(key)):
                     return False
             with self.lock:
                 self.running[gpu] = busy + 1

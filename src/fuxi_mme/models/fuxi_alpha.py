@@ -17,6 +17,7 @@ from torch import nn
 from ..config import ConfigError, ModelConfig, MoEConfig
 from .attention import select_attention, semantic_norm
 from .common import Dropout, ItemInput, SequenceModel, SwiGLU, TemporalBuckets, l2_normalize, rms_norm, sequence_lengths
+from .denoise import TokenGate, denoise_penalty, make_denoise, release_denoise
 from .moe import MoE
 from .ssm import SSMBlock, check_ssm_config
 
@@ -200,9 +201,14 @@ class FuxiAlpha(SequenceModel):
         self.blocks = blocks
         if ssm_blocks is not None:  # under attention no key is added: checkpoints are unchanged
             self.ssm_blocks = ssm_blocks
+        denoise = make_denoise(cfg.denoise, cfg.dim, max_len, cfg.denoise_weight)
+        if denoise is not None:  # model.denoise=none adds no key (docs/models.md#noise-decoupling)
+            self.denoise = denoise
 
     def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor) -> torch.Tensor:
         x = self.input(ids)
+        if hasattr(self, "denoise"):
+            x = self.denoise(x, ids != 0)
         buckets = self.temporal(ts, query_ts) if self.mixer != "ssm" else None
         lengths = sequence_lengths(ids)
         valid = ids != 0 if self.mixer != "attention" else None
@@ -211,3 +217,13 @@ class FuxiAlpha(SequenceModel):
 
     def item_vectors(self) -> torch.Tensor:
         return l2_normalize(self.input.item_emb.weight)
+
+    # model.denoise=gate: its sparsity penalty is the auxiliary loss (docs/models.md#noise-decoupling)
+    def aux_loss(self) -> torch.Tensor | None:
+        return denoise_penalty(getattr(self, "denoise", None))
+
+    def release_aux_graphs(self) -> None:
+        release_denoise(getattr(self, "denoise", None))
+
+    def independent_length_chunks(self) -> bool:
+        return not isinstance(getattr(self, "denoise", None), TokenGate)  # the penalty is a mean over the whole batch

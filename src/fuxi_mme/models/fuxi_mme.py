@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .common import Dropout, SequenceModel, TemporalBuckets, l2_normalize, sequence_lengths
+from .denoise import TokenGate, denoise_penalty, make_denoise, release_denoise
 from .fuxi_alpha import FuxiBlock, decoder, run_decoder
 from .moe import moe_compile_options, one_batch_of_routing, release_aux_graphs
 from .ssm import SSMBlock
@@ -57,6 +58,9 @@ class FuxiMME(SequenceModel):
         self.moe_cfg, self.dropout_p = moe, cfg.dropout
 
         self.mixer = cfg.mixer
+        denoise = make_denoise(cfg.denoise, cfg.dim, max_len, cfg.denoise_weight)
+        if denoise is not None:  # on the M streams side by side; none adds no key (docs/models.md#noise-decoupling)
+            self.denoise = denoise
         # model.mixer (docs/models.md#state-space-encoder): the state-space blocks of `hybrid` sit
         # in their own lists, so under `attention` the keys are those of the published model
         if self.shared_decoder:
@@ -99,6 +103,8 @@ class FuxiMME(SequenceModel):
         M = self.M
         x = self._input(ids)  # (B, M, N, D)
         valid = ids != 0
+        if hasattr(self, "denoise"):
+            x = self.denoise(x.transpose(1, 2).reshape(B, N, M * self.D), valid).view(B, N, M, self.D).transpose(1, 2)
         lengths = sequence_lengths(ids)
         # (B, N, N), shared by every stream and block
         buckets = self.temporal(ts, query_ts) if self.mixer != "ssm" else None
@@ -125,11 +131,15 @@ class FuxiMME(SequenceModel):
 
     def aux_loss(self) -> torch.Tensor | None:
         losses = [m.last_aux for m in self._moe_layers() if m.last_aux is not None]
+        gate = denoise_penalty(getattr(self, "denoise", None))
+        if gate is not None:
+            losses.append(gate)
         return torch.stack(losses).sum() if losses else None
 
     # ---------------------------------------------------------------- training needs (SequenceModel)
     def release_aux_graphs(self) -> None:
         release_aux_graphs(self)
+        release_denoise(getattr(self, "denoise", None))
 
     def one_batch_of_routing(self):
         return one_batch_of_routing(self)
@@ -142,7 +152,8 @@ class FuxiMME(SequenceModel):
         return self.moe_cfg is not None and self.moe_cfg.backend == "loop"
 
     def independent_length_chunks(self) -> bool:
-        return self.moe_cfg is None  # the balance loss needs the routing of the whole batch
+        # the balance loss needs the routing of the whole batch; the gate's penalty is a batch mean
+        return self.moe_cfg is None and not isinstance(getattr(self, "denoise", None), TokenGate)
 
     def graph_compile_problem(self) -> str | None:
         # Measured on the H200 (torch 2.11): the experts on u with dropout, compiled and recorded

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 from ..config import Config
 from ..data.batches import NegativeSampler, make_batch
+from ..data.noise import evaluation_view, training_view
 from ..data.prepared import PreparedDataset
 from ..data.splits import EvalArrays, TrainArrays, eval_arrays, length_sorted_chunks, train_arrays
 from ..eval.evaluator import evaluate_split, model_scorer, resolve_history
@@ -94,11 +95,15 @@ class Trainer:
         progress: bool = True,
         dist_info: D.DistInfo = D.SINGLE,
     ):
-        self.cfg, self.ds, self.device, self.run_dir = cfg, ds, device, run_dir
+        self.cfg, self.device, self.run_dir = cfg, device, run_dir
+        ds_clean = ds
         self.dist = dist_info
         self.model = model
         t = cfg.train
-        self.train_arrs: TrainArrays = train_arrays(ds, cfg.data.protocol, cfg.data.max_len)
+        # noise and sparsity touch the training part only; evaluation reads the clean histories
+        # unless data.noise.eval (docs/training.md#robustness-protocols)
+        self.ds = ds = evaluation_view(ds, cfg.data, t.seed)
+        self.train_arrs: TrainArrays = train_arrays(training_view(ds_clean, cfg.data, t.seed), cfg.data.protocol, cfg.data.max_len)
         if len(self.train_arrs) == 0:
             raise ValueError(f"{ds.name}: no user has 2 or more training items under protocol {cfg.data.protocol!r}; nothing to train on")
         self.valid_arrs: EvalArrays | None = eval_arrays(ds, cfg.data.protocol, "valid", cfg.data.max_len) if cfg.data.protocol == "loo-val" else None

@@ -12,6 +12,7 @@ import torch
 
 from ..config import Config, validate
 from ..data import check_expected, load_dataset
+from ..data.noise import evaluation_view, training_view
 from ..data.prepared import PreparedDataset
 from ..data.splits import eval_arrays
 from ..eval.evaluator import evaluate_split, popularity_scorer, resolve_history
@@ -103,7 +104,8 @@ def _train(cfg: Config, resume, dinfo: D.DistInfo, device: torch.device) -> dict
 
 
 def _popularity(cfg: Config, ds: PreparedDataset, device: torch.device, run_dir: Path, write: bool = True) -> dict[str, Any]:
-    scorer = popularity_scorer(ds, cfg.data.protocol, device)
+    scorer = popularity_scorer(training_view(ds, cfg.data, cfg.train.seed), cfg.data.protocol, device)  # counts of the (perturbed) training parts
+    ds = evaluation_view(ds, cfg.data, cfg.train.seed)
     history, why = resolve_history(cfg.eval.history, ds, cfg.data.protocol)
     log.info(why)
     out: dict[str, Any] = {
