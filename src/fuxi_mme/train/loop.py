@@ -366,8 +366,10 @@ class Trainer:
             msg = f"epoch {epoch + 1}: loss {rec['loss']:.4f}, {rec['seq_per_s']:.0f} seq/s"
             if self.state.epoch % t.eval_every == 0 or self.state.epoch == t.epochs:
                 if self.valid_arrs is not None:
+                    t_eval = time.perf_counter()
                     vm = self.evaluate(self.valid_arrs, "valid")
-                    self.metrics_log.write({"kind": "valid", "epoch": self.state.epoch, "step": self.state.step, **vm})
+                    t_eval = time.perf_counter() - t_eval  # the run's phase breakdown (run.json) sums these
+                    self.metrics_log.write({"kind": "valid", "epoch": self.state.epoch, "step": self.state.step, **vm, "eval_seconds": t_eval})
                     msg += f", valid {SELECT_METRIC} {vm[SELECT_METRIC]:.4f}"
                     if vm[SELECT_METRIC] > self.state.best_value:
                         self.state.best_value, self.state.best_epoch, self.state.bad_evals = vm[SELECT_METRIC], self.state.epoch, 0
@@ -398,8 +400,10 @@ class Trainer:
             selected = self.state.epoch
         test = None
         if self.cfg.eval.final_test:
+            t_eval = time.perf_counter()
             test = self.evaluate(self.test_arrs, "test")
-            self.metrics_log.write({"kind": "test", "epoch": selected, "step": self.state.step, **test})
+            t_eval = time.perf_counter() - t_eval
+            self.metrics_log.write({"kind": "test", "epoch": selected, "step": self.state.step, **test, "eval_seconds": t_eval})
         result = {
             "protocol": proto,
             "split": "test",

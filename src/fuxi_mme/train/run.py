@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -13,13 +14,13 @@ import torch
 from ..config import Config, validate
 from ..data import check_expected, load_dataset
 from ..data.noise import evaluation_view, training_view
-from ..data.prepared import PreparedDataset
+from ..data.prepared import PreparedDataset, default_data_dir
 from ..data.splits import eval_arrays
 from ..eval.evaluator import evaluate_split, popularity_scorer, resolve_history
 from ..models import build_model
 from ..runs import Run, adapt_to_dataset
 from ..utils.runinfo import run_info
-from ..utils.runtime import seed_everything, setup_device
+from ..utils.runtime import persistent_compile_cache, seconds_since_process_start, seed_everything, setup_device
 from . import distributed as D
 from .loop import Trainer
 
@@ -37,7 +38,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; see ``distributed.py``.
     """
+    started_s = seconds_since_process_start()
     validate(cfg)
+    persistent_compile_cache(cfg.data.data_dir or default_data_dir())
     dinfo = D.from_env()
     device = setup_device(cfg.train.device, dinfo.local_rank if dinfo.enabled else None, cfg.train.num_threads, cfg.train.tf32)
     if dinfo.enabled:
@@ -45,7 +48,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         if not dinfo.main:
             logging.getLogger("fuxi_mme").setLevel(logging.WARNING)  # rank 0 speaks for all
     try:
-        out = _train(cfg, resume, dinfo, device)
+        out = _train(cfg, resume, dinfo, device, started_s)
         # no rank tears the group down while a peer may still be in a collective (hardening: a
         # two-process gloo test once aborted rank 0 at its end, 1 in 11 runs; cause not confirmed)
         D.barrier(dinfo)
@@ -59,7 +62,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         D.shutdown()
 
 
-def _train(cfg: Config, resume, dinfo: D.DistInfo, device: torch.device) -> dict[str, Any]:
+def _train(cfg: Config, resume, dinfo: D.DistInfo, device: torch.device, started_s: float | None = None) -> dict[str, Any]:
+    clock = _Phases(started_s)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     ds = load_dataset(cfg.data) if dinfo.main else None
     D.barrier(dinfo)  # rank 0 prepares the cache first; the others then read it
@@ -76,6 +80,7 @@ def _train(cfg: Config, resume, dinfo: D.DistInfo, device: torch.device) -> dict
         run_dir = Path(resume) if resume else Run.create(cfg).path
     run_dir = Path(D.broadcast_object(str(run_dir) if run_dir else None, dinfo))
     run = Run(run_dir)
+    clock.lap("data")
     info = {**run_info(device), "dataset": ds.stats, "notes": notes, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if dinfo.enabled:
         info["distributed"] = {"world_size": dinfo.world, "backend": "nccl" if device.type == "cuda" else "gloo"}
@@ -90,17 +95,59 @@ def _train(cfg: Config, resume, dinfo: D.DistInfo, device: torch.device) -> dict
     model = build_model(cfg.model, ds.num_items, cfg.data.max_len).to(device)
     params = count_parameters(model)
     log.info("%s: %s parameters (%s non-embedding)", cfg.model.name, f"{params['total']:,}", f"{params['non_embedding']:,}")
+    clock.lap("model")
     trainer = Trainer(cfg, ds, model, device, run_dir, progress=cfg.log.progress, dist_info=dinfo)
     if resume:
         trainer.restore(run.checkpoint("last"))
         log.info("resumed from epoch %d (step %d)", trainer.state.epoch, trainer.state.step)
+    clock.lap("trainer_setup")
     result = trainer.fit()
+    clock.lap("fit")
     result.update(model=cfg.model.name, preset=cfg.preset, dataset=ds.name, parameters=params, run_dir=str(run_dir))
     if dinfo.enabled:
         result["world_size"] = dinfo.world
     if dinfo.main:
         run.write_metrics(result)
+        clock.lap("write")
+        if not resume:
+            run.write_info({**info, "phases": clock.breakdown(run.metrics_log)})
     return result
+
+
+class _Phases:
+    """Wall seconds of a run's phases, for ``run.json`` (docs/performance.md#time-to-result):
+    start-up before ``train`` (interpreter, imports), data, model, trainer setup, the first
+    epoch (compilation and CUDA-graph capture happen in it), the later epochs, the evaluations
+    and the writing of the results."""
+
+    def __init__(self, started_s: float | None):
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {} if started_s is None else {"start_up": round(started_s, 3)}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.t, 3)
+        self.t = now
+
+    def breakdown(self, metrics_log: Path) -> dict[str, Any]:
+        epochs, evals = [], []
+        for line in metrics_log.read_text().splitlines() if metrics_log.exists() else []:
+            rec = json.loads(line)
+            if rec.get("kind") == "train":
+                epochs.append(float(rec.get("epoch_seconds", 0.0)))
+            elif "eval_seconds" in rec:
+                evals.append(float(rec["eval_seconds"]))
+        out = dict(self.laps)
+        fit = out.pop("fit", None)
+        out.update(
+            first_epoch=round(epochs[0], 3) if epochs else None,
+            later_epochs=round(sum(epochs[1:]), 3),
+            evaluations=round(sum(evals), 3),
+            evaluation_count=len(evals),
+            fit_other=round(fit - sum(epochs) - sum(evals), 3) if fit is not None else None,  # checkpoints, logging
+        )
+        out["total"] = round(sum(v for k, v in out.items() if k != "evaluation_count" and isinstance(v, (int, float))), 3)
+        return out
 
 
 def _popularity(cfg: Config, ds: PreparedDataset, device: torch.device, run_dir: Path, write: bool = True) -> dict[str, Any]:
