@@ -184,3 +184,25 @@ def test_eval_speed_times_both_orders_and_checks_their_ranks(tmp_path):
     )
     assert run["length_sorted_s"] > 0 and run["user_order_s"] > 0 and run["device"]["device"] == "cpu"
     assert "| demo-fuxi-mme-base data.demo_users=300 | valid | 300 |" in out.with_suffix(".md").read_text()
+
+
+def test_time_to_result_runs_the_cli_cold_then_warm_and_reads_the_phases(tmp_path):
+    """The real command twice on the demo: the warm run finds the prepared data (its data phase is
+    shorter than preparing it) and every phase the run wrote is in the table."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import time_to_result
+
+    md = time_to_result.main(["--quick", "--device", "cpu", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "ttr.json")])
+    res = json.loads((tmp_path / "ttr.json").read_text())
+    cold, warm = res["runs"]
+    assert (cold["state"], warm["state"]) == ("cold", "warm") and cold["epochs"] == warm["epochs"] == 2
+    for r in (cold, warm):
+        ph = r["phases"]
+        assert {"data", "model", "trainer_setup", "first_epoch", "later_epochs", "evaluations", "write", "total"} <= set(ph)
+        assert ph["evaluation_count"] == 3 and 0 < ph["total"] <= r["wall_s"] + 1.0  # 2 validations and the test
+    assert warm["phases"]["data"] < cold["phases"]["data"]
+    assert cold["test_ndcg10"] == warm["test_ndcg10"]  # same seed, same data: the same result
+    assert "| demo-fuxi-alpha-base | loo-val | warm |" in md.read_text()
