@@ -389,14 +389,20 @@ def apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> Con
     return cfg
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "config file", hint: str = "pass the path of a YAML file") -> Any:
+    """A YAML file's parsed content; a missing file or bad YAML is a ConfigError naming ``what``."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist; pass the path of a YAML file")
+        raise ConfigError(f"{what} {p} does not exist; {hint}")
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{what} {p} is not valid YAML: {exc}") from exc
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    data = read_yaml(p)
     if data is None:
         return {}
     if not isinstance(data, dict):

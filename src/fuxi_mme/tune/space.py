@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import Config, ConfigError, set_field
+from ..config import Config, ConfigError, read_yaml, set_field
 
 
 @dataclass(frozen=True)
@@ -113,14 +111,8 @@ def _probe_value(rng: Any, name: str, where: str) -> Any:
 
 
 def load_space(path: str | Path) -> Space:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"search space {p} does not exist; pass a YAML file (docs/training.md#tuning shows one)")
-    try:
-        spec = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"search space {p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    return parse_space(spec, str(p))
+    spec = read_yaml(path, "search space", "pass a YAML file (docs/training.md#tuning shows one)")
+    return parse_space(spec, str(path))
 
 
 def base_values(space: Space, cfg: Config) -> dict[str, Any]:
