@@ -73,6 +73,13 @@ class DataConfig:
     data_dir: str | None = None  # cache folder; None: $FUXI_MME_DATA or the user cache dir
     demo_users: int = 3000  # size of the built-in demo dataset
     demo_seed: int = 0
+    # event types (docs/datasets.md#behaviours): None (none), "auto" (the source's own behaviour
+    # column: demo, OTTO sessions, KuaiRand), "rating" (star buckets 1-2 / 3 / 4-5) or a column
+    # of a table file
+    behavior: str | None = None
+    # next-item loss and leave-one-out targets over events of this behaviour only (the history
+    # keeps every event); None: every event
+    target_behavior: str | None = None
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
@@ -109,6 +116,8 @@ class ModelConfig:
     num_time_buckets: int = 128  # bucket ids 0..num_time_buckets (129 scalars)
     time_bucket_divisor: float = 0.301
     use_temporal: bool = True  # disabled automatically when the dataset has no timestamps
+    # add a learned behaviour embedding to the item input (needs data.behavior; docs/models.md#behaviour-input)
+    use_behavior: bool = False
     # N in the semantic channel's phi(q k^T) / N: 0 is the padded length (data.max_len; docs/models.md#attention-channels); a
     # positive value divides by it instead (e.g. about the mean sequence length on short-sequence data)
     attention_norm: float = 0.0
@@ -489,6 +498,7 @@ def validate(cfg: Config) -> None:
             f"model.attention_norm={m.attention_norm} must be 0 (the padded length, docs/models.md#attention-channels) or a positive divisor"
         )
     _validate_robustness(cfg)
+    _validate_behavior(cfg)
     if cfg.train.temperature <= 0:
         raise ConfigError(f"train.temperature={cfg.train.temperature} must be positive")
     if not cfg.eval.ks or min(cfg.eval.ks) < 1:
@@ -506,3 +516,14 @@ def _validate_robustness(cfg: Config) -> None:
         raise ConfigError(f"data.noise.window={cfg.data.noise.window} must be at least 2 (a shuffled window of one event is unchanged)")
     if cfg.model.denoise_weight < 0:
         raise ConfigError(f"model.denoise_weight={cfg.model.denoise_weight} must be 0 or more")
+
+
+def _validate_behavior(cfg: Config) -> None:
+    d, m = cfg.data, cfg.model
+    if d.behavior is not None and not str(d.behavior).strip():
+        raise ConfigError("data.behavior is empty; use auto, rating or a column name (or leave it unset for none)")
+    if d.behavior is None and (d.target_behavior is not None or m.use_behavior):
+        key = "data.target_behavior" if d.target_behavior is not None else "model.use_behavior"
+        raise ConfigError(f"{key} needs behaviours in the data: set data.behavior=auto (the source's own), rating or a column name")
+    if m.use_behavior and m.name in ("ssm", "popularity"):
+        raise ConfigError(f"model.use_behavior is not supported by model {m.name!r}; use fuxi-alpha, fuxi-mme, hstu, sasrec or llama")

@@ -13,6 +13,7 @@ import pandas as pd
 from ..config import DataConfig
 from ..utils.runinfo import atomic_write_json
 from . import demo
+from .behaviors import attach_behavior, behavior_code
 from .download import Remote, fetch, is_archive, is_url, safe_extract
 from .prepared import (
     PreparedDataset,
@@ -121,6 +122,10 @@ def _key_parts(cfg: DataConfig, path: Path | None) -> dict:
     }
     if cfg.repeats != "keep":  # absent when "keep", so caches prepared before the option stay valid
         parts["repeats"] = cfg.repeats
+    if cfg.behavior is not None:  # likewise absent without behaviours
+        parts["behavior"] = cfg.behavior
+        if cfg.name == "demo":
+            parts["demo_behavior_version"] = demo.BEHAVIOR_VERSION
     if cfg.name == "demo":
         parts.update(demo_users=cfg.demo_users, demo_seed=cfg.demo_seed, demo_version=demo.DEMO_VERSION)
     if is_own_data(cfg.name):
@@ -174,11 +179,14 @@ def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
     key = cache_key(_key_parts(cfg, path))
     folder = Path(cfg.data_dir or default_data_dir()) / "prepared" / f"{cfg.name}-{key}"
     if not rebuild and (folder / "meta.json").exists():
+        cached = None
         try:
-            return load_prepared(folder)
+            cached = load_prepared(folder)
         except Exception as exc:  # noqa: BLE001 - any damage to a cache file means: rebuild and replace it
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning("cached dataset %s is unreadable (%s); rebuilding it", folder, why)
+        if cached is not None:
+            return _with_target(cached, cfg)
     df, titles = src.read(path, cfg)
     has_ts = bool(df.attrs.get("has_timestamps", src.has_timestamps))
     read_notes = list(df.attrs.get("notes", []))
@@ -186,6 +194,7 @@ def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
         policy = src.duplicates if cfg.duplicates == "auto" else cfg.duplicates
         df, dup_notes = handle_duplicates(df, policy, str(path) if path else cfg.name)
         read_notes += dup_notes
+    df = attach_behavior(df, cfg.behavior, str(path) if path else cfg.name)
     df, rep_notes = apply_repeats(df, cfg.repeats, cfg.ordering)
     read_notes += rep_notes
     min_inter = cfg.min_user_interactions if cfg.min_user_interactions is not None else (src.min_user_interactions or 2)
@@ -206,4 +215,13 @@ def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
     # a damaged or --rebuild cache is replaced
     save_prepared(ds, folder, {"key": key, "parts": _key_parts(cfg, path)}, replace=folder.exists())
     ds.cache_dir = str(folder)
+    return _with_target(ds, cfg)
+
+
+def _with_target(ds: PreparedDataset, cfg: DataConfig) -> PreparedDataset:
+    """``data.target_behavior`` checked against the dataset's behaviours and set on it (the
+    splits read it; docs/datasets.md#target-behaviour)."""
+    if cfg.target_behavior is not None:
+        behavior_code(ds.behavior_names, cfg.target_behavior)
+    ds.target_behavior = cfg.target_behavior
     return ds

@@ -34,6 +34,8 @@ class Batch:
     pos_targets: torch.Tensor | None = None  # (P,)
     negatives: torch.Tensor | None = None  # (P, K)
     rows: np.ndarray | None = None  # (B,) the rows of the arrays this batch holds
+    # (B, N) int64 behaviour code of each input event (0 = padding), when the data has behaviours
+    behaviors: torch.Tensor | None = None
 
     @property
     def target(self) -> torch.Tensor:
@@ -94,6 +96,7 @@ def make_batch(
         lengths=put(arrs.lengths[rows]),
         targets=put(targets_np),
         rows=rows,
+        behaviors=put(arrs.behaviors[rows, :n]) if arrs.behaviors is not None else None,
     )
     if isinstance(arrs, TrainArrays):
         flat = np.flatnonzero(targets_np.reshape(-1))

@@ -14,6 +14,14 @@ and a model that ignores any one of them leaves accuracy on the table:
   interest. The gap to the next item is visible to the temporal channel at query time (the
   target's timestamp, never its id), so the temporal channel can tell the two cases apart.
 * **Popularity.** Series have Zipf-like popularity, so the popularity baseline is not trivial.
+* **Behaviours** (``data.behavior=auto``; docs/datasets.md#behaviours). Each event is a
+  ``view``, a ``save`` or a ``purchase``, drawn from their own random stream after the log is
+  made, so the items and times are those of the log without behaviours. A ``save`` says the
+  next event goes on with the same series (80% of series continuations are saves, 2% of the
+  other events): a model that reads behaviours knows when a series goes on. A ``purchase``
+  falls mostly on items of the user's most frequent style (25% of those events, 3% of the
+  rest; never on a save), so "what will this user buy next" (``data.target_behavior=purchase``) differs from
+  "what will this user watch next".
 
 Defaults: 3,000 users, 640 items, about 150k interactions; generation takes well under a
 second and is bit-for-bit reproducible for a given ``(num_users, seed)``.
@@ -25,6 +33,8 @@ import numpy as np
 import pandas as pd
 
 DEMO_VERSION = 2
+BEHAVIOR_VERSION = 1  # the behaviour column's generator (part of the cache key only with behaviours)
+BEHAVIORS = ("view", "save", "purchase")
 NUM_GENRES = 8
 NUM_STYLES = 4
 SERIES_PER_CELL = 5
@@ -95,10 +105,31 @@ def generate(num_users: int = 3000, seed: int = 0) -> pd.DataFrame:
                 times.append(t)
                 t += int(rng.integers(60, 900))
                 n += 1
-    return pd.DataFrame(
+    df = pd.DataFrame(
         {
             "user": np.asarray(users, dtype=np.int64),
             "item": np.asarray(items, dtype=np.int64),
             "timestamp": np.asarray(times, dtype=np.int64),
         }
     )
+    df["behavior"] = behaviors(df, cat, seed)
+    return df
+
+
+def behaviors(df: pd.DataFrame, cat: pd.DataFrame, seed: int) -> np.ndarray:
+    """The behaviour of each event of the log (strings of :data:`BEHAVIORS`), from a random
+    stream of its own: see the module docstring for the signal each one carries."""
+    rng = np.random.default_rng([seed, 1])
+    user, item = df["user"].to_numpy(), df["item"].to_numpy() - 1
+    series_of, style = cat["series"].to_numpy(), cat["style"].to_numpy()[item]
+    same_user_next = np.append(user[1:] == user[:-1], False)
+    nxt = np.append(item[1:], 0)
+    continues = same_user_next & (nxt == item + 1) & (series_of[nxt] == series_of[item])  # the next part of the series
+    codes = pd.factorize(pd.Series(user))[0]
+    counts = np.zeros((codes.max() + 1, NUM_STYLES), dtype=np.int64)
+    np.add.at(counts, (codes, style), 1)
+    favourite = counts.argmax(1)[codes] == style
+    u1, u2 = rng.random(len(df)), rng.random(len(df))
+    out = np.where(u1 < np.where(continues, 0.8, 0.02), "save", "view").astype(object)
+    out[(out == "view") & (u2 < np.where(favourite, 0.25, 0.03))] = "purchase"
+    return out

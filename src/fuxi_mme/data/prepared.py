@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..utils.integrity import verify_manifest, write_manifest
+from .behaviors import encode as encode_behaviors
 from .table import DataError
 
 PREP_VERSION = 1
@@ -50,6 +51,11 @@ class PreparedDataset:
     stats: dict[str, Any] = field(default_factory=dict)
     item_titles: list[str] | None = None  # (num_items + 1,) when the source has titles
     cache_dir: str | None = None
+    # behaviours (docs/datasets.md#behaviours): (nnz,) int8 codes 1..B of ``behavior_names``
+    behaviors: np.ndarray | None = None
+    behavior_names: list[str] | None = None
+    # data.target_behavior of the run using this dataset (not cached): the splits read it
+    target_behavior: str | None = None
 
     @property
     def num_users(self) -> int:
@@ -139,6 +145,7 @@ def build_prepared(
     np.cumsum(np.bincount(user_codes, minlength=len(user_raw)), out=offsets[1:])
     items = (item_codes + 1).astype(np.int64)
     ts = df["timestamp"].to_numpy().astype(np.int64)
+    behaviors, behavior_names = encode_behaviors(df["behavior"], source) if "behavior" in df.columns else (None, None)
     # Slot 0 (padding) repeats the first raw id as a placeholder; item_index() skips it.
     item_raw = np.concatenate([item_raw_sorted[:1], item_raw_sorted])
     titles = None
@@ -153,6 +160,8 @@ def build_prepared(
         user_raw=user_raw,
         has_timestamps=has_timestamps,
         item_titles=titles,
+        behaviors=behaviors,
+        behavior_names=behavior_names,
     )
     ds.stats = compute_stats(ds)
     return ds, notes
@@ -172,6 +181,9 @@ def compute_stats(ds: PreparedDataset) -> dict[str, Any]:
         st["time_min"] = int(ds.timestamps.min())
         st["time_max"] = int(ds.timestamps.max())
         st["time_span_days"] = float((st["time_max"] - st["time_min"]) / 86400.0)
+    if ds.behaviors is not None and ds.behavior_names is not None:
+        per = np.bincount(ds.behaviors.astype(np.int64), minlength=len(ds.behavior_names) + 1)[1:]
+        st["behaviors"] = {n: int(c) for n, c in zip(ds.behavior_names, per)}
     return st
 
 
@@ -212,12 +224,15 @@ def save_prepared(ds: PreparedDataset, target: Path, meta: dict[str, Any], repla
     _remove_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        np.savez(tmp / "sequences.npz", offsets=ds.offsets, items=ds.items, timestamps=ds.timestamps)
+        extra = {"behaviors": ds.behaviors} if ds.behaviors is not None else {}
+        np.savez(tmp / "sequences.npz", offsets=ds.offsets, items=ds.items, timestamps=ds.timestamps, **extra)
         pd.DataFrame({"raw_id": _as_storable(ds.item_raw)}).to_parquet(tmp / "items.parquet")
         pd.DataFrame({"raw_id": _as_storable(ds.user_raw)}).to_parquet(tmp / "users.parquet")
         if ds.item_titles is not None:
             pd.DataFrame({"title": ds.item_titles}).to_parquet(tmp / "titles.parquet")
         full = {**meta, "name": ds.name, "has_timestamps": ds.has_timestamps, "stats": ds.stats}
+        if ds.behavior_names is not None:
+            full["behavior_names"] = ds.behavior_names
         (tmp / "meta.json").write_text(json.dumps(full, indent=2, default=str))
         write_manifest(tmp, [f.name for f in tmp.iterdir()])
         old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
@@ -250,6 +265,7 @@ def load_prepared(folder: Path) -> PreparedDataset:
     meta = json.loads((folder / "meta.json").read_text())
     with np.load(folder / "sequences.npz") as z:
         offsets, items, ts = z["offsets"], z["items"], z["timestamps"]
+        behaviors = z["behaviors"] if "behaviors" in z.files else None
     item_raw = pd.read_parquet(folder / "items.parquet")["raw_id"].to_numpy()
     user_raw = pd.read_parquet(folder / "users.parquet")["raw_id"].to_numpy()
     titles = None
@@ -266,6 +282,8 @@ def load_prepared(folder: Path) -> PreparedDataset:
         stats=meta["stats"],
         item_titles=titles,
         cache_dir=str(folder),
+        behaviors=behaviors,
+        behavior_names=meta.get("behavior_names"),
     )
     _check_consistent(ds, folder)
     return ds
@@ -283,6 +301,7 @@ def _check_consistent(ds: PreparedDataset, folder: Path) -> None:
         and bool(np.all(np.diff(ds.offsets) >= 0))
         and (n == 0 or (ds.items.min() >= 1 and ds.items.max() <= ds.num_items))
         and (ds.item_titles is None or len(ds.item_titles) == ds.num_items + 1)
+        and (ds.behaviors is None or (len(ds.behaviors) == n and ds.behavior_names is not None))
         and ds.stats.get("users") == U
         and ds.stats.get("interactions") == n
     )

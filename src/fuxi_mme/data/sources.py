@@ -184,7 +184,10 @@ def _read_kuairand(variant: str):
                 raise DataError(
                     f"{f} lacks column(s) {', '.join(missing)} (has {', '.join(map(str, t.columns[:8]))}); is this a KuaiRand log_standard file?"
                 )
-            parts.append(canonicalize(t, str(f), "user_id", "video_id", "time_ms"))
+            part = canonicalize(t, str(f), "user_id", "video_id", "time_ms")
+            if getattr(cfg, "behavior", None) == "auto":
+                part["behavior"] = kuairand_behavior(t)
+            parts.append(part)
         df = pd.concat(parts, ignore_index=True)
         order = np.lexsort((np.arange(len(df)), df["timestamp"].to_numpy(), df["user"].to_numpy()))
         df = df.iloc[order].reset_index(drop=True)
@@ -192,6 +195,27 @@ def _read_kuairand(variant: str):
         return df, None
 
     return read
+
+
+KUAIRAND_FLAGS = (
+    ("is_like", "like"),
+    ("is_follow", "follow"),
+    ("is_comment", "comment"),
+    ("is_forward", "forward"),
+    ("long_view", "long_view"),
+    ("is_click", "click"),
+)
+
+
+def kuairand_behavior(t: pd.DataFrame) -> np.ndarray:
+    """KuaiRand's feedback flags folded into one behaviour per exposure: the first flag set in
+    the order like, follow, comment, forward, long_view, click; ``view`` when none is (a flag
+    column the file lacks counts as unset)."""
+    out = np.full(len(t), "view", dtype=object)
+    for col, name in reversed(KUAIRAND_FLAGS):  # the strongest flag is written last
+        if col in t.columns:
+            out[pd.to_numeric(t[col], errors="coerce").fillna(0).to_numpy() > 0] = name
+    return out
 
 
 # --------------------------------------------------------------------------- Amazon
