@@ -35,7 +35,8 @@ def encode_last(model: SequenceModel, batch: Batch, amp: torch.dtype | None = No
     against. Shared by evaluation, ``recommend`` and the HTTP service."""
     dev = batch.ids.device
     with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-        user_BND = model(batch.ids, batch.ts, batch.query_ts)
+        args = (batch.ids, batch.ts, batch.query_ts) + ((batch.behaviors,) if batch.behaviors is not None else ())
+        user_BND = model(*args)
     last = batch.lengths - 1
     return user_BND[torch.arange(len(last), device=dev), last].float()
 

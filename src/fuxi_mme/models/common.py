@@ -86,10 +86,25 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(z)) * self.w3(z))
 
 
-class ItemInput(nn.Module):
-    """x0 = E[item] * sqrt(d) + P[position]; dropout; padded positions zeroed."""
+BEHAVIOR_ROWS = 16  # behaviour table rows: 0 = none/padding, then up to 15 behaviours of a dataset
 
-    def __init__(self, num_items: int, dim: int, max_len: int, dropout: float, positions: bool = True):
+
+def behavior_table(use: bool, dim: int) -> nn.Embedding | None:
+    """The learned behaviour embedding (docs/models.md#behaviour-input), or None when off (then
+    a model has exactly the parameters it had before behaviours existed)."""
+    if not use:
+        return None
+    emb = nn.Embedding(BEHAVIOR_ROWS, dim, padding_idx=0)
+    nn.init.trunc_normal_(emb.weight, std=0.02)
+    with torch.no_grad():
+        emb.weight[0].zero_()
+    return emb
+
+
+class ItemInput(nn.Module):
+    """x0 = E[item] * sqrt(d) [+ B[behaviour] * sqrt(d)] + P[position]; dropout; padded positions zeroed."""
+
+    def __init__(self, num_items: int, dim: int, max_len: int, dropout: float, positions: bool = True, behaviors: bool = False):
         super().__init__()
         self.dim = dim
         self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
@@ -100,9 +115,12 @@ class ItemInput(nn.Module):
             self.item_emb.weight[0].zero_()
         if self.pos_emb is not None:
             nn.init.trunc_normal_(self.pos_emb.weight, std=0.02)
+        self.behavior_emb = behavior_table(behaviors, dim)  # created last: the other tables' init is unchanged
 
-    def forward(self, ids_BN: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids_BN: torch.Tensor, behaviors_BN: torch.Tensor | None = None) -> torch.Tensor:
         x = self.item_emb(ids_BN) * math.sqrt(self.dim)
+        if self.behavior_emb is not None and behaviors_BN is not None:
+            x = x + self.behavior_emb(behaviors_BN) * math.sqrt(self.dim)
         if self.pos_emb is not None:
             x = x + self.pos_emb.weight[: ids_BN.shape[1]]
         x = self.dropout(x)
@@ -139,7 +157,9 @@ class SequenceModel(nn.Module):
 
     max_len: int
 
-    def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor) -> torch.Tensor:  # (B, N, D)
+    def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor, behaviors: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) scoring vectors; ``behaviors`` (B, N) codes are read only by a model built
+        with ``model.use_behavior``."""
         raise NotImplementedError
 
     def item_vectors(self) -> torch.Tensor:  # (I+1, D)

@@ -195,7 +195,7 @@ class FuxiAlpha(SequenceModel):
         super().__init__()
         self.max_len = max_len
         self.temporal = TemporalBuckets(cfg)
-        self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout)
+        self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout, behaviors=cfg.use_behavior)
         self.mixer = cfg.mixer
         blocks, ssm_blocks = decoder(cfg, cfg.dim, max_len)
         self.blocks = blocks
@@ -205,8 +205,8 @@ class FuxiAlpha(SequenceModel):
         if denoise is not None:  # model.denoise=none adds no key (docs/models.md#noise-decoupling)
             self.denoise = denoise
 
-    def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor) -> torch.Tensor:
-        x = self.input(ids)
+    def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor, behaviors: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.input(ids, behaviors)
         if hasattr(self, "denoise"):
             x = self.denoise(x, ids != 0)
         buckets = self.temporal(ts, query_ts) if self.mixer != "ssm" else None

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .common import Dropout, SequenceModel, TemporalBuckets, l2_normalize, sequence_lengths
+from .common import Dropout, SequenceModel, TemporalBuckets, behavior_table, l2_normalize, sequence_lengths
 from .denoise import TokenGate, denoise_penalty, make_denoise, release_denoise
 from .fuxi_alpha import FuxiBlock, decoder, run_decoder
 from .moe import moe_compile_options, one_batch_of_routing, release_aux_graphs
@@ -53,6 +53,9 @@ class FuxiMME(SequenceModel):
             for emb in _embeddings(self.item_embs):
                 emb.weight[0].zero_()
         self.drop = Dropout(cfg.dropout)
+        # one d-wide behaviour table whose M slices of width d / M feed the M streams
+        # (docs/models.md#behaviour-input); created after the item tables, absent when off
+        self.behavior_emb = behavior_table(cfg.use_behavior, cfg.dim)
         self.temporal = TemporalBuckets(cfg)
         moe = cfg.moe if cfg.moe.num_experts > 0 else None
         self.moe_cfg, self.dropout_p = moe, cfg.dropout
@@ -78,13 +81,17 @@ class FuxiMME(SequenceModel):
         stacks = [self.blocks] if self.shared_decoder else [cast(nn.ModuleList, s) for s in self.stream_blocks]
         return [m for s in stacks for blk in s for m in cast(FuxiBlock | SSMBlock, blk).moe_layers()]
 
-    def _input(self, ids: torch.Tensor) -> torch.Tensor:
+    def _input(self, ids: torch.Tensor, behaviors: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) -> (B, M, N, D)."""
-        N = ids.shape[1]
+        B, N = ids.shape
+        beh = None
+        if self.behavior_emb is not None and behaviors is not None:
+            beh = self.behavior_emb(behaviors).view(B, N, self.M, self.D) * math.sqrt(self.D)
         xs = []
         for m, emb in enumerate(self.item_embs):
             pos = cast(nn.Embedding, self.pos_embs[m if len(self.pos_embs) > 1 else 0]).weight[:N]
-            xs.append(emb(ids) * math.sqrt(self.D) + pos)
+            x_m = emb(ids) * math.sqrt(self.D) + pos
+            xs.append(x_m + beh[:, :, m] if beh is not None else x_m)
         x = self.drop(torch.stack(xs, dim=1))
         return x * (ids != 0)[:, None, :, None].to(x.dtype)
 
@@ -98,10 +105,10 @@ class FuxiMME(SequenceModel):
         return x.flatten(-2)
 
     # ---------------------------------------------------------------- interface
-    def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor, behaviors: torch.Tensor | None = None) -> torch.Tensor:
         B, N = ids.shape
         M = self.M
-        x = self._input(ids)  # (B, M, N, D)
+        x = self._input(ids, behaviors)  # (B, M, N, D)
         valid = ids != 0
         if hasattr(self, "denoise"):
             x = self.denoise(x.transpose(1, 2).reshape(B, N, M * self.D), valid).view(B, N, M, self.D).transpose(1, 2)

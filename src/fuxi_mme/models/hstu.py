@@ -48,11 +48,11 @@ class HSTU(SequenceModel):
         super().__init__()
         self.max_len = max_len
         self.temporal = TemporalBuckets(cfg)
-        self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout)
+        self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout, behaviors=cfg.use_behavior)
         self.blocks = nn.ModuleList(HSTUBlock(cfg, max_len) for _ in range(cfg.num_layers))
 
-    def forward(self, ids, ts, query_ts):
-        x = self.input(ids)
+    def forward(self, ids, ts, query_ts, behaviors=None):
+        x = self.input(ids, behaviors)
         buckets = self.temporal(ts, query_ts)
         lengths = sequence_lengths(ids)
         for blk in self.blocks:

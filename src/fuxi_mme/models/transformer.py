@@ -47,12 +47,12 @@ class SASRec(SequenceModel):
     def __init__(self, cfg: ModelConfig, num_items: int, max_len: int):
         super().__init__()
         self.max_len = max_len
-        self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout)
+        self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout, behaviors=cfg.use_behavior)
         self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
         self.final = nn.LayerNorm(cfg.dim, eps=1e-8)
 
-    def forward(self, ids, ts, query_ts):
-        x = self.input(ids)
+    def forward(self, ids, ts, query_ts, behaviors=None):
+        x = self.input(ids, behaviors)
         for blk in self.blocks:
             x = blk(x)
         return l2_normalize(self.final(x))
@@ -103,13 +103,13 @@ class Llama(SequenceModel):
         if cfg.dim % cfg.num_heads:
             raise ValueError(f"llama: model.dim={cfg.dim} must be divisible by model.num_heads={cfg.num_heads}")
         self.max_len = max_len
-        self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout, positions=False)
+        self.input = ItemInput(num_items, cfg.dim, max_len, cfg.dropout, positions=False, behaviors=cfg.use_behavior)
         rope = RoPE(cfg.dim // cfg.num_heads, max_len)
         self.blocks = nn.ModuleList(LlamaBlock(cfg, rope) for _ in range(cfg.num_layers))
         self.final = nn.RMSNorm(cfg.dim, eps=1e-6)
 
-    def forward(self, ids, ts, query_ts):
-        x = self.input(ids)
+    def forward(self, ids, ts, query_ts, behaviors=None):
+        x = self.input(ids, behaviors)
         for blk in self.blocks:
             x = blk(x)
         return l2_normalize(self.final(x))

@@ -70,8 +70,9 @@ class _Step(torch.nn.Module):
         self.model = model
         self.fwd = fwd
 
-    def forward(self, ids, ts, query_ts):
-        return self.fwd(ids, ts, query_ts), self.model.item_vectors()
+    def forward(self, ids, ts, query_ts, behaviors=None):
+        user = self.fwd(ids, ts, query_ts) if behaviors is None else self.fwd(ids, ts, query_ts, behaviors)
+        return user, self.model.item_vectors()
 
 
 @dataclass
@@ -149,7 +150,10 @@ class Trainer:
             )
         self._compiled, self._plain = compiled, plain
         self.graphed: GraphedStep | None = None
-        if graphs_wanted(cfg.train.cuda_graphs, dev, self.dist.enabled):
+        if cfg.model.use_behavior and cfg.train.cuda_graphs != "off" and dev.type == "cuda":
+            # the static batches of the graph step hold no behaviours (docs/models.md#behaviour-input)
+            log.info("model.use_behavior: training eagerly (the CUDA-graph step has no behaviour input yet)")
+        elif graphs_wanted(cfg.train.cuda_graphs, dev, self.dist.enabled):
             self.graphed = self.make_graphed_step()
 
     def make_graphed_step(self, cls: type[GraphedStep] = GraphedStep) -> GraphedStep:

@@ -18,9 +18,9 @@ from ..data.batches import Batch
 from ..models.common import SequenceModel
 from .loss import position_softmax_loss
 
-# (ids, ts, query_ts) -> (user vectors (B, N, D), item vectors (I+1, D)): the model's forward,
-# plain, compiled or wrapped in DistributedDataParallel
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (ids, ts, query_ts, behaviors or None) -> (user vectors (B, N, D), item vectors (I+1, D)): the
+# model's forward, plain, compiled or wrapped in DistributedDataParallel
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def batch_loss(forward: Forward, batch: Batch, normalizer: float | torch.Tensor,
     assert batch.positions is not None and batch.pos_targets is not None, "a training batch (make_batch of TrainArrays)"
     dev = batch.ids.device
     with torch.autocast(dev.type, dtype=st.amp, enabled=st.amp is not None, cache_enabled=st.autocast_cache):
-        user_BND, items_ID = forward(batch.ids, batch.ts, batch.query_ts)
+        user_BND, items_ID = forward(batch.ids, batch.ts, batch.query_ts, batch.behaviors)
         user_PD = user_BND.reshape(-1, user_BND.shape[-1]).index_select(0, batch.positions)
         negatives = batch.negatives if batch.negatives is not None else batch.pos_targets.new_zeros(len(batch.pos_targets), 0)
         return position_softmax_loss(
