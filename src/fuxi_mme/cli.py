@@ -118,7 +118,7 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     x.add_argument(
         "suite",
         nargs="+",
-        help="main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, precision, loss or mixer; "
+        help="main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, precision, loss, mixer or behavior; "
         "several run as one queue. Finished runs are skipped; "
         "a finished run made with other settings than the suite now asks for (a changed preset default) is run again, "
         "the old one kept as seed<k>.stale",
@@ -165,6 +165,9 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("--run", required=True, metavar="RUN_DIR")
     rc.add_argument("--items", nargs="+", metavar="ID", help="history as raw item ids, oldest first")
     rc.add_argument("--timestamps", nargs="+", type=int, metavar="T", help="unix seconds, one per item")
+    rc.add_argument(
+        "--behaviors", nargs="+", metavar="B", help="one behaviour per item (a model trained with model.use_behavior; docs/serving.md#behaviours)"
+    )
     rc.add_argument("--now", type=int, help="time of the next interaction (default: the last timestamp)")
     rc.add_argument("--user", help="use this dataset user's full history")
     rc.add_argument("--input", help="file of users (CSV/TSV/Parquet/JSONL; long user,item[,timestamp] or nested history)")

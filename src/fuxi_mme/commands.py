@@ -322,7 +322,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.user is not None:
         q = rec.history_of(args.user)
     elif args.items:
-        q = Query(_ids(args.items), args.timestamps)
+        q = Query(_ids(args.items), args.timestamps, behaviors=args.behaviors)
     else:
         raise ValueError("give a history with --items ID [ID ...], a dataset user with --user ID, or a file with --input")
     q.k, q.exclude_seen, q.now = args.k, args.exclude_seen, args.now

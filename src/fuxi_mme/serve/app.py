@@ -33,8 +33,11 @@ except ImportError as exc:  # pragma: no cover - exercised when the extra is mis
 
 
 class RecommendRequest(BaseModel):
-    history: list[int | str] = Field(..., description="item ids of the original data, oldest first", examples=[[1, 50, 181]])
+    history: list[int | str | list[int | str]] = Field(
+        ..., description='item ids of the original data, oldest first, or [item, "behaviour"] pairs', examples=[[1, 50, 181]]
+    )
     timestamps: list[int] | None = Field(None, description="unix seconds, one per item, non-decreasing")
+    behaviors: list[str] | None = Field(None, description="one behaviour per item (models trained with model.use_behavior)")
     k: int = Field(10, description="number of recommendations (1..catalogue size)")
     exclude_seen: bool | None = Field(
         None, description="leave the history's items out of the results (default: as the run's evaluation, eval.history)"
@@ -45,7 +48,7 @@ class RecommendRequest(BaseModel):
     now: int | None = Field(None, description="unix time of the next interaction (default: the last timestamp)")
 
     def query(self) -> Query:
-        return Query(self.history, self.timestamps, self.k, self.exclude_seen, self.unknown_items, self.now)
+        return Query(self.history, self.timestamps, self.k, self.exclude_seen, self.unknown_items, self.now, self.behaviors)
 
 
 class BatchRequest(BaseModel):

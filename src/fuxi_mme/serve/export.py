@@ -96,6 +96,11 @@ def export_run(rec: Recommender, out: str | Path, aoti: bool = True, onnx: bool 
     from ..config import apply_overrides
     from ..models import build_model
 
+    if rec.uses_behavior:
+        raise ValueError(
+            "this run's model reads behaviours (model.use_behavior=true), which the exported program's inputs do not carry yet; "
+            "serve it with `fuxi-mme serve` instead"
+        )
     out = _prepare_out(Path(out))
     cfg = apply_overrides(copy.deepcopy(rec.cfg), list(EXPORT_OVERRIDES))
     model = build_model(cfg.model, rec.num_items, rec.max_len)

@@ -17,7 +17,10 @@ Conventions:
 * already-seen items are excluded from the results when ``exclude_seen`` is true and kept when
   false; by default (None) the run's evaluation rule decides: excluded when its resolved
   ``eval.history`` is ``mask``, kept when ``keep`` (data with repeat consumption;
-  docs/training.md#history-masking).
+  docs/training.md#history-masking);
+* behaviours (docs/serving.md#behaviours), for a model trained with ``model.use_behavior``:
+  ``[[item, "cart"], ...]`` in the history or a parallel ``behaviors`` list; a model trained
+  without them refuses them, and an unknown behaviour is an error listing the known ones.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Query:
     exclude_seen: bool | None = None  # None: as the run's resolved eval.history (mask -> true)
     unknown_items: str | None = None  # None: the recommender's default policy
     now: int | None = None
+    behaviors: Sequence[str] | None = None  # one per history item (or pairs in the history)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Prepared:
     unknown: list = field(default_factory=list)
     truncated: int = 0
     notes: list = field(default_factory=list)
+    behaviors: np.ndarray | None = None  # behaviour codes aligned with ids (models with use_behavior)
 
 
 def _py(v: Any) -> Any:
@@ -103,6 +108,8 @@ class Recommender:
         self.max_len = cfg.data.max_len
         self.num_items = ds.num_items
         self.uses_time = bool(cfg.model.use_temporal and ds.has_timestamps)
+        self.uses_behavior = bool(getattr(cfg.model, "use_behavior", False))
+        self.behavior_names: list[str] = list(ds.behavior_names or []) if self.uses_behavior else []
         self.item_raw = ds.item_raw
         self.titles = ds.item_titles
         self._index = {str(k): i for i, k in enumerate(ds.item_raw.tolist()) if i > 0}
@@ -138,6 +145,7 @@ class Recommender:
             "items": int(self.num_items),
             "max_len": int(self.max_len),
             "uses_timestamps": self.uses_time,
+            "behaviors": self.behavior_names or None,
             "has_titles": self.titles is not None,
             "commit": commit,
             "run_dir": self.run_dir,
@@ -169,12 +177,19 @@ class Recommender:
         history = list(q.history) if q.history is not None else []
         if not history:
             raise RequestError("history is empty: give at least one item id (oldest first)")
+        history, codes = self._behaviors(history, q.behaviors)
         ts = _checked_timestamps(q.timestamps, len(history))
         policy = q.unknown_items or self.unknown_policy
         if policy not in UNKNOWN_POLICIES:
             raise RequestError(f"unknown_items must be one of {', '.join(UNKNOWN_POLICIES)}; got {policy!r}")
         ids, kept_ts, unknown = self._known_items(history, ts, policy)
         notes = []
+        beh_a = None
+        if self.uses_behavior:
+            known = [j for j, raw in enumerate(history) if self._index.get(str(raw)) is not None]
+            beh_a = np.asarray([codes[j] for j in known] if codes is not None else [0] * len(known), dtype=np.int64)[-self.max_len :]
+            if codes is None:
+                notes.append(f"no behaviours given: the model sees none (it was trained with {', '.join(self.behavior_names)})")
         if ts is None and self.uses_time:
             notes.append("no timestamps given: the temporal channel sees zero gaps")
         if ts is not None and not self.uses_time:
@@ -203,7 +218,32 @@ class Recommender:
             unknown if policy == "report" else [],
             truncated,
             notes,
+            beh_a,
         )
+
+    def _behaviors(self, history: list, behaviors: Sequence[str] | None) -> tuple[list, list[int] | None]:
+        """The history's item ids and, when behaviours are given (pairs or a parallel list),
+        their codes; RequestError for behaviours a model trained without them cannot read,
+        unknown ones, or a list of the wrong length."""
+        pairs = [isinstance(h, (list, tuple)) for h in history]
+        if any(pairs):
+            if not all(pairs) or any(len(h) != 2 for h in history) or behaviors is not None:
+                raise RequestError('history mixes plain ids and [item, behaviour] pairs; give every item as [item, "behaviour"], or plain ids')
+            behaviors = [h[1] for h in history]
+            history = [h[0] for h in history]
+        if behaviors is None:
+            return history, None
+        if not self.uses_behavior:
+            raise RequestError("this model was trained without behaviours (model.use_behavior=false): send plain item ids, without behaviours")
+        behaviors = list(behaviors)
+        if len(behaviors) != len(history):
+            raise RequestError(f"behaviors has {len(behaviors)} values but history has {len(history)} items; give one behaviour per item")
+        codes = []
+        for j, b in enumerate(behaviors):
+            if not isinstance(b, str) or b not in self.behavior_names:
+                raise RequestError(f"behaviour {b!r} of history[{j}] is not one this model knows; known: {', '.join(self.behavior_names)}")
+            codes.append(self.behavior_names.index(b) + 1)
+        return history, codes
 
     def _known_items(self, history: list, ts: list[int] | None, policy: str) -> tuple[list[int], list[int], list]:
         """The history's catalogue indices and their timestamps (0 without), and the ids not in
@@ -239,13 +279,23 @@ class Recommender:
         ts = np.zeros((B, n), dtype=np.int64)
         qts = np.zeros((B, n), dtype=np.int64)
         lengths = np.zeros(B, dtype=np.int64)
+        beh = np.zeros((B, n), dtype=np.int64) if self.uses_behavior else None
         for r, p in enumerate(preps):
             L = len(p.ids)
             ids[r, :L], ts[r, :L], lengths[r] = p.ids, p.ts, L
+            if beh is not None and p.behaviors is not None:
+                beh[r, :L] = p.behaviors
             qts[r, : L - 1] = p.ts[1:]
             qts[r, L - 1] = p.now
         put = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
-        return Batch(ids=put(ids), ts=put(ts), query_ts=put(qts), lengths=put(lengths), targets=put(np.zeros_like(ids)))
+        return Batch(
+            ids=put(ids),
+            ts=put(ts),
+            query_ts=put(qts),
+            lengths=put(lengths),
+            targets=put(np.zeros_like(ids)),
+            behaviors=put(beh) if beh is not None else None,
+        )
 
     @torch.no_grad()
     def score(self, preps: list[Prepared]) -> list[dict[str, Any]]:
@@ -298,4 +348,8 @@ class Recommender:
         if u is None:
             raise RequestError(f"user {raw_user!r} is not in dataset {self.ds.name}")
         items, ts = self.ds.sequence(u)
-        return Query([_py(self.item_raw[i]) for i in items], [int(t) for t in ts] if self.ds.has_timestamps else None)
+        behaviors = None
+        if self.uses_behavior and self.ds.behaviors is not None:
+            s, e = self.ds.offsets[u], self.ds.offsets[u + 1]
+            behaviors = [self.behavior_names[c - 1] for c in self.ds.behaviors[s:e].tolist()]
+        return Query([_py(self.item_raw[i]) for i in items], [int(t) for t in ts] if self.ds.has_timestamps else None, behaviors=behaviors)
