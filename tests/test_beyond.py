@@ -296,6 +296,7 @@ def test_two_processes_equal_one(tmp_path):
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["dist"]["beyond"] == out["one"]["beyond"]  # exactly: counts summed, diversity in batch order
     assert out["dist"] == out["one"] and "ILD@40" in out["one"]["beyond"]
+    assert out["dist"]["buckets"] == out["one"]["buckets"] and sum(b["users"] for b in out["one"]["buckets"].values()) == out["one"]["users"]
 
 
 def test_printed_block_and_table():

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from fuxi_mme.config import Config, ConfigError, ModelConfig, NoiseConfig, SparsityConfig, apply_overrides, validate
 from fuxi_mme.data.noise import evaluation_view, perturb, training_view
 from fuxi_mme.data.prepared import build_prepared

@@ -53,9 +53,10 @@ class TokenGate(nn.Module):
     def __init__(self, width: int, weight: float):
         super().__init__()
         hidden = max(8, width // 2)
-        self.net = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-        nn.init.zeros_(self.net[2].weight)
-        nn.init.constant_(self.net[2].bias, 3.0)  # keep weight about 0.95 at the start
+        last = nn.Linear(hidden, 1)
+        nn.init.zeros_(last.weight)
+        nn.init.constant_(last.bias, 3.0)  # keep weight about 0.95 at the start
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), last)
         self.weight = weight
         self._sums: list[torch.Tensor] = []
         self._counts: list[torch.Tensor] = []
