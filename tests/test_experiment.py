@@ -498,6 +498,7 @@ PLANS = {
     "temperature": (126, "8c6424cd223ce402"),
     "loss": (18, "89473fcea4ec16ea"),
     "mixer": (36, "fda315ca99895a90"),
+    "behavior": (72, "8c98629dd0ccbce3"),
 }
 # variants added to a suite after its plan was pinned: its earlier jobs must stay as they were
 ADDED_VARIANTS = {"main": {"ssm"}}
@@ -516,6 +517,9 @@ ADDED_SINCE_PINNED = {
     ("model", "ssm_chunk"): 64,
     ("eval", "beyond"): True,
     ("eval", "final_test"): True,
+    ("data", "behavior"): None,
+    ("data", "target_behavior"): None,
+    ("model", "use_behavior"): False,
     ("data", "noise"): {"kind": "none", "rate": 0.0, "sampling": "uniform", "window": 3, "eval": False},
     ("data", "sparsity"): {"kind": "none", "k": 20, "rate": 0.0},
     ("model", "denoise"): "none",

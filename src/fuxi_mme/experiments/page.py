@@ -27,6 +27,7 @@ DOC_ORDER = (
     "precision",
     "loss",
     "mixer",
+    "behavior",
 )
 
 INTRO = [
