@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.config import ModelConfig, MoEConfig  # noqa: E402
 from fuxi_mme.models import build_model  # noqa: E402
+from fuxi_mme.models.ssm import SelectiveSSM  # noqa: E402
+from fuxi_mme.models.ssm_scan import resolve_scan  # noqa: E402
 from fuxi_mme.train.loss import sample_negatives, sampled_softmax_loss  # noqa: E402
 from fuxi_mme.utils.runinfo import run_info  # noqa: E402
 
@@ -92,6 +94,13 @@ def peak_gb(dev: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None
 
 
+def scan_of(model: torch.nn.Module, dev: torch.device) -> str | None:
+    """The selective-scan implementation the model's state-space mixers run on ``dev`` in eager
+    mode (``model.ssm_scan`` resolved), or None for a model without them."""
+    paths = sorted({resolve_scan(m.scan, dev) for m in model.modules() if isinstance(m, SelectiveSSM)})
+    return ",".join(paths) or None
+
+
 def measure(name: str, N: int, args, dev: torch.device) -> dict[str, Any]:
     """One (model, length) cell: throughputs and peak memory, or why it did not run."""
     B = max(1, args.tokens // N)
@@ -102,6 +111,7 @@ def measure(name: str, N: int, args, dev: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model(cfg, NUM_ITEMS, N).to(dev)
     row["params"] = sum(p.numel() for p in model.parameters())
+    row["scan"] = scan_of(model, dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
     ids, ts, q, targets, negatives = inputs(B, N, dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
@@ -161,15 +171,16 @@ def fmt_cell(r: dict[str, Any]) -> str:
 def table(rows: list[dict[str, Any]], lengths: list[int], models: list[str]) -> list[str]:
     by = {(r["model"], r["length"]): r for r in rows}
     md = [
-        "| model | " + " | ".join(f"N={n}" for n in lengths) + " | longest that fits |",
-        "|---|" + "---|" * (len(lengths) + 1),
+        "| model | scan | " + " | ".join(f"N={n}" for n in lengths) + " | longest that fits |",
+        "|---|---|" + "---|" * (len(lengths) + 1),
     ]
     for m in models:
         fits = [n for n in lengths if by.get((m, n), {}).get("fits")]
         longest = str(max(fits)) if fits else "none"
         if fits and max(fits) == max(lengths):
             longest = f">= {max(fits)}"
-        md.append(f"| {m} | " + " | ".join(fmt_cell(by[(m, n)]) if (m, n) in by else "—" for n in lengths) + f" | {longest} |")
+        scan = next((r["scan"] for r in rows if r["model"] == m and r.get("scan")), None) or "—"
+        md.append(f"| {m} | {scan} | " + " | ".join(fmt_cell(by[(m, n)]) if (m, n) in by else "—" for n in lengths) + f" | {longest} |")
     return md
 
 
@@ -246,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
             release(dev)
             oom = r["fits"] is False
             rows.append(r)
-            print(f"{m:>18} N={n:>5}: {fmt_cell(r)}" + (f" ({r['error']})" if r.get("error") else ""), flush=True)
+            scan = f" [scan {r['scan']}]" if r.get("scan") else ""
+            print(f"{m:>18} N={n:>5}: {fmt_cell(r)}{scan}" + (f" ({r['error']})" if r.get("error") else ""), flush=True)
     wall = round(time.perf_counter() - t0, 1)
     config = {k: getattr(args, k) for k in ("tokens", "dim", "layers", "amp", "steps", "warmup", "slow_s")}
     config.update(lengths=lengths, models=models, num_items=NUM_ITEMS, negatives=128, wall_s=wall)
@@ -256,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Width {args.dim}, {args.layers} layers, {args.tokens:,} tokens per batch (batch = tokens // N), amp {args.amp}, "
         f"{NUM_ITEMS:,} items, sampled softmax with 128 negatives. Cells: training / inference tokens per second"
-        " (median after warm-up) and the training step's peak memory; OOM: does not fit. torch "
+        " (median after warm-up) and the training step's peak memory; OOM: does not fit; scan: the selective scan the"
+        " state-space mixers ran (model.ssm_scan resolved on this device). torch "
         f"{info['versions']['torch']}; {wall} s in all.",
         "",
         *table(rows, lengths, models),
