@@ -129,7 +129,8 @@ class SSMRec(SequenceModel):
         self.blocks = nn.ModuleList(SSMBlock(cfg, cfg.dim, max_len) for _ in range(cfg.num_layers))
         self.final = nn.RMSNorm(cfg.dim, eps=1e-6)
 
-    def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, ts: torch.Tensor, query_ts: torch.Tensor, behaviors: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, D) user vectors; ``behaviors`` is unused (the ssm model refuses model.use_behavior)."""
         valid = ids != 0
         x = self.input(ids)
         for blk in self.blocks:
