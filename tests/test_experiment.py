@@ -499,6 +499,7 @@ PLANS = {
     "loss": (18, "89473fcea4ec16ea"),
     "mixer": (36, "fda315ca99895a90"),
     "behavior": (72, "8c98629dd0ccbce3"),
+    "robustness": (180, "9625e466cbe0f02c"),
 }
 # variants added to a suite after its plan was pinned: its earlier jobs must stay as they were
 ADDED_VARIANTS = {"main": {"ssm"}}

@@ -118,7 +118,8 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     x.add_argument(
         "suite",
         nargs="+",
-        help="main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, precision, loss, mixer or behavior; "
+        help="main, ablation, sweep, capacity, amazon, width, norm, sports, dropout, temperature, scaling, precision, loss, mixer, behavior "
+        "or robustness; "
         "several run as one queue. Finished runs are skipped; "
         "a finished run made with other settings than the suite now asks for (a changed preset default) is run again, "
         "the old one kept as seed<k>.stale",

@@ -28,6 +28,7 @@ DOC_ORDER = (
     "loss",
     "mixer",
     "behavior",
+    "robustness",
 )
 
 INTRO = [
