@@ -133,7 +133,8 @@ def test_published_data_have_no_repeats_and_keep_their_ranks(name, source, tmp_p
 def _take(arrs, rows):
     import dataclasses
 
-    return dataclasses.replace(arrs, **{f.name: getattr(arrs, f.name)[rows] for f in dataclasses.fields(arrs)})
+    fields = {f.name: getattr(arrs, f.name) for f in dataclasses.fields(arrs)}
+    return dataclasses.replace(arrs, **{k: v[rows] for k, v in fields.items() if v is not None})  # behaviors: None without them
 
 
 WORKER = textwrap.dedent(
