@@ -25,7 +25,7 @@ from fuxi_mme.utils.integrity import verify_manifest
 
 # best improves at epoch 2; one thread: the runs are tiny and the test machine is shared
 FAST = {"data.demo_users": 64, "data.max_len": 10, "train.lr": 0.003, "train.epochs": 2, "train.num_threads": 1}
-TIMING = ("seq_per_s", "epoch_seconds", "gpu_mem_gb")
+TIMING = ("seq_per_s", "epoch_seconds", "eval_seconds", "gpu_mem_gb")
 CKPT_FILES = ("model.safetensors", "optim.safetensors", "state.json", "checksums.json")
 
 
