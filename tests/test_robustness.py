@@ -242,3 +242,17 @@ def test_training_with_gate_and_noise_reports_buckets(tmp_path):
     assert sum(b["users"] for b in out["test"]["buckets"].values()) == out["test"]["users"]
     logged = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["aux_loss"] > 0 for r in logged if r.get("kind", "train") == "train" and "loss" in r)
+
+
+@pytest.mark.parametrize("noise", NOISES, ids=lambda n: n.kind)
+def test_a_perturbed_view_keeps_each_events_behaviour_and_the_target_behaviour(noise):
+    ds = _dataset(users=80, held_out_items=False)
+    rng = np.random.default_rng(1)
+    ds.behaviors = rng.integers(1, 3, len(ds.items)).astype(np.int8)
+    ds.behavior_names, ds.target_behavior = ["view", "buy"], "buy"
+    for sparsity in SPARSITIES:
+        out = perturb(ds, "loo-val", noise, sparsity, 5)
+        assert out.behaviors is not None and len(out.behaviors) == len(out.items)
+        assert out.behavior_names == ["view", "buy"] and out.target_behavior == "buy"
+        if noise.kind != "insert" and sparsity.kind == "none":  # events stay where they were: so do their behaviours
+            assert np.array_equal(out.behaviors, ds.behaviors)

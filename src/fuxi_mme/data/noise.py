@@ -63,9 +63,11 @@ def perturb(ds: PreparedDataset, protocol: str, noise: NoiseConfig, sparsity: Sp
     train_end = split_points(ds, protocol)["train_end"]
     train = np.arange(len(ds.items)) < train_end[user]
     items, ts = ds.items.copy(), ds.timestamps.copy()
+    beh = ds.behaviors  # an event's behaviour travels with it; a shuffle moves items, not behaviours or times
     keep = _sparsity_keep(ds, sparsity, user, train, train_end, rng)
     if keep is not None:
         items, ts, user, train = items[keep], ts[keep], user[keep], train[keep]
+        beh = beh[keep] if beh is not None else None
     draw = _item_drawer(ds, protocol, noise.sampling, rng)
     if noise.kind == "replace":
         hit = train & (rng.random(len(items)) < noise.rate)
@@ -76,6 +78,7 @@ def perturb(ds: PreparedDataset, protocol: str, noise: NoiseConfig, sparsity: Sp
         added = np.zeros(len(src), dtype=bool)
         added[1:] = src[1:] == src[:-1]  # the second copy of an event is the inserted one
         items, ts, user, train = items[src], ts[src], user[src], train[src]
+        beh = beh[src] if beh is not None else None  # an inserted item takes its neighbour's behaviour
         items[added] = draw(int(added.sum()))
     elif noise.kind == "shuffle":
         items = _shuffle_windows(items, user, train, U, noise, rng)
@@ -91,6 +94,9 @@ def perturb(ds: PreparedDataset, protocol: str, noise: NoiseConfig, sparsity: Sp
         has_timestamps=ds.has_timestamps,
         item_titles=ds.item_titles,
         cache_dir=ds.cache_dir,  # same item ids: cached item features still apply
+        behaviors=beh,
+        behavior_names=ds.behavior_names,
+        target_behavior=ds.target_behavior,
     )
     out.stats = compute_stats(out)
     out.stats["perturbation"] = {"noise": vars(noise).copy(), "sparsity": vars(sparsity).copy(), "seed": seed}
