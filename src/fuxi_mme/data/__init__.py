@@ -57,9 +57,7 @@ def resolve_source_path(cfg: DataConfig, progress: bool = True) -> Path | None:
     if cfg.path:
         p = Path(cfg.path).expanduser()
         if not p.exists():
-            raise DataError(
-                f"{p} does not exist; pass the {'file' if own else 'dataset folder, file or archive'} with --source/--data-path"
-            )
+            raise DataError(f"{p} does not exist; pass the {'file' if own else 'dataset folder, file or archive'} with --source/--data-path")
         if p.is_file() and is_archive(p) and not own:
             stem = raw / ("from-" + p.name.replace(".", "_"))
             marker = stem.with_name(stem.name + ".done")

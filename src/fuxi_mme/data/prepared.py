@@ -224,8 +224,10 @@ def save_prepared(ds: PreparedDataset, target: Path, meta: dict[str, Any], repla
     _remove_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        extra = {"behaviors": ds.behaviors} if ds.behaviors is not None else {}
-        np.savez(tmp / "sequences.npz", offsets=ds.offsets, items=ds.items, timestamps=ds.timestamps, **extra)
+        arrays: dict[str, np.ndarray] = {"offsets": ds.offsets, "items": ds.items, "timestamps": ds.timestamps}
+        if ds.behaviors is not None:
+            arrays["behaviors"] = ds.behaviors
+        np.savez(tmp / "sequences.npz", **arrays)  # type: ignore[arg-type]
         pd.DataFrame({"raw_id": _as_storable(ds.item_raw)}).to_parquet(tmp / "items.parquet")
         pd.DataFrame({"raw_id": _as_storable(ds.user_raw)}).to_parquet(tmp / "users.parquet")
         if ds.item_titles is not None:

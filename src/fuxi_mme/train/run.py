@@ -137,7 +137,7 @@ class _Phases:
                 epochs.append(float(rec.get("epoch_seconds", 0.0)))
             elif "eval_seconds" in rec:
                 evals.append(float(rec["eval_seconds"]))
-        out = dict(self.laps)
+        out: dict[str, float | int | None] = dict(self.laps)
         fit = out.pop("fit", None)
         out.update(
             first_epoch=round(epochs[0], 3) if epochs else None,
@@ -146,7 +146,7 @@ class _Phases:
             evaluation_count=len(evals),
             fit_other=round(fit - sum(epochs) - sum(evals), 3) if fit is not None else None,  # checkpoints, logging
         )
-        out["total"] = round(sum(v for k, v in out.items() if k != "evaluation_count" and isinstance(v, (int, float))), 3)
+        out["total"] = round(sum(float(v) for k, v in out.items() if k != "evaluation_count" and isinstance(v, (int, float))), 3)
         return out
 
 
