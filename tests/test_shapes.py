@@ -10,21 +10,12 @@ from pathlib import Path
 import pytest
 
 from fuxi_mme.cli import main
+from fuxi_mme.experiments.plan import _flat  # dotted keys, tuples as lists
 from fuxi_mme.presets import all_presets, build_defaults, build_preset
 from fuxi_mme.shapes import DATASETS, FEW_USERS, MANY_INTERACTIONS, SHORT_MEDIAN_LENGTH, choose_shape
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PINNED = Path(__file__).parent / "data" / "presets-pinned.json"
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def test_every_named_preset_resolves_to_the_config_pinned_before_shapes():
