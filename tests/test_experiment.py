@@ -730,3 +730,17 @@ def test_aggregate_only_packs_the_logs_when_asked(tmp_path, capsys):
     assert not (jobs[0].run_dir / "metrics.jsonl").exists() and (tmp_path / "ablation" / "logs.tar.xz").is_file()
     row = next(e for e in json.loads((tmp_path / "ablation.json").read_text())["results"] if e["variant"] == "fuxi-alpha")
     assert row["train_seconds"]["mean"] == 4.0
+
+
+def test_cross_domain_ranks_each_model_per_dataset_and_averages_the_ranks():
+    from fuxi_mme.experiments.tables import cross_domain
+
+    def row(d, v, x):
+        return {"dataset": d, "variant": v, "test/NDCG@10": {"mean": x, "std": 0.0}}
+
+    res = {"results": [row("a", "sasrec", 0.3), row("a", "fuxi-mme", 0.2), row("b", "sasrec", 0.1), row("b", "fuxi-mme", 0.4), row("b", "hstu", 0.2)]}
+    lines = cross_domain(res).splitlines()
+    assert lines[0] == "| model | a | b | mean rank |"
+    assert "| sasrec | 1 (0.3000) | 3 (0.1000) | 2.0 |" in lines and "| fuxi-mme | 2 (0.2000) | 1 (0.4000) | 1.5 |" in lines
+    assert "| hstu | - | 2 (0.2000) | 2.0 |" in lines and not any(x.startswith("| popularity") for x in lines)
+    assert cross_domain({"results": [row("a", "sasrec large", 0.5)]}, " large").splitlines()[2] == "| sasrec large | 1 (0.5000) | 1.0 |"

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..utils.runinfo import atomic_write_text
 from .plots import plot_scaling
-from .tables import beyond_table, equal_size_comparison, headline, markdown, published_comparison
+from .tables import beyond_table, cross_domain, equal_size_comparison, headline, markdown, published_comparison
 
 # The order of the suites on the page (every suite, tested).
 DOC_ORDER = (
@@ -73,6 +73,16 @@ BEYOND_PROSE = [
 ]
 
 
+CROSS_DOMAIN_PROSE = [
+    "### Across domains: each model's shipped defaults, ranked per dataset",
+    "",
+    "Rank among the models on each dataset by mean test NDCG@10 (loo-val; the value in parentheses) and the mean rank",
+    "over the datasets, base and large presets. Ranks ignore seed noise: the Welch comparisons below say which",
+    "differences are beyond it.",
+    "",
+]
+
+
 def main_sections(res: dict[str, Any]) -> list[str]:
     """The headline (loo-val rows only) and the two comparisons, above the main suite's table."""
     base = {**res, "results": [e for e in res["results"] if e["protocol"] == "loo-val"]}
@@ -82,6 +92,9 @@ def main_sections(res: dict[str, Any]) -> list[str]:
         headline(base),
         "",
         *([*BEYOND_PROSE, beyond, ""] if beyond else []),
+        *CROSS_DOMAIN_PROSE,
+        cross_domain(base),
+        cross_domain(base, " large"),
         *PUBLISHED_PROSE,
         published_comparison(res),
         "",

@@ -149,6 +149,25 @@ def headline(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
     return "\n".join(lines) + "\n"
 
 
+def cross_domain(res: dict[str, Any], suffix: str = "", metric: str = "test/NDCG@10") -> str:
+    """Each model's rank among the headline models on every dataset (1 = best mean ``metric``),
+    with the value, and its mean rank over the datasets: shipped defaults across domains.
+    ``suffix``: " large" for the large presets' rows."""
+    cells = {(e["dataset"], e["variant"]): e[metric]["mean"] for e in res["results"] if metric in e}
+    datasets = [d for d in dict.fromkeys(e["dataset"] for e in res["results"]) if any((d, m + suffix) in cells for m in HEADLINE_MODELS)]
+    models = [m for m in HEADLINE_MODELS if any((d, m + suffix) in cells for d in datasets)]
+    ranks: dict[tuple[str, str], int] = {}
+    for d in datasets:
+        present = sorted((m for m in models if (d, m + suffix) in cells), key=lambda m: -cells[(d, m + suffix)])
+        ranks.update({(d, m): i + 1 for i, m in enumerate(present)})
+    lines = ["| model | " + " | ".join(datasets) + " | mean rank |", "|---" * (len(datasets) + 2) + "|"]
+    for m in models:
+        row = [f"{ranks[(d, m)]} ({cells[(d, m + suffix)]:.4f})" if (d, m) in ranks else "-" for d in datasets]
+        mine = [ranks[(d, m)] for d in datasets if (d, m) in ranks]
+        lines.append(f"| {m}{suffix} | " + " | ".join(row) + f" | {sum(mine) / len(mine):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main_spec(dataset: str, variant: str) -> tuple[str, str, str, tuple[str, ...]] | None:
     """(model, size, protocol, overrides) of a main-suite row, from the suite's own variant
     table (not its label); None for a row the main suite does not define."""
