@@ -160,6 +160,8 @@ def report(run_dirs: list[str | Path], out: str | Path) -> dict[str, Any]:
         md += [f"![{img.stem}]({img.name})", ""]
     for r in runs:
         notes = [*((r["info"] or {}).get("notes") or []), *(((r["final"] or {}).get("test") or {}).get("beyond") or {}).get("notes", [])]
+        if not r["records"]:  # a suite run whose logs.tar.xz is not here: no curves for it
+            notes.append("no per-epoch records (an experiment suite's are on the results-logs branch: docs/results.md)")
         commit = (r["info"] or {}).get("commit")
         md.append(f"- `{r['name']}`: {r['dir']}" + (f", commit {commit}" if commit else "") + ("; " + "; ".join(notes) if notes else ""))
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
