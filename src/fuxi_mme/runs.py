@@ -21,7 +21,7 @@ from .data import load_dataset
 from .data.noise import evaluation_view, training_view
 from .data.prepared import PreparedDataset
 from .data.splits import eval_arrays
-from .eval.evaluator import evaluate_split, model_scorer, popularity_scorer, resolve_history
+from .eval.evaluator import evaluate_run_split, model_scorer, popularity_scorer, resolve_history
 from .models import build_model
 from .models.common import SequenceModel
 from .train.checkpoint import load_weights
@@ -123,18 +123,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "au
     ds = evaluation_view(ds, cfg.data, cfg.train.seed)  # clean unless data.noise.eval (docs/training.md#robustness-protocols)
     arrs = eval_arrays(ds, cfg.data.protocol, split, cfg.data.max_len)
     history, why = resolve_history(cfg.eval.history, ds, cfg.data.protocol)
-    m = evaluate_split(
-        scorer,
-        arrs,
-        ds,
-        split=split,
-        history=history,
-        ks=cfg.eval.ks,
-        batch_size=cfg.eval.batch_size,
-        device=dev,
-        protocol=cfg.data.protocol,
-        beyond=cfg.eval.beyond,
-    )
+    m = evaluate_run_split(scorer, arrs, ds, cfg, split, history, dev)
     return {
         "protocol": cfg.data.protocol,
         "split": split,

@@ -252,6 +252,16 @@ def evaluate_split(
     return m
 
 
+def evaluate_run_split(
+    scorer: Scorer, arrs: EvalArrays, ds: PreparedDataset, cfg: Any, split: str, history: str, device: torch.device | str, **dist: Any
+) -> dict[str, Any]:
+    """:func:`evaluate_split` with a run config's evaluation settings (``eval.ks``, batch size,
+    ``beyond``; the protocol whose training part gives popularity); ``dist``: rank, world, gather."""
+    e = cfg.eval
+    kw: dict[str, Any] = {"ks": e.ks, "batch_size": e.batch_size, "protocol": cfg.data.protocol, "beyond": e.beyond}
+    return evaluate_split(scorer, arrs, ds, split=split, history=history, device=device, **kw, **dist)
+
+
 def _accumulator(ds: PreparedDataset, ks: tuple[int, ...], device: torch.device | str) -> tuple[BeyondAccumulator, str]:
     """The beyond-accuracy counters for ``ds`` on ``device``, and why ILD is skipped (no item features)."""
     from ..data.features import item_features

@@ -34,7 +34,7 @@ from ..data.batches import NegativeSampler, make_batch
 from ..data.noise import evaluation_view, training_view
 from ..data.prepared import PreparedDataset
 from ..data.splits import EvalArrays, TrainArrays, eval_arrays, length_sorted_chunks, train_arrays
-from ..eval.evaluator import evaluate_split, model_scorer, resolve_history
+from ..eval.evaluator import evaluate_run_split, model_scorer, resolve_history
 from ..models.common import SequenceModel
 from ..utils.runtime import autocast_dtype
 from . import distributed as D
@@ -304,23 +304,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, arrs: EvalArrays, split: str) -> dict[str, Any]:
         self.model.eval()
-        e, w = self.cfg.eval, self.dist
+        w = self.dist
         gather = (lambda obj: D.all_gather_objects(obj, w)) if w.enabled else None
-        return evaluate_split(
-            model_scorer(self.model, self.amp_dtype),
-            arrs,
-            self.ds,
-            split=split,
-            history=self.history,
-            ks=e.ks,
-            batch_size=e.batch_size,
-            device=self.device,
-            rank=w.rank,
-            world=w.world,
-            gather=gather,
-            protocol=self.cfg.data.protocol,
-            beyond=e.beyond,
-        )
+        scorer = model_scorer(self.model, self.amp_dtype)
+        return evaluate_run_split(scorer, arrs, self.ds, self.cfg, split, self.history, self.device, rank=w.rank, world=w.world, gather=gather)
 
     # ------------------------------------------------------------------ checkpoints
     def _rng(self) -> dict[str, torch.Tensor]:

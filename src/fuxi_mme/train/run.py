@@ -16,7 +16,7 @@ from ..data import check_expected, load_dataset
 from ..data.noise import evaluation_view, training_view
 from ..data.prepared import PreparedDataset, default_data_dir
 from ..data.splits import eval_arrays
-from ..eval.evaluator import evaluate_split, popularity_scorer, resolve_history
+from ..eval.evaluator import evaluate_run_split, popularity_scorer, resolve_history
 from ..models import build_model
 from ..runs import Run, adapt_to_dataset
 from ..utils.runinfo import run_info
@@ -166,18 +166,7 @@ def _popularity(cfg: Config, ds: PreparedDataset, device: torch.device, run_dir:
     }
     for split in ["valid", "test"] if cfg.data.protocol == "loo-val" else ["test"]:
         arrs = eval_arrays(ds, cfg.data.protocol, split, cfg.data.max_len)
-        m = evaluate_split(
-            scorer,
-            arrs,
-            ds,
-            split=split,
-            history=history,
-            ks=cfg.eval.ks,
-            batch_size=cfg.eval.batch_size,
-            device=device,
-            protocol=cfg.data.protocol,
-            beyond=cfg.eval.beyond,
-        )
+        m = evaluate_run_split(scorer, arrs, ds, cfg, split, history, device)
         out["test" if split == "test" else "valid_best"] = m
     if write:
         Run(run_dir).write_metrics(out)
