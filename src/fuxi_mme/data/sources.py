@@ -293,6 +293,20 @@ _ZENODO = "https://zenodo.org/records/10439422/files"
 _AMAZON_2014 = {"beauty": "Beauty", "sports": "Sports_and_Outdoors", "toys": "Toys_and_Games", "books": "Books"}
 
 
+def _amazon_5core(name: str, category: str, users: int, items: int, interactions: int) -> Source:
+    """``amazon-<name>``: the S3-Rec 5-core sequences of ``category`` (order only) or its raw ratings CSV."""
+    return Source(
+        f"amazon-{name}",
+        f"Amazon {category} 5-core: S3-Rec sequences (order only) or the raw ratings CSV",
+        _amazon(f"{category}.txt"),
+        has_timestamps=False,
+        expected={"users": users, "items": items, "interactions": interactions},
+        files_hint=f"a folder with {category}.txt or ratings_{category}.csv",
+        licence=_AMAZON_LICENCE,
+        remotes=[Remote(f"{_S3REC}/{category}.txt")],
+    )
+
+
 def _grouplens(name: str) -> list[Remote]:
     return [Remote(f"{_GROUPLENS}/{name}.zip", md5_url=f"{_GROUPLENS}/{name}.zip.md5")]
 
@@ -368,36 +382,9 @@ SOURCES: dict[str, Source] = {
             duplicates="drop",
             min_user_interactions=5,
         ),
-        Source(
-            "amazon-beauty",
-            "Amazon Beauty 5-core: S3-Rec sequences (order only) or the raw ratings CSV",
-            _amazon("Beauty.txt"),
-            has_timestamps=False,
-            expected={"users": 22363, "items": 12101, "interactions": 198502},
-            files_hint="a folder with Beauty.txt or ratings_Beauty.csv",
-            licence=_AMAZON_LICENCE,
-            remotes=[Remote(f"{_S3REC}/Beauty.txt")],
-        ),
-        Source(
-            "amazon-sports",
-            "Amazon Sports_and_Outdoors 5-core: S3-Rec sequences (order only) or the raw ratings CSV",
-            _amazon("Sports_and_Outdoors.txt"),
-            has_timestamps=False,
-            expected={"users": 35598, "items": 18357, "interactions": 296337},
-            files_hint="a folder with Sports_and_Outdoors.txt or ratings_Sports_and_Outdoors.csv",
-            licence=_AMAZON_LICENCE,
-            remotes=[Remote(f"{_S3REC}/Sports_and_Outdoors.txt")],
-        ),
-        Source(
-            "amazon-toys",
-            "Amazon Toys_and_Games 5-core: S3-Rec sequences (order only) or the raw ratings CSV",
-            _amazon("Toys_and_Games.txt"),
-            has_timestamps=False,
-            expected={"users": 19412, "items": 11924, "interactions": 167597},
-            files_hint="a folder with Toys_and_Games.txt or ratings_Toys_and_Games.csv",
-            licence=_AMAZON_LICENCE,
-            remotes=[Remote(f"{_S3REC}/Toys_and_Games.txt")],
-        ),
+        _amazon_5core("beauty", "Beauty", 22363, 12101, 198502),
+        _amazon_5core("sports", "Sports_and_Outdoors", 35598, 18357, 296337),
+        _amazon_5core("toys", "Toys_and_Games", 19412, 11924, 167597),
         _amazon_generic("books"),
     ]
 }
