@@ -39,7 +39,8 @@ INTRO = [
     "`results/` (each suite's `runs.jsonl` holds every run's config, run info with commit and device, and final",
     "metrics). Mean ± std over seeds (the number of seeds in parentheses); full ranking; protocol as named. The",
     "per-epoch logs (for `fuxi-mme report` curves) are on the `results-logs` branch, one `results/<suite>/logs.tar.xz`",
-    "per suite: `git checkout origin/results-logs -- results && git reset -q results`.",
+    "per suite: `git checkout origin/results-logs -- results && git reset -q results` (or, from this branch's",
+    "history, `git checkout 399b382 -- results && git reset -q results`, the last commit that carried them).",
     "",
 ]
 HEADLINE_PROSE = [
