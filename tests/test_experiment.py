@@ -525,6 +525,8 @@ ADDED_SINCE_PINNED = {
     ("data", "sparsity"): {"kind": "none", "k": 20, "rate": 0.0},
     ("model", "denoise"): "none",
     ("model", "denoise_weight"): 0.01,
+    ("data", "engine"): "auto",
+    ("train", "shard_items"): False,
 }
 
 

@@ -65,6 +65,11 @@ class DataConfig:
     min_user_interactions: int | None = None  # None: the dataset's published filter (KuaiRand 5), else 2
     duplicates: str = "auto"  # exact duplicate (user, item, timestamp) rows: "error", "drop", "keep", "auto" (per dataset)
     ordering: str = "stable"  # "stable" (ties keep file order) or "hstu"
+    # how a table is prepared (docs/datasets.md#large-logs): "memory" (pandas, every option),
+    # "columnar" (out-of-core: Parquet row groups partitioned by user on disk, int32 ids,
+    # memory-mapped cache; integer ids, duplicates keep/drop, ordering stable) or "auto"
+    # (columnar for a Parquet file or folder over 50M rows)
+    engine: str = "auto"
     # repeat consumption (an item the user had before), applied before the splits: "keep",
     # "drop-consecutive" (an event equal to the user's previous one) or "first" (first of each item)
     repeats: str = "keep"
@@ -185,6 +190,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
     deterministic: bool = False
     num_threads: int | None = None  # CPU threads; None: torch's default
+    # under torchrun: shard the item table (and its optimizer state) across ranks with FSDP2
+    # instead of replicating it (docs/training.md#sharded-item-tables); false: plain DDP
+    shard_items: bool = False
     dist_timeout: float = 900.0  # seconds a collective may wait under torchrun before failing
 
 
