@@ -1,6 +1,8 @@
 """Large-log paths (docs/performance.md#scale): windows gathered per batch instead of whole
 (host memory independent of users x max_len), and the out-of-core columnar preparation."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -70,3 +72,139 @@ def test_training_on_lazy_windows_gives_the_same_run(tmp_path, monkeypatch, mode
 
     dense, lazy = run(1 << 27, "dense"), run(0, "lazy")
     assert dense["test"] == lazy["test"] and dense["valid_best"] == lazy["valid_best"]
+
+
+# --------------------------------------------------------------------------- columnar engine
+
+
+def _parquet_log(tmp_path, seed=0, rows=20_000, users=900, items=700, scale=(1, 1), parts=1, dup_share=0.02, times=True):
+    """A log with exact duplicates, users with one event, tied timestamps and item ids only
+    short users have; ``scale`` spreads the raw ids (a sparse id range); ``parts`` > 1 writes a
+    folder of Parquet parts."""
+    rng = np.random.default_rng(seed)
+    u = rng.integers(0, users, rows) * scale[0] + 11
+    i = rng.integers(0, items, rows) * scale[1] + 3
+    t = rng.integers(0, rows // 4, rows)
+    dup = rng.random(rows) < dup_share
+    u[1:][dup[1:]], i[1:][dup[1:]], t[1:][dup[1:]] = u[:-1][dup[1:]], i[:-1][dup[1:]], t[:-1][dup[1:]]
+    u = np.concatenate([u, [10**6 * scale[0] + 1]])  # a user with one event, holding an item nobody else has
+    i = np.concatenate([i, [10**6 * scale[1] + 7]])
+    t = np.concatenate([t, [5]])
+    df = pd.DataFrame({"uid": u, "iid": i, "ts": t} if times else {"uid": u, "iid": i})
+    if parts == 1:
+        path = tmp_path / "log.parquet"
+        df.to_parquet(path)
+    else:
+        path = tmp_path / "log"
+        path.mkdir()
+        for k, chunk in enumerate(np.array_split(np.arange(len(df)), parts)):
+            df.iloc[chunk].to_parquet(path / f"part-{k:03d}.parquet")
+        (path / "_SUCCESS").write_text("")
+    return path
+
+
+def _both(tmp_path, path, part_events, batch_rows, **over):
+    from fuxi_mme.config import DataConfig
+    from fuxi_mme.data import columnar, load_dataset
+
+    cfg = {**dict(name="file", path=str(path), user_col="uid", item_col="iid", time_col="ts", duplicates="drop"), **over}
+    mem = load_dataset(DataConfig(**cfg, engine="memory", data_dir=str(tmp_path / "m")))
+    old = columnar.PART_EVENTS, columnar.BATCH_ROWS
+    columnar.PART_EVENTS, columnar.BATCH_ROWS = part_events, batch_rows
+    try:
+        col = load_dataset(DataConfig(**cfg, engine="columnar", data_dir=str(tmp_path / "c")))
+    finally:
+        columnar.PART_EVENTS, columnar.BATCH_ROWS = old
+    return mem, col
+
+
+@pytest.mark.parametrize(
+    "scale, parts, part_events, batch_rows, over",
+    [
+        ((1, 1), 1, 1 << 26, 1 << 22, {}),  # one partition, one batch
+        ((1, 1), 3, 997, 1500, {}),  # many partitions and batches, a folder of parts
+        ((10**6, 10**7), 2, 4000, 3000, {}),  # sparse id ranges (sorted uniques, not bitmaps)
+        ((1, 1), 1, 2000, 5000, {"min_user_interactions": 25}),
+        ((1, 1), 1, 2000, 5000, {"duplicates": "keep"}),
+        ((1, 1), 1, 2000, 5000, {"time_col": None}),
+    ],
+)
+def test_columnar_preparation_equals_the_in_memory_one(tmp_path, scale, parts, part_events, batch_rows, over):
+    from fuxi_mme.data import columnar
+    from fuxi_mme.data.repeats import repeat_flags
+
+    path = _parquet_log(tmp_path, scale=scale, parts=parts, times=over.get("time_col", "ts") is not None)
+    mem, col = _both(tmp_path, path, part_events, batch_rows, **over)
+    assert columnar.is_columnar(tmp_path / "c" / "prepared" / f"file-{Path(col.cache_dir).name.split('-')[-1]}")
+    assert isinstance(col.items, np.memmap) and col.items.dtype == np.int32
+    for f in ("offsets", "items", "timestamps", "item_raw", "user_raw"):
+        assert np.array_equal(np.asarray(getattr(mem, f)), np.asarray(getattr(col, f))), f
+    assert np.array_equal(repeat_flags(mem), np.asarray(repeat_flags(col)))
+    strip = lambda st: {k: v for k, v in st.items() if k != "notes"}  # noqa: E731
+    assert strip(mem.stats) == strip(col.stats)
+    assert [n for n in mem.stats["notes"] if "dropped" in n] == col.stats["notes"]
+    for protocol in ("loo-val", "paper"):  # and the splits read it the same
+        a, b = eval_arrays(mem, protocol, "test", 7), eval_arrays(col, protocol, "test", 7)
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.targets, b.targets) and a.targets.dtype == b.targets.dtype
+
+
+def test_columnar_cache_is_reused_and_damage_rebuilds_it(tmp_path, caplog):
+    from fuxi_mme.config import DataConfig
+    from fuxi_mme.data import load_dataset
+
+    path = _parquet_log(tmp_path)
+    cfg = DataConfig(
+        name="file", path=str(path), user_col="uid", item_col="iid", time_col="ts", duplicates="drop", engine="columnar", data_dir=str(tmp_path / "c")
+    )
+    a = load_dataset(cfg)
+    folder = Path(a.cache_dir)
+    stamp = (folder / "items.int32").stat().st_mtime_ns
+    b = load_dataset(cfg)
+    assert (folder / "items.int32").stat().st_mtime_ns == stamp and np.array_equal(a.items, b.items)
+    with open(folder / "items.int32", "ab") as f:  # a truncated or extended array: rebuilt
+        f.write(b"\0\0\0\0")
+    c = load_dataset(cfg)
+    assert "unreadable" in caplog.text and np.array_equal(np.asarray(a.items), np.asarray(c.items))
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+@pytest.mark.parametrize(
+    "over, needle",
+    [
+        ({"duplicates": "error"}, "repeat an earlier (user, item, timestamp) exactly"),
+        ({"ordering": "hstu"}, "data.engine=columnar does not implement data.ordering=hstu; use data.engine=memory"),
+        ({"item_col": "nope"}, "has no column 'nope' for the item"),
+        ({"user_col": "name"}, "data.engine=columnar needs integer ids"),
+        ({"time_col": "when"}, "timestamp column 'when' is empty in 1 row"),
+    ],
+)
+def test_columnar_bad_input_is_one_line_and_leaves_no_cache(tmp_path, over, needle):
+    from fuxi_mme.config import DataConfig
+    from fuxi_mme.data import DataError, load_dataset
+
+    path = _parquet_log(tmp_path, rows=500)
+    df = pd.read_parquet(path)
+    df["name"] = "u" + df["uid"].astype(str)
+    df["when"] = df["ts"].where(df.index != 7)
+    df.to_parquet(path)
+    cfg = dict(name="file", path=str(path), user_col="uid", item_col="iid", time_col="ts", engine="columnar", data_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError) as err:
+        load_dataset(DataConfig(**{**cfg, **over}))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    prepared = tmp_path / "c" / "prepared"
+    assert not prepared.exists() or not list(prepared.iterdir())
+
+
+def test_columnar_needs_parquet_and_auto_keeps_small_files_in_memory(tmp_path):
+    from fuxi_mme.config import DataConfig
+    from fuxi_mme.data import DataError, columnar, load_dataset
+
+    csv = tmp_path / "log.csv"
+    pd.read_parquet(_parquet_log(tmp_path, rows=300)).to_csv(csv, index=False)
+    with pytest.raises(DataError, match="data.engine=columnar reads Parquet"):
+        load_dataset(
+            DataConfig(name="file", path=str(csv), user_col="uid", item_col="iid", time_col="ts", engine="columnar", data_dir=str(tmp_path / "c"))
+        )
+    auto = DataConfig(name="file", path=str(tmp_path / "log.parquet"), user_col="uid", item_col="iid", time_col="ts", duplicates="drop")
+    assert not columnar.choose(auto, tmp_path / "log.parquet")  # 301 rows: in memory
+    assert not columnar.choose(DataConfig(**{**auto.__dict__, "behavior": "rating"}), tmp_path / "log.parquet")

@@ -14,6 +14,8 @@ from ..config import DataConfig
 from ..utils.runinfo import atomic_write_json
 from . import demo
 from .behaviors import attach_behavior, behavior_code
+from .columnar import choose as choose_engine
+from .columnar import is_columnar, load_columnar, prepare_columnar
 from .download import Remote, fetch, is_archive, is_url, safe_extract
 from .prepared import (
     PreparedDataset,
@@ -174,17 +176,26 @@ def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
     path = resolve_source_path(cfg)
     if path is not None:
         _remember_source(cfg, path)
-    key = cache_key(_key_parts(cfg, path))
+    columnar = choose_engine(cfg, path)
+    parts = {**_key_parts(cfg, path), **({"engine": "columnar"} if columnar else {})}
+    key = cache_key(parts)
     folder = Path(cfg.data_dir or default_data_dir()) / "prepared" / f"{cfg.name}-{key}"
     if not rebuild and (folder / "meta.json").exists():
         cached = None
         try:
-            cached = load_prepared(folder)
+            cached = load_columnar(folder) if is_columnar(folder) else load_prepared(folder)
         except Exception as exc:  # noqa: BLE001 - any damage to a cache file means: rebuild and replace it
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning("cached dataset %s is unreadable (%s); rebuilding it", folder, why)
         if cached is not None:
             return _with_target(cached, cfg)
+    if columnar:
+        assert path is not None  # choose_engine: a Parquet input
+        min_inter = cfg.min_user_interactions if cfg.min_user_interactions is not None else (src.min_user_interactions or 2)
+        policy = src.duplicates if cfg.duplicates == "auto" else cfg.duplicates
+        log.info("%s: preparing out of core (data.engine=columnar, docs/datasets.md#large-logs)", cfg.name)
+        prepare_columnar(path, cfg, cfg.name, folder, {"key": key, "parts": parts}, policy, min_inter)
+        return _with_target(load_columnar(folder), cfg)
     df, titles = src.read(path, cfg)
     has_ts = bool(df.attrs.get("has_timestamps", src.has_timestamps))
     read_notes = list(df.attrs.get("notes", []))

@@ -85,6 +85,20 @@ def flat_ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
     return np.arange(int(lens.sum())) + np.repeat(start - first, lens)
 
 
+def range_blocks(start: np.ndarray, end: np.ndarray, events: int = 1 << 26):
+    """:func:`flat_ranges` of ``start``/``end`` in pieces of whole users holding about ``events``
+    indices each, so a pass over the training part of a large log never builds one index of
+    every event (yields each piece's flat indices)."""
+    lens = np.maximum(end - start, 0)
+    cum = np.cumsum(lens)
+    lo = 0
+    while lo < len(start):
+        done = int(cum[lo - 1]) if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(cum, done + events, side="right")))
+        yield flat_ranges(start[lo:hi], end[lo:hi])
+        lo = hi
+
+
 def order_interactions(df: pd.DataFrame, ordering: str) -> pd.DataFrame:
     """Sort by user then time. ``stable`` keeps file order among equal timestamps.
 

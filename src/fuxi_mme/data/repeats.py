@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .prepared import PreparedDataset, flat_ranges, order_interactions
+from .prepared import PreparedDataset, order_interactions, range_blocks
 
 REPEAT_POLICIES = ("keep", "drop-consecutive", "first")
 
@@ -43,11 +43,13 @@ def repeat_summary(ds: PreparedDataset, protocol: str) -> dict[str, float | int]
     flags = repeat_flags(ds)
     pts = split_points(ds, protocol)
     start = ds.offsets[:-1]
-    in_train = np.zeros(len(flags), dtype=bool)
-    in_train[flat_ranges(start, pts["train_end"])] = True
+    n_train = rep_train = 0
+    for idx in range_blocks(start, pts["train_end"]):  # pieces of users: large logs
+        n_train += len(idx)
+        rep_train += int(np.count_nonzero(flags[idx]))
     out: dict[str, float | int] = {
-        "repeat_rate": float(flags.mean()) if len(flags) else 0.0,
-        "train_repeat_rate": float(flags[in_train].mean()) if in_train.any() else 0.0,
+        "repeat_rate": float(np.count_nonzero(flags) / len(flags)) if len(flags) else 0.0,
+        "train_repeat_rate": rep_train / n_train if n_train else 0.0,
     }
     for split in ("valid", "test"):
         if split in pts:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.prepared import PreparedDataset, flat_ranges
+from ..data.prepared import PreparedDataset, range_blocks
 
 HEAD_SHARE = 0.8  # the short head: the most popular items that make 80% of training interactions
 ILD_CHUNK = 1 << 23  # rows x K x F elements gathered at a time for diversity
@@ -62,11 +62,13 @@ def popularity(ds: PreparedDataset, train_end: np.ndarray) -> Popularity:
     """Popularity in the training part ``[offsets[u], train_end[u])`` of every user's sequence."""
     from ..data.repeats import repeat_flags
 
-    idx = flat_ranges(ds.offsets[:-1], train_end)
-    items = ds.items[idx]
-    first = ~repeat_flags(ds)[idx]  # a user's first event with the item: counts the user once
-    inter = np.bincount(items, minlength=ds.num_items + 1).astype(np.int64)
-    users = np.bincount(items[first], minlength=ds.num_items + 1).astype(np.int64)
+    flags = repeat_flags(ds)
+    inter = np.zeros(ds.num_items + 1, dtype=np.int64)
+    users = np.zeros(ds.num_items + 1, dtype=np.int64)
+    for idx in range_blocks(ds.offsets[:-1], train_end):  # pieces of users: large logs
+        items = ds.items[idx]
+        inter += np.bincount(items, minlength=ds.num_items + 1)
+        users += np.bincount(items[~flags[idx]], minlength=ds.num_items + 1)  # a user's first event with the item
     inter[0] = users[0] = 0
     return Popularity(inter, users, int((train_end > ds.offsets[:-1]).sum()), long_tail(inter))
 

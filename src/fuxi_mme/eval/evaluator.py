@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..data.batches import Batch, make_batch
-from ..data.prepared import PreparedDataset, flat_ranges
+from ..data.prepared import PreparedDataset, flat_ranges, range_blocks
 from ..data.repeats import repeat_flags, repeat_summary
 from ..data.splits import EvalArrays, split_points
 from ..models.common import SequenceModel
@@ -27,7 +27,7 @@ Scorer = Callable[[Batch], torch.Tensor]  # batch -> (B, I+1) scores
 def history_pairs(arrs: EvalArrays, rows: np.ndarray, ds: PreparedDataset) -> tuple[np.ndarray, np.ndarray]:
     """(row-in-batch, item) for every item in each user's full history (not only the last N)."""
     start, end = arrs.hist_start[rows], arrs.hist_end[rows]
-    return np.repeat(np.arange(len(rows)), end - start), ds.items[flat_ranges(start, end)]
+    return np.repeat(np.arange(len(rows)), end - start), ds.items[flat_ranges(start, end)].astype(np.int64, copy=False)
 
 
 def encode_last(model: SequenceModel, batch: Batch, amp: torch.dtype | None = None) -> torch.Tensor:
@@ -57,8 +57,10 @@ def model_scorer(model: SequenceModel, amp: torch.dtype | None = None) -> Scorer
 
 def popularity_scorer(ds: PreparedDataset, protocol: str, device: torch.device | str = "cpu") -> Scorer:
     """Item counts in the training part of each sequence (no test or validation targets)."""
-    idx = flat_ranges(ds.offsets[:-1], split_points(ds, protocol)["train_end"])
-    counts = torch.from_numpy(np.bincount(ds.items[idx], minlength=ds.num_items + 1).astype(np.float32)).to(device)
+    counts_np = np.zeros(ds.num_items + 1, dtype=np.int64)
+    for idx in range_blocks(ds.offsets[:-1], split_points(ds, protocol)["train_end"]):
+        counts_np += np.bincount(ds.items[idx], minlength=ds.num_items + 1)
+    counts = torch.from_numpy(counts_np.astype(np.float32)).to(device)
 
     def score(batch: Batch) -> torch.Tensor:
         return counts.expand(len(batch.lengths), -1).clone()
