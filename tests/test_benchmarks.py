@@ -206,3 +206,32 @@ def test_time_to_result_runs_the_cli_cold_then_warm_and_reads_the_phases(tmp_pat
     assert warm["phases"]["data"] < cold["phases"]["data"]
     assert cold["test_ndcg10"] == warm["test_ndcg10"]  # same seed, same data: the same result
     assert "| demo-fuxi-alpha-base | loo-val | warm |" in md.read_text()
+
+
+def test_scale_benchmark_generates_the_stated_log_and_measures_every_phase(tmp_path):
+    """benchmarks/scale.py at a tiny size: the log has the stated shape, and the real CLI's
+    preparation, the training steps and the evaluation of every user each report a time and
+    their own peak memory."""
+    import json
+
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from scale import generate, shape
+
+    info = generate(20_000, tmp_path / "log")
+    df = pd.read_parquet(tmp_path / "log")
+    s = shape(20_000)
+    assert len(df) == 20_000 and df["user"].nunique() == s["users"] and df["item"].max() < s["items"]
+    assert df.groupby("user").size().min() >= 3 and info["parts"] >= 1
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--sizes", "2e4", "--quick", "--device", "cpu", "--work", str(tmp_path / "w")]
+    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, text=True)
+    res = json.loads(out.read_text())
+    row = res["rows"][0]
+    assert row["users"] == 400 and row["prepare_s"] > 0 and row["train_step_ms"] > 0 and row["eval_s"] > 0
+    assert res["records"]["2e+04"]["eval"]["eval_users"] == 400  # every user
+    assert 0 < info["duplicates"] < 600  # about 1%, dropped by the default --duplicates drop
+    assert res["records"]["2e+04"]["prepare"]["stats"]["interactions"] == 20_000 - info["duplicates"]
+    assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
+    assert not (tmp_path / "w" / "log-2e+04").exists()  # logs and caches removed unless --keep
