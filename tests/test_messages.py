@@ -111,3 +111,15 @@ def test_repeat_rows_of_each_split_are_kept_apart():
     lines = metrics_table(rows).splitlines()[1:]
     assert [ln.split()[-1] for ln in lines] == ["0.1000", "0.2000", "0.3000", "0.4000", "0.5000", "0.6000"]
     assert lines[1].strip().startswith("valid: repeat targets") and lines[4].strip().startswith("test: repeat targets")
+
+
+def test_history_buckets_are_printed_as_rows_with_their_users():
+    from fuxi_mme.commands import metrics_table, split_rows
+
+    buckets = {"short": {"users": 1200, "NDCG@10": 0.05}, "long": {"users": 34, "NDCG@10": 0.25}}
+    rows = {**split_rows("valid (epoch 2)", {"NDCG@10": 0.1, "buckets": buckets}), **split_rows("test", {"NDCG@10": 0.2, "buckets": buckets})}
+    lines = metrics_table(rows).splitlines()[1:]
+    assert [ln.split()[-1] for ln in lines] == ["0.1000", "0.0500", "0.2500", "0.2000", "0.0500", "0.2500"]
+    assert lines[1].strip().startswith("valid: short history (< 10), 1,200 users")
+    assert lines[5].strip().startswith("test: long history (>= 50), 34 users")
+    assert "users" not in metrics_table(rows).splitlines()[0]  # the count is in the label, not a column

@@ -27,6 +27,8 @@ def test_report_writes_table_and_plots(two_runs, tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "| alpha | demo | fuxi-alpha | loo-val |" in md and "| sasrec | demo | sasrec | paper |" in md
     assert f"{a['test']['NDCG@10']:.4f}" in md and f"{b['test']['NDCG@10']:.4f}" in md
+    name, bk = next(iter(a["test"]["buckets"].items()))  # the per-bucket table: the run's own numbers
+    assert f"{bk['NDCG@10']:.4f} / {bk['HR@10']:.4f} ({bk['users']:,})" in md and name in md
     for f in ("curves.png", "comparison.png"):
         data = (out / f).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -34,11 +34,21 @@ def metrics_table(rows: dict[str, dict[str, Any]], title: str = "") -> str:
 
 def split_rows(name: str, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A split's table row, and beside it its repeat-target and new-item-target rows when the
-    split has repeat targets (docs/training.md#history-masking)."""
+    split has repeat targets (docs/training.md#history-masking), and one row per history-length
+    bucket with its user count (docs/training.md#history-length-buckets)."""
+    from .eval.buckets import BUCKET_EDGES
+
     rows = {name: m}
+    split = name.split()[0]  # rows are keyed by split: valid's must not be test's
     for key, label in (("repeat_targets", "repeat targets"), ("new_targets", "new-item targets")):
         if isinstance(m.get(key), dict):
-            rows[f"  {name.split()[0]}: {label}"] = m[key]  # keyed by split: valid's rows must not be test's
+            rows[f"  {split}: {label}"] = m[key]
+    lo, hi = BUCKET_EDGES
+    ranges = {"short": f"< {lo}", "medium": f"{lo}-{hi - 1}", "long": f">= {hi}"}
+    for bucket, b in (m.get("buckets") or {}).items():
+        if isinstance(b, dict):
+            label = f"  {split}: {bucket} history ({ranges.get(bucket, '?')}), {b.get('users', 0):,} users"
+            rows[label] = {k: v for k, v in b.items() if k != "users"}
     return rows
 
 

@@ -86,6 +86,23 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def bucket_table(runs: list[dict[str, Any]]) -> str:
+    """Test NDCG@10 and HR@10 per history-length bucket (eval/buckets.py), users in brackets;
+    "" when no run has buckets."""
+    from ..eval.buckets import BUCKET_NAMES
+
+    have = [r for r in runs if ((r["final"] or {}).get("test") or {}).get("buckets")]
+    if not have:
+        return ""
+    head = ["run", *[f"{b} NDCG@10 / HR@10 (users)" for b in BUCKET_NAMES]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in have:
+        bk = r["final"]["test"]["buckets"]
+        cells = [f"{_fmt(b.get('NDCG@10'))} / {_fmt(b.get('HR@10'))} ({b.get('users', 0):,})" if (b := bk.get(n)) else "-" for n in BUCKET_NAMES]
+        lines.append("| " + " | ".join([r["name"], *cells]) + " |")
+    return "\n".join(lines)
+
+
 def _series(r: dict[str, Any], kind: str, key: str) -> tuple[list[int], list[float]]:
     pts = [(x["epoch"], x[key]) for x in r["records"] if x.get("kind") == kind and key in x]
     return [e for e, _ in pts], [v for _, v in pts]
@@ -156,6 +173,8 @@ def report(run_dirs: list[str | Path], out: str | Path) -> dict[str, Any]:
         images = []
         log.warning("matplotlib is not installed, so no plots were drawn; pip install 'fuxi-mme[plots]'")
     md = ["# Run report", "", "Numbers copied from each run's metrics.json (test: full ranking; selection as named).", "", table(runs), ""]
+    if buckets := bucket_table(runs):
+        md += ["Test metrics by history length (short < 10, medium 10-49, long >= 50 events before the target):", "", buckets, ""]
     for img in images:
         md += [f"![{img.stem}]({img.name})", ""]
     for r in runs:
