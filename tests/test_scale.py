@@ -208,3 +208,21 @@ def test_columnar_needs_parquet_and_auto_keeps_small_files_in_memory(tmp_path):
     auto = DataConfig(name="file", path=str(tmp_path / "log.parquet"), user_col="uid", item_col="iid", time_col="ts", duplicates="drop")
     assert not columnar.choose(auto, tmp_path / "log.parquet")  # 301 rows: in memory
     assert not columnar.choose(DataConfig(**{**auto.__dict__, "behavior": "rating"}), tmp_path / "log.parquet")
+
+
+def test_evaluation_batches_shrink_for_huge_catalogues_and_ranks_do_not_change(monkeypatch):
+    """Scores of one evaluation batch stay under SCORE_CELLS (1e7 items: 107 users, not 1024);
+    the ranks do not depend on the batch size."""
+    import torch
+
+    from fuxi_mme.eval import evaluator
+
+    assert evaluator.score_batch(1024, 26_744) == 1024 and evaluator.score_batch(1024, 10_000_000) == 107
+    ds, _ = build_prepared(_log(3, users=60), "t")
+    arrs = eval_arrays(ds, "loo-val", "test", 8)
+    table = torch.randn(ds.num_users, ds.num_items + 1, generator=torch.Generator().manual_seed(0))
+    scorer = lambda b: table[torch.from_numpy(arrs.users[b.rows])]  # noqa: E731
+    whole = evaluator.rank_split(scorer, arrs, ds, "mask", 1024).ranks
+    monkeypatch.setattr(evaluator, "SCORE_CELLS", 7 * (ds.num_items + 1))  # 7 users per batch
+    assert evaluator.score_batch(1024, ds.num_items) == 7
+    assert np.array_equal(whole, evaluator.rank_split(scorer, arrs, ds, "mask", 1024).ranks)

@@ -203,7 +203,7 @@ class EvalConfig:
     # "mask" removes every history item, a repeated target included; "keep" masks nothing;
     # "auto" is mask unless the training events show repeat consumption, then keep
     history: str = "auto"
-    batch_size: int = 1024
+    batch_size: int = 1024  # users per evaluation batch (fewer when users x items would pass 2^30 scores)
     # Report the per-epoch test curve under `paper` (labelled; never used for selection).
     log_test_curve: bool = False
     # beyond-accuracy metrics (coverage, Gini, entropy, novelty, popularity, long tail, ILD) of

@@ -110,6 +110,15 @@ class SplitRanks:
     ild: np.ndarray | None = None  # (batches, C, 2) per-batch diversity sums (eval/beyond.py), in batch order
 
 
+SCORE_CELLS = 1 << 30  # scores of one evaluation batch: at most this many (4 GB of fp32)
+
+
+def score_batch(batch_size: int, num_items: int) -> int:
+    """``eval.batch_size`` users, fewer where the catalogue is so large that their scores
+    (users x items) would pass :data:`SCORE_CELLS` (e.g. 107 users at 1e7 items)."""
+    return max(1, min(batch_size, SCORE_CELLS // (num_items + 1)))
+
+
 @torch.no_grad()
 def rank_split(
     scorer: Scorer,
@@ -133,6 +142,7 @@ def rank_split(
     ``beyond`` counts each batch's masked top-K lists (beyond-accuracy metrics)."""
     if history not in ("mask", "keep"):
         raise ValueError(f"history={history!r}: resolve eval.history first (mask or keep)")
+    batch_size = score_batch(batch_size, ds.num_items)
     rows_all = np.arange(len(arrs)) if rows is None else np.asarray(rows)
     order = np.argsort(arrs.lengths[rows_all], kind="stable")
     out = SplitRanks(np.zeros(len(rows_all), np.int64), np.zeros(len(rows_all), bool), np.zeros(len(rows_all), bool))
@@ -211,6 +221,7 @@ def evaluate_split(
     in batch order: the beyond-accuracy metrics equal one process's too). Raises :class:`NonFiniteScores` naming the split when any
     target's score is NaN or infinite."""
     acc, ild_note = _accumulator(ds, ks, device) if beyond else (None, "")
+    batch_size = score_batch(batch_size, ds.num_items)
     if world > 1:
         by_length = np.argsort(arrs.lengths, kind="stable")
         starts = range(rank * batch_size, len(arrs), world * batch_size)
