@@ -135,25 +135,27 @@ def remove_leftovers(folder: Path, tag: str = "*") -> list[Path]:
 
 def save_checkpoint(
     folder: Path,
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor],
     state: dict[str, Any],
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
     rng: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write ``folder`` crash-safely (see the module docstring)."""
+    """Write ``folder`` crash-safely (see the module docstring). ``model`` and ``optimizer``
+    may be given as their state dicts (a sharded run gathers them first: train/sharding.py)."""
     _fault("begin", folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(folder.parent, folder.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        model_sd = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        weights = {k: v.detach().contiguous().cpu() for k, v in model_sd.items()}
         save_file(weights, str(tmp / "model.safetensors"))
         names = ["model.safetensors", "state.json"]
         _fault("after-model", folder)
         extra: dict[str, torch.Tensor] = {}
         meta = {**state, "format": FORMAT}
         if optimizer is not None:
-            t, m = _flatten_optim(optimizer.state_dict())
+            t, m = _flatten_optim(optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer)
             extra.update(t)
             meta["optimizer"] = m
         for k, v in (rng or {}).items():
@@ -204,6 +206,11 @@ def verify_checkpoint(folder: Path) -> None:
 
 
 def load_weights(folder: Path, model: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
+    model.load_state_dict(read_weights(folder, model, map_location))
+
+
+def read_weights(folder: Path, model: torch.nn.Module, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The checkpoint's weights, checked (checksums, keys and shapes) against ``model``."""
     folder = resolve_checkpoint(folder)
     path = folder / "model.safetensors"
     if not path.is_file():
@@ -222,7 +229,7 @@ def load_weights(folder: Path, model: torch.nn.Module, map_location: str | torch
     shapes = [k for k, v in model.state_dict().items() if v.shape != weights[k].shape]
     if shapes:
         raise CheckpointError(f"checkpoint {path}: shape mismatch for {shapes[:5]}; it was written by a different model config")
-    model.load_state_dict(weights)
+    return weights
 
 
 def load_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

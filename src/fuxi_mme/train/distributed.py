@@ -18,6 +18,9 @@ same global batch (``train.batch_size`` is always the *global* batch):
   are gathered everywhere: metrics are identical, and every rank takes the same early-stopping
   decision;
 * only rank 0 writes logs and checkpoints.
+
+With ``train.shard_items`` the parameters are sharded with FSDP2 instead of replicated by DDP
+(``sharding.py``); everything above stays as it is.
 """
 
 from __future__ import annotations

@@ -38,12 +38,14 @@ from ..eval.evaluator import evaluate_run_split, model_scorer, resolve_history
 from ..models.common import SequenceModel
 from ..utils.runtime import autocast_dtype
 from . import distributed as D
+from . import sharding
 from .checkpoint import (
     CheckpointError,
     config_fingerprint,
     load_state,
     load_weights,
     optimizer_state,
+    read_weights,
     remove_leftovers,
     resolve_checkpoint,
     save_checkpoint,
@@ -110,8 +112,6 @@ class Trainer:
         self.valid_arrs: EvalArrays | None = eval_arrays(ds, cfg.data.protocol, "valid", cfg.data.max_len) if cfg.data.protocol == "loo-val" else None
         self.test_arrs: EvalArrays = eval_arrays(ds, cfg.data.protocol, "test", cfg.data.max_len)
         self.steps_per_epoch = math.ceil(len(self.train_arrs) / t.batch_size)
-        self.opt = build_optimizer(model, cfg)
-        self.sched = build_scheduler(self.opt, cfg, self.steps_per_epoch * t.epochs // t.grad_accum)
         gen = torch.Generator(device=device)
         gen.manual_seed(t.seed + 1)
         self.sampler = NegativeSampler(ds.num_items, negatives_per_position(t), gen, device)
@@ -125,13 +125,18 @@ class Trainer:
         if dist_info.main:
             log.info(self.history_reason)
         self.length_chunks = length_chunks(cfg, device, dist_info.enabled)
+        self.sharded = sharding.wanted(cfg, model, dist_info)  # FSDP2 item tables (docs/training.md#sharded-item-tables)
         self._build_steps()
+        # built on the parameters as training holds them: under sharding, its state is sharded too
+        self.opt = build_optimizer(model, cfg)
+        self.sched = build_scheduler(self.opt, cfg, self.steps_per_epoch * t.epochs // t.grad_accum)
 
     def _build_steps(self) -> None:
-        """The eager forward (compiled under train.compile=true, DDP-wrapped under torchrun) and
-        the CUDA-graph step with its variants (compiled first under auto, then plain)."""
+        """The eager forward (compiled under train.compile=true, DDP-wrapped or FSDP2-sharded
+        under torchrun) and the CUDA-graph step with its variants (compiled first under auto,
+        then plain)."""
         cfg, model, dev = self.cfg, self.model, self.device
-        self.compile = compile_mode(cfg, model, dev, self.dist.enabled)
+        self.compile = compile_mode(cfg, model, dev, self.dist.enabled) if not self.sharded else None
         self._stepped = False  # an eager step has run (under train.compile=true the first one compiles)
         compiled = None
         if self.compile:
@@ -141,7 +146,9 @@ class Trainer:
             compiled = torch.compile(model, options=options)
         plain = _Step(model, model)
         self.forward_module: torch.nn.Module = _Step(model, compiled) if self.compile == "always" else plain
-        if self.dist.enabled:
+        if self.sharded:
+            self.forward_module = sharding.shard(plain, self.dist, dev)
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             D.broadcast_module(model, self.dist)  # identical start even if seeds were not
@@ -254,8 +261,9 @@ class Trainer:
             if len(rows) < self.dist.world:  # a final scrap smaller than the number of ranks
                 continue
             update = (i + 1) % t.grad_accum == 0 or i + 1 == self.steps_per_epoch
-            # with several ranks, forward_module is the DistributedDataParallel wrapper
-            no_sync = cast("DistributedDataParallel", self.forward_module).no_sync if self.dist.enabled and not update else None
+            # with several ranks, forward_module is the DistributedDataParallel wrapper; sharded
+            # (FSDP2), each micro-batch reduce-scatters into the sharded gradients instead
+            no_sync = cast("DistributedDataParallel", self.forward_module).no_sync if self.dist.enabled and not self.sharded and not update else None
             with no_sync() if no_sync is not None else contextlib.nullcontext():
                 loss, aux = self.forward_backward(rows)
             if update:
@@ -307,7 +315,8 @@ class Trainer:
         w = self.dist
         gather = (lambda obj: D.all_gather_objects(obj, w)) if w.enabled else None
         scorer = model_scorer(self.model, self.amp_dtype)
-        return evaluate_run_split(scorer, arrs, self.ds, self.cfg, split, self.history, self.device, rank=w.rank, world=w.world, gather=gather)
+        with sharding.gathered(self.forward_module) if self.sharded else contextlib.nullcontext():
+            return evaluate_run_split(scorer, arrs, self.ds, self.cfg, split, self.history, self.device, rank=w.rank, world=w.world, gather=gather)
 
     # ------------------------------------------------------------------ checkpoints
     def _rng(self) -> dict[str, torch.Tensor]:
@@ -317,18 +326,29 @@ class Trainer:
         return rng
 
     def save(self, tag: str, resumable: bool) -> None:
-        if self.run_dir is None or not self.dist.main:
+        if self.run_dir is None:
+            return
+        weights: torch.nn.Module | dict[str, torch.Tensor] = self.model
+        optim: torch.optim.Optimizer | dict[str, Any] | None = self.opt if resumable else None
+        if self.sharded:  # gathered by every rank, written unsharded by rank 0
+            weights = sharding.full_model_state(self.model)
+            optim = sharding.full_optimizer_state(self.opt, self.dist.main) if resumable else None
+        if not self.dist.main:
             return
         state = {**self.state.__dict__, "fingerprint": self.fingerprint, "scheduler": self.sched.state_dict()}
-        save_checkpoint(self.run_dir / "checkpoints" / tag, self.model, state, self.opt if resumable else None, self._rng() if resumable else None)
+        save_checkpoint(self.run_dir / "checkpoints" / tag, weights, state, optim, self._rng() if resumable else None)
 
     def restore(self, folder: Path) -> None:
         folder = resolve_checkpoint(folder)  # <tag>.old when a save was killed between its renames
         state, tensors = load_state(folder)
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(f"checkpoint {folder} was written with a different model or data config; resume needs the same config")
-        load_weights(folder, self.model, self.device)
-        self.opt.load_state_dict(optimizer_state(state, tensors))
+        if self.sharded:  # every rank reads the full checkpoint and keeps its shards
+            sharding.load_model_state(self.model, read_weights(folder, self.model, self.device))
+            sharding.load_optimizer_state(self.opt, optimizer_state(state, tensors))
+        else:
+            load_weights(folder, self.model, self.device)
+            self.opt.load_state_dict(optimizer_state(state, tensors))
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
         self.sampler.generator.set_state(tensors["rng.neg"])
@@ -383,9 +403,14 @@ class Trainer:
                 break
         # ---- final test, once
         if proto == "loo-val" and self.run_dir is not None and self.state.best_epoch > 0:
-            if self.dist.main:
-                load_weights(self.run_dir / "checkpoints" / "best", self.model, self.device)
-            D.broadcast_module(self.model, self.dist)  # other ranks need no shared file system
+            best = self.run_dir / "checkpoints" / "best"
+            # other ranks need no shared file system: rank 0 reads, the weights are broadcast
+            if self.sharded:
+                sharding.load_model_state(self.model, read_weights(best, self.model, self.device) if self.dist.main else None, from_rank0=True)
+            else:
+                if self.dist.main:
+                    load_weights(best, self.model, self.device)
+                D.broadcast_module(self.model, self.dist)
             selected = self.state.best_epoch
         else:
             selected = self.state.epoch
