@@ -17,8 +17,8 @@ numeric (or Arrow timestamp) time column. Nothing holds the whole log; five stre
    (the item occurred earlier in the user's sequence); append to the output files;
 5. **squeeze**: item codes no kept user has are removed (one pass over the output items).
 
-Peak host memory is one partition's sort (about 40 B per event of the partition: E = 2^26 by
-default, ~2.7 GB) plus O(U + I) id arrays; disk holds the partitions (16 B per row) until
+Peak host memory is one partition's sort (about 40-50 B per event of the partition: E = 2^26
+by default, about 3 GB) plus O(U + I) id arrays; disk holds the partitions (16 B per row) until
 they are consumed. The cache folder holds flat binary arrays (``offsets.int64``,
 ``items.int32``, ``timestamps.int64``, ``repeats.bool``) that :func:`load_columnar` maps
 into memory, Parquet raw-id tables, ``meta.json`` and a manifest (sha256 of the small files,
@@ -173,7 +173,8 @@ class _Ids:
 
 
 def _batches(ds: pads.Dataset, cols: list[str], batch_rows: int):
-    for b in ds.to_batches(columns=cols, batch_size=batch_rows):
+    # little read-ahead: Arrow's default buffers up to 16 batches of 4 fragments (GBs at this batch size)
+    for b in ds.to_batches(columns=cols, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1):
         if b.num_rows:
             yield b
 
@@ -278,14 +279,15 @@ def prepare_columnar(
                 edges = np.searchsorted(p[order], np.arange(len(files) + 1))
                 for q in np.flatnonzero(np.diff(edges)):
                     sel = order[edges[q] : edges[q + 1]]
-                    files[q]["u"].write(u[sel].tobytes())
-                    files[q]["i"].write(i[sel].tobytes())
-                    files[q]["t"].write(t[sel].tobytes())
+                    u[sel].tofile(files[q]["u"])
+                    i[sel].tofile(files[q]["i"])
+                    t[sel].tofile(files[q]["t"])
         finally:
             for f in files:
                 for h in f.values():
                     h.close()
-        del part_of
+        del part_of, u, i, t, p, order, b
+        pa.default_memory_pool().release_unused()  # Arrow keeps freed batch memory in its pool
         clock["scatter_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()  # pass 4: per partition, sort, dedup, filter, repeats, append
@@ -299,54 +301,79 @@ def prepare_columnar(
             for p in range(len(bounds) - 1):
                 lo = bounds[p]
                 u = np.fromfile(parts_dir / f"{p}.u", dtype=np.int32)
+                u -= lo  # user codes local to the partition
                 i = np.fromfile(parts_dir / f"{p}.i", dtype=np.int32)
                 t = np.fromfile(parts_dir / f"{p}.t", dtype=np.int64)
                 for k in ("u", "i", "t"):
                     os.remove(parts_dir / f"{p}.{k}")
+                # Each step below holds the three columns, one int64 order and one gathered column
+                # at a time (about 40 B per event), never copies of all three.
                 if duplicates != "keep" and cfg.time_col is not None:  # without times no two rows are equal
                     o = np.lexsort((i, t, u))  # stable: equal rows stay in file order
-                    us, ts_, is_ = u[o], t[o], i[o]
                     dup = np.zeros(len(o), dtype=bool)
-                    dup[1:] = (us[1:] == us[:-1]) & (ts_[1:] == ts_[:-1]) & (is_[1:] == is_[:-1])
-                    del us, ts_, is_
+                    dup[1:] = True
+                    for col in (u, t, i):
+                        srt = col[o]
+                        dup[1:] &= srt[1:] == srt[:-1]
+                        del srt
+                    del col
                     if dup.any():
                         if duplicates == "error":
                             j = o[np.flatnonzero(dup)[0]]
                             raise DataError(
-                                f"{source}: row(s) repeat an earlier (user, item, timestamp) exactly, e.g. user {plain(user_raw[u[j]])}, "
+                                f"{source}: row(s) repeat an earlier (user, item, timestamp) exactly, e.g. user {plain(user_raw[u[j] + lo])}, "
                                 f"item {plain(item_raw[i[j]])}, timestamp {plain(t[j])}; this usually means a file was concatenated twice. "
                                 "Fix the file, or pass --set data.duplicates=drop (or keep)"
                             )
                         dropped["duplicates"] += int(dup.sum())
-                        keep = np.sort(o[~dup])
-                        u, i, t = u[keep], i[keep], t[keep]
-                    del o, dup
+                        keep = o[~dup]
+                        del o, dup
+                        keep.sort()  # back to file order
+                        u = u[keep]  # one column at a time: never two copies of all three
+                        i = i[keep]
+                        t = t[keep]
+                        del keep
+                    else:
+                        del o, dup
                 o = np.lexsort((t, u))  # by user, then time; file order breaks ties
-                u, i, t = u[o], i[o], t[o]
+                u = u[o]
+                i = i[o]
+                t = t[o]
                 del o
-                n = np.bincount(u - lo, minlength=bounds[p + 1] - lo)
+                n = np.bincount(u, minlength=bounds[p + 1] - lo)
                 short = (n > 0) & (n < min_user_interactions)
                 if short.any():
                     dropped["users"] += int(short.sum())
                     dropped["user_events"] += int(n[short].sum())
-                    keep_ev = ~short[u - lo]
-                    u, i, t = u[keep_ev], i[keep_ev], t[keep_ev]
+                    keep_ev = ~short[u]
+                    u = u[keep_ev]
+                    i = i[keep_ev]
+                    t = t[keep_ev]
+                    del keep_ev
                     n[short] = 0
                 has = np.flatnonzero(n)
                 kept_users.append(has + lo)
                 kept_counts.append(n[has])
-                key = (u - lo).astype(np.int64) * len(item_raw) + i
-                _, first = np.unique(key, return_index=True)
-                rep = np.ones(len(key), dtype=bool)
-                rep[first] = False
-                del key, first
+                key = u.astype(np.int64)  # (user, item) as one int64; np.unique would hold ~40 B/event
+                del u
+                key *= len(item_raw)
+                key += i
+                perm = np.argsort(key, kind="stable")  # stable: a pair's events stay in time order
+                key = key[perm]
+                first = np.ones(len(key), dtype=bool)
+                first[1:] = key[1:] != key[:-1]
+                del key
+                rep = np.ones(len(i), dtype=bool)
+                rep[perm[first]] = False  # each (user, item)'s first event is not a repeat
+                del perm, first
                 present[i] = True
                 if len(t):
                     t_min = int(t.min()) if t_min is None else min(t_min, int(t.min()))
                     t_max = int(t.max()) if t_max is None else max(t_max, int(t.max()))
-                out["items"].write(i.tobytes())
-                out["timestamps"].write(t.tobytes())
-                out["repeats"].write(rep.tobytes())
+                i.tofile(out["items"])
+                t.tofile(out["timestamps"])
+                rep.tofile(out["repeats"])
+                del i, t, rep
         finally:
             for h in out.values():
                 h.close()
