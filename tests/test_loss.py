@@ -38,10 +38,13 @@ def test_loss_paths_agree_and_match_brute_force():
     assert abs(float(vals[0]) - total / count) < 1e-4
 
 
-def test_positions_and_the_chunked_cpu_path_equal_the_dense_loss(monkeypatch):
-    """Skipping padding (positions) and scoring all items in blocks change nothing."""
+@pytest.mark.parametrize("sparse_items", [10**9, 0], ids=["dense-backward", "scatter-backward"])
+def test_positions_and_the_chunked_cpu_path_equal_the_dense_loss(monkeypatch, sparse_items):
+    """Skipping padding (positions) and scoring all items in blocks change nothing, with the
+    CPU backward's dense products (small catalogues) or its scatter (large ones)."""
     import fuxi_mme.train.loss as L
 
+    monkeypatch.setattr(L, "SPARSE_ITEMS", sparse_items)
     monkeypatch.setattr(L, "CHUNK_ROWS", 7)  # several blocks, the last one partial
     monkeypatch.setattr(L, "GATHER_ROWS", 5)
     torch.manual_seed(0)

@@ -226,3 +226,24 @@ def test_evaluation_batches_shrink_for_huge_catalogues_and_ranks_do_not_change(m
     monkeypatch.setattr(evaluator, "SCORE_CELLS", 7 * (ds.num_items + 1))  # 7 users per batch
     assert evaluator.score_batch(1024, ds.num_items) == 7
     assert np.array_equal(whole, evaluator.rank_split(scorer, arrs, ds, "mask", 1024).ranks)
+
+
+def test_length_chunks_of_a_batch_normalise_the_item_table_once():
+    """Each length chunk used to normalise the whole item table (O(items) per chunk: 14 s a
+    step at 330k items on 2 cores); the chunks of a batch now share one item table."""
+    import torch
+
+    from conftest import tiny_config
+    from fuxi_mme.data import load_dataset
+    from fuxi_mme.models import build_model
+    from fuxi_mme.train.loop import Trainer
+
+    cfg = tiny_config("fuxi-alpha", **{"train.length_chunks": 4, "train.batch_size": 64})
+    ds = load_dataset(cfg.data)
+    model = build_model(cfg.model, ds.num_items, cfg.data.max_len)
+    tr = Trainer(cfg, ds, model, torch.device("cpu"), None, progress=False)
+    calls = []
+    real = model.item_vectors
+    model.item_vectors = lambda: calls.append(1) or real()  # type: ignore[method-assign]
+    tr.forward_backward(tr._epoch_order(0)[:64])
+    assert tr.length_chunks == 4 and len(calls) == 1

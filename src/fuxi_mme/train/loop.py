@@ -74,7 +74,23 @@ class _Step(torch.nn.Module):
 
     def forward(self, ids, ts, query_ts, behaviors=None):
         user = self.fwd(ids, ts, query_ts) if behaviors is None else self.fwd(ids, ts, query_ts, behaviors)
+        if self.shared is not None:  # the chunks of one batch: one item table and one backward through it
+            if self.shared.get("items") is None:
+                self.shared["items"] = self.model.item_vectors()
+            return user, self.shared["items"]
         return user, self.model.item_vectors()
+
+    shared: dict | None = None
+
+    @contextlib.contextmanager
+    def sharing_items(self):
+        """Inside, every forward returns the same item vectors, computed once: the length chunks
+        of one batch share them (normalising the whole table per chunk costs O(items) each)."""
+        self.shared = {}
+        try:
+            yield
+        finally:
+            self.shared = None
 
 
 @dataclass

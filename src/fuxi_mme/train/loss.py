@@ -166,6 +166,12 @@ def position_softmax_loss(
 
 CHUNK_ROWS = 2048  # positions per block of the dense item-gradient product
 GATHER_ROWS = 256  # positions per block of gathered item rows: (256, 1+K, D) stays in cache
+# Above this many items the backward scatters each position's 1+K coefficients (P x (1+K) x D)
+# instead of the two dense (positions x items) products (P x I x D). Measured on the 2-core CPU
+# (P 12,000, K 128, D 50): the scatter takes 0.04-0.16 s from 3.7k to 330k items, the dense
+# products 0.11 s at 3.7k, 0.40 s at 20k and 10 s at 330k. The dense path is kept below 20,000
+# items, where every shipped CPU figure was measured with it; both agree to 1e-5.
+SPARSE_ITEMS = 20_000
 
 
 def _sampled_logits(raw: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -215,6 +221,13 @@ class _BlockedSampledLoss(torch.autograd.Function):
         grad_u = torch.empty_like(u_PD)
         grad_items = torch.zeros_like(items_ID, dtype=torch.float32)
         I = items_ID.shape[0]
+        if I > SPARSE_ITEMS:  # a large catalogue: the dense products would cost P x I x D
+            for s in range(0, u_PD.shape[0], GATHER_ROWS):
+                d, sel = d_PS[s : s + GATHER_ROWS], sel_PS[s : s + GATHER_ROWS]
+                rows = items_ID.index_select(0, sel.reshape(-1)).view(*sel.shape, -1)  # (C, S, D)
+                grad_u[s : s + GATHER_ROWS] = torch.bmm(d[:, None, :], rows).squeeze(1)
+                grad_items.index_add_(0, sel.reshape(-1), (d[:, :, None] * u_PD[s : s + GATHER_ROWS, None, :]).reshape(-1, u_PD.shape[1]).float())
+            return grad_u, grad_items.to(items_ID.dtype), None, None
         # one (CHUNK_ROWS, I) buffer, zeroed once: after each block only the entries it touched
         # are reset (a fresh 30 MB buffer a block spent most of its time in page faults)
         buf = torch.zeros(min(CHUNK_ROWS, u_PD.shape[0]), I, dtype=d_PS.dtype, device=d_PS.device)

@@ -53,7 +53,8 @@ def loss_and_backward(
     """Loss and aux loss of ``batches`` (one batch, or the chunks of one), gradients (scaled
     by ``st.scale``) accumulated into ``.grad``; returns both detached."""
     together = model.one_batch_of_routing() if len(batches) > 1 else contextlib.nullcontext()
-    with together:
+    share = getattr(forward, "sharing_items", None)  # chunks: the item table once (train/loop.py)
+    with together, share() if share is not None and len(batches) > 1 else contextlib.nullcontext():
         losses = [batch_loss(forward, b, normalizer, st) for b in batches]
     loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
     aux = model.aux_loss()  # of the whole batch's routing, set when the block ended
