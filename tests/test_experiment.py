@@ -422,6 +422,43 @@ def test_a_run_made_with_other_settings_is_left_out_then_run_again(tmp_path, mon
     assert row["test/NDCG@10"]["mean"] == pytest.approx(0.7) and res["stale"] == []
 
 
+@pytest.mark.parametrize("rerun, want", [("without-beyond", {"fuxi-alpha"}), ("all", {"fuxi-alpha", "fuxi-mme (full)"})])
+def test_rerun_trains_finished_runs_again_and_the_tables_take_the_new_ones(tmp_path, monkeypatch, rerun, want):
+    """--rerun without-beyond: only runs made before the beyond-accuracy metrics; --rerun all:
+    every selected finished run. The old folders are kept as seed<k>.stale."""
+    from fuxi_mme.experiments import runner
+
+    suite = SUITES["ablation"]
+    keep = ["fuxi-alpha", "fuxi-mme (full)"]
+    jobs = plan(suite, tmp_path, None, [], ["demo"], seeds=[0], variants=keep)
+    for j in jobs:
+        _finish(j.run_dir, j.planned, 0.5)
+    full = next(j for j in jobs if j.variant == "fuxi-mme (full)")
+    m = json.loads((full.run_dir / "metrics.json").read_text())
+    m["test"]["beyond"] = {"Coverage@10": 0.3}
+    (full.run_dir / "metrics.json").write_text(json.dumps(m))
+    started = []
+
+    def fake_call(args, stdout, stderr, env):
+        run_dir = Path(args[args.index("--run-dir") + 1])
+        started.append(next(j.variant for j in jobs if j.run_dir == run_dir))
+        _finish(run_dir, next(j for j in jobs if j.run_dir == run_dir).planned, 0.7)
+        return 0
+
+    monkeypatch.setattr(runner.subprocess, "call", fake_call)
+    (res,) = runner.run_suites([suite], tmp_path, None, jobs=1, datasets=["demo"], seeds=[0], variants=keep, rerun=rerun)
+    assert set(started) == want
+    from fuxi_mme.experiments.store import run_file
+
+    for j in jobs:  # the old run kept beside the new one (packed into the suite's runs.jsonl)
+        aside = run_file(j.run_dir.with_name("seed0.stale"), "metrics.json")
+        assert (aside is not None and aside["test"]["NDCG@10"] == 0.5) == (j.variant in want)
+    rows = {e["variant"]: e["test/NDCG@10"]["mean"] for e in res["results"]}
+    assert rows == {v: (0.7 if v in want else 0.5) for v in keep} and res["stale"] == []
+    (again,) = runner.run_suites([suite], tmp_path, None, jobs=1, datasets=["demo"], seeds=[0], variants=keep)
+    assert set(started) == want  # without --rerun nothing trains again
+
+
 def test_welch_reading_and_the_published_target():
     """Welch's t and its degrees of freedom match a hand computation; the reading needs the 5%
     two-sided critical value of those degrees of freedom (rounded down); the published target

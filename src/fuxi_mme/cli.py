@@ -141,6 +141,12 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--datasets", nargs="+", help="the suite's datasets, or others (ml-1m, ml-20m, kuairand-pure, ... from --data-root or downloaded)")
     x.add_argument("--variants", nargs="+", help="a subset of the suite's variants (names as in its tables)")
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="applied to every run")
+    x.add_argument(
+        "--rerun",
+        choices=("all", "without-beyond"),
+        help="train finished runs of the selection again (old folder kept as seed<k>.stale): all of them, "
+        "or those made before the beyond-accuracy metrics",
+    )
     x.add_argument("--aggregate-only", action="store_true", help="only aggregate finished runs under --root")
     x.add_argument(
         "--pack-logs",

@@ -297,7 +297,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         ]
         write_docs(root, docs)
     else:
-        results = run_suites(suites, root, data_root, args.jobs, args.overrides, args.datasets, docs=docs, variants=args.variants)
+        results = run_suites(suites, root, data_root, args.jobs, args.overrides, args.datasets, docs=docs, variants=args.variants, rerun=args.rerun)
     for res in results:
         print(markdown(res))
     return 1 if any(res["failed"] for res in results) else 0

@@ -70,6 +70,7 @@ class Job:
     gpu: str | None = None
     invalid: str | None = None  # why this variant cannot run on this dataset (never started)
     planned: dict[str, Any] | None = None  # the config the run trains (to tell a finished run made with other settings)
+    rerun: str | None = None  # --rerun: "all" or "without-beyond" (finished runs to train again)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -100,12 +101,21 @@ def config_changes(planned: dict[str, Any], saved: dict[str, Any]) -> list[str]:
     return out
 
 
+RERUN = ("all", "without-beyond")
+
+
 def stale_changes(job: Job) -> list[str]:
-    """How a finished run's settings differ from the plan (empty: not finished, or as planned)."""
+    """How a finished run's settings differ from the plan (empty: not finished, or as planned),
+    and why ``--rerun`` asks for it again."""
     saved = run_file(job.run_dir, "config.json")
     if job.planned is None or saved is None or not has_run_file(job.run_dir, "metrics.json"):
         return []
-    return config_changes(job.planned, saved)
+    changes = config_changes(job.planned, saved)
+    if job.rerun == "all":
+        changes.append("--rerun all")
+    elif job.rerun == "without-beyond" and "beyond" not in ((run_file(job.run_dir, "metrics.json") or {}).get("test") or {}):
+        changes.append("--rerun without-beyond: made before the beyond-accuracy metrics")
+    return changes
 
 
 def is_done(job: Job) -> bool:
@@ -173,9 +183,11 @@ def plan(
     seeds: list[int] | None = None,
     check_data: bool = True,
     variants: list[str] | None = None,
+    rerun: str | None = None,
 ) -> list[Job]:
     """Every job of ``suite`` (its datasets, or ``datasets``; its seeds, or ``seeds``), ``extra``
-    overrides applied last; ``variants`` keeps only those rows."""
+    overrides applied last; ``variants`` keeps only those rows; ``rerun`` (:data:`RERUN`) marks
+    which finished runs train again."""
     jobs = []
     for ds in datasets or suite.datasets:
         data = data_args(ds, data_root, check_data)
@@ -183,6 +195,8 @@ def plan(
             if variants and name not in variants:
                 continue
             jobs += [make_job(suite, name, v, ds, seed, root, data, extra) for seed in seeds or suite.seeds_of(v)]
+    for j in jobs:
+        j.rerun = rerun
     return jobs
 
 

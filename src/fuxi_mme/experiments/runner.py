@@ -38,7 +38,7 @@ def run_job(job: Job, env: dict[str, str]) -> tuple[Job, int, float]:
             shutil.rmtree(aside)
         job.run_dir.rename(aside)
         # one write: threads do not interleave
-        sys.stdout.write(f"{job.run_dir}: trained with other settings ({'; '.join(changes)}), moved to {aside.name} and run again\n")
+        sys.stdout.write(f"{job.run_dir}: to train again ({'; '.join(changes)}), moved to {aside.name}\n")
         sys.stdout.flush()
     elif job.run_dir.exists():
         shutil.rmtree(job.run_dir)
@@ -104,14 +104,18 @@ def run_suites(
     seeds: list[int] | None = None,
     docs: Path | None = None,
     variants: list[str] | None = None,
+    rerun: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run the missing jobs of one or more suites as one queue, ``jobs`` at a time; then pack
     each suite's logs and aggregate it (and write ``docs`` when given). Finished runs are
     skipped, unless they trained with settings the plan no longer asks for (a changed preset
-    default, say): those run again, the old folder kept as ``seed<k>.stale``."""
-    todos = [plan(s, root, data_root, extra or [], datasets, seeds, variants=variants) for s in suites]
+    default, say) or that ``rerun`` asks for: those run again, the old folder kept as ``seed<k>.stale``."""
+    todos = [plan(s, root, data_root, extra or [], datasets, seeds, variants=variants, rerun=rerun) for s in suites]
     names = {id(j): s.name for s, todo in zip(suites, todos) for j in todo}
     failed = run_jobs([j for todo in todos for j in todo if j.invalid is None and not is_done(j)], jobs, names)
+    for todo in todos:  # what --rerun asked for has run: the tables take the new runs
+        for j in todo:
+            j.rerun = None
     commit = git_commit()
     out = []
     for s, todo in zip(suites, todos):
