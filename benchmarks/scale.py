@@ -250,8 +250,9 @@ def run_worker(phase: str, n: int, args: argparse.Namespace) -> dict:
     cmd += ["--model", args.model, "--dim", str(args.dim), "--max-len", str(args.max_len), "--batch-size", str(args.batch_size)]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
     p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"{phase} at {n:.0e} failed: {p.stderr[-3000:]}")
+    if p.returncode != 0:  # recorded, not raised: the other phases and sizes keep their numbers
+        why = "killed (out of memory?)" if p.returncode < 0 else (p.stderr.strip().splitlines() or ["?"])[-1]
+        return {"failed": f"exit {p.returncode}: {why}", "peak_host_gb": _maxrss_gb(resource.RUSAGE_CHILDREN)}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -282,10 +283,10 @@ def flatten(n: int, rec: dict) -> dict:
     row = {"interactions": n, **shape(n)}
     if "prepare" in rec:
         row.update(prepare_s=rec["prepare"]["s"], prepare_gb=rec["prepare"]["peak_host_gb"])
-    if "train" in rec:
+    if "train" in rec and "failed" not in rec["train"]:
         t = rec["train"]
         row.update(train_step_ms=t["step_s"] * 1e3, epoch_s=t["epoch_s_extrapolated"], train_gb=t["peak_host_gb"], train_gpu_gb=t.get("peak_gpu_gb"))
-    if rec.get("eval") and "s" in rec["eval"]:
+    if rec.get("eval") and "s" in rec["eval"] and "failed" not in rec["eval"]:
         e = rec["eval"]
         row.update(eval_s=e["s"], eval_gb=e["peak_host_gb"], eval_gpu_gb=e.get("peak_gpu_gb"))
     return row
@@ -365,14 +366,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{n:.0e}: prepared in {rec['prepare']['s']:.1f} s, peak {rec['prepare']['peak_host_gb']:.2f} GB", flush=True)
         if "train" in phases:
             rec["train"] = run_worker("train", n, args)
-            print(f"{n:.0e}: step {rec['train']['step_s'] * 1e3:.1f} ms, peak {rec['train']['peak_host_gb']:.2f} GB", flush=True)
+            t = rec["train"]
+            said = f"train {t['failed']}" if "failed" in t else f"step {t['step_s'] * 1e3:.1f} ms, peak {t['peak_host_gb']:.2f} GB"
+            print(f"{n:.0e}: {said}", flush=True)
         if "eval" in phases:
             if on_cpu and n > args.cpu_eval_max:
                 rec["eval"] = None
                 notes.append(f"{n:.0e}: full-ranking evaluation of every user not run on the CPU (--cpu-eval-max {args.cpu_eval_max:.0e})")
             else:
-                rec["eval"] = run_worker("eval", n, args)
-                print(f"{n:.0e}: evaluated {rec['eval']['eval_users']:,} users in {rec['eval']['s']:.1f} s", flush=True)
+                rec["eval"] = e = run_worker("eval", n, args)
+                said = f"eval {e['failed']}" if "failed" in e else f"evaluated {e['eval_users']:,} users in {e['s']:.1f} s"
+                print(f"{n:.0e}: {said}", flush=True)
         records[f"{n:.0e}"] = rec
         if not args.keep:
             shutil.rmtree(work / f"log-{n:.0e}", ignore_errors=True)
@@ -386,7 +390,9 @@ def main(argv: list[str] | None = None) -> None:
             "records": records,
             "rows": rows,
             "exponents": {k: e for k, _ in COLUMNS if (e := exponents(rows, k)) is not None},
-            "notes": notes + ["train epoch s is extrapolated: measured step time x steps per epoch"],
+            "notes": notes
+            + [f"{k}: {ph} failed ({r[ph]['failed']})" for k, r in records.items() for ph in ("train", "eval") if "failed" in (r.get(ph) or {})]
+            + ["train epoch s is extrapolated: measured step time x steps per epoch"],
         }
         md = save(out, payload, markdown(payload))  # after every size: a long run keeps what it measured
         plot(payload, out.with_suffix(".png"))
