@@ -1,6 +1,7 @@
 """Large-log paths (docs/performance.md#scale): windows gathered per batch instead of whole
 (host memory independent of users x max_len), and the out-of-core columnar preparation."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,8 @@ def test_columnar_preparation_equals_the_in_memory_one(tmp_path, scale, parts, p
     mem, col = _both(tmp_path, path, part_events, batch_rows, **over)
     assert columnar.is_columnar(tmp_path / "c" / "prepared" / f"file-{Path(col.cache_dir).name.split('-')[-1]}")
     assert isinstance(col.items, np.memmap) and col.items.dtype == np.int32
+    meta = json.loads((Path(col.cache_dir) / "meta.json").read_text())
+    assert (meta["partitions"] > 1) == (part_events < 20_000)  # the small settings did split the log
     for f in ("offsets", "items", "timestamps", "item_raw", "user_raw"):
         assert np.array_equal(np.asarray(getattr(mem, f)), np.asarray(getattr(col, f))), f
     assert np.array_equal(repeat_flags(mem), np.asarray(repeat_flags(col)))

@@ -215,12 +215,14 @@ def prepare_columnar(
     meta: dict[str, Any],
     duplicates: str,
     min_user_interactions: int,
-    part_events: int = PART_EVENTS,
-    batch_rows: int = BATCH_ROWS,
+    part_events: int | None = None,
+    batch_rows: int | None = None,
 ) -> None:
     """Prepare the Parquet input ``path`` into the cache folder ``folder`` (written to a
     temporary sibling and renamed into place). ``duplicates`` is keep, drop or error."""
     source = str(path)
+    part_events = part_events or PART_EVENTS  # read at call time (tests shrink them)
+    batch_rows = batch_rows or BATCH_ROWS
     data = _parquet_input(path)
     if data is None:
         raise DataError(f"{source} is not Parquet (a file or a folder of parts); data.engine=columnar reads only Parquet")
@@ -427,6 +429,7 @@ def prepare_columnar(
         pa_write({"raw_id": np.concatenate([item_kept[:1], item_kept])}, tmp / "items.parquet")
         pa_write({"raw_id": user_raw[uk]}, tmp / "users.parquet")
         full = {**meta, "name": name, "engine": "columnar", "has_timestamps": has_ts, "stats": stats, "rows_read": rows, "prepare": clock}
+        full["partitions"] = len(bounds) - 1
         (tmp / "meta.json").write_text(json.dumps(full, indent=2, default=str))
         _write_manifest(tmp)
         old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
