@@ -393,3 +393,27 @@ def test_overhead_benchmark_quick_run(tmp_path):
     assert run["added"] == pytest.approx(run["on_s"] / run["off_s"] - 1) and run["ild"] and "ILD@10" in run["beyond"]
     assert run["device"]["device"] == "cpu" and run["versions"]["torch"] == torch.__version__ and run["commit"]
     assert "| demo-fuxi-mme-base data.demo_users=300 data.max_len=50 | test | 300 /" in out.with_suffix(".md").read_text()
+
+
+def test_the_page_compares_fuxi_mme_diversity_with_welch_and_reads_gini_the_right_way():
+    from fuxi_mme.experiments.page import main_sections
+    from fuxi_mme.experiments.tables import diversity_comparison
+
+    def row(variant, ndcg, cov, gini, seeds=3, spread=0.001):
+        e = {"dataset": "ml-100k", "variant": variant, "protocol": "loo-val", "seeds": seeds}
+        for key, v in (("test/NDCG@10", ndcg), ("test/Coverage@10", cov), ("test/Gini@10", gini), ("test/Novelty@10", 3.0), ("test/ILD@10", 0.6)):
+            e[key] = {"mean": v, "std": spread}
+        return e
+
+    res = {"results": [row("fuxi-mme", 0.100, 0.60, 0.70), row("fuxi-alpha", 0.100, 0.40, 0.80), row("sasrec", 0.120, 0.60, 0.60)]}
+    lines = diversity_comparison(res).splitlines()[2:]
+    alpha, sasrec = lines
+    assert "| ml-100k | fuxi-alpha (3) | 3 |" in alpha and "NDCG@10 +0.0000 (t 0.0, level)" in alpha
+    assert "Coverage@10 +0.2000" in alpha and "more diverse)" in alpha.split("Coverage@10")[1].split(";")[0]
+    assert "Gini@10 -0.1000" in alpha and "more diverse" in alpha.split("Gini@10")[1].split(";")[0]  # lower Gini: more even
+    assert "NDCG@10 -0.0200" in sasrec and "behind" in sasrec.split(";")[0]
+    assert "less diverse" in sasrec.split("Gini@10")[1].split(";")[0] and "Coverage@10 +0.0000 (t 0.0, level)" in sasrec
+    page = "\n".join(main_sections({"suite": "main", "description": "d", "commit": "c", "time": "t", "failed": [], **res}))
+    assert "Does Fuxi-MME recommend more diversely" in page
+    del res["results"][0]["test/Coverage@10"]  # runs from before the metrics: no comparison
+    assert diversity_comparison(res) == ""

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..utils.runinfo import atomic_write_text
 from .plots import plot_scaling
-from .tables import beyond_table, cross_domain, equal_size_comparison, headline, markdown, published_comparison
+from .tables import beyond_table, cross_domain, diversity_comparison, equal_size_comparison, headline, markdown, published_comparison
 
 # The order of the suites on the page (every suite, tested).
 DOC_ORDER = (
@@ -76,6 +76,15 @@ BEYOND_PROSE = [
 ]
 
 
+DIVERSITY_PROSE = [
+    "Does Fuxi-MME recommend more diversely than FuXi-alpha and SASRec, at what accuracy? Each metric's difference",
+    '(Fuxi-MME minus the other) with Welch\'s t over seeds: "more diverse" or "less diverse" when a two-sided test',
+    "at 5% rejects equal means (more diverse = higher coverage, lower Gini, higher novelty, higher ILD), otherwise",
+    '"level"; NDCG@10 reads ahead / behind / level.',
+    "",
+]
+
+
 CROSS_DOMAIN_PROSE = [
     "### Across domains: each model's shipped defaults, ranked per dataset",
     "",
@@ -90,11 +99,13 @@ def main_sections(res: dict[str, Any]) -> list[str]:
     """The headline (loo-val rows only) and the two comparisons, above the main suite's table."""
     base = {**res, "results": [e for e in res["results"] if e["protocol"] == "loo-val"]}
     beyond = beyond_table(base)
+    versus = diversity_comparison(base)
     return [
         *HEADLINE_PROSE,
         headline(base),
         "",
         *([*BEYOND_PROSE, beyond, ""] if beyond else []),
+        *([*DIVERSITY_PROSE, versus, ""] if versus else []),
         *CROSS_DOMAIN_PROSE,
         cross_domain(base),
         cross_domain(base, " large"),

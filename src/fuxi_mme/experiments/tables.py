@@ -129,6 +129,43 @@ def beyond_table(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# more diverse = wider coverage, flatter counts (lower Gini), rarer items, more varied lists
+DIVERSER = {"test/Coverage@10": 1, "test/Gini@10": -1, "test/Novelty@10": 1, "test/ILD@10": 1}
+
+
+def diversity_comparison(res: dict[str, Any]) -> str:
+    """Fuxi-MME against FuXi-alpha and SASRec (base presets) on each dataset where all three rows
+    have the beyond-accuracy metrics: the difference of each metric with Welch's t over seeds and
+    its reading at 5% ("more diverse" / "less diverse" / "level"; for NDCG@10 "ahead" / "behind"
+    / "level"); "" when no dataset has the three."""
+    cells = {(e["dataset"], e["variant"]): e for e in res["results"]}
+    lines = []
+    for ds in dict.fromkeys(e["dataset"] for e in res["results"]):
+        mme = cells.get((ds, "fuxi-mme"))
+        if mme is None or "test/Coverage@10" not in mme:
+            continue
+        for other in ("fuxi-alpha", "sasrec"):
+            o = cells.get((ds, other))
+            if o is None or "test/Coverage@10" not in o:
+                continue
+            cols = []
+            for key in ("test/NDCG@10", *BEYOND_COLUMNS):
+                if key not in mme or key not in o:
+                    continue
+                t, df = welch(mme[key], mme["seeds"], o[key], o["seeds"])
+                word = reading(t, df)
+                if key in DIVERSER and word != "level":
+                    word = "more diverse" if (word == "ahead") == (DIVERSER[key] > 0) else "less diverse"
+                d = 2 if "Novelty" in key else 4
+                name = key.split("/")[1]
+                cols.append(f"{name} {mme[key]['mean'] - o[key]['mean']:+.{d}f} (t {t:.1f}, {word})")
+            lines.append(f"| {ds} | {other} ({o['seeds']}) | {mme['seeds']} | " + "; ".join(cols) + " |")
+    if not lines:
+        return ""
+    head = ["| dataset | Fuxi-MME against (seeds) | Fuxi-MME seeds | difference, Welch t and reading at 5% |", "|---|---|---|---|"]
+    return "\n".join(head + lines) + "\n"
+
+
 def headline(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
     """Datasets x models pivot of the main suite (loo-val, base sizes)."""
     cells = {(e["dataset"], e["variant"]): e for e in res["results"]}
