@@ -208,7 +208,6 @@ def _trainer(n: int, args: argparse.Namespace):
 
 def worker(args: argparse.Namespace) -> dict:
     """One phase in this process: ``train`` or ``eval``."""
-    import numpy as np
     import torch
 
     n = int(args.size)
@@ -241,7 +240,6 @@ def worker(args: argparse.Namespace) -> dict:
     out["peak_host_gb"] = _maxrss_gb()
     if device.type == "cuda":
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    del np
     return out
 
 

@@ -283,3 +283,23 @@ def test_rebuild_replaces_the_cache_even_when_it_reads(tmp_path, capsys):
     assert main(["data", "prepare", *DATA[2:], "--rebuild"]) == 0
     assert "stale" not in (folder / "meta.json").read_text()
     verify_manifest(folder, required=True)
+
+
+def test_a_sized_file_of_the_wrong_length_is_refused_and_a_same_length_change_is_not_checked(tmp_path):
+    """Files recorded by size only (arrays too large to hash at every read): a truncated or
+    extended one is refused with one line; hashed files keep their sha256 check."""
+    from fuxi_mme.utils.integrity import IntegrityError, write_manifest
+
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "items.int32").write_bytes(b"\0" * 64)
+    write_manifest(tmp_path, ["meta.json"], sized=["items.int32"])
+    verify_manifest(tmp_path, required=True)
+    (tmp_path / "items.int32").write_bytes(b"\1" * 64)  # same size: by design not detected here
+    verify_manifest(tmp_path, required=True)
+    (tmp_path / "items.int32").write_bytes(b"\0" * 60)
+    with pytest.raises(IntegrityError, match=r"items.int32 is missing or not the 64 bytes recorded"):
+        verify_manifest(tmp_path)
+    (tmp_path / "items.int32").write_bytes(b"\0" * 64)
+    (tmp_path / "meta.json").write_text("{ }")
+    with pytest.raises(IntegrityError, match="does not match its recorded sha256"):
+        verify_manifest(tmp_path)

@@ -41,8 +41,7 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.dataset as pads  # type: ignore[import-untyped]
 
-from ..utils.integrity import sha256_file
-from ..utils.runinfo import atomic_write_json
+from ..utils.integrity import verify_manifest, write_manifest
 from .prepared import PreparedDataset, _remove_stale
 from .table import DataError, plain
 
@@ -431,7 +430,8 @@ def prepare_columnar(
         full = {**meta, "name": name, "engine": "columnar", "has_timestamps": has_ts, "stats": stats, "rows_read": rows, "prepare": clock}
         full["partitions"] = len(bounds) - 1
         (tmp / "meta.json").write_text(json.dumps(full, indent=2, default=str))
-        _write_manifest(tmp)
+        arrays = [f"{k}.{np.dtype(dt).name}" for k, dt in ARRAYS.items()]
+        write_manifest(tmp, sorted(f.name for f in tmp.iterdir() if f.suffix in (".json", ".parquet")), sized=arrays)
         old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
         try:
             os.rename(folder, old)
@@ -452,17 +452,6 @@ def pa_write(cols: dict[str, np.ndarray], path: Path) -> None:
     pq.write_table(pa.table({k: pa.array(v) for k, v in cols.items()}), path)
 
 
-def _write_manifest(folder: Path) -> None:
-    small = sorted(f.name for f in folder.iterdir() if f.suffix in (".json", ".parquet"))
-    atomic_write_json(
-        folder / "checksums.json",
-        {
-            "sha256": {n: sha256_file(folder / n) for n in small},
-            "bytes": {f"{k}.{np.dtype(dt).name}": (folder / f"{k}.{np.dtype(dt).name}").stat().st_size for k, dt in ARRAYS.items()},
-        },
-    )
-
-
 def is_columnar(folder: Path) -> bool:
     return (folder / "items.int32").exists()
 
@@ -472,16 +461,11 @@ def load_columnar(folder: Path) -> PreparedDataset:
     changed small file, an array of the wrong size, inconsistent offsets): the caller rebuilds."""
     import pandas as pd
 
-    from ..utils.integrity import verify_manifest
-
-    verify_manifest(folder, required=True)
-    sizes = json.loads((folder / "checksums.json").read_text()).get("bytes", {})
+    verify_manifest(folder, required=True)  # sha256 of the small files, byte sizes of the arrays
     meta = json.loads((folder / "meta.json").read_text())
     arr = {}
     for k, dt in ARRAYS.items():
         f = folder / f"{k}.{np.dtype(dt).name}"
-        if f.stat().st_size != sizes.get(f.name):
-            raise DataError(f"{f} has {f.stat().st_size:,} bytes, not the {sizes.get(f.name)} recorded; the cache is damaged")
         n = f.stat().st_size // np.dtype(dt).itemsize
         arr[k] = np.memmap(f, dtype=dt, mode="r", shape=(n,)) if n else np.zeros(0, dtype=dt)
     ds = PreparedDataset(
