@@ -10,6 +10,7 @@ from typing import Any
 from ..utils.runinfo import atomic_write_text
 from .plots import plot_scaling
 from .tables import beyond_table, cross_domain, diversity_comparison, equal_size_comparison, headline, markdown, published_comparison
+from .tuning import tuning_section
 
 # The order of the suites on the page (every suite, tested).
 DOC_ORDER = (
@@ -135,5 +136,9 @@ def write_docs(root: Path, docs: Path) -> Path:
             if img is not None:
                 parts += [f"![scaling]({img.name})", ""]
         parts += [markdown(res), ""]
+        if name == "main":
+            parts += tuning_section(root, res)
+    if not (root / "main.json").exists():
+        parts += tuning_section(root, None)
     atomic_write_text(docs, "\n".join(parts))
     return docs
