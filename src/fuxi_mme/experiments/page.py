@@ -9,7 +9,16 @@ from typing import Any
 
 from ..utils.runinfo import atomic_write_text
 from .plots import plot_scaling
-from .tables import beyond_table, cross_domain, diversity_comparison, equal_size_comparison, headline, markdown, published_comparison
+from .tables import (
+    behaviour_comparison,
+    beyond_table,
+    cross_domain,
+    diversity_comparison,
+    equal_size_comparison,
+    headline,
+    markdown,
+    published_comparison,
+)
 from .tuning import tuning_section
 
 # The order of the suites on the page (every suite, tested).
@@ -96,6 +105,24 @@ CROSS_DOMAIN_PROSE = [
 ]
 
 
+BEHAVIOUR_PROSE = [
+    "### Do behaviours help? Behaviour-aware against plain, test NDCG@10",
+    "",
+    "Each model with the behaviour embedding (`model.use_behavior=true`) against the same model without it, same data,",
+    'protocol (loo-val) and seeds; "next" ranks the next item, "next target" the next target-behaviour item (rated 4-5',
+    'on MovieLens, a purchase on the demo: the histories keep every event). Welch\'s t over seeds; "ahead" or',
+    '"behind" when a two-sided test at 5% rejects equal means, otherwise "level". Pairs whose runs have not finished',
+    "are not listed (the suite's table below says which are planned).",
+    "",
+]
+
+
+def behaviour_section(res: dict[str, Any]) -> list[str]:
+    """The behaviour comparison above the behavior suite's table, when a pair has finished."""
+    table = behaviour_comparison(res)
+    return [*BEHAVIOUR_PROSE, table, ""] if table else []
+
+
 def main_sections(res: dict[str, Any]) -> list[str]:
     """The headline (loo-val rows only) and the two comparisons, above the main suite's table."""
     base = {**res, "results": [e for e in res["results"] if e["protocol"] == "loo-val"]}
@@ -131,6 +158,8 @@ def write_docs(root: Path, docs: Path) -> Path:
         res = json.loads(f.read_text())
         if name == "main":
             parts += main_sections(res)
+        if name == "behavior":
+            parts += behaviour_section(res)
         if name == "scaling":
             img = plot_scaling(res, docs.parent / "scaling.png")
             if img is not None:

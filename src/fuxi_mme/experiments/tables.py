@@ -264,3 +264,30 @@ def published_comparison(res: dict[str, Any]) -> str:
             quoted = " / ".join(f"{v:.4f}" for v in pub.values())
             lines.append(f"| {ds} | {quoted} | {size} | {m['mean']:.4f} ± {m['std']:.4f} | {best} {ours[best]:.4f} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def behaviour_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
+    """The ``behavior`` suite's answer: each model with behaviours as input against the same model
+    without, for the next item and for the next target-behaviour item, on every dataset, with
+    Welch's t over seeds and its reading at 5%; "" when no pair has finished."""
+    cells = {(e["dataset"], e["variant"]): e for e in res["results"] if metric in e}
+    lines = []
+    for ds in dict.fromkeys(e["dataset"] for e in res["results"]):
+        for model in ("fuxi-alpha", "fuxi-mme"):
+            for target in ("next", "next target"):
+                plain, aware = cells.get((ds, f"{model} {target}")), cells.get((ds, f"{model}+behaviour {target}"))
+                if plain is None or aware is None:
+                    continue
+                p, a = plain[metric], aware[metric]
+                t, df = welch(a, aware["seeds"], p, plain["seeds"])
+                lines.append(
+                    f"| {ds} | {model} | {target} | {p['mean']:.4f} ± {p['std']:.4f} ({plain['seeds']}) | "
+                    f"{a['mean']:.4f} ± {a['std']:.4f} ({aware['seeds']}) | {a['mean'] - p['mean']:+.4f} | {t:.1f} ({df:.1f}) | {reading(t, df)} |"
+                )
+    if not lines:
+        return ""
+    head = [
+        "| dataset | model | target | plain | with behaviours | difference | Welch t (df) | reading at 5% |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + lines) + "\n"
