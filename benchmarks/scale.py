@@ -5,7 +5,9 @@ The log: 2% as many users as events and 1% as many items (at most 1e7), lognorma
 lengths (sigma 1, at least 3), items drawn Zipf-like (log-uniform ranks: item r has weight
 ~1/r), increasing timestamps per user, and 1% of events an exact repeat of the user's
 previous one (a double-logged click). It is written as Parquet parts, out of core. Phases,
-each in its own process so that its peak host memory (``ru_maxrss``) is its own:
+each in its own process so that its peak host memory (``ru_maxrss``) is its own (for
+``prepare``, whose sort pass runs in worker processes, the larger of that and the sampled
+resident memory of the whole process tree):
 
 * ``prepare``: the real ``fuxi-mme data prepare`` with ``data.engine=columnar``
   (``--duplicates keep`` or ``drop``: exact duplicate rows allowed or dropped);
@@ -33,6 +35,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -149,14 +152,49 @@ def run_prepare(n: int, work: Path, duplicates: str) -> dict:
     probe = "import resource, subprocess, sys, json, time; t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); "
     probe += "print(json.dumps({'rc': r.returncode, 's': time.perf_counter() - t, 'kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, env=env)
-    if p.returncode != 0 or not p.stdout.strip():
-        raise RuntimeError(f"prepare failed: {p.stderr[-2000:]}")
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, "-c", probe, *cmd], stdout=out, stderr=err, text=True, env=env)
+        tree_peak = 0  # the sort pass runs in worker processes: their memory adds up
+        while p.poll() is None:
+            tree_peak = max(tree_peak, _tree_rss_bytes(p.pid))
+            time.sleep(0.1)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if p.returncode != 0 or not stdout.strip():
+        raise RuntimeError(f"prepare failed: {stderr[-2000:]}")
+    r = json.loads(stdout.strip().splitlines()[-1])
     if r["rc"] != 0:
-        raise RuntimeError(f"prepare failed (rc {r['rc']}): {p.stderr[-2000:]}")
+        raise RuntimeError(f"prepare failed (rc {r['rc']}): {stderr[-2000:]}")
     meta = _cache_meta(work, n)
-    return {"s": r["s"], "peak_host_gb": r["kib"] * 1024 / 1e9, "passes_s": meta.get("prepare", {}), "stats": _brief(meta["stats"])}
+    largest = r["kib"] * 1024 / 1e9
+    return {
+        "s": r["s"],
+        "peak_host_gb": max(largest, tree_peak / 1e9),
+        "largest_process_gb": largest,
+        "process_tree_gb": tree_peak / 1e9,
+        "passes_s": meta.get("prepare", {}),
+        "stats": _brief(meta["stats"]),
+    }
+
+
+def _tree_rss_bytes(root: int) -> int:
+    """Resident memory of ``root`` and every process below it, now (Linux /proc; 0 elsewhere)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+            parents[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            rss[int(d.name)] = int((d / "statm").read_text().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [c for c, par in parents.items() if par in frontier and c not in tree]
+        tree.update(kids)
+        frontier = kids
+    return sum(rss.get(q, 0) for q in tree)
 
 
 def _cache_meta(work: Path, n: int) -> dict:

@@ -250,3 +250,45 @@ def test_length_chunks_of_a_batch_normalise_the_item_table_once():
     model.item_vectors = lambda: calls.append(1) or real()  # type: ignore[method-assign]
     tr.forward_backward(tr._epoch_order(0)[:64])
     assert tr.length_chunks == 4 and len(calls) == 1
+
+
+@pytest.mark.parametrize("duplicates", ["drop", "error"])
+def test_columnar_sort_in_worker_processes_equals_the_serial_pass(tmp_path, monkeypatch, duplicates):
+    """Pass 4 in two spawned processes writes the same cache, byte for byte, as in one process;
+    a duplicate found in a worker is the same one-line error, with no cache left behind."""
+    from fuxi_mme.config import DataConfig
+    from fuxi_mme.data import DataError, columnar, load_dataset
+
+    path = _parquet_log(tmp_path, parts=2)
+    monkeypatch.setattr(columnar, "PART_EVENTS", 997)
+    cfg = dict(name="file", path=str(path), user_col="uid", item_col="iid", time_col="ts", duplicates=duplicates, engine="columnar")
+    caches = []
+    for workers in ("1", "2"):
+        monkeypatch.setenv("FUXI_MME_PREPARE_WORKERS", workers)
+        if duplicates == "error":
+            with pytest.raises(DataError) as err:
+                load_dataset(DataConfig(**cfg, data_dir=str(tmp_path / workers)))
+            caches.append(str(err.value))
+            assert not list((tmp_path / workers / "prepared").iterdir())
+            continue
+        folder = Path(load_dataset(DataConfig(**cfg, data_dir=str(tmp_path / workers))).cache_dir)
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["partitions"] > 2 and meta["prepare"]["sort_workers"] == int(workers)
+        caches.append({f.name: f.read_bytes() for f in folder.iterdir() if f.suffix not in (".json",)})
+        caches.append({k: v for k, v in meta.items() if k != "prepare"})
+    if duplicates == "error":
+        assert caches[0] == caches[1] and "repeat an earlier" in caches[0] and "\n" not in caches[0]
+    else:
+        assert caches[0] == caches[2] and caches[1] == caches[3]
+
+
+def test_sort_workers_setting_is_checked(monkeypatch):
+    from fuxi_mme.data import DataError, columnar
+
+    monkeypatch.setenv("FUXI_MME_PREPARE_WORKERS", "4")
+    assert columnar.sort_workers(3) == 3 and columnar.sort_workers(9) == 4
+    monkeypatch.setenv("FUXI_MME_PREPARE_WORKERS", "many")
+    with pytest.raises(DataError, match="FUXI_MME_PREPARE_WORKERS='many' is not a whole number"):
+        columnar.sort_workers(3)
+    monkeypatch.delenv("FUXI_MME_PREPARE_WORKERS")
+    assert 1 <= columnar.sort_workers(3) <= 3

@@ -206,6 +206,125 @@ def _time_column(b: pa.RecordBatch, name: str | None, source: str, first_row: in
     return t
 
 
+def sort_workers(partitions: int) -> int:
+    """Processes for the sort pass: ``FUXI_MME_PREPARE_WORKERS`` when set, else as many as the
+    partitions, the cores (up to 8) and the available memory (about 6 GB each at the default
+    partition size) allow."""
+    env = os.environ.get("FUXI_MME_PREPARE_WORKERS")
+    if env:
+        try:
+            return max(1, min(int(env), partitions))
+        except ValueError:
+            raise DataError(f"FUXI_MME_PREPARE_WORKERS={env!r} is not a whole number; set it to the number of sort processes (1 = none)") from None
+    per_worker = 6e9 * PART_EVENTS / (1 << 26)
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        avail = int(per_worker)
+    return max(1, min(partitions, os.cpu_count() or 1, 8, int(avail // per_worker)))
+
+
+def _map_partitions(jobs: list[tuple], workers: int):
+    """``_sort_partition`` over ``jobs``, results in partition order: inline with one worker,
+    else in that many spawned processes (the partitions are independent)."""
+    if workers <= 1:
+        yield from (_sort_partition(*j) for j in jobs)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_sort_partition, *j) for j in jobs]
+        try:
+            for fut in futures:
+                yield fut.result()
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
+def _sort_partition(
+    parts_dir: str, p: int, lo: int, hi: int, n_items: int, has_time: bool, duplicates: str, min_user_interactions: int
+) -> dict[str, Any]:
+    """Pass 4 for partition ``p`` (user codes ``lo`` .. ``hi``-1): sort by (user, time) with file
+    order breaking ties, drop exact duplicates (or report the first), drop short users, flag
+    repeats; writes ``<p>.items``, ``<p>.timestamps``, ``<p>.repeats`` beside its inputs and
+    returns the partition's users, counts and statistics."""
+    folder = Path(parts_dir)
+    u = np.fromfile(folder / f"{p}.u", dtype=np.int32)
+    u -= lo  # user codes local to the partition
+    i = np.fromfile(folder / f"{p}.i", dtype=np.int32)
+    t = np.fromfile(folder / f"{p}.t", dtype=np.int64)
+    for k in ("u", "i", "t"):
+        os.remove(folder / f"{p}.{k}")
+    res: dict[str, Any] = {"part": p, "duplicate": None, "dropped": {"duplicates": 0, "users": 0, "user_events": 0}}
+    # Each step below holds the three columns, one int64 order and one gathered column at a
+    # time (about 40 B per event), never copies of all three.
+    if duplicates != "keep" and has_time:  # without times no two rows are equal
+        o = np.lexsort((i, t, u))  # stable: equal rows stay in file order
+        dup = np.zeros(len(o), dtype=bool)
+        dup[1:] = True
+        for col in (u, t, i):
+            srt = col[o]
+            dup[1:] &= srt[1:] == srt[:-1]
+            del srt
+        if dup.any():
+            if duplicates == "error":
+                j = o[np.flatnonzero(dup)[0]]
+                res["duplicate"] = (int(u[j]) + lo, int(i[j]), int(t[j]))
+                return res
+            res["dropped"]["duplicates"] = int(dup.sum())
+            keep = o[~dup]
+            del o, dup
+            keep.sort()  # back to file order
+            u = u[keep]  # one column at a time: never two copies of all three
+            i = i[keep]
+            t = t[keep]
+            del keep
+        else:
+            del o, dup
+    o = np.lexsort((t, u))  # by user, then time; file order breaks ties
+    u = u[o]
+    i = i[o]
+    t = t[o]
+    del o
+    n = np.bincount(u, minlength=hi - lo)
+    short = (n > 0) & (n < min_user_interactions)
+    if short.any():
+        res["dropped"].update(users=int(short.sum()), user_events=int(n[short].sum()))
+        keep_ev = ~short[u]
+        u = u[keep_ev]
+        i = i[keep_ev]
+        t = t[keep_ev]
+        del keep_ev
+        n[short] = 0
+    has = np.flatnonzero(n)
+    key = u.astype(np.int64)  # (user, item) as one int64; np.unique would hold ~40 B/event
+    del u
+    key *= n_items
+    key += i
+    perm = np.argsort(key, kind="stable")  # stable: a pair's events stay in time order
+    key = key[perm]
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    del key
+    rep = np.ones(len(i), dtype=bool)
+    rep[perm[first]] = False  # each (user, item)'s first event is not a repeat
+    del perm, first
+    i.tofile(folder / f"{p}.items")
+    t.tofile(folder / f"{p}.timestamps")
+    rep.tofile(folder / f"{p}.repeats")
+    res.update(
+        kept_users=has + lo,
+        counts=n[has],
+        items_present=np.unique(i),
+        t_min=int(t.min()) if len(t) else None,
+        t_max=int(t.max()) if len(t) else None,
+    )
+    return res
+
+
 def prepare_columnar(
     path: Path,
     cfg: Any,
@@ -291,91 +410,44 @@ def prepare_columnar(
         pa.default_memory_pool().release_unused()  # Arrow keeps freed batch memory in its pool
         clock["scatter_s"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()  # pass 4: per partition, sort, dedup, filter, repeats, append
-        out = {k: open(tmp / f"{k}.{np.dtype(dt).name}", "wb") for k, dt in ARRAYS.items() if k != "offsets"}
+        t0 = time.perf_counter()  # pass 4: per partition, sort, dedup, filter, repeats (in parallel)
+        jobs = [
+            (str(parts_dir), p, bounds[p], bounds[p + 1], len(item_raw), cfg.time_col is not None, duplicates, min_user_interactions)
+            for p in range(len(bounds) - 1)
+        ]
+        workers = sort_workers(len(jobs))
+        clock["sort_workers"] = workers
         kept_users: list[np.ndarray] = []
         kept_counts: list[np.ndarray] = []
         present = np.zeros(len(item_raw), dtype=bool)
         dropped = {"duplicates": 0, "users": 0, "user_events": 0}
         t_min, t_max = None, None
+        out = {k: open(tmp / f"{k}.{np.dtype(dt).name}", "wb") for k, dt in ARRAYS.items() if k != "offsets"}
+        results = _map_partitions(jobs, workers)
         try:
-            for p in range(len(bounds) - 1):
-                lo = bounds[p]
-                u = np.fromfile(parts_dir / f"{p}.u", dtype=np.int32)
-                u -= lo  # user codes local to the partition
-                i = np.fromfile(parts_dir / f"{p}.i", dtype=np.int32)
-                t = np.fromfile(parts_dir / f"{p}.t", dtype=np.int64)
-                for k in ("u", "i", "t"):
-                    os.remove(parts_dir / f"{p}.{k}")
-                # Each step below holds the three columns, one int64 order and one gathered column
-                # at a time (about 40 B per event), never copies of all three.
-                if duplicates != "keep" and cfg.time_col is not None:  # without times no two rows are equal
-                    o = np.lexsort((i, t, u))  # stable: equal rows stay in file order
-                    dup = np.zeros(len(o), dtype=bool)
-                    dup[1:] = True
-                    for col in (u, t, i):
-                        srt = col[o]
-                        dup[1:] &= srt[1:] == srt[:-1]
-                        del srt
-                    del col
-                    if dup.any():
-                        if duplicates == "error":
-                            j = o[np.flatnonzero(dup)[0]]
-                            raise DataError(
-                                f"{source}: row(s) repeat an earlier (user, item, timestamp) exactly, e.g. user {plain(user_raw[u[j] + lo])}, "
-                                f"item {plain(item_raw[i[j]])}, timestamp {plain(t[j])}; this usually means a file was concatenated twice. "
-                                "Fix the file, or pass --set data.duplicates=drop (or keep)"
-                            )
-                        dropped["duplicates"] += int(dup.sum())
-                        keep = o[~dup]
-                        del o, dup
-                        keep.sort()  # back to file order
-                        u = u[keep]  # one column at a time: never two copies of all three
-                        i = i[keep]
-                        t = t[keep]
-                        del keep
-                    else:
-                        del o, dup
-                o = np.lexsort((t, u))  # by user, then time; file order breaks ties
-                u = u[o]
-                i = i[o]
-                t = t[o]
-                del o
-                n = np.bincount(u, minlength=bounds[p + 1] - lo)
-                short = (n > 0) & (n < min_user_interactions)
-                if short.any():
-                    dropped["users"] += int(short.sum())
-                    dropped["user_events"] += int(n[short].sum())
-                    keep_ev = ~short[u]
-                    u = u[keep_ev]
-                    i = i[keep_ev]
-                    t = t[keep_ev]
-                    del keep_ev
-                    n[short] = 0
-                has = np.flatnonzero(n)
-                kept_users.append(has + lo)
-                kept_counts.append(n[has])
-                key = u.astype(np.int64)  # (user, item) as one int64; np.unique would hold ~40 B/event
-                del u
-                key *= len(item_raw)
-                key += i
-                perm = np.argsort(key, kind="stable")  # stable: a pair's events stay in time order
-                key = key[perm]
-                first = np.ones(len(key), dtype=bool)
-                first[1:] = key[1:] != key[:-1]
-                del key
-                rep = np.ones(len(i), dtype=bool)
-                rep[perm[first]] = False  # each (user, item)'s first event is not a repeat
-                del perm, first
-                present[i] = True
-                if len(t):
-                    t_min = int(t.min()) if t_min is None else min(t_min, int(t.min()))
-                    t_max = int(t.max()) if t_max is None else max(t_max, int(t.max()))
-                i.tofile(out["items"])
-                t.tofile(out["timestamps"])
-                rep.tofile(out["repeats"])
-                del i, t, rep
+            for r in results:
+                if r["duplicate"] is not None:
+                    u_, i_, t_ = r["duplicate"]
+                    raise DataError(
+                        f"{source}: row(s) repeat an earlier (user, item, timestamp) exactly, e.g. user {plain(user_raw[u_])}, "
+                        f"item {plain(item_raw[i_])}, timestamp {plain(t_)}; this usually means a file was concatenated twice. "
+                        "Fix the file, or pass --set data.duplicates=drop (or keep)"
+                    )
+                for k, v in r["dropped"].items():
+                    dropped[k] += v
+                kept_users.append(r["kept_users"])
+                kept_counts.append(r["counts"])
+                present[r["items_present"]] = True
+                if r["t_min"] is not None:
+                    t_min = r["t_min"] if t_min is None else min(t_min, r["t_min"])
+                    t_max = r["t_max"] if t_max is None else max(t_max, r["t_max"])
+                for k, h in out.items():  # the partition's sorted columns, appended in partition order
+                    part = parts_dir / f"{r['part']}.{k}"
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, h, 1 << 24)
+                    os.remove(part)
         finally:
+            results.close()  # on an error: pending partitions cancelled, running ones awaited
             for h in out.values():
                 h.close()
         shutil.rmtree(parts_dir, ignore_errors=True)
