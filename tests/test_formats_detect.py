@@ -135,6 +135,11 @@ def test_ambiguous_two_and_three_integer_lines(tmp_path):
     det = detect(_write(tmp_path / "b.txt", "1 10 100\n2 11 200\n"))
     assert det.format == "table" and "constant 3 or 4 whitespace integers is a table" in det.reason
     assert detect(_write(tmp_path / "c.txt", "1 2 3 4 5\n2 3 4 5 6\n")).format == "sequences"
+    # 5+ fields on every line and a stray non-integer: a sequence file with a bad id, not a table
+    det = detect(_write(tmp_path / "d.txt", "1 2 3 4 5 6\n2 3 4 a4 5 6\n3 4 5 6 7 8\n"))
+    assert det.format == "sequences" and "whitespace-separated fields, 6 per line: S3-Rec sequence layout" in det.reason
+    # mostly text: still no sequence file (a table without a header, which then asks for one)
+    assert detect(_write(tmp_path / "e.txt", "a b c d e\nf g h i j\n")).format == "table"
 
 
 BAD = {
@@ -143,6 +148,7 @@ BAD = {
     "pairs line with 3 fields": ("pairs.txt", "".join(f"{u} {u + 1}\n" for u in range(2100)) + "5 6 7\n", 2101, "3 field(s)"),
     "'::' mixed with tabs": ("ratings.dat", "1::10::5::978300760\n1\t11\t3\t978302109\n", 2, "no '::' (tab-separated)"),
     "non-numeric id in a sequence file": ("seq.txt", "1 10 11\n2 abc 12 13\n", 2, "'abc' is not an integer id"),
+    "non-numeric id, 6 fields on every line": ("seq.txt", "1 2 3 4 5 6\n2 3 4 a4 5 6\n3 4 5 6 7 8\n", 2, "'a4' is not an integer id"),
     "csv row too long": ("t.csv", "user,item\n1,2\n\n3,4,5\n", 4, "3 comma-separated field(s): '3,4,5'; expected 2"),
     "csv row too long past the sample": ("t.csv", "\nuser,item\n" + "1,2\n" * 2100 + "3,4,5\n", 2103, "3 comma-separated fields, expected 2"),
     "csv empty item": ("t.csv", "user,item,timestamp\n1,,100\n", 2, "no item id"),
@@ -180,8 +186,8 @@ def test_bad_layouts_give_one_line_errors_naming_file_and_line(tmp_path, case):
     [
         ("empty.txt", b"", "is empty"),
         ("blank.txt", b"\n  \n", "only blank lines"),
-        ("cut.gz", gzip.compress(S3REC.encode() * 50)[:40], "corrupt or truncated gzip"),
-        ("bad.zip", b"PK\x03\x04" + b"\x00" * 40, "zip"),
+        ("cut.gz", gzip.compress(S3REC.encode() * 50)[:40], "corrupt or truncated gzip file"),
+        ("bad.zip", b"PK\x03\x04" + b"\x00" * 40, "corrupt or truncated zip file"),
         ("binary.bin", b"\x01\x02\x00\x03", "NUL byte"),
     ],
 )
@@ -191,6 +197,7 @@ def test_bad_files_give_one_line_errors(tmp_path, name, content, found):
         read(f, detect(f))
     msg = str(err.value)
     assert "\n" not in msg and str(f) in msg and found in msg, msg
+    assert msg.count(str(f)) == 1 and "download" not in msg  # said once; the user's own file, not a download
 
 
 def test_zip_with_two_members_lists_them(tmp_path):
@@ -201,17 +208,31 @@ def test_zip_with_two_members_lists_them(tmp_path):
         z.writestr("_SUCCESS", "")
     with pytest.raises(DataError, match=r"holds 2 data files \(a.csv, b.csv, _SUCCESS\)") as err:
         detect(f)
-    assert "\n" not in str(err.value)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.endswith("keep one, or unzip it and pass the file") and "corrupt" not in msg, msg
 
 
 # --------------------------------------------------------------------------- property: never another exception
 
-SEEDS = [c[0].encode() if isinstance(c[0], str) else c[0] for c in CASES.values()] + [TSV.encode(), CSV_HEADER.encode()]
+
+def _zip_bytes(members: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, text in members.items():
+            z.writestr(name, text)
+    return buf.getvalue()
+
+
+SEEDS = [c[0].encode() if isinstance(c[0], str) else c[0] for c in CASES.values()] + [
+    TSV.encode(),
+    CSV_HEADER.encode(),
+    _zip_bytes({"ml-1m/ratings.dat": ML * 3, "__MACOSX/ml-1m/._ratings.dat": "junk"}),
+]
 
 
 @st.composite
-def damaged(draw) -> bytes:
-    raw = draw(st.sampled_from(SEEDS))
+def damaged(draw, seeds: list[bytes] = SEEDS) -> bytes:
+    raw = draw(st.sampled_from(seeds))
     if draw(st.booleans()):
         raw = gzip.compress(raw)
     how = draw(st.sampled_from(["truncate", "mutate", "random"]))
@@ -240,6 +261,41 @@ def test_damaged_inputs_end_in_data_error_or_a_canonical_table(raw):
         assert df["timestamp"].dtype == np.int64
         for c in ("user", "item"):
             assert df[c].dtype == np.int64 or all(isinstance(v, str) for v in df[c])
+
+
+@st.composite
+def damaged_source(draw) -> tuple[str, bytes]:
+    """A damaged input as a file, or as the one part of a Parquet folder (Spark's layout)."""
+    if draw(st.booleans()):
+        return "file", draw(damaged())
+    return "parquet-folder", draw(damaged([_parquet_bytes(), _parquet_bytes(TABLE.iloc[:2])]))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damaged_source())
+def test_damaged_inputs_prepare_or_leave_nothing_in_the_data_dir(source):
+    """Through ``load_dataset`` under the data's own name: a DataError leaves no cache entry and
+    no ``NAME.source.json``; a success leaves both."""
+    from fuxi_mme.config import DataConfig
+    from fuxi_mme.data import load_dataset
+
+    container, raw = source
+    with tempfile.TemporaryDirectory() as d:
+        src, data = Path(d) / "input", Path(d) / "data"
+        if container == "parquet-folder":
+            src.mkdir()
+            _write(src / "part-00000-abc.snappy.parquet", raw)
+            _write(src / "_SUCCESS", b"")
+        else:
+            _write(src, raw)
+        data.mkdir()
+        try:
+            ds = load_dataset(DataConfig(name="mine", path=str(src), data_dir=str(data)))
+        except DataError as exc:
+            assert "\n" not in str(exc) and "np." not in str(exc)
+            assert sorted(data.rglob("*")) == []
+            return
+        assert ds.stats["interactions"] > 0 and (data / "prepared" / "mine.source.json").exists()
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +62,7 @@ def resolve_source_path(cfg: DataConfig, progress: bool = True) -> Path | None:
         if not p.exists():
             raise DataError(f"{p} does not exist; pass the {'file' if own else 'dataset folder, file or archive'} with --source/--data-path")
         if p.is_file() and is_archive(p) and not own:
-            stem = raw / ("from-" + p.name.replace(".", "_"))
-            marker = stem.with_name(stem.name + ".done")
-            if not marker.exists() or marker.read_text() != _stamp(p):
-                safe_extract(p, stem)
-                marker.write_text(_stamp(p))
-            return stem
+            return _extract_source(p, raw)
         return p
     if cfg.name == "file":
         return None  # the reader raises the clear error
@@ -85,6 +81,33 @@ def resolve_source_path(cfg: DataConfig, progress: bool = True) -> Path | None:
         log.warning("%s is not in %s; downloading it from %s (licence: %s)", cfg.name, raw, src.remotes[0].url, src.licence)
         return fetch(src.remotes, raw, progress=progress, where_hint=where)
     raise DataError(f"dataset {cfg.name!r} needs its files: put {src.files_hint} in {raw} or pass --source PATH (licence: {src.licence})")
+
+
+def _extract_source(archive: Path, raw: Path) -> Path:
+    """A ``--source`` archive extracted once into ``raw/from-<name>``; on failure the folders
+    this call made are removed again, so a bad archive leaves nothing behind."""
+    stem = raw / ("from-" + archive.name.replace(".", "_"))
+    marker = stem.with_name(stem.name + ".done")
+    if marker.exists() and marker.read_text() == _stamp(archive):
+        return stem
+    made = [d for d in (raw, *raw.parents) if not d.exists()]  # innermost first
+    try:
+        safe_extract(archive, stem, fix="pass the dataset's own archive or the folder it extracts to with --source")
+        marker.write_text(_stamp(archive))
+    except BaseException:
+        if made:
+            shutil.rmtree(raw, ignore_errors=True)  # made by this call: holds nothing else
+        for d in made[1:]:
+            _rmdir_if_empty(d)
+        raise
+    return stem
+
+
+def _rmdir_if_empty(d: Path) -> None:
+    try:
+        d.rmdir()
+    except OSError:
+        pass  # not empty: another dataset's files are there now
 
 
 def _source_note(cfg: DataConfig) -> Path:
@@ -171,11 +194,19 @@ def check_expected(ds: PreparedDataset) -> list[str]:
 
 
 def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
-    """Prepared dataset for ``cfg``, from the cache when its key matches, else built and cached."""
-    src = get_source(cfg.name)
+    """Prepared dataset for ``cfg``, from the cache when its key matches, else built and cached.
+
+    The ``--source`` it came from is remembered only once it prepared (or loaded) without error:
+    a file that fails to read leaves nothing in the data folder."""
     path = resolve_source_path(cfg)
+    ds = _load_or_prepare(cfg, path, rebuild)
     if path is not None:
         _remember_source(cfg, path)
+    return ds
+
+
+def _load_or_prepare(cfg: DataConfig, path: Path | None, rebuild: bool) -> PreparedDataset:
+    src = get_source(cfg.name)
     columnar = choose_engine(cfg, path)
     parts = {**_key_parts(cfg, path), **({"engine": "columnar"} if columnar else {})}
     key = cache_key(parts)

@@ -1,7 +1,7 @@
 """Fetching dataset files: streamed, resumable, checksum-verified downloads and safe extraction.
 
-* :func:`download` streams a URL to ``<dest>.part`` with a progress bar, resumes a partial file
-  with an HTTP ``Range`` request, verifies an MD5 or SHA-256 when one is known, and renames the
+* :func:`download` streams a URL to ``<dest>.part`` (a progress bar on a terminal, one log line
+  otherwise), resumes a partial file with an HTTP ``Range`` request, verifies an MD5 or SHA-256 when one is known, and renames the
   finished file into place (an interrupted download never leaves a file that looks complete).
 * :func:`safe_extract` unpacks zip and tar archives into a temporary sibling folder, refusing
   members that would land outside the target (absolute paths, ``..``, links, devices), then
@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -173,21 +174,28 @@ def _verify(url: str, part: Path, md5: str | None, sha256: str | None) -> None:
                 )
 
 
-def _bar(total: int | None, initial: int, name: str, enabled: bool):
-    try:
-        from tqdm import tqdm
+class _Quiet:
+    """The progress bar when stderr is not a terminal: no redraws into a log file, one line at
+    the end (when progress is on)."""
 
-        return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=not enabled)
-    except ImportError:  # pragma: no cover - tqdm is a dependency
+    def __init__(self, name: str, initial: int, enabled: bool):
+        self.name, self.done, self.enabled = name, initial, enabled
 
-        class _Null:
-            def update(self, n):
-                pass
+    def update(self, n: int) -> None:
+        self.done += n
 
-            def close(self):
-                pass
+    def close(self) -> None:
+        if self.enabled:
+            log.info("%s: %s bytes downloaded", self.name, f"{self.done:,}")
 
-        return _Null()
+
+def _bar(total: int | None, initial: int, name: str, enabled: bool) -> Any:
+    stream = sys.stderr
+    if not (enabled and stream is not None and stream.isatty()):
+        return _Quiet(name, initial, enabled)
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name, file=stream)
 
 
 def _check_member(name: str, target: Path) -> Path:
@@ -197,49 +205,20 @@ def _check_member(name: str, target: Path) -> Path:
     return target.joinpath(*[x for x in p.parts if x not in ("", ".")])
 
 
-def safe_extract(archive: Path, target: Path) -> Path:
-    """Extract a zip / tar(.gz/.bz2/.xz) archive into ``target`` without escaping it."""
+def safe_extract(archive: Path, target: Path, *, fix: str = "delete it and run the command again to download it again") -> Path:
+    """Extract a zip / tar(.gz/.bz2/.xz) archive into ``target`` without escaping it.
+
+    ``fix`` ends the one-line error for an unreadable archive: the default suits a file this
+    library downloaded; for a file the user gave, the caller says what to pass instead."""
     archive, target = Path(archive), Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
     try:
-        if zipfile.is_zipfile(archive):
-            try:
-                with zipfile.ZipFile(archive) as z:
-                    for info in z.infolist():
-                        dest = _check_member(info.filename, tmp)
-                        mode = (info.external_attr >> 16) & 0o170000
-                        if mode == 0o120000:
-                            raise DataError(f"archive member {info.filename!r} is a symbolic link; refusing to extract {archive}")
-                        if info.is_dir():
-                            dest.mkdir(parents=True, exist_ok=True)
-                            continue
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        with z.open(info) as src, open(dest, "wb") as out:
-                            shutil.copyfileobj(src, out, CHUNK)
-            except (zipfile.BadZipFile, EOFError, OSError, zlib_error()) as exc:
-                raise DataError(f"{archive} is truncated or corrupt ({exc}); delete it and download it again") from exc
-        else:
-            try:
-                with tarfile.open(archive) as t:
-                    for m in t:
-                        dest = _check_member(m.name, tmp)
-                        if m.issym() or m.islnk() or m.isdev() or m.isfifo():
-                            raise DataError(f"archive member {m.name!r} is a link or device; refusing to extract {archive}")
-                        if m.isdir():
-                            dest.mkdir(parents=True, exist_ok=True)
-                            continue
-                        if not m.isfile():
-                            continue
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        member = t.extractfile(m)
-                        assert member is not None
-                        with member, open(dest, "wb") as out:
-                            shutil.copyfileobj(member, out, CHUNK)
-            except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
-                raise DataError(
-                    f"{archive} is truncated, corrupt or not a zip/tar archive ({exc}); delete it and download it again, or pass the extracted folder"
-                ) from exc
+        kind = "zip" if _looks_zip(archive) else "tar"
+        try:
+            (_extract_zip if kind == "zip" else _extract_tar)(archive, tmp)
+        except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+            raise _unreadable(archive, kind, exc, fix) from exc
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -247,6 +226,58 @@ def safe_extract(archive: Path, target: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _looks_zip(archive: Path) -> bool:
+    with open(archive, "rb") as f:
+        magic = f.read(4)
+    return zipfile.is_zipfile(archive) or magic in (b"PK\x03\x04", b"PK\x05\x06") or archive.name.lower().endswith(".zip")
+
+
+def _unreadable(archive: Path, kind: str, exc: BaseException, fix: str) -> DataError:
+    """One line for an archive that cannot be read to its end (tarfile's own message for a file
+    that is no tar at all spans several lines, one per compression it tried)."""
+    why = str(exc)
+    if why.startswith("file could not be opened successfully"):
+        why = "not a tar, tar.gz, tar.bz2 or tar.xz file"
+    why = " ".join(why.split()) or type(exc).__name__
+    return DataError(
+        f"{archive} is truncated, corrupt or not a {kind} archive ({why}); expected a zip or tar (.gz, .bz2, .xz) archive "
+        f"of the dataset's files: {fix}"
+    )
+
+
+def _extract_zip(archive: Path, tmp: Path) -> None:
+    with zipfile.ZipFile(archive) as z:
+        for info in z.infolist():
+            dest = _check_member(info.filename, tmp)
+            mode = (info.external_attr >> 16) & 0o170000
+            if mode == 0o120000:
+                raise DataError(f"archive member {info.filename!r} is a symbolic link; refusing to extract {archive}")
+            if info.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(info) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+
+
+def _extract_tar(archive: Path, tmp: Path) -> None:
+    with tarfile.open(archive) as t:
+        for m in t:
+            dest = _check_member(m.name, tmp)
+            if m.issym() or m.islnk() or m.isdev() or m.isfifo():
+                raise DataError(f"archive member {m.name!r} is a link or device; refusing to extract {archive}")
+            if m.isdir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            if not m.isfile():
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            member = t.extractfile(m)
+            assert member is not None
+            with member, open(dest, "wb") as out:
+                shutil.copyfileobj(member, out, CHUNK)
 
 
 def zlib_error():

@@ -22,7 +22,8 @@ Ambiguity rules (each stated in ``reason`` when it applies):
 
 * exactly 2 integers on every line is ``pairs``: a headerless 2-column table reads the same.
 * whitespace integers with a constant 3 or 4 per line is a headerless ``table``, 5 or more is
-  ``sequences`` (a sequence file whose users all have 2 or 3 items needs ``data.format``).
+  ``sequences`` (a sequence file whose users all have 2 or 3 items needs ``data.format``), also
+  when a few tokens (at most 1 in 20) are not integers: the reader then names the bad id's line.
 * a first row is a header when a cell is not a number over a column of numbers, or when it
   names a known column (user, item, timestamp, userId, ...).
 * without a time column the file order is the sequence order: timestamp = position in the
@@ -119,14 +120,21 @@ def _zip_member(path: Path) -> str:
         with zipfile.ZipFile(path) as z:
             names = [i.filename for i in z.infolist() if not i.is_dir()]
     except _ARCHIVE_ERRORS as exc:
-        raise _error(f"{path} starts like a zip archive but is not a readable one ({exc}); download or zip it again") from exc
+        raise _corrupt(path, "zip", exc) from exc
     data = [n for n in names if not _hidden(tuple(n.split("/")))]
     if len(data) != 1:
         listing = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
         raise _error(
-            f"{path} holds {len(data)} data files ({listing or 'none'}), expected exactly one interactions file; extract it and pass that file"
+            f"{path} holds {len(data)} data files ({listing or 'none'}); expected exactly one interactions file: "
+            "keep one, or unzip it and pass the file"
         )
     return data[0]
+
+
+def _corrupt(path: Path, kind: str, exc: BaseException) -> DataError:
+    """The error for a user's gzip or zip file that cannot be read to its end."""
+    again = "compress it again (gzip FILE)" if kind == "gzip" else "zip it again"
+    return _error(f"{path} is a corrupt or truncated {kind} file ({exc}); expected a whole {kind} file: {again}, or pass the uncompressed file")
 
 
 def _head(path: Path) -> tuple[str, str | None, bytes]:
@@ -141,8 +149,10 @@ def _head(path: Path) -> tuple[str, str | None, bytes]:
             member = _zip_member(path)
             with zipfile.ZipFile(path) as z, z.open(member) as m:
                 return "zip", member, m.read(_HEAD)
+    except DataError:
+        raise  # already says what is wrong (a zip of several files, ...)
     except _ARCHIVE_ERRORS as exc:
-        raise _error(f"{path} is a corrupt or truncated {'gzip' if magic[:2] == _GZIP else 'zip'} archive ({exc}); download it again") from exc
+        raise _corrupt(path, "gzip" if magic[:2] == _GZIP else "zip", exc) from exc
     with path.open("rb") as f:
         return "none", None, f.read(_HEAD)
 
@@ -155,8 +165,12 @@ def _content(path: Path, det: Detected) -> bytes:
             with zipfile.ZipFile(path) as z:
                 return z.read(det.member or _zip_member(path))
         return path.read_bytes()
+    except DataError:
+        raise
     except _ARCHIVE_ERRORS as exc:
-        raise _error(f"{path} is a corrupt or truncated {det.compression} archive ({exc}); download it again") from exc
+        if det.compression == "none":
+            raise _error(f"{path} could not be read ({exc}); expected a readable file: check its permissions") from exc
+        raise _corrupt(path, det.compression, exc) from exc
 
 
 def _text(src: str, raw: bytes) -> tuple[str, list[str]]:
@@ -271,13 +285,16 @@ def _detect_text(src: str, lines: list[tuple[int, str]]) -> Detected:
     data = rows[1:] if header else rows
     counts = [len(r) for r in data] or [len(rows[0])]
     lo, hi = min(counts), max(counts)
-    all_ids = all(_ID.fullmatch(c) for r in data for c in r)
+    tokens = sum(counts)
+    odd = sum(not _ID.fullmatch(c) for r in data for c in r)
+    all_ids = odd == 0
     name = _SEP_NAMES[sep]
-    if sep == " " and not header and (lo != hi or (all_ids and hi >= 5)):
+    # a few non-integers among 5+ integer fields per line is a sequence file with a bad id
+    # (the reader names its line), not a table: no table has that many positional columns
+    if sep == " " and not header and (lo != hi or (hi >= 5 and odd <= max(1, tokens // 20))):
         what = "integers" if all_ids else "fields"
-        return Detected(
-            "sequences", sep=" ", reason=f"whitespace-separated {what}, {lo} to {hi} per line: S3-Rec sequence layout `user item item ...`"
-        )
+        per = f"{lo} to {hi}" if lo != hi else f"{hi}"
+        return Detected("sequences", sep=" ", reason=f"whitespace-separated {what}, {per} per line: S3-Rec sequence layout `user item item ...`")
     if sep == " " and not header and all_ids and hi == 2 and lo == 2:
         return Detected(
             "pairs",

@@ -75,7 +75,8 @@ def _read_sep_ratings(path: Path, sep: str, cols: list[str]) -> pd.DataFrame:
     text = open_text(path, "latin-1")
     rows = [line.rstrip("\r\n").split(sep) for line in text if line.strip()]
     if not rows:
-        raise DataError(f"{path} is empty; download it again")
+        layout = sep.join(cols).replace("\t", " TAB ")
+        raise DataError(f"{path} is empty; expected one rating per line, {layout}: point --source at the dataset's original file")
     bad = [i for i, r in enumerate(rows) if len(r) != len(cols)]
     if bad:
         got = len(rows[bad[0]])
