@@ -7,6 +7,23 @@ from fuxi_mme.experiments import SUITES, aggregate, config_changes, plan
 from fuxi_mme.experiments.plots import series_of
 
 
+class _Done:
+    """A finished process as the runner sees it: a pid and an exit status."""
+
+    def __init__(self, rc: int):
+        self.rc, self.pid = rc, 0
+
+    def wait(self) -> int:
+        return self.rc
+
+
+def _popen_from(fake_call):
+    """The runner's ``launch``, doing ``fake_call``'s work at once."""
+    from fuxi_mme.experiments import runner
+
+    return lambda job, log, env: _Done(fake_call(runner.command(job), log, None, env))
+
+
 def test_plan_builds_cli_runs_with_the_variant_overrides(tmp_path):
     (tmp_path / "data" / "ml-100k").mkdir(parents=True)
     jobs = plan(SUITES["ablation"], tmp_path, tmp_path / "data", ["train.epochs=3"], ["demo", "ml-100k"])
@@ -94,7 +111,7 @@ def test_jobs_go_to_the_least_loaded_gpu_longest_first(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     lock, running, peak, order = threading.Lock(), {}, {}, []
 
-    def fake_run(job, env):
+    def fake_run(job, env, stopping=None):
         with lock:
             running[job.gpu] = running.get(job.gpu, 0) + 1
             peak[job.gpu] = max(peak.get(job.gpu, 0), running[job.gpu])
@@ -409,7 +426,7 @@ def test_a_run_made_with_other_settings_is_left_out_then_run_again(tmp_path, mon
         _finish(run_dir, planned, 0.7)
         return 0
 
-    monkeypatch.setattr(runner.subprocess, "call", fake_call)
+    monkeypatch.setattr(runner, "launch", _popen_from(fake_call))
     (res,) = runner.run_suites([suite], tmp_path, None, jobs=2, datasets=["demo"], seeds=[0])
     full = next(j for j in jobs if j.variant == "fuxi-mme (full)")
     assert started == [full.run_dir]  # the others are what the plan asks for: kept
@@ -445,7 +462,7 @@ def test_rerun_trains_finished_runs_again_and_the_tables_take_the_new_ones(tmp_p
         _finish(run_dir, next(j for j in jobs if j.run_dir == run_dir).planned, 0.7)
         return 0
 
-    monkeypatch.setattr(runner.subprocess, "call", fake_call)
+    monkeypatch.setattr(runner, "launch", _popen_from(fake_call))
     (res,) = runner.run_suites([suite], tmp_path, None, jobs=1, datasets=["demo"], seeds=[0], variants=keep, rerun=rerun)
     assert set(started) == want
     from fuxi_mme.experiments.store import run_file
@@ -783,3 +800,44 @@ def test_cross_domain_ranks_each_model_per_dataset_and_averages_the_ranks():
     assert "| sasrec | 1 (0.3000) | 3 (0.1000) | 2.0 |" in lines and "| fuxi-mme | 2 (0.2000) | 1 (0.4000) | 1.5 |" in lines
     assert "| hstu | - | 2 (0.2000) | 2.0 |" in lines and not any(x.startswith("| popularity") for x in lines)
     assert cross_domain({"results": [row("a", "sasrec large", 0.5)]}, " large").splitlines()[2] == "| sasrec large | 1 (0.5000) | 1.0 |"
+
+
+def test_an_interrupted_suite_stops_its_runs_and_starts_no_more(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) during a suite: the running run's whole process group is stopped,
+    queued runs never start, and the interrupt reaches the caller (the same command resumes)."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    from fuxi_mme.experiments import runner
+    from fuxi_mme.experiments.plan import Job
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    # each "run" records its pid and its child's, then sleeps: a stand-in for a training process
+    # and a compile worker it started
+    script = "import os, subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    script += f"open(os.path.join({str(pids)!r}, str(os.getpid())), 'w').write(str(c.pid)); time.sleep(60)"
+    monkeypatch.setattr(runner, "command", lambda job: [sys.executable, "-c", script])
+    monkeypatch.setattr(runner, "visible_gpus", lambda: [])
+    jobs = [Job("demo", "sasrec", s, [], tmp_path / "demo" / "sasrec" / f"seed{s}") for s in range(3)]
+
+    def interrupt_when_started():
+        while not list(pids.iterdir()):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)  # what `kill` sends; read as Ctrl-C while the suite runs
+
+    threading.Thread(target=interrupt_when_started, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_jobs(jobs, 1, {id(j): "s" for j in jobs})
+    assert time.monotonic() - t0 < 30
+    (started,) = list(pids.iterdir())  # one at a time: the other two never started
+    time.sleep(0.2)
+    for pid in (int(started.name), int(started.read_text())):
+        stat = Path(f"/proc/{pid}/stat")
+        # the run and its child are gone, or zombies until their parent (or init) reaps them
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"

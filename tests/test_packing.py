@@ -83,7 +83,7 @@ def test_a_job_that_ran_out_of_gpu_memory_runs_again(tmp_path, monkeypatch, caps
 
     calls: list[str | None] = []
 
-    def fake_run_job(job, env):
+    def fake_run_job(job, env, stopping=None):
         calls.append(job.gpu)
         job.run_dir.mkdir(parents=True, exist_ok=True)
         log = job.run_dir.parent / f"{job.run_dir.name}.log"

@@ -43,7 +43,10 @@ def read_bytes(path: Path) -> bytes:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as exc:
-            raise DataError(f"{path} is truncated or not a valid gzip file ({exc}); download it again") from exc
+            raise DataError(
+                f"{path} is truncated or not a valid gzip file ({exc}); expected a whole gzip file: "
+                "compress it again (gzip FILE), fetch it again if it was downloaded, or pass the uncompressed file"
+            ) from exc
     return raw
 
 

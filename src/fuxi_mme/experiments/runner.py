@@ -9,11 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from ..utils.procs import sigterm_as_interrupt, stop_group
 from ..utils.runinfo import git_commit
 from .aggregate import aggregate
 from .logs import pack_logs
@@ -24,10 +26,40 @@ from .store import has_run_file, unpack_run
 from .suites import Suite
 
 
-def run_job(job: Job, env: dict[str, str]) -> tuple[Job, int, float]:
+class Stopping:
+    """Shared by a suite's job threads: once set (Ctrl-C, SIGTERM) no job starts, and the
+    running ones (their whole process groups) are stopped; the same command resumes them."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+
+    def stop_all(self) -> int:
+        self.event.set()
+        with self.lock:
+            procs = list(self.running)
+        for proc in procs:
+            stop_group(proc)
+        return len(procs)
+
+
+def command(job: Job) -> list[str]:
+    """The job's ``fuxi-mme train`` command line."""
+    return [sys.executable, "-m", "fuxi_mme", *job.args]
+
+
+def launch(job: Job, log: IO[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start the job's command, output to ``log``, in its own session (so a Ctrl-C reaches the
+    suite, which stops the run and the compile workers it started)."""
+    return subprocess.Popen(command(job), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def run_job(job: Job, env: dict[str, str], stopping: Stopping | None = None) -> tuple[Job, int, float]:
     """Train one job in a subprocess (output to ``seed<k>.log`` beside its folder); returns the
     job, its exit status and its wall seconds. A run finished with other settings than planned
-    is moved aside to ``seed<k>.stale`` first; an interrupted one is started again cleanly."""
+    is moved aside to ``seed<k>.stale`` first; an interrupted one is started again cleanly.
+    Under ``stopping`` set, nothing starts (exit status -1)."""
     changes = stale_changes(job)
     if has_run_file(job.run_dir, "metrics.json") and not changes:  # finished as planned
         return job, 0, 0.0
@@ -46,8 +78,17 @@ def run_job(job: Job, env: dict[str, str]) -> tuple[Job, int, float]:
     if job.gpu is not None:
         env = {**env, "CUDA_VISIBLE_DEVICES": job.gpu}
     t0 = time.perf_counter()
-    with open(job.run_dir.parent / f"{job.run_dir.name}.log", "w") as log:
-        rc = subprocess.call([sys.executable, "-m", "fuxi_mme", *job.args], stdout=log, stderr=subprocess.STDOUT, env=env)
+    stopping = stopping or Stopping()
+    with open(job.run_dir.parent / f"{job.run_dir.name}.log", "w") as log, stopping.lock:
+        if stopping.event.is_set():
+            return job, -1, 0.0
+        proc = launch(job, log, env)
+        stopping.running.add(proc)
+    try:
+        rc = proc.wait()
+    finally:
+        with stopping.lock:
+            stopping.running.discard(proc)
     return job, rc, time.perf_counter() - t0
 
 
@@ -57,6 +98,7 @@ def run_jobs(pending: list[Job], jobs: int, names: dict[int, str], gate: MemoryG
     that ends out of GPU memory runs again (at most twice). Reports each as it ends. Returns
     the failed run folders per suite name."""
     slots = GpuSlots(visible_gpus())
+    stopping = Stopping()
     gate = gate or MemoryGate()
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(jobs, 1))))
@@ -65,10 +107,12 @@ def run_jobs(pending: list[Job], jobs: int, names: dict[int, str], gate: MemoryG
         key = (job.dataset, job.variant)
         total = 0.0
         for attempt in range(OOM_RETRIES + 1):
+            if stopping.event.is_set():
+                return job, -1, total
             job.gpu = slots.take()
             gate.acquire(job.gpu, key)
             try:
-                job, rc, dt = run_job(job, env)
+                job, rc, dt = run_job(job, env, stopping)
             finally:
                 gate.release(job.gpu)
                 slots.give(job.gpu)
@@ -83,14 +127,23 @@ def run_jobs(pending: list[Job], jobs: int, names: dict[int, str], gate: MemoryG
         return job, rc, total
 
     failed: dict[str, list[str]] = {}
-    with ThreadPoolExecutor(max_workers=jobs) as pool:  # each job reported as it ends, not in start order
-        for fut in as_completed([pool.submit(start, j) for j in sorted(pending, key=job_cost, reverse=True)]):
-            job, rc, dt = fut.result()
-            status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {job.run_dir}.log)"
-            gpu = f" (GPU {job.gpu})" if job.gpu else ""
-            print(f"[{names[id(job)]}] {job.dataset} / {job.variant} / seed {job.seed}: {status} {dt:.0f}s{gpu}", flush=True)
-            if rc:
-                failed.setdefault(names[id(job)], []).append(str(job.run_dir))
+    with ThreadPoolExecutor(max_workers=jobs) as pool, sigterm_as_interrupt():  # each job reported as it ends
+        futures = [pool.submit(start, j) for j in sorted(pending, key=job_cost, reverse=True)]
+        try:
+            done = as_completed(futures)
+            for fut in done:
+                job, rc, dt = fut.result()
+                status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {job.run_dir}.log)"
+                gpu = f" (GPU {job.gpu})" if job.gpu else ""
+                print(f"[{names[id(job)]}] {job.dataset} / {job.variant} / seed {job.seed}: {status} {dt:.0f}s{gpu}", flush=True)
+                if rc:
+                    failed.setdefault(names[id(job)], []).append(str(job.run_dir))
+        except KeyboardInterrupt:
+            for fut in futures:
+                fut.cancel()
+            n = stopping.stop_all()
+            print(f"interrupted: {n} running run(s) stopped, the others not started; the same command resumes the suite", flush=True)
+            raise
     return failed
 
 

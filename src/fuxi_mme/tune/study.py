@@ -17,10 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import yaml
 from ..config import Config, ConfigError, validate
 from ..experiments.packing import OOM_RETRIES, MemoryGate, ended_out_of_memory, peak_memory_gb
 from ..experiments.plan import visible_gpus
+from ..utils.procs import sigterm_as_interrupt, stop_group
 from ..utils.runinfo import atomic_write_json, atomic_write_text
 from .search import MedianPruner, make_sampler
 from .space import Space, apply_params, base_values
@@ -196,21 +195,17 @@ class Study:
         trials first; they stay ``running`` in trials.jsonl and the same command reruns them."""
         self._open()
         running: dict[int, tuple[Trial, subprocess.Popen, Path, str | None, float]] = {}
-        previous = signal.getsignal(signal.SIGTERM)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _interrupt)
         began = time.monotonic()
         try:
-            return self._run(budget, running)
+            with sigterm_as_interrupt():
+                return self._run(budget, running)
         except KeyboardInterrupt:
             for _t, proc, *_ in running.values():
-                _stop(proc)
+                stop_group(proc)
             log.warning("interrupted: %d running trial(s) stopped; the same command continues the study", len(running))
             self.write_results()
             raise
         finally:
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, previous)
             with open(self.out / "invocations.jsonl", "a") as f:  # the study's wall time, over every invocation
                 f.write(json.dumps({"ended": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.monotonic() - began, 1)}) + "\n")
             self.write_results()
@@ -258,10 +253,10 @@ class Study:
                     self._complete(t, proc.returncode, run_dir)
                     if n == 0 and t.state == "failed":  # the base config itself fails: every trial would
                         for _, other, *_ in running.values():
-                            _stop(other)
+                            stop_group(other)
                         raise RuntimeError(f"the base config (trial 0) failed, so the study stops: {t.error} (log: {run_dir.parent / 'log.txt'})")
                 elif self.pruner is not None and t.curve and self.pruner.should_prune(t.curve, self._finished_curves(t.curve[-1][0])):
-                    _stop(proc)
+                    stop_group(proc)
                     self.gate.release(gpu)
                     t.seconds = round(time.monotonic() - began, 1)
                     t.state = "pruned"
@@ -349,23 +344,6 @@ class Study:
         test = {"trial": best.number, **{k: v for k, v in res["test"].items() if isinstance(v, (int, float))}}
         self.write_results(test)
         return test
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a trial and the processes it started (compile workers)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 def _short(params: dict[str, Any]) -> str:
