@@ -344,3 +344,88 @@ def test_train_on_a_sequence_file_from_the_command_line(tmp_path):
     assert metrics["dataset"] == "seq" and 0.0 <= metrics["test"]["NDCG@10"] <= 1.0 and metrics["test"]["users"] == 60
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data"]["name"] == "seq" and config["shape"] == "short"  # the file's stem; median history under 20
+
+
+def _log_in(layout: str, rng) -> str | bytes:
+    """40 users with 5-9 events each (items 1-30, increasing times) in ``layout``."""
+    events = []
+    for u in range(1, 41):
+        t = 1_000_000 + u * 1000
+        for _ in range(rng.randint(5, 9)):
+            t += rng.randint(1, 500)
+            events.append((u, rng.randint(1, 30), t))
+    if layout == "sequences":
+        by_user: dict[int, list[int]] = {}
+        for u, i, _ in events:
+            by_user.setdefault(u, []).append(i)
+        return "".join(f"{u} {' '.join(map(str, items))}\n" for u, items in by_user.items())
+    if layout == "pairs":
+        return "".join(f"{u} {i}\n" for u, i, _ in events)
+    if layout == "movielens":
+        return "".join(f"{u}::{i}::4::{t}\n" for u, i, t in events)
+    if layout == "csv-header":
+        return "user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in events)
+    if layout == "csv-bare":
+        return "".join(f"{u},{i},{t}\n" for u, i, t in events)
+    if layout == "parquet":
+        return _parquet_bytes(pd.DataFrame(events, columns=["user", "item", "timestamp"]))
+    assert layout == "sessions"
+    sessions: dict[int, list[dict]] = {}
+    for u, i, t in events:
+        sessions.setdefault(u, []).append({"aid": i, "ts": t * 1000, "type": "clicks"})
+    return "".join(json.dumps({"session": u, "events": ev}) + "\n" for u, ev in sessions.items())
+
+
+TRAIN_SETS = [
+    "data.max_len=10",
+    "model.dim=8",
+    "model.qk_dim=8",
+    "model.v_dim=8",
+    "model.ffn_dim=8",
+    "train.batch_size=16",
+    "train.num_negatives=4",
+    "model.num_embeddings=1",
+    "model.moe.num_experts=0",
+]
+
+
+@pytest.mark.parametrize(
+    "name, layout",
+    [
+        ("seqs.txt", "sequences"),
+        ("pairs.txt", "pairs"),
+        ("ratings.dat", "movielens"),
+        ("with_header.csv", "csv-header"),
+        ("no_header.csv", "csv-bare"),
+        ("log.parquet", "parquet"),
+        ("log_folder", "parquet-folder"),
+        ("sessions.jsonl", "sessions"),
+    ],
+)
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_train_from_the_command_line_on_every_layout(tmp_path, name, layout, gzipped):
+    """``fuxi-mme train --source FILE`` with no preset or dataset name, on a file of every
+    layout (and its gzip; a Parquet folder as Spark writes it): it trains, evaluates every user,
+    and names the run after the file."""
+    import random
+
+    from fuxi_mme.cli import main
+
+    if layout == "parquet-folder":
+        if gzipped:
+            pytest.skip("a folder is not gzipped")
+        src = tmp_path / name
+        src.mkdir()
+        _write(src / "part-00000-abc.snappy.parquet", _log_in("parquet", random.Random(0)))
+        _write(src / "_SUCCESS", b"")
+    else:
+        content = _log_in(layout, random.Random(0))
+        raw = content.encode() if isinstance(content, str) else content
+        src = _write(tmp_path / (name + ".gz" if gzipped else name), gzip.compress(raw) if gzipped else raw)
+    argv = ["train", "--source", str(src), "--epochs", "1", "--device", "cpu", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    for s in [*TRAIN_SETS, f"data.data_dir={tmp_path / 'cache'}"]:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    stem = name.split(".")[0]
+    assert metrics["dataset"] == stem and metrics["test"]["users"] == 40 and 0.0 <= metrics["test"]["NDCG@10"] <= 1.0
