@@ -71,7 +71,7 @@ def test_an_empty_or_long_data_sep_is_one_clear_line(tmp_path, capsys):
 def test_an_unknown_model_or_dataset_lists_the_known_ones(capsys):
     assert main(["train", "--model", "nosuch", "--print-config"]) == 2
     err = capsys.readouterr().err
-    assert "unknown model or size 'nosuch-base'" in err and "fuxi-mme, fuxi-alpha, hstu, sasrec, llama, ssm, popularity" in err
+    assert "unknown model 'nosuch' (--model)" in err and "fuxi-mme, fuxi-alpha, hstu, sasrec, llama, ssm, popularity" in err
     assert main(["train", "--dataset", "nosuch", "--print-config"]) == 2
     err = capsys.readouterr().err
     assert "unknown dataset 'nosuch'" in err and "demo, ml-100k, ml-1m" in err and "--source FILE" in err

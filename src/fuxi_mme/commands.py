@@ -55,9 +55,9 @@ def split_rows(name: str, m: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def build_config(args: argparse.Namespace):
     """The run's config: a named preset, or for own data (``--source FILE`` without a named
     dataset) the defaults of the shape measured from the data (docs/datasets.md#defaults-by-shape)."""
-    from .config import validate
+    from .config import ConfigError, validate
     from .data import is_own_data, own_data_name
-    from .presets import build_defaults, build_preset, parse_preset, preset_name
+    from .presets import MODEL_FAMILIES, build_defaults, build_preset, parse_preset, preset_name
     from .shapes import DATASETS
 
     if args.preset:
@@ -69,6 +69,8 @@ def build_config(args: argparse.Namespace):
     dataset = args.dataset or dataset
     model = args.model or model
     size = args.size or size
+    if args.model and args.model not in MODEL_FAMILIES:
+        raise ConfigError(f"unknown model {args.model!r} (--model); model families: {', '.join(MODEL_FAMILIES)}")
     shape = getattr(args, "shape", None)
     measured = not args.preset and not shape and (dataset not in DATASETS or is_own_data(dataset))
     if args.preset or (dataset in DATASETS and not measured and not shape):
