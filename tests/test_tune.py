@@ -211,3 +211,12 @@ def test_a_study_stops_when_the_base_config_cannot_run(tmp_path, capsys):
     assert main(["tune", "--source", str(tmp_path / "missing.txt"), "--model", "sasrec", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "s" / "trials").exists()
+
+
+def test_a_spent_time_budget_starts_no_trial_and_says_how_to_continue(tmp_path, caplog):
+    (tmp_path / "space.yaml").write_text("train.lr: {low: 3.0e-4, high: 3.0e-3, log: true}\n")
+    with caplog.at_level("INFO"):
+        assert _tune(tmp_path, "--trials", "3", "--time-budget", "0", "--no-test") == 0
+    assert "time budget of 0 s spent: no new trials (3 not started; run the same command to continue)" in caplog.text
+    res = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert res["trials"] == [] and res["best"] is None
