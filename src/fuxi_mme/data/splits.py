@@ -154,17 +154,27 @@ def train_arrays(ds: PreparedDataset, protocol: str, max_len: int, dense_limit: 
     s, e = start[rows], end[rows]
     U, N = len(rows), max_len
 
+    last: list[tuple] = [((), None)]  # the last batch's windows: a batch reads every field of the same rows
+
     def win(r: np.ndarray, c: int) -> tuple:
-        return _windows(ds, s[r], e[r], W, c)
+        """The windows of rows ``r`` with ``c`` + 1 columns (inputs are columns ..c, targets and
+        their times 1..c+1), gathered once for all the fields of a batch."""
+        key = (c, r.tobytes())
+        held = last[0]  # one read: a batch built in another thread replaces the tuple whole
+        if held[0] == key:
+            return held[1]
+        w = _windows(ds, s[r], e[r], W, c + 1)
+        last[0] = (key, w)
+        return w
 
     # targets and query times at column j are the items and times at column j + 1
     return TrainArrays(
-        ids=LazyRows(U, N, lambda r, c: win(r, c)[0]),
-        ts=LazyRows(U, N, lambda r, c: win(r, c)[1]),
-        targets=LazyRows(U, N, lambda r, c: targets_of(win(r, c + 1))),
-        query_ts=LazyRows(U, N, lambda r, c: win(r, c + 1)[1][:, 1:]),
+        ids=LazyRows(U, N, lambda r, c: win(r, c)[0][:, :c]),
+        ts=LazyRows(U, N, lambda r, c: win(r, c)[1][:, :c]),
+        targets=LazyRows(U, N, lambda r, c: targets_of(win(r, c))),
+        query_ts=LazyRows(U, N, lambda r, c: win(r, c)[1][:, 1:]),
         lengths=n_all[rows] - 1,
-        behaviors=LazyRows(U, N, lambda r, c: win(r, c)[2]) if ds.behaviors is not None else None,
+        behaviors=LazyRows(U, N, lambda r, c: win(r, c)[2][:, :c]) if ds.behaviors is not None else None,
     )
 
 
