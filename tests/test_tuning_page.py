@@ -53,7 +53,8 @@ def test_section_sets_each_study_beside_the_main_suite_rows(tmp_path):
     assert "0.0600 | 0.0750 (trial 1) | 0.0580 / 0.1160 | 0.0700 / 0.0500 ± 0.0020 (3) | 0.0800 / 0.0600 ± 0.0020 (3) |" in rows[1]
     assert rows[0].endswith("| - | - |")  # no main-suite row for fuxi-mme here
     assert "+0.0150 valid NDCG@10 against its preset's trial 0" in text
-    assert "best first: fuxi-mme 0.0610 (valid 0.0780), sasrec 0.0580 (valid 0.0750)" in text
+    ranked = "fuxi-mme 0.0610 (valid 0.0780, 3 trials), sasrec 0.0580 (valid 0.0750, 3 trials)"
+    assert f"Same budget on amazon-beauty, winners' test NDCG@10, best first: {ranked}" in text
 
 
 def test_page_has_the_section_only_with_studies_main_suite_or_not(tmp_path):
@@ -62,3 +63,15 @@ def test_page_has_the_section_only_with_studies_main_suite_or_not(tmp_path):
     _study(tmp_path, "sasrec", 0.06, 0.075, 0.058)
     page = write_docs(tmp_path, tmp_path / "docs" / "results.md").read_text()
     assert "### Tuning" in page
+
+
+def test_an_unfinished_study_is_listed_without_values(tmp_path):
+    """An interrupted study (trial 0 still running, no winner yet) does not stop the page."""
+    d = tmp_path / "tune" / "beauty-sasrec"
+    d.mkdir(parents=True)
+    running = {"number": 0, "params": {"train.lr": 0.001}, "state": "running", "value": None, "seconds": None}
+    (d / "results.json").write_text(
+        json.dumps({"model": "sasrec", "dataset": "amazon-beauty", "trials": [running], "best": None, "baseline": running})
+    )
+    text = "\n".join(tuning_section(tmp_path, None))
+    assert "| amazon-beauty | sasrec | 1 (0 / 0) | 0 | 0 | - | - | - | not tested | - | - |" in text

@@ -30,9 +30,7 @@ def load_studies(tune_root: Path) -> list[dict[str, Any]]:
         run = f.parent / "best-run.json"
         res["_run"] = json.loads(run.read_text()) if run.exists() else {}
         res["_folder"] = f.parent.name
-        log = f.parent / "trials.jsonl"
-        trials = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
-        res["_trial_seconds"] = sum(t.get("seconds") or 0.0 for t in trials)
+        res["_trial_seconds"] = sum(t.get("seconds") or 0.0 for t in res["trials"])
         studies.append(res)
     return sorted(studies, key=lambda r: (r["dataset"], r["model"]))
 
@@ -47,6 +45,12 @@ def _main_cell(main: dict[tuple[str, str], dict[str, Any]], dataset: str, varian
     if e is None or "valid_best/NDCG@10" not in e or "test/NDCG@10" not in e:
         return "-"
     return f"{e['valid_best/NDCG@10']['mean']:.4f} / {e['test/NDCG@10']['mean']:.4f} ± {e['test/NDCG@10']['std']:.4f} ({e['seeds']})"
+
+
+def _value(t: dict[str, Any]) -> str:
+    """A trial's validation NDCG@10, or "-" while it has none (running, failed, not started)."""
+    v = t.get("value")
+    return "-" if v is None else f"{v:.4f}"
 
 
 def _params(params: dict[str, Any]) -> str:
@@ -71,23 +75,29 @@ def tuning_table(studies: list[dict[str, Any]], main: dict[str, Any] | None) -> 
         best, base, test = r.get("best") or {}, r.get("baseline") or {}, r.get("test") or {}
         gpu = (r["_run"].get("device") or {}).get("gpu") or (r["_run"].get("device") or {}).get("device", "-")
         tested = f"{test['NDCG@10']:.4f} / {test['HR@10']:.4f}" if "NDCG@10" in test else "not tested"
+        winner = f"{_value(best)} (trial {best['number']})" if best.get("value") is not None else "-"
         lines.append(
             f"| {r['dataset']} | {r['model']} | {_state_counts(r)} | {r.get('wall_seconds', 0):.0f} | {r['_trial_seconds']:.0f} | {gpu} | "
-            f"{base.get('value', float('nan')):.4f} | {best.get('value', float('nan')):.4f} (trial {best.get('number', '-')}) | {tested} | "
+            f"{_value(base)} | {winner} | {tested} | "
             f"{_main_cell(cells, r['dataset'], r['model'])} | {_main_cell(cells, r['dataset'], r['model'] + ' large')} |"
         )
-        if best:
-            gain = best["value"] - base.get("value", best["value"])
+        if best.get("value") is not None:
+            against = (
+                f"{best['value'] - base['value']:+.4f} valid NDCG@10 against its preset's trial 0"
+                if base.get("value") is not None
+                else "(its preset's trial 0 has no value yet)"
+            )
             notes.append(
                 f"- {r['model']} on {r['dataset']}: the winner (trial {best['number']}: {_params(best['params'])}) is "
-                f"{gain:+.4f} valid NDCG@10 against its preset's trial 0; folder `results/tune/{r['_folder']}/` "
+                f"{against}; folder `results/tune/{r['_folder']}/` "
                 f"(`best.yaml` trains it: `fuxi-mme train --config results/tune/{r['_folder']}/best.yaml --source FILE`)."
             )
     for ds in dict.fromkeys(r["dataset"] for r in studies):
         ranked = sorted((r for r in studies if r["dataset"] == ds and "NDCG@10" in (r.get("test") or {})), key=lambda r: -r["test"]["NDCG@10"])
         if len(ranked) > 1:
-            order = ", ".join(f"{r['model']} {r['test']['NDCG@10']:.4f} (valid {r['best']['value']:.4f})" for r in ranked)
-            notes.append(f"- Same budget on {ds}, winners' test NDCG@10, best first: {order}; one seed each.")
+            order = ", ".join(f"{r['model']} {r['test']['NDCG@10']:.4f} (valid {r['best']['value']:.4f}, {len(r['trials'])} trials)" for r in ranked)
+            same = len({len(r["trials"]) for r in ranked}) == 1
+            notes.append(f"- {'Same budget' if same else 'Unequal budgets'} on {ds}, winners' test NDCG@10, best first: {order}; one seed each.")
     return "\n".join([*lines, "", *notes]) + "\n"
 
 
