@@ -11,7 +11,7 @@ class _Done:
     """A finished process as the runner sees it: a pid and an exit status."""
 
     def __init__(self, rc: int):
-        self.rc, self.pid = rc, 0
+        self.rc, self.pid = rc, -1  # never a real process group
 
     def wait(self) -> int:
         return self.rc
@@ -822,10 +822,10 @@ def test_an_interrupted_suite_stops_its_runs_and_starts_no_more(tmp_path, monkey
     script += f"open(os.path.join({str(pids)!r}, str(os.getpid())), 'w').write(str(c.pid)); time.sleep(60)"
     monkeypatch.setattr(runner, "command", lambda job: [sys.executable, "-c", script])
     monkeypatch.setattr(runner, "visible_gpus", lambda: [])
-    jobs = [Job("demo", "sasrec", s, [], tmp_path / "demo" / "sasrec" / f"seed{s}") for s in range(3)]
+    jobs = [Job("demo", "sasrec", s, [], tmp_path / "demo" / "sasrec" / f"seed{s}") for s in range(4)]
 
     def interrupt_when_started():
-        while not list(pids.iterdir()):
+        while len(list(pids.iterdir())) < 2:
             time.sleep(0.05)
         time.sleep(0.3)
         os.kill(os.getpid(), signal.SIGTERM)  # what `kill` sends; read as Ctrl-C while the suite runs
@@ -833,11 +833,14 @@ def test_an_interrupted_suite_stops_its_runs_and_starts_no_more(tmp_path, monkey
     threading.Thread(target=interrupt_when_started, daemon=True).start()
     t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        runner.run_jobs(jobs, 1, {id(j): "s" for j in jobs})
+        runner.run_jobs(jobs, 2, {id(j): "s" for j in jobs})
     assert time.monotonic() - t0 < 30
-    (started,) = list(pids.iterdir())  # one at a time: the other two never started
+    started = list(pids.iterdir())
+    assert len(started) == 2  # two at a time: the other two never started, and left no log
+    assert sorted(p.name for p in (tmp_path / "demo" / "sasrec").glob("*.log")) == sorted(f"seed{j.seed}.log" for j in jobs[:2])
     time.sleep(0.2)
-    for pid in (int(started.name), int(started.read_text())):
-        stat = Path(f"/proc/{pid}/stat")
-        # the run and its child are gone, or zombies until their parent (or init) reaps them
-        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    for f in started:
+        for pid in (int(f.name), int(f.read_text())):
+            stat = Path(f"/proc/{pid}/stat")
+            # the runs and their children are gone, or zombies until their parent (or init) reaps them
+            assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"

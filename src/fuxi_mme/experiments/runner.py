@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import IO, Any
 
-from ..utils.procs import sigterm_as_interrupt, stop_group
+from ..utils.procs import sigterm_as_interrupt, stop_groups
 from ..utils.runinfo import git_commit
 from .aggregate import aggregate
 from .logs import pack_logs
@@ -36,11 +36,10 @@ class Stopping:
         self.running: set[subprocess.Popen] = set()
 
     def stop_all(self) -> int:
-        self.event.set()
-        with self.lock:
+        with self.lock:  # after this, no job starts: it checks the event under the same lock
+            self.event.set()
             procs = list(self.running)
-        for proc in procs:
-            stop_group(proc)
+        stop_groups(procs)
         return len(procs)
 
 
@@ -60,6 +59,9 @@ def run_job(job: Job, env: dict[str, str], stopping: Stopping | None = None) -> 
     job, its exit status and its wall seconds. A run finished with other settings than planned
     is moved aside to ``seed<k>.stale`` first; an interrupted one is started again cleanly.
     Under ``stopping`` set, nothing starts (exit status -1)."""
+    stopping = stopping or Stopping()
+    if stopping.event.is_set():  # before touching its folder or log
+        return job, -1, 0.0
     changes = stale_changes(job)
     if has_run_file(job.run_dir, "metrics.json") and not changes:  # finished as planned
         return job, 0, 0.0
@@ -78,11 +80,11 @@ def run_job(job: Job, env: dict[str, str], stopping: Stopping | None = None) -> 
     if job.gpu is not None:
         env = {**env, "CUDA_VISIBLE_DEVICES": job.gpu}
     t0 = time.perf_counter()
-    stopping = stopping or Stopping()
-    with open(job.run_dir.parent / f"{job.run_dir.name}.log", "w") as log, stopping.lock:
+    with stopping.lock:
         if stopping.event.is_set():
             return job, -1, 0.0
-        proc = launch(job, log, env)
+        with open(job.run_dir.parent / f"{job.run_dir.name}.log", "w") as log:
+            proc = launch(job, log, env)
         stopping.running.add(proc)
     try:
         rc = proc.wait()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,30 +17,57 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (so a killed command
-    stops its children instead of leaving them running); elsewhere a no-op."""
+    """Within the block, SIGTERM and SIGHUP (a closed terminal or ssh session) raise
+    KeyboardInterrupt in the main thread, so a killed command stops its children instead of
+    leaving them running; elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, _interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """Stop ``proc`` (started with ``start_new_session=True``) and every process of its group:
-    SIGTERM, then SIGKILL after ``grace_s``."""
+    """Stop ``proc`` (started with ``start_new_session=True``) and every process of its group."""
+    stop_groups([proc], grace_s)
+
+
+def stop_groups(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """Stop each of ``procs`` (started with ``start_new_session=True``) with its whole process
+    group: SIGTERM to every group at once, then SIGKILL to what is left after ``grace_s`` in all.
+    A second Ctrl-C or SIGTERM meanwhile does not cut the stop short."""
+    main = threading.current_thread() is threading.main_thread()
+    held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, *STOP_SIGNALS)} if main else {}
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace_s)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+    finally:
+        for s, h in held.items():
+            signal.signal(s, h)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    if proc.pid <= 0:  # never signal our own group (pid 0) or every process (-1)
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
