@@ -11,14 +11,15 @@ numeric (or Arrow timestamp) time column. Nothing holds the whole log; five stre
    contiguous ranges of user codes of at most ``part_events`` events each;
 3. **scatter**: each batch's rows, as (user code int32, item code int32, time int64), are
    appended to their partition's files on disk in file order;
-4. **per partition, in user order**: sort by (user, time), file order breaking ties (the
-   ``stable`` ordering); drop or refuse exact duplicate (user, item, time) rows
-   (``data.duplicates``); drop users under ``data.min_user_interactions``; mark repeat events
-   (the item occurred earlier in the user's sequence); append to the output files;
+4. **per partition** (``utils/partition_sort.py``, in parallel worker processes: see
+   :func:`sort_workers`): sort by (user, time), file order breaking ties (the ``stable``
+   ordering); drop or refuse exact duplicate (user, item, time) rows (``data.duplicates``); drop
+   users under ``data.min_user_interactions``; mark repeat events (the item occurred earlier in
+   the user's sequence); the partitions' outputs are appended in user order;
 5. **squeeze**: item codes no kept user has are removed (one pass over the output items).
 
-Peak host memory is one partition's sort (about 40-50 B per event of the partition: E = 2^26
-by default, about 3 GB) plus O(U + I) id arrays; disk holds the partitions (16 B per row) until
+Peak host memory is one partition's sort per worker (about 40-50 B per event of the partition:
+E = 2^26 by default, about 3 GB; the workers' count bounds the sum) plus O(U + I) id arrays; disk holds the partitions (16 B per row) until
 they are consumed. The cache folder holds flat binary arrays (``offsets.int64``,
 ``items.int32``, ``timestamps.int64``, ``repeats.bool``) that :func:`load_columnar` maps
 into memory, Parquet raw-id tables, ``meta.json`` and a manifest (sha256 of the small files,
@@ -208,8 +209,8 @@ def _time_column(b: pa.RecordBatch, name: str | None, source: str, first_row: in
 
 def sort_workers(partitions: int) -> int:
     """Processes for the sort pass: ``FUXI_MME_PREPARE_WORKERS`` when set, else as many as the
-    partitions, the cores (up to 8) and the available memory (about 6 GB each at the default
-    partition size) allow."""
+    partitions, the usable cores (up to 8) and the available memory (about 6 GB each at the
+    default partition size; a container's memory limit counts) allow."""
     env = os.environ.get("FUXI_MME_PREPARE_WORKERS")
     if env:
         try:
@@ -217,112 +218,59 @@ def sort_workers(partitions: int) -> int:
         except ValueError:
             raise DataError(f"FUXI_MME_PREPARE_WORKERS={env!r} is not a whole number; set it to the number of sort processes (1 = none)") from None
     per_worker = 6e9 * PART_EVENTS / (1 << 26)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(partitions, cores, 8, int(_available_memory(per_worker) // per_worker)))
+
+
+def _available_memory(default: float) -> float:
+    """Bytes the host can still give: MemAvailable, capped by the cgroup (container) limit."""
+    avail = None
     try:
         with open("/proc/meminfo") as f:
             avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
-        avail = int(per_worker)
-    return max(1, min(partitions, os.cpu_count() or 1, 8, int(avail // per_worker)))
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            left = int(limit) - used
+            avail = left if avail is None else min(avail, left)
+    except (OSError, ValueError):
+        pass
+    return float(default if avail is None else avail)
 
 
 def _map_partitions(jobs: list[tuple], workers: int):
-    """``_sort_partition`` over ``jobs``, results in partition order: inline with one worker,
-    else in that many spawned processes (the partitions are independent)."""
+    """``sort_partition`` over ``jobs``, results in partition order: inline with one worker,
+    else in that many spawned processes (the partitions are independent). A result is dropped
+    as soon as it is handed over; a worker that dies (out of memory, killed) is a one-line error."""
+    from ..utils.partition_sort import sort_partition
+
     if workers <= 1:
-        yield from (_sort_partition(*j) for j in jobs)
+        yield from (sort_partition(*j) for j in jobs)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_sort_partition, *j) for j in jobs]
+        futures: list[Any] = [pool.submit(sort_partition, *j) for j in jobs]
         try:
-            for fut in futures:
-                yield fut.result()
+            for k in range(len(futures)):
+                try:
+                    res = futures[k].result()
+                except BrokenProcessPool:
+                    raise DataError(
+                        f"a sorting process of the preparation died (out of memory, or killed) with {workers} at once; "
+                        "set FUXI_MME_PREPARE_WORKERS to fewer (1 = none) and run the command again"
+                    ) from None
+                futures[k] = None  # each partition's result held only until it is appended
+                yield res
         finally:
             for fut in futures:
-                fut.cancel()
-
-
-def _sort_partition(
-    parts_dir: str, p: int, lo: int, hi: int, n_items: int, has_time: bool, duplicates: str, min_user_interactions: int
-) -> dict[str, Any]:
-    """Pass 4 for partition ``p`` (user codes ``lo`` .. ``hi``-1): sort by (user, time) with file
-    order breaking ties, drop exact duplicates (or report the first), drop short users, flag
-    repeats; writes ``<p>.items``, ``<p>.timestamps``, ``<p>.repeats`` beside its inputs and
-    returns the partition's users, counts and statistics."""
-    folder = Path(parts_dir)
-    u = np.fromfile(folder / f"{p}.u", dtype=np.int32)
-    u -= lo  # user codes local to the partition
-    i = np.fromfile(folder / f"{p}.i", dtype=np.int32)
-    t = np.fromfile(folder / f"{p}.t", dtype=np.int64)
-    for k in ("u", "i", "t"):
-        os.remove(folder / f"{p}.{k}")
-    res: dict[str, Any] = {"part": p, "duplicate": None, "dropped": {"duplicates": 0, "users": 0, "user_events": 0}}
-    # Each step below holds the three columns, one int64 order and one gathered column at a
-    # time (about 40 B per event), never copies of all three.
-    if duplicates != "keep" and has_time:  # without times no two rows are equal
-        o = np.lexsort((i, t, u))  # stable: equal rows stay in file order
-        dup = np.zeros(len(o), dtype=bool)
-        dup[1:] = True
-        for col in (u, t, i):
-            srt = col[o]
-            dup[1:] &= srt[1:] == srt[:-1]
-            del srt
-        if dup.any():
-            if duplicates == "error":
-                j = o[np.flatnonzero(dup)[0]]
-                res["duplicate"] = (int(u[j]) + lo, int(i[j]), int(t[j]))
-                return res
-            res["dropped"]["duplicates"] = int(dup.sum())
-            keep = o[~dup]
-            del o, dup
-            keep.sort()  # back to file order
-            u = u[keep]  # one column at a time: never two copies of all three
-            i = i[keep]
-            t = t[keep]
-            del keep
-        else:
-            del o, dup
-    o = np.lexsort((t, u))  # by user, then time; file order breaks ties
-    u = u[o]
-    i = i[o]
-    t = t[o]
-    del o
-    n = np.bincount(u, minlength=hi - lo)
-    short = (n > 0) & (n < min_user_interactions)
-    if short.any():
-        res["dropped"].update(users=int(short.sum()), user_events=int(n[short].sum()))
-        keep_ev = ~short[u]
-        u = u[keep_ev]
-        i = i[keep_ev]
-        t = t[keep_ev]
-        del keep_ev
-        n[short] = 0
-    has = np.flatnonzero(n)
-    key = u.astype(np.int64)  # (user, item) as one int64; np.unique would hold ~40 B/event
-    del u
-    key *= n_items
-    key += i
-    perm = np.argsort(key, kind="stable")  # stable: a pair's events stay in time order
-    key = key[perm]
-    first = np.ones(len(key), dtype=bool)
-    first[1:] = key[1:] != key[:-1]
-    del key
-    rep = np.ones(len(i), dtype=bool)
-    rep[perm[first]] = False  # each (user, item)'s first event is not a repeat
-    del perm, first
-    i.tofile(folder / f"{p}.items")
-    t.tofile(folder / f"{p}.timestamps")
-    rep.tofile(folder / f"{p}.repeats")
-    res.update(
-        kept_users=has + lo,
-        counts=n[has],
-        items_present=np.unique(i),
-        t_min=int(t.min()) if len(t) else None,
-        t_max=int(t.max()) if len(t) else None,
-    )
-    return res
+                if fut is not None:
+                    fut.cancel()
 
 
 def prepare_columnar(
