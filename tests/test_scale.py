@@ -40,6 +40,14 @@ def test_lazy_windows_equal_the_dense_ones(protocol, target, max_len):
         for n in (1, max_len // 2 + 1, max_len):
             assert np.array_equal(d[rows, :n], lz[rows, :n]), (name, n)
         assert np.array_equal(d[3], lz[3]) and np.array_equal(d[2:9], lz[2:9])
+        # the same rows as another index dtype, then other rows of equal bytes: each gathered right
+        assert np.array_equal(d[rows[:2], :4], lz[rows[:2].astype(np.int32), :4]), name
+        one = np.array([rows[0]], dtype=np.int64)
+        two = np.frombuffer(one.tobytes(), dtype=np.int32).copy()  # rows [r, 0]: the same bytes
+        assert np.array_equal(d[one, :4], lz[one, :4]) and np.array_equal(d[two, :4], lz[two, :4]), name
+    fields = [getattr(lazy, f)[rows, :5] for f in ("ids", "ts", "targets", "query_ts")]
+    fields[1][:] = -7  # each field is its own array: writing one leaves the others (and the next read) alone
+    assert (fields[3] != -7).all() and np.array_equal(lazy.ts[rows, :5], dense.ts[rows, :5])
     for a, b in ((make_batch(dense, rows), make_batch(lazy, rows)),):
         for f in ("ids", "ts", "query_ts", "lengths", "targets", "positions", "pos_targets", "behaviors"):
             assert np.array_equal(getattr(a, f).numpy(), getattr(b, f).numpy()), f

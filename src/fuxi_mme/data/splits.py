@@ -159,6 +159,7 @@ def train_arrays(ds: PreparedDataset, protocol: str, max_len: int, dense_limit: 
     def win(r: np.ndarray, c: int) -> tuple:
         """The windows of rows ``r`` with ``c`` + 1 columns (inputs are columns ..c, targets and
         their times 1..c+1), gathered once for all the fields of a batch."""
+        r = np.asarray(r, dtype=np.int64)  # one key per set of rows, whatever the index dtype
         key = (c, r.tobytes())
         held = last[0]  # one read: a batch built in another thread replaces the tuple whole
         if held[0] == key:
@@ -167,14 +168,15 @@ def train_arrays(ds: PreparedDataset, protocol: str, max_len: int, dense_limit: 
         last[0] = (key, w)
         return w
 
-    # targets and query times at column j are the items and times at column j + 1
+    # targets and query times at column j are the items and times at column j + 1; each field
+    # its own copy (no two share the cached buffer)
     return TrainArrays(
-        ids=LazyRows(U, N, lambda r, c: win(r, c)[0][:, :c]),
-        ts=LazyRows(U, N, lambda r, c: win(r, c)[1][:, :c]),
+        ids=LazyRows(U, N, lambda r, c: win(r, c)[0][:, :c].copy()),
+        ts=LazyRows(U, N, lambda r, c: win(r, c)[1][:, :c].copy()),
         targets=LazyRows(U, N, lambda r, c: targets_of(win(r, c))),
-        query_ts=LazyRows(U, N, lambda r, c: win(r, c)[1][:, 1:]),
+        query_ts=LazyRows(U, N, lambda r, c: win(r, c)[1][:, 1:].copy()),
         lengths=n_all[rows] - 1,
-        behaviors=LazyRows(U, N, lambda r, c: win(r, c)[2][:, :c]) if ds.behaviors is not None else None,
+        behaviors=LazyRows(U, N, lambda r, c: win(r, c)[2][:, :c].copy()) if ds.behaviors is not None else None,
     )
 
 
