@@ -177,8 +177,20 @@ def run_prepare(n: int, work: Path, duplicates: str) -> dict:
     }
 
 
+def _pss(proc: Path, page: int) -> int:
+    """A process's proportional set size (shared pages split between their users, so a tree's
+    sum counts each page once), else its resident size."""
+    try:
+        for line in (proc / "smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int((proc / "statm").read_text().split()[1]) * page
+
+
 def _tree_rss_bytes(root: int) -> int:
-    """Resident memory of ``root`` and every process below it, now (Linux /proc; 0 elsewhere)."""
+    """Memory of ``root`` and every process below it, now (Pss; Linux /proc; 0 elsewhere)."""
     parents: dict[int, int] = {}
     rss: dict[int, int] = {}
     page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -186,7 +198,7 @@ def _tree_rss_bytes(root: int) -> int:
         try:
             stat = (d / "stat").read_text()
             parents[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            rss[int(d.name)] = int((d / "statm").read_text().split()[1]) * page
+            rss[int(d.name)] = _pss(d, page)
         except (OSError, ValueError, IndexError):
             continue
     tree, frontier = {root}, [root]

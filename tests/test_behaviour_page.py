@@ -24,6 +24,11 @@ def test_pairs_are_compared_with_welch_and_read_at_five_percent():
     assert lines[3].startswith("| demo | fuxi-mme | next target | 0.4000 ± 0.0200 (3) | 0.3900 ± 0.0200 (3) | -0.0100 | -0.6 (4.0) | level |")
 
 
+def test_one_seed_is_not_tested():
+    res = {"results": [_row("fuxi-alpha next", 0.50, 0.0, seeds=1), _row("fuxi-alpha+behaviour next", 0.55, 0.0, seeds=3)]}
+    assert behaviour_comparison(res).splitlines()[2].endswith("| +0.0500 | - | one seed: not tested |")
+
+
 def test_no_finished_pair_no_section():
     assert behaviour_comparison({"results": [_row("fuxi-alpha next", 0.5, 0.01)]}) == ""
     assert behaviour_section({"results": []}) == []

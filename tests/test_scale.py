@@ -281,9 +281,9 @@ def test_columnar_sort_in_worker_processes_equals_the_serial_pass(tmp_path, monk
             continue
         folder = Path(load_dataset(DataConfig(**cfg, data_dir=str(tmp_path / workers))).cache_dir)
         meta = json.loads((folder / "meta.json").read_text())
-        assert meta["partitions"] > 2 and meta["prepare"]["sort_workers"] == int(workers)
+        assert meta["partitions"] > 2 and meta["sort_workers"] == int(workers)
         caches.append({f.name: f.read_bytes() for f in folder.iterdir() if f.suffix not in (".json",)})
-        caches.append({k: v for k, v in meta.items() if k != "prepare"})
+        caches.append({k: v for k, v in meta.items() if k not in ("prepare", "sort_workers")})
     if duplicates == "error":
         assert caches[0] == caches[1] and "repeat an earlier" in caches[0] and "\n" not in caches[0]
     else:

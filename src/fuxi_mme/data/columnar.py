@@ -364,7 +364,7 @@ def prepare_columnar(
             for p in range(len(bounds) - 1)
         ]
         workers = sort_workers(len(jobs))
-        clock["sort_workers"] = workers
+
         kept_users: list[np.ndarray] = []
         kept_counts: list[np.ndarray] = []
         present = np.zeros(len(item_raw), dtype=bool)
@@ -449,6 +449,7 @@ def prepare_columnar(
         pa_write({"raw_id": user_raw[uk]}, tmp / "users.parquet")
         full = {**meta, "name": name, "engine": "columnar", "has_timestamps": has_ts, "stats": stats, "rows_read": rows, "prepare": clock}
         full["partitions"] = len(bounds) - 1
+        full["sort_workers"] = workers
         (tmp / "meta.json").write_text(json.dumps(full, indent=2, default=str))
         arrays = [f"{k}.{np.dtype(dt).name}" for k, dt in ARRAYS.items()]
         write_manifest(tmp, sorted(f.name for f in tmp.iterdir() if f.suffix in (".json", ".parquet")), sized=arrays)

@@ -279,10 +279,14 @@ def behaviour_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> s
                 if plain is None or aware is None:
                     continue
                 p, a = plain[metric], aware[metric]
-                t, df = welch(a, aware["seeds"], p, plain["seeds"])
+                if min(plain["seeds"], aware["seeds"]) < 2:  # no spread to test against
+                    test = "- | one seed: not tested"
+                else:
+                    t, df = welch(a, aware["seeds"], p, plain["seeds"])
+                    test = f"{t:.1f} ({df:.1f}) | {reading(t, df)}"
                 lines.append(
                     f"| {ds} | {model} | {target} | {p['mean']:.4f} ± {p['std']:.4f} ({plain['seeds']}) | "
-                    f"{a['mean']:.4f} ± {a['std']:.4f} ({aware['seeds']}) | {a['mean'] - p['mean']:+.4f} | {t:.1f} ({df:.1f}) | {reading(t, df)} |"
+                    f"{a['mean']:.4f} ± {a['std']:.4f} ({aware['seeds']}) | {a['mean'] - p['mean']:+.4f} | {test} |"
                 )
     if not lines:
         return ""
