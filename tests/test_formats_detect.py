@@ -324,18 +324,7 @@ def test_train_on_a_sequence_file_from_the_command_line(tmp_path):
     rng = random.Random(0)
     lines = [" ".join(str(x) for x in [u] + [rng.randint(1, 40) for _ in range(rng.randint(4, 12))]) for u in range(1, 61)]
     f = _write(tmp_path / "seq.txt", "\n".join(lines) + "\n")
-    sets = [
-        "data.max_len=10",
-        "model.dim=8",
-        "model.qk_dim=8",
-        "model.v_dim=8",
-        "model.ffn_dim=8",
-        "train.batch_size=16",
-        "train.num_negatives=4",
-        "model.num_embeddings=1",
-        "model.moe.num_experts=0",
-        f"data.data_dir={tmp_path / 'cache'}",
-    ]
+    sets = [*TRAIN_SETS, f"data.data_dir={tmp_path / 'cache'}"]  # a tiny model (below)
     argv = ["train", "--source", str(f), "--epochs", "1", "--device", "cpu", "--run-dir", str(tmp_path / "run")]
     for s in sets:
         argv += ["--set", s]
