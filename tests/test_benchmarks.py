@@ -235,3 +235,26 @@ def test_scale_benchmark_generates_the_stated_log_and_measures_every_phase(tmp_p
     assert res["records"]["2e+04"]["prepare"]["stats"]["interactions"] == 20_000 - info["duplicates"]
     assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
     assert not (tmp_path / "w" / "log-2e+04").exists()  # logs and caches removed unless --keep
+
+
+def test_runs_per_hour_runs_the_experiment_at_each_setting(tmp_path):
+    """benchmarks/runs_per_hour.py --quick: the real experiment command once per --jobs setting,
+    in fresh folders, every planned run finished and counted, rates against one at a time."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import runs_per_hour
+
+    md = runs_per_hour.main(["--quick", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "rph.json")])
+    res = json.loads((tmp_path / "rph.json").read_text())
+    assert [r["jobs"] for r in res["rows"]] == [1, 2]
+    for r in res["rows"]:
+        assert (
+            r["runs"] == r["planned"] == 2
+            and r["runs_per_hour"] == round(2 / r["wall_s"] * 3600, 1)
+            or abs(r["runs_per_hour"] - 2 / r["wall_s"] * 3600) < 1
+        )
+        assert (tmp_path / "w" / f"jobs-{r['jobs']}" / "main" / "runs.jsonl").exists()
+    assert res["rows"][0]["vs_one_at_a_time"] == 1.0 and res["card"] == "cpu"
+    assert "| 2 | 2 / 2 |" in md.read_text()
