@@ -1,4 +1,6 @@
+import io
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,12 @@ def epoch_losses_and_first_grads(tr, grad_accum: int = 1):
             tr.opt.step()
             tr.zero_grad()
     return np.array(losses), grads
+
+
+def zip_bytes(members: dict[str, str | bytes]) -> bytes:
+    """A zip archive in memory holding ``members`` (name -> text or bytes)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()

@@ -6,22 +6,14 @@ import io
 import logging
 import sys
 import tarfile
-import zipfile
 from pathlib import Path
 
 import pytest
 
+from conftest import zip_bytes
 from fuxi_mme.cli import main
 from fuxi_mme.data import DataError
 from fuxi_mme.data.download import download, safe_extract
-
-
-def _zip(members: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for name, text in members.items():
-            z.writestr(name, text)
-    return buf.getvalue()
 
 
 def _cut_tgz() -> bytes:
@@ -43,7 +35,7 @@ BAD = {
     "truncated gzip": ("cut.gz", gzip.compress(b"1 10 11 12\n" * 200)[:40], "cut.gz is a corrupt or truncated gzip file"),
     "zip of two files": (
         "two.zip",
-        _zip({"a.csv": "user,item\n1,2\n", "b.csv": "user,item\n1,2\n"}),
+        zip_bytes({"a.csv": "user,item\n1,2\n", "b.csv": "user,item\n1,2\n"}),
         "two.zip holds 2 data files (a.csv, b.csv); expected exactly one interactions file: keep one, or unzip it and pass the file",
     ),
 }

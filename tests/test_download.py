@@ -6,12 +6,11 @@ import hashlib
 import io
 import tarfile
 import threading
-import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, zip_bytes
 from fuxi_mme.config import DataConfig
 from fuxi_mme.data import DataError, load_dataset
 from fuxi_mme.data.download import Remote, download, fetch, safe_extract
@@ -77,14 +76,6 @@ def server(monkeypatch):
     s = Server()
     yield s
     s.close()
-
-
-def _zip(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for name, data in members.items():
-            z.writestr(name, data)
-    return buf.getvalue()
 
 
 def _tgz(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
@@ -153,7 +144,7 @@ def test_404_is_a_clear_error(server, tmp_path):
 @pytest.mark.parametrize("name", ["../evil.txt", "/abs/evil.txt", "a/../../evil.txt"])
 def test_zip_path_traversal_is_refused(tmp_path, name):
     arc = tmp_path / "bad.zip"
-    arc.write_bytes(_zip({"ok.txt": b"fine", name: b"evil"}))
+    arc.write_bytes(zip_bytes({"ok.txt": b"fine", name: b"evil"}))
     with pytest.raises(DataError, match="outside"):
         safe_extract(arc, tmp_path / "out" / "x")
     assert not (tmp_path / "out" / "x").exists()
@@ -173,7 +164,7 @@ def test_tar_symlink_and_traversal_are_refused(tmp_path):
 
 @pytest.mark.parametrize("kind", ["zip", "tgz"])
 def test_truncated_archive_is_a_clear_error(tmp_path, kind):
-    data = _zip({"ml-100k/u.data": U_DATA.encode() * 50}) if kind == "zip" else _tgz({"ml-100k/u.data": U_DATA.encode() * 50})
+    data = zip_bytes({"ml-100k/u.data": U_DATA.encode() * 50}) if kind == "zip" else _tgz({"ml-100k/u.data": U_DATA.encode() * 50})
     arc = tmp_path / ("a.zip" if kind == "zip" else "a.tar.gz")
     arc.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="truncated"):
@@ -184,7 +175,7 @@ def test_truncated_archive_is_a_clear_error(tmp_path, kind):
 def test_prepare_ml100k_from_a_url_end_to_end(server, tmp_path, capsys):
     from fuxi_mme.cli import main
 
-    archive = _zip({"ml-100k/u.data": U_DATA.encode(), "ml-100k/u.item": "1|Toy Story (1995)|x\n".encode("latin-1")})
+    archive = zip_bytes({"ml-100k/u.data": U_DATA.encode(), "ml-100k/u.item": "1|Toy Story (1995)|x\n".encode("latin-1")})
     server.files["/ml-100k.zip"] = archive
     rc = main(["data", "prepare", "ml-100k", "--source", server.url + "/ml-100k.zip", "--data-dir", str(tmp_path)])
     out = capsys.readouterr().out
@@ -201,7 +192,7 @@ def test_prepare_ml100k_from_a_url_end_to_end(server, tmp_path, capsys):
 def test_named_dataset_downloads_official_remotes_with_md5_sidecar(server, tmp_path, monkeypatch):
     from fuxi_mme.data import sources
 
-    archive = _zip({"ml-100k/u.data": U_DATA.encode()})
+    archive = zip_bytes({"ml-100k/u.data": U_DATA.encode()})
     server.files["/ml-100k.zip"] = archive
     server.files["/ml-100k.zip.md5"] = (hashlib.md5(archive).hexdigest() + "  ml-100k.zip\n").encode()
     remote = Remote(server.url + "/ml-100k.zip", md5_url=server.url + "/ml-100k.zip.md5")

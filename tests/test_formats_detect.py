@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import zip_bytes
 from fuxi_mme.data.formats import detect
 from fuxi_mme.data.readers import read
 from fuxi_mme.data.table import DataError
@@ -215,18 +216,10 @@ def test_zip_with_two_members_lists_them(tmp_path):
 # --------------------------------------------------------------------------- property: never another exception
 
 
-def _zip_bytes(members: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for name, text in members.items():
-            z.writestr(name, text)
-    return buf.getvalue()
-
-
 SEEDS = [c[0].encode() if isinstance(c[0], str) else c[0] for c in CASES.values()] + [
     TSV.encode(),
     CSV_HEADER.encode(),
-    _zip_bytes({"ml-1m/ratings.dat": ML * 3, "__MACOSX/ml-1m/._ratings.dat": "junk"}),
+    zip_bytes({"ml-1m/ratings.dat": ML * 3, "__MACOSX/ml-1m/._ratings.dat": "junk"}),
 ]
 
 
