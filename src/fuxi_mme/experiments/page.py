@@ -18,6 +18,7 @@ from .tables import (
     headline,
     markdown,
     published_comparison,
+    versus_table,
 )
 from .tuning import tuning_section
 
@@ -119,6 +120,34 @@ BEHAVIOUR_PROSE = [
 ]
 
 
+MIXER_PROSE = [
+    "### Does the state-space hybrid help? Test NDCG@10",
+    "",
+    "Each model with state-space blocks interleaved (`model.mixer=hybrid`, docs/models.md#state-space-encoder) against",
+    'the same model with attention only, same data, protocol (loo-val) and seeds; Welch\'s t over seeds; "ahead" or',
+    '"behind" when a two-sided test at 5% rejects equal means, otherwise "level". Train s: mean wall seconds of a run',
+    "(runs shared the GPU; compare within a row). Pairs whose runs have not finished are not listed.",
+    "",
+]
+MIXER_PAIRS = [("fuxi-alpha", "fuxi-alpha hybrid"), ("fuxi-mme", "fuxi-mme hybrid")]
+
+SSM_PROSE = [
+    "### The state-space model against the attention models, test NDCG@10",
+    "",
+    "The `ssm` model (Mamba-style selective state-space blocks, base preset) against FuXi-alpha and Fuxi-MME (base",
+    'presets) from the main suite, same protocol; Welch\'s t over seeds; "ahead" = the state-space model above. Their',
+    "rows ran on different commits and machines, so their cost is compared in docs/performance.md#cost-against-sequence-length.",
+    "",
+]
+SSM_PAIRS = [("fuxi-alpha", "ssm"), ("fuxi-mme", "ssm"), ("sasrec", "ssm")]
+
+
+def versus_section(res: dict[str, Any], prose: list[str], pairs: list[tuple[str, str]], seconds: bool = True) -> list[str]:
+    """A generated pair comparison with its prose, when a pair has finished."""
+    table = versus_table(res, pairs, seconds=seconds)
+    return [*prose, table, ""] if table else []
+
+
 def behaviour_section(res: dict[str, Any]) -> list[str]:
     """The behaviour comparison above the behavior suite's table, when a pair has finished."""
     table = behaviour_comparison(res)
@@ -136,6 +165,7 @@ def main_sections(res: dict[str, Any]) -> list[str]:
         "",
         *([*BEYOND_PROSE, beyond, ""] if beyond else []),
         *([*DIVERSITY_PROSE, versus, ""] if versus else []),
+        *versus_section(base, SSM_PROSE, SSM_PAIRS, seconds=False),
         *CROSS_DOMAIN_PROSE,
         cross_domain(base),
         cross_domain(base, " large"),
@@ -162,6 +192,8 @@ def write_docs(root: Path, docs: Path) -> Path:
             parts += main_sections(res)
         if name == "behavior":
             parts += behaviour_section(res)
+        if name == "mixer":
+            parts += versus_section(res, MIXER_PROSE, MIXER_PAIRS)
         if name == "scaling":
             img = plot_scaling(res, docs.parent / "scaling.png")
             if img is not None:

@@ -295,3 +295,37 @@ def behaviour_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> s
         "|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(head + lines) + "\n"
+
+
+def versus_table(res: dict[str, Any], pairs: list[tuple[str, str]], metric: str = "test/NDCG@10", seconds: bool = True) -> str:
+    """Row ``b`` against row ``a`` of the same dataset, for each ``(a, b)`` variant pair and every
+    dataset where both have ``metric``: both means, the difference (b - a), Welch's t over seeds
+    and its reading at 5% ("ahead" = b above a); with ``seconds``, the mean training seconds of
+    each side (meaningful only when both ran on one machine, as in one suite's run). "" when no
+    pair has finished."""
+    cells = {(e["dataset"], e["variant"]): e for e in res["results"] if metric in e}
+    lines = []
+    for ds in dict.fromkeys(e["dataset"] for e in res["results"]):
+        for a_name, b_name in pairs:
+            a, b = cells.get((ds, a_name)), cells.get((ds, b_name))
+            if a is None or b is None:
+                continue
+            if min(a["seeds"], b["seeds"]) < 2:  # no spread to test against
+                test = "- | one seed: not tested"
+            else:
+                t, df = welch(b[metric], b["seeds"], a[metric], a["seeds"])
+                test = f"{t:.1f} ({df:.1f}) | {reading(t, df)}"
+            secs = " / ".join(f"{e['train_seconds']['mean']:.0f}" if e.get("train_seconds") else "-" for e in (a, b))
+            lines.append(
+                f"| {ds} | {b_name} against {a_name} | {a[metric]['mean']:.4f} ± {a[metric]['std']:.4f} ({a['seeds']}) | "
+                f"{b[metric]['mean']:.4f} ± {b[metric]['std']:.4f} ({b['seeds']}) | {b[metric]['mean'] - a[metric]['mean']:+.4f} | {test} |"
+                + (f" {secs} |" if seconds else "")
+            )
+    if not lines:
+        return ""
+    head = [
+        f"| dataset | pair | first: {metric} | second: {metric} | difference | Welch t (df) | reading at 5% |"
+        + (" train s (first / second) |" if seconds else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if seconds else ""),
+    ]
+    return "\n".join(head + lines) + "\n"
