@@ -60,3 +60,20 @@ def reading(t: float, df: float) -> str:
     """ "ahead" / "behind" when Welch's test rejects equal means at 5% (two-sided), else "level"."""
     crit = t_critical(df)
     return "ahead" if t > crit else "behind" if t < -crit else "level"
+
+
+def welch_contrast(groups: list[tuple[float, dict[str, float], int]]) -> tuple[float, float, float]:
+    """Welch's t of a linear contrast of independent means, sum of c * mean over ``groups`` of
+    ``(c, {"mean", "std"}, n)`` (sample std over n seeds): the contrast, its t (the contrast over
+    the square root of sum c^2 std^2 / n) and the Welch-Satterthwaite degrees of freedom
+    generalised to k groups, (sum v)^2 / sum v^2 / (n - 1) with v = c^2 std^2 / n. With
+    coefficients +1, -1 on two groups it is :func:`welch`. Zero spread everywhere: t is +-inf
+    (or 0 when the contrast is 0) and df the pooled sum of (n - 1)."""
+    est = sum(c * g["mean"] for c, g, _ in groups)
+    vs = [(c * c * g["std"] ** 2 / n, n) for c, g, n in groups]
+    var = sum(v for v, _ in vs)
+    pooled = float(sum(n - 1 for _, n in vs))
+    if var == 0:
+        return est, (math.copysign(math.inf, est) if est else 0.0), pooled
+    den = sum(v**2 / (n - 1) for v, n in vs if n > 1)
+    return est, est / math.sqrt(var), (var**2 / den if den else pooled)
