@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -33,6 +35,19 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "item_embeddings": emb, "non_embedding": total - emb}
 
 
+def compile_shape_key(cfg: Config) -> str:
+    """What fixes the shapes a run compiles (the model, the data and its length cap, the batch
+    sizes, precision and device; not the seed, learning rate or epochs): runs that share it share
+    Dynamo's record of which dimensions vary (``utils.runtime.persistent_compile_cache``)."""
+    shape = {
+        "model": dataclasses.asdict(cfg.model),
+        "data": [cfg.data.name, str(cfg.data.path), cfg.data.max_len, cfg.data.behavior, cfg.data.target_behavior],
+        "train": [cfg.train.batch_size, cfg.train.loss, cfg.train.num_negatives, cfg.train.amp, cfg.train.length_chunks, cfg.train.device],
+        "eval": [cfg.eval.batch_size],
+    }
+    return hashlib.sha1(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; returns the final metrics record.
 
@@ -40,7 +55,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """
     started_s = seconds_since_process_start()
     validate(cfg)
-    persistent_compile_cache(cfg.data.data_dir or default_data_dir())
+    persistent_compile_cache(cfg.data.data_dir or default_data_dir(), compile_shape_key(cfg))
     dinfo = D.from_env()
     device = setup_device(cfg.train.device, dinfo.local_rank if dinfo.enabled else None, cfg.train.num_threads, cfg.train.tf32)
     if dinfo.enabled:

@@ -50,14 +50,41 @@ def autocast_dtype(amp: str) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else None
 
 
-def persistent_compile_cache(data_dir: str | os.PathLike[str]) -> str:
-    """Keep Inductor's and Triton's compiled artefacts in ``<data_dir>/compile-cache`` (unless
-    TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR are set), so they live as long as the prepared
-    data and a second run of the same shapes skips most compilation (docs/performance.md#time-to-result).
-    Must run before the first compilation; returns the folder."""
+JOB_ID_PREFIX = "fuxi-mme-"
+
+
+def persistent_compile_cache(data_dir: str | os.PathLike[str], shape_key: str | None = None) -> str:
+    """Keep compiled artefacts in ``<data_dir>/compile-cache`` (unless TORCHINDUCTOR_CACHE_DIR /
+    TRITON_CACHE_DIR are set), so they live as long as the prepared data and a second run of the
+    same shapes skips most compilation (docs/performance.md#time-to-result):
+
+    * Inductor's and Triton's kernels (their own caches, in that folder);
+    * AOTAutograd's forward/backward graphs, also for graphs that hold our custom autograd
+      Functions (the small-table lookup of the attention biases, the MoE row dispatch, the
+      chunked scan). PyTorch leaves those graphs out of its cache by default because an
+      arbitrary Function may have side effects; ours are pure tensor functions whose forward and
+      backward Dynamo traces into the graph (so the cache key covers their code). Without this a
+      warm run traces forward and backward again;
+    * Dynamo's record of which dimensions varied (its automatic-dynamic profile), under a job id
+      per ``shape_key`` (the run's model and data shapes), so a warm run compiles the dynamic
+      graph at once instead of a static one first and a dynamic one on the first change.
+      A job id set by the user (TORCH_COMPILE_JOB_ID) stands.
+
+    Must run before the first compilation; returns the Inductor cache folder."""
     folder = os.path.join(os.fspath(data_dir), "compile-cache")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(folder, "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(folder, "triton"))
+    try:  # private configuration: absent or renamed in some torch versions, then left alone
+        import torch._functorch.config as functorch_config
+
+        if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
+            functorch_config.autograd_cache_allow_custom_autograd_functions = True
+    except ImportError:
+        pass
+    compiler_config = getattr(torch.compiler, "config", None)
+    if shape_key and compiler_config is not None and hasattr(compiler_config, "job_id"):
+        if compiler_config.job_id is None or compiler_config.job_id.startswith(JOB_ID_PREFIX):  # not the user's
+            compiler_config.job_id = JOB_ID_PREFIX + shape_key
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 

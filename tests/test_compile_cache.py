@@ -1,0 +1,87 @@
+"""The persistent compile cache: what it turns on, and that a warm compile of a graph holding one
+of our custom autograd Functions loads its forward/backward graphs instead of tracing them again."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fuxi_mme.config import apply_overrides
+from fuxi_mme.presets import build_preset
+from fuxi_mme.train.run import compile_shape_key
+from fuxi_mme.utils.runtime import JOB_ID_PREFIX, persistent_compile_cache
+
+
+@pytest.fixture
+def clean_compile_settings(monkeypatch):
+    import torch._functorch.config as functorch_config
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    saved = (torch.compiler.config.job_id, functorch_config.autograd_cache_allow_custom_autograd_functions)
+    yield functorch_config
+    torch.compiler.config.job_id, functorch_config.autograd_cache_allow_custom_autograd_functions = saved
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    os.environ.pop("TRITON_CACHE_DIR", None)
+
+
+def test_cache_folders_custom_functions_and_job_id(tmp_path, clean_compile_settings):
+    torch.compiler.config.job_id = None
+    clean_compile_settings.autograd_cache_allow_custom_autograd_functions = False
+    folder = persistent_compile_cache(tmp_path, "abc")
+    assert folder == str(tmp_path / "compile-cache" / "inductor") == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "compile-cache" / "triton")
+    assert clean_compile_settings.autograd_cache_allow_custom_autograd_functions is True
+    assert torch.compiler.config.job_id == JOB_ID_PREFIX + "abc"
+    persistent_compile_cache(tmp_path, "def")  # a second run in the same process: its own key
+    assert torch.compiler.config.job_id == JOB_ID_PREFIX + "def"
+
+
+def test_a_users_job_id_stands(tmp_path, clean_compile_settings):
+    torch.compiler.config.job_id = "my-job"
+    persistent_compile_cache(tmp_path, "abc")
+    assert torch.compiler.config.job_id == "my-job"
+
+
+def test_shape_key_follows_shapes_not_seeds():
+    base = build_preset("demo-fuxi-alpha-base")
+    key = compile_shape_key(base)
+    assert compile_shape_key(apply_overrides(build_preset("demo-fuxi-alpha-base"), ["train.seed=7", "train.lr=0.01", "train.epochs=3"])) == key
+    assert compile_shape_key(apply_overrides(build_preset("demo-fuxi-alpha-base"), ["train.batch_size=64"])) != key
+    assert compile_shape_key(apply_overrides(build_preset("demo-fuxi-alpha-base"), ["model.dim=64"])) != key
+    assert compile_shape_key(build_preset("demo-fuxi-mme-base")) != key
+
+
+WARM = textwrap.dedent(
+    """
+    import json, sys, torch
+    from torch._dynamo.utils import counters
+    from fuxi_mme.models.attention.shared import lookup
+    from fuxi_mme.utils.runtime import persistent_compile_cache
+    persistent_compile_cache(sys.argv[1], "test")
+    table = torch.nn.Parameter(torch.randn(9))
+    idx = torch.randint(0, 9, (4, 32, 32))
+    def f(t, i):
+        return (lookup(t, i) * 2.0).relu().sum()
+    out = []
+    for _ in range(2):  # the second compile (after a reset) finds the first one's graphs on disk
+        torch._dynamo.reset()
+        counters.clear()
+        torch.compile(f)(table, idx).backward()
+        out.append(dict(counters["aot_autograd"]))
+    print(json.dumps(out))
+    """
+)
+
+
+def test_a_warm_compile_loads_graphs_with_a_custom_autograd_function(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    res = subprocess.run([sys.executable, "-c", WARM, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cold, warm = json.loads(res.stdout.strip().splitlines()[-1])
+    assert cold.get("autograd_cache_saved") == 1, cold  # before: "autograd_cache_bypass" (custom Function)
+    assert warm.get("autograd_cache_hit") == 1, warm
