@@ -209,3 +209,17 @@ def test_plot_is_written(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["robustness.png"]  # the temporary file is gone
     lines = robustness_section(_complete(), tmp_path)
     assert "![robustness](robustness.png)" in lines
+
+
+def test_results_page_carries_the_robustness_section_and_plot(tmp_path):
+    import json
+
+    from fuxi_mme.experiments.page import write_docs
+
+    res = {"suite": "robustness", "description": "robustness", "commit": "abc", "time": "now", **_complete()}
+    (tmp_path / "robustness.json").write_text(json.dumps(res))
+    doc = write_docs(tmp_path, tmp_path / "docs" / "results.md").read_text()
+    assert "### Is Fuxi-MME more robust?" in doc
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "docs" / "robustness.png").is_file()
+    assert "![robustness](robustness.png)" in doc

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..utils.runinfo import atomic_write_text
 from .plots import plot_scaling
+from .robustness import robustness_section
 from .tables import (
     behaviour_comparison,
     beyond_table,
@@ -180,7 +181,7 @@ def main_sections(res: dict[str, Any]) -> list[str]:
 
 def write_docs(root: Path, docs: Path) -> Path:
     """``docs`` (e.g. docs/results.md) from every ``<root>/<suite>.json`` present; the scaling
-    plot is written next to it."""
+    and robustness plots are written next to it."""
     parts = list(INTRO)
     docs.parent.mkdir(parents=True, exist_ok=True)
     for name in DOC_ORDER:
@@ -194,6 +195,8 @@ def write_docs(root: Path, docs: Path) -> Path:
             parts += behaviour_section(res)
         if name == "mixer":
             parts += versus_section(res, MIXER_PROSE, MIXER_PAIRS)
+        if name == "robustness":
+            parts += robustness_section(res, docs.parent)
         if name == "scaling":
             img = plot_scaling(res, docs.parent / "scaling.png")
             if img is not None:
