@@ -9,7 +9,7 @@ shared (a first, untimed ``data prepare`` warms the cache), the compile caches a
 setting has its own Inductor and Triton cache folders): each starts as a new user's sweep would.
 
     PYTHONPATH=src python benchmarks/runs_per_hour.py --suite main --datasets amazon-beauty \
-        --variants sasrec fuxi-alpha fuxi-mme --seeds 0 1 2 3 --jobs 1 4 8 12 --data-root .gpu/data   # GPU
+        --variants sasrec fuxi-alpha fuxi-mme --seeds 0 1 2 3 --jobs 1 4 8 12 --mps both --data-root .gpu/data   # GPU
     PYTHONPATH=src python benchmarks/runs_per_hour.py --quick                                           # CPU smoke
 
 Writes ``benchmarks/results/runs-per-hour-<card>.json`` and the Markdown table next to it.
@@ -43,6 +43,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--jobs", nargs="+", type=int, default=[1, 4, 8, 12], help="--jobs settings to compare (1 = one at a time)")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="passed to every run")
+    ap.add_argument(
+        "--mps", choices=("off", "on", "both"), default="off", help="run through NVIDIA's Multi-Process Service (experiment --mps), or both ways"
+    )
     ap.add_argument("--quick", action="store_true", help="the demo, two variants, 2 epochs, --jobs 1 2: a CPU smoke run")
     ap.add_argument("--work", help="folder for the data and runs (default: a temporary folder, removed)")
     ap.add_argument("--out", help="results file (default benchmarks/results/runs-per-hour-<card>.json)")
@@ -53,8 +56,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _experiment(args: argparse.Namespace, root: Path, data_dir: Path, jobs: int) -> tuple[float, str]:
+def _experiment(args: argparse.Namespace, root: Path, data_dir: Path, jobs: int, mps: bool = False) -> tuple[float, str]:
     cmd = [sys.executable, "-m", "fuxi_mme", "experiment", args.suite, "--root", str(root), "--data-root", args.data_root, "--jobs", str(jobs)]
+    cmd += ["--mps"] if mps else []
     cmd += ["--datasets", *args.datasets, "--variants", *args.variants, "--seeds", *map(str, args.seeds)]
     for s in args.overrides:
         cmd += ["--set", s]
@@ -89,17 +93,20 @@ def main(argv: list[str] | None = None) -> Path:
             for o in args.overrides:  # the runs' own data settings: the same cache entry
                 cmd += ["--set", o] if o.startswith("data.") else []
             subprocess.run(cmd, capture_output=True)
+        modes = {"off": [False], "on": [True], "both": [False, True]}[args.mps]
         for jobs in args.jobs:
-            root = work / f"jobs-{jobs}"
-            shutil.rmtree(root, ignore_errors=True)
-            wall, out = _experiment(args, root, data_dir, jobs)
-            done, dev = _finished(root, args.suite)
-            device = device or dev
-            planned = len(args.datasets) * len(args.variants) * len(args.seeds)
-            rows.append({"jobs": jobs, "runs": done, "planned": planned, "wall_s": round(wall, 1), "runs_per_hour": round(done / wall * 3600, 1)})
-            print(f"--jobs {jobs}: {done}/{planned} runs in {wall:.0f} s, {rows[-1]['runs_per_hour']} runs/hour", flush=True)
-            if done < planned:
-                print(out[-2000:], file=sys.stderr)
+            for mps in modes if jobs > 1 else [False]:  # one at a time has nothing to share
+                root = work / f"jobs-{jobs}{'-mps' if mps else ''}"
+                shutil.rmtree(root, ignore_errors=True)
+                wall, out = _experiment(args, root, data_dir, jobs, mps)
+                done, dev = _finished(root, args.suite)
+                device = device or dev
+                planned = len(args.datasets) * len(args.variants) * len(args.seeds)
+                rph = round(done / wall * 3600, 1)
+                rows.append({"jobs": jobs, "mps": mps, "runs": done, "planned": planned, "wall_s": round(wall, 1), "runs_per_hour": rph})
+                print(f"--jobs {jobs}{' --mps' if mps else ''}: {done}/{planned} runs in {wall:.0f} s, {rph} runs/hour", flush=True)
+                if done < planned:
+                    print(out[-2000:], file=sys.stderr)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -117,12 +124,13 @@ def main(argv: list[str] | None = None) -> Path:
         f"seeds {', '.join(map(str, args.seeds))}{' with ' + ', '.join(args.overrides) if args.overrides else ''}, a fresh results folder "
         "per setting, prepared data shared, wall time around the command.",
         "",
-        "| --jobs | runs finished / planned | wall s | runs per hour | vs one at a time |",
-        "|---|---|---|---|---|",
+        "| --jobs | MPS | runs finished / planned | wall s | runs per hour | vs one at a time |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         vs = f"{r['vs_one_at_a_time']:.2f}x" if r["vs_one_at_a_time"] is not None else "-"
-        lines.append(f"| {r['jobs']} | {r['runs']} / {r['planned']} | {r['wall_s']:.0f} | {r['runs_per_hour']:.1f} | {vs} |")
+        mps = "on" if r["mps"] else "off"
+        lines.append(f"| {r['jobs']} | {mps} | {r['runs']} / {r['planned']} | {r['wall_s']:.0f} | {r['runs_per_hour']:.1f} | {vs} |")
     out = Path(args.out) if args.out else RESULTS / f"runs-per-hour-{head['card']}.json"
     return save(out, {**head, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "setup": setup, "rows": rows, "device": device}, lines)
 

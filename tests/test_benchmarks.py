@@ -253,4 +253,5 @@ def test_runs_per_hour_runs_the_experiment_at_each_setting(tmp_path):
         assert r["runs"] == r["planned"] == 2 and abs(r["runs_per_hour"] - 2 * 3600 / r["wall_s"]) < 0.01 * r["runs_per_hour"]
         assert (tmp_path / "w" / f"jobs-{r['jobs']}" / "main" / "runs.jsonl").exists()
     assert res["rows"][0]["vs_one_at_a_time"] == 1.0 and res["card"] == "cpu"
-    assert "| 2 | 2 / 2 |" in md.read_text()
+    assert [r["mps"] for r in res["rows"]] == [False, False]
+    assert "| 2 | off | 2 / 2 |" in md.read_text()

@@ -844,3 +844,33 @@ def test_an_interrupted_suite_stops_its_runs_and_starts_no_more(tmp_path, monkey
             stat = Path(f"/proc/{pid}/stat")
             # the runs and their children are gone, or zombies until their parent (or init) reaps them
             assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_the_time_budget_starts_no_run_after_it_and_lets_running_ones_finish(tmp_path, monkeypatch, capsys):
+    import time as _time
+
+    from fuxi_mme.experiments import runner
+    from fuxi_mme.experiments.plan import Job
+
+    monkeypatch.setattr(runner, "visible_gpus", lambda: [])
+    ran = []
+
+    def fake_run(job, env, stopping=None):
+        _time.sleep(0.3)
+        ran.append(job.seed)
+        return job, 0, 0.3
+
+    monkeypatch.setattr(runner, "run_job", fake_run)
+    jobs = [Job("demo", "sasrec", s, [], tmp_path / "demo" / "sasrec" / f"seed{s}") for s in range(6)]
+    failed = runner.run_jobs(jobs, 2, {id(j): "s" for j in jobs}, deadline=_time.monotonic() + 0.1)
+    assert failed == {}  # unstarted runs are not failures
+    assert sorted(ran) == [0, 1]  # the first two started before the deadline and finished; no more started
+    assert "time budget spent: 4 run(s) not started; the same command runs them" in capsys.readouterr().out
+
+
+def test_experiment_rejects_a_non_positive_time_budget(capsys):
+    from fuxi_mme.cli import main
+
+    assert main(["experiment", "ablation", "--time-budget", "0", "--root", "/nonexistent-root"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fuxi-mme: error: --time-budget must be positive seconds, got 0.0"]

@@ -147,6 +147,18 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
         help="train finished runs of the selection again (old folder kept as seed<k>.stale): all of them, "
         "or those made before the beyond-accuracy metrics",
     )
+    x.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="start no run after this many seconds; the runs already started finish (the same command continues)",
+    )
+    x.add_argument(
+        "--mps",
+        action="store_true",
+        help="serve the runs through NVIDIA's Multi-Process Service, started for this command, so the kernels of "
+        "several runs share the GPU at once instead of taking turns (docs/performance.md#many-runs-per-gpu)",
+    )
     x.add_argument("--aggregate-only", action="store_true", help="only aggregate finished runs under --root")
     x.add_argument(
         "--pack-logs",
@@ -238,6 +250,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--trials", type=int, default=20, help="number of trials, the base config's own first (default 20)")
     t.add_argument("--time-budget", type=float, metavar="SECONDS", help="start no trial after this many seconds (the same command continues)")
     t.add_argument("--parallel", type=int, help="trials at once (default: 4 per visible GPU, 1 on CPU)")
+    t.add_argument("--mps", action="store_true", help="serve the trials through NVIDIA's Multi-Process Service (as experiment --mps)")
     t.add_argument("--out", help="study folder (default tune/<dataset>-<model>-<size>); an existing one is continued")
     t.add_argument("--sampler", choices=("auto", "optuna", "random"), default="auto", help="auto: Optuna's TPE when installed, else seeded random")
     t.add_argument("--search-seed", type=int, default=0, help="seed of the sampler (the trials train with train.seed)")

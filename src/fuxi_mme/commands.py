@@ -236,7 +236,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.trials < 1 or parallel < 1:
         raise ValueError(f"--trials ({args.trials}) and --parallel ({parallel}) must be at least 1")
     study = Study(out, base, space, sampler=args.sampler, seed=args.search_seed, prune=not args.no_prune, keep_checkpoints=args.keep_checkpoints)
-    res = study.run(Budget(trials=args.trials, seconds=args.time_budget, parallel=parallel))
+    from .utils.mps import mps_daemon
+
+    with mps_daemon(args.mps):
+        res = study.run(Budget(trials=args.trials, seconds=args.time_budget, parallel=parallel))
     if not args.no_test and res.get("best"):
         study.test_best(base.train.device)
         res = json.loads((study.out / "results.json").read_text())
@@ -299,7 +302,23 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         ]
         write_docs(root, docs)
     else:
-        results = run_suites(suites, root, data_root, args.jobs, args.overrides, args.datasets, docs=docs, variants=args.variants, rerun=args.rerun)
+        from .utils.mps import mps_daemon
+
+        if args.time_budget is not None and args.time_budget <= 0:
+            raise ValueError(f"--time-budget must be positive seconds, got {args.time_budget}")
+        with mps_daemon(args.mps):
+            results = run_suites(
+                suites,
+                root,
+                data_root,
+                args.jobs,
+                args.overrides,
+                args.datasets,
+                docs=docs,
+                variants=args.variants,
+                rerun=args.rerun,
+                time_budget=args.time_budget,
+            )
     for res in results:
         print(markdown(res))
     return 1 if any(res["failed"] for res in results) else 0

@@ -94,10 +94,16 @@ def run_job(job: Job, env: dict[str, str], stopping: Stopping | None = None) -> 
     return job, rc, time.perf_counter() - t0
 
 
-def run_jobs(pending: list[Job], jobs: int, names: dict[int, str], gate: MemoryGate | None = None) -> dict[str, list[str]]:
+NOT_STARTED = -2  # a job the time budget left unstarted (not a failure: the same command runs it)
+
+
+def run_jobs(
+    pending: list[Job], jobs: int, names: dict[int, str], gate: MemoryGate | None = None, deadline: float | None = None
+) -> dict[str, list[str]]:
     """Run ``pending`` at most ``jobs`` at a time, longest first, each on the GPU with the fewest
     running jobs once its free memory covers the job's measured need (``packing.py``); a job
-    that ends out of GPU memory runs again (at most twice). Reports each as it ends. Returns
+    that ends out of GPU memory runs again (at most twice). No job starts after ``deadline``
+    (``time.monotonic()``); those already running finish. Reports each as it ends. Returns
     the failed run folders per suite name."""
     slots = GpuSlots(visible_gpus())
     stopping = Stopping()
@@ -111,6 +117,8 @@ def run_jobs(pending: list[Job], jobs: int, names: dict[int, str], gate: MemoryG
         for attempt in range(OOM_RETRIES + 1):
             if stopping.event.is_set():
                 return job, -1, total
+            if deadline is not None and time.monotonic() >= deadline:
+                return job, NOT_STARTED, total
             job.gpu = slots.take()
             gate.acquire(job.gpu, key)
             try:
@@ -129,12 +137,16 @@ def run_jobs(pending: list[Job], jobs: int, names: dict[int, str], gate: MemoryG
         return job, rc, total
 
     failed: dict[str, list[str]] = {}
+    unstarted = 0
     with ThreadPoolExecutor(max_workers=jobs) as pool, sigterm_as_interrupt():  # each job reported as it ends
         futures = [pool.submit(start, j) for j in sorted(pending, key=job_cost, reverse=True)]
         try:
             done = as_completed(futures)
             for fut in done:
                 job, rc, dt = fut.result()
+                if rc == NOT_STARTED:
+                    unstarted += 1
+                    continue
                 status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {job.run_dir}.log)"
                 gpu = f" (GPU {job.gpu})" if job.gpu else ""
                 print(f"[{names[id(job)]}] {job.dataset} / {job.variant} / seed {job.seed}: {status} {dt:.0f}s{gpu}", flush=True)
@@ -146,6 +158,8 @@ def run_jobs(pending: list[Job], jobs: int, names: dict[int, str], gate: MemoryG
             n = stopping.stop_all()
             print(f"interrupted: {n} running run(s) stopped, the others not started; the same command resumes the suite", flush=True)
             raise
+    if unstarted:
+        print(f"time budget spent: {unstarted} run(s) not started; the same command runs them", flush=True)
     return failed
 
 
@@ -160,14 +174,17 @@ def run_suites(
     docs: Path | None = None,
     variants: list[str] | None = None,
     rerun: str | None = None,
+    time_budget: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run the missing jobs of one or more suites as one queue, ``jobs`` at a time; then pack
     each suite's logs and aggregate it (and write ``docs`` when given). Finished runs are
     skipped, unless they trained with settings the plan no longer asks for (a changed preset
-    default, say) or that ``rerun`` asks for: those run again, the old folder kept as ``seed<k>.stale``."""
+    default, say) or that ``rerun`` asks for: those run again, the old folder kept as ``seed<k>.stale``.
+    ``time_budget`` (seconds): start no run after it; the runs already started finish."""
+    deadline = None if time_budget is None else time.monotonic() + time_budget
     todos = [plan(s, root, data_root, extra or [], datasets, seeds, variants=variants, rerun=rerun) for s in suites]
     names = {id(j): s.name for s, todo in zip(suites, todos) for j in todo}
-    failed = run_jobs([j for todo in todos for j in todo if j.invalid is None and not is_done(j)], jobs, names)
+    failed = run_jobs([j for todo in todos for j in todo if j.invalid is None and not is_done(j)], jobs, names, deadline=deadline)
     for todo in todos:  # what --rerun asked for has run: the tables take the new runs
         for j in todo:
             j.rerun = None

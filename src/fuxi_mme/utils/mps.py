@@ -1,0 +1,71 @@
+"""NVIDIA's Multi-Process Service (MPS) for several runs on one GPU (``experiment --mps``,
+``tune --mps``; docs/performance.md#many-runs-per-gpu).
+
+Without MPS the GPU runs one process's kernels at a time and switches between processes by
+time slices, so several small runs (a few hundred short kernels a step each) take turns instead
+of filling the GPU together. Under MPS their kernels share the GPU at once. :func:`mps_daemon`
+starts a control daemon for the command's runs with its own pipe and log folders (so it
+neither needs nor touches a system-wide one), points the child processes at it through
+``CUDA_MPS_PIPE_DIRECTORY`` / ``CUDA_MPS_LOG_DIRECTORY``, and stops it when the command ends.
+A daemon the user already runs (those variables set and its control pipe present) is used as
+it is and left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+CONTROL = "nvidia-cuda-mps-control"
+ENV = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
+
+
+class MPSError(RuntimeError):
+    """MPS was asked for and cannot be started (one line: what failed and the fix)."""
+
+
+def _running(pipe_dir: str | None) -> bool:
+    return pipe_dir is not None and pipe_dir != "" and (Path(pipe_dir) / "control").exists()
+
+
+@contextlib.contextmanager
+def mps_daemon(enabled: bool = True, workdir: str | os.PathLike[str] | None = None) -> Iterator[str | None]:
+    """Run the body with an MPS daemon serving the processes it starts; yields the pipe folder
+    (None when ``enabled`` is false). Raises :class:`MPSError` when the control program is
+    missing or the daemon does not start."""
+    if not enabled:
+        yield None
+        return
+    if _running(os.environ.get(ENV[0])):
+        yield os.environ[ENV[0]]
+        return
+    exe = shutil.which(CONTROL)
+    if exe is None:
+        raise MPSError(f"--mps: {CONTROL} is not on PATH (it comes with the NVIDIA driver's utilities); install them or leave out --mps")
+    base = Path(tempfile.mkdtemp(prefix="fuxi-mme-mps-", dir=workdir))
+    dirs = {ENV[0]: str(base / "pipe"), ENV[1]: str(base / "log")}
+    for d in dirs.values():
+        os.makedirs(d)
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(dirs)
+    try:
+        res = subprocess.run([exe, "-d"], capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            msg = (res.stderr or res.stdout).strip().splitlines()
+            raise MPSError(f"--mps: {CONTROL} -d failed ({msg[-1] if msg else f'exit {res.returncode}'}); run without --mps")
+        try:
+            yield dirs[ENV[0]]
+        finally:
+            subprocess.run([exe], input="quit\n", capture_output=True, text=True, timeout=60)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(base, ignore_errors=True)
