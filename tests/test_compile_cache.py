@@ -41,6 +41,15 @@ def test_cache_folders_custom_functions_and_job_id(tmp_path, clean_compile_setti
     assert torch.compiler.config.job_id == JOB_ID_PREFIX + "def"
 
 
+def test_torchs_own_default_is_replaced_and_a_users_folder_stands(tmp_path, clean_compile_settings, monkeypatch):
+    from torch._inductor.runtime.runtime_utils import cache_dir
+
+    cache_dir()  # torch writes its default into the environment (importing torch._dynamo can do this)
+    assert persistent_compile_cache(tmp_path, "abc") == str(tmp_path / "compile-cache" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert persistent_compile_cache(tmp_path, "abc") == str(tmp_path / "mine")
+
+
 def test_a_users_job_id_stands(tmp_path, clean_compile_settings):
     torch.compiler.config.job_id = "my-job"
     persistent_compile_cache(tmp_path, "abc")

@@ -53,6 +53,16 @@ def autocast_dtype(amp: str) -> torch.dtype | None:
 JOB_ID_PREFIX = "fuxi-mme-"
 
 
+def _torch_default_cache_dir() -> str | None:
+    """Inductor's default cache folder (absolute), or None where this torch does not say."""
+    try:
+        from torch._inductor.runtime.runtime_utils import default_cache_dir
+
+        return os.path.abspath(default_cache_dir())
+    except (ImportError, AttributeError):
+        return None
+
+
 def persistent_compile_cache(data_dir: str | os.PathLike[str], shape_key: str | None = None) -> str:
     """Keep compiled artefacts in ``<data_dir>/compile-cache`` (unless TORCHINDUCTOR_CACHE_DIR /
     TRITON_CACHE_DIR are set), so they live as long as the prepared data and a second run of the
@@ -72,6 +82,11 @@ def persistent_compile_cache(data_dir: str | os.PathLike[str], shape_key: str | 
 
     Must run before the first compilation; returns the Inductor cache folder."""
     folder = os.path.join(os.fspath(data_dir), "compile-cache")
+    default = _torch_default_cache_dir()  # first: importing Inductor's runtime may itself set the variable
+    if default is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") == default:
+        # torch writes its default into the environment the first time it asks (importing
+        # torch._dynamo can do that): not the user's choice, so ours replaces it
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(folder, "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(folder, "triton"))
     try:  # private configuration: absent or renamed in some torch versions, then left alone
