@@ -72,7 +72,15 @@ def plot_scaling(res: dict[str, Any], out: Path) -> Path | None:
     for ax, (key, label) in zip(axes, SWEEPS):
         _sweep_panel(ax, rows, key, label)
     _cost_panel(axes[2], rows)
-    for ax in axes:
+    return save_figure(fig, axes, out)
+
+
+def save_figure(fig: Any, axes: Any, out: Path) -> Path:
+    """Grid and legends on every panel, then the PNG written to ``out`` atomically (a temporary
+    file renamed over it); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in getattr(axes, "flat", axes):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)

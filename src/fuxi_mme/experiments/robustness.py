@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .plots import save_figure
 from .stats import reading, welch_contrast
 
 METRIC = "test/NDCG@10"
@@ -266,16 +267,7 @@ def plot_robustness(res: dict[str, Any], out: Path) -> Path | None:
     for j, ds in enumerate(datasets):
         _noise_panel(axes[0][j], cells, ds)
         _sparse_panel(axes[1][j], cells, ds)
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, axes, out)
 
 
 def robustness_section(res: dict[str, Any], img_dir: Path | None = None) -> list[str]:
