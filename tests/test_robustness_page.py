@@ -223,3 +223,22 @@ def test_results_page_carries_the_robustness_section_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     assert (tmp_path / "docs" / "robustness.png").is_file()
     assert "![robustness](robustness.png)" in doc
+
+
+def test_history_buckets_are_aggregated_and_tabled(tmp_path):
+    from fuxi_mme.experiments.aggregate import _row
+    from fuxi_mme.experiments.robustness import bucket_table
+
+    def run(seed: int, short: float) -> dict:
+        buckets = {"short": {"users": 10 + seed, "NDCG@10": short}, "medium": {"users": 5, "NDCG@10": 0.2}, "long": {"users": 1, "NDCG@10": 0.3}}
+        return {"protocol": "loo-val", "run_dir": str(tmp_path / f"seed{seed}"), "test": {"NDCG@10": 0.1, "buckets": buckets}}
+
+    entry = _row("ml-1m-ts70", "fuxi-mme, last 20 events", [run(0, 0.1), run(1, 0.2)], [])
+    assert entry["test/short/NDCG@10"]["mean"] == pytest.approx(0.15) and entry["test/short/users"] == 10.5
+    assert entry["test/long/NDCG@10"] == {"mean": 0.3, "std": 0.0}
+    # a run without buckets (made before they existed): no bucket cells for the row
+    assert "test/short/NDCG@10" not in _row("x", "v", [run(0, 0.1), {"protocol": "loo-val", "run_dir": "r", "test": {"NDCG@10": 0.1}}], [])
+    lines = bucket_table({"results": [entry, _row("ml-1m-ts70", "fuxi-mme, clean", [run(0, 0.3)], [])]}).splitlines()
+    assert lines[2] == "| ml-1m-ts70 | fuxi-mme | clean | 0.3000 (10) | 0.2000 (5) | 0.3000 (1) |"
+    assert lines[3] == "| ml-1m-ts70 | fuxi-mme | last 20 events | 0.1500 (10) | 0.2000 (5) | 0.3000 (1) |"
+    assert bucket_table({"results": [_row("x", "fuxi-mme, clean", [{"protocol": "loo-val", "run_dir": "r", "test": {"NDCG@10": 0.1}}], [])]}) == ""

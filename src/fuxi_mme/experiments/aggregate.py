@@ -65,6 +65,9 @@ def _origins(done: list[Job]) -> dict[tuple[str, str], list[tuple[str, str]]]:
     return origin
 
 
+HISTORY_BUCKETS = ("short", "medium", "long")
+
+
 def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[str, str]]) -> dict[str, Any]:
     """One table row: the seeds' metrics as mean and std, epochs, training seconds, parameters."""
     entry: dict[str, Any] = {
@@ -86,6 +89,11 @@ def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[
                 nums = [float(v) for v in got if isinstance(v, (int, float))]
                 if len(nums) == len(runs):
                     entry[f"{split}/{k}"] = _mean_std(nums)
+    for b in HISTORY_BUCKETS:  # test NDCG@10 per user-history-length bucket (docs/training.md#robustness-protocols)
+        cells = [((r.get("test") or {}).get("buckets") or {}).get(b) or {} for r in runs]
+        if all("NDCG@10" in c for c in cells):
+            entry[f"test/{b}/NDCG@10"] = _mean_std([float(c["NDCG@10"]) for c in cells])
+            entry[f"test/{b}/users"] = sum(int(c.get("users", 0)) for c in cells) / len(cells)
     entry["epochs"] = [r.get("selected_epoch") for r in runs]
     secs = [train_seconds(Path(r["run_dir"])) for r in runs]
     known = [x for x in secs if x is not None]

@@ -94,6 +94,34 @@ def degradation_table(res: dict[str, Any]) -> str:
     return "\n".join(head + lines) + "\n"
 
 
+BUCKETS = ("short", "medium", "long")
+BUCKET_PROSE = [
+    "By history length: test NDCG@10 (mean over seeds) of the users whose evaluation history is short (< 10 events),",
+    "medium (10-49) or long (>= 50; docs/training.md#history-length-buckets), with each bucket's mean user count; the",
+    "histories are the evaluated ones (clean, so the buckets hold the same users under every training condition).",
+    "",
+]
+
+
+def bucket_table(res: dict[str, Any]) -> str:
+    """Test NDCG@10 per history-length bucket for every (dataset, model, condition) whose runs
+    recorded buckets, clean first; "" when none did."""
+    cells = _cells(res)
+    lines = []
+    for ds in _datasets(res):
+        for model in MODELS:
+            for cond in (CLEAN, *CONDITIONS):
+                e = cells.get((ds, model, cond))
+                if e is None or not all(f"test/{b}/NDCG@10" in e for b in BUCKETS):
+                    continue
+                row = [f"{e[f'test/{b}/NDCG@10']['mean']:.4f} ({e.get(f'test/{b}/users', 0):,.0f})" for b in BUCKETS]
+                lines.append(f"| {ds} | {model} | {cond} | " + " | ".join(row) + " |")
+    if not lines:
+        return ""
+    head = ["| dataset | model | condition | short: NDCG@10 (users) | medium | long |", "|---|---|---|---|---|---|"]
+    return "\n".join(head + lines) + "\n"
+
+
 def drop_difference(first: tuple[dict[str, Any], dict[str, Any]], second: tuple[dict[str, Any], dict[str, Any]]) -> tuple[float, float, float]:
     """(d, t, df) of d = (first_cond - first_clean) - (second_cond - second_clean) on test
     NDCG@10, each side given as ``(clean entry, perturbed entry)``: Welch's t over the four
@@ -282,6 +310,9 @@ def robustness_section(res: dict[str, Any], img_dir: Path | None = None) -> list
     img = plot_robustness(res, img_dir / "robustness.png") if img_dir is not None else None
     if img is not None:
         lines += [*PLOT_PROSE, f"![robustness]({img.name})", ""]
+    buckets = bucket_table(res)
+    if buckets:
+        lines += [*BUCKET_PROSE, buckets, ""]
     versus = robustness_comparison(res)
     if versus:
         lines += [*COMPARISON_PROSE, versus, ""]
