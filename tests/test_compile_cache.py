@@ -13,47 +13,46 @@ import torch
 from fuxi_mme.config import apply_overrides
 from fuxi_mme.presets import build_preset
 from fuxi_mme.train.run import compile_shape_key
-from fuxi_mme.utils.runtime import JOB_ID_PREFIX, persistent_compile_cache
+from fuxi_mme.utils.runtime import JOB_ID_PREFIX, compile_settings, persistent_compile_cache
 
 
 @pytest.fixture
-def clean_compile_settings(monkeypatch):
-    import torch._functorch.config as functorch_config
-
+def no_cache_env(monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
-    saved = (torch.compiler.config.job_id, functorch_config.autograd_cache_allow_custom_autograd_functions)
-    yield functorch_config
-    torch.compiler.config.job_id, functorch_config.autograd_cache_allow_custom_autograd_functions = saved
+    yield
     os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
     os.environ.pop("TRITON_CACHE_DIR", None)
 
 
-def test_cache_folders_custom_functions_and_job_id(tmp_path, clean_compile_settings):
-    torch.compiler.config.job_id = None
-    clean_compile_settings.autograd_cache_allow_custom_autograd_functions = False
-    folder = persistent_compile_cache(tmp_path, "abc")
+def test_cache_folders(tmp_path, no_cache_env):
+    folder = persistent_compile_cache(tmp_path)
     assert folder == str(tmp_path / "compile-cache" / "inductor") == os.environ["TORCHINDUCTOR_CACHE_DIR"]
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "compile-cache" / "triton")
-    assert clean_compile_settings.autograd_cache_allow_custom_autograd_functions is True
-    assert torch.compiler.config.job_id == JOB_ID_PREFIX + "abc"
-    persistent_compile_cache(tmp_path, "def")  # a second run in the same process: its own key
-    assert torch.compiler.config.job_id == JOB_ID_PREFIX + "def"
 
 
-def test_torchs_own_default_is_replaced_and_a_users_folder_stands(tmp_path, clean_compile_settings, monkeypatch):
+def test_torchs_own_default_is_replaced_and_a_users_folder_stands(tmp_path, no_cache_env, monkeypatch):
     from torch._inductor.runtime.runtime_utils import cache_dir
 
     cache_dir()  # torch writes its default into the environment (importing torch._dynamo can do this)
-    assert persistent_compile_cache(tmp_path, "abc") == str(tmp_path / "compile-cache" / "inductor")
+    assert persistent_compile_cache(tmp_path) == str(tmp_path / "compile-cache" / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    assert persistent_compile_cache(tmp_path, "abc") == str(tmp_path / "mine")
+    assert persistent_compile_cache(tmp_path) == str(tmp_path / "mine")
 
 
-def test_a_users_job_id_stands(tmp_path, clean_compile_settings):
-    torch.compiler.config.job_id = "my-job"
-    persistent_compile_cache(tmp_path, "abc")
-    assert torch.compiler.config.job_id == "my-job"
+def test_settings_hold_for_the_run_only():
+    import torch._functorch.config as functorch_config
+
+    assert functorch_config.autograd_cache_allow_custom_autograd_functions is False and torch.compiler.config.job_id is None
+    with compile_settings("abc"):
+        assert functorch_config.autograd_cache_allow_custom_autograd_functions is True
+        assert torch.compiler.config.job_id == JOB_ID_PREFIX + "abc"
+    assert functorch_config.autograd_cache_allow_custom_autograd_functions is False and torch.compiler.config.job_id is None
+
+
+def test_a_users_job_id_stands():
+    with torch.compiler.config.patch(job_id="my-job"), compile_settings("abc"):
+        assert torch.compiler.config.job_id == "my-job"
 
 
 def test_shape_key_follows_shapes_not_seeds():
@@ -70,8 +69,8 @@ WARM = textwrap.dedent(
     import json, sys, torch
     from torch._dynamo.utils import counters
     from fuxi_mme.models.attention.shared import lookup
-    from fuxi_mme.utils.runtime import persistent_compile_cache
-    persistent_compile_cache(sys.argv[1], "test")
+    from fuxi_mme.utils.runtime import compile_settings, persistent_compile_cache
+    persistent_compile_cache(sys.argv[1])
     table = torch.nn.Parameter(torch.randn(9))
     idx = torch.randint(0, 9, (4, 32, 32))
     def f(t, i):
@@ -80,7 +79,8 @@ WARM = textwrap.dedent(
     for _ in range(2):  # the second compile (after a reset) finds the first one's graphs on disk
         torch._dynamo.reset()
         counters.clear()
-        torch.compile(f)(table, idx).backward()
+        with compile_settings("test"):
+            torch.compile(f)(table, idx).backward()
         out.append(dict(counters["aot_autograd"]))
     print(json.dumps(out))
     """

@@ -22,7 +22,7 @@ from ..eval.evaluator import evaluate_run_split, popularity_scorer, resolve_hist
 from ..models import build_model
 from ..runs import Run, adapt_to_dataset
 from ..utils.runinfo import run_info
-from ..utils.runtime import persistent_compile_cache, seconds_since_process_start, seed_everything, setup_device
+from ..utils.runtime import compile_settings, persistent_compile_cache, seconds_since_process_start, seed_everything, setup_device
 from . import distributed as D
 from .loop import Trainer
 
@@ -55,7 +55,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """
     started_s = seconds_since_process_start()
     validate(cfg)
-    persistent_compile_cache(cfg.data.data_dir or default_data_dir(), compile_shape_key(cfg))
+    persistent_compile_cache(cfg.data.data_dir or default_data_dir())
     dinfo = D.from_env()
     device = setup_device(cfg.train.device, dinfo.local_rank if dinfo.enabled else None, cfg.train.num_threads, cfg.train.tf32)
     if dinfo.enabled:
@@ -63,7 +63,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         if not dinfo.main:
             logging.getLogger("fuxi_mme").setLevel(logging.WARNING)  # rank 0 speaks for all
     try:
-        out = _train(cfg, resume, dinfo, device, started_s)
+        with compile_settings(compile_shape_key(cfg)):
+            out = _train(cfg, resume, dinfo, device, started_s)
         # no rank tears the group down while a peer may still be in a collective (hardening: a
         # two-process gloo test once aborted rank 0 at its end, 1 in 11 runs; cause not confirmed)
         D.barrier(dinfo)

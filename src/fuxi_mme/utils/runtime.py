@@ -3,8 +3,10 @@ the benchmarks all take these from here, so a run's numbers reproduce everywhere
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -63,24 +65,13 @@ def _torch_default_cache_dir() -> str | None:
         return None
 
 
-def persistent_compile_cache(data_dir: str | os.PathLike[str], shape_key: str | None = None) -> str:
-    """Keep compiled artefacts in ``<data_dir>/compile-cache`` (unless TORCHINDUCTOR_CACHE_DIR /
-    TRITON_CACHE_DIR are set), so they live as long as the prepared data and a second run of the
-    same shapes skips most compilation (docs/performance.md#time-to-result):
-
-    * Inductor's and Triton's kernels (their own caches, in that folder);
-    * AOTAutograd's forward/backward graphs, also for graphs that hold our custom autograd
-      Functions (the small-table lookup of the attention biases, the MoE row dispatch, the
-      chunked scan). PyTorch leaves those graphs out of its cache by default because an
-      arbitrary Function may have side effects; ours are pure tensor functions whose forward and
-      backward Dynamo traces into the graph (so the cache key covers their code). Without this a
-      warm run traces forward and backward again;
-    * Dynamo's record of which dimensions varied (its automatic-dynamic profile), under a job id
-      per ``shape_key`` (the run's model and data shapes), so a warm run compiles the dynamic
-      graph at once instead of a static one first and a dynamic one on the first change.
-      A job id set by the user (TORCH_COMPILE_JOB_ID) stands.
-
-    Must run before the first compilation; returns the Inductor cache folder."""
+def persistent_compile_cache(data_dir: str | os.PathLike[str]) -> str:
+    """Keep Inductor's and Triton's compiled kernels in ``<data_dir>/compile-cache`` (unless
+    TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR are set), so they live as long as the prepared
+    data and a second run of the same shapes skips most compilation (docs/performance.md#time-to-result);
+    AOTAutograd's graphs and Dynamo's automatic-dynamic profile go there too (their use is
+    switched on by :func:`compile_settings`). Must run before the first compilation; returns
+    the Inductor cache folder."""
     folder = os.path.join(os.fspath(data_dir), "compile-cache")
     default = _torch_default_cache_dir()  # first: importing Inductor's runtime may itself set the variable
     if default is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") == default:
@@ -89,18 +80,37 @@ def persistent_compile_cache(data_dir: str | os.PathLike[str], shape_key: str | 
         del os.environ["TORCHINDUCTOR_CACHE_DIR"]
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(folder, "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(folder, "triton"))
-    try:  # private configuration: absent or renamed in some torch versions, then left alone
-        import torch._functorch.config as functorch_config
-
-        if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
-            functorch_config.autograd_cache_allow_custom_autograd_functions = True
-    except ImportError:
-        pass
-    compiler_config = getattr(torch.compiler, "config", None)
-    if shape_key and compiler_config is not None and hasattr(compiler_config, "job_id"):
-        if compiler_config.job_id is None or compiler_config.job_id.startswith(JOB_ID_PREFIX):  # not the user's
-            compiler_config.job_id = JOB_ID_PREFIX + shape_key
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+@contextlib.contextmanager
+def compile_settings(shape_key: str | None = None) -> Iterator[None]:
+    """torch.compile settings for the body (a run's training), restored after it:
+
+    * AOTAutograd's cache also takes graphs that hold our custom autograd Functions (the
+      small-table lookup of the attention biases, the MoE row dispatch, the chunked scan).
+      PyTorch leaves such graphs out by default because an arbitrary Function may have side
+      effects; ours are pure tensor functions whose forward and backward Dynamo traces into the
+      graph, so the cache key covers their code. Without this a warm run traces forward and
+      backward again;
+    * Dynamo's record of which dimensions varied (its automatic-dynamic profile) is kept under
+      a job id per ``shape_key`` (the run's model and data shapes), so a warm run compiles the
+      dynamic graph at once instead of a static one first and a dynamic one at the first change
+      of shape. A job id the user set (TORCH_COMPILE_JOB_ID) stands.
+
+    Settings a torch version lacks are left alone."""
+    with contextlib.ExitStack() as stack:
+        try:  # private configuration: absent or renamed in some torch versions
+            import torch._functorch.config as functorch_config
+
+            if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
+                stack.enter_context(functorch_config.patch(autograd_cache_allow_custom_autograd_functions=True))
+        except ImportError:
+            pass
+        compiler_config = getattr(torch.compiler, "config", None)
+        if shape_key and compiler_config is not None and getattr(compiler_config, "job_id", "") is None:
+            stack.enter_context(compiler_config.patch(job_id=JOB_ID_PREFIX + shape_key))
+        yield
 
 
 def seconds_since_process_start() -> float | None:
