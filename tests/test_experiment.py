@@ -856,13 +856,13 @@ def test_the_time_budget_starts_no_run_after_it_and_lets_running_ones_finish(tmp
     ran = []
 
     def fake_run(job, env, stopping=None):
-        _time.sleep(0.3)
+        _time.sleep(1.5)  # longer than the budget: the next two would start after it
         ran.append(job.seed)
-        return job, 0, 0.3
+        return job, 0, 1.5
 
     monkeypatch.setattr(runner, "run_job", fake_run)
     jobs = [Job("demo", "sasrec", s, [], tmp_path / "demo" / "sasrec" / f"seed{s}") for s in range(6)]
-    failed = runner.run_jobs(jobs, 2, {id(j): "s" for j in jobs}, deadline=_time.monotonic() + 0.1)
+    failed = runner.run_jobs(jobs, 2, {id(j): "s" for j in jobs}, deadline=_time.monotonic() + 0.5)
     assert failed == {}  # unstarted runs are not failures
     assert sorted(ran) == [0, 1]  # the first two started before the deadline and finished; no more started
     assert "time budget spent: 4 run(s) not started; the same command runs them" in capsys.readouterr().out

@@ -66,9 +66,11 @@ def test_four_group_welch_known_answer():
     d, t, df = welch_contrast([(1.0, {"mean": 0.3, "std": 0.01}, 2), (-1.0, {"mean": 0.1, "std": 0.02}, 5), (1.0, {"mean": 0.0, "std": 0.0}, 3)])
     v1, v2 = 0.01**2 / 2, 0.02**2 / 5
     assert (d, t, df) == pytest.approx((0.2, 0.2 / math.sqrt(v1 + v2), (v1 + v2) ** 2 / (v1**2 / 1 + v2**2 / 4)))
-    # two groups, +1 and -1: the page's Welch test
+    # two groups, +1 and -1: the page's Welch test (which is computed by it), by hand
     a, b = {"mean": 0.55, "std": 0.01}, {"mean": 0.50, "std": 0.02}
-    assert welch_contrast([(1.0, a, 3), (-1.0, b, 4)])[1:] == pytest.approx(welch(a, 3, b, 4))
+    va, vb = 0.01**2 / 3, 0.02**2 / 4
+    by_hand = (0.05 / math.sqrt(va + vb), (va + vb) ** 2 / (va**2 / 2 + vb**2 / 3))
+    assert welch_contrast([(1.0, a, 3), (-1.0, b, 4)])[1:] == pytest.approx(by_hand) == welch(a, 3, b, 4)
     # no spread anywhere
     assert welch_contrast([(1.0, {"mean": 0.2, "std": 0.0}, 3), (-1.0, {"mean": 0.1, "std": 0.0}, 3)])[1:] == (math.inf, 4.0)
 

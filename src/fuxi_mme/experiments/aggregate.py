@@ -89,7 +89,7 @@ def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[
                 nums = [float(v) for v in got if isinstance(v, (int, float))]
                 if len(nums) == len(runs):
                     entry[f"{split}/{k}"] = _mean_std(nums)
-    for b in HISTORY_BUCKETS:  # test NDCG@10 per user-history-length bucket (docs/training.md#robustness-protocols)
+    for b in HISTORY_BUCKETS:  # test NDCG@10 per user-history-length bucket (docs/training.md#history-length-buckets)
         cells = [((r.get("test") or {}).get("buckets") or {}).get(b) or {} for r in runs]
         if all("NDCG@10" in c for c in cells):
             entry[f"test/{b}/NDCG@10"] = _mean_std([float(c["NDCG@10"]) for c in cells])

@@ -58,12 +58,8 @@ def _cost_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
 
 def plot_scaling(res: dict[str, Any], out: Path) -> Path | None:
     """Write the scaling plot to ``out`` (PNG); None without matplotlib or rows to draw."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     rows = [e for e in res["results"] if "test/NDCG@10" in e]
     if not rows:
@@ -73,6 +69,19 @@ def plot_scaling(res: dict[str, Any], out: Path) -> Path | None:
         _sweep_panel(ax, rows, key, label)
     _cost_panel(axes[2], rows)
     return save_figure(fig, axes, out)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed
+    (the plots are an optional extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def save_figure(fig: Any, axes: Any, out: Path) -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .plots import save_figure
+from .plots import pyplot, save_figure
 from .stats import reading, welch_contrast
 
 METRIC = "test/NDCG@10"
@@ -149,11 +149,10 @@ def _comparison_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str,
                 if any(r is None for r in rows):
                     continue
                 fc, fn, sc, sn = (r for r in rows if r is not None)
-                d = (fn[METRIC]["mean"] - fc[METRIC]["mean"]) - (sn[METRIC]["mean"] - sc[METRIC]["mean"])
+                d, t, df = drop_difference((fc, fn), (sc, sn))
                 if min(r["seeds"] for r in (fc, fn, sc, sn)) < 2:  # no spread to test against
                     word, test = "not tested", "- | one seed: not tested"
                 else:
-                    _, t, df = drop_difference((fc, fn), (sc, sn))
                     word = WORDS[reading(t, df)]
                     test = f"{t:.1f} ({df:.1f}) | {word}"
                 line = f"| {ds} | {cond} | {first} against {second} | {_drop_cell(fc, fn)} | {_drop_cell(sc, sn)} | {d:+.4f} | {test} |"
@@ -284,12 +283,8 @@ def plot_robustness(res: dict[str, Any], out: Path) -> Path | None:
     datasets = [ds for ds in _datasets(res) if _complete(cells, ds)]
     if not datasets:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(2, len(datasets), figsize=(5.5 * len(datasets), 8), squeeze=False)
     for j, ds in enumerate(datasets):

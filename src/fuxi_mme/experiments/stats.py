@@ -48,12 +48,8 @@ def t_critical(df: float) -> float:
 def welch(a: dict[str, float], n_a: int, b: dict[str, float], n_b: int) -> tuple[float, float]:
     """Welch's t of mean a - mean b (``{"mean", "std"}`` with sample std over n seeds) and its
     Welch-Satterthwaite degrees of freedom. Zero spread on both sides: t is +-inf (or 0 when equal)."""
-    va, vb = a["std"] ** 2 / n_a, b["std"] ** 2 / n_b
-    diff = a["mean"] - b["mean"]
-    if va + vb == 0:
-        return (math.copysign(math.inf, diff) if diff else 0.0), float(n_a + n_b - 2)
-    den = (va**2 / (n_a - 1) if n_a > 1 else 0.0) + (vb**2 / (n_b - 1) if n_b > 1 else 0.0)
-    return diff / math.sqrt(va + vb), ((va + vb) ** 2 / den if den else float(n_a + n_b - 2))
+    _, t, df = welch_contrast([(1.0, a, n_a), (-1.0, b, n_b)])
+    return t, df
 
 
 def reading(t: float, df: float) -> str:

@@ -266,6 +266,15 @@ def published_comparison(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _welch_cells(first: dict[str, Any], second: dict[str, Any], metric: str) -> str:
+    """The "Welch t (df) | reading at 5%" cells of first - second, or "- | one seed: not tested"
+    when a side has no spread to test against."""
+    if min(first["seeds"], second["seeds"]) < 2:
+        return "- | one seed: not tested"
+    t, df = welch(first[metric], first["seeds"], second[metric], second["seeds"])
+    return f"{t:.1f} ({df:.1f}) | {reading(t, df)}"
+
+
 def behaviour_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
     """The ``behavior`` suite's answer: each model with behaviours as input against the same model
     without, for the next item and for the next target-behaviour item, on every dataset, with
@@ -279,11 +288,7 @@ def behaviour_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> s
                 if plain is None or aware is None:
                     continue
                 p, a = plain[metric], aware[metric]
-                if min(plain["seeds"], aware["seeds"]) < 2:  # no spread to test against
-                    test = "- | one seed: not tested"
-                else:
-                    t, df = welch(a, aware["seeds"], p, plain["seeds"])
-                    test = f"{t:.1f} ({df:.1f}) | {reading(t, df)}"
+                test = _welch_cells(aware, plain, metric)
                 lines.append(
                     f"| {ds} | {model} | {target} | {p['mean']:.4f} ± {p['std']:.4f} ({plain['seeds']}) | "
                     f"{a['mean']:.4f} ± {a['std']:.4f} ({aware['seeds']}) | {a['mean'] - p['mean']:+.4f} | {test} |"
@@ -310,11 +315,7 @@ def versus_table(res: dict[str, Any], pairs: list[tuple[str, str]], metric: str 
             a, b = cells.get((ds, a_name)), cells.get((ds, b_name))
             if a is None or b is None:
                 continue
-            if min(a["seeds"], b["seeds"]) < 2:  # no spread to test against
-                test = "- | one seed: not tested"
-            else:
-                t, df = welch(b[metric], b["seeds"], a[metric], a["seeds"])
-                test = f"{t:.1f} ({df:.1f}) | {reading(t, df)}"
+            test = _welch_cells(b, a, metric)
             secs = " / ".join(f"{e['train_seconds']['mean']:.0f}" if e.get("train_seconds") else "-" for e in (a, b))
             lines.append(
                 f"| {ds} | {b_name} against {a_name} | {a[metric]['mean']:.4f} ± {a[metric]['std']:.4f} ({a['seeds']}) | "

@@ -38,7 +38,7 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
 def compile_shape_key(cfg: Config) -> str:
     """What fixes the shapes a run compiles (the model, the data and its length cap, the batch
     sizes, precision and device; not the seed, learning rate or epochs): runs that share it share
-    Dynamo's record of which dimensions vary (``utils.runtime.persistent_compile_cache``)."""
+    Dynamo's record of which dimensions vary (``utils.runtime.compile_settings``)."""
     shape = {
         "model": dataclasses.asdict(cfg.model),
         "data": [cfg.data.name, str(cfg.data.path), cfg.data.max_len, cfg.data.behavior, cfg.data.target_behavior],
