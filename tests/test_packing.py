@@ -1,4 +1,4 @@
-"""Packing runs onto a GPU by measured memory, and starting again a run that ran out of it."""
+"""Packing runs onto a GPU by measured memory and host load, and starting again a run that ran out of memory."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from fuxi_mme.experiments import packing
-from fuxi_mme.experiments.packing import MemoryGate, ended_out_of_memory, peak_memory_gb
+from fuxi_mme.experiments.packing import HostLoad, PackingGate, ended_out_of_memory, host_cores, peak_memory_gb
 
 
 class Clock:
@@ -31,7 +31,7 @@ def test_a_run_waits_for_free_memory_its_kind_needs():
             free["0"] = 100.0
         waited_until.append(clock.t)
 
-    gate = MemoryGate(free=lambda g: free[g], default_gb=8.0, settle_s=10.0, poll_s=1.0, clock=clock, sleep=sleep)
+    gate = PackingGate(free=lambda g: free[g], default_gb=8.0, settle_s=10.0, poll_s=1.0, clock=clock, sleep=sleep, idle=lambda: None)
     gate.acquire("0", "a")  # nothing runs there: starts at once
     assert gate.running["0"] == 1 and clock.t == 0
     gate.learn("a", 20.0)  # a run of kind a logged a 20 GiB peak: need 20 * 1.25 + 1.5
@@ -53,14 +53,14 @@ def test_a_run_waits_for_free_memory_its_kind_needs():
 def test_try_acquire_answers_without_waiting():
     clock = Clock()
     free = {"0": 5.0}
-    gate = MemoryGate(free=lambda g: free[g], default_gb=8.0, settle_s=10.0, clock=clock, sleep=clock.sleep)
+    gate = PackingGate(free=lambda g: free[g], default_gb=8.0, settle_s=10.0, clock=clock, sleep=clock.sleep, idle=lambda: None)
     assert gate.try_acquire("0", "t")  # an empty GPU
     assert not gate.try_acquire("0", "t")  # not settled yet
     clock.t = 11
     assert not gate.try_acquire("0", "t")  # settled, but 5 GiB free < 8 needed
     free["0"] = 50.0
     assert gate.try_acquire("0", "t") and gate.running["0"] == 2
-    unknown = MemoryGate(free=lambda g: None, clock=clock, sleep=clock.sleep, settle_s=100)
+    unknown = PackingGate(free=lambda g: None, clock=clock, sleep=clock.sleep, settle_s=100, idle=lambda: 0.0)
     assert unknown.try_acquire("0", "t") and unknown.try_acquire("0", "t")  # no reading: only --jobs bounds
 
 
@@ -96,7 +96,7 @@ def test_a_job_that_ran_out_of_gpu_memory_runs_again(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(runner, "run_job", fake_run_job)
     monkeypatch.setattr(runner, "visible_gpus", lambda: ["0"])
-    gate = MemoryGate(free=lambda g: 100.0, settle_s=0)
+    gate = PackingGate(free=lambda g: 100.0, settle_s=0, idle=lambda: None)
     job = Job("demo", "sasrec", 0, [], Path(tmp_path / "demo" / "sasrec" / "seed0"))
     failed = runner.run_jobs([job], 1, {id(job): "s"}, gate=gate)
     out = capsys.readouterr().out
@@ -110,3 +110,62 @@ def test_a_job_that_ran_out_of_gpu_memory_runs_again(tmp_path, monkeypatch, caps
 def test_free_memory_is_none_without_nvidia_smi(monkeypatch):
     monkeypatch.setattr(packing.shutil, "which", lambda name: None)
     assert packing.free_memory_gb("0") is None
+
+
+def test_a_run_waits_for_the_idle_host_cores_its_kind_keeps_busy():
+    """Memory fits throughout; the host is the bound: a kind measured at 3 cores waits until 3
+    cores are idle, an unknown kind needs one."""
+    clock = Clock()
+    idle = {"cores": 0.5}
+
+    def sleep(s: float) -> None:
+        clock.sleep(s)
+        if clock.t >= 40:  # a run's compile workers finish at t = 40
+            idle["cores"] = 6.0
+
+    gate = PackingGate(free=lambda g: 100.0, settle_s=10.0, poll_s=1.0, clock=clock, sleep=sleep, idle=lambda: idle["cores"])
+    gate.acquire("0", "a")  # an idle GPU: starts whatever the host does
+    gate.learn("a", None, 3.0)
+    assert gate.expect_cores("a") == 3.0 and gate.expect_cores("b") == 1.0
+    gate.acquire("0", "a")  # half a core idle: waits for 3
+    assert clock.t == 40 and gate.running["0"] == 2
+    gate.learn("a", None, 2.0)  # a lighter run of the same kind does not lower its need
+    assert gate.expect_cores("a") == 3.0
+    idle["cores"] = 1.5
+    clock.t += 10
+    assert not gate.try_acquire("0", "a") and gate.try_acquire("0", "b")  # 1.5 idle: b's 1 fits, a's 3 does not
+    gate.learn("c", 4.0)
+    assert gate.expect_cores("c") == 1.0  # a memory peak alone teaches no cores
+
+
+def test_host_load_reads_the_idle_share_of_this_process_cores(tmp_path):
+    """Two /proc/stat readings a window apart: the idle and iowait ticks over all ticks of the
+    cores this process may use, times their count; other cores and the summary line ignored."""
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal
+    first = "cpu  999 0 0 999 0 0 0 0\ncpu0 100 0 0 100 0 0 0 0\ncpu1 100 0 0 100 0 0 0 0\ncpu2 0 0 0 0 0 0 0 0\nintr 1 2\n"
+    # cpu0 fully busy, cpu1 idle 75% (60 idle + 15 iowait of 100), cpu2 (not ours) fully idle
+    second = "cpu  999 0 0 999 0 0 0 0\ncpu0 200 0 0 100 0 0 0 0\ncpu1 120 0 5 160 15 0 0 0\ncpu2 0 0 0 100 0 0 0 0\n"
+    clock = Clock()
+    stat.write_text(first)
+
+    def sleep(s: float) -> None:
+        clock.sleep(s)
+        stat.write_text(second)
+
+    host = HostLoad(stat=stat, cores={0, 1}, window_s=1.0, max_age_s=10.0, clock=clock, sleep=sleep)
+    assert host.idle_cores() == 2 * 75 / 200 and clock.t == 1.0  # no earlier reading: one taken a window before
+    stat.write_text(second.replace("cpu0 200 0 0 100", "cpu0 200 0 0 300").replace("cpu1 120", "cpu1 320"))
+    clock.t += 5  # a reading 5 s old: used as the start of the window, no sleep
+    assert host.idle_cores() == 2 * 200 / 400 and clock.t == 6.0
+    assert HostLoad(stat=tmp_path / "missing").idle_cores() is None
+
+
+def test_host_cores_are_cpu_seconds_over_wall_seconds(tmp_path):
+    run = tmp_path / "seed0"
+    run.mkdir()
+    assert host_cores(run) is None
+    (run / "run.json").write_text(json.dumps({"phases": {"total": 40.0}, "host_cpu_seconds": 60.0}))
+    assert host_cores(run) == 1.5
+    (run / "run.json").write_text(json.dumps({"phases": {"total": 40.0}}))  # a run from before the field
+    assert host_cores(run) is None

@@ -39,6 +39,7 @@ def test_train_writes_the_run_directory_and_evaluate_reproduces_it(tmp_path):
         assert (run / f).exists(), f
     info = json.loads((run / "run.json").read_text())
     assert info["versions"]["torch"] and info["device"]["device"] == "cpu" and "commit" in info
+    assert info["host_cpu_seconds"] > 0 and info["phases"]["total"] > 0  # what packing learns a run's host cores from
     assert load_run(run) == cfg
     log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in log] == ["train", "valid", "train", "valid", "test"]

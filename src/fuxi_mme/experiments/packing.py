@@ -1,16 +1,25 @@
-"""Packing runs onto a GPU by measured memory, not a fixed count (docs/performance.md#many-runs-per-gpu).
+"""Packing runs onto a GPU by measured memory and host load, not a fixed count
+(docs/performance.md#many-runs-per-gpu).
 
 ``--jobs`` bounds how many runs share the host; on top of it a run starts on a GPU only when
-the GPU's free memory (``nvidia-smi``) covers what runs of its kind were measured to need
-(their logged peak, with a margin), or when nothing else runs there. A run that still ends in
-CUDA out-of-memory (another run grew after it started) is started again once memory frees up,
-at most twice, and its kind's need is raised. Used by ``experiment`` and ``tune``.
+nothing else runs there, or when both
+
+* the GPU's free memory (``nvidia-smi``) covers what runs of its kind were measured to need
+  (their logged peak, with a margin), and
+* the host's idle cores (``/proc/stat``, over the cores this process may use) cover the cores
+  runs of its kind were measured to keep busy (their CPU seconds over their wall seconds, from
+  ``run.json``).
+
+A run that still ends in CUDA out-of-memory (another run grew after it started) is started
+again once memory frees up, at most twice, and its kind's need is raised. Used by
+``experiment`` and ``tune``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import threading
@@ -62,14 +71,94 @@ def ended_out_of_memory(log_file: Path) -> bool:
     return "out of memory" in tail.lower()
 
 
-class MemoryGate:
-    """Lets a run start on a GPU when the GPU's free memory covers the run's expected need.
+def host_cores(run_dir: Path) -> float | None:
+    """The host cores a finished run kept busy on average: its ``host_cpu_seconds`` (process and
+    compile workers) over its phases' total wall seconds, from ``run.json``; None when absent."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+        cpu, wall = info.get("host_cpu_seconds"), (info.get("phases") or {}).get("total")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(cpu, (int, float)) or not isinstance(wall, (int, float)) or wall <= 0:
+        return None
+    return float(cpu) / float(wall)
 
-    The need of a kind of run (any hashable key, e.g. (dataset, variant)) is learned from the
-    peaks its finished runs logged: ``peak * 1.25 + 1.5`` GiB (the CUDA context, graph pools
-    and the allocator's cache come on top of what PyTorch reports); unknown kinds assume
-    ``default_gb``. After a start, the gate waits ``settle_s`` before reading the free memory
-    again, so a starting run's allocations are seen by the next decision."""
+
+class HostLoad:
+    """Idle cores of the host, read from ``/proc/stat``: the idle share (idle + iowait) of the
+    time of the cores this process may run on since the previous reading, times their count.
+    A reading older than ``max_age_s`` is renewed first, and two readings are at least
+    ``window_s`` apart, so the answer describes the last few seconds. None where there is no
+    ``/proc/stat`` (not Linux): then the host does not bound."""
+
+    def __init__(
+        self,
+        stat: Path = Path("/proc/stat"),
+        cores: set[int] | None = None,
+        window_s: float = 1.0,
+        max_age_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.stat, self.window_s, self.max_age_s, self.clock, self.sleep = stat, window_s, max_age_s, clock, sleep
+        if cores is None:
+            cores = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        self.cores = cores
+        self.last: tuple[float, float, float] | None = None  # (time, idle ticks, all ticks)
+
+    def _read(self) -> tuple[float, float, int] | None:
+        """(idle ticks, all ticks, cores counted) summed over this process's cores."""
+        try:
+            lines = self.stat.read_text().splitlines()
+        except OSError:
+            return None
+        idle = total = 0.0
+        n = 0
+        for line in lines:
+            name, _, rest = line.partition(" ")
+            if not name.startswith("cpu") or name == "cpu" or not name[3:].isdigit():
+                continue
+            if self.cores is not None and int(name[3:]) not in self.cores:
+                continue
+            ticks = [float(x) for x in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
+            if len(ticks) < 5:
+                continue
+            idle += ticks[3] + ticks[4]
+            total += sum(ticks)
+            n += 1
+        return (idle, total, n) if n else None
+
+    def idle_cores(self) -> float | None:
+        now, cur = self.clock(), self._read()
+        if cur is None:
+            return None
+        if self.last is None or now - self.last[0] > self.max_age_s:  # no recent reading: take one
+            self.last = (now, cur[0], cur[1])
+            self.sleep(self.window_s)
+        elif now - self.last[0] < self.window_s:
+            self.sleep(self.window_s - (now - self.last[0]))
+        now, cur = self.clock(), self._read()
+        if cur is None:
+            return None
+        d_idle, d_total = cur[0] - self.last[1], cur[1] - self.last[2]
+        self.last = (now, cur[0], cur[1])
+        if d_total <= 0:
+            return None
+        return cur[2] * min(max(d_idle / d_total, 0.0), 1.0)
+
+
+class PackingGate:
+    """Lets a run start on a GPU when the GPU's free memory and the host's idle cores cover the
+    run's expected needs (or when nothing else runs on that GPU).
+
+    The needs of a kind of run (any hashable key, e.g. (dataset, variant)) are learned from its
+    finished runs: memory from the peaks they logged, ``peak * 1.25 + 1.5`` GiB (the CUDA
+    context, graph pools and the allocator's cache come on top of what PyTorch reports), unknown
+    kinds ``default_gb``; host cores from the cores they kept busy on average (``host_cores``),
+    unknown kinds ``default_cores``. After a start, the gate waits ``settle_s`` before the next
+    decision, so a starting run's allocations and CPU use are seen by it. ``free`` answering
+    None (no ``nvidia-smi``) leaves both bounds out (only ``--jobs`` bounds), ``idle``
+    answering None (no ``/proc/stat``) the host's."""
 
     def __init__(
         self,
@@ -79,10 +168,15 @@ class MemoryGate:
         poll_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        idle: Callable[[], float | None] | None = None,
+        default_cores: float = 1.0,
     ):
         self.free, self.default_gb, self.settle_s, self.poll_s = free, default_gb, settle_s, poll_s
         self.clock, self.sleep = clock, sleep
+        self.idle = idle if idle is not None else HostLoad().idle_cores
+        self.default_cores = default_cores
         self.need: dict[Hashable, float] = {}
+        self.cores: dict[Hashable, float] = {}
         self.running: dict[str, int] = {}
         self.last_start: dict[str, float] = {}
         self.lock = threading.Lock()  # the counters
@@ -91,9 +185,27 @@ class MemoryGate:
     def expect(self, key: Hashable) -> float:
         return self.need.get(key, self.default_gb)
 
-    def learn(self, key: Hashable, peak_gb: float | None) -> None:
+    def expect_cores(self, key: Hashable) -> float:
+        return self.cores.get(key, self.default_cores)
+
+    def learn(self, key: Hashable, peak_gb: float | None, cores: float | None = None) -> None:
         if peak_gb is not None:
             self.need[key] = max(self.need.get(key, 0.0), peak_gb * 1.25 + 1.5)
+        if cores is not None:
+            self.cores[key] = max(self.cores.get(key, 0.0), cores)
+
+    def _may_start(self, gpu: str, key: Hashable) -> bool:
+        """With a run already on ``gpu``: whether one of ``key`` may join it now. Without a
+        reading of the GPU's memory (no ``nvidia-smi``) only ``--jobs`` bounds; otherwise the
+        last start must have settled, then the free memory and the host's idle cores must
+        cover the kind's needs (no ``/proc/stat``: memory alone)."""
+        free = self.free(gpu)
+        if free is None:
+            return True
+        if self.clock() - self.last_start.get(gpu, -1e9) < self.settle_s or free < self.expect(key):
+            return False
+        idle = self.idle()
+        return idle is None or idle >= self.expect_cores(key)
 
     def raise_need(self, key: Hashable) -> None:
         """After an out-of-memory end: this kind needs more than was assumed."""
@@ -107,11 +219,7 @@ class MemoryGate:
             while True:
                 with self.lock:
                     busy = self.running.get(gpu, 0)
-                settled = self.clock() - self.last_start.get(gpu, -1e9) >= self.settle_s
-                if busy == 0:
-                    break
-                free = self.free(gpu)
-                if free is None or (settled and free >= self.expect(key)):  # no reading: only --jobs bounds
+                if busy == 0 or self._may_start(gpu, key):
                     break
                 self.sleep(self.poll_s)
             with self.lock:
@@ -125,11 +233,8 @@ class MemoryGate:
         with self.deciding:
             with self.lock:
                 busy = self.running.get(gpu, 0)
-            if busy:
-                free = self.free(gpu)
-                settled = self.clock() - self.last_start.get(gpu, -1e9) >= self.settle_s
-                if free is not None and (not settled or free < self.expect(key)):
-                    return False
+            if busy and not self._may_start(gpu, key):
+                return False
             with self.lock:
                 self.running[gpu] = busy + 1
             self.last_start[gpu] = self.clock()

@@ -19,7 +19,7 @@ from ..utils.procs import sigterm_as_interrupt, stop_groups
 from ..utils.runinfo import git_commit
 from .aggregate import aggregate
 from .logs import pack_logs
-from .packing import OOM_RETRIES, MemoryGate, ended_out_of_memory, peak_memory_gb
+from .packing import OOM_RETRIES, PackingGate, ended_out_of_memory, host_cores, peak_memory_gb
 from .page import write_docs
 from .plan import GpuSlots, Job, is_done, job_cost, plan, stale_changes, visible_gpus
 from .store import has_run_file, unpack_run
@@ -98,16 +98,17 @@ NOT_STARTED = -2  # a job the time budget left unstarted (not a failure: the sam
 
 
 def run_jobs(
-    pending: list[Job], jobs: int, names: dict[int, str], gate: MemoryGate | None = None, deadline: float | None = None
+    pending: list[Job], jobs: int, names: dict[int, str], gate: PackingGate | None = None, deadline: float | None = None
 ) -> dict[str, list[str]]:
     """Run ``pending`` at most ``jobs`` at a time, longest first, each on the GPU with the fewest
-    running jobs once its free memory covers the job's measured need (``packing.py``); a job
+    running jobs once its free memory and the host's idle cores cover the job's measured needs
+    (``packing.py``); a job
     that ends out of GPU memory runs again (at most twice). No job starts after ``deadline``
     (``time.monotonic()``); those already running finish. Reports each as it ends. Returns
     the failed run folders per suite name."""
     slots = GpuSlots(visible_gpus())
     stopping = Stopping()
-    gate = gate or MemoryGate()
+    gate = gate or PackingGate()
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(jobs, 1))))
 
@@ -127,7 +128,7 @@ def run_jobs(
                 gate.release(job.gpu)
                 slots.give(job.gpu)
             total += dt
-            gate.learn(key, peak_memory_gb(job.run_dir))
+            gate.learn(key, peak_memory_gb(job.run_dir), host_cores(job.run_dir))
             if rc == 0 or job.gpu is None or attempt == OOM_RETRIES or not ended_out_of_memory(job.run_dir.parent / f"{job.run_dir.name}.log"):
                 return job, rc, total
             gate.raise_need(key)

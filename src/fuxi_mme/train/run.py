@@ -21,7 +21,7 @@ from ..data.splits import eval_arrays
 from ..eval.evaluator import evaluate_run_split, popularity_scorer, resolve_history
 from ..models import build_model
 from ..runs import Run, adapt_to_dataset
-from ..utils.runinfo import run_info
+from ..utils.runinfo import process_cpu_seconds, run_info
 from ..utils.runtime import compile_settings, persistent_compile_cache, seconds_since_process_start, seed_everything, setup_device
 from . import distributed as D
 from .loop import Trainer
@@ -126,7 +126,7 @@ def _train(cfg: Config, resume, dinfo: D.DistInfo, device: torch.device, started
         run.write_metrics(result)
         clock.lap("write")
         if not resume:
-            run.write_info({**info, "phases": clock.breakdown(run.metrics_log)})
+            run.write_info({**info, "phases": clock.breakdown(run.metrics_log), "host_cpu_seconds": process_cpu_seconds()})
     return result
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from ..config import Config, ConfigError, validate
-from ..experiments.packing import OOM_RETRIES, MemoryGate, ended_out_of_memory, peak_memory_gb
+from ..experiments.packing import OOM_RETRIES, PackingGate, ended_out_of_memory, host_cores, peak_memory_gb
 from ..experiments.plan import visible_gpus
 from ..utils.procs import sigterm_as_interrupt, stop_group
 from ..utils.runinfo import atomic_write_json, atomic_write_text
@@ -79,7 +79,7 @@ class Study:
         self.pruner = MedianPruner() if prune else None
         self.keep_checkpoints = keep_checkpoints
         self.parallel = 1
-        self.gate = MemoryGate()  # trials start on a GPU when its free memory covers one (experiments/packing.py)
+        self.gate = PackingGate()  # trials start on a GPU when its free memory and the host's idle cores cover one (experiments/packing.py)
         self.oom_retries: dict[int, int] = {}
         self.trials: dict[int, Trial] = {}
         self.spec = {
@@ -241,7 +241,7 @@ class Study:
                 if proc.poll() is not None:
                     del running[n]
                     self.gate.release(gpu)
-                    self.gate.learn("trial", peak_memory_gb(run_dir))
+                    self.gate.learn("trial", peak_memory_gb(run_dir), host_cores(run_dir))
                     oom = proc.returncode != 0 and gpu is not None and ended_out_of_memory(run_dir.parent / "log.txt")
                     if oom and self.oom_retries.get(n, 0) < OOM_RETRIES:  # another trial grew: run it again later
                         self.oom_retries[n] = self.oom_retries.get(n, 0) + 1

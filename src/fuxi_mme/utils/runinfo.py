@@ -80,6 +80,19 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def process_cpu_seconds() -> float | None:
+    """CPU seconds (user + system) this process and its finished children (compile workers) have
+    used so far; None where the platform has no ``resource`` module. A run records it in
+    ``run.json`` (``host_cpu_seconds``), so a packed suite knows how many host cores a run of
+    its kind keeps busy (experiments/packing.py)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 3)
+
+
 def run_info(device: torch.device) -> dict[str, Any]:
     return {"commit": git_commit(), "versions": versions(), "device": device_info(device)}
 
