@@ -61,7 +61,23 @@ def test_aggregate_means_and_stds_over_seeds(tmp_path):
     assert (tmp_path / "ablation.md").read_text().split("\n")[6].endswith("| - | H100+H200 |")  # no train times in this fake
     # the other variants were planned but have no results: listed, not silently dropped
     assert {(m["variant"], m["runs"]) for m in res["missing"]} == {(v, 3) for v in suite.variants if v != "fuxi-alpha"}
-    assert "Planned but not run yet" in (tmp_path / "ablation.md").read_text()
+    text = (tmp_path / "ablation.md").read_text()
+    others = ", ".join(f"{v} (3)" for v in suite.variants if v != "fuxi-alpha")
+    assert f"Planned but not run yet (no results file; runs in parentheses): demo: {others}." in text
+
+
+def test_missing_runs_are_listed_per_dataset_and_a_dataset_not_started_in_one_phrase():
+    from fuxi_mme.experiments.tables import missing_line
+
+    res = {
+        "results": [{"dataset": "a", "variant": "x"}],
+        "missing": [
+            {"dataset": "a", "variant": "y", "runs": 3},
+            {"dataset": "b", "variant": "x", "runs": 3},
+            {"dataset": "b", "variant": "y", "runs": 2},
+        ],
+    }
+    assert missing_line(res) == "Planned but not run yet (no results file; runs in parentheses): a: y (3); b: all 2 variants (5 runs)."
 
 
 def test_main_suite_adds_large_sizes_and_the_paper_protocol_on_movielens(tmp_path):

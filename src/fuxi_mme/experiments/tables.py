@@ -79,13 +79,25 @@ def _left_out(res: dict[str, Any]) -> list[str]:
             + ".",
         ]
     if res.get("missing"):
-        lines += [
-            "",
-            "Planned but not run yet (no results file): "
-            + "; ".join(f"{m['dataset']} / {m['variant']} ({m['runs']} runs)" for m in res["missing"])
-            + ".",
-        ]
+        lines += ["", missing_line(res)]
     return lines
+
+
+def missing_line(res: dict[str, Any]) -> str:
+    """The planned runs without a results file, per dataset: each variant with its number of
+    runs, or "all N variants" for a dataset none of whose variants has run yet."""
+    by_ds: dict[str, list[dict[str, Any]]] = {}
+    for m in res["missing"]:
+        by_ds.setdefault(m["dataset"], []).append(m)
+    ran = {e["dataset"] for e in res.get("results", [])}
+    parts = []
+    for ds, ms in by_ds.items():
+        runs = sum(int(m["runs"]) for m in ms)
+        if ds not in ran and len(ms) > 1:
+            parts.append(f"{ds}: all {len(ms)} variants ({runs} runs)")
+        else:
+            parts.append(f"{ds}: " + ", ".join(f"{m['variant']} ({m['runs']})" for m in ms))
+    return "Planned but not run yet (no results file; runs in parentheses): " + "; ".join(parts) + "."
 
 
 def markdown(res: dict[str, Any]) -> str:
