@@ -884,6 +884,41 @@ def test_the_time_budget_starts_no_run_after_it_and_lets_running_ones_finish(tmp
     assert "time budget spent: 4 run(s) not started; the same command runs them" in capsys.readouterr().out
 
 
+def test_a_run_whose_wait_for_the_gpu_outlasts_the_budget_does_not_start(tmp_path, monkeypatch, capsys):
+    """The budget is checked again after the wait for memory or cores; and a run that ran out of
+    GPU memory and meets the budget before its retry is reported as failed, not as unstarted."""
+    import time as _time
+
+    from fuxi_mme.experiments import runner
+    from fuxi_mme.experiments.packing import PackingGate
+    from fuxi_mme.experiments.plan import Job
+
+    monkeypatch.setattr(runner, "visible_gpus", lambda: ["0"])
+    ran = []
+
+    def fake_run(job, env, stopping=None):
+        ran.append(job.seed)
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        (job.run_dir.parent / f"{job.run_dir.name}.log").write_text("fuxi-mme: error: CUDA out of memory.\n")
+        _time.sleep(0.6)  # past the deadline: its retry must not start
+        return job, 2, 0.6
+
+    class SlowGate(PackingGate):
+        def acquire(self, gpu, key):
+            if self.running.get(gpu, 0):  # the second job waits for memory until after the deadline
+                _time.sleep(1.0)
+            super().acquire(gpu, key)
+
+    monkeypatch.setattr(runner, "run_job", fake_run)
+    jobs = [Job("demo", "sasrec", s, [], tmp_path / "demo" / "sasrec" / f"seed{s}") for s in range(2)]
+    gate = SlowGate(free=lambda g: 100.0, settle_s=0, idle=lambda: None)
+    failed = runner.run_jobs(jobs, 2, {id(j): "s" for j in jobs}, gate=gate, deadline=_time.monotonic() + 0.5)
+    out = capsys.readouterr().out
+    assert ran == [0]  # seed 1 waited past the budget: never started; seed 0 ran once, no retry after it
+    assert failed == {"s": [str(jobs[0].run_dir)]} and "seed 0: FAILED (exit 2" in out
+    assert "time budget spent: 1 run(s) not started" in out and gate.running["0"] == 0
+
+
 def test_experiment_rejects_a_non_positive_time_budget(capsys):
     from fuxi_mme.cli import main
 

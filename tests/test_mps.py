@@ -16,6 +16,8 @@ if [ "${{1:-}}" = "-d" ]; then
   echo "start $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY" >> "$log"; touch "$CUDA_MPS_PIPE_DIRECTORY/control"; exit 0
 fi
 read -r cmd; echo "$cmd $CUDA_MPS_PIPE_DIRECTORY" >> "$log"
+[ -n "${{QUIT_FAILS:-}}" ] && {{ echo "clients still attached" >&2; exit 1; }}
+exit 0
 """
 
 
@@ -75,3 +77,22 @@ def test_missing_or_failing_control_program_is_a_one_line_error(tmp_path, fake_c
     with pytest.raises(MPSError, match=r"is not on PATH .*leave out --mps$"):
         with mps_daemon(True, tmp_path):
             pass
+
+
+def test_a_daemon_that_does_not_stop_is_reported_and_its_pipe_kept(tmp_path, fake_control, monkeypatch, caplog):
+    """The body's own error stays the one raised; the warning names the command that stops the
+    daemon, and its pipe folder (the only way to reach it) is not deleted."""
+    monkeypatch.setenv("QUIT_FAILS", "1")
+    with pytest.raises(KeyboardInterrupt), mps_daemon(True, tmp_path) as pipe:
+        raise KeyboardInterrupt
+    assert os.path.isdir(pipe) and "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+    assert f"did not stop (exit 1); stop it with: echo quit | CUDA_MPS_PIPE_DIRECTORY={pipe} nvidia-cuda-mps-control" in caplog.text
+
+
+def test_a_control_program_that_cannot_run_is_a_one_line_error(tmp_path, fake_control):
+    exe = fake_control.parent / "bin" / CONTROL
+    exe.write_text("not a program")  # executable, but the kernel cannot run it (Exec format error)
+    with pytest.raises(MPSError, match=r"^--mps: nvidia-cuda-mps-control -d could not be run \(OSError: .*\); run without --mps$"):
+        with mps_daemon(True, tmp_path):
+            pass
+    assert list(tmp_path.glob("fuxi-mme-mps-*")) == []

@@ -138,6 +138,27 @@ def test_a_run_waits_for_the_idle_host_cores_its_kind_keeps_busy():
     assert gate.expect_cores("c") == 1.0  # a memory peak alone teaches no cores
 
 
+def test_a_start_on_one_gpu_holds_the_host_bound_on_every_gpu():
+    """Two GPUs each running a run, the host with 3 idle cores, a kind needing 2: once one joins
+    GPU 0, a second joins GPU 1 only after the settle time, when the reading includes the first."""
+    clock = Clock()
+    idle = {"cores": 3.0}
+    gate = PackingGate(free=lambda g: 100.0, settle_s=10.0, poll_s=1.0, clock=clock, sleep=clock.sleep, idle=lambda: idle["cores"])
+    gate.acquire("0", "a")
+    gate.acquire("1", "a")  # an idle GPU: starts at once
+    gate.learn("a", None, 2.0)
+    clock.t = 20
+    assert gate.try_acquire("0", "a")
+    # the reading still mostly covers the time before that start (3 idle): GPU 1 has started
+    # nothing lately, but the start on GPU 0 has not settled, so it waits
+    assert not gate.try_acquire("1", "a")
+    idle["cores"] = 1.0  # what the reading shows once that start is under way
+    clock.t = 31
+    assert not gate.try_acquire("1", "a")  # settled, and 1 idle core < 2
+    idle["cores"] = 2.5
+    assert gate.try_acquire("1", "a")
+
+
 def test_host_load_reads_the_idle_share_of_this_process_cores(tmp_path):
     """Two /proc/stat readings a window apart: the idle and iowait ticks over all ticks of the
     cores this process may use, times their count; other cores and the summary line ignored."""
@@ -169,3 +190,26 @@ def test_host_cores_are_cpu_seconds_over_wall_seconds(tmp_path):
     assert host_cores(run) == 1.5
     (run / "run.json").write_text(json.dumps({"phases": {"total": 40.0}}))  # a run from before the field
     assert host_cores(run) is None
+
+
+def test_a_runs_cpu_seconds_include_its_live_workers():
+    """Inductor's compile workers live until the run's process exits, after run.json is written:
+    their CPU counts all the same (read from /proc)."""
+    import subprocess
+    import sys
+
+    from fuxi_mme.utils.runinfo import live_descendants_cpu_seconds, process_cpu_seconds
+
+    if not Path("/proc/self/stat").exists():
+        import pytest
+
+        pytest.skip("no /proc")
+    before = process_cpu_seconds()
+    burn = "import sys, time\nwhile time.process_time() < 0.4: pass\nprint('ready', flush=True)\nsys.stdin.read()"
+    worker = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "ready"  # alive, 0.4 CPU seconds spent
+        assert live_descendants_cpu_seconds() >= 0.35
+        assert process_cpu_seconds() - before >= 0.35
+    finally:
+        worker.communicate("")

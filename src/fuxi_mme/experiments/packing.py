@@ -178,7 +178,7 @@ class PackingGate:
         self.need: dict[Hashable, float] = {}
         self.cores: dict[Hashable, float] = {}
         self.running: dict[str, int] = {}
-        self.last_start: dict[str, float] = {}
+        self.last_start = -1e9  # the last start on any GPU: the host's load is shared by all of them
         self.lock = threading.Lock()  # the counters
         self.deciding = threading.Lock()  # one start decision at a time
 
@@ -197,12 +197,13 @@ class PackingGate:
     def _may_start(self, gpu: str, key: Hashable) -> bool:
         """With a run already on ``gpu``: whether one of ``key`` may join it now. Without a
         reading of the GPU's memory (no ``nvidia-smi``) only ``--jobs`` bounds; otherwise the
-        last start must have settled, then the free memory and the host's idle cores must
-        cover the kind's needs (no ``/proc/stat``: memory alone)."""
+        last start on any GPU must have settled (the host's idle cores are shared by all), then
+        the free memory and the host's idle cores must cover the kind's needs (no
+        ``/proc/stat``: memory alone)."""
         free = self.free(gpu)
         if free is None:
             return True
-        if self.clock() - self.last_start.get(gpu, -1e9) < self.settle_s or free < self.expect(key):
+        if self.clock() - self.last_start < self.settle_s or free < self.expect(key):
             return False
         idle = self.idle()
         return idle is None or idle >= self.expect_cores(key)
@@ -224,10 +225,11 @@ class PackingGate:
                 self.sleep(self.poll_s)
             with self.lock:
                 self.running[gpu] = self.running.get(gpu, 0) + 1
-            self.last_start[gpu] = self.clock()
+            self.last_start = self.clock()
 
     def try_acquire(self, gpu: str | None, key: Hashable) -> bool:
-        """:meth:`acquire` without waiting: True (counted as running) when a run may start now."""
+        """:meth:`acquire` without waiting for other runs: True (counted as running) when a run may
+        start now (a fresh reading of the host's load can take ``HostLoad.window_s``)."""
         if gpu is None:
             return True
         with self.deciding:
@@ -237,7 +239,7 @@ class PackingGate:
                 return False
             with self.lock:
                 self.running[gpu] = busy + 1
-            self.last_start[gpu] = self.clock()
+            self.last_start = self.clock()
             return True
 
     def release(self, gpu: str | None) -> None:

@@ -180,10 +180,23 @@ def _under(conds: list[str]) -> str:
     return f"{len(conds)} ({', '.join(conds)})" if conds else "none"
 
 
+def _one_sided(winner: str, conds: list[str], n: int) -> str:
+    """The verdict when every condition that differs favours ``winner``: stated outright only
+    when that is most of the ``n`` tested; otherwise said to be weak (each test is at 5% with
+    no correction for testing several conditions, so one of five differing is close to chance)."""
+    if 2 * len(conds) > n:
+        return f"{winner} is the more robust of the two here"
+    return (
+        f"{winner} is more robust only under {', '.join(conds)}, level elsewhere: weak evidence, since each of the "
+        f"{n} tests is at 5% without correction for testing several"
+    )
+
+
 def robustness_answers(res: dict[str, Any]) -> list[str]:
     """One sentence per dataset and pair that has a complete comparison: under how many of the
     conditions run the first model is more robust than the second, less robust, or level at 5%,
-    and what that says; [] when none is complete."""
+    and what that says (a model is called the more robust only when it is under most of the
+    conditions tested and less robust under none); [] when none is complete."""
     found: dict[tuple[str, str, str], dict[str, list[str]]] = {}
     for ds, first, second, cond, word, _ in _comparison_rows(res):
         found.setdefault((ds, first, second), {}).setdefault(word, []).append(cond)
@@ -196,9 +209,9 @@ def robustness_answers(res: dict[str, Any]) -> list[str]:
             out.append(f"**{ds}**: {a} against {b}: {len(untested)} condition{'s' if len(untested) > 1 else ''} run with one seed only, not tested.")
             continue
         if more and not less:
-            verdict = f"{a} is the more robust of the two here"
+            verdict = _one_sided(a, more, n)
         elif less and not more:
-            verdict = f"{b} is the more robust of the two here"
+            verdict = _one_sided(b, less, n)
         elif more and less:
             verdict = "the answer depends on the condition"
         else:
@@ -234,7 +247,9 @@ COMPARISON_PROSE = [
     "two changes, d = (first under the condition − first clean) − (second under the condition − second clean), on",
     "absolute test NDCG@10. Welch's t over the four rows' seeds (standard error the root of the sum of the four",
     'std²/n, Welch-Satterthwaite degrees of freedom for four groups, in parentheses): "more robust" (the first',
-    'lost less) or "less robust" when a two-sided test at 5% rejects d = 0, otherwise "level".',
+    'lost less) or "less robust" when a two-sided test at 5% rejects d = 0, otherwise "level". The sentences',
+    'below call a model "the more robust" only when it is so under most of the conditions tested and less robust',
+    "under none: the tests are not corrected for being several, so one difference among five is close to chance.",
     "",
 ]
 

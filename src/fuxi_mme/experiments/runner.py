@@ -114,14 +114,18 @@ def run_jobs(
 
     def start(job: Job) -> tuple[Job, int, float]:
         key = (job.dataset, job.variant)
-        total = 0.0
+        total, rc = 0.0, NOT_STARTED
         for attempt in range(OOM_RETRIES + 1):
             if stopping.event.is_set():
                 return job, -1, total
             if deadline is not None and time.monotonic() >= deadline:
-                return job, NOT_STARTED, total
+                return job, rc, total  # not started, or its out-of-memory end stands
             job.gpu = slots.take()
             gate.acquire(job.gpu, key)
+            if deadline is not None and time.monotonic() >= deadline:  # the wait for memory or cores outlasted the budget
+                gate.release(job.gpu)
+                slots.give(job.gpu)
+                return job, rc, total
             try:
                 job, rc, dt = run_job(job, env, stopping)
             finally:

@@ -14,6 +14,7 @@ it is and left running.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -23,6 +24,9 @@ from pathlib import Path
 
 CONTROL = "nvidia-cuda-mps-control"
 ENV = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
+QUIT_TIMEOUT_S = 120  # "quit" waits for the daemon's clients (runs still exiting) to end
+
+log = logging.getLogger("fuxi_mme")
 
 
 class MPSError(RuntimeError):
@@ -53,19 +57,39 @@ def mps_daemon(enabled: bool = True, workdir: str | os.PathLike[str] | None = No
         os.makedirs(d)
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(dirs)
+    stopped = True  # nothing to stop until the daemon has started
     try:
-        res = subprocess.run([exe, "-d"], capture_output=True, text=True, timeout=60)
+        try:
+            res = subprocess.run([exe, "-d"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise MPSError(f"--mps: {CONTROL} -d could not be run ({type(exc).__name__}: {exc}); run without --mps") from exc
         if res.returncode != 0:
             msg = (res.stderr or res.stdout).strip().splitlines()
             raise MPSError(f"--mps: {CONTROL} -d failed ({msg[-1] if msg else f'exit {res.returncode}'}); run without --mps")
+        stopped = False
         try:
             yield dirs[ENV[0]]
         finally:
-            subprocess.run([exe], input="quit\n", capture_output=True, text=True, timeout=60)
+            stopped = _quit(exe, dirs[ENV[0]])
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        shutil.rmtree(base, ignore_errors=True)
+        if stopped:  # a daemon that did not stop keeps its pipe folder: the only way to reach it
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _quit(exe: str, pipe_dir: str) -> bool:
+    """Ask the daemon to stop; False (with a warning naming the command that stops it) when it
+    does not answer in time or fails. Never raises, so the body's own error is the one shown."""
+    try:
+        res = subprocess.run([exe], input="quit\n", capture_output=True, text=True, timeout=QUIT_TIMEOUT_S)
+        if res.returncode == 0:
+            return True
+        why = f"exit {res.returncode}"
+    except (OSError, subprocess.SubprocessError) as exc:
+        why = type(exc).__name__
+    log.warning("--mps: the MPS daemon did not stop (%s); stop it with: echo quit | CUDA_MPS_PIPE_DIRECTORY=%s %s", why, pipe_dir, CONTROL)
+    return False

@@ -81,16 +81,43 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 
 def process_cpu_seconds() -> float | None:
-    """CPU seconds (user + system) this process and its finished children (compile workers) have
-    used so far; None where the platform has no ``resource`` module. A run records it in
-    ``run.json`` (``host_cpu_seconds``), so a packed suite knows how many host cores a run of
-    its kind keeps busy (experiments/packing.py)."""
+    """CPU seconds (user + system) this process and its children have used so far: finished
+    children from ``getrusage``, live ones (Inductor's compile-worker pool, which is shut down
+    only at exit) from ``/proc``; None where the platform has no ``resource`` module. A run
+    records it in ``run.json`` (``host_cpu_seconds``), so a packed suite knows how many host
+    cores a run of its kind keeps busy (experiments/packing.py)."""
     try:
         import resource
     except ImportError:  # Windows
         return None
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 3)
+    return round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime + live_descendants_cpu_seconds(), 3)
+
+
+def live_descendants_cpu_seconds(pid: int | None = None, proc: Path = Path("/proc")) -> float:
+    """CPU seconds of the live descendants of ``pid`` (default this process), each with its own
+    finished children, read from ``/proc/<pid>/stat``; 0 where there is no ``/proc``."""
+    root = os.getpid() if pid is None else pid
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    try:
+        entries = [d for d in proc.iterdir() if d.name.isdigit()]
+    except OSError:
+        return 0.0
+    for d in entries:
+        try:
+            text = (d / "stat").read_text()
+        except OSError:  # ended since the listing
+            continue
+        f = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid ... utime stime cutime cstime
+        children.setdefault(int(f[1]), []).append(int(d.name))
+        ticks[int(d.name)] = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    total, stack = 0, list(children.get(root, []))
+    while stack:
+        p = stack.pop()
+        total += ticks.get(p, 0)
+        stack.extend(children.get(p, []))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def run_info(device: torch.device) -> dict[str, Any]:
