@@ -1,6 +1,8 @@
 """Full-ranking evaluation time of one split, with the rows in length-sorted batches (what the
 library does) against batches in user order (what it did before: each batch padded to its
-longest sequence, so short histories were scored at a long one's width).
+longest sequence, so short histories were scored at a long one's width); and, on a CPU, the
+length-sorted batches with the model run in chunks of ``FORWARD_TOKENS_CPU`` padded positions
+(what the library does there) against one forward pass per batch.
 
 The model is the preset's, freshly initialised (the time does not depend on the weights); the
 ranks of both orders are compared (floating-point sums over a different padding width can move a
@@ -56,9 +58,13 @@ def _markdown(runs: list[dict]) -> list[str]:
         "`benchmarks/eval_speed.py`: one split of a preset's data, the preset's model freshly initialised, history filtered. "
         "Rows ranked differently: targets that a last-bit difference in the scores (another padding width) moved past a near-tied item.",
         "",
+        "On a CPU, length-sorted s is with the model run in forward chunks (`FORWARD_TOKENS_CPU` padded positions), "
+        "and one pass s runs each batch's rows through the model at once (before the chunks; "
+        "'-' in runs made before they were measured).",
+        "",
         "| time | commit | device | threads | preset | split | users | mean length / max | length-sorted s | user order s | speed-up "
-        "| rows ranked differently (largest change) | NDCG@10 sorted / user order |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rows ranked differently (largest change) | NDCG@10 sorted / user order | CPU: one pass s (chunks' speed-up; rows ranked differently) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         d = r["device"]
@@ -67,15 +73,22 @@ def _markdown(runs: list[dict]) -> list[str]:
             f"| {r['preset']}{''.join(' ' + o for o in r['overrides'])} | "
             f"{r['split']} | {r['users']:,} | {r['mean_length']:.1f} / {r['max_len']} | {r['length_sorted_s']:.2f} | {r['user_order_s']:.2f} | "
             f"{r['user_order_s'] / r['length_sorted_s']:.1f}x | {r['rows_ranked_differently']} ({r['largest_rank_change']}) | "
-            f"{r['ndcg10_length_sorted']:.5f} / {r['ndcg10_user_order']:.5f} |"
+            f"{r['ndcg10_length_sorted']:.5f} / {r['ndcg10_user_order']:.5f} | {_one_pass(r)} |"
         )
     return lines
+
+
+def _one_pass(r: dict) -> str:
+    if r.get("one_pass_s") is None:
+        return "-"
+    return f"{r['one_pass_s']:.2f} ({r['one_pass_s'] / r['length_sorted_s']:.1f}x; {r['one_pass_rows_ranked_differently']})"
 
 
 def main() -> None:
     from fuxi_mme.config import apply_overrides
     from fuxi_mme.data import load_dataset
     from fuxi_mme.data.splits import eval_arrays
+    from fuxi_mme.eval import evaluator
     from fuxi_mme.eval.evaluator import evaluate_ranks, model_scorer
     from fuxi_mme.eval.metrics import metrics_from_ranks
     from fuxi_mme.models import build_model
@@ -101,6 +114,15 @@ def main() -> None:
 
     sorted_s, ranks = timed(lambda: evaluate_ranks(scorer, arrs, ds, "mask", bs, dev))
     user_s, ranks_user = timed(user_order)
+    one_pass_s, one_pass_differ = None, None
+    if dev.type == "cpu":  # the same length-sorted batches, each through the model in one pass
+        chunk_tokens = evaluator.FORWARD_TOKENS_CPU
+        evaluator.FORWARD_TOKENS_CPU = 1 << 62
+        try:
+            one_pass_s, ranks_one = timed(lambda: evaluate_ranks(scorer, arrs, ds, "mask", bs, dev))
+        finally:
+            evaluator.FORWARD_TOKENS_CPU = chunk_tokens
+        one_pass_differ = int((ranks_one != ranks).sum())
     info = run_info(dev)
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -121,8 +143,11 @@ def main() -> None:
         "largest_rank_change": int(np.abs(ranks - ranks_user).max()) if len(ranks) else 0,
         "ndcg10_length_sorted": metrics_from_ranks(ranks)["NDCG@10"],
         "ndcg10_user_order": metrics_from_ranks(ranks_user)["NDCG@10"],
+        "one_pass_s": one_pass_s,
+        "one_pass_rows_ranked_differently": one_pass_differ,
+        "forward_tokens_cpu": evaluator.FORWARD_TOKENS_CPU if dev.type == "cpu" else None,
     }
-    shown = ("preset", "users", "mean_length", "length_sorted_s", "user_order_s", "rows_ranked_differently", "largest_rank_change")
+    shown = ("preset", "users", "mean_length", "length_sorted_s", "user_order_s", "one_pass_s", "rows_ranked_differently", "largest_rank_change")
     print(json.dumps({k: record[k] for k in shown}), flush=True)
     out = Path(args.out) if args.out else RESULTS / f"eval-{card(info)}.json"
     old = json.loads(out.read_text()) if out.exists() else {}

@@ -183,6 +183,7 @@ def test_eval_speed_times_both_orders_and_checks_their_ranks(tmp_path):
         and run["ndcg10_length_sorted"] == pytest.approx(run["ndcg10_user_order"], abs=0.01)
     )
     assert run["length_sorted_s"] > 0 and run["user_order_s"] > 0 and run["device"]["device"] == "cpu"
+    assert run["one_pass_s"] > 0 and run["one_pass_rows_ranked_differently"] <= 3 and run["forward_tokens_cpu"] == 4096
     assert "| demo-fuxi-mme-base data.demo_users=300 | valid | 300 |" in out.with_suffix(".md").read_text()
 
 

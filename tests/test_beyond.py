@@ -417,3 +417,45 @@ def test_the_page_compares_fuxi_mme_diversity_with_welch_and_reads_gini_the_righ
     assert "Does Fuxi-MME recommend more diversely" in page
     del res["results"][0]["test/Coverage@10"]  # runs from before the metrics: no comparison
     assert diversity_comparison(res) == ""
+
+
+# ------------------------------------------------------------------ CPU forward chunks
+def test_forward_chunks_fill_a_token_budget_in_length_order():
+    from fuxi_mme.eval.evaluator import forward_chunks
+
+    lengths = np.array([1, 2, 2, 3, 5, 8, 8, 20])
+    got = [(c.start, c.stop) for c in forward_chunks(lengths, 8)]
+    # 4 rows x 3 = 12 > 8 stops the first chunk at 2 x 2 (with 3 rows: 3 x 2 = 6, and the 4th costs 4 x 3)
+    assert got == [(0, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8)]  # a row longer than the budget runs alone
+    assert [(c.start, c.stop) for c in forward_chunks(lengths, 10**6)] == [(0, 8)]
+    assert forward_chunks(np.array([], dtype=np.int64), 8) == []
+
+
+@pytest.mark.parametrize("model", ["fuxi-mme", "sasrec"])
+def test_a_cpu_evaluation_in_forward_chunks_equals_one_pass(model, monkeypatch):
+    """The model runs on length chunks of each scoring batch on a CPU: every metric, the
+    beyond-accuracy ones and the buckets included, equals one pass over the whole batch."""
+    from conftest import tiny_config
+    from fuxi_mme.eval import evaluator
+    from fuxi_mme.models import build_model
+
+    cfg = tiny_config(model)
+    ds = load_dataset(cfg.data)
+    torch.manual_seed(0)
+    net = build_model(cfg.model, ds.num_items, cfg.data.max_len).eval()
+    arrs = eval_arrays(ds, cfg.data.protocol, "test", cfg.data.max_len)
+    kw = dict(split="test", history="mask", ks=(10, 50), batch_size=256, protocol=cfg.data.protocol)
+    calls: list[int] = []
+    scorer = evaluator.model_scorer(net)
+
+    def counting(batch):
+        calls.append(len(batch.rows))
+        return scorer(batch)
+
+    monkeypatch.setattr(evaluator, "FORWARD_TOKENS_CPU", 10**9)
+    whole = evaluator.evaluate_split(counting, arrs, ds, **kw)
+    passes_whole = len(calls)
+    monkeypatch.setattr(evaluator, "FORWARD_TOKENS_CPU", 64)
+    chunked = evaluator.evaluate_split(counting, arrs, ds, **kw)
+    assert len(calls) - passes_whole > 3 * passes_whole  # many more, smaller forward passes
+    assert json.dumps(chunked, sort_keys=True) == json.dumps(whole, sort_keys=True)
