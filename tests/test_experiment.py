@@ -804,6 +804,31 @@ def test_aggregate_only_packs_the_logs_when_asked(tmp_path, capsys):
     assert row["train_seconds"]["mean"] == 4.0
 
 
+def test_aggregate_only_also_tabulates_runs_on_datasets_given_by_hand(tmp_path, capsys):
+    """A suite run earlier with --datasets on a dataset outside its list: aggregating without
+    --datasets shows those runs too, and lists as missing only the seeds of variants started
+    there, loose or packed into runs.jsonl."""
+    from fuxi_mme.cli import main
+    from fuxi_mme.experiments.plan import aggregation_jobs
+    from fuxi_mme.experiments.store import pack_runs
+
+    suite = SUITES["ablation"]  # demo, ml-100k, amazon-beauty, ml-1m-ts70
+    extra = plan(suite, tmp_path, None, [], ["amazon-toys"], seeds=[0, 1, 2])
+    _fake_runs([j for j in extra if j.variant == "fuxi-alpha" and j.seed < 2], 2.0)
+    jobs = aggregation_jobs(suite, tmp_path, None, [])
+    toys = [(j.variant, j.seed) for j in jobs if j.dataset == "amazon-toys"]
+    assert toys == [("fuxi-alpha", 0), ("fuxi-alpha", 1), ("fuxi-alpha", 2)]
+    assert len(jobs) == len(plan(suite, tmp_path, None, [], check_data=False)) + 3
+    assert [j.dataset for j in aggregation_jobs(suite, tmp_path, None, [], ["demo"])] == ["demo"] * 12  # --datasets: those only
+    pack_runs(tmp_path / "ablation")  # the committed layout: run files in runs.jsonl, no folders
+    assert [(j.variant, j.seed) for j in aggregation_jobs(suite, tmp_path, None, []) if j.dataset == "amazon-toys"] == toys
+    assert main(["experiment", "ablation", "--root", str(tmp_path), "--aggregate-only"]) == 0
+    res = json.loads((tmp_path / "ablation.json").read_text())
+    (row,) = [e for e in res["results"] if e["dataset"] == "amazon-toys"]
+    assert row["variant"] == "fuxi-alpha" and row["seeds"] == 2
+    assert {(m["dataset"], m["variant"], m["runs"]) for m in res["missing"] if m["dataset"] == "amazon-toys"} == {("amazon-toys", "fuxi-alpha", 1)}
+
+
 def test_cross_domain_ranks_each_model_per_dataset_and_averages_the_ranks():
     from fuxi_mme.experiments.tables import cross_domain
 

@@ -276,8 +276,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .experiments import SUITES, aggregate, markdown, plan, run_suites, write_docs
+    from .experiments import SUITES, aggregate, markdown, run_suites, write_docs
     from .experiments.logs import pack_logs
+    from .experiments.plan import aggregation_jobs
 
     unknown = [n for n in args.suite if n not in SUITES]
     if unknown:
@@ -296,10 +297,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 if (root / s.name).is_dir():
                     print(f"{root / s.name}: packed {pack_logs(root / s.name)} per-epoch log files into logs.tar.xz")
         commit = git_commit()
-        results = [
-            aggregate(s, plan(s, root, data_root, args.overrides, args.datasets, check_data=False, variants=args.variants), root, [], commit)
-            for s in suites
-        ]
+        results = [aggregate(s, aggregation_jobs(s, root, data_root, args.overrides, args.datasets, args.variants), root, [], commit) for s in suites]
         write_docs(root, docs)
     else:
         from .utils.mps import mps_daemon

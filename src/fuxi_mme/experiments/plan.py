@@ -20,7 +20,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, apply_overrides, validate
 from ..presets import build_preset, preset_name
-from .store import has_run_file, run_file
+from .store import has_run_file, run_file, stored_runs
 from .suites import Suite, Variant
 
 # Where each dataset's files are, under the data root (plus the official archives' folder names
@@ -198,6 +198,29 @@ def plan(
     for j in jobs:
         j.rerun = rerun
     return jobs
+
+
+def aggregation_jobs(
+    suite: Suite, root: Path, data_root: Path | None, extra: list[str], datasets: list[str] | None = None, variants: list[str] | None = None
+) -> list[Job]:
+    """The jobs ``--aggregate-only`` tabulates: those of ``plan`` (the suite's datasets, or
+    ``datasets``) and, without ``datasets``, the variants that have runs on other datasets (a
+    command given ``--datasets``), so the tables show every finished run; on those other
+    datasets a variant's seeds count as planned only where the variant has started."""
+    jobs = plan(suite, root, data_root, extra, datasets, check_data=False, variants=variants)
+    if datasets is not None:
+        return jobs
+    suite_dir = root / suite.name
+    if not suite_dir.is_dir():
+        return jobs
+    stored = {key.rsplit("/", 1)[0] for key in stored_runs(suite_dir)}  # "<dataset>/<variant folder>"
+    loose = {f"{d.parent.name}/{d.name}" for d in suite_dir.glob("*/*") if d.is_dir()}
+    started = stored | loose
+    others = sorted(({key.split("/", 1)[0] for key in started} - set(suite.datasets)) & set(DATASET_COST))
+    if not others:
+        return jobs
+    more = plan(suite, root, data_root, extra, others, check_data=False, variants=variants)
+    return jobs + [j for j in more if f"{j.dataset}/{j.run_dir.parent.name}" in started]
 
 
 # Rough relative cost of a run, to start the long ones first (longest-first keeps the tail of a
