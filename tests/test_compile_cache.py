@@ -13,7 +13,7 @@ import torch
 from fuxi_mme.config import apply_overrides
 from fuxi_mme.presets import build_preset
 from fuxi_mme.train.run import compile_shape_key
-from fuxi_mme.utils.runtime import JOB_ID_PREFIX, compile_settings, persistent_compile_cache
+from fuxi_mme.utils.runtime import JOB_ID_PREFIX, compile_cache_env, compile_settings, persistent_compile_cache
 
 
 @pytest.fixture
@@ -38,6 +38,29 @@ def test_torchs_own_default_is_replaced_and_a_users_folder_stands(tmp_path, no_c
     assert persistent_compile_cache(tmp_path) == str(tmp_path / "compile-cache" / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert persistent_compile_cache(tmp_path) == str(tmp_path / "mine")
+
+
+def test_cache_folders_hold_for_the_run_only(tmp_path, no_cache_env):
+    """Two runs in one process with different data folders each cache in their own; after a run
+    the variables are as before it."""
+    with compile_cache_env(tmp_path / "a") as folder:
+        assert folder == os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "a" / "compile-cache" / "inductor")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and "TRITON_CACHE_DIR" not in os.environ
+    os.environ["TRITON_CACHE_DIR"] = str(tmp_path / "users-triton")
+    with compile_cache_env(tmp_path / "b"):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "b" / "compile-cache" / "inductor")
+        assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "users-triton")  # the user's stands
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "users-triton") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_each_run_loads_its_own_shape_profile(monkeypatch):
+    """Dynamo loads its automatic-dynamic profile once per process: entering a run's settings
+    forgets what an earlier run (another job id) loaded."""
+    from torch._dynamo import pgo
+
+    monkeypatch.setattr(pgo, "_CODE_STATE", {"an earlier run's": object()})
+    with compile_settings("abc"):
+        assert pgo._CODE_STATE is None
 
 
 def test_settings_hold_for_the_run_only():

@@ -22,7 +22,7 @@ from ..eval.evaluator import evaluate_run_split, popularity_scorer, resolve_hist
 from ..models import build_model
 from ..runs import Run, adapt_to_dataset
 from ..utils.runinfo import process_cpu_seconds, run_info
-from ..utils.runtime import compile_settings, persistent_compile_cache, seconds_since_process_start, seed_everything, setup_device
+from ..utils.runtime import compile_cache_env, compile_settings, seconds_since_process_start, seed_everything, setup_device
 from . import distributed as D
 from .loop import Trainer
 
@@ -55,7 +55,11 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """
     started_s = seconds_since_process_start()
     validate(cfg)
-    persistent_compile_cache(cfg.data.data_dir or default_data_dir())
+    with compile_cache_env(cfg.data.data_dir or default_data_dir()):
+        return _train_in_process_group(cfg, resume, started_s)
+
+
+def _train_in_process_group(cfg: Config, resume: str | Path | None, started_s: float | None) -> dict[str, Any]:
     dinfo = D.from_env()
     device = setup_device(cfg.train.device, dinfo.local_rank if dinfo.enabled else None, cfg.train.num_threads, cfg.train.tf32)
     if dinfo.enabled:

@@ -83,6 +83,25 @@ def persistent_compile_cache(data_dir: str | os.PathLike[str]) -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
+CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+@contextlib.contextmanager
+def compile_cache_env(data_dir: str | os.PathLike[str]) -> Iterator[str]:
+    """:func:`persistent_compile_cache` for the body (a run), the two variables restored after
+    it, so a later run in the same process with another data folder caches in its own. (Inductor's
+    compile workers, started once per process, keep the folder of the run that started them.)"""
+    saved = {k: os.environ.get(k) for k in CACHE_ENV}
+    try:
+        yield persistent_compile_cache(data_dir)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @contextlib.contextmanager
 def compile_settings(shape_key: str | None = None) -> Iterator[None]:
     """torch.compile settings for the body (a run's training), restored after it:
@@ -110,7 +129,19 @@ def compile_settings(shape_key: str | None = None) -> Iterator[None]:
         compiler_config = getattr(torch.compiler, "config", None)
         if shape_key and compiler_config is not None and getattr(compiler_config, "job_id", "") is None:
             stack.enter_context(compiler_config.patch(job_id=JOB_ID_PREFIX + shape_key))
+            _reset_shape_profile()  # loaded once per process: an earlier run's would stand in for this one's
         yield
+
+
+def _reset_shape_profile() -> None:
+    """Forget the automatic-dynamic profile Dynamo loaded in this process, so the next
+    compilation loads the one of the current job id."""
+    try:
+        from torch._dynamo import pgo
+
+        pgo.reset_code_state()
+    except (ImportError, AttributeError):
+        pass
 
 
 def seconds_since_process_start() -> float | None:
