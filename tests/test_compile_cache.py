@@ -59,8 +59,9 @@ def test_each_run_loads_its_own_shape_profile(monkeypatch):
     from torch._dynamo import pgo
 
     monkeypatch.setattr(pgo, "_CODE_STATE", {"an earlier run's": object()})
-    with compile_settings("abc"):
-        assert pgo._CODE_STATE is None
+    monkeypatch.setattr(pgo, "_INIT_CODE_STATE", {"an earlier run's": object()})
+    with torch.compiler.config.patch(job_id=None), compile_settings("abc"):  # whatever TORCH_COMPILE_JOB_ID says
+        assert pgo._CODE_STATE is None and pgo._INIT_CODE_STATE is None
 
 
 def test_settings_hold_for_the_run_only():

@@ -820,6 +820,11 @@ def test_aggregate_only_also_tabulates_runs_on_datasets_given_by_hand(tmp_path, 
     assert toys == [("fuxi-alpha", 0), ("fuxi-alpha", 1), ("fuxi-alpha", 2)]
     assert len(jobs) == len(plan(suite, tmp_path, None, [], check_data=False)) + 3
     assert [j.dataset for j in aggregation_jobs(suite, tmp_path, None, [], ["demo"])] == ["demo"] * 12  # --datasets: those only
+    stale = [j for j in extra if j.variant == "fuxi-mme (full)" and j.seed == 0]  # only a run moved aside: not started
+    _fake_runs(stale, 2.0)
+    stale[0].run_dir.rename(stale[0].run_dir.with_name("seed0.stale"))
+    (tmp_path / "ablation" / "amazon-toys" / "notes").mkdir()  # a stray folder
+    assert [(j.variant, j.seed) for j in aggregation_jobs(suite, tmp_path, None, []) if j.dataset == "amazon-toys"] == toys
     pack_runs(tmp_path / "ablation")  # the committed layout: run files in runs.jsonl, no folders
     assert [(j.variant, j.seed) for j in aggregation_jobs(suite, tmp_path, None, []) if j.dataset == "amazon-toys"] == toys
     assert main(["experiment", "ablation", "--root", str(tmp_path), "--aggregate-only"]) == 0
@@ -827,6 +832,25 @@ def test_aggregate_only_also_tabulates_runs_on_datasets_given_by_hand(tmp_path, 
     (row,) = [e for e in res["results"] if e["dataset"] == "amazon-toys"]
     assert row["variant"] == "fuxi-alpha" and row["seeds"] == 2
     assert {(m["dataset"], m["variant"], m["runs"]) for m in res["missing"] if m["dataset"] == "amazon-toys"} == {("amazon-toys", "fuxi-alpha", 1)}
+
+
+def test_a_command_on_a_subset_keeps_the_other_finished_rows_in_the_tables(tmp_path, monkeypatch):
+    """Running one variant (--variants) rewrites the suite's table with every finished run, not
+    only that variant's; the missing list stays the command's own selection."""
+    from fuxi_mme.experiments import runner
+
+    suite = SUITES["ablation"]
+    done = [j for j in plan(suite, tmp_path, None, [], ["demo"]) if j.variant == "fuxi-alpha"]
+    _fake_runs(done, 1.0)
+
+    def fake_run(job, env, stopping=None):
+        _fake_runs([job], 1.0)
+        return job, 0, 1.0
+
+    monkeypatch.setattr(runner, "run_job", fake_run)
+    (res,) = runner.run_suites([suite], tmp_path, None, datasets=["demo"], variants=["fuxi-mme (full)"])
+    assert sorted(e["variant"] for e in res["results"]) == ["fuxi-alpha", "fuxi-mme (full)"]
+    assert res["missing"] == []  # the selection ran in full; other variants' gaps are --aggregate-only's to list
 
 
 def test_cross_domain_ranks_each_model_per_dataset_and_averages_the_ranks():

@@ -116,7 +116,8 @@ SCORE_CELLS = 1 << 30  # scores of one evaluation batch: at most this many (4 GB
 FORWARD_TOKENS_CPU = 4096
 """Padded positions per model forward pass when evaluating on a CPU: a scoring batch's
 length-sorted rows run through the model in chunks of about this many positions, each padded
-only to its own longest row, and their scores are joined before ranking (same ranks). Measured
+only to its own longest row, and their scores are joined before ranking (the same ranks, up to
+last-bit differences between padded widths that can swap near-tied items). Measured
 on the 2-core CPU, Fuxi-MME on ML-100K, 943 validation users (mean length 89, cap 200), other
 runs sharing the cores: one pass of the whole batch 18.0 s, chunks of 16,384 positions 4.1 s,
 8,192 1.4 s, 4,096 1.2 s, 2,048 1.2 s, 1,024 1.6 s (docs/performance.md#cpu-epoch). A GPU
@@ -200,14 +201,21 @@ def _score_rows(scorer: Scorer, arrs: EvalArrays, rows: np.ndarray, device: torc
     if torch.device(device).type != "cpu":
         batch = make_batch(arrs, rows, device)
         return scorer(batch).float(), batch.target
-    parts, targets = [], []
-    for c in forward_chunks(arrs.lengths[rows], FORWARD_TOKENS_CPU):
+    chunks = forward_chunks(arrs.lengths[rows], FORWARD_TOKENS_CPU)
+    if len(chunks) == 1:
+        batch = make_batch(arrs, rows, device)
+        return scorer(batch).float(), batch.target
+    scores: torch.Tensor | None = None
+    targets = []
+    for c in chunks:  # each chunk's scores written into one (rows x items) tensor: no second copy
         batch = make_batch(arrs, rows[c], device)
-        parts.append(scorer(batch).float())
+        part = scorer(batch)
+        if scores is None:
+            scores = torch.empty((len(rows), part.shape[1]), dtype=torch.float32, device=part.device)
+        scores[c] = part
         targets.append(batch.target)
-    if len(parts) == 1:
-        return parts[0], targets[0]
-    return torch.cat(parts), torch.cat(targets)
+    assert scores is not None
+    return scores, torch.cat(targets)
 
 
 def evaluate_ranks(

@@ -13,6 +13,7 @@ multiplier) and ``{qk_d<w>}`` (the head width at embedding width ``w``: w / head
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, apply_overrides, validate
 from ..presets import build_preset, preset_name
+from ..shapes import DATASETS
 from .store import has_run_file, run_file, stored_runs
 from .suites import Suite, Variant
 
@@ -213,10 +215,11 @@ def aggregation_jobs(
     suite_dir = root / suite.name
     if not suite_dir.is_dir():
         return jobs
-    stored = {key.rsplit("/", 1)[0] for key in stored_runs(suite_dir)}  # "<dataset>/<variant folder>"
-    loose = {f"{d.parent.name}/{d.name}" for d in suite_dir.glob("*/*") if d.is_dir()}
-    started = stored | loose
-    others = sorted(({key.split("/", 1)[0] for key in started} - set(suite.datasets)) & set(DATASET_COST))
+    seed = re.compile(r"seed\d+")  # a run folder (not a seed<k>.stale one kept beside a rerun)
+    stored = {key.rsplit("/", 1)[0] for key in stored_runs(suite_dir) if seed.fullmatch(key.rsplit("/", 1)[-1])}
+    loose = {f"{d.parent.parent.name}/{d.parent.name}" for d in suite_dir.glob("*/*/seed*") if d.is_dir() and seed.fullmatch(d.name)}
+    started = stored | loose  # "<dataset>/<variant folder>"
+    others = sorted(({key.split("/", 1)[0] for key in started} - set(suite.datasets)) & set(DATASETS))
     if not others:
         return jobs
     more = plan(suite, root, data_root, extra, others, check_data=False, variants=variants)

@@ -74,18 +74,18 @@ def _complete(cells: Cells, ds: str) -> bool:
 def degradation_table(res: dict[str, Any]) -> str:
     """One row per (dataset, model): the clean test NDCG@10 (mean ± std, seeds) and under each
     condition the ratio to that clean mean with the relative change, "-" where a row has not
-    run; models with no row on a dataset, and datasets where no model has a clean row and a
-    perturbed row, are left out; "" when none has."""
+    run; models without a clean row on a dataset, and datasets where no model has a clean row
+    and a perturbed row, are left out; "" when none has."""
     cells = _cells(res)
     lines = []
     for ds in _datasets(res):
         if not _complete(cells, ds):
             continue
         for model in MODELS:
-            if not any((ds, model, c) in cells for c in (CLEAN, *CONDITIONS)):  # nothing of this model run here
+            if (ds, model, CLEAN) not in cells:  # no clean row: nothing to compare against (or nothing run)
                 continue
-            clean = cells.get((ds, model, CLEAN))
-            row = [f"{clean[METRIC]['mean']:.4f} ± {clean[METRIC]['std']:.4f} ({clean['seeds']})" if clean else "-"]
+            clean = cells[(ds, model, CLEAN)]
+            row = [f"{clean[METRIC]['mean']:.4f} ± {clean[METRIC]['std']:.4f} ({clean['seeds']})"]
             for cond in CONDITIONS:
                 r = _ratio(cells, ds, model, cond)
                 row.append("-" if r is None else f"{r[0]:.2f} ({_pct(r[0])})")

@@ -21,7 +21,7 @@ from .aggregate import aggregate
 from .logs import pack_logs
 from .packing import OOM_RETRIES, PackingGate, ended_out_of_memory, host_cores, peak_memory_gb
 from .page import write_docs
-from .plan import GpuSlots, Job, is_done, job_cost, plan, stale_changes, visible_gpus
+from .plan import GpuSlots, Job, aggregation_jobs, is_done, job_cost, plan, stale_changes, visible_gpus
 from .store import has_run_file, unpack_run
 from .suites import Suite
 
@@ -198,10 +198,20 @@ def run_suites(
     for s, todo in zip(suites, todos):
         if (root / s.name).is_dir():
             pack_logs(root / s.name)
-        out.append(aggregate(s, todo, root, failed.get(s.name, []), commit))
+        out.append(aggregate(s, with_finished(s, todo, root, data_root, extra or []), root, failed.get(s.name, []), commit))
     if docs is not None:
         write_docs(root, docs)
     return out
+
+
+def with_finished(suite: Suite, todo: list[Job], root: Path, data_root: Path | None, extra: list[str]) -> list[Job]:
+    """The jobs a suite's tables take after a command ran ``todo``: those, and every other
+    finished run of the suite (what ``--aggregate-only`` shows), so a command run on a subset
+    (``--datasets``, ``--variants``) keeps the other rows in the tables; what is listed as
+    planned but missing stays the command's own selection."""
+    mine = {j.run_dir for j in todo}
+    others = [j for j in aggregation_jobs(suite, root, data_root, extra) if j.run_dir not in mine and has_run_file(j.run_dir, "metrics.json")]
+    return todo + others
 
 
 def run_suite(suite: Suite, root: Path, data_root: Path | None, jobs: int = 1, **kw: Any) -> dict[str, Any]:
