@@ -91,7 +91,7 @@ def save_figure(fig: Any, axes: Any, out: Path) -> Path:
 
     for ax in getattr(axes, "flat", axes):
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if ax.get_legend_handles_labels()[1]:  # a legend only where something is labelled
             ax.legend(fontsize=8)
     tmp = out.with_name(f".{out.name}.tmp.png")
     try:
