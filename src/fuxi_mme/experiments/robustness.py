@@ -256,6 +256,11 @@ COMPARISON_PROSE = [
 ]
 
 
+def _color(model: str) -> str:
+    """One colour per model in every panel and every dataset's column (matplotlib's cycle, by the model's place in MODELS)."""
+    return f"C{MODELS.index(model)}"
+
+
 def _noise_panel(ax: Any, cells: Cells, ds: str) -> None:
     """Insertion rate against NDCG@10 relative to clean, one line per model (1 at 0%), each
     model's points shifted a little sideways so that equal values stay visible."""
@@ -270,7 +275,7 @@ def _noise_panel(ax: Any, cells: Cells, ds: str) -> None:
         xs = [off, *(x + off for x, _ in got)]
         ys = [1.0, *(r[0] for _, r in got)]
         err = [c["std"] / c["mean"], *(r[1] for _, r in got)]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=model)
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=model, color=_color(model))
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xticks([0, *NOISE.values()])
     ax.set(xlabel="random items inserted into training (%)", ylabel="test NDCG@10 / clean", title=f"{ds}: insertion noise")
@@ -285,7 +290,8 @@ def _sparse_panel(ax: Any, cells: Cells, ds: str) -> None:
         if not got:
             continue
         off = (i - (len(MODELS) - 1) / 2) * width
-        ax.errorbar([x + off for x, _ in got], [r[0] for _, r in got], yerr=[r[1] for _, r in got], marker="s", ls="none", capsize=3, label=model)
+        xs, ys, err = [x + off for x, _ in got], [r[0] for _, r in got], [r[1] for _, r in got]
+        ax.errorbar(xs, ys, yerr=err, marker="s", ls="none", capsize=3, label=model, color=_color(model))
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xticks(range(len(SPARSE)), list(SPARSE))
     ax.set_xlim(-0.6, len(SPARSE) - 0.4)
