@@ -47,6 +47,8 @@ def _complete() -> dict:
     rows += _model(az, "fuxi-alpha", 0.05, dict.fromkeys(CONDITIONS, 0.9), 0.003)
     rows += _model(az, "fuxi-mme", 0.05, dict.fromkeys(CONDITIONS, 0.9), 0.003)
     rows += _model(az, "fuxi-mme filter", 0.05, {**dict.fromkeys(CONDITIONS, 0.9), "insert 40%": 0.6}, 0.003)
+    # the token gate runs clean and under insert 40% only: on ml-1m-ts70 it loses 30% there (less robust)
+    rows += [_row(ml, "fuxi-mme gate, clean", 0.20, 0.002), _row(ml, "fuxi-mme gate, insert 40%", 0.14, 0.002)]
     return {"results": rows}
 
 
@@ -95,12 +97,17 @@ def test_nothing_until_a_pair_is_complete(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def rows_gate(lines: list[str]) -> str:
+    return next(line for line in lines if line.startswith("| ml-1m-ts70 | fuxi-mme gate |"))
+
+
 def test_degradation_table_ratios_and_missing_cells():
     res = _complete()
     res["results"] = [e for e in res["results"] if e["variant"] != "hstu, drop 50%" or e["dataset"] != "ml-1m-ts70"]
     lines = degradation_table(res).splitlines()
     assert lines[0] == "| dataset | model | clean | insert 10% | insert 20% | insert 40% | last 20 events | drop 50% |"
-    assert len(lines) == 2 + 2 * len(MODELS)
+    assert len(lines) == 2 + 2 * len(MODELS) - 1  # no gate rows on amazon-beauty: left out
+    assert rows_gate(lines) == "| ml-1m-ts70 | fuxi-mme gate | 0.2000 ± 0.0020 (3) | - | - | 0.70 (−30%) | - | - |"
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in lines[2:]}
     assert rows[("ml-1m-ts70", "fuxi-alpha")] == "| ml-1m-ts70 | fuxi-alpha | 0.2000 ± 0.0020 (3) | " + " | ".join(["0.80 (−20%)"] * 5) + " |"
     assert rows[("ml-1m-ts70", "fuxi-mme")].endswith("| 0.95 (−5%) | 0.95 (−5%) |")
@@ -123,7 +130,10 @@ def test_clearly_more_robust_and_level():
     assert az[0].endswith("| -0.0050 (−10%) | -0.0050 (−10%) | +0.0000 | 0.0 (8.0) | level |")
     assert az[1].startswith("| amazon-beauty | insert 40% | fuxi-mme filter against fuxi-mme | -0.0200 (−40%) | -0.0050 (−10%) | -0.0150 |")
     assert az[1].endswith("| less robust |")
-    assert len(table) == 2 + 2 * 2 * len(CONDITIONS)
+    assert len(table) == 2 + 2 * 2 * len(CONDITIONS) + 1  # the gate: one condition, one dataset
+    (gate,) = [line for line in table if "fuxi-mme gate against" in line]
+    assert gate.startswith("| ml-1m-ts70 | insert 40% | fuxi-mme gate against fuxi-mme | -0.0600 (−30%) | -0.0100 (−5%) | -0.0500 |")
+    assert gate.endswith("| less robust |")
 
     every = "insert 10%, insert 20%, insert 40%, last 20 events, drop 50%"
     assert robustness_answers(res) == [
@@ -131,6 +141,8 @@ def test_clearly_more_robust_and_level():
         "less robust under none and level under none: Fuxi-MME is the more robust of the two here.",
         "**ml-1m-ts70**: of the 5 conditions tested, Fuxi-MME with the noise filter is more robust than Fuxi-MME under none, "
         f"less robust under none and level under 5 ({every}): no difference in robustness beyond seed noise.",
+        "**ml-1m-ts70**: of the 1 condition tested, Fuxi-MME with the token gate is more robust than Fuxi-MME under none, "
+        "less robust under 1 (insert 40%) and level under none: Fuxi-MME is the more robust of the two here.",
         "**amazon-beauty**: of the 5 conditions tested, Fuxi-MME is more robust than FuXi-alpha under none, "
         f"less robust under none and level under 5 ({every}): no difference in robustness beyond seed noise.",
         "**amazon-beauty**: of the 5 conditions tested, Fuxi-MME with the noise filter is more robust than Fuxi-MME under none, "

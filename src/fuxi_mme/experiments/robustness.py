@@ -1,6 +1,7 @@
 """The ``robustness`` suite's answer on the results page: each model's test NDCG@10 under noisy
 and sparse training data relative to its own clean figure, the plot of it, and whether Fuxi-MME
-loses less than FuXi-alpha (and the noise filter less than plain Fuxi-MME) beyond seed noise.
+loses less than FuXi-alpha (and the noise filter or the token gate less than plain Fuxi-MME)
+beyond seed noise.
 
 Variants are named ``"<model>, <condition>"`` (``"fuxi-mme filter, drop 50%"``,
 ``src/fuxi_mme/experiments/suites/robustness.yaml``). Everything here shows nothing until a
@@ -16,15 +17,20 @@ from .plots import pyplot, save_figure
 from .stats import reading, welch_contrast
 
 METRIC = "test/NDCG@10"
-MODELS = ("sasrec", "hstu", "fuxi-alpha", "fuxi-mme", "fuxi-mme filter")
+MODELS = ("sasrec", "hstu", "fuxi-alpha", "fuxi-mme", "fuxi-mme filter", "fuxi-mme gate")
 CLEAN = "clean"
 NOISE = {"insert 10%": 10, "insert 20%": 20, "insert 40%": 40}  # condition -> inserted items, %
 SPARSE = ("last 20 events", "drop 50%")
 CONDITIONS = (*NOISE, *SPARSE)
-# (first, second): is the first more robust than the second? Fuxi-MME against FuXi-alpha, and the
-# noise filter (model.denoise=filter) against Fuxi-MME without it.
-PAIRS = (("fuxi-mme", "fuxi-alpha"), ("fuxi-mme filter", "fuxi-mme"))
-NAMES = {"fuxi-mme": "Fuxi-MME", "fuxi-alpha": "FuXi-alpha", "fuxi-mme filter": "Fuxi-MME with the noise filter"}
+# (first, second): is the first more robust than the second? Fuxi-MME against FuXi-alpha, and each
+# noise-decoupling design (model.denoise=filter, =gate) against Fuxi-MME without it.
+PAIRS = (("fuxi-mme", "fuxi-alpha"), ("fuxi-mme filter", "fuxi-mme"), ("fuxi-mme gate", "fuxi-mme"))
+NAMES = {
+    "fuxi-mme": "Fuxi-MME",
+    "fuxi-alpha": "FuXi-alpha",
+    "fuxi-mme filter": "Fuxi-MME with the noise filter",
+    "fuxi-mme gate": "Fuxi-MME with the token gate",
+}
 WORDS = {"ahead": "more robust", "behind": "less robust", "level": "level"}
 
 Cells = dict[tuple[str, str, str], dict[str, Any]]
@@ -164,7 +170,7 @@ def _comparison_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str,
 
 def robustness_comparison(res: dict[str, Any]) -> str:
     """For every dataset and perturbed condition where all four rows have run: Fuxi-MME's change
-    from clean against FuXi-alpha's (and the filter's against plain Fuxi-MME's), absolute and
+    from clean against FuXi-alpha's (and the filter's and the gate's against plain Fuxi-MME's), absolute and
     relative, their difference, Welch's t over the four groups' seeds and its reading at 5%
     ("more robust" / "less robust" / "level"); "" when no comparison is complete."""
     lines = [row[5] for row in _comparison_rows(res)]
@@ -234,7 +240,8 @@ ROBUSTNESS_PROSE = [
     "validation and test targets and histories stay clean. The first column is the clean test NDCG@10 (mean ± std,",
     "seeds in parentheses), the others each condition's mean relative to the same model's clean mean (the change in",
     'parentheses); "-" where a row has not run (the suite\'s table below says which are planned). "fuxi-mme filter"',
-    "is Fuxi-MME with noise decoupling (`model.denoise=filter`, docs/models.md#noise-decoupling).",
+    'and "fuxi-mme gate" are Fuxi-MME with noise decoupling (`model.denoise=filter` or `gate`, the two designs',
+    "compared in docs/models.md#noise-decoupling).",
     "",
 ]
 PLOT_PROSE = [
@@ -244,7 +251,7 @@ PLOT_PROSE = [
     "",
 ]
 COMPARISON_PROSE = [
-    "Does Fuxi-MME lose less than FuXi-alpha, and does the noise filter make Fuxi-MME lose less? For each",
+    "Does Fuxi-MME lose less than FuXi-alpha, and does the noise filter or the token gate make Fuxi-MME lose less? For each",
     "condition, the change from clean of each model (absolute, relative in parentheses) and the difference of the",
     "two changes, d = (first under the condition − first clean) − (second under the condition − second clean), on",
     "absolute test NDCG@10. Welch's t over the four rows' seeds (standard error the root of the sum of the four",
