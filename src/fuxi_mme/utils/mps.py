@@ -22,6 +22,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .procs import restored_environ
+
 CONTROL = "nvidia-cuda-mps-control"
 ENV = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
 QUIT_TIMEOUT_S = 120  # "quit" waits for the daemon's clients (runs still exiting) to end
@@ -55,30 +57,25 @@ def mps_daemon(enabled: bool = True, workdir: str | os.PathLike[str] | None = No
     dirs = {ENV[0]: str(base / "pipe"), ENV[1]: str(base / "log")}
     for d in dirs.values():
         os.makedirs(d)
-    saved = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(dirs)
     stopped = True  # nothing to stop until the daemon has started
-    try:
+    with restored_environ(*ENV):
+        os.environ.update(dirs)
         try:
-            res = subprocess.run([exe, "-d"], capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise MPSError(f"--mps: {CONTROL} -d could not be run ({type(exc).__name__}: {exc}); run without --mps") from exc
-        if res.returncode != 0:
-            msg = (res.stderr or res.stdout).strip().splitlines()
-            raise MPSError(f"--mps: {CONTROL} -d failed ({msg[-1] if msg else f'exit {res.returncode}'}); run without --mps")
-        stopped = False
-        try:
-            yield dirs[ENV[0]]
+            try:
+                res = subprocess.run([exe, "-d"], capture_output=True, text=True, timeout=60)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise MPSError(f"--mps: {CONTROL} -d could not be run ({type(exc).__name__}: {exc}); run without --mps") from exc
+            if res.returncode != 0:
+                msg = (res.stderr or res.stdout).strip().splitlines()
+                raise MPSError(f"--mps: {CONTROL} -d failed ({msg[-1] if msg else f'exit {res.returncode}'}); run without --mps")
+            stopped = False
+            try:
+                yield dirs[ENV[0]]
+            finally:
+                stopped = _quit(exe, dirs[ENV[0]])
         finally:
-            stopped = _quit(exe, dirs[ENV[0]])
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if stopped:  # a daemon that did not stop keeps its pipe folder: the only way to reach it
-            shutil.rmtree(base, ignore_errors=True)
+            if stopped:  # a daemon that did not stop keeps its pipe folder: the only way to reach it
+                shutil.rmtree(base, ignore_errors=True)
 
 
 def _quit(exe: str, pipe_dir: str) -> bool:

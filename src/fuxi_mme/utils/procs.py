@@ -71,3 +71,18 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+@contextmanager
+def restored_environ(*names: str) -> Iterator[None]:
+    """Run the body, then put the environment variables ``names`` back as they were before it
+    (set to their old values, or removed if they were unset)."""
+    saved = {k: os.environ.get(k) for k in names}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from .procs import restored_environ
+
 
 def resolve_device(name: str) -> torch.device:
     """``train.device`` ("auto", "cpu", "cuda", "cuda:1", ...) as a device that exists here."""
@@ -91,15 +93,8 @@ def compile_cache_env(data_dir: str | os.PathLike[str]) -> Iterator[str]:
     """:func:`persistent_compile_cache` for the body (a run), the two variables restored after
     it, so a later run in the same process with another data folder caches in its own. (Inductor's
     compile workers, started once per process, keep the folder of the run that started them.)"""
-    saved = {k: os.environ.get(k) for k in CACHE_ENV}
-    try:
+    with restored_environ(*CACHE_ENV):
         yield persistent_compile_cache(data_dir)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
