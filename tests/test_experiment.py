@@ -572,7 +572,8 @@ PLANS = {
     "robustness": (180, "9625e466cbe0f02c"),
 }
 # variants added to a suite after its plan was pinned: its earlier jobs must stay as they were
-ADDED_VARIANTS = {"main": {"ssm"}, "robustness": {"fuxi-mme gate, clean", "fuxi-mme gate, insert 40%"}}
+GATE_CONDITIONS = ("clean", "insert 10%", "insert 20%", "insert 40%", "last 20 events", "drop 50%")
+ADDED_VARIANTS = {"main": {"ssm"}, "robustness": {f"fuxi-mme gate, {c}" for c in GATE_CONDITIONS}}
 
 
 # Config fields added after the plans above were pinned: at their defaults they change no job
