@@ -425,7 +425,7 @@ def test_forward_chunks_fill_a_token_budget_in_length_order():
 
     lengths = np.array([1, 2, 2, 3, 5, 8, 8, 20])
     got = [(c.start, c.stop) for c in forward_chunks(lengths, 8)]
-    # 4 rows x 3 = 12 > 8 stops the first chunk at 2 x 2 (with 3 rows: 3 x 2 = 6, and the 4th costs 4 x 3)
+    # rows 0-2 fit (3 rows x length 2 = 6); a 4th would make 4 x 3 = 12 > 8
     assert got == [(0, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8)]  # a row longer than the budget runs alone
     assert [(c.start, c.stop) for c in forward_chunks(lengths, 10**6)] == [(0, 8)]
     assert forward_chunks(np.array([], dtype=np.int64), 8) == []

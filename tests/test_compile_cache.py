@@ -13,7 +13,7 @@ import torch
 from fuxi_mme.config import apply_overrides
 from fuxi_mme.presets import build_preset
 from fuxi_mme.train.run import compile_shape_key
-from fuxi_mme.utils.runtime import JOB_ID_PREFIX, compile_cache_env, compile_settings, persistent_compile_cache
+from fuxi_mme.utils.runtime import JOB_ID_PREFIX, compile_settings, persistent_compile_cache
 
 
 @pytest.fixture
@@ -43,11 +43,11 @@ def test_torchs_own_default_is_replaced_and_a_users_folder_stands(tmp_path, no_c
 def test_cache_folders_hold_for_the_run_only(tmp_path, no_cache_env):
     """Two runs in one process with different data folders each cache in their own; after a run
     the variables are as before it."""
-    with compile_cache_env(tmp_path / "a") as folder:
-        assert folder == os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "a" / "compile-cache" / "inductor")
+    with compile_settings("abc", tmp_path / "a"):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "a" / "compile-cache" / "inductor")
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and "TRITON_CACHE_DIR" not in os.environ
     os.environ["TRITON_CACHE_DIR"] = str(tmp_path / "users-triton")
-    with compile_cache_env(tmp_path / "b"):
+    with compile_settings("abc", tmp_path / "b"):
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "b" / "compile-cache" / "inductor")
         assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "users-triton")  # the user's stands
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "users-triton") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
@@ -93,8 +93,7 @@ WARM = textwrap.dedent(
     import json, sys, torch
     from torch._dynamo.utils import counters
     from fuxi_mme.models.attention.shared import lookup
-    from fuxi_mme.utils.runtime import compile_settings, persistent_compile_cache
-    persistent_compile_cache(sys.argv[1])
+    from fuxi_mme.utils.runtime import compile_settings
     table = torch.nn.Parameter(torch.randn(9))
     idx = torch.randint(0, 9, (4, 32, 32))
     def f(t, i):
@@ -103,7 +102,7 @@ WARM = textwrap.dedent(
     for _ in range(2):  # the second compile (after a reset) finds the first one's graphs on disk
         torch._dynamo.reset()
         counters.clear()
-        with compile_settings("test"):
+        with compile_settings("test", sys.argv[1]):  # as a run: its data folder's compile cache
             torch.compile(f)(table, idx).backward()
         out.append(dict(counters["aot_autograd"]))
     print(json.dumps(out))

@@ -197,24 +197,21 @@ def rank_split(
 
 def _score_rows(scorer: Scorer, arrs: EvalArrays, rows: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores (rows x items, fp32), targets) of length-sorted ``rows``; on a CPU the scorer runs
-    on chunks of :data:`FORWARD_TOKENS_CPU` padded positions."""
-    if torch.device(device).type != "cpu":
-        batch = make_batch(arrs, rows, device)
-        return scorer(batch).float(), batch.target
-    chunks = forward_chunks(arrs.lengths[rows], FORWARD_TOKENS_CPU)
+    on chunks of :data:`FORWARD_TOKENS_CPU` padded positions, their scores written into one
+    tensor (no second copy)."""
+    cpu = torch.device(device).type == "cpu"
+    chunks = forward_chunks(arrs.lengths[rows], FORWARD_TOKENS_CPU) if cpu else [slice(0, len(rows))]
+    batch = make_batch(arrs, rows[chunks[0]], device)
+    first = scorer(batch).float()
     if len(chunks) == 1:
-        batch = make_batch(arrs, rows, device)
-        return scorer(batch).float(), batch.target
-    scores: torch.Tensor | None = None
-    targets = []
-    for c in chunks:  # each chunk's scores written into one (rows x items) tensor: no second copy
+        return first, batch.target
+    scores = first.new_empty((len(rows), first.shape[1]))
+    scores[chunks[0]] = first
+    targets = [batch.target]
+    for c in chunks[1:]:
         batch = make_batch(arrs, rows[c], device)
-        part = scorer(batch)
-        if scores is None:
-            scores = torch.empty((len(rows), part.shape[1]), dtype=torch.float32, device=part.device)
-        scores[c] = part
+        scores[c] = scorer(batch)
         targets.append(batch.target)
-    assert scores is not None
     return scores, torch.cat(targets)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..eval.buckets import BUCKET_NAMES
 from ..utils.runinfo import atomic_write_json, atomic_write_text, git_commit
 from .logs import train_seconds
 from .plan import Job, stale_changes
@@ -65,9 +66,6 @@ def _origins(done: list[Job]) -> dict[tuple[str, str], list[tuple[str, str]]]:
     return origin
 
 
-HISTORY_BUCKETS = ("short", "medium", "long")
-
-
 def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[str, str]]) -> dict[str, Any]:
     """One table row: the seeds' metrics as mean and std, epochs, training seconds, parameters."""
     entry: dict[str, Any] = {
@@ -89,7 +87,7 @@ def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[
                 nums = [float(v) for v in got if isinstance(v, (int, float))]
                 if len(nums) == len(runs):
                     entry[f"{split}/{k}"] = _mean_std(nums)
-    for b in HISTORY_BUCKETS:  # test NDCG@10 per user-history-length bucket (docs/training.md#history-length-buckets)
+    for b in BUCKET_NAMES:  # test NDCG@10 per user-history-length bucket (docs/training.md#history-length-buckets)
         cells = [((r.get("test") or {}).get("buckets") or {}).get(b) or {} for r in runs]
         if all("NDCG@10" in c for c in cells):
             entry[f"test/{b}/NDCG@10"] = _mean_std([float(c["NDCG@10"]) for c in cells])

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..eval.buckets import BUCKET_NAMES
 from .plots import pyplot, save_figure
 from .stats import reading, welch_contrast
 
@@ -102,7 +103,6 @@ def degradation_table(res: dict[str, Any]) -> str:
     return "\n".join(head + lines) + "\n"
 
 
-BUCKETS = ("short", "medium", "long")
 BUCKET_PROSE = [
     "By history length: test NDCG@10 (mean over seeds) of the users whose evaluation history is short (< 10 events),",
     "medium (10-49) or long (>= 50; docs/training.md#history-length-buckets), with each bucket's mean user count; the",
@@ -120,9 +120,9 @@ def bucket_table(res: dict[str, Any]) -> str:
         for model in MODELS:
             for cond in (CLEAN, *CONDITIONS):
                 e = cells.get((ds, model, cond))
-                if e is None or not all(f"test/{b}/NDCG@10" in e for b in BUCKETS):
+                if e is None or not all(f"test/{b}/NDCG@10" in e for b in BUCKET_NAMES):
                     continue
-                row = [f"{e[f'test/{b}/NDCG@10']['mean']:.4f} ({e.get(f'test/{b}/users', 0):,.0f})" for b in BUCKETS]
+                row = [f"{e[f'test/{b}/NDCG@10']['mean']:.4f} ({e.get(f'test/{b}/users', 0):,.0f})" for b in BUCKET_NAMES]
                 lines.append(f"| {ds} | {model} | {cond} | " + " | ".join(row) + " |")
     if not lines:
         return ""

@@ -122,11 +122,9 @@ def run_jobs(
                 return job, rc, total  # not started, or its out-of-memory end stands
             job.gpu = slots.take()
             gate.acquire(job.gpu, key)
-            if deadline is not None and time.monotonic() >= deadline:  # the wait for memory or cores outlasted the budget
-                gate.release(job.gpu)
-                slots.give(job.gpu)
-                return job, rc, total
             try:
+                if deadline is not None and time.monotonic() >= deadline:  # the wait for memory or cores outlasted the budget
+                    return job, rc, total
                 job, rc, dt = run_job(job, env, stopping)
             finally:
                 gate.release(job.gpu)

@@ -22,7 +22,7 @@ from ..eval.evaluator import evaluate_run_split, popularity_scorer, resolve_hist
 from ..models import build_model
 from ..runs import Run, adapt_to_dataset
 from ..utils.runinfo import process_cpu_seconds, run_info
-from ..utils.runtime import compile_cache_env, compile_settings, seconds_since_process_start, seed_everything, setup_device
+from ..utils.runtime import compile_settings, seconds_since_process_start, seed_everything, setup_device
 from . import distributed as D
 from .loop import Trainer
 
@@ -55,11 +55,6 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """
     started_s = seconds_since_process_start()
     validate(cfg)
-    with compile_cache_env(cfg.data.data_dir or default_data_dir()):
-        return _train_in_process_group(cfg, resume, started_s)
-
-
-def _train_in_process_group(cfg: Config, resume: str | Path | None, started_s: float | None) -> dict[str, Any]:
     dinfo = D.from_env()
     device = setup_device(cfg.train.device, dinfo.local_rank if dinfo.enabled else None, cfg.train.num_threads, cfg.train.tf32)
     if dinfo.enabled:
@@ -67,7 +62,7 @@ def _train_in_process_group(cfg: Config, resume: str | Path | None, started_s: f
         if not dinfo.main:
             logging.getLogger("fuxi_mme").setLevel(logging.WARNING)  # rank 0 speaks for all
     try:
-        with compile_settings(compile_shape_key(cfg)):
+        with compile_settings(compile_shape_key(cfg), cfg.data.data_dir or default_data_dir()):
             out = _train(cfg, resume, dinfo, device, started_s)
         # no rank tears the group down while a peer may still be in a collective (hardening: a
         # two-process gloo test once aborted rank 0 at its end, 1 in 11 runs; cause not confirmed)

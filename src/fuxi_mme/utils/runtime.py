@@ -89,18 +89,13 @@ CACHE_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 @contextlib.contextmanager
-def compile_cache_env(data_dir: str | os.PathLike[str]) -> Iterator[str]:
-    """:func:`persistent_compile_cache` for the body (a run), the two variables restored after
-    it, so a later run in the same process with another data folder caches in its own. (Inductor's
-    compile workers, started once per process, keep the folder of the run that started them.)"""
-    with restored_environ(*CACHE_ENV):
-        yield persistent_compile_cache(data_dir)
-
-
-@contextlib.contextmanager
-def compile_settings(shape_key: str | None = None) -> Iterator[None]:
+def compile_settings(shape_key: str | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Iterator[None]:
     """torch.compile settings for the body (a run's training), restored after it:
 
+    * with ``cache_dir``, compiled kernels and graphs kept under ``<cache_dir>/compile-cache``
+      (:func:`persistent_compile_cache`), the two folder variables put back afterwards, so a
+      later run in the same process with another data folder caches in its own (Inductor's
+      compile workers, started once per process, keep the folder of the run that started them);
     * AOTAutograd's cache also takes graphs that hold our custom autograd Functions (the
       small-table lookup of the attention biases, the MoE row dispatch, the chunked scan).
       PyTorch leaves such graphs out by default because an arbitrary Function may have side
@@ -114,6 +109,9 @@ def compile_settings(shape_key: str | None = None) -> Iterator[None]:
 
     Settings a torch version lacks are left alone."""
     with contextlib.ExitStack() as stack:
+        if cache_dir is not None:
+            stack.enter_context(restored_environ(*CACHE_ENV))
+            persistent_compile_cache(cache_dir)
         try:  # private configuration: absent or renamed in some torch versions
             import torch._functorch.config as functorch_config
 
