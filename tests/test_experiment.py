@@ -710,6 +710,57 @@ def test_packed_logs_keep_the_tables_and_the_curves(tmp_path):
     assert read_records(jobs[0].run_dir) == [] and train_seconds(tmp_path / "elsewhere" / "run") is None
 
 
+def test_packing_leaves_the_runs_another_process_still_writes(tmp_path):
+    """Two commands on one suite folder (session 7 on the GPU): the first to end packed the logs
+    of the other's running jobs, whose later records then replaced the packed ones. A run whose
+    folder a training holds, or whose seed<k>.log the runner holds, stays loose until it ends."""
+    from fuxi_mme.experiments.logs import pack_logs, read_records, train_seconds
+    from fuxi_mme.experiments.store import stored_runs
+    from fuxi_mme.utils.locks import held, hold_file
+
+    suite = SUITES["ablation"]
+    jobs = [j for j in plan(suite, tmp_path, None, [], ["demo"], seeds=[0, 1, 2]) if j.variant == "fuxi-alpha"]
+    logs = _fake_runs(jobs, 1.5)
+    suite_dir = tmp_path / "ablation"
+    with held(jobs[1].run_dir), open(jobs[2].run_dir.parent / "seed2.log", "a") as runner_log:
+        hold_file(runner_log)
+        assert pack_logs(suite_dir) == 2  # seed 0's log and metrics.jsonl only
+        assert sorted(stored_runs(suite_dir)) == ["demo/fuxi-alpha/seed0"]
+        for j in jobs[1:]:
+            assert (j.run_dir / "metrics.jsonl").exists() and (j.run_dir / "metrics.json").exists()
+            assert (j.run_dir.parent / f"{j.run_dir.name}.log").exists()
+    assert pack_logs(suite_dir) == 4
+    assert sorted(stored_runs(suite_dir)) == [f"demo/fuxi-alpha/seed{k}" for k in range(3)]
+    assert [read_records(j.run_dir) for j in jobs] == logs and [train_seconds(j.run_dir) for j in jobs] == [3.0, 3.0, 3.0]
+
+
+def test_two_packings_of_one_suite_take_turns(tmp_path):
+    """runs.jsonl is read, merged and rewritten under the suite folder's lock: a second packing
+    waits for the first instead of writing back a stale read."""
+    import threading
+
+    from fuxi_mme.experiments.logs import pack_logs
+    from fuxi_mme.utils.locks import held
+
+    jobs = [j for j in plan(SUITES["ablation"], tmp_path, None, [], ["demo"], seeds=[0]) if j.variant == "fuxi-alpha"]
+    _fake_runs(jobs, 1.0)
+    done = threading.Event()
+    with held(tmp_path / "ablation"):
+        t = threading.Thread(target=lambda: (pack_logs(tmp_path / "ablation"), done.set()))
+        t.start()
+        assert not done.wait(0.5) and (jobs[0].run_dir / "metrics.jsonl").exists()  # waiting, nothing moved
+    t.join(30)
+    assert done.is_set() and not (jobs[0].run_dir / "metrics.jsonl").exists()
+
+
+def test_a_log_that_lost_its_first_epochs_gives_no_training_seconds():
+    from fuxi_mme.experiments.logs import sum_train_seconds
+
+    whole = [{"kind": "train", "epoch": e, "epoch_seconds": 2.0} for e in (1, 2, 3)]
+    assert sum_train_seconds(whole) == 6.0 and sum_train_seconds([]) == 0.0
+    assert sum_train_seconds(whole[1:]) is None  # a table would otherwise show a third of the time
+
+
 def test_packed_logs_come_back_byte_for_byte(tmp_path):
     """The columns encoding gives a log back byte for byte (float32 values, integer ratios such
     as HR@K = hits / users, GiB = bytes / 2**30, lists); a log it cannot give back stays plain;

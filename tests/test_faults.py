@@ -179,6 +179,37 @@ def flip(path: Path, pos: int | None = None, bit: int = 0) -> None:
         f.write(bytes([b ^ (1 << bit)]))
 
 
+HOLD = (
+    "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX);print('held', flush=True); time.sleep(120)"
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock")
+def test_a_run_folder_another_process_writes_is_refused_and_freed_when_it_ends(tmp_path, trained, capsys):
+    """Two processes never write one run: a second training into a folder that a live process
+    holds stops with one line and writes nothing; the lock goes with its holder, however it ends."""
+    from fuxi_mme.utils.locks import held, in_use
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held" and in_use(run)
+        assert main(["train", "--resume", str(run)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is in use by another training process" in err[0] and str(run) in err[0], err
+        assert records(run) == records(trained)
+    finally:
+        holder.kill()  # a kill, not a clean exit: the kernel still drops the lock
+        holder.wait()
+    assert not in_use(run)
+    fresh = tmp_path / "fresh"
+    train(tiny_config(**{**FAST, "train.epochs": 1, "log.run_dir": str(fresh)}))
+    assert not in_use(fresh)  # a finished training lets go of its folder
+    with held(fresh):  # and taking it needs no wait
+        assert in_use(fresh)
+
+
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 

@@ -31,11 +31,13 @@ import math
 import shutil
 import struct
 import tarfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..utils.locks import held, in_use
 from ..utils.runinfo import atomic_write_json
 from .store import RUN_DEPTH, has_run_file, pack_runs, run_file
 
@@ -63,8 +65,13 @@ def parse_records(text: str, where: str) -> list[dict[str, Any]]:
     return records
 
 
-def sum_train_seconds(records: list[dict[str, Any]]) -> float:
-    return float(sum(r.get("epoch_seconds", 0.0) for r in records if r.get("kind") == "train"))
+def sum_train_seconds(records: list[dict[str, Any]]) -> float | None:
+    """The sum of the train records' epoch seconds; None when the log lacks its first epochs
+    (its earlier records were lost), where the sum would understate the run."""
+    train = [r for r in records if r.get("kind") == "train"]
+    if train and int(train[0].get("epoch", 1)) > 1:
+        return None
+    return float(sum(r.get("epoch_seconds", 0.0) for r in train))
 
 
 def _suite_dir(run_dir: Path) -> Path:
@@ -309,15 +316,29 @@ def decode_columns(doc: dict[str, Any]) -> str:
     return "".join(out)
 
 
-def loose_logs(suite_dir: Path) -> list[Path]:
+def _run_of(path: Path, suite_dir: Path) -> str:
+    """The run (``<dataset>/<variant>/seed<k>``) a file under a suite folder belongs to."""
+    parts = path.relative_to(suite_dir).parts
+    return "/".join([*parts[:2], parts[2].removesuffix(".log")])
+
+
+def busy_runs(suite_dir: Path) -> set[str]:
+    """The runs under a suite folder that a process is still writing: a training holds its run
+    folder's lock, the runner its ``seed<k>.log``'s (``utils/locks.py``)."""
+    held = [p for p in suite_dir.glob("*/*/*") if p.is_dir() or p.suffix == ".log"]
+    return {_run_of(p, suite_dir) for p in held if in_use(p)}
+
+
+def loose_logs(suite_dir: Path, skip: Collection[str] = ()) -> list[Path]:
     """The per-epoch files under a suite folder: every ``metrics.jsonl``, the files of every
-    ``tensorboard/`` folder and the runner's ``seed<k>.log`` files."""
+    ``tensorboard/`` folder and the runner's ``seed<k>.log`` files; those of the runs in
+    ``skip`` left out."""
     files = [
         *suite_dir.glob("*/*/*/metrics.jsonl"),
         *suite_dir.glob("*/*/*.log"),
         *(p for p in suite_dir.glob("*/*/*/tensorboard/**/*") if p.is_file()),
     ]
-    return sorted(files)
+    return sorted(p for p in files if _run_of(p, suite_dir) not in skip)
 
 
 def _archived(archive: Path) -> dict[str, bytes]:
@@ -377,8 +398,19 @@ def pack_logs(suite_dir: Path, repack: bool = False) -> int:
     run's training seconds in ``train_seconds.json``, then move the runs' JSON files into its
     ``runs.jsonl`` (:func:`.store.pack_runs`). The loose files are deleted only after what holds
     them is written. ``repack``: rewrite the archive even when there is nothing loose. Returns
-    the number of per-epoch files moved."""
-    loose = loose_logs(suite_dir)
+    the number of per-epoch files moved.
+
+    Runs still being written (:func:`busy_runs`: another command's, started in the same suite
+    folder) are left loose for a later packing; two packings of one suite take turns."""
+    with held(suite_dir, blocking=True):
+        return _pack_logs(suite_dir, repack)
+
+
+def _pack_logs(suite_dir: Path, repack: bool) -> int:
+    busy = busy_runs(suite_dir)
+    if busy:
+        log.info("%s: %d run(s) still being written by another process, left loose: %s", suite_dir, len(busy), ", ".join(sorted(busy)))
+    loose = loose_logs(suite_dir, busy)
     archive = suite_dir / ARCHIVE
     if loose or (repack and archive.is_file()):
         members = _archived(archive)
@@ -391,7 +423,7 @@ def pack_logs(suite_dir: Path, repack: bool = False) -> int:
         atomic_write_json(suite_dir / TRAIN_SECONDS, dict(sorted(seconds.items())))
         for p in loose:
             p.unlink()
-        for tb in {p for p in suite_dir.glob("*/*/*/tensorboard") if p.is_dir()}:
+        for tb in {p for p in suite_dir.glob("*/*/*/tensorboard") if p.is_dir() and _run_of(p, suite_dir) not in busy}:
             shutil.rmtree(tb)
-    pack_runs(suite_dir)
+    pack_runs(suite_dir, busy)
     return len(loose)

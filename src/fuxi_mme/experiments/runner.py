@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import IO, Any
 
+from ..utils.locks import hold_file
 from ..utils.procs import sigterm_as_interrupt, stop_groups
 from ..utils.runinfo import git_commit
 from .aggregate import aggregate
@@ -84,6 +85,7 @@ def run_job(job: Job, env: dict[str, str], stopping: Stopping | None = None) -> 
         if stopping.event.is_set():
             return job, -1, 0.0
         with open(job.run_dir.parent / f"{job.run_dir.name}.log", "w") as log:
+            hold_file(log)  # the child inherits it: locked until the run's processes end (utils/locks.py)
             proc = launch(job, log, env)
         stopping.running.add(proc)
     try:

@@ -12,6 +12,7 @@ lost and a diff shows one line per changed run. The emptied run folders are remo
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +78,13 @@ def unpack_run(run_dir: Path) -> None:
             atomic_write_text(run_dir / name, json.dumps(value, separators=(",", ":")) + "\n")
 
 
-def pack_runs(suite_dir: Path) -> int:
+def pack_runs(suite_dir: Path, skip: Collection[str] = ()) -> int:
     """Move the loose run files under a suite folder into its ``runs.jsonl`` (a loose file
-    replaces its stored copy), then delete them and the run folders they leave empty. Returns
-    the number of files moved."""
-    loose = sorted(p for name in RUN_FILES for p in suite_dir.glob(f"*/*/*/{name}"))
+    replaces its stored copy), then delete them and the run folders they leave empty; the runs
+    in ``skip`` (``<dataset>/<variant>/seed<k>``, still being written) stay as they are.
+    Returns the number of files moved."""
+    files = (p for name in RUN_FILES for p in suite_dir.glob(f"*/*/*/{name}"))
+    loose = sorted(p for p in files if p.parent.relative_to(suite_dir).as_posix() not in skip)
     if not loose:
         return 0
     runs = {k: dict(v) for k, v in stored_runs(suite_dir).items()}
