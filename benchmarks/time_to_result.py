@@ -6,7 +6,11 @@ folder: preparation and compilation from scratch; Inductor's and Triton's caches
 the data folder, ``utils/runtime.py``) and **warm** (the same command again: the prepared data
 and compiled artefacts are found). The wall time is measured around the process; the phases
 come from the run itself (``run.json`` ``phases``: start-up, data, model, trainer setup, first
-epoch with compilation and CUDA-graph capture, later epochs, evaluations, writing).
+epoch with compilation and CUDA-graph capture, later epochs, evaluations, writing). What
+follows the last phase is split by the process's own clock marks (``utils/exit_times.py``):
+``after_run`` (leaving ``train()`` and the command), ``exit_handlers`` (Python's exit handlers:
+torch's, Inductor's compile workers') and ``teardown`` (the interpreter and CUDA driver, up
+to the process's end as seen from here).
 
     PYTHONPATH=src python benchmarks/time_to_result.py --data-root ../shared/data        # ML-1M-ts70, GPU
     PYTHONPATH=src python benchmarks/time_to_result.py --quick --device cpu              # demo, a smoke run
@@ -32,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import RESULTS, card, save  # noqa: E402
 
-PHASES = ("start_up", "data", "model", "trainer_setup", "first_epoch", "later_epochs", "evaluations", "fit_other", "write")
+PHASES = ("start_up", "device", "data", "model", "trainer_setup", "first_epoch", "later_epochs", "evaluations", "fit_other", "write")
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,9 +77,12 @@ def run_case(preset: str, protocol: str, work: Path, args: argparse.Namespace) -
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
         for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # the run's own, under the data folder
             env.pop(var, None)
+        marks = work / f"exit-{preset}-{protocol}-{state}.jsonl"
+        marks.unlink(missing_ok=True)
+        env["FUXI_MME_EXIT_TIMES"] = str(marks)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - t0
+        wall, ended = time.perf_counter() - t0, time.time()
         if proc.returncode:
             raise SystemExit(f"{preset} {protocol} {state}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
         info = json.loads((run_dir / "run.json").read_text())
@@ -87,6 +94,7 @@ def run_case(preset: str, protocol: str, work: Path, args: argparse.Namespace) -
                 "state": state,
                 "wall_s": round(wall, 2),
                 "phases": info.get("phases", {}),
+                "exit": exit_split(marks, info.get("phases", {}), ended),
                 "epochs": metrics.get("epochs_trained"),
                 "test_ndcg10": metrics["test"]["NDCG@10"],
                 "device": info.get("device", {}),
@@ -96,20 +104,41 @@ def run_case(preset: str, protocol: str, work: Path, args: argparse.Namespace) -
     return out
 
 
+EXIT = ("after_run", "exit_handlers", "teardown")
+
+
+def exit_split(marks: Path, phases: dict, ended: float) -> dict[str, float | None]:
+    """Seconds from the run's last phase to the process's end, in three parts (module notes);
+    None where a mark is missing (a platform without /proc, or a process that died)."""
+    out: dict[str, float | None] = dict.fromkeys(EXIT)
+    lines = marks.read_text().splitlines() if marks.exists() else []
+    if not lines:
+        return out
+    t = json.loads(lines[-1])
+    if t.get("process_start") is not None and isinstance(phases.get("total"), (int, float)) and t.get("command_end"):
+        out["after_run"] = round(t["command_end"] - (t["process_start"] + phases["total"]), 3)
+    if t.get("atexit_start") and t.get("atexit_end"):
+        out["exit_handlers"] = round(t["atexit_end"] - t["atexit_start"], 3)
+    if t.get("atexit_end"):
+        out["teardown"] = round(ended - t["atexit_end"], 3)
+    return out
+
+
 def _markdown(rows: list[dict], head: dict) -> list[str]:
     lines = [
         f"# Time to result ({head['card']}, commit {head['commit']})",
         "",
         "`benchmarks/time_to_result.py`: `fuxi-mme train` as a subprocess, wall time around the process; cold = empty data folder "
         "(preparation, compilation), warm = the same command again. Phases (s) from the run's `run.json`; the first epoch holds "
-        "compilation and CUDA-graph capture.",
+        "compilation and CUDA-graph capture. After the last phase: after_run (leaving train() and the command), exit_handlers "
+        "(Python's exit handlers), teardown (interpreter and CUDA driver, to the process's end).",
         "",
-        "| preset | protocol | run | wall s | epochs | " + " | ".join(PHASES) + " | test NDCG@10 |",
-        "|---|---|---|---|---|" + "---|" * len(PHASES) + "---|",
+        "| preset | protocol | run | wall s | epochs | " + " | ".join(PHASES + EXIT) + " | test NDCG@10 |",
+        "|---|---|---|---|---|" + "---|" * len(PHASES + EXIT) + "---|",
     ]
     for r in rows:
-        ph = r["phases"]
-        cells = [f"{ph[p]:.1f}" if isinstance(ph.get(p), (int, float)) else "-" for p in PHASES]
+        ph = {**r["phases"], **r.get("exit", {})}
+        cells = [f"{ph[p]:.1f}" if isinstance(ph.get(p), (int, float)) else "-" for p in PHASES + EXIT]
         first = f"| {r['preset']} | {r['protocol']} | {r['state']} | {r['wall_s']:.1f} | {r['epochs']} | "
         lines.append(first + " | ".join(cells) + f" | {r['test_ndcg10']:.4f} |")
     return lines

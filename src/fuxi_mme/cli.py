@@ -10,6 +10,7 @@ import os
 import sys
 
 from . import __version__, commands
+from .utils import exit_times
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
+        exit_times.command_ended()
         return rc
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as exc:
         # ConfigError, DataError and CheckpointError derive from these; -v shows the traceback.

@@ -23,8 +23,9 @@ from ..eval.evaluator import evaluate_run_split, popularity_scorer, resolve_hist
 from ..models import build_model
 from ..runs import Run, adapt_to_dataset
 from ..utils.locks import held
+from ..utils.procs import seconds_since_process_start
 from ..utils.runinfo import process_cpu_seconds, run_info
-from ..utils.runtime import compile_settings, seconds_since_process_start, seed_everything, setup_device
+from ..utils.runtime import compile_settings, seed_everything, setup_device
 from . import distributed as D
 from .loop import Trainer
 
@@ -55,7 +56,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this; see ``distributed.py``.
     """
-    started_s = seconds_since_process_start()
+    clock = _Phases(seconds_since_process_start())
     validate(cfg)
     dinfo = D.from_env()
     device = setup_device(cfg.train.device, dinfo.local_rank if dinfo.enabled else None, cfg.train.num_threads, cfg.train.tf32)
@@ -65,7 +66,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             logging.getLogger("fuxi_mme").setLevel(logging.WARNING)  # rank 0 speaks for all
     try:
         with compile_settings(compile_shape_key(cfg), cfg.data.data_dir or default_data_dir()), contextlib.ExitStack() as claims:
-            out = _train(cfg, resume, dinfo, device, started_s, claims)
+            clock.lap("device")  # CUDA's start, the process group, the compile-cache folders
+            out = _train(cfg, resume, dinfo, device, clock, claims)
         # no rank tears the group down while a peer may still be in a collective (hardening: a
         # two-process gloo test once aborted rank 0 at its end, 1 in 11 runs; cause not confirmed)
         D.barrier(dinfo)
@@ -84,12 +86,11 @@ def _train(
     resume,
     dinfo: D.DistInfo,
     device: torch.device,
-    started_s: float | None = None,
+    clock: _Phases,
     claims: contextlib.ExitStack | None = None,
 ) -> dict[str, Any]:
     """The run itself; ``claims`` holds the run folder's lock until the caller's block ends
     (utils/locks.py: a second process writing into the folder stops, packing leaves it alone)."""
-    clock = _Phases(started_s)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     ds = load_dataset(cfg.data) if dinfo.main else None
     D.barrier(dinfo)  # rank 0 prepares the cache first; the others then read it
@@ -144,7 +145,8 @@ def _train(
 
 class _Phases:
     """Wall seconds of a run's phases, for ``run.json`` (docs/performance.md#time-to-result):
-    start-up before ``train`` (interpreter, imports), data, model, trainer setup, the first
+    start-up before ``train`` (interpreter, imports), device (its set-up: CUDA's start, the
+    process group, the compile settings), data, model, trainer setup, the first
     epoch (compilation and CUDA-graph capture happen in it), the later epochs, the evaluations
     and the writing of the results."""
 

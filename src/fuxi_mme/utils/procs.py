@@ -86,3 +86,21 @@ def restored_environ(*names: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process started (Linux /proc), or None elsewhere: the start-up
+    a run pays before ``train`` (interpreter, imports) in its phase breakdown. The start is in
+    clock ticks since boot, so it is read against the time since boot (to 10 ms), not against
+    the boot's wall-clock second (``btime``, which would put up to a second of error in it)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        if hasattr(time, "CLOCK_BOOTTIME"):
+            since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        else:
+            with open("/proc/uptime") as f:
+                since_boot = float(f.read().split()[0])
+        return max(0.0, since_boot - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None

@@ -135,18 +135,3 @@ def _reset_shape_profile() -> None:
         pgo.reset_code_state()
     except (ImportError, AttributeError):
         pass
-
-
-def seconds_since_process_start() -> float | None:
-    """Wall seconds since this process started (Linux /proc), or None elsewhere: the start-up
-    a run pays before ``train`` (interpreter, imports) in its phase breakdown."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        import time
-
-        return time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
