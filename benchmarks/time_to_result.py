@@ -8,9 +8,11 @@ and compiled artefacts are found). The wall time is measured around the process;
 come from the run itself (``run.json`` ``phases``: start-up, data, model, trainer setup, first
 epoch with compilation and CUDA-graph capture, later epochs, evaluations, writing). What
 follows the last phase is split by the process's own clock marks (``utils/exit_times.py``):
-``after_run`` (leaving ``train()`` and the command), ``exit_handlers`` (Python's exit handlers:
-torch's, Inductor's compile workers') and ``teardown`` (the interpreter and CUDA driver, up
-to the process's end as seen from here).
+``after_run`` (leaving ``train()`` and the command), ``shutdown`` (Python joining the threads
+and thread pools left running, Inductor's compile pool among them), ``exit_handlers`` (Python's
+exit handlers: torch's, Inductor's compile workers') and ``teardown`` (the interpreter and CUDA
+driver, up to the process's end as seen from here). Phases and these parts add up to the wall
+time (checked by a test to half a second).
 
     PYTHONPATH=src python benchmarks/time_to_result.py --data-root ../shared/data        # ML-1M-ts70, GPU
     PYTHONPATH=src python benchmarks/time_to_result.py --quick --device cpu              # demo, a smoke run
@@ -104,7 +106,7 @@ def run_case(preset: str, protocol: str, work: Path, args: argparse.Namespace) -
     return out
 
 
-EXIT = ("after_run", "exit_handlers", "teardown")
+EXIT = ("after_run", "shutdown", "exit_handlers", "teardown")
 
 
 def exit_split(marks: Path, phases: dict, ended: float) -> dict[str, float | None]:
@@ -117,6 +119,8 @@ def exit_split(marks: Path, phases: dict, ended: float) -> dict[str, float | Non
     t = json.loads(lines[-1])
     if t.get("process_start") is not None and isinstance(phases.get("total"), (int, float)) and t.get("command_end"):
         out["after_run"] = round(t["command_end"] - (t["process_start"] + phases["total"]), 3)
+    if t.get("command_end") and t.get("atexit_start"):
+        out["shutdown"] = round(t["atexit_start"] - t["command_end"], 3)
     if t.get("atexit_start") and t.get("atexit_end"):
         out["exit_handlers"] = round(t["atexit_end"] - t["atexit_start"], 3)
     if t.get("atexit_end"):
@@ -130,8 +134,9 @@ def _markdown(rows: list[dict], head: dict) -> list[str]:
         "",
         "`benchmarks/time_to_result.py`: `fuxi-mme train` as a subprocess, wall time around the process; cold = empty data folder "
         "(preparation, compilation), warm = the same command again. Phases (s) from the run's `run.json`; the first epoch holds "
-        "compilation and CUDA-graph capture. After the last phase: after_run (leaving train() and the command), exit_handlers "
-        "(Python's exit handlers), teardown (interpreter and CUDA driver, to the process's end).",
+        "compilation and CUDA-graph capture. After the last phase: after_run (leaving train() and the command), shutdown "
+        "(threads and thread pools joined), exit_handlers (Python's exit handlers), teardown (interpreter and CUDA driver, to "
+        "the process's end).",
         "",
         "| preset | protocol | run | wall s | epochs | " + " | ".join(PHASES + EXIT) + " | test NDCG@10 |",
         "|---|---|---|---|---|" + "---|" * len(PHASES + EXIT) + "---|",

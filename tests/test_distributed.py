@@ -98,6 +98,19 @@ def test_a_dead_rank_fails_the_run_instead_of_hanging(tmp_path):
     assert len(_losses(tmp_path / "dead")[0]) == 1  # epoch 1 completed on both ranks before rank 1 died
 
 
+def test_a_refused_run_folder_stops_every_rank_at_once(tmp_path):
+    """Rank 0 alone creates and locks the run folder; when it refuses (a folder that holds a
+    run, or one in use), every rank stops with its reason instead of waiting for rank 0 in a
+    collective until the timeout."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "metrics.json").write_text("{}")
+    t0 = time.time()
+    p = _torchrun(tmp_path, taken, timeout=240)
+    assert p.returncode != 0 and time.time() - t0 < 120, p.stderr[-2000:]
+    assert p.stderr.count("already holds a run") >= 2, p.stderr[-2000:]  # rank 0's reason, from both ranks
+
+
 def test_without_torchrun_a_surviving_rank_gets_a_clear_message(tmp_path):
     """Ranks started by hand (no torchrun agent to kill the survivors): the survivor's
     collective fails (peer gone or timeout) and the error says what probably happened."""

@@ -31,6 +31,7 @@ import math
 import shutil
 import struct
 import tarfile
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -392,7 +393,7 @@ def _write_archive(archive: Path, members: dict[str, bytes]) -> None:
     tmp.replace(archive)
 
 
-def pack_logs(suite_dir: Path, repack: bool = False) -> int:
+def pack_logs(suite_dir: Path, repack: bool = False, settle_s: float = 0.0) -> int:
     """Move a suite folder's loose per-epoch files into its ``logs.tar.xz`` (merged with what it
     holds; a loose file replaces its archived copy; stored as in the module notes), record each
     run's training seconds in ``train_seconds.json``, then move the runs' JSON files into its
@@ -401,13 +402,20 @@ def pack_logs(suite_dir: Path, repack: bool = False) -> int:
     the number of per-epoch files moved.
 
     Runs still being written (:func:`busy_runs`: another command's, started in the same suite
-    folder) are left loose for a later packing; two packings of one suite take turns."""
+    folder) are left loose for a later packing; the suite folder's lock is held throughout, so
+    two packings take turns and no runner starts a job meanwhile. ``settle_s``: wait up to that
+    long for finished runs whose log is still held (a run's compile workers end a moment after
+    it)."""
     with held(suite_dir, blocking=True):
-        return _pack_logs(suite_dir, repack)
+        return _pack_logs(suite_dir, repack, settle_s)
 
 
-def _pack_logs(suite_dir: Path, repack: bool) -> int:
+def _pack_logs(suite_dir: Path, repack: bool, settle_s: float) -> int:
     busy = busy_runs(suite_dir)
+    deadline = time.monotonic() + settle_s
+    while any(has_run_file(suite_dir / r, "metrics.json") for r in busy) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        busy = busy_runs(suite_dir)
     if busy:
         log.info("%s: %d run(s) still being written by another process, left loose: %s", suite_dir, len(busy), ", ".join(sorted(busy)))
     loose = loose_logs(suite_dir, busy)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import IO, Any
 
-from ..utils.locks import hold_file
+from ..utils.locks import in_use, shared, try_hold_file
 from ..utils.procs import sigterm_as_interrupt, stop_groups
 from ..utils.runinfo import git_commit
 from .aggregate import aggregate
@@ -55,48 +55,57 @@ def launch(job: Job, log: IO[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(command(job), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+NOT_STARTED = -2  # a job the time budget left unstarted (not a failure: the same command runs it)
+BUSY = -3  # a job another process is training (not a failure: left to it)
+LOG_WAIT_S = 30.0  # a run's compile workers may hold its log a moment after it ends
+
+
 def run_job(job: Job, env: dict[str, str], stopping: Stopping | None = None) -> tuple[Job, int, float]:
     """Train one job in a subprocess (output to ``seed<k>.log`` beside its folder); returns the
     job, its exit status and its wall seconds. A run finished with other settings than planned
     is moved aside to ``seed<k>.stale`` first; an interrupted one is started again cleanly.
-    Under ``stopping`` set, nothing starts (exit status -1)."""
+    Under ``stopping`` set, nothing starts (exit status -1). A job that another process is
+    training (its log or folder locked: another ``experiment`` command with the same job) is left
+    to it (:data:`BUSY`). The job's folder is prepared under the suite folder's shared lock, so
+    no packing runs meanwhile (utils/locks.py)."""
     stopping = stopping or Stopping()
     if stopping.event.is_set():  # before touching its folder or log
         return job, -1, 0.0
-    changes = stale_changes(job)
-    if has_run_file(job.run_dir, "metrics.json") and not changes:  # finished as planned
+    if has_run_file(job.run_dir, "metrics.json") and not stale_changes(job):  # finished as planned
         return job, 0, 0.0
-    if changes:  # finished with other settings: keep it beside the new run until the next one
-        unpack_run(job.run_dir)  # a packed run's files back into its folder first
-        aside = job.run_dir.with_name(job.run_dir.name + ".stale")
-        if aside.exists():
-            shutil.rmtree(aside)
-        job.run_dir.rename(aside)
-        # one write: threads do not interleave
-        sys.stdout.write(f"{job.run_dir}: to train again ({'; '.join(changes)}), moved to {aside.name}\n")
-        sys.stdout.flush()
-    elif job.run_dir.exists():
-        shutil.rmtree(job.run_dir)
     job.run_dir.parent.mkdir(parents=True, exist_ok=True)
-    if job.gpu is not None:
-        env = {**env, "CUDA_VISIBLE_DEVICES": job.gpu}
-    t0 = time.perf_counter()
-    with stopping.lock:
-        if stopping.event.is_set():
-            return job, -1, 0.0
-        with open(job.run_dir.parent / f"{job.run_dir.name}.log", "w") as log:
-            hold_file(log)  # the child inherits it: locked until the run's processes end (utils/locks.py)
-            proc = launch(job, log, env)
-        stopping.running.add(proc)
+    with shared(job.run_dir.parents[2]), open(job.run_dir.parent / f"{job.run_dir.name}.log", "a") as log:
+        if in_use(job.run_dir) or not try_hold_file(log, wait_s=LOG_WAIT_S) or in_use(job.run_dir):
+            return job, BUSY, 0.0
+        changes = stale_changes(job)  # again, now that no other process can change the folder
+        if has_run_file(job.run_dir, "metrics.json") and not changes:
+            return job, 0, 0.0
+        if changes:  # finished with other settings: keep it beside the new run until the next one
+            unpack_run(job.run_dir)  # a packed run's files back into its folder first
+            aside = job.run_dir.with_name(job.run_dir.name + ".stale")
+            if aside.exists():
+                shutil.rmtree(aside)
+            job.run_dir.rename(aside)
+            # one write: threads do not interleave
+            sys.stdout.write(f"{job.run_dir}: to train again ({'; '.join(changes)}), moved to {aside.name}\n")
+            sys.stdout.flush()
+        elif job.run_dir.exists():
+            shutil.rmtree(job.run_dir)
+        log.truncate(0)  # opened to append so that a busy job's log was not emptied
+        if job.gpu is not None:
+            env = {**env, "CUDA_VISIBLE_DEVICES": job.gpu}
+        t0 = time.perf_counter()
+        with stopping.lock:
+            if stopping.event.is_set():
+                return job, -1, 0.0
+            proc = launch(job, log, env)  # the child inherits the log and its lock
+            stopping.running.add(proc)
     try:
         rc = proc.wait()
     finally:
         with stopping.lock:
             stopping.running.discard(proc)
     return job, rc, time.perf_counter() - t0
-
-
-NOT_STARTED = -2  # a job the time budget left unstarted (not a failure: the same command runs it)
 
 
 def run_jobs(
@@ -131,6 +140,8 @@ def run_jobs(
             finally:
                 gate.release(job.gpu)
                 slots.give(job.gpu)
+            if rc == BUSY:
+                return job, rc, total
             total += dt
             gate.learn(key, peak_memory_gb(job.run_dir), host_cores(job.run_dir))
             if rc == 0 or job.gpu is None or attempt == OOM_RETRIES or not ended_out_of_memory(job.run_dir.parent / f"{job.run_dir.name}.log"):
@@ -151,6 +162,10 @@ def run_jobs(
                 job, rc, dt = fut.result()
                 if rc == NOT_STARTED:
                     unstarted += 1
+                    continue
+                if rc == BUSY:
+                    what = f"[{names[id(job)]}] {job.dataset} / {job.variant} / seed {job.seed}"
+                    print(f"{what}: being trained by another process, left to it", flush=True)
                     continue
                 status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {job.run_dir}.log)"
                 gpu = f" (GPU {job.gpu})" if job.gpu else ""
@@ -197,7 +212,7 @@ def run_suites(
     out = []
     for s, todo in zip(suites, todos):
         if (root / s.name).is_dir():
-            pack_logs(root / s.name)
+            pack_logs(root / s.name, settle_s=LOG_WAIT_S)
         out.append(aggregate(s, with_finished(s, todo, root, data_root, extra or []), root, failed.get(s.name, []), commit))
     if docs is not None:
         write_docs(root, docs)

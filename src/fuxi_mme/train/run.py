@@ -102,13 +102,23 @@ def _train(
     notes = adapt_to_dataset(cfg, ds)
     for n in notes:
         log.info(n)
-    run_dir = None
-    if dinfo.main:
-        run_dir = Path(resume) if resume else Run.create(cfg).path
-    run_dir = Path(D.broadcast_object(str(run_dir) if run_dir else None, dinfo))
+    run_dir, refused = None, None
+    if dinfo.main:  # the folder, and its lock (held until the caller's block ends), or why not
+        try:
+            if resume and not Path(resume).is_dir():
+                raise FileNotFoundError(f"--resume {resume}: no such run folder; pass the folder `fuxi-mme train` wrote")
+            run_dir = Path(resume) if resume else Run.create(cfg).path
+            if claims is not None:
+                claims.enter_context(held(run_dir, "training"))
+        except (FileExistsError, FileNotFoundError) as exc:
+            if not dinfo.enabled:
+                raise
+            refused = f"{type(exc).__name__}: {exc}"
+    shared_dir, refused = D.broadcast_object((str(run_dir) if run_dir else None, refused), dinfo)
+    if refused:  # every rank stops with rank 0's reason, none waits for a peer that left
+        raise RuntimeError(refused)
+    run_dir = Path(shared_dir)
     run = Run(run_dir)
-    if dinfo.main and claims is not None:
-        claims.enter_context(held(run_dir, "training"))
     clock.lap("data")
     info = {**run_info(device), "dataset": ds.stats, "notes": notes, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if dinfo.enabled:

@@ -4,7 +4,8 @@ with the wall-clock times (``time.time()``) of
 
 * ``process_start``: the process's start (Linux ``/proc``; None elsewhere);
 * ``command_end``: the command's function returned (after ``train()``: its run written);
-* ``atexit_start``: the first exit handler ran (Python's shutdown began);
+* ``atexit_start``: the first exit handler ran (after Python joined the threads and thread
+  pools still running);
 * ``atexit_end``: the last exit handler ran (those of torch, Inductor's compile workers and
   the others are done; what follows is the interpreter's and the CUDA driver's teardown).
 
