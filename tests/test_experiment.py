@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -810,6 +811,38 @@ def test_a_claim_outlasts_a_probe():
                 pass
         finally:
             os.close(fd2)
+
+
+def test_a_run_another_suite_already_trained_is_reused_not_trained_again(tmp_path, monkeypatch, capsys):
+    """The robustness suite's clean rows train exactly what the main suite's runs trained: the
+    runner copies those runs' results in (saying so) instead of training them again; not a run
+    without the metrics the tables read, not with --no-reuse."""
+    from fuxi_mme.experiments import runner
+    from fuxi_mme.experiments.store import run_file
+
+    def main_run(variant: str, seed: int, full: bool = True):
+        (job,) = [j for j in plan(SUITES["main"], tmp_path, None, [], ["ml-100k"], seeds=[seed], check_data=False) if j.variant == variant]
+        _finish(job.run_dir, job.planned, 0.1 + seed / 100)
+        m = json.loads((job.run_dir / "metrics.json").read_text())
+        if full:
+            m["test"].update(beyond={"Coverage@10": 0.5}, buckets={"short": {"users": 1, "NDCG@10": 0.1}})
+        (job.run_dir / "metrics.json").write_text(json.dumps(m))
+        (job.run_dir / "run.json").write_text(json.dumps({"commit": "abc", "device": {"device": "cpu"}}))
+        return job.run_dir
+
+    src0, _ = main_run("fuxi-alpha", 0), main_run("fuxi-alpha", 1, full=False)
+    pending: list = []
+    monkeypatch.setattr(runner, "run_jobs", lambda jobs, *a, **k: pending.extend(jobs) or {})
+    runner.run_suites([SUITES["robustness"]], tmp_path, None, datasets=["ml-100k"], seeds=[0, 1], variants=["fuxi-alpha, clean"])
+    reused = tmp_path / "robustness" / "ml-100k" / "fuxi-alpha,_clean" / "seed0"
+    assert run_file(reused, "metrics.json") == run_file(src0, "metrics.json")  # its run_dir names the source
+    assert run_file(reused, "run.json")["reused_from"] == "main/ml-100k/fuxi-alpha/seed0"
+    assert "the same training as main/ml-100k/fuxi-alpha/seed0, reused" in capsys.readouterr().out
+    assert [(j.variant, j.seed) for j in pending] == [("fuxi-alpha, clean", 1)]  # seed 1's source lacks beyond/buckets
+    pending.clear()
+    shutil.rmtree(tmp_path / "robustness")  # (packed into its runs.jsonl by then)
+    runner.run_suites([SUITES["robustness"]], tmp_path, None, datasets=["ml-100k"], seeds=[0], variants=["fuxi-alpha, clean"], reuse=False)
+    assert [(j.variant, j.seed) for j in pending] == [("fuxi-alpha, clean", 0)] and not reused.exists()  # trained, not copied
 
 
 def test_a_log_that_lost_its_first_epochs_gives_no_training_seconds():

@@ -149,6 +149,13 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
         "or those made before the beyond-accuracy metrics",
     )
     x.add_argument(
+        "--no-reuse",
+        dest="reuse",
+        action="store_false",
+        help="train every missing run, even one that another suite's finished run already trained with the same settings, "
+        "data and seed (by default that run's results are reused, and said so)",
+    )
+    x.add_argument(
         "--time-budget",
         type=float,
         metavar="SECONDS",

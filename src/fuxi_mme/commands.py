@@ -316,6 +316,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 variants=args.variants,
                 rerun=args.rerun,
                 time_budget=args.time_budget,
+                reuse=args.reuse,
             )
     for res in results:
         print(markdown(res))

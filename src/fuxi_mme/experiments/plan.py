@@ -202,6 +202,30 @@ def plan(
     return jobs
 
 
+def reusable_run(job: Job, root: Path) -> Path | None:
+    """A finished run of another suite under ``root`` that trained exactly what ``job`` plans
+    (the same dataset and seed, no setting of :func:`config_changes` different), with the
+    metrics every table reads (beyond-accuracy and history buckets in its test record): its
+    folder, else None. The robustness suite's clean rows are the main suite's runs, say."""
+    if job.planned is None or not root.is_dir():
+        return None
+    own = job.run_dir.parents[2]
+    for suite_dir in sorted(p for p in root.iterdir() if p.is_dir() and p != own):
+        keys = set(stored_runs(suite_dir)) | {p.parent.relative_to(suite_dir).as_posix() for p in suite_dir.glob("*/*/*/metrics.json")}
+        for key in sorted(keys):
+            ds, _, seed = key.split("/")
+            if ds != job.dataset or seed != f"seed{job.seed}":
+                continue
+            src = suite_dir / key
+            metrics, saved = run_file(src, "metrics.json"), run_file(src, "config.json")
+            test = (metrics or {}).get("test") or {}
+            if saved is None or "beyond" not in test or "buckets" not in test:
+                continue
+            if not config_changes(job.planned, saved):
+                return src
+    return None
+
+
 def aggregation_jobs(
     suite: Suite, root: Path, data_root: Path | None, extra: list[str], datasets: list[str] | None = None, variants: list[str] | None = None
 ) -> list[Job]:

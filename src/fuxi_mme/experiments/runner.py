@@ -22,8 +22,8 @@ from .aggregate import aggregate
 from .logs import pack_logs
 from .packing import OOM_RETRIES, PackingGate, ended_out_of_memory, host_cores, peak_memory_gb
 from .page import write_docs
-from .plan import GpuSlots, Job, aggregation_jobs, is_done, job_cost, plan, stale_changes, visible_gpus
-from .store import has_run_file, unpack_run
+from .plan import GpuSlots, Job, aggregation_jobs, is_done, job_cost, plan, reusable_run, stale_changes, visible_gpus
+from .store import copy_run, has_run_file, unpack_run
 from .suites import Suite
 
 
@@ -195,16 +195,22 @@ def run_suites(
     variants: list[str] | None = None,
     rerun: str | None = None,
     time_budget: float | None = None,
+    reuse: bool = True,
 ) -> list[dict[str, Any]]:
     """Run the missing jobs of one or more suites as one queue, ``jobs`` at a time; then pack
     each suite's logs and aggregate it (and write ``docs`` when given). Finished runs are
     skipped, unless they trained with settings the plan no longer asks for (a changed preset
     default, say) or that ``rerun`` asks for: those run again, the old folder kept as ``seed<k>.stale``.
-    ``time_budget`` (seconds): start no run after it; the runs already started finish."""
+    ``time_budget`` (seconds): start no run after it; the runs already started finish.
+    ``reuse``: a job that another suite's finished run already trained (the same settings,
+    data and seed) takes that run's results instead of training again (:func:`reuse_identical`)."""
     deadline = None if time_budget is None else time.monotonic() + time_budget
     todos = [plan(s, root, data_root, extra or [], datasets, seeds, variants=variants, rerun=rerun) for s in suites]
     names = {id(j): s.name for s, todo in zip(suites, todos) for j in todo}
-    failed = run_jobs([j for todo in todos for j in todo if j.invalid is None and not is_done(j)], jobs, names, deadline=deadline)
+    pending = [j for todo in todos for j in todo if j.invalid is None and not is_done(j)]
+    if reuse:
+        pending = [j for j in pending if not reuse_identical(j, root, names[id(j)])]
+    failed = run_jobs(pending, jobs, names, deadline=deadline)
     for todo in todos:  # what --rerun asked for has run: the tables take the new runs
         for j in todo:
             j.rerun = None
@@ -217,6 +223,28 @@ def run_suites(
     if docs is not None:
         write_docs(root, docs)
     return out
+
+
+def reuse_identical(job: Job, root: Path, suite_name: str) -> bool:
+    """Give an unstarted job the results of another suite's finished run that trained exactly
+    the same (:func:`.plan.reusable_run`): its files copied in (:func:`.store.copy_run`), the
+    per-epoch log read from the source. Not for ``--rerun`` jobs, finished ones, or one another
+    process is training. Returns whether it did."""
+    if job.rerun is not None or has_run_file(job.run_dir, "metrics.json") or in_use(job.run_dir):
+        return False
+    src = reusable_run(job, root)
+    if src is None:
+        return False
+    log = job.run_dir.parent / f"{job.run_dir.name}.log"
+    if in_use(log):
+        return False
+    if job.run_dir.exists():  # an interrupted attempt: not this run's any more
+        shutil.rmtree(job.run_dir)
+    log.unlink(missing_ok=True)
+    copy_run(src, job.run_dir)
+    what = f"[{suite_name}] {job.dataset} / {job.variant} / seed {job.seed}"
+    print(f"{what}: the same training as {src.relative_to(root)}, reused (--no-reuse trains it again)", flush=True)
+    return True
 
 
 def with_finished(suite: Suite, todo: list[Job], root: Path, data_root: Path | None, extra: list[str]) -> list[Job]:
