@@ -813,36 +813,66 @@ def test_a_claim_outlasts_a_probe():
             os.close(fd2)
 
 
+def _source_run(root, suite: str, variant: str, seed: int, full: bool = True, sets: dict | None = None, seconds: float = 2.0):
+    """A finished run of ``suite`` on ml-100k as it plans it (``sets``: config fields changed after
+    planning), with a two-epoch log; ``full``: its test record has beyond and buckets."""
+    (job,) = [j for j in plan(SUITES[suite], root, None, [], ["ml-100k"], seeds=[seed], check_data=False) if j.variant == variant]
+    cfg = json.loads(json.dumps(job.planned))
+    for key, value in (sets or {}).items():
+        section, field = key.split(".", 1)
+        cfg[section][field] = value
+    _finish(job.run_dir, cfg, 0.1 + seed / 100)
+    m = json.loads((job.run_dir / "metrics.json").read_text())
+    if full:
+        m["test"].update(beyond={"Coverage@10": 0.5}, buckets={"short": {"users": 1, "NDCG@10": 0.1}})
+    (job.run_dir / "metrics.json").write_text(json.dumps(m))
+    (job.run_dir / "run.json").write_text(json.dumps({"commit": "abc", "dataset": {"has_timestamps": True}}))
+    recs = [{"kind": "train", "epoch": e, "epoch_seconds": seconds / 2} for e in (1, 2)]
+    (job.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return job.run_dir
+
+
 def test_a_run_another_suite_already_trained_is_reused_not_trained_again(tmp_path, monkeypatch, capsys):
     """The robustness suite's clean rows train exactly what the main suite's runs trained: the
-    runner copies those runs' results in (saying so) instead of training them again; not a run
-    without the metrics the tables read, not with --no-reuse."""
+    runner copies such a run's results in (saying so) instead of training it again. The copy
+    stands on its own (its log and training seconds stay when the source is rerun or gone).
+    Not reused: a run without the metrics the tables read, another model (popularity skips the
+    model settings), a setting only a prefix away from an ignored one (attention_norm), another
+    kernel path, a job another process holds, or anything with --no-reuse."""
     from fuxi_mme.experiments import runner
+    from fuxi_mme.experiments.logs import read_records, train_seconds
     from fuxi_mme.experiments.store import run_file
+    from fuxi_mme.utils.locks import try_hold_file
 
-    def main_run(variant: str, seed: int, full: bool = True):
-        (job,) = [j for j in plan(SUITES["main"], tmp_path, None, [], ["ml-100k"], seeds=[seed], check_data=False) if j.variant == variant]
-        _finish(job.run_dir, job.planned, 0.1 + seed / 100)
-        m = json.loads((job.run_dir / "metrics.json").read_text())
-        if full:
-            m["test"].update(beyond={"Coverage@10": 0.5}, buckets={"short": {"users": 1, "NDCG@10": 0.1}})
-        (job.run_dir / "metrics.json").write_text(json.dumps(m))
-        (job.run_dir / "run.json").write_text(json.dumps({"commit": "abc", "device": {"device": "cpu"}}))
-        return job.run_dir
-
-    src0, _ = main_run("fuxi-alpha", 0), main_run("fuxi-alpha", 1, full=False)
+    src0 = _source_run(tmp_path, "main", "fuxi-alpha", 0, seconds=3.0)
+    _source_run(tmp_path, "main", "fuxi-alpha", 1, full=False)
+    _source_run(tmp_path, "mixer", "fuxi-alpha", 2, sets={"model.attention_norm": 0.5})
+    _source_run(tmp_path, "mixer", "fuxi-alpha", 3, sets={"model.attention": "reference"})
+    _source_run(tmp_path, "main", "fuxi-alpha", 4)
+    _source_run(tmp_path, "main", "fuxi-alpha", 5)
     pending: list = []
     monkeypatch.setattr(runner, "run_jobs", lambda jobs, *a, **k: pending.extend(jobs) or {})
-    runner.run_suites([SUITES["robustness"]], tmp_path, None, datasets=["ml-100k"], seeds=[0, 1], variants=["fuxi-alpha, clean"])
-    reused = tmp_path / "robustness" / "ml-100k" / "fuxi-alpha,_clean" / "seed0"
-    assert run_file(reused, "metrics.json") == run_file(src0, "metrics.json")  # its run_dir names the source
+    clean = tmp_path / "robustness" / "ml-100k" / "fuxi-alpha,_clean"
+    (clean).mkdir(parents=True)
+    with open(clean / "seed5.log", "a") as held_log:  # another runner holds seed 5's log
+        assert try_hold_file(held_log)
+        runner.run_suites([SUITES["robustness"]], tmp_path, None, datasets=["ml-100k"], seeds=[0, 1, 2, 3, 4, 5], variants=["fuxi-alpha, clean"])
+    assert sorted(j.seed for j in pending) == [1, 2, 3, 5]
+    out = capsys.readouterr().out
+    assert "the same training as main/ml-100k/fuxi-alpha/seed0, reused" in out and "seed4, reused" in out
+    reused = clean / "seed0"
     assert run_file(reused, "run.json")["reused_from"] == "main/ml-100k/fuxi-alpha/seed0"
-    assert "the same training as main/ml-100k/fuxi-alpha/seed0, reused" in capsys.readouterr().out
-    assert [(j.variant, j.seed) for j in pending] == [("fuxi-alpha, clean", 1)]  # seed 1's source lacks beyond/buckets
+    assert run_file(reused, "metrics.json") == {**run_file(src0, "metrics.json"), "run_dir": str(reused)}
+    shutil.rmtree(tmp_path / "main")  # the source rerun or gone: the copy keeps what it took
+    assert train_seconds(reused) == 3.0 and len(read_records(reused)) == 2
     pending.clear()
-    shutil.rmtree(tmp_path / "robustness")  # (packed into its runs.jsonl by then)
+    _source_run(tmp_path, "mixer", "fuxi-alpha", 0)  # a neural run is no popularity run
+    runner.run_suites([SUITES["main"]], tmp_path, None, datasets=["ml-100k"], seeds=[0], variants=["popularity"])
+    assert [j.variant for j in pending] == ["popularity"]
+    pending.clear()
+    shutil.rmtree(tmp_path / "robustness")
     runner.run_suites([SUITES["robustness"]], tmp_path, None, datasets=["ml-100k"], seeds=[0], variants=["fuxi-alpha, clean"], reuse=False)
-    assert [(j.variant, j.seed) for j in pending] == [("fuxi-alpha, clean", 0)] and not reused.exists()  # trained, not copied
+    assert [j.seed for j in pending] == [0]  # the mixer run would do; --no-reuse trains it
 
 
 def test_a_log_that_lost_its_first_epochs_gives_no_training_seconds():

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..utils.locks import held, in_use
-from ..utils.runinfo import atomic_write_json
+from ..utils.runinfo import atomic_write_json, atomic_write_text
 from .store import RUN_DEPTH, has_run_file, pack_runs, run_file
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,33 @@ def train_seconds(run_dir: Path) -> float | None:
     if len(run_dir.parents) < RUN_DEPTH:
         return None
     index = _suite_dir(run_dir) / TRAIN_SECONDS
-    if not index.exists():
-        return None
-    return json.loads(index.read_text()).get(_member(run_dir))
+    if index.exists():
+        table = json.loads(index.read_text())
+        if _member(run_dir) in table:
+            return table[_member(run_dir)]
+    info = run_file(run_dir, "run.json")  # a reused run without a log records its source's
+    value = info.get("train_seconds") if isinstance(info, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def copy_run(src: Path, dst: Path, root: Path) -> str:
+    """Make ``dst`` a finished run with the results of ``src`` (another suite's run of the same
+    training, :func:`.plan.reusable_run`), standing on its own: ``config.json`` as it was,
+    ``metrics.json`` with ``run_dir`` naming ``dst``, ``run.json`` with ``reused_from`` (the
+    source, ``<suite>/<dataset>/<variant>/seed<k>`` under ``root``) and the source's training
+    seconds, and the source's per-epoch log as ``dst``'s own ``metrics.jsonl`` when it can be
+    read (a later rerun of the source changes nothing here). ``metrics.json`` is written last:
+    it marks the run finished. Returns the source's name."""
+    name = src.relative_to(root).as_posix()
+    dst.mkdir(parents=True, exist_ok=True)
+    text = log_text(src)
+    if text is not None:
+        atomic_write_text(dst / LOG, text)
+    info = {**(run_file(src, "run.json") or {}), "reused_from": name, "train_seconds": train_seconds(src)}
+    atomic_write_json(dst / "config.json", run_file(src, "config.json"))
+    atomic_write_json(dst / "run.json", info)
+    atomic_write_json(dst / "metrics.json", {**(run_file(src, "metrics.json") or {}), "run_dir": str(dst)})
+    return name
 
 
 def _member_text(archive: Path, run: str) -> str | None:

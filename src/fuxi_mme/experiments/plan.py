@@ -60,6 +60,16 @@ EXECUTION_FIELDS = (
     "eval.batch_size",
     "log.",
 )
+# What a run taken from another suite may differ in (``reusable_run``): where files are, the
+# device, threads, timeouts and logging, never a kernel, compile or graph path (the precision
+# suite compares exactly those).
+REUSE_IGNORED = ("data.path", "data.data_dir", "train.device", "train.num_threads", "train.dist_timeout", "eval.batch_size", "log.")
+
+
+def _ignored(key: str, fields: tuple[str, ...]) -> bool:
+    """``key`` is one of ``fields``: the same key, or under one ending in a dot (``log.``);
+    ``model.attention`` is not ``model.attention_norm``."""
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in fields)
 
 
 @dataclass
@@ -85,18 +95,24 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(planned: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+def config_changes(
+    planned: dict[str, Any], saved: dict[str, Any], ignored: tuple[str, ...] = EXECUTION_FIELDS, no_timestamps: bool = True
+) -> list[str]:
     """What a finished run's saved ``config.json`` trained differently from the planned config,
     as ``key: saved -> planned`` (empty: the run is what the plan asks for). Keys the run did
-    not record (older runs) count as their defaults; :data:`EXECUTION_FIELDS` are ignored."""
+    not record (older runs) count as their defaults; ``ignored`` fields (:data:`EXECUTION_FIELDS`)
+    do not count. ``no_timestamps``: the run may have switched the temporal channel off itself
+    (its data has no timestamps)."""
     defaults, want, have = _flat(Config().to_dict()), _flat(planned), _flat(saved)
     trains = want.get("model.name") != "popularity"  # popularity counts items: no model or training settings
     out = []
+    if want.get("model.name") != have.get("model.name", defaults.get("model.name")):
+        out.append(f"model.name: {have.get('model.name')!r} -> {want.get('model.name')!r}")
     for key, value in want.items():
-        if key in ("preset", "shape") or key.startswith(EXECUTION_FIELDS) or (not trains and key.startswith(("model.", "train."))):
+        if key in ("preset", "shape", "model.name") or _ignored(key, ignored) or (not trains and key.startswith(("model.", "train."))):
             continue
         old = have.get(key, defaults.get(key))
-        if key == "model.use_temporal" and old is False and value is True:
+        if key == "model.use_temporal" and old is False and value is True and no_timestamps:
             continue  # switched off by the run because its data has no timestamps
         if old != value:
             out.append(f"{key}: {old!r} -> {value!r}")
@@ -217,11 +233,12 @@ def reusable_run(job: Job, root: Path) -> Path | None:
             if ds != job.dataset or seed != f"seed{job.seed}":
                 continue
             src = suite_dir / key
-            metrics, saved = run_file(src, "metrics.json"), run_file(src, "config.json")
+            metrics, saved, info = run_file(src, "metrics.json"), run_file(src, "config.json"), run_file(src, "run.json")
             test = (metrics or {}).get("test") or {}
-            if saved is None or "beyond" not in test or "buckets" not in test:
-                continue
-            if not config_changes(job.planned, saved):
+            if saved is None or info is None or "reused_from" in info or "beyond" not in test or "buckets" not in test:
+                continue  # a copy is passed over: its original is a candidate itself
+            no_timestamps = ((info.get("dataset") or {}).get("has_timestamps")) is False
+            if not config_changes(job.planned, saved, REUSE_IGNORED, no_timestamps):
                 return src
     return None
 

@@ -19,11 +19,11 @@ from ..utils.locks import in_use, shared, try_hold_file
 from ..utils.procs import sigterm_as_interrupt, stop_groups
 from ..utils.runinfo import git_commit
 from .aggregate import aggregate
-from .logs import pack_logs
+from .logs import copy_run, pack_logs
 from .packing import OOM_RETRIES, PackingGate, ended_out_of_memory, host_cores, peak_memory_gb
 from .page import write_docs
 from .plan import GpuSlots, Job, aggregation_jobs, is_done, job_cost, plan, reusable_run, stale_changes, visible_gpus
-from .store import copy_run, has_run_file, unpack_run
+from .store import has_run_file, unpack_run
 from .suites import Suite
 
 
@@ -227,23 +227,26 @@ def run_suites(
 
 def reuse_identical(job: Job, root: Path, suite_name: str) -> bool:
     """Give an unstarted job the results of another suite's finished run that trained exactly
-    the same (:func:`.plan.reusable_run`): its files copied in (:func:`.store.copy_run`), the
-    per-epoch log read from the source. Not for ``--rerun`` jobs, finished ones, or one another
-    process is training. Returns whether it did."""
-    if job.rerun is not None or has_run_file(job.run_dir, "metrics.json") or in_use(job.run_dir):
+    the same (:func:`.plan.reusable_run`), copied in by :func:`.logs.copy_run`. Not for
+    ``--rerun`` jobs or finished ones; a job another process is training is left alone. The
+    folder is prepared as :func:`run_job` does: under the suite folder's shared lock (no packing
+    meanwhile) and the job's ``seed<k>.log`` lock. Returns whether it did."""
+    if job.rerun is not None or has_run_file(job.run_dir, "metrics.json"):
         return False
     src = reusable_run(job, root)
     if src is None:
         return False
-    log = job.run_dir.parent / f"{job.run_dir.name}.log"
-    if in_use(log):
-        return False
-    if job.run_dir.exists():  # an interrupted attempt: not this run's any more
-        shutil.rmtree(job.run_dir)
-    log.unlink(missing_ok=True)
-    copy_run(src, job.run_dir)
+    job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with shared(job.run_dir.parents[2]), open(job.run_dir.parent / f"{job.run_dir.name}.log", "a") as log:
+        if in_use(job.run_dir) or not try_hold_file(log) or in_use(job.run_dir) or has_run_file(job.run_dir, "metrics.json"):
+            return False
+        if job.run_dir.exists():  # an interrupted attempt: not this run's any more
+            shutil.rmtree(job.run_dir)
+        name = copy_run(src, job.run_dir, root)
+        log.truncate(0)
+        log.write(f"not trained: the same training as {name}, whose results were copied here (run.json: reused_from)\n")
     what = f"[{suite_name}] {job.dataset} / {job.variant} / seed {job.seed}"
-    print(f"{what}: the same training as {src.relative_to(root)}, reused (--no-reuse trains it again)", flush=True)
+    print(f"{what}: the same training as {name}, reused (--no-reuse trains it again)", flush=True)
     return True
 
 

@@ -78,18 +78,6 @@ def unpack_run(run_dir: Path) -> None:
             atomic_write_text(run_dir / name, json.dumps(value, separators=(",", ":")) + "\n")
 
 
-def copy_run(src: Path, dst: Path) -> None:
-    """Make ``dst`` a finished run with ``src``'s files: ``config.json`` and ``metrics.json``
-    unchanged (its ``run_dir`` still names ``src``: the per-epoch logs are read from there), and
-    ``run.json`` with ``reused_from`` added; ``metrics.json`` last, since it marks a run finished."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:
-        value = run_file(src, name)
-        if name == "run.json" and isinstance(value, dict):
-            value = {**value, "reused_from": src.relative_to(src.parents[RUN_DEPTH]).as_posix()}
-        atomic_write_text(dst / name, json.dumps(value, separators=(",", ":")) + "\n")
-
-
 def pack_runs(suite_dir: Path, skip: Collection[str] = ()) -> int:
     """Move the loose run files under a suite folder into its ``runs.jsonl`` (a loose file
     replaces its stored copy), then delete them and the run folders they leave empty; the runs
