@@ -875,6 +875,25 @@ def test_a_run_another_suite_already_trained_is_reused_not_trained_again(tmp_pat
     assert [j.seed for j in pending] == [0]  # the mixer run would do; --no-reuse trains it
 
 
+def test_a_rerun_for_the_beyond_metrics_takes_an_identical_run_that_has_them(tmp_path, monkeypatch):
+    """--rerun without-beyond wants the metrics, not new training: a run of the same training in
+    another suite that has them replaces the old run (kept as seed<k>.stale); --rerun all trains."""
+    from fuxi_mme.experiments import runner
+    from fuxi_mme.experiments.store import run_file
+
+    old = _source_run(tmp_path, "main", "fuxi-alpha", 0, full=False)
+    _source_run(tmp_path, "mixer", "fuxi-alpha", 0, seconds=5.0)
+    pending: list = []
+    monkeypatch.setattr(runner, "run_jobs", lambda jobs, *a, **k: pending.extend(jobs) or {})
+    runner.run_suites([SUITES["main"]], tmp_path, None, datasets=["ml-100k"], seeds=[0], variants=["fuxi-alpha"], rerun="all")
+    assert [j.seed for j in pending] == [0] and "beyond" not in run_file(old, "metrics.json")["test"]
+    pending.clear()
+    runner.run_suites([SUITES["main"]], tmp_path, None, datasets=["ml-100k"], seeds=[0], variants=["fuxi-alpha"], rerun="without-beyond")
+    assert pending == [] and "beyond" in run_file(old, "metrics.json")["test"]
+    assert run_file(old, "run.json")["reused_from"] == "mixer/ml-100k/fuxi-alpha/seed0"
+    assert "beyond" not in run_file(old.with_name("seed0.stale"), "metrics.json")["test"]  # the old run kept aside
+
+
 def test_a_log_that_lost_its_first_epochs_gives_no_training_seconds():
     from fuxi_mme.experiments.logs import sum_train_seconds
 

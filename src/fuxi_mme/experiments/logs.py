@@ -89,16 +89,16 @@ def train_seconds(run_dir: Path) -> float | None:
     f = run_dir / "metrics.jsonl"
     if f.exists():
         return sum_train_seconds(parse_records(f.read_text(), str(f)))
+    info = run_file(run_dir, "run.json") if len(run_dir.parents) >= RUN_DEPTH + 1 else None
+    if isinstance(info, dict) and "reused_from" in info:  # a reused run records its source's
+        value = info.get("train_seconds")
+        return float(value) if isinstance(value, (int, float)) else None
     if len(run_dir.parents) < RUN_DEPTH:
         return None
     index = _suite_dir(run_dir) / TRAIN_SECONDS
-    if index.exists():
-        table = json.loads(index.read_text())
-        if _member(run_dir) in table:
-            return table[_member(run_dir)]
-    info = run_file(run_dir, "run.json")  # a reused run without a log records its source's
-    value = info.get("train_seconds") if isinstance(info, dict) else None
-    return float(value) if isinstance(value, (int, float)) else None
+    if not index.exists():
+        return None
+    return json.loads(index.read_text()).get(_member(run_dir))
 
 
 def copy_run(src: Path, dst: Path, root: Path) -> str:

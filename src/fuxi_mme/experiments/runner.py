@@ -60,6 +60,28 @@ BUSY = -3  # a job another process is training (not a failure: left to it)
 LOG_WAIT_S = 30.0  # a run's compile workers may hold its log a moment after it ends
 
 
+def _clear_folder(job: Job) -> bool:
+    """Make way for a new run in ``job``'s folder (the caller holds its locks): a run finished
+    with other settings than planned (or one ``--rerun`` asks for) is moved aside to
+    ``seed<k>.stale``, kept until the next one; an interrupted one is removed. False when the
+    folder holds a run finished as planned (nothing to do)."""
+    changes = stale_changes(job)
+    if has_run_file(job.run_dir, "metrics.json") and not changes:
+        return False
+    if changes:
+        unpack_run(job.run_dir)  # a packed run's files back into its folder first
+        aside = job.run_dir.with_name(job.run_dir.name + ".stale")
+        if aside.exists():
+            shutil.rmtree(aside)
+        job.run_dir.rename(aside)
+        # one write: threads do not interleave
+        sys.stdout.write(f"{job.run_dir}: to train again ({'; '.join(changes)}), moved to {aside.name}\n")
+        sys.stdout.flush()
+    elif job.run_dir.exists():
+        shutil.rmtree(job.run_dir)
+    return True
+
+
 def run_job(job: Job, env: dict[str, str], stopping: Stopping | None = None) -> tuple[Job, int, float]:
     """Train one job in a subprocess (output to ``seed<k>.log`` beside its folder); returns the
     job, its exit status and its wall seconds. A run finished with other settings than planned
@@ -77,20 +99,8 @@ def run_job(job: Job, env: dict[str, str], stopping: Stopping | None = None) -> 
     with shared(job.run_dir.parents[2]), open(job.run_dir.parent / f"{job.run_dir.name}.log", "a") as log:
         if in_use(job.run_dir) or not try_hold_file(log, wait_s=LOG_WAIT_S) or in_use(job.run_dir):
             return job, BUSY, 0.0
-        changes = stale_changes(job)  # again, now that no other process can change the folder
-        if has_run_file(job.run_dir, "metrics.json") and not changes:
+        if not _clear_folder(job):  # checked again, now that no other process can change the folder
             return job, 0, 0.0
-        if changes:  # finished with other settings: keep it beside the new run until the next one
-            unpack_run(job.run_dir)  # a packed run's files back into its folder first
-            aside = job.run_dir.with_name(job.run_dir.name + ".stale")
-            if aside.exists():
-                shutil.rmtree(aside)
-            job.run_dir.rename(aside)
-            # one write: threads do not interleave
-            sys.stdout.write(f"{job.run_dir}: to train again ({'; '.join(changes)}), moved to {aside.name}\n")
-            sys.stdout.flush()
-        elif job.run_dir.exists():
-            shutil.rmtree(job.run_dir)
         log.truncate(0)  # opened to append so that a busy job's log was not emptied
         if job.gpu is not None:
             env = {**env, "CUDA_VISIBLE_DEVICES": job.gpu}
@@ -226,22 +236,21 @@ def run_suites(
 
 
 def reuse_identical(job: Job, root: Path, suite_name: str) -> bool:
-    """Give an unstarted job the results of another suite's finished run that trained exactly
-    the same (:func:`.plan.reusable_run`), copied in by :func:`.logs.copy_run`. Not for
-    ``--rerun`` jobs or finished ones; a job another process is training is left alone. The
-    folder is prepared as :func:`run_job` does: under the suite folder's shared lock (no packing
-    meanwhile) and the job's ``seed<k>.log`` lock. Returns whether it did."""
-    if job.rerun is not None or has_run_file(job.run_dir, "metrics.json"):
+    """Give a job the results of another suite's finished run that trained exactly the same
+    (:func:`.plan.reusable_run`), copied in by :func:`.logs.copy_run`: an unstarted job, or one
+    ``--rerun without-beyond`` asks for (the old run set aside as :func:`run_job` does); never
+    under ``--rerun all``, which asks for new training. A job another process is training is
+    left alone. The folder is prepared as :func:`run_job` does: under the suite folder's shared
+    lock (no packing meanwhile) and the job's ``seed<k>.log`` lock. Returns whether it did."""
+    if job.rerun == "all" or (has_run_file(job.run_dir, "metrics.json") and not stale_changes(job)):
         return False
     src = reusable_run(job, root)
     if src is None:
         return False
     job.run_dir.parent.mkdir(parents=True, exist_ok=True)
     with shared(job.run_dir.parents[2]), open(job.run_dir.parent / f"{job.run_dir.name}.log", "a") as log:
-        if in_use(job.run_dir) or not try_hold_file(log) or in_use(job.run_dir) or has_run_file(job.run_dir, "metrics.json"):
+        if in_use(job.run_dir) or not try_hold_file(log) or in_use(job.run_dir) or not _clear_folder(job):
             return False
-        if job.run_dir.exists():  # an interrupted attempt: not this run's any more
-            shutil.rmtree(job.run_dir)
         name = copy_run(src, job.run_dir, root)
         log.truncate(0)
         log.write(f"not trained: the same training as {name}, whose results were copied here (run.json: reused_from)\n")
