@@ -879,10 +879,13 @@ def test_a_rerun_for_the_beyond_metrics_takes_an_identical_run_that_has_them(tmp
     """--rerun without-beyond wants the metrics, not new training: a run of the same training in
     another suite that has them replaces the old run (kept as seed<k>.stale); --rerun all trains."""
     from fuxi_mme.experiments import runner
+    from fuxi_mme.experiments.logs import train_seconds
     from fuxi_mme.experiments.store import run_file
 
     old = _source_run(tmp_path, "main", "fuxi-alpha", 0, full=False)
-    _source_run(tmp_path, "mixer", "fuxi-alpha", 0, seconds=5.0)
+    src = _source_run(tmp_path, "mixer", "fuxi-alpha", 0, seconds=5.0)
+    (src / "metrics.jsonl").unlink()  # its log elsewhere (another branch): its seconds in its suite's index
+    (tmp_path / "mixer" / "train_seconds.json").write_text(json.dumps({"ml-100k/fuxi-alpha/seed0": 5.0}))
     pending: list = []
     monkeypatch.setattr(runner, "run_jobs", lambda jobs, *a, **k: pending.extend(jobs) or {})
     runner.run_suites([SUITES["main"]], tmp_path, None, datasets=["ml-100k"], seeds=[0], variants=["fuxi-alpha"], rerun="all")
@@ -892,6 +895,7 @@ def test_a_rerun_for_the_beyond_metrics_takes_an_identical_run_that_has_them(tmp
     assert pending == [] and "beyond" in run_file(old, "metrics.json")["test"]
     assert run_file(old, "run.json")["reused_from"] == "mixer/ml-100k/fuxi-alpha/seed0"
     assert "beyond" not in run_file(old.with_name("seed0.stale"), "metrics.json")["test"]  # the old run kept aside
+    assert train_seconds(old) == 5.0  # the source's, not the 2.0 s the replaced run left in the index
 
 
 def test_a_log_that_lost_its_first_epochs_gives_no_training_seconds():
