@@ -898,6 +898,25 @@ def test_a_rerun_for_the_beyond_metrics_takes_an_identical_run_that_has_them(tmp
     assert train_seconds(old) == 5.0  # the source's, not the 2.0 s the replaced run left in the index
 
 
+def test_a_copied_run_shows_its_own_training_seconds_not_those_of_its_sources_rerun(tmp_path):
+    """Older copies name their source's folder in metrics.json. The tables take a copy's own
+    seconds; the source's only while the source is still the same run (the same metrics.json),
+    never those of a run that has since replaced it."""
+    from fuxi_mme.experiments.aggregate import _seconds
+
+    src = _source_run(tmp_path, "main", "fuxi-alpha", 0, seconds=2.0)
+    copy = tmp_path / "mixer" / "ml-100k" / "fuxi-alpha" / "seed0"
+    shutil.copytree(src, copy)
+    (copy / "metrics.jsonl").unlink()  # a copy keeps no log of its own
+    assert _seconds(copy) == 2.0  # the source's: still the same run
+    (tmp_path / "mixer" / "train_seconds.json").write_text(json.dumps({"ml-100k/fuxi-alpha/seed0": 7.0}))
+    assert _seconds(copy) == 7.0  # its own, once known
+    (tmp_path / "mixer" / "train_seconds.json").unlink()
+    m = json.loads((src / "metrics.json").read_text())
+    (src / "metrics.json").write_text(json.dumps({**m, "test": {**m["test"], "NDCG@10": 0.5}}))  # the source rerun
+    assert _seconds(copy) is None
+
+
 def test_a_log_that_lost_its_first_epochs_gives_no_training_seconds():
     from fuxi_mme.experiments.logs import sum_train_seconds
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..eval.buckets import BUCKET_NAMES
 from ..utils.runinfo import atomic_write_json, atomic_write_text, git_commit
-from .logs import train_seconds
+from .logs import copy_source, train_seconds
 from .plan import Job, stale_changes
 from .store import has_run_file, run_file
 from .suites import Suite
@@ -66,7 +66,18 @@ def _origins(done: list[Job]) -> dict[tuple[str, str], list[tuple[str, str]]]:
     return origin
 
 
-def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[str, str]]) -> dict[str, Any]:
+def _seconds(run_dir: Path) -> float | None:
+    """A run's training seconds: its own (its log, its suite's index, or, for a reused run, its
+    run.json), else, for a run copied from another suite's that is still the same run (the same
+    metrics.json), that run's. Never the seconds of a run that has since replaced the source."""
+    own = train_seconds(run_dir)
+    if own is not None:
+        return own
+    src = copy_source(run_dir)
+    return train_seconds(src) if src is not None else None
+
+
+def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[str, str]], dirs: list[Path]) -> dict[str, Any]:
     """One table row: the seeds' metrics as mean and std, epochs, training seconds, parameters."""
     entry: dict[str, Any] = {
         "dataset": ds,
@@ -93,7 +104,7 @@ def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[
             entry[f"test/{b}/NDCG@10"] = _mean_std([float(c["NDCG@10"]) for c in cells])
             entry[f"test/{b}/users"] = sum(int(c.get("users", 0)) for c in cells) / len(cells)
     entry["epochs"] = [r.get("selected_epoch") for r in runs]
-    secs = [train_seconds(Path(r["run_dir"])) for r in runs]
+    secs = [_seconds(d) for d in dirs]
     known = [x for x in secs if x is not None]
     if len(known) == len(secs):
         entry["train_seconds"] = _mean_std(known)
@@ -134,8 +145,10 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str], comm
     changes = {id(job): stale_changes(job) for job in todo}  # read each run's config once
     done = [job for job in todo if has_run_file(job.run_dir, "metrics.json") and not changes[id(job)]]
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    dirs: dict[tuple[str, str], list[Path]] = {}
     for job in done:
         rows.setdefault((job.dataset, job.variant), []).append(run_file(job.run_dir, "metrics.json"))
+        dirs.setdefault((job.dataset, job.variant), []).append(job.run_dir)
     origin = _origins(done)
     every = [o for runs in origin.values() for o in runs]
     out = {
@@ -146,7 +159,7 @@ def aggregate(suite: Suite, todo: list[Job], root: Path, failed: list[str], comm
         "devices": _counts([d for _, d in every]),
         "time": now or time.strftime("%Y-%m-%dT%H:%M:%S"),
         "failed": failed,
-        "results": [_row(ds, v, runs, origin.get((ds, v), [])) for (ds, v), runs in rows.items()],
+        "results": [_row(ds, v, runs, origin.get((ds, v), []), dirs[(ds, v)]) for (ds, v), runs in rows.items()],
         **_not_in_table(todo, changes),
     }
     atomic_write_json(root / f"{suite.name}.json", out)

@@ -135,7 +135,7 @@ def _member_text(archive: Path, run: str) -> str | None:
     return None
 
 
-def _source(run_dir: Path, warn: bool = False) -> Path | None:
+def copy_source(run_dir: Path, warn: bool = False) -> Path | None:
     """The run a copied run was copied from: the folder its ``metrics.json`` names as ``run_dir``,
     under the same results root, when that is another folder whose ``metrics.json`` is the same."""
     mine = run_file(run_dir, "metrics.json") if len(run_dir.parents) >= RUN_DEPTH + 1 else None
@@ -166,7 +166,7 @@ def log_text(run_dir: Path, _seen: frozenset[Path] = frozenset()) -> str | None:
     archive = _suite_dir(run_dir) / ARCHIVE
     text = _member_text(archive, _member(run_dir)) if archive.is_file() else None
     if text is None and run_dir not in _seen:
-        src = _source(run_dir, warn=True)
+        src = copy_source(run_dir, warn=True)
         if src is not None:
             text = log_text(src, _seen | {run_dir})
     return text
@@ -391,7 +391,7 @@ def _stored(suite_dir: Path, members: dict[str, bytes]) -> dict[str, bytes]:
             out[name] = data
             continue
         run = name[: -len(LOG) - 1]
-        src = _source(suite_dir / run)
+        src = copy_source(suite_dir / run)
         if src is not None:
             inside = src.parent.parent.parent == suite_dir
             theirs = members.get(f"{_member(src)}/{LOG}") if inside else (log_text(src) or "").encode()
