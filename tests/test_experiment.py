@@ -694,7 +694,11 @@ def test_packed_logs_keep_the_tables_and_the_curves(tmp_path):
     before = aggregate(suite, jobs, tmp_path, [], "c", now="t")
     assert before["results"][0]["train_seconds"] == {"mean": 3.0, "std": 0.0}
     assert pack_logs(tmp_path / "ablation") == 2 and not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("*.log"))
-    assert sorted(p.name for p in (tmp_path / "ablation").iterdir()) == ["logs.tar.xz", "runs.jsonl", "train_seconds.json"]  # no run folders left
+    assert sorted(p.name for p in (tmp_path / "ablation").iterdir() if p.name != ".runs.lock") == [
+        "logs.tar.xz",
+        "runs.jsonl",
+        "train_seconds.json",
+    ]  # no run folders left
     logs += _fake_runs(jobs[1:], 2.5)  # a later run, packed into the same archive
     assert pack_logs(tmp_path / "ablation") == 2
     with tarfile.open(tmp_path / "ablation" / "logs.tar.xz") as tar:
@@ -850,14 +854,17 @@ def test_a_run_another_suite_already_trained_is_reused_not_trained_again(tmp_pat
     _source_run(tmp_path, "mixer", "fuxi-alpha", 3, sets={"model.attention": "reference"})
     _source_run(tmp_path, "main", "fuxi-alpha", 4)
     _source_run(tmp_path, "main", "fuxi-alpha", 5)
+    older_copy = _source_run(tmp_path, "mixer", "fuxi-alpha", 6)  # an older copy: its metrics.json names its source
+    m = json.loads((older_copy / "metrics.json").read_text())
+    (older_copy / "metrics.json").write_text(json.dumps({**m, "run_dir": "elsewhere/main/ml-100k/fuxi-alpha/seed6"}))
     pending: list = []
     monkeypatch.setattr(runner, "run_jobs", lambda jobs, *a, **k: pending.extend(jobs) or {})
     clean = tmp_path / "robustness" / "ml-100k" / "fuxi-alpha,_clean"
     (clean).mkdir(parents=True)
     with open(clean / "seed5.log", "a") as held_log:  # another runner holds seed 5's log
         assert try_hold_file(held_log)
-        runner.run_suites([SUITES["robustness"]], tmp_path, None, datasets=["ml-100k"], seeds=[0, 1, 2, 3, 4, 5], variants=["fuxi-alpha, clean"])
-    assert sorted(j.seed for j in pending) == [1, 2, 3, 5]
+        runner.run_suites([SUITES["robustness"]], tmp_path, None, datasets=["ml-100k"], seeds=[0, 1, 2, 3, 4, 5, 6], variants=["fuxi-alpha, clean"])
+    assert sorted(j.seed for j in pending) == [1, 2, 3, 5, 6]
     out = capsys.readouterr().out
     assert "the same training as main/ml-100k/fuxi-alpha/seed0, reused" in out and "seed4, reused" in out
     reused = clean / "seed0"
@@ -879,7 +886,7 @@ def test_a_rerun_for_the_beyond_metrics_takes_an_identical_run_that_has_them(tmp
     """--rerun without-beyond wants the metrics, not new training: a run of the same training in
     another suite that has them replaces the old run (kept as seed<k>.stale); --rerun all trains."""
     from fuxi_mme.experiments import runner
-    from fuxi_mme.experiments.logs import train_seconds
+    from fuxi_mme.experiments.logs import read_records, train_seconds
     from fuxi_mme.experiments.store import run_file
 
     old = _source_run(tmp_path, "main", "fuxi-alpha", 0, full=False)
@@ -896,6 +903,26 @@ def test_a_rerun_for_the_beyond_metrics_takes_an_identical_run_that_has_them(tmp
     assert run_file(old, "run.json")["reused_from"] == "mixer/ml-100k/fuxi-alpha/seed0"
     assert "beyond" not in run_file(old.with_name("seed0.stale"), "metrics.json")["test"]  # the old run kept aside
     assert train_seconds(old) == 5.0  # the source's, not the 2.0 s the replaced run left in the index
+    assert read_records(old) == []  # the source's log was elsewhere: none, not the replaced run's archived one
+
+
+def test_a_run_set_aside_no_longer_answers_for_its_folder(tmp_path):
+    """A packed run moved aside for a new one takes its runs.jsonl entry with it: until the new
+    run ends, its folder holds no finished run (a new config.json beside the old metrics.json
+    would otherwise count as finished, with the old settings' results)."""
+    from fuxi_mme.experiments.logs import pack_logs
+    from fuxi_mme.experiments.store import run_file, set_aside
+
+    run = _source_run(tmp_path, "main", "fuxi-alpha", 0)
+    pack_logs(tmp_path / "main")
+    assert not run.exists() and run_file(run, "metrics.json") is not None  # packed
+    aside = set_aside(run)
+    assert run_file(run, "metrics.json") is None and run_file(aside, "metrics.json")["test"]["NDCG@10"] == 0.1
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")  # the new run started, then died
+    assert run_file(run, "metrics.json") is None
+    set_aside(run)  # a second rerun: the newer stale replaces the older
+    assert run_file(aside, "metrics.json") is None and run_file(aside, "config.json") == {}
 
 
 def test_a_copied_run_shows_its_own_training_seconds_not_those_of_its_sources_rerun(tmp_path):

@@ -101,24 +101,29 @@ def train_seconds(run_dir: Path) -> float | None:
     return json.loads(index.read_text()).get(_member(run_dir))
 
 
-def copy_run(src: Path, dst: Path, root: Path) -> str:
-    """Make ``dst`` a finished run with the results of ``src`` (another suite's run of the same
-    training, :func:`.plan.reusable_run`), standing on its own: ``config.json`` as it was,
-    ``metrics.json`` with ``run_dir`` naming ``dst``, ``run.json`` with ``reused_from`` (the
-    source, ``<suite>/<dataset>/<variant>/seed<k>`` under ``root``) and the source's training
-    seconds, and the source's per-epoch log as ``dst``'s own ``metrics.jsonl`` when it can be
-    read (a later rerun of the source changes nothing here). ``metrics.json`` is written last:
-    it marks the run finished. Returns the source's name."""
-    name = src.relative_to(root).as_posix()
+def source_snapshot(src: Path, root: Path) -> dict[str, Any] | None:
+    """What a reused run takes from ``src`` (another suite's run of the same training,
+    :func:`.plan.reusable_run`), read once, before anything is moved: its three run files, its
+    per-epoch log where it can be read, its training seconds and its name under ``root``;
+    None when a run file is missing (the source changed since it was chosen)."""
+    files = {name: run_file(src, name) for name in ("config.json", "run.json", "metrics.json")}
+    if any(not isinstance(v, dict) for v in files.values()):
+        return None
+    return {**files, "log": log_text(src), "seconds": train_seconds(src), "name": src.relative_to(root).as_posix()}
+
+
+def write_copy(snap: dict[str, Any], dst: Path) -> None:
+    """Make ``dst`` a finished run with a :func:`source_snapshot`'s results, standing on its own:
+    ``config.json`` as it was, ``metrics.json`` with ``run_dir`` naming ``dst``, ``run.json``
+    with ``reused_from`` and the source's training seconds, and the source's per-epoch log as
+    ``dst``'s own ``metrics.jsonl`` (empty where it could not be read, so that no older log of
+    ``dst``'s name in the suite's archive stands in for it). ``metrics.json`` is written last:
+    it marks the run finished."""
     dst.mkdir(parents=True, exist_ok=True)
-    text = log_text(src)
-    if text is not None:
-        atomic_write_text(dst / LOG, text)
-    info = {**(run_file(src, "run.json") or {}), "reused_from": name, "train_seconds": train_seconds(src)}
-    atomic_write_json(dst / "config.json", run_file(src, "config.json"))
-    atomic_write_json(dst / "run.json", info)
-    atomic_write_json(dst / "metrics.json", {**(run_file(src, "metrics.json") or {}), "run_dir": str(dst)})
-    return name
+    atomic_write_text(dst / LOG, snap["log"] or "")
+    atomic_write_json(dst / "config.json", snap["config.json"])
+    atomic_write_json(dst / "run.json", {**snap["run.json"], "reused_from": snap["name"], "train_seconds": snap["seconds"]})
+    atomic_write_json(dst / "metrics.json", {**snap["metrics.json"], "run_dir": str(dst)})
 
 
 def _member_text(archive: Path, run: str) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any
 from ..config import Config, ConfigError, apply_overrides, validate
 from ..presets import build_preset, preset_name
 from ..shapes import DATASETS
-from .store import has_run_file, run_file, stored_runs
+from .store import RUN_DEPTH, has_run_file, run_file, stored_runs
 from .suites import Suite, Variant
 
 # Where each dataset's files are, under the data root (plus the official archives' folder names
@@ -235,8 +235,10 @@ def reusable_run(job: Job, root: Path) -> Path | None:
             src = suite_dir / key
             metrics, saved, info = run_file(src, "metrics.json"), run_file(src, "config.json"), run_file(src, "run.json")
             test = (metrics or {}).get("test") or {}
-            if saved is None or info is None or "reused_from" in info or "beyond" not in test or "buckets" not in test:
-                continue  # a copy is passed over: its original is a candidate itself
+            recorded = Path(str((metrics or {}).get("run_dir", ""))).parts[-(RUN_DEPTH + 1) :]
+            copied = "reused_from" in (info or {}) or (len(recorded) == RUN_DEPTH + 1 and recorded != src.parts[-(RUN_DEPTH + 1) :])
+            if saved is None or info is None or copied or "beyond" not in test or "buckets" not in test:
+                continue  # a copy (new, or older: its metrics.json names its source) is passed over: its original is a candidate
             no_timestamps = ((info.get("dataset") or {}).get("has_timestamps")) is False
             if not config_changes(job.planned, saved, REUSE_IGNORED, no_timestamps):
                 return src

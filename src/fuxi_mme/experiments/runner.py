@@ -19,11 +19,11 @@ from ..utils.locks import in_use, shared, try_hold_file
 from ..utils.procs import sigterm_as_interrupt, stop_groups
 from ..utils.runinfo import git_commit
 from .aggregate import aggregate
-from .logs import copy_run, pack_logs
+from .logs import pack_logs, source_snapshot, write_copy
 from .packing import OOM_RETRIES, PackingGate, ended_out_of_memory, host_cores, peak_memory_gb
 from .page import write_docs
 from .plan import GpuSlots, Job, aggregation_jobs, is_done, job_cost, plan, reusable_run, stale_changes, visible_gpus
-from .store import has_run_file, unpack_run
+from .store import has_run_file, set_aside
 from .suites import Suite
 
 
@@ -69,11 +69,7 @@ def _clear_folder(job: Job) -> bool:
     if has_run_file(job.run_dir, "metrics.json") and not changes:
         return False
     if changes:
-        unpack_run(job.run_dir)  # a packed run's files back into its folder first
-        aside = job.run_dir.with_name(job.run_dir.name + ".stale")
-        if aside.exists():
-            shutil.rmtree(aside)
-        job.run_dir.rename(aside)
+        aside = set_aside(job.run_dir)
         # one write: threads do not interleave
         sys.stdout.write(f"{job.run_dir}: to train again ({'; '.join(changes)}), moved to {aside.name}\n")
         sys.stdout.flush()
@@ -237,7 +233,7 @@ def run_suites(
 
 def reuse_identical(job: Job, root: Path, suite_name: str) -> bool:
     """Give a job the results of another suite's finished run that trained exactly the same
-    (:func:`.plan.reusable_run`), copied in by :func:`.logs.copy_run`: an unstarted job, or one
+    (:func:`.plan.reusable_run`), copied in by :func:`.logs.write_copy`: an unstarted job, or one
     ``--rerun without-beyond`` asks for (the old run set aside as :func:`run_job` does); never
     under ``--rerun all``, which asks for new training. A job another process is training is
     left alone. The folder is prepared as :func:`run_job` does: under the suite folder's shared
@@ -245,13 +241,15 @@ def reuse_identical(job: Job, root: Path, suite_name: str) -> bool:
     if job.rerun == "all" or (has_run_file(job.run_dir, "metrics.json") and not stale_changes(job)):
         return False
     src = reusable_run(job, root)
-    if src is None:
+    snap = source_snapshot(src, root) if src is not None else None
+    if snap is None:
         return False
     job.run_dir.parent.mkdir(parents=True, exist_ok=True)
     with shared(job.run_dir.parents[2]), open(job.run_dir.parent / f"{job.run_dir.name}.log", "a") as log:
         if in_use(job.run_dir) or not try_hold_file(log) or in_use(job.run_dir) or not _clear_folder(job):
             return False
-        name = copy_run(src, job.run_dir, root)
+        write_copy(snap, job.run_dir)
+        name = snap["name"]
         log.truncate(0)
         log.write(f"not trained: the same training as {name}, whose results were copied here (run.json: reused_from)\n")
     what = f"[{suite_name}] {job.dataset} / {job.variant} / seed {job.seed}"

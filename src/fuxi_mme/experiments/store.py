@@ -11,11 +11,14 @@ lost and a diff shows one line per changed run. The emptied run folders are remo
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Collection
+import shutil
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..utils.locks import held
 from ..utils.runinfo import atomic_write_text
 
 RUNS = "runs.jsonl"
@@ -68,14 +71,44 @@ def has_run_file(run_dir: Path, name: str) -> bool:
     return run_file(run_dir, name) is not None
 
 
-def unpack_run(run_dir: Path) -> None:
-    """Write a stored run's files back into its folder (before the runner moves it aside)."""
+RUNS_LOCK = ".runs.lock"  # held while runs.jsonl is read, changed and written back (the file itself is replaced)
+
+
+@contextlib.contextmanager
+def _runs_writer(suite_dir: Path) -> Iterator[None]:
+    """One writer of a suite's ``runs.jsonl`` at a time, across processes."""
+    lock = suite_dir / RUNS_LOCK
+    lock.touch(exist_ok=True)
+    with held(lock, blocking=True):
+        yield
+
+
+def _write_runs(suite_dir: Path, runs: dict[str, dict[str, Any]]) -> None:
+    lines = [json.dumps({"run": k, **{n: runs[k][n] for n in RUN_FILES if n in runs[k]}}, separators=(",", ":")) for k in sorted(runs)]
+    atomic_write_text(suite_dir / RUNS, "\n".join(lines) + "\n")
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move a finished run out of the way of a new one, kept as ``seed<k>.stale`` until the
+    next (an older ``.stale`` is replaced): its folder, and its entry in the suite's
+    ``runs.jsonl``, which would otherwise still answer for ``seed<k>`` until the new run ends
+    (a new ``config.json`` beside the old ``metrics.json``). Returns the new place."""
+    aside = run_dir.with_name(run_dir.name + ".stale")
+    if aside.exists():
+        shutil.rmtree(aside)
+    if run_dir.exists():
+        run_dir.rename(aside)
     where = _where(run_dir)
-    stored = stored_runs(where[0]).get(where[1], {}) if where else {}
-    for name, value in stored.items():
-        if not (run_dir / name).exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / name, json.dumps(value, separators=(",", ":")) + "\n")
+    if where is not None and (where[0] / RUNS).exists():
+        suite_dir, key = where
+        with _runs_writer(suite_dir):
+            runs = {k: dict(v) for k, v in stored_runs(suite_dir).items()}
+            old = runs.pop(key, None)
+            runs.pop(key + ".stale", None)
+            if old is not None:
+                runs[key + ".stale"] = old
+            _write_runs(suite_dir, runs)
+    return aside
 
 
 def pack_runs(suite_dir: Path, skip: Collection[str] = ()) -> int:
@@ -87,11 +120,11 @@ def pack_runs(suite_dir: Path, skip: Collection[str] = ()) -> int:
     loose = sorted(p for p in files if p.parent.relative_to(suite_dir).as_posix() not in skip)
     if not loose:
         return 0
-    runs = {k: dict(v) for k, v in stored_runs(suite_dir).items()}
-    for f in loose:
-        runs.setdefault(f.parent.relative_to(suite_dir).as_posix(), {})[f.name] = json.loads(f.read_text())
-    lines = [json.dumps({"run": k, **{n: runs[k][n] for n in RUN_FILES if n in runs[k]}}, separators=(",", ":")) for k in sorted(runs)]
-    atomic_write_text(suite_dir / RUNS, "\n".join(lines) + "\n")
+    with _runs_writer(suite_dir):
+        runs = {k: dict(v) for k, v in stored_runs(suite_dir).items()}
+        for f in loose:
+            runs.setdefault(f.parent.relative_to(suite_dir).as_posix(), {})[f.name] = json.loads(f.read_text())
+        _write_runs(suite_dir, runs)
     for f in loose:
         f.unlink()
     for d in sorted(
