@@ -77,8 +77,9 @@ def _seconds(run_dir: Path) -> float | None:
     return train_seconds(src) if src is not None else None
 
 
-def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[str, str]], dirs: list[Path]) -> dict[str, Any]:
-    """One table row: the seeds' metrics as mean and std, epochs, training seconds, parameters."""
+def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[str, str]], dirs: list[Path] | None = None) -> dict[str, Any]:
+    """One table row: the seeds' metrics as mean and std, epochs, training seconds, parameters;
+    ``dirs``: the runs' folders (default: those their metrics name)."""
     entry: dict[str, Any] = {
         "dataset": ds,
         "variant": variant,
@@ -104,7 +105,7 @@ def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[
             entry[f"test/{b}/NDCG@10"] = _mean_std([float(c["NDCG@10"]) for c in cells])
             entry[f"test/{b}/users"] = sum(int(c.get("users", 0)) for c in cells) / len(cells)
     entry["epochs"] = [r.get("selected_epoch") for r in runs]
-    secs = [_seconds(d) for d in dirs]
+    secs = [_seconds(d) for d in (dirs if dirs is not None else [Path(r["run_dir"]) for r in runs])]
     known = [x for x in secs if x is not None]
     if len(known) == len(secs):
         entry["train_seconds"] = _mean_std(known)
