@@ -89,7 +89,7 @@ def train_seconds(run_dir: Path) -> float | None:
     f = run_dir / "metrics.jsonl"
     if f.exists():
         return sum_train_seconds(parse_records(f.read_text(), str(f)))
-    info = run_file(run_dir, "run.json") if len(run_dir.parents) >= RUN_DEPTH + 1 else None
+    info = run_file(run_dir, "run.json")
     if isinstance(info, dict) and "reused_from" in info:  # a reused run records its source's
         value = info.get("train_seconds")
         return float(value) if isinstance(value, (int, float)) else None

@@ -5,12 +5,14 @@ aggregated."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import IO, Any
@@ -78,6 +80,23 @@ def _clear_folder(job: Job) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _claimed(job: Job, wait_s: float) -> Iterator[IO[str] | int]:
+    """The job's folder made ready for a new run, for the body: under the suite folder's shared
+    lock (no packing meanwhile) and the job's ``seed<k>.log`` lock, which a child started in the
+    body inherits; yields the emptied log, or :data:`BUSY` (another process trains the job: its
+    log or folder is locked, the log waited for up to ``wait_s``) or 0 (finished as planned)."""
+    job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with shared(job.run_dir.parents[2]), open(job.run_dir.parent / f"{job.run_dir.name}.log", "a") as log:
+        if in_use(job.run_dir) or not try_hold_file(log, wait_s=wait_s) or in_use(job.run_dir):
+            yield BUSY
+        elif not _clear_folder(job):  # checked again, now that no other process can change the folder
+            yield 0
+        else:
+            log.truncate(0)  # opened to append so that a busy job's log was not emptied
+            yield log
+
+
 def run_job(job: Job, env: dict[str, str], stopping: Stopping | None = None) -> tuple[Job, int, float]:
     """Train one job in a subprocess (output to ``seed<k>.log`` beside its folder); returns the
     job, its exit status and its wall seconds. A run finished with other settings than planned
@@ -91,13 +110,9 @@ def run_job(job: Job, env: dict[str, str], stopping: Stopping | None = None) -> 
         return job, -1, 0.0
     if has_run_file(job.run_dir, "metrics.json") and not stale_changes(job):  # finished as planned
         return job, 0, 0.0
-    job.run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with shared(job.run_dir.parents[2]), open(job.run_dir.parent / f"{job.run_dir.name}.log", "a") as log:
-        if in_use(job.run_dir) or not try_hold_file(log, wait_s=LOG_WAIT_S) or in_use(job.run_dir):
-            return job, BUSY, 0.0
-        if not _clear_folder(job):  # checked again, now that no other process can change the folder
-            return job, 0, 0.0
-        log.truncate(0)  # opened to append so that a busy job's log was not emptied
+    with _claimed(job, LOG_WAIT_S) as log:
+        if isinstance(log, int):
+            return job, log, 0.0
         if job.gpu is not None:
             env = {**env, "CUDA_VISIBLE_DEVICES": job.gpu}
         t0 = time.perf_counter()
@@ -236,21 +251,18 @@ def reuse_identical(job: Job, root: Path, suite_name: str) -> bool:
     (:func:`.plan.reusable_run`), copied in by :func:`.logs.write_copy`: an unstarted job, or one
     ``--rerun without-beyond`` asks for (the old run set aside as :func:`run_job` does); never
     under ``--rerun all``, which asks for new training. A job another process is training is
-    left alone. The folder is prepared as :func:`run_job` does: under the suite folder's shared
-    lock (no packing meanwhile) and the job's ``seed<k>.log`` lock. Returns whether it did."""
+    left alone. The folder is prepared as :func:`run_job` does (:func:`_claimed`). Returns whether it did."""
     if job.rerun == "all" or (has_run_file(job.run_dir, "metrics.json") and not stale_changes(job)):
         return False
     src = reusable_run(job, root)
     snap = source_snapshot(src, root) if src is not None else None
     if snap is None:
         return False
-    job.run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with shared(job.run_dir.parents[2]), open(job.run_dir.parent / f"{job.run_dir.name}.log", "a") as log:
-        if in_use(job.run_dir) or not try_hold_file(log) or in_use(job.run_dir) or not _clear_folder(job):
+    with _claimed(job, 0.0) as log:
+        if isinstance(log, int):
             return False
         write_copy(snap, job.run_dir)
         name = snap["name"]
-        log.truncate(0)
         log.write(f"not trained: the same training as {name}, whose results were copied here (run.json: reused_from)\n")
     what = f"[{suite_name}] {job.dataset} / {job.variant} / seed {job.seed}"
     print(f"{what}: the same training as {name}, reused (--no-reuse trains it again)", flush=True)

@@ -87,7 +87,7 @@ def _train(
     dinfo: D.DistInfo,
     device: torch.device,
     clock: _Phases,
-    claims: contextlib.ExitStack | None = None,
+    claims: contextlib.ExitStack,
 ) -> dict[str, Any]:
     """The run itself; ``claims`` holds the run folder's lock until the caller's block ends
     (utils/locks.py: a second process writing into the folder stops, packing leaves it alone)."""
@@ -108,8 +108,7 @@ def _train(
             if resume and not Path(resume).is_dir():
                 raise FileNotFoundError(f"--resume {resume}: no such run folder; pass the folder `fuxi-mme train` wrote")
             run_dir = Path(resume) if resume else Run.create(cfg).path
-            if claims is not None:
-                claims.enter_context(held(run_dir, "training"))
+            claims.enter_context(held(run_dir, "training"))
         except (FileExistsError, FileNotFoundError) as exc:
             if not dinfo.enabled:
                 raise

@@ -66,10 +66,10 @@ def _claim(fd: int, retry_s: float) -> bool:
 
 
 @contextlib.contextmanager
-def held(path: str | os.PathLike[str], what: str = "", blocking: bool = False, retry_s: float = RETRY_S) -> Iterator[None]:
-    """Hold ``path``'s exclusive lock for the body. Not ``blocking``: raise :class:`InUseError`
-    when another process still holds it after ``retry_s`` (``what`` names the holder's kind in
-    the message); ``blocking``: wait for it."""
+def held(path: str | os.PathLike[str], what: str = "", blocking: bool = False, retry_s: float = RETRY_S, exclusive: bool = True) -> Iterator[None]:
+    """Hold ``path``'s lock for the body, exclusive or (``exclusive=False``, blocking only)
+    shared. Not ``blocking``: raise :class:`InUseError` when another process still holds it
+    after ``retry_s`` (``what`` names the holder's kind in the message); ``blocking``: wait."""
     p = Path(path)
     if fcntl is None:
         yield
@@ -78,7 +78,7 @@ def held(path: str | os.PathLike[str], what: str = "", blocking: bool = False, r
     try:
         if blocking:
             with contextlib.suppress(OSError):  # ENOLCK and the like: go on unlocked
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         elif not _claim(fd, retry_s):
             raise InUseError(f"{p} is in use by another {what or 'fuxi-mme'} process; wait for it to end or pick another folder")
         yield
@@ -86,21 +86,10 @@ def held(path: str | os.PathLike[str], what: str = "", blocking: bool = False, r
         os.close(fd)  # closing the descriptor releases the lock
 
 
-@contextlib.contextmanager
-def shared(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold ``path``'s lock shared for the body (waiting for an exclusive holder to finish):
-    the runner's hold on a suite folder while it starts a job."""
-    p = Path(path)
-    if fcntl is None or not p.exists():
-        yield
-        return
-    fd = _open(p)
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
+def shared(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[None]:
+    """Hold ``path``'s lock shared for the body, waiting for an exclusive holder to finish (the
+    runner's hold on a suite folder while it starts a job)."""
+    return held(path, blocking=True, exclusive=False)
 
 
 def try_hold_file(f: IO[str], wait_s: float = 0.0) -> bool:
