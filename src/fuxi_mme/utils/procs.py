@@ -88,6 +88,12 @@ def restored_environ(*names: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def stat_fields(text: str) -> list[str]:
+    """The fields of a ``/proc/<pid>/stat`` line after ``pid (comm) `` (a command name may hold
+    spaces and parentheses): state, ppid, ..., utime at 11, starttime at 19."""
+    return text[text.rindex(")") + 2 :].split()
+
+
 def seconds_since_process_start() -> float | None:
     """Wall seconds since this process started (Linux /proc), or None elsewhere: the start-up
     a run pays before ``train`` (interpreter, imports) in its phase breakdown. The start is in
@@ -95,7 +101,7 @@ def seconds_since_process_start() -> float | None:
     the boot's wall-clock second (``btime``, which would put up to a second of error in it)."""
     try:
         with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+            start_ticks = int(stat_fields(f.read())[19])
         if hasattr(time, "CLOCK_BOOTTIME"):
             since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
         else:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .procs import stat_fields
+
 
 def _read_git_head(start: Path) -> str | None:
     """The commit of HEAD read from the .git folder itself, for machines without a usable git."""
@@ -109,7 +111,7 @@ def live_descendants_cpu_seconds(pid: int | None = None, proc: Path = Path("/pro
             text = (d / "stat").read_text()
         except OSError:  # ended since the listing
             continue
-        f = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid ... utime stime cutime cstime
+        f = stat_fields(text)  # state ppid ... utime stime cutime cstime
         children.setdefault(int(f[1]), []).append(int(d.name))
         ticks[int(d.name)] = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
     total, stack = 0, list(children.get(root, []))
