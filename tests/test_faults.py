@@ -334,3 +334,54 @@ def test_a_sized_file_of_the_wrong_length_is_refused_and_a_same_length_change_is
     (tmp_path / "meta.json").write_text("{ }")
     with pytest.raises(IntegrityError, match="does not match its recorded sha256"):
         verify_manifest(tmp_path)
+
+
+# ---------------------------------------------------------------- background writes
+
+
+def test_background_writer_keeps_the_submitted_state_and_the_order(tmp_path):
+    """Training changes the weights and the optimizer in place right after a submit: what is
+    written is what was submitted; two saves of one tag land in order."""
+    import threading
+
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    gate = threading.Event()
+    ck_hook = lambda s, folder: gate.wait(10) if s == "begin" else None  # noqa: E731 - the write waits for the mutation
+    writer = ck.CheckpointWriter()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = opt.state_dict()["state"][0]["exp_avg"].clone()
+    try:
+        ck._fault_hook = ck_hook
+        writer.submit(tmp_path / "last", model, {"epoch": 1}, opt)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        opt.state[model.weight]["exp_avg"].add_(1.0)
+        gate.set()
+        writer.wait()
+    finally:
+        ck._fault_hook = None
+    state, tensors = ck.load_state(tmp_path / "last")
+    assert state["epoch"] == 1
+    weights = ck.read_weights(tmp_path / "last", torch.nn.Linear(3, 2), torch.device("cpu"))
+    assert all(torch.equal(weights[k], before[k]) for k in before)
+    assert torch.equal(ck.optimizer_state(state, tensors)["state"][0]["exp_avg"], moments)
+    writer.submit(tmp_path / "last", model, {"epoch": 2}, opt)
+    writer.close()
+    assert ck.load_state(tmp_path / "last")[0]["epoch"] == 2
+
+
+def test_background_writer_raises_a_failed_write_at_the_next_wait(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(ck, "_fault_hook", kill_hook("after-model", "last", save=1))
+    writer = ck.CheckpointWriter()
+    writer.submit(tmp_path / "last", torch.nn.Linear(2, 2), {"epoch": 1})
+    with pytest.raises(Killed):
+        writer.wait()
+    writer.close()  # nothing pending any more

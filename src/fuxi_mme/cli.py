@@ -285,6 +285,12 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def entry() -> int:
+    """The ``fuxi-mme`` program: :func:`main`, then an exit without the interpreter's teardown
+    (``utils/exit_times.quick_exit``). Tests call :func:`main`."""
+    return exit_times.quick_exit(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,61 @@ def save_checkpoint(
     except Exception:  # a kill (or KeyboardInterrupt) leaves tmp to the next save's clean-up
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _host_copy(obj: Any) -> Any:
+    """``obj`` with every tensor copied to host memory (a new tensor even on the CPU: training
+    goes on changing the originals in place while the copy is written)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes a run's checkpoints in one background thread while training goes on: the
+    tensors are copied to host memory at once (:meth:`submit`), and :func:`save_checkpoint`
+    writes them (its fsyncs and renames were about 12 ms of every epoch, 1.2 s of a 101-epoch
+    ML-1M run). One write at a time, in the order submitted; a new submit, :meth:`wait` and
+    :meth:`close` wait for the one in flight and raise its error, if any. A kill during a write
+    leaves what a kill during a synchronous save leaves (the module docstring); an exception in
+    the training thread still lets the write in flight finish (Python joins the thread at exit)."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    def submit(
+        self,
+        folder: Path,
+        model: torch.nn.Module | dict[str, torch.Tensor],
+        state: dict[str, Any],
+        optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
+        rng: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        weights = _host_copy(model.state_dict() if isinstance(model, torch.nn.Module) else model)
+        optim = None if optimizer is None else _host_copy(optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer)
+        snapshot = (folder, weights, json.loads(json.dumps(state, default=str)), optim, _host_copy(rng))
+        self.wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="fuxi-mme-checkpoint")
+        self._pending = self._pool.submit(save_checkpoint, *snapshot)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
 
 
 def _complete(folder: Path) -> bool:

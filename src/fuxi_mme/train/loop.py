@@ -41,6 +41,7 @@ from . import distributed as D
 from . import sharding
 from .checkpoint import (
     CheckpointError,
+    CheckpointWriter,
     config_fingerprint,
     load_state,
     load_weights,
@@ -48,7 +49,6 @@ from .checkpoint import (
     read_weights,
     remove_leftovers,
     resolve_checkpoint,
-    save_checkpoint,
     truncate_metrics_log,
 )
 from .graphs import GraphedStep, StepVariant, graphs_wanted, slow_compile_warning
@@ -142,6 +142,7 @@ class Trainer:
             log.info(self.history_reason)
         self.length_chunks = length_chunks(cfg, device, dist_info.enabled)
         self.sharded = sharding.wanted(cfg, model, dist_info)  # FSDP2 item tables (docs/training.md#sharded-item-tables)
+        self.checkpoints: CheckpointWriter | None = None  # started at the first save
         self._build_steps()
         # built on the parameters as training holds them: under sharding, its state is sharded too
         self.opt = build_optimizer(model, cfg)
@@ -352,7 +353,9 @@ class Trainer:
         if not self.dist.main:
             return
         state = {**self.state.__dict__, "fingerprint": self.fingerprint, "scheduler": self.sched.state_dict()}
-        save_checkpoint(self.run_dir / "checkpoints" / tag, weights, state, optim, self._rng() if resumable else None)
+        if self.checkpoints is None:
+            self.checkpoints = CheckpointWriter()
+        self.checkpoints.submit(self.run_dir / "checkpoints" / tag, weights, state, optim, self._rng() if resumable else None)
 
     def restore(self, folder: Path) -> None:
         folder = resolve_checkpoint(folder)  # <tag>.old when a save was killed between its renames
@@ -378,6 +381,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> dict[str, Any]:
+        """Train, select and test (the module docstring); every checkpoint is on disk when it returns
+        or raises (they are written in the background: ``checkpoint.CheckpointWriter``)."""
+        try:
+            out = self._fit()
+        except BaseException:
+            if self.checkpoints is not None:
+                with contextlib.suppress(Exception):  # the first error is the one to report
+                    self.checkpoints.close()
+            raise
+        if self.checkpoints is not None:
+            self.checkpoints.close()
+        return out
+
+    def _fit(self) -> dict[str, Any]:
         t, proto = self.cfg.train, self.cfg.data.protocol
         valid_best: dict[str, float] | None = None
         while self.state.epoch < t.epochs and not self.state.stopped_early:
@@ -418,6 +435,8 @@ class Trainer:
             if t.max_steps is not None and self.state.step >= t.max_steps:
                 break
         # ---- final test, once
+        if self.checkpoints is not None:
+            self.checkpoints.wait()  # "best" is read back below; a failed write stops the run here
         if proto == "loo-val" and self.run_dir is not None and self.state.best_epoch > 0:
             best = self.run_dir / "checkpoints" / "best"
             # other ranks need no shared file system: rank 0 reads, the weights are broadcast

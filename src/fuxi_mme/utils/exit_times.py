@@ -54,3 +54,35 @@ def command_ended() -> None:
         return
     _times["command_end"] = time.time()
     atexit.register(_first)
+
+
+QUICK_EXIT_ENV = "FUXI_MME_QUICK_EXIT"
+
+
+def quick_exit(code: int) -> int:
+    """End the program without the interpreter's teardown (freeing every module and object,
+    then the CUDA driver's clean-up), which took 0.8 s of a CPU demo run and is pure waiting:
+    the run is written by now. Python's own exit steps that matter still happen first, in
+    order: streams flushed, and the exit handlers run (logging's flush, Inductor's compile
+    workers, torch's). Falls back to a normal exit (returns ``code``) where a non-daemon
+    thread is still running, which Python would wait for, or with ``FUXI_MME_QUICK_EXIT=0``."""
+    if os.environ.get(QUICK_EXIT_ENV, "1") == "0":
+        return code
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return code
+    import sys
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: Python's normal exit reports it
+        return code
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

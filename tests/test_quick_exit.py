@@ -1,0 +1,64 @@
+"""The program's quick exit (utils/exit_times.quick_exit): the exit code, the output and the
+exit handlers survive it; the interpreter's teardown does not run; it steps aside for a
+running non-daemon thread and for FUXI_MME_QUICK_EXIT=0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = """
+import atexit, os, sys, threading, time
+from fuxi_mme.utils.exit_times import quick_exit
+
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+class Marker:  # freed only by the interpreter's teardown
+    def __del__(self):
+        os.write(fd, b"teardown ")
+
+KEEP = Marker()
+atexit.register(lambda: os.write(fd, b"handler "))
+if sys.argv[2] == "thread":
+    threading.Thread(target=lambda: (time.sleep(0.3), os.write(fd, b"thread ")), daemon=False).start()
+print("output", end="")
+sys.exit(quick_exit(3))
+"""
+
+
+def _run(tmp_path: Path, mode: str, quick: str | None = None) -> tuple[int, str, str]:
+    marks = tmp_path / f"marks-{mode}-{quick}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("FUXI_MME_QUICK_EXIT", None)
+    if quick is not None:
+        env["FUXI_MME_QUICK_EXIT"] = quick
+    p = subprocess.run([sys.executable, "-c", SCRIPT, str(marks), mode], capture_output=True, text=True, env=env, timeout=60)
+    return p.returncode, p.stdout, marks.read_text() if marks.exists() else ""
+
+
+def test_quick_exit_keeps_code_output_and_handlers_and_skips_teardown(tmp_path):
+    rc, out, marks = _run(tmp_path, "plain")
+    assert (rc, out) == (3, "output")
+    assert marks == "handler "  # no "teardown": the interpreter's clean-up was skipped
+
+
+@pytest.mark.parametrize(("mode", "quick"), [("plain", "0"), ("thread", None)])
+def test_quick_exit_steps_aside(tmp_path, mode, quick):
+    rc, out, marks = _run(tmp_path, mode, quick)
+    assert (rc, out) == (3, "output")
+    assert "handler " in marks and "teardown " in marks  # Python's own exit, teardown included
+    if mode == "thread":
+        assert marks.index("thread ") < marks.index("handler ")  # the thread was waited for
+
+
+def test_program_entry_uses_it():
+    import fuxi_mme.cli as cli
+
+    src = (Path(cli.__file__).parent / "__main__.py").read_text()
+    assert "quick_exit(main())" in src
+    toml = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert 'fuxi-mme = "fuxi_mme.cli:entry"' in toml
