@@ -413,8 +413,17 @@ def test_the_page_compares_fuxi_mme_diversity_with_welch_and_reads_gini_the_righ
     assert "Gini@10 -0.1000" in alpha and "more diverse" in alpha.split("Gini@10")[1].split(";")[0]  # lower Gini: more even
     assert "NDCG@10 -0.0200" in sasrec and "behind" in sasrec.split(";")[0]
     assert "less diverse" in sasrec.split("Gini@10")[1].split(";")[0] and "Coverage@10 +0.0000 (t 0.0, level)" in sasrec
+    from fuxi_mme.experiments.tables import diversity_answer
+
+    first, second = diversity_answer(res).strip().split("\n\n")
+    assert first == (
+        "**ml-100k**: against FuXi-alpha, Fuxi-MME is level in accuracy (NDCG@10) and more diverse overall: of 4 diversity "
+        "measures, more diverse by 2 (Coverage, Gini), less diverse by 0, level by 2 (Novelty, ILD)."
+    )
+    assert second.startswith("**ml-100k**: against SASRec, Fuxi-MME is behind in accuracy (NDCG@10) and less diverse overall:")
+    assert "less diverse by 1 (Gini)" in second
     page = "\n".join(main_sections({"suite": "main", "description": "d", "commit": "c", "time": "t", "failed": [], **res}))
-    assert "Does Fuxi-MME recommend more diversely" in page
+    assert "Does Fuxi-MME recommend more diversely" in page and first in page
     del res["results"][0]["test/Coverage@10"]  # runs from before the metrics: no comparison
     assert diversity_comparison(res) == ""
 

@@ -145,13 +145,13 @@ def beyond_table(res: dict[str, Any]) -> str:
 DIVERSER = {"test/Coverage@10": 1, "test/Gini@10": -1, "test/Novelty@10": 1, "test/ILD@10": 1}
 
 
-def diversity_comparison(res: dict[str, Any]) -> str:
-    """Fuxi-MME against FuXi-alpha and SASRec (base presets) on each dataset where all three rows
-    have the beyond-accuracy metrics: the difference of each metric with Welch's t over seeds and
-    its reading at 5% ("more diverse" / "less diverse" / "level"; for NDCG@10 "ahead" / "behind"
-    / "level"); "" when no dataset has the three."""
+def _diversity_pairs(res: dict[str, Any]) -> list[tuple[str, str, int, int, list[tuple[str, float, float, str]]]]:
+    """(dataset, other model, its seeds, Fuxi-MME's seeds, [(metric, difference, Welch t, reading)])
+    for Fuxi-MME against FuXi-alpha and SASRec (base presets) on each dataset where the rows have
+    the beyond-accuracy metrics; NDCG@10 first. Readings at 5%: "more diverse" / "less diverse" /
+    "level" (for NDCG@10 "ahead" / "behind" / "level")."""
     cells = {(e["dataset"], e["variant"]): e for e in res["results"]}
-    lines = []
+    out = []
     for ds in dict.fromkeys(e["dataset"] for e in res["results"]):
         mme = cells.get((ds, "fuxi-mme"))
         if mme is None or "test/Coverage@10" not in mme:
@@ -168,14 +168,50 @@ def diversity_comparison(res: dict[str, Any]) -> str:
                 word = reading(t, df)
                 if key in DIVERSER and word != "level":
                     word = "more diverse" if (word == "ahead") == (DIVERSER[key] > 0) else "less diverse"
-                d = 2 if "Novelty" in key else 4
-                name = key.split("/")[1]
-                cols.append(f"{name} {mme[key]['mean'] - o[key]['mean']:+.{d}f} (t {t:.1f}, {word})")
-            lines.append(f"| {ds} | {other} ({o['seeds']}) | {mme['seeds']} | " + "; ".join(cols) + " |")
+                cols.append((key.split("/")[1], mme[key]["mean"] - o[key]["mean"], t, word))
+            out.append((ds, other, o["seeds"], mme["seeds"], cols))
+    return out
+
+
+def diversity_comparison(res: dict[str, Any]) -> str:
+    """The table of :func:`_diversity_pairs`, one row per dataset and model; "" when there is none."""
+    lines = []
+    for ds, other, o_seeds, m_seeds, cols in _diversity_pairs(res):
+        cells = [f"{name} {diff:+.{2 if 'Novelty' in name else 4}f} (t {t:.1f}, {word})" for name, diff, t, word in cols]
+        lines.append(f"| {ds} | {other} ({o_seeds}) | {m_seeds} | " + "; ".join(cells) + " |")
     if not lines:
         return ""
     head = ["| dataset | Fuxi-MME against (seeds) | Fuxi-MME seeds | difference, Welch t and reading at 5% |", "|---|---|---|---|"]
     return "\n".join(head + lines) + "\n"
+
+
+def diversity_answer(res: dict[str, Any]) -> str:
+    """The table's answer in words, one sentence per dataset and model: the accuracy reading, then
+    how many diversity measures read more diverse, less diverse and level (named)."""
+    names = {"fuxi-alpha": "FuXi-alpha", "sasrec": "SASRec"}
+    out = []
+    for ds, other, _, _, cols in _diversity_pairs(res):
+        acc = next((w for n, _, _, w in cols if n == "NDCG@10"), None)
+        div = [(n.split("@")[0], w) for n, _, _, w in cols if n != "NDCG@10"]
+        parts = []
+        for word in ("more diverse", "less diverse", "level"):
+            hit = [n for n, w in div if w == word]
+            parts.append(f"{word} by {len(hit)}" + (f" ({', '.join(hit)})" if hit else ""))
+        where = {"ahead": "ahead in accuracy", "behind": "behind in accuracy", "level": "level in accuracy", None: "accuracy not compared"}[acc]
+        verdict = (
+            "more diverse"
+            if any(w == "more diverse" for _, w in div) and not any(w == "less diverse" for _, w in div)
+            else "less diverse"
+            if any(w == "less diverse" for _, w in div) and not any(w == "more diverse" for _, w in div)
+            else "mixed"
+            if div and any(w != "level" for _, w in div)
+            else "level"
+        )
+        out.append(
+            f"**{ds}**: against {names.get(other, other)}, Fuxi-MME is {where} (NDCG@10) and {verdict} "
+            f"overall: of {len(div)} diversity measures, {', '.join(parts)}."
+        )
+    return "\n\n".join(out) + "\n" if out else ""
 
 
 def headline(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
