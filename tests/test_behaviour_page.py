@@ -32,3 +32,28 @@ def test_one_seed_is_not_tested():
 def test_no_finished_pair_no_section():
     assert behaviour_comparison({"results": [_row("fuxi-alpha next", 0.5, 0.01)]}) == ""
     assert behaviour_section({"results": []}) == []
+
+
+def test_the_answer_in_words_counts_the_readings_per_dataset():
+    from fuxi_mme.experiments.tables import behaviour_answer
+
+    res = {
+        "results": [
+            _row("fuxi-alpha next", 0.50, 0.01),
+            _row("fuxi-alpha+behaviour next", 0.55, 0.01),  # ahead
+            _row("fuxi-mme next target", 0.40, 0.02),
+            _row("fuxi-mme+behaviour next target", 0.39, 0.02),  # level, lower mean
+            _row("fuxi-alpha next", 0.10, 0.01, dataset="ml-100k"),
+            _row("fuxi-alpha+behaviour next", 0.101, 0.01, dataset="ml-100k"),  # level, higher mean
+            _row("fuxi-mme next", 0.10, 0.01, seeds=1, dataset="ml-100k"),
+            _row("fuxi-mme+behaviour next", 0.20, 0.01, dataset="ml-100k"),  # one seed: left out
+        ]
+    }
+    demo, ml = behaviour_answer(res).strip().split("\n\n")
+    assert demo == (
+        "**demo**: with behaviours as input, ahead in 1, behind in 0 and level in 1 of 2 pairs (FuXi-alpha and Fuxi-MME, "
+        "next and next target): a gain in some pairs, a loss in none; the behaviour-aware mean is the higher in 1 of 2."
+    )
+    assert ml.startswith("**ml-100k**: with behaviours as input, ahead in 0, behind in 0 and level in 1 of 1 pairs")
+    assert "no difference beyond seed noise; the behaviour-aware mean is the higher in 1 of 1." in ml
+    assert demo in "\n".join(behaviour_section(res))

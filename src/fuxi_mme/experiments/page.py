@@ -11,6 +11,7 @@ from ..utils.runinfo import atomic_write_text
 from .plots import plot_scaling
 from .robustness import robustness_section
 from .tables import (
+    behaviour_answer,
     behaviour_comparison,
     beyond_table,
     cross_domain,
@@ -153,7 +154,7 @@ def versus_section(res: dict[str, Any], prose: list[str], pairs: list[tuple[str,
 def behaviour_section(res: dict[str, Any]) -> list[str]:
     """The behaviour comparison above the behavior suite's table, when a pair has finished."""
     table = behaviour_comparison(res)
-    return [*BEHAVIOUR_PROSE, table, ""] if table else []
+    return [*BEHAVIOUR_PROSE, table, behaviour_answer(res), ""] if table else []
 
 
 def main_sections(res: dict[str, Any]) -> list[str]:

@@ -350,6 +350,45 @@ def behaviour_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> s
     return "\n".join(head + lines) + "\n"
 
 
+def behaviour_answer(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
+    """:func:`behaviour_comparison` in words, one sentence per dataset: how many of its pairs read
+    ahead, behind and level at 5%, and in how many the behaviour-aware mean is the higher."""
+    cells = {(e["dataset"], e["variant"]): e for e in res["results"] if metric in e}
+    out = []
+    for ds in dict.fromkeys(e["dataset"] for e in res["results"]):
+        words, higher = [], 0
+        for model in ("fuxi-alpha", "fuxi-mme"):
+            for target in ("next", "next target"):
+                plain, aware = cells.get((ds, f"{model} {target}")), cells.get((ds, f"{model}+behaviour {target}"))
+                if plain is None or aware is None or min(plain["seeds"], aware["seeds"]) < 2:
+                    continue
+                words.append(reading(*welch(aware[metric], aware["seeds"], plain[metric], plain["seeds"])))
+                higher += aware[metric]["mean"] > plain[metric]["mean"]
+        if not words:
+            continue
+        n = len(words)
+        ahead, behind = words.count("ahead"), words.count("behind")
+        gist = (
+            "they help"
+            if ahead == n
+            else "they hurt"
+            if behind == n
+            else "a gain in some pairs, a loss in none"
+            if ahead and not behind
+            else "a loss in some pairs, a gain in none"
+            if behind and not ahead
+            else "mixed"
+            if ahead
+            else "no difference beyond seed noise"
+        )
+        out.append(
+            f"**{ds}**: with behaviours as input, ahead in {ahead}, behind in {behind} and level in {n - ahead - behind} "
+            f"of {n} pairs (FuXi-alpha and Fuxi-MME, next and next target): {gist}; the behaviour-aware mean is the "
+            f"higher in {higher} of {n}."
+        )
+    return "\n\n".join(out) + "\n" if out else ""
+
+
 def versus_table(res: dict[str, Any], pairs: list[tuple[str, str]], metric: str = "test/NDCG@10", seconds: bool = True) -> str:
     """Row ``b`` against row ``a`` of the same dataset, for each ``(a, b)`` variant pair and every
     dataset where both have ``metric``: both means, the difference (b - a), Welch's t over seeds
