@@ -51,9 +51,9 @@ def test_the_answer_in_words_counts_the_readings_per_dataset():
     }
     demo, ml = behaviour_answer(res).strip().split("\n\n")
     assert demo == (
-        "**demo**: with behaviours as input, ahead in 1, behind in 0 and level in 1 of 2 pairs (FuXi-alpha and Fuxi-MME, "
-        "next and next target): a gain in some pairs, a loss in none; the behaviour-aware mean is the higher in 1 of 2."
+        "**demo**: with behaviours as input, ahead in 1, behind in 0 and level in 1 of the 2 pairs with at least 2 seeds "
+        "a side: a gain in some pairs, a loss in none; the behaviour-aware mean is the higher in 1 of 2."
     )
-    assert ml.startswith("**ml-100k**: with behaviours as input, ahead in 0, behind in 0 and level in 1 of 1 pairs")
+    assert ml.startswith("**ml-100k**: with behaviours as input, ahead in 0, behind in 0 and level in 1 of the 1 pair with")
     assert "no difference beyond seed noise; the behaviour-aware mean is the higher in 1 of 1." in ml
     assert demo in "\n".join(behaviour_section(res))

@@ -417,11 +417,14 @@ def test_the_page_compares_fuxi_mme_diversity_with_welch_and_reads_gini_the_righ
 
     first, second = diversity_answer(res).strip().split("\n\n")
     assert first == (
-        "**ml-100k**: against FuXi-alpha, Fuxi-MME is level in accuracy (NDCG@10) and more diverse overall: of 4 diversity "
-        "measures, more diverse by 2 (Coverage, Gini), less diverse by 0, level by 2 (Novelty, ILD)."
+        "**ml-100k**: against FuXi-alpha, Fuxi-MME is level in accuracy (NDCG@10); of 4 diversity measures it is "
+        "more diverse on 2 (Coverage, Gini), less diverse on none and level on 2 (Novelty, ILD)."
     )
-    assert second.startswith("**ml-100k**: against SASRec, Fuxi-MME is behind in accuracy (NDCG@10) and less diverse overall:")
-    assert "less diverse by 1 (Gini)" in second
+    assert second.startswith("**ml-100k**: against SASRec, Fuxi-MME is behind in accuracy (NDCG@10);")
+    assert "more diverse on none, less diverse on 1 (Gini) and level on 3" in second
+    one = {"results": [row("fuxi-mme", 0.1001, 0.31, 0.70, seeds=1), row("fuxi-alpha", 0.1000, 0.30, 0.80, seeds=1)]}
+    assert "NDCG@10 +0.0001 (one seed: not tested)" in diversity_comparison(one)  # no spread: no verdict
+    assert diversity_answer(one).strip() == "**ml-100k**: against FuXi-alpha: one seed on a side, not tested."
     page = "\n".join(main_sections({"suite": "main", "description": "d", "commit": "c", "time": "t", "failed": [], **res}))
     assert "Does Fuxi-MME recommend more diversely" in page and first in page
     del res["results"][0]["test/Coverage@10"]  # runs from before the metrics: no comparison

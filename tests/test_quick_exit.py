@@ -55,9 +55,28 @@ def test_quick_exit_steps_aside(tmp_path, mode, quick):
         assert marks.index("thread ") < marks.index("handler ")  # the thread was waited for
 
 
-def test_program_entry_uses_it():
-    import fuxi_mme.cli as cli
+def test_a_profiler_still_gets_its_output(tmp_path):
+    """cProfile writes its file after the program ends: the quick exit steps aside for it."""
+    marks, prof = tmp_path / "marks", tmp_path / "out.prof"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("FUXI_MME_QUICK_EXIT", None)
+    script = tmp_path / "prog.py"
+    script.write_text(SCRIPT)
+    p = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(prof), str(script), str(marks), "plain"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert p.stdout == "output" and prof.is_file() and prof.stat().st_size > 0  # (cProfile reports exit 0 after a SystemExit)
+    assert "teardown " in marks.read_text()
 
+
+def test_program_entry_uses_it(monkeypatch):
+    import fuxi_mme.cli as cli
+    from fuxi_mme.utils import exit_times
+
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda: 7)
+    monkeypatch.setattr(exit_times, "quick_exit", lambda code: seen.append(code) or code)
+    assert cli.entry() == 7 and seen == [7]
     src = (Path(cli.__file__).parent / "__main__.py").read_text()
     assert "quick_exit(main())" in src
     toml = (Path(__file__).parents[1] / "pyproject.toml").read_text()

@@ -64,8 +64,10 @@ def quick_exit(code: int) -> int:
     then the CUDA driver's clean-up), which took 0.8 s of a CPU demo run and is pure waiting:
     the run is written by now. Python's own exit steps that matter still happen first, in
     order: streams flushed, and the exit handlers run (logging's flush, Inductor's compile
-    workers, torch's). Falls back to a normal exit (returns ``code``) where a non-daemon
-    thread is still running, which Python would wait for, or with ``FUXI_MME_QUICK_EXIT=0``."""
+    workers, torch's), and C stdio's buffers flushed. Falls back to a normal exit (returns
+    ``code``) where a non-daemon thread is still running, which Python would wait for, where a
+    profiler or coverage tool is attached (it writes after the program ends), or with
+    ``FUXI_MME_QUICK_EXIT=0``. Skipped still: C-level exit handlers and C++ destructors."""
     if os.environ.get(QUICK_EXIT_ENV, "1") == "0":
         return code
     import threading
@@ -73,6 +75,9 @@ def quick_exit(code: int) -> int:
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         return code
     import sys
+
+    if _observed(sys):  # a profiler or coverage tool writes its results after the program ends
+        return code
 
     try:
         sys.stdout.flush()
@@ -85,4 +90,19 @@ def quick_exit(code: int) -> int:
             stream.flush()
         except (OSError, ValueError):
             pass
+    try:  # what C code wrote through stdio's buffers
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
     os._exit(code)
+
+
+def _observed(sys_module) -> bool:
+    """A profiler (cProfile sets the profile hook), a tracer or coverage (the trace hook, or a
+    ``sys.monitoring`` tool on Python 3.12+) is attached."""
+    if sys_module.getprofile() is not None or sys_module.gettrace() is not None:
+        return True
+    monitoring = getattr(sys_module, "monitoring", None)
+    return monitoring is not None and any(monitoring.get_tool(i) is not None for i in range(6))
