@@ -63,21 +63,27 @@ def quick_exit(code: int) -> int:
     """End the program without the interpreter's teardown (freeing every module and object,
     then the CUDA driver's clean-up), which took 0.8 s of a CPU demo run and is pure waiting:
     the run is written by now. Python's own exit steps that matter still happen first, in
-    order: streams flushed, and the exit handlers run (logging's flush, Inductor's compile
+    order: thread pools stopped and non-daemon threads joined (``threading._shutdown``, as
+    Python does), streams flushed, the exit handlers run (logging's flush, Inductor's compile
     workers, torch's), and C stdio's buffers flushed. Falls back to a normal exit (returns
-    ``code``) where a non-daemon thread is still running, which Python would wait for, where a
-    profiler or coverage tool is attached (it writes after the program ends), or with
-    ``FUXI_MME_QUICK_EXIT=0``. Skipped still: C-level exit handlers and C++ destructors."""
+    ``code``) where a profiler or coverage tool is attached (it writes after the program ends),
+    with ``FUXI_MME_QUICK_EXIT=0``, and, where this Python lacks ``threading._shutdown``, while
+    a non-daemon thread runs. Skipped still: C-level exit handlers and C++ destructors."""
     if os.environ.get(QUICK_EXIT_ENV, "1") == "0":
         return code
-    import threading
-
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-        return code
     import sys
+    import threading
 
     if _observed(sys):  # a profiler or coverage tool writes its results after the program ends
         return code
+    join = getattr(threading, "_shutdown", None)  # Python's own first exit step (private, so checked)
+    if join is None or threading.current_thread() is not threading.main_thread():
+        if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+            return code
+    else:
+        # as at a normal exit: thread pools told to stop (a compile left Inductor's idle), then
+        # every non-daemon thread joined
+        join()
 
     try:
         sys.stdout.flush()
