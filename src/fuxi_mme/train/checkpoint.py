@@ -134,13 +134,17 @@ def remove_leftovers(folder: Path, tag: str = "*") -> list[Path]:
     return stale
 
 
-def save_checkpoint(
-    folder: Path,
-    model: torch.nn.Module | dict[str, torch.Tensor],
-    state: dict[str, Any],
-    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
-    rng: dict[str, torch.Tensor] | None = None,
-) -> None:
+Model = torch.nn.Module | dict[str, torch.Tensor]  # a module, or its state dict (a sharded run gathers it)
+Optim = torch.optim.Optimizer | dict[str, Any] | None
+
+
+def _state_dicts(model: Model, optimizer: Optim) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The model's and the optimizer's state dicts, each given as such or as its owner."""
+    weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    return weights, optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+
+
+def save_checkpoint(folder: Path, model: Model, state: dict[str, Any], optimizer: Optim = None, rng: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``folder`` crash-safely (see the module docstring). ``model`` and ``optimizer``
     may be given as their state dicts (a sharded run gathers them first: train/sharding.py)."""
     _fault("begin", folder)
@@ -148,15 +152,15 @@ def save_checkpoint(
     remove_leftovers(folder.parent, folder.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        model_sd = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        model_sd, optim_sd = _state_dicts(model, optimizer)
         weights = {k: v.detach().contiguous().cpu() for k, v in model_sd.items()}
         save_file(weights, str(tmp / "model.safetensors"))
         names = ["model.safetensors", "state.json"]
         _fault("after-model", folder)
         extra: dict[str, torch.Tensor] = {}
         meta = {**state, "format": FORMAT}
-        if optimizer is not None:
-            t, m = _flatten_optim(optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer)
+        if optim_sd is not None:
+            t, m = _flatten_optim(optim_sd)
             extra.update(t)
             meta["optimizer"] = m
         for k, v in (rng or {}).items():
@@ -203,17 +207,10 @@ class CheckpointWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
 
-    def submit(
-        self,
-        folder: Path,
-        model: torch.nn.Module | dict[str, torch.Tensor],
-        state: dict[str, Any],
-        optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
-        rng: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        weights = _host_copy(model.state_dict() if isinstance(model, torch.nn.Module) else model)
-        optim = None if optimizer is None else _host_copy(optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer)
-        snapshot = (folder, weights, json.loads(json.dumps(state, default=str)), optim, _host_copy(rng))
+    def submit(self, folder: Path, model: Model, state: dict[str, Any], optimizer: Optim = None, rng: dict[str, torch.Tensor] | None = None) -> None:
+        """Queue a :func:`save_checkpoint` of these arguments, copied now."""
+        weights, optim = _state_dicts(model, optimizer)
+        snapshot = (folder, _host_copy(weights), json.loads(json.dumps(state, default=str)), _host_copy(optim), _host_copy(rng))
         self.wait()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="fuxi-mme-checkpoint")
