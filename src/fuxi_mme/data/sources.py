@@ -8,6 +8,7 @@ loader for user files. ``docs/datasets.md`` documents every dataset and its prep
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import re
@@ -71,9 +72,36 @@ def _find(folder: Path, names: list[str], what: str) -> Path:
     )
 
 
+def _fast_numeric_table(text: str, sep: str, cols: list[str]) -> pd.DataFrame | None:
+    """``text`` as a table of ``len(cols)`` integer columns by pandas' C parser, or None where
+    any line is not exactly that (a wrong field count, a non-integer, a quote, a blank-looking
+    line): the careful reader then finds the line and names the problem. The same frame as the
+    careful reader's where both succeed (tested); 0.3 s instead of 2.1 s for ML-1M's 1M lines."""
+    if len(sep) > 1:
+        if "\t" in text:
+            return None
+        text, sep = text.replace(sep, "\t"), "\t"
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=sep, header=None, index_col=False, engine="c", quoting=csv.QUOTE_NONE, skip_blank_lines=True)
+    except (ValueError, pd.errors.ParserError):
+        return None
+    # integers only: a float's last bit may differ between parsers (and pandas versions)
+    # the first line sets the field count; a longer line later fails the parse, a shorter one
+    # leaves a gap (a float column)
+    if df.shape[1] != len(cols) or any(not pd.api.types.is_integer_dtype(df[c]) for c in df.columns):
+        return None
+    df.columns = cols
+    if len(df) != sum(1 for line in text.splitlines() if line.strip()):
+        return None
+    return df
+
+
 def _read_sep_ratings(path: Path, sep: str, cols: list[str]) -> pd.DataFrame:
-    text = open_text(path, "latin-1")
-    rows = [line.rstrip("\r\n").split(sep) for line in text if line.strip()]
+    text = open_text(path, "latin-1").read()
+    fast = _fast_numeric_table(text, sep, cols)
+    if fast is not None:
+        return fast
+    rows = [line.rstrip("\r\n").split(sep) for line in io.StringIO(text) if line.strip()]
     if not rows:
         layout = sep.join(cols).replace("\t", " TAB ")
         raise DataError(f"{path} is empty; expected one rating per line, {layout}: point --source at the dataset's original file")
