@@ -49,6 +49,7 @@ def test_fast_path_equals_the_careful_reader(tmp_path, monkeypatch, text, sep):
         ("1::10::5::978300760\n1::10::5::978300760::7\n", "::", "line 2 has 5 field(s)"),
         ('1\t"10\t5\t978300760\n2\t20"\t3\t978300761\n', "\t", "field 'item' is not a number"),
         ("1,10,5,978300760\n", "\t", "separated by ','"),
+        ("1\t10\t5\t9\r2\t20\t3\t9\r", "\t", "line 1 has 7 field(s)"),  # lone carriage returns
     ],
 )
 def test_malformed_files_go_to_the_careful_reader(tmp_path, text, sep, error):

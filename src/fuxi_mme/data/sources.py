@@ -77,6 +77,8 @@ def _fast_numeric_table(text: str, sep: str, cols: list[str]) -> pd.DataFrame | 
     any line is not exactly that (a wrong field count, a non-integer, a quote, a blank-looking
     line): the careful reader then finds the line and names the problem. The same frame as the
     careful reader's where both succeed (tested); 0.3 s instead of 2.1 s for ML-1M's 1M lines."""
+    if "\r" in text.replace("\r\n", ""):  # a lone carriage return: no line end to the careful reader
+        return None
     if len(sep) > 1:
         if "\t" in text:
             return None

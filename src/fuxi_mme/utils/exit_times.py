@@ -82,8 +82,11 @@ def quick_exit(code: int) -> int:
             return code
     else:
         # as at a normal exit: thread pools told to stop (a compile left Inductor's idle), then
-        # every non-daemon thread joined
-        join()
+        # every non-daemon thread joined; a Ctrl-C while waiting leaves the rest to Python's exit
+        try:
+            join()
+        except KeyboardInterrupt:
+            return code
 
     try:
         sys.stdout.flush()
