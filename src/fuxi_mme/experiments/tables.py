@@ -4,6 +4,7 @@ against FuXi-alpha at equal size, and against the published Amazon figures."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from .stats import reading, welch
@@ -321,24 +322,29 @@ def _welch_cells(first: dict[str, Any], second: dict[str, Any], metric: str) -> 
     return f"{t:.1f} ({df:.1f}) | {reading(t, df)}"
 
 
-def behaviour_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
-    """The ``behavior`` suite's answer: each model with behaviours as input against the same model
-    without, for the next item and for the next target-behaviour item, on every dataset, with
-    Welch's t over seeds and its reading at 5%; "" when no pair has finished."""
+def _behaviour_pairs(res: dict[str, Any], metric: str) -> Iterator[tuple[str, str, str, dict[str, Any], dict[str, Any]]]:
+    """(dataset, model, target, plain row, behaviour-aware row) of every pair whose two rows have
+    ``metric``, in the table's order."""
     cells = {(e["dataset"], e["variant"]): e for e in res["results"] if metric in e}
-    lines = []
     for ds in dict.fromkeys(e["dataset"] for e in res["results"]):
         for model in ("fuxi-alpha", "fuxi-mme"):
             for target in ("next", "next target"):
                 plain, aware = cells.get((ds, f"{model} {target}")), cells.get((ds, f"{model}+behaviour {target}"))
-                if plain is None or aware is None:
-                    continue
-                p, a = plain[metric], aware[metric]
-                test = _welch_cells(aware, plain, metric)
-                lines.append(
-                    f"| {ds} | {model} | {target} | {p['mean']:.4f} ± {p['std']:.4f} ({plain['seeds']}) | "
-                    f"{a['mean']:.4f} ± {a['std']:.4f} ({aware['seeds']}) | {a['mean'] - p['mean']:+.4f} | {test} |"
-                )
+                if plain is not None and aware is not None:
+                    yield ds, model, target, plain, aware
+
+
+def behaviour_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
+    """The ``behavior`` suite's answer: each model with behaviours as input against the same model
+    without, for the next item and for the next target-behaviour item, on every dataset, with
+    Welch's t over seeds and its reading at 5%; "" when no pair has finished."""
+    lines = []
+    for ds, model, target, plain, aware in _behaviour_pairs(res, metric):
+        p, a = plain[metric], aware[metric]
+        lines.append(
+            f"| {ds} | {model} | {target} | {p['mean']:.4f} ± {p['std']:.4f} ({plain['seeds']}) | "
+            f"{a['mean']:.4f} ± {a['std']:.4f} ({aware['seeds']}) | {a['mean'] - p['mean']:+.4f} | {_welch_cells(aware, plain, metric)} |"
+        )
     if not lines:
         return ""
     head = [
@@ -351,34 +357,23 @@ def behaviour_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> s
 def behaviour_answer(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
     """:func:`behaviour_comparison` in words, one sentence per dataset: how many of its pairs read
     ahead, behind and level at 5%, and in how many the behaviour-aware mean is the higher."""
-    cells = {(e["dataset"], e["variant"]): e for e in res["results"] if metric in e}
+    tested: dict[str, list[tuple[str, bool]]] = {}  # dataset -> (reading, aware mean higher) per pair
+    for ds, _, _, plain, aware in _behaviour_pairs(res, metric):
+        if min(plain["seeds"], aware["seeds"]) >= 2:
+            word = reading(*welch(aware[metric], aware["seeds"], plain[metric], plain["seeds"]))
+            tested.setdefault(ds, []).append((word, aware[metric]["mean"] > plain[metric]["mean"]))
     out = []
-    for ds in dict.fromkeys(e["dataset"] for e in res["results"]):
-        words, higher = [], 0
-        for model in ("fuxi-alpha", "fuxi-mme"):
-            for target in ("next", "next target"):
-                plain, aware = cells.get((ds, f"{model} {target}")), cells.get((ds, f"{model}+behaviour {target}"))
-                if plain is None or aware is None or min(plain["seeds"], aware["seeds"]) < 2:
-                    continue
-                words.append(reading(*welch(aware[metric], aware["seeds"], plain[metric], plain["seeds"])))
-                higher += aware[metric]["mean"] > plain[metric]["mean"]
-        if not words:
-            continue
-        n = len(words)
-        ahead, behind = words.count("ahead"), words.count("behind")
-        gist = (
-            "they help"
-            if ahead == n
-            else "they hurt"
-            if behind == n
-            else "a gain in some pairs, a loss in none"
-            if ahead and not behind
-            else "a loss in some pairs, a gain in none"
-            if behind and not ahead
-            else "mixed"
-            if ahead
-            else "no difference beyond seed noise"
-        )
+    for ds, pairs in tested.items():
+        n, higher = len(pairs), sum(h for _, h in pairs)
+        ahead, behind = sum(w == "ahead" for w, _ in pairs), sum(w == "behind" for w, _ in pairs)
+        if ahead and behind:
+            gist = "mixed"
+        elif ahead:
+            gist = "they help" if ahead == n else "a gain in some pairs, a loss in none"
+        elif behind:
+            gist = "they hurt" if behind == n else "a loss in some pairs, a gain in none"
+        else:
+            gist = "no difference beyond seed noise"
         out.append(
             f"**{ds}**: with behaviours as input, ahead in {ahead}, behind in {behind} and level in {n - ahead - behind} "
             f"of the {n} {'pair' if n == 1 else 'pairs'} with at least 2 seeds a side: {gist}; the behaviour-aware mean "
