@@ -62,6 +62,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=30, help="timed training steps")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--eval-batch", type=int, default=4096, help="users per evaluation batch (eval.batch_size)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cpu-eval-max", type=float, default=1e7, help="on a CPU, evaluate only logs up to this many interactions")
     ap.add_argument("--quick", action="store_true", help="small model and few steps (a smoke run)")
@@ -75,12 +76,12 @@ def shape(n: int) -> dict[str, int]:
     return {"interactions": n, "users": max(10, n // 50), "items": max(10, min(n // 100, 10_000_000))}
 
 
-def generate(n: int, folder: Path, seed: int = 0, dup_rate: float = DUP_RATE) -> dict:
+def generate(n: int, folder: Path, seed: int = 0, dup_rate: float = DUP_RATE, workers: int | None = None) -> dict:
     """The synthetic log of ``n`` interactions as Parquet parts in ``folder`` (reused if
-    complete); a ``dup_rate`` share of events repeats the user's previous event exactly."""
+    complete); a ``dup_rate`` share of events repeats the user's previous event exactly. The
+    history lengths are drawn once; each part (a run of whole users) draws its own events from
+    its own seed ``(seed, part)``, in ``workers`` processes (default: the cores, at most 8)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     done = folder / "_DONE.json"
     if done.exists():
@@ -96,36 +97,52 @@ def generate(n: int, folder: Path, seed: int = 0, dup_rate: float = DUP_RATE) ->
     if lens[-1] < 3:
         lens[-1] = 3
     ends = np.cumsum(lens)
-    part, u0, dups = 0, 0, 0
-    log_items = math.log(s["items"] + 1)
+    bounds, u0 = [], 0
     while u0 < s["users"]:
         u1 = int(np.searchsorted(ends, (ends[u0 - 1] if u0 else 0) + PART_ROWS, side="right"))
         u1 = max(u1, u0 + 1)
-        ln = lens[u0:u1]
-        m = int(ln.sum())
-        user = np.repeat(np.arange(u0, u1, dtype=np.int32), ln)
-        item = (np.exp(rng.random(m) * log_items) - 1).astype(np.int32)  # log-uniform rank: weight ~ 1/r
-        start = rng.integers(1_500_000_000, 1_600_000_000, u1 - u0)
-        gaps = rng.geometric(1 / 3600, m).astype(np.int64)
-        first = np.concatenate([[0], np.cumsum(ln)[:-1]])
-        gaps[first] = 0
-        ts = np.cumsum(gaps)
-        ts = ts - np.repeat(ts[first], ln) + np.repeat(start, ln)
-        dup = rng.random(m) < dup_rate
-        dup[first] = False
-        dup[1:] &= ~dup[:-1]  # never two in a row: each one copies an original event
-        dup = np.flatnonzero(dup)
-        item[dup], ts[dup] = item[dup - 1], ts[dup - 1]
-        dups += len(dup)
-        order = rng.permutation(m)  # rows not grouped by user: the file order of a raw log
-        pq.write_table(
-            pa.table({"user": user[order], "item": item[order], "timestamp": ts[order]}), folder / f"part-{part:05d}.parquet", row_group_size=1 << 20
-        )
-        part, u0 = part + 1, u1
+        bounds.append((u0, u1))
+        u0 = u1
+    jobs = [(folder / f"part-{p:05d}.parquet", (seed, p), u0, lens[u0:u1], s["items"], dup_rate) for p, (u0, u1) in enumerate(bounds)]
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as ex:
+            dups = sum(ex.map(_write_part, *zip(*jobs)))
+    else:
+        dups = sum(_write_part(*j) for j in jobs)
     size = sum(f.stat().st_size for f in folder.glob("*.parquet"))
-    info = {**s, "duplicates": dups, "parts": part, "generate_s": time.perf_counter() - t0, "bytes": size}
+    info = {**s, "duplicates": dups, "parts": len(jobs), "generate_s": time.perf_counter() - t0, "bytes": size, "workers": workers}
     done.write_text(json.dumps(info))
     return info
+
+
+def _write_part(path: Path, seed: tuple[int, int], u0: int, ln, items: int, dup_rate: float) -> int:
+    """One part: users ``u0 ..`` with history lengths ``ln``; returns its duplicate count."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(list(seed))
+    m, nu = int(ln.sum()), len(ln)
+    user = np.repeat(np.arange(u0, u0 + nu, dtype=np.int32), ln)
+    item = (np.exp(rng.random(m) * math.log(items + 1)) - 1).astype(np.int32)  # log-uniform rank: weight ~ 1/r
+    start = rng.integers(1_500_000_000, 1_600_000_000, nu)
+    gaps = rng.geometric(1 / 3600, m).astype(np.int64)
+    first = np.concatenate([[0], np.cumsum(ln)[:-1]])
+    gaps[first] = 0
+    ts = np.cumsum(gaps)
+    ts = ts - np.repeat(ts[first], ln) + np.repeat(start, ln)
+    dup = rng.random(m) < dup_rate
+    dup[first] = False
+    dup[1:] &= ~dup[:-1]  # never two in a row: each one copies an original event
+    dup = np.flatnonzero(dup)
+    item[dup], ts[dup] = item[dup - 1], ts[dup - 1]
+    order = rng.permutation(m)  # rows not grouped by user: the file order of a raw log
+    pq.write_table(pa.table({"user": user[order], "item": item[order], "timestamp": ts[order]}), path, row_group_size=1 << 20)
+    return len(dup)
 
 
 def _maxrss_gb(who: int = resource.RUSAGE_SELF) -> float:
@@ -239,6 +256,8 @@ def _trainer(n: int, args: argparse.Namespace):
         "data.max_len": args.max_len,
         "model.dim": args.dim,
         "train.batch_size": args.batch_size,
+        "eval.batch_size": args.eval_batch,
+        "eval.beyond": False,  # ranks only: the fused ranking where it runs (eval.ranking=auto)
         "train.device": args.device,
         "train.cuda_graphs": "off",
         "train.compile": False,
@@ -283,10 +302,13 @@ def worker(args: argparse.Namespace) -> dict:
         dt = (time.perf_counter() - t0) / args.steps
         out.update(step_s=dt, steps_per_epoch=tr.steps_per_epoch, epoch_s_extrapolated=dt * tr.steps_per_epoch, seq_per_s=B / dt)
     else:
+        from fuxi_mme.eval.evaluator import model_scorer, resolve_ranking
+
         t0 = time.perf_counter()
         m = tr.evaluate(tr.test_arrs, "test")
         sync()
-        out.update(s=time.perf_counter() - t0, ndcg10=float(m.get("NDCG@10", float("nan"))))
+        ranking = resolve_ranking(cfg.eval.ranking, model_scorer(tr.model), device, cfg.eval.beyond)
+        out.update(s=time.perf_counter() - t0, ndcg10=float(m.get("NDCG@10", float("nan"))), ranking=ranking)
     out["peak_host_gb"] = _maxrss_gb()
     if device.type == "cuda":
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -296,12 +318,18 @@ def worker(args: argparse.Namespace) -> dict:
 def run_worker(phase: str, n: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", phase, "--size", str(n), "--work", args.work, "--duplicates", args.duplicates]
     cmd += ["--model", args.model, "--dim", str(args.dim), "--max-len", str(args.max_len), "--batch-size", str(args.batch_size)]
-    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--eval-batch", str(args.eval_batch)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:  # recorded, not raised: the other phases and sizes keep their numbers
         why = "killed (out of memory?)" if p.returncode < 0 else (p.stderr.strip().splitlines() or ["?"])[-1]
         return {"failed": f"exit {p.returncode}: {why}", "peak_host_gb": _maxrss_gb(resource.RUSAGE_CHILDREN)}
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _rankings(records: dict) -> str:
+    """How the evaluations ranked (eval.ranking resolved), e.g. ``fused``."""
+    got = sorted({r["eval"].get("ranking", "?") for r in records.values() if r.get("eval") and "failed" not in r["eval"]})
+    return "/".join(got) or "none"
 
 
 def exponents(rows: list[dict], key: str) -> float | None:
@@ -434,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
         payload = {
             "info": info,
             "settings": f"{args.model} d {args.dim}, max_len {args.max_len}, batch {args.batch_size}, "
-            f"{args.steps} timed steps, duplicates {args.duplicates}",
+            f"{args.steps} timed steps, duplicates {args.duplicates}, evaluation batch {args.eval_batch} users, "
+            f"ranking {_rankings(records)}",
             "records": records,
             "rows": rows,
             "exponents": {k: e for k, _ in COLUMNS if (e := exponents(rows, k)) is not None},

@@ -601,6 +601,7 @@ ADDED_SINCE_PINNED = {
     ("model", "denoise_weight"): 0.01,
     ("data", "engine"): "auto",
     ("train", "shard_items"): False,
+    ("eval", "ranking"): "auto",
 }
 
 

@@ -309,3 +309,44 @@ def test_fuxi_mme_with_dropout_trains_as_well_under_the_default_compile(tmp_path
     plain = _demo_train_losses(tmp_path, "plain", f"model.moe.placement={placement}", "train.compile=false")
     auto = _demo_train_losses(tmp_path, "auto", f"model.moe.placement={placement}")
     assert auto[-1] < 1.1 * plain[-1], (auto, plain)
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+@pytest.mark.parametrize("width", [50, 100, 256])
+def test_fused_ranking_equals_the_reference_on_the_gpu(tf32, width):
+    """eval.ranking=fused compiled for the GPU (tests/test_fused_ranking.py runs it in the
+    interpreter): small-integer vectors, so both rankings see exact scores with many ties, NaN
+    candidates and targets, history masking, and a catalogue several programs split."""
+    from fuxi_mme.eval import rank_kernel
+    from fuxi_mme.eval.metrics import ranks_from_scores
+
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        g = torch.Generator(device="cuda").manual_seed(width)
+        B, n = 700, 20_000
+        u = torch.randint(-2, 3, (B, width), device="cuda", generator=g).float()
+        v = torch.randint(-2, 3, (n + 1, width), device="cuda", generator=g).float()
+        v[7, 1] = float("nan")
+        u[:3, 0] = float("nan")
+        tgt = torch.randint(1, n + 1, (B,), device="cuda", generator=g)
+        hr = torch.arange(B, device="cuda").repeat_interleave(30)
+        hi = torch.randint(1, n + 1, (B * 30,), device="cuda", generator=g)
+        hi[::97] = tgt[hr[::97]]  # some targets repeat a history item: masked
+        scores = u @ v.T
+        scores[:, 0] = -torch.inf
+        bad = ~torch.isfinite(scores.gather(1, tgt[:, None])[:, 0])
+        scores[hr, hi] = -torch.inf
+        masked = torch.isneginf(scores.gather(1, tgt[:, None])[:, 0]) & ~bad
+        want = torch.where(masked | bad, torch.full_like(tgt, n + 1), ranks_from_scores(scores, tgt))
+        ranks, got_masked, got_bad = rank_kernel.fused_ranks(u, v, tgt, (hr, hi))
+        assert torch.equal(got_bad, bad) and torch.equal(got_masked, masked) and masked.any()
+        assert torch.equal(ranks, want)
+        # random (not exact) vectors: the target is compared with its own tile product, so it
+        # never outranks itself, and ranks agree with the reference but for near-ties
+        u, v = torch.randn(B, width, device="cuda", generator=g), torch.randn(n + 1, width, device="cuda", generator=g)
+        ref = ranks_from_scores(torch.cat([torch.full((B, 1), -torch.inf, device="cuda"), u @ v[1:].T], 1), tgt)
+        got = rank_kernel.fused_ranks(u, v, tgt)[0]
+        assert (got >= 1).all() and (got <= n).all()
+        assert (got - ref).abs().float().mean() < 2 and (got == ref).float().mean() > 0.5
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = True

@@ -209,6 +209,10 @@ class EvalConfig:
     # beyond-accuracy metrics (coverage, Gini, entropy, novelty, popularity, long tail, ILD) of
     # the same top-K lists at every evaluation (docs/training.md#beyond-accuracy-metrics)
     beyond: bool = True
+    # how targets are ranked (docs/training.md#fused-ranking): "scores" writes each batch's
+    # (users x items) scores; "fused" counts the items above each target in one Triton kernel
+    # without writing them (CUDA, beyond=false); "auto": fused where it can run, else scores
+    ranking: str = "auto"
     # evaluate the test split once at the end; `tune` trials set false: test is evaluated for
     # the chosen configuration alone (docs/training.md#tuning)
     final_test: bool = True
@@ -462,6 +466,7 @@ def validate(cfg: Config) -> None:
         "data.repeats": (cfg.data.repeats, ("keep", "drop-consecutive", "first")),
         "data.format": (cfg.data.format, ("auto", "table", "sequences", "pairs", "movielens", "sessions")),
         "eval.history": (cfg.eval.history, ("auto", "mask", "keep")),
+        "eval.ranking": (cfg.eval.ranking, ("auto", "scores", "fused")),
         "model.combine": (cfg.model.combine, ("concat", "mean")),
         "model.moe.placement": (cfg.model.moe.placement, ("ffn", "u", "out")),
         "model.moe.balance": (cfg.model.moe.balance, ("aux_loss", "aux_free", "none")),

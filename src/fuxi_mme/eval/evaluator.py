@@ -41,18 +41,31 @@ def encode_last(model: SequenceModel, batch: Batch, amp: torch.dtype | None = No
     return user_BND[torch.arange(len(last), device=dev), last].float()
 
 
-def model_scorer(model: SequenceModel, amp: torch.dtype | None = None) -> Scorer:
-    """Scores = last-position user vector . every item vector (items computed once)."""
-    items_ID = None
+class VectorScorer:
+    """Scores = last-position user vector . every item vector (items computed once). Called
+    on a batch it gives the (B, I+1) scores; ``users`` and ``items`` give the two factors, which
+    the fused ranking (``eval.ranking=fused``, :mod:`fuxi_mme.eval.rank_kernel`) takes instead."""
 
-    def score(batch: Batch) -> torch.Tensor:
-        nonlocal items_ID
-        if items_ID is None:
-            with torch.autocast(batch.ids.device.type, dtype=amp, enabled=amp is not None):
-                items_ID = model.item_vectors().float()
-        return encode_last(model, batch, amp) @ items_ID.T
+    def __init__(self, model: SequenceModel, amp: torch.dtype | None = None):
+        self.model, self.amp = model, amp
+        self._items_ID: torch.Tensor | None = None
 
-    return score
+    def items(self, device: torch.device) -> torch.Tensor:
+        if self._items_ID is None:
+            with torch.autocast(device.type, dtype=self.amp, enabled=self.amp is not None):
+                self._items_ID = self.model.item_vectors().float()
+        return self._items_ID
+
+    def users(self, batch: Batch) -> torch.Tensor:
+        return encode_last(self.model, batch, self.amp)
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        return self.users(batch) @ self.items(batch.ids.device).T
+
+
+def model_scorer(model: SequenceModel, amp: torch.dtype | None = None) -> VectorScorer:
+    """The scorer of a model's full ranking (:class:`VectorScorer`)."""
+    return VectorScorer(model, amp)
 
 
 def popularity_scorer(ds: PreparedDataset, protocol: str, device: torch.device | str = "cpu") -> Scorer:
@@ -143,6 +156,28 @@ def score_batch(batch_size: int, num_items: int) -> int:
     return max(1, min(batch_size, SCORE_CELLS // (num_items + 1)))
 
 
+RANKING_MODES = ("auto", "scores", "fused")
+
+
+def resolve_ranking(setting: str, scorer: Scorer, device: torch.device | str, beyond: bool) -> str:
+    """``eval.ranking`` -> "scores" or "fused" (docs/training.md#fused-ranking). ``auto`` is
+    fused where it can run (a model's vectors, a CUDA GPU with triton, beyond-accuracy metrics
+    off: they read top-K lists of the scores), else scores. ``fused`` says why it cannot run."""
+    from . import rank_kernel
+
+    if setting not in RANKING_MODES:
+        raise ValueError(f"eval.ranking={setting!r} is not one of {', '.join(RANKING_MODES)}")
+    if setting == "scores" or not isinstance(scorer, VectorScorer):
+        return "scores"  # popularity has no vectors: it always ranks by scores
+    why = "needs eval.beyond=false (the beyond-accuracy metrics read top-K lists of the scores)" if beyond else None
+    why = why or rank_kernel.available(device, scorer.items(torch.device(device)).shape[1])
+    if why is None:
+        return "fused"
+    if setting == "fused":
+        raise ValueError(f"eval.ranking=fused {why}; use eval.ranking=auto or scores")
+    return "scores"
+
+
 @torch.no_grad()
 def rank_split(
     scorer: Scorer,
@@ -153,6 +188,7 @@ def rank_split(
     device: torch.device | str = "cpu",
     rows: np.ndarray | None = None,
     beyond: BeyondAccumulator | None = None,
+    ranking: str = "scores",
 ) -> SplitRanks:
     """Rank each target among all items (padding never a candidate), in the order of ``rows``
     (default: every row).
@@ -164,10 +200,16 @@ def rank_split(
     worst rank and is flagged. Batches take the rows shortest first, so each is padded only to
     its own longest sequence (on a CPU the model runs on chunks of :data:`FORWARD_TOKENS_CPU` padded
     positions); a scorer sees the batch's row indices in ``batch.rows``.
-    ``beyond`` counts each batch's masked top-K lists (beyond-accuracy metrics)."""
+    ``beyond`` counts each batch's masked top-K lists (beyond-accuracy metrics). ``ranking``
+    ``fused`` (resolved by :func:`resolve_ranking`) ranks a :class:`VectorScorer`'s vectors
+    without writing scores (:mod:`fuxi_mme.eval.rank_kernel`; the whole batch in one forward pass),
+    ``scores`` writes each batch's scores."""
     if history not in ("mask", "keep"):
         raise ValueError(f"history={history!r}: resolve eval.history first (mask or keep)")
-    batch_size = score_batch(batch_size, ds.num_items)
+    fused = ranking == "fused"
+    if fused and (beyond is not None or not isinstance(scorer, VectorScorer)):
+        raise ValueError("fused ranking takes a model's vectors and no beyond-accuracy counts: resolve eval.ranking first")
+    batch_size = batch_size if fused else score_batch(batch_size, ds.num_items)
     rows_all = np.arange(len(arrs)) if rows is None else np.asarray(rows)
     order = np.argsort(arrs.lengths[rows_all], kind="stable")
     out = SplitRanks(np.zeros(len(rows_all), np.int64), np.zeros(len(rows_all), bool), np.zeros(len(rows_all), bool))
@@ -176,6 +218,10 @@ def rank_split(
     for s in range(0, len(order), batch_size):
         at = order[s : s + batch_size]
         rows_b = rows_all[at]
+        if fused:
+            ranks, masked, bad = _fused_rows(scorer, arrs, ds, rows_b, history, device)  # type: ignore[arg-type]
+            out.ranks[at], out.masked_target[at], out.nonfinite[at] = ranks.cpu().numpy(), masked.cpu().numpy(), bad.cpu().numpy()
+            continue
         scores, tgt = _score_rows(scorer, arrs, rows_b, device)
         bad = ~torch.isfinite(scores.gather(1, tgt[:, None])[:, 0])
         scores[:, 0] = -torch.inf
@@ -193,6 +239,20 @@ def rank_split(
     if ild:
         out.ild = torch.stack(ild).cpu().numpy()
     return out
+
+
+def _fused_rows(
+    scorer: VectorScorer, arrs: EvalArrays, ds: PreparedDataset, rows: np.ndarray, history: str, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ranks, masked, nonfinite) of ``rows`` by the fused kernel."""
+    from .rank_kernel import fused_ranks
+
+    batch = make_batch(arrs, rows, device)
+    hist = None
+    if history == "mask":
+        r, it = history_pairs(arrs, rows, ds)
+        hist = (torch.from_numpy(r).to(batch.ids.device), torch.from_numpy(it).to(batch.ids.device))
+    return fused_ranks(scorer.users(batch), scorer.items(batch.ids.device), batch.target, hist)
 
 
 def _score_rows(scorer: Scorer, arrs: EvalArrays, rows: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,6 +306,7 @@ def evaluate_split(
     gather: Gather | None = None,
     protocol: str | None = None,
     beyond: bool = True,
+    ranking: str = "auto",
 ) -> dict[str, Any]:
     """Metrics of one split: HR/NDCG@K and MRR over its users, ``users``, and where the split
     has targets that repeat an item of the user's history, the same metrics on those targets
@@ -262,13 +323,14 @@ def evaluate_split(
     batches b with b % world == r (the batches one process makes) and ``gather`` collects them,
     so the ranks equal one process's (item counts are summed over ranks, diversity sums taken
     in batch order: the beyond-accuracy metrics equal one process's too). Raises :class:`NonFiniteScores` naming the split when any
-    target's score is NaN or infinite."""
+    target's score is NaN or infinite. ``ranking``: ``eval.ranking`` (:func:`resolve_ranking`)."""
+    ranking = resolve_ranking(ranking, scorer, device, beyond)
     acc, ild_note = _accumulator(ds, ks, device) if beyond else (None, "")
-    batch_size = score_batch(batch_size, ds.num_items)
+    batch_size = batch_size if ranking == "fused" else score_batch(batch_size, ds.num_items)
     if world > 1:
         by_length = np.argsort(arrs.lengths, kind="stable")
         starts = range(rank * batch_size, len(arrs), world * batch_size)
-        mine = {s: rank_split(scorer, arrs, ds, history, batch_size, device, by_length[s : s + batch_size], acc) for s in starts}
+        mine = {s: rank_split(scorer, arrs, ds, history, batch_size, device, by_length[s : s + batch_size], acc, ranking) for s in starts}
         parts: dict[int, SplitRanks] = {}
         counts: list[np.ndarray] = []
         here = (mine, acc.counts() if acc is not None else None)
@@ -284,7 +346,7 @@ def evaluate_split(
             res.ild = np.concatenate(ilds) if ilds else None
         total = np.sum(counts, axis=0) if counts else None
     else:
-        res = rank_split(scorer, arrs, ds, history, batch_size, device, beyond=acc)
+        res = rank_split(scorer, arrs, ds, history, batch_size, device, beyond=acc, ranking=ranking)
         total = acc.counts() if acc is not None else None
     if res.nonfinite.any():
         raise NonFiniteScores(
@@ -314,7 +376,7 @@ def evaluate_run_split(
     """:func:`evaluate_split` with a run config's evaluation settings (``eval.ks``, batch size,
     ``beyond``; the protocol whose training part gives popularity); ``dist``: rank, world, gather."""
     e = cfg.eval
-    kw: dict[str, Any] = {"ks": e.ks, "batch_size": e.batch_size, "protocol": cfg.data.protocol, "beyond": e.beyond}
+    kw: dict[str, Any] = {"ks": e.ks, "batch_size": e.batch_size, "protocol": cfg.data.protocol, "beyond": e.beyond, "ranking": e.ranking}
     return evaluate_split(scorer, arrs, ds, split=split, history=history, device=device, **kw, **dist)
 
 

@@ -58,12 +58,13 @@ EXECUTION_FIELDS = (
     "train.dist_timeout",
     "train.deterministic",
     "eval.batch_size",
+    "eval.ranking",
     "log.",
 )
 # What a run taken from another suite may differ in (``reusable_run``): where files are, the
 # device, threads, timeouts and logging, never a kernel, compile or graph path (the precision
 # suite compares exactly those).
-REUSE_IGNORED = ("data.path", "data.data_dir", "train.device", "train.num_threads", "train.dist_timeout", "eval.batch_size", "log.")
+REUSE_IGNORED = ("data.path", "data.data_dir", "train.device", "train.num_threads", "train.dist_timeout", "eval.batch_size", "eval.ranking", "log.")
 
 
 def _ignored(key: str, fields: tuple[str, ...]) -> bool:
