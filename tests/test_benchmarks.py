@@ -259,3 +259,19 @@ def test_runs_per_hour_runs_the_experiment_at_each_setting(tmp_path):
     assert res["rows"][0]["vs_one_at_a_time"] == 1.0 and res["card"] == "cpu"
     assert [r["mps"] for r in res["rows"]] == [False, False]
     assert "| 2 | off | 2 / 2 |" in md.read_text()
+
+
+def test_scale_log_parts_are_the_same_in_worker_processes(tmp_path, monkeypatch):
+    """Each part of the synthetic log draws from its own seed: written by two worker processes
+    or one after another, the parts are byte for byte the same log."""
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scale
+
+    monkeypatch.setattr(scale, "PART_ROWS", 4_000)
+    one = scale.generate(20_000, tmp_path / "serial", workers=1)
+    two = scale.generate(20_000, tmp_path / "parallel", workers=2)
+    assert one["parts"] == two["parts"] >= 4 and one["duplicates"] == two["duplicates"] > 0
+    for p in sorted((tmp_path / "serial").glob("*.parquet")):
+        pd.testing.assert_frame_equal(pd.read_parquet(p), pd.read_parquet(tmp_path / "parallel" / p.name))
