@@ -1,7 +1,8 @@
 """Every single-machine benchmark in one command; each writes its own results files.
 
 On a GPU machine: training throughput on every path (``throughput.py``), attention alone
-(``attention.py``), the profiler breakdown (``profile_step.py``); with 2+ GPUs also the DDP
+(``attention.py``), the profiler breakdown (``profile_step.py``), the fused ranking against
+the reference (``rank_speed.py``); with 2+ GPUs also the DDP
 scaling benchmark (``ddp_scaling.py``). On a CPU-only machine: whole CPU epochs
 (``cpu_epoch.py``). Each benchmark runs in its own process, so one failure does not stop the
 others; the exit code is non-zero if any failed.
@@ -43,6 +44,7 @@ def plan(gpus: int, data_root: str | None) -> list[list[str]]:
         ],
         [*py, str(HERE / "attention.py"), "--shapes", "ml-20m", "ml-1m"],
         [*py, str(HERE / "profile_step.py"), "--paths", "default-bf16", "compiled-fast"],
+        [*py, str(HERE / "rank_speed.py")],
     ]
     if gpus >= 2:
         runs.append([*py, str(HERE / "ddp_scaling.py")])

@@ -276,8 +276,14 @@ def _trainer(n: int, args: argparse.Namespace):
 
 
 def worker(args: argparse.Namespace) -> dict:
-    """One phase in this process: ``train`` or ``eval``."""
+    """One phase in this process: ``train`` or ``eval`` (the evaluator's progress lines on
+    stderr)."""
+    import logging
+
     import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("fuxi_mme.eval.evaluator").setLevel(logging.DEBUG)
 
     n = int(args.size)
     tr, device, load_s, cfg = _trainer(n, args)
@@ -319,9 +325,11 @@ def run_worker(phase: str, n: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", phase, "--size", str(n), "--work", args.work, "--duplicates", args.duplicates]
     cmd += ["--model", args.model, "--dim", str(args.dim), "--max-len", str(args.max_len), "--batch-size", str(args.batch_size)]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--eval-batch", str(args.eval_batch)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    err_path = Path(args.work) / f"{phase}-{n:.0e}.err"  # the worker's log, progress lines included, readable while it runs
+    with open(err_path, "w") as err:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     if p.returncode != 0:  # recorded, not raised: the other phases and sizes keep their numbers
-        why = "killed (out of memory?)" if p.returncode < 0 else (p.stderr.strip().splitlines() or ["?"])[-1]
+        why = "killed (out of memory?)" if p.returncode < 0 else (err_path.read_text().strip().splitlines() or ["?"])[-1]
         return {"failed": f"exit {p.returncode}: {why}", "peak_host_gb": _maxrss_gb(resource.RUSAGE_CHILDREN)}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -434,30 +442,10 @@ def main(argv: list[str] | None = None) -> None:
     on_cpu = not info["device"].get("gpu") or args.device == "cpu"
     records, notes = {}, []
     out = Path(args.out) if args.out else RESULTS / f"scale-{card(info)}.json"
-    for n in sorted(int(float(s)) for s in args.sizes.split(",")):
-        rec: dict = {"generate": generate(n, work / f"log-{n:.0e}")}
-        print(f"{n:.0e}: generated in {rec['generate']['generate_s']:.1f} s", flush=True)
-        if "prepare" in phases:
-            rec["prepare"] = run_prepare(n, work, args.duplicates)
-            print(f"{n:.0e}: prepared in {rec['prepare']['s']:.1f} s, peak {rec['prepare']['peak_host_gb']:.2f} GB", flush=True)
-        if "train" in phases:
-            rec["train"] = run_worker("train", n, args)
-            t = rec["train"]
-            said = f"train {t['failed']}" if "failed" in t else f"step {t['step_s'] * 1e3:.1f} ms, peak {t['peak_host_gb']:.2f} GB"
-            print(f"{n:.0e}: {said}", flush=True)
-        if "eval" in phases:
-            if on_cpu and n > args.cpu_eval_max:
-                rec["eval"] = None
-                notes.append(f"{n:.0e}: full-ranking evaluation of every user not run on the CPU (--cpu-eval-max {args.cpu_eval_max:.0e})")
-            else:
-                rec["eval"] = e = run_worker("eval", n, args)
-                said = f"eval {e['failed']}" if "failed" in e else f"evaluated {e['eval_users']:,} users in {e['s']:.1f} s"
-                print(f"{n:.0e}: {said}", flush=True)
-        records[f"{n:.0e}"] = rec
-        if not args.keep:
-            shutil.rmtree(work / f"log-{n:.0e}", ignore_errors=True)
-            for d in (work / "data" / "prepared").glob(f"scale-{n:.0e}-*"):
-                shutil.rmtree(d, ignore_errors=True)
+    md = out.with_suffix(".md")
+
+    def record() -> None:
+        """Save what is measured so far (after every phase: a long run that is cut off keeps it)."""
         rows = [flatten(int(float(k)), r) for k, r in records.items()]
         payload = {
             "info": info,
@@ -471,8 +459,36 @@ def main(argv: list[str] | None = None) -> None:
             + [f"{k}: {ph} failed ({r[ph]['failed']})" for k, r in records.items() for ph in ("train", "eval") if "failed" in (r.get(ph) or {})]
             + ["train epoch s is extrapolated: measured step time x steps per epoch"],
         }
-        md = save(out, payload, markdown(payload))  # after every size: a long run keeps what it measured
+        save(out, payload, markdown(payload))
         plot(payload, out.with_suffix(".png"))
+
+    for n in sorted(int(float(s)) for s in args.sizes.split(",")):
+        rec: dict = {"generate": generate(n, work / f"log-{n:.0e}")}
+        records[f"{n:.0e}"] = rec
+        print(f"{n:.0e}: generated in {rec['generate']['generate_s']:.1f} s", flush=True)
+        if "prepare" in phases:
+            rec["prepare"] = run_prepare(n, work, args.duplicates)
+            print(f"{n:.0e}: prepared in {rec['prepare']['s']:.1f} s, peak {rec['prepare']['peak_host_gb']:.2f} GB", flush=True)
+            record()
+        if "train" in phases:
+            rec["train"] = run_worker("train", n, args)
+            t = rec["train"]
+            said = f"train {t['failed']}" if "failed" in t else f"step {t['step_s'] * 1e3:.1f} ms, peak {t['peak_host_gb']:.2f} GB"
+            print(f"{n:.0e}: {said}", flush=True)
+            record()
+        if "eval" in phases:
+            if on_cpu and n > args.cpu_eval_max:
+                rec["eval"] = None
+                notes.append(f"{n:.0e}: full-ranking evaluation of every user not run on the CPU (--cpu-eval-max {args.cpu_eval_max:.0e})")
+            else:
+                rec["eval"] = e = run_worker("eval", n, args)
+                said = f"eval {e['failed']}" if "failed" in e else f"evaluated {e['eval_users']:,} users in {e['s']:.1f} s"
+                print(f"{n:.0e}: {said}", flush=True)
+        record()
+        if not args.keep:
+            shutil.rmtree(work / f"log-{n:.0e}", ignore_errors=True)
+            for d in (work / "data" / "prepared").glob(f"scale-{n:.0e}-*"):
+                shutil.rmtree(d, ignore_errors=True)
     print(md.read_text())
 
 

@@ -20,7 +20,7 @@ def names(cmds):
 def test_plan_per_machine():
     assert names(plan(0, None)) == ["cpu_epoch.py"]
     assert plan(0, "/data")[0][-2:] == ["--data-path", str(Path("/data") / "ml-1m")]
-    assert names(plan(1, None)) == ["throughput.py", "attention.py", "profile_step.py"]
+    assert names(plan(1, None)) == ["throughput.py", "attention.py", "profile_step.py", "rank_speed.py"]
     from throughput import PATHS
 
     for cmd in plan(1, None):  # every path run_all asks for exists

@@ -109,3 +109,16 @@ def test_config_rejects_an_unknown_ranking():
     apply_overrides(cfg, ["eval.ranking=fast"])
     with pytest.raises(ConfigError, match="eval.ranking='fast' is not one of auto, scores, fused"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("ranking", ["scores", "fused"])
+def test_a_long_ranking_says_how_far_it_is(ranking, monkeypatch, caplog):
+    import logging
+
+    ds, arrs, sc = _case(seed=2)
+    monkeypatch.setattr(evaluator, "PROGRESS_EVERY", 1)
+    with caplog.at_level(logging.DEBUG, logger="fuxi_mme.eval.evaluator"):
+        evaluator.rank_split(sc, arrs, ds, "keep", batch_size=16, ranking=ranking)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fuxi_mme.eval.evaluator"]
+    assert lines[0].startswith(f"ranked 16 of {len(arrs)} users") and lines[0].endswith(f"({ranking})")
+    assert len(lines) == (len(arrs) - 1) // 16

@@ -341,12 +341,20 @@ def test_fused_ranking_equals_the_reference_on_the_gpu(tf32, width):
         ranks, got_masked, got_bad = rank_kernel.fused_ranks(u, v, tgt, (hr, hi))
         assert torch.equal(got_bad, bad) and torch.equal(got_masked, masked) and masked.any()
         assert torch.equal(ranks, want)
-        # random (not exact) vectors: the target is compared with its own tile product, so it
-        # never outranks itself, and ranks agree with the reference but for near-ties
+        # random vectors: against the exact (fp64) ranks, the fused ranks are as close as the
+        # reference's at the same precision (TF32 rounding swaps near-tied items in both; at
+        # 0fe86c3, on an H100, fused and reference TF32 ranks differed by 2.5-2.7 on average)
         u, v = torch.randn(B, width, device="cuda", generator=g), torch.randn(n + 1, width, device="cuda", generator=g)
-        ref = ranks_from_scores(torch.cat([torch.full((B, 1), -torch.inf, device="cuda"), u @ v[1:].T], 1), tgt)
-        got = rank_kernel.fused_ranks(u, v, tgt)[0]
+        v[0] = 0
+
+        def ranks_of(scores):
+            scores[:, 0] = -torch.inf
+            return ranks_from_scores(scores, tgt).double()
+
+        exact = ranks_of(u.double() @ v.double().T)
+        ref = ranks_of(u @ v.T)
+        got = rank_kernel.fused_ranks(u, v, tgt)[0].double()
         assert (got >= 1).all() and (got <= n).all()
-        assert (got - ref).abs().float().mean() < 2 and (got == ref).float().mean() > 0.5
+        assert (got - exact).abs().mean() <= 1.5 * (ref - exact).abs().mean() + 0.5
     finally:
         torch.backends.cuda.matmul.allow_tf32 = True

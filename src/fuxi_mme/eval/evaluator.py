@@ -5,6 +5,8 @@ Legend: B users in a batch, I items (+1 padding column), D scoring width.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,9 @@ from .buckets import bucket_metrics
 from .metrics import metrics_from_ranks, ranks_from_scores
 
 Scorer = Callable[[Batch], torch.Tensor]  # batch -> (B, I+1) scores
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY = 50  # batches between the (debug-level) progress lines of a long ranking
 
 
 def history_pairs(arrs: EvalArrays, rows: np.ndarray, ds: PreparedDataset) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +220,10 @@ def rank_split(
     out = SplitRanks(np.zeros(len(rows_all), np.int64), np.zeros(len(rows_all), bool), np.zeros(len(rows_all), bool))
     worst = ds.num_items + 1
     ild = []
+    t0 = time.perf_counter()
     for s in range(0, len(order), batch_size):
+        if s and (s // batch_size) % PROGRESS_EVERY == 0:
+            log.debug("ranked %d of %d users in %.1f s (%s)", s, len(order), time.perf_counter() - t0, ranking)
         at = order[s : s + batch_size]
         rows_b = rows_all[at]
         if fused:
