@@ -122,3 +122,18 @@ def test_a_long_ranking_says_how_far_it_is(ranking, monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "fuxi_mme.eval.evaluator"]
     assert lines[0].startswith(f"ranked 16 of {len(arrs)} users") and lines[0].endswith(f"({ranking})")
     assert len(lines) == (len(arrs) - 1) // 16
+
+
+def test_batches_gathered_ahead_come_in_order_and_errors_surface():
+    got = list(evaluator._ahead(lambda x: x * 2, [(i,) for i in range(7)]))
+    assert got == [0, 2, 4, 6, 8, 10, 12] and list(evaluator._ahead(abs, [])) == []
+
+    def fails_on_3(x):
+        if x == 3:
+            raise OSError("damaged cache")
+        return x
+
+    it = evaluator._ahead(fails_on_3, [(i,) for i in range(6)])
+    assert [next(it), next(it), next(it)] == [0, 1, 2]
+    with pytest.raises(OSError, match="damaged cache"):
+        next(it)

@@ -6,8 +6,10 @@ Legend: B users in a batch, I items (+1 padding column), D scoring width.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,14 +170,19 @@ def resolve_ranking(setting: str, scorer: Scorer, device: torch.device | str, be
     """``eval.ranking`` -> "scores" or "fused" (docs/training.md#fused-ranking). ``auto`` is
     fused where it can run (a model's vectors, a CUDA GPU with triton, beyond-accuracy metrics
     off: they read top-K lists of the scores), else scores. ``fused`` says why it cannot run."""
-    from . import rank_kernel
-
     if setting not in RANKING_MODES:
         raise ValueError(f"eval.ranking={setting!r} is not one of {', '.join(RANKING_MODES)}")
     if setting == "scores" or not isinstance(scorer, VectorScorer):
         return "scores"  # popularity has no vectors: it always ranks by scores
-    why = "needs eval.beyond=false (the beyond-accuracy metrics read top-K lists of the scores)" if beyond else None
-    why = why or rank_kernel.available(device, scorer.items(torch.device(device)).shape[1])
+    why: str | None
+    if beyond:
+        why = "needs eval.beyond=false (the beyond-accuracy metrics read top-K lists of the scores)"
+    elif torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET", "") != "1":
+        why = "needs a CUDA GPU"  # known without importing triton
+    else:
+        from . import rank_kernel
+
+        why = rank_kernel.available(device, scorer.items(torch.device(device)).shape[1])
     if why is None:
         return "fused"
     if setting == "fused":
@@ -221,15 +228,21 @@ def rank_split(
     worst = ds.num_items + 1
     ild = []
     t0 = time.perf_counter()
-    for s in range(0, len(order), batch_size):
-        if s and (s // batch_size) % PROGRESS_EVERY == 0:
-            log.debug("ranked %d of %d users in %.1f s (%s)", s, len(order), time.perf_counter() - t0, ranking)
+    starts = range(0, len(order), batch_size)
+    if fused:  # the next batch is gathered on the host while this one is ranked
+        from .rank_kernel import fused_ranks  # imports triton: only when it ranks
+
+        jobs = [(arrs, ds, rows_all[order[s : s + batch_size]], history, device) for s in starts]
+        for s, (batch, hist) in zip(starts, _ahead(_fused_inputs, jobs)):
+            _progress(s, batch_size, len(order), t0, ranking)
+            at = order[s : s + batch_size]
+            ranks, masked, bad = fused_ranks(scorer.users(batch), scorer.items(batch.ids.device), batch.target, hist)  # type: ignore[attr-defined]
+            out.ranks[at], out.masked_target[at], out.nonfinite[at] = ranks.cpu().numpy(), masked.cpu().numpy(), bad.cpu().numpy()
+        return out
+    for s in starts:
+        _progress(s, batch_size, len(order), t0, ranking)
         at = order[s : s + batch_size]
         rows_b = rows_all[at]
-        if fused:
-            ranks, masked, bad = _fused_rows(scorer, arrs, ds, rows_b, history, device)  # type: ignore[arg-type]
-            out.ranks[at], out.masked_target[at], out.nonfinite[at] = ranks.cpu().numpy(), masked.cpu().numpy(), bad.cpu().numpy()
-            continue
         scores, tgt = _score_rows(scorer, arrs, rows_b, device)
         bad = ~torch.isfinite(scores.gather(1, tgt[:, None])[:, 0])
         scores[:, 0] = -torch.inf
@@ -249,18 +262,34 @@ def rank_split(
     return out
 
 
-def _fused_rows(
-    scorer: VectorScorer, arrs: EvalArrays, ds: PreparedDataset, rows: np.ndarray, history: str, device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ranks, masked, nonfinite) of ``rows`` by the fused kernel."""
-    from .rank_kernel import fused_ranks
+def _progress(s: int, batch_size: int, n: int, t0: float, ranking: str) -> None:
+    if s and (s // batch_size) % PROGRESS_EVERY == 0:
+        log.debug("ranked %d of %d users in %.1f s (%s)", s, n, time.perf_counter() - t0, ranking)
 
+
+def _fused_inputs(
+    arrs: EvalArrays, ds: PreparedDataset, rows: np.ndarray, history: str, device: torch.device | str
+) -> tuple[Batch, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The batch of ``rows`` and, under ``mask``, their (row, history item) pairs, on ``device``."""
     batch = make_batch(arrs, rows, device)
-    hist = None
-    if history == "mask":
-        r, it = history_pairs(arrs, rows, ds)
-        hist = (torch.from_numpy(r).to(batch.ids.device), torch.from_numpy(it).to(batch.ids.device))
-    return fused_ranks(scorer.users(batch), scorer.items(batch.ids.device), batch.target, hist)
+    if history != "mask":
+        return batch, None
+    r, it = history_pairs(arrs, rows, ds)
+    return batch, (torch.from_numpy(r).to(batch.ids.device), torch.from_numpy(it).to(batch.ids.device))
+
+
+def _ahead(fn: Callable[..., Any], jobs: list[tuple]) -> Iterator[Any]:
+    """``fn(*job)`` for each job, in order; the next job runs in a thread while the caller
+    works on the current result (host gathering overlaps the GPU's ranking)."""
+    if not jobs:
+        return
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(fn, *jobs[0])
+        for i in range(len(jobs)):
+            cur = nxt.result()
+            if i + 1 < len(jobs):
+                nxt = pool.submit(fn, *jobs[i + 1])
+            yield cur
 
 
 def _score_rows(scorer: Scorer, arrs: EvalArrays, rows: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
