@@ -26,15 +26,7 @@ import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - triton is optional
-    triton = None
-    tl = None
-    HAVE_TRITON = False
+from ..utils.triton_support import HAVE_TRITON, interpreting, tl, triton
 
 MAX_WIDTH = 256  # widest scoring vector the kernels take (wider: eval.ranking=scores)
 
@@ -108,17 +100,11 @@ def available(device: torch.device | str, width: int) -> str | None:
     dev = torch.device(device)
     if not HAVE_TRITON:
         return "needs triton (pip install triton)"
-    if dev.type != "cuda" and not _interpreting():
+    if dev.type != "cuda" and not interpreting():
         return "needs a CUDA GPU"
     if width > MAX_WIDTH:
         return f"takes scoring vectors up to {MAX_WIDTH} wide, not {width}"
     return None
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 def _ieee() -> bool:

@@ -21,22 +21,9 @@ length are most of the work.
 
 from __future__ import annotations
 
-import os
+from ...utils.triton_support import HAVE_TRITON, interpreting, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - triton is optional
-    triton = None
-    tl = None
-    HAVE_TRITON = False
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
+__all__ = ["HAVE_TRITON", "interpreting", "tl", "triton"]
 
 if HAVE_TRITON:
     # Layouts (all contiguous): q, k (B*H, N, DQ); v (B*H, N, DV); the positional bias map PM
