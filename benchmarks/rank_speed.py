@@ -45,16 +45,13 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def reference(u, v, tgt, hr, hi, batch: int) -> torch.Tensor:
-    """What ``rank_split`` does with a batch's scores (eval.ranking=scores)."""
-    from fuxi_mme.eval.metrics import ranks_from_scores
+    """The evaluator's ranking of written scores (``score_ranks``, eval.ranking=scores), batch by batch."""
+    from fuxi_mme.eval.evaluator import score_ranks
 
     out = []
     for s in range(0, len(u), batch):
-        scores = u[s : s + batch] @ v.T
-        scores[:, 0] = -torch.inf
         sel = (hr >= s) & (hr < s + batch)
-        scores[hr[sel] - s, hi[sel]] = -torch.inf
-        out.append(ranks_from_scores(scores, tgt[s : s + batch]))
+        out.append(score_ranks(u[s : s + batch] @ v.T, tgt[s : s + batch], (hr[sel] - s, hi[sel]))[0])
     return torch.cat(out)
 
 
@@ -120,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         f"# Ranking speed: reference against fused ({info['device'].get('gpu') or 'CPU'}, commit {info.get('commit', '?')})",
         "",
         f"`benchmarks/rank_speed.py`: {args.users} users, width {args.width}, {args.history} masked history items each, TF32 on; "
-        "best of {args.repeats}; the model's forward pass not timed.".replace("{args.repeats}", str(args.repeats)),
+        f"best of {args.repeats}; the model's forward pass not timed.",
         "",
         "| items | reference s (users/s) | fused s (users/s) | speed-up | same rank | HR@10 reference / fused |",
         "|---:|---:|---:|---:|---:|---:|",

@@ -219,47 +219,61 @@ def rank_split(
     if history not in ("mask", "keep"):
         raise ValueError(f"history={history!r}: resolve eval.history first (mask or keep)")
     fused = ranking == "fused"
-    if fused and (beyond is not None or not isinstance(scorer, VectorScorer)):
+    vectors = scorer if isinstance(scorer, VectorScorer) else None
+    if fused and (beyond is not None or vectors is None):
         raise ValueError("fused ranking takes a model's vectors and no beyond-accuracy counts: resolve eval.ranking first")
     batch_size = batch_size if fused else score_batch(batch_size, ds.num_items)
     rows_all = np.arange(len(arrs)) if rows is None else np.asarray(rows)
     order = np.argsort(arrs.lengths[rows_all], kind="stable")
     out = SplitRanks(np.zeros(len(rows_all), np.int64), np.zeros(len(rows_all), bool), np.zeros(len(rows_all), bool))
-    worst = ds.num_items + 1
     ild = []
     t0 = time.perf_counter()
     starts = range(0, len(order), batch_size)
-    if fused:  # the next batch is gathered on the host while this one is ranked
+    if fused and vectors is not None:  # the next batch is gathered on the host while this one is ranked
         from .rank_kernel import fused_ranks  # imports triton: only when it ranks
 
         jobs = [(arrs, ds, rows_all[order[s : s + batch_size]], history, device) for s in starts]
         for s, (batch, hist) in zip(starts, _ahead(_fused_inputs, jobs)):
             _progress(s, batch_size, len(order), t0, ranking)
-            at = order[s : s + batch_size]
-            ranks, masked, bad = fused_ranks(scorer.users(batch), scorer.items(batch.ids.device), batch.target, hist)  # type: ignore[attr-defined]
-            out.ranks[at], out.masked_target[at], out.nonfinite[at] = ranks.cpu().numpy(), masked.cpu().numpy(), bad.cpu().numpy()
+            _store(out, order[s : s + batch_size], *fused_ranks(vectors.users(batch), vectors.items(batch.ids.device), batch.target, hist))
         return out
     for s in starts:
         _progress(s, batch_size, len(order), t0, ranking)
         at = order[s : s + batch_size]
         rows_b = rows_all[at]
         scores, tgt = _score_rows(scorer, arrs, rows_b, device)
-        bad = ~torch.isfinite(scores.gather(1, tgt[:, None])[:, 0])
-        scores[:, 0] = -torch.inf
-        if history == "mask":
-            r, it = history_pairs(arrs, rows_b, ds)
-            scores[torch.from_numpy(r).to(scores.device), torch.from_numpy(it).to(scores.device)] = -torch.inf
-        masked = torch.isneginf(scores.gather(1, tgt[:, None])[:, 0]) & ~bad
-        if beyond is not None and (part := beyond.add(scores)) is not None:
+        ranks, masked, bad, part = score_ranks(scores, tgt, _masked_pairs(arrs, rows_b, ds, history, scores.device), beyond)
+        _store(out, at, ranks, masked, bad)
+        if part is not None:
             ild.append(part)
-        ranks = ranks_from_scores(scores, tgt)
-        ranks = torch.where(masked | bad, torch.full_like(ranks, worst), ranks)
-        out.ranks[at] = ranks.cpu().numpy()
-        out.masked_target[at] = masked.cpu().numpy()
-        out.nonfinite[at] = bad.cpu().numpy()
     if ild:
         out.ild = torch.stack(ild).cpu().numpy()
     return out
+
+
+def score_ranks(
+    scores_BI: torch.Tensor,
+    target_B: torch.Tensor,
+    history: tuple[torch.Tensor, torch.Tensor] | None = None,
+    beyond: BeyondAccumulator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """(ranks, masked, nonfinite, diversity sums or None) of a batch's written scores
+    (``eval.ranking=scores``), as :func:`rank_split` describes them: padding and the
+    ``history`` (row, item) pairs are masked in place, then ``beyond`` counts the top-K lists."""
+    bad = ~torch.isfinite(scores_BI.gather(1, target_B[:, None])[:, 0])
+    scores_BI[:, 0] = -torch.inf
+    if history is not None:
+        scores_BI[history[0], history[1]] = -torch.inf
+    masked = torch.isneginf(scores_BI.gather(1, target_B[:, None])[:, 0]) & ~bad
+    part = beyond.add(scores_BI) if beyond is not None else None
+    ranks = ranks_from_scores(scores_BI, target_B)
+    return torch.where(masked | bad, torch.full_like(ranks, scores_BI.shape[1]), ranks), masked, bad, part
+
+
+def _store(out: SplitRanks, at: np.ndarray, ranks: torch.Tensor, masked: torch.Tensor, bad: torch.Tensor) -> None:
+    """A batch's results into ``out`` at ``at``: one copy to the host."""
+    host = torch.stack([ranks, masked.long(), bad.long()]).cpu().numpy()
+    out.ranks[at], out.masked_target[at], out.nonfinite[at] = host[0], host[1].astype(bool), host[2].astype(bool)
 
 
 def _progress(s: int, batch_size: int, n: int, t0: float, ranking: str) -> None:
@@ -267,15 +281,22 @@ def _progress(s: int, batch_size: int, n: int, t0: float, ranking: str) -> None:
         log.debug("ranked %d of %d users in %.1f s (%s)", s, n, time.perf_counter() - t0, ranking)
 
 
+def _masked_pairs(
+    arrs: EvalArrays, rows: np.ndarray, ds: PreparedDataset, history: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Under ``mask``, the (row-in-batch, item) pairs of ``rows``' histories on ``device``."""
+    if history != "mask":
+        return None
+    r, it = history_pairs(arrs, rows, ds)
+    return torch.from_numpy(r).to(device), torch.from_numpy(it).to(device)
+
+
 def _fused_inputs(
     arrs: EvalArrays, ds: PreparedDataset, rows: np.ndarray, history: str, device: torch.device | str
 ) -> tuple[Batch, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The batch of ``rows`` and, under ``mask``, their (row, history item) pairs, on ``device``."""
+    """The batch of ``rows`` and its masked history pairs (:func:`_masked_pairs`), on ``device``."""
     batch = make_batch(arrs, rows, device)
-    if history != "mask":
-        return batch, None
-    r, it = history_pairs(arrs, rows, ds)
-    return batch, (torch.from_numpy(r).to(batch.ids.device), torch.from_numpy(it).to(batch.ids.device))
+    return batch, _masked_pairs(arrs, rows, ds, history, batch.ids.device)
 
 
 def _ahead(fn: Callable[..., Any], jobs: list[tuple]) -> Iterator[Any]:
