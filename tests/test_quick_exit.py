@@ -72,13 +72,14 @@ def test_a_profiler_still_gets_its_output(tmp_path):
 
 def test_program_entry_uses_it(monkeypatch):
     import fuxi_mme.cli as cli
-    from fuxi_mme.utils import exit_times
+    from fuxi_mme.utils import bytecode, exit_times
 
     seen = []
     monkeypatch.setattr(cli, "main", lambda: 7)
     monkeypatch.setattr(exit_times, "quick_exit", lambda code: seen.append(code) or code)
-    assert cli.entry() == 7 and seen == [7]
+    monkeypatch.setattr(bytecode, "keep", lambda: seen.append("keep"))
+    assert cli.entry() == 7 and seen == ["keep", 7]
     src = (Path(cli.__file__).parent / "__main__.py").read_text()
-    assert "quick_exit(main())" in src
+    assert "quick_exit(main())" in src and src.index("keep()") < src.index("from .cli import")
     toml = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert 'fuxi-mme = "fuxi_mme.cli:entry"' in toml

@@ -10,7 +10,7 @@ import os
 import sys
 
 from . import __version__, commands
-from .utils import exit_times
+from .utils import bytecode, exit_times
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -287,7 +287,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def entry() -> int:
     """The ``fuxi-mme`` program: :func:`main`, then an exit without the interpreter's teardown
-    (``utils/exit_times.quick_exit``). Tests call :func:`main`."""
+    (``utils/exit_times.quick_exit``), with torch's bytecode kept where the install cannot keep
+    it (``utils/bytecode.keep``, before torch is imported). Tests call :func:`main`."""
+    bytecode.keep()
     return exit_times.quick_exit(main())
 
 

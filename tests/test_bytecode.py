@@ -1,0 +1,76 @@
+"""utils/bytecode.py: torch's bytecode kept in a user folder where the install cannot keep it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fuxi_mme.utils import bytecode
+
+SRC = Path(__file__).parents[1] / "src"
+
+
+def _package(tmp_path: Path, with_pyc: bool) -> Path:
+    """A fake torch folder holding the probed modules (and their bytecode where asked)."""
+    pkg = tmp_path / "torch"
+    for rel in bytecode.PROBES:
+        src = pkg / rel
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_text("x = 1\n")
+        if with_pyc:
+            pyc = Path(importlib.util.cache_from_source(str(src)))
+            pyc.parent.mkdir(parents=True, exist_ok=True)
+            pyc.write_bytes(b"")
+    return pkg
+
+
+def test_auto_leaves_an_install_that_keeps_or_can_write_its_bytecode(tmp_path):
+    cache = tmp_path / "cache"
+    kept = _package(tmp_path / "a", with_pyc=True)
+    assert bytecode.decide("auto", kept, dont_write=False, prefix_set=False, writable=lambda p: False, default=cache) is None
+    assert bytecode.decide("auto", kept, dont_write=True, prefix_set=False, default=cache) is None
+    fresh = _package(tmp_path / "b", with_pyc=False)
+    assert bytecode.decide("auto", fresh, dont_write=False, prefix_set=False, writable=lambda p: True, default=cache) is None
+    assert bytecode.decide("auto", None, dont_write=True, prefix_set=False, default=cache) is None  # no torch found
+
+
+def test_auto_uses_the_cache_where_bytecode_is_missing_and_not_kept(tmp_path):
+    cache = tmp_path / "cache"
+    fresh = _package(tmp_path, with_pyc=False)
+    assert bytecode.decide("auto", fresh, dont_write=False, prefix_set=False, writable=lambda p: False, default=cache) == cache
+    assert bytecode.decide("", fresh, dont_write=True, prefix_set=False, writable=lambda p: True, default=cache) == cache
+
+
+def test_explicit_settings_and_a_users_prefix(tmp_path):
+    kept = _package(tmp_path, with_pyc=True)
+    assert bytecode.decide("off", kept, dont_write=True, prefix_set=False) is None
+    assert bytecode.decide(str(tmp_path / "mine"), kept, dont_write=False, prefix_set=False) == tmp_path / "mine"
+    assert bytecode.decide(str(tmp_path / "mine"), kept, dont_write=False, prefix_set=True) is None  # PYTHONPYCACHEPREFIX wins
+    assert bytecode.default_folder({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "fuxi-mme" / "pycache"
+
+
+def test_writable_probe(tmp_path):
+    assert bytecode._writable(tmp_path) and not list((tmp_path / "__pycache__").iterdir())
+    (tmp_path / "file").write_text("")
+    assert not bytecode._writable(tmp_path / "file")  # not a folder: no __pycache__ can be made
+
+
+def test_the_program_writes_bytecode_to_the_cache_before_its_imports(tmp_path):
+    """`python -m fuxi_mme` under PYTHONDONTWRITEBYTECODE with FUXI_MME_PYCACHE set: the modules
+    imported after the hook (the CLI's) leave their bytecode in the folder, under their path."""
+    cache = tmp_path / "pycache"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "PYTHONDONTWRITEBYTECODE": "1", bytecode.ENV: str(cache)}
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    p = subprocess.run([sys.executable, "-m", "fuxi_mme", "--version"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    written = {f.name.split(".")[0] for f in cache.rglob("*.pyc")}
+    assert "cli" in written
+    assert any(str(SRC.resolve()).lstrip(os.sep) in str(f) for f in cache.rglob("cli.*.pyc"))
+    env[bytecode.ENV] = "off"
+    other = tmp_path / "other"
+    env["XDG_CACHE_HOME"] = str(other)
+    p = subprocess.run([sys.executable, "-m", "fuxi_mme", "--version"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0 and not other.exists()
