@@ -29,14 +29,14 @@ from common import RESULTS, save  # noqa: E402
 IMPORTS = "import torch, torch._dynamo, torch._inductor.compile_fx, fuxi_mme.train.run, fuxi_mme.models, fuxi_mme.commands"
 
 
-def _time_imports(prefix: str, write: bool) -> tuple[float, int]:
-    """Wall seconds of a fresh interpreter doing :data:`IMPORTS`, and the ``.pyc`` files then under ``prefix``."""
+def _time_imports(imports: str, prefix: str, write: bool) -> tuple[float, int]:
+    """Wall seconds of a fresh interpreter doing ``imports``, and the ``.pyc`` files then under ``prefix``."""
     env = {**os.environ, "PYTHONPYCACHEPREFIX": prefix, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     if not write:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", IMPORTS], env=env, check=True)
+    subprocess.run([sys.executable, "-c", imports], env=env, check=True)
     seconds = time.perf_counter() - t0
     return seconds, sum(1 for _ in Path(prefix).rglob("*.pyc"))
 
@@ -44,6 +44,7 @@ def _time_imports(prefix: str, write: bool) -> tuple[float, int]:
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--imports", default=IMPORTS, help="the statement timed (default: a compiled training run's imports)")
     ap.add_argument("--out", help="results file (default benchmarks/results/bytecode-<card>.json)")
     args = ap.parse_args(argv)
     import torch
@@ -52,9 +53,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     with tempfile.TemporaryDirectory() as empty, tempfile.TemporaryDirectory() as kept:
-        compiled = [_time_imports(empty, write=False)[0] for _ in range(args.repeats)]
-        first, files = _time_imports(kept, write=True)  # fills the cache (the first command's cost)
-        warm = [_time_imports(kept, write=True)[0] for _ in range(args.repeats)]
+        compiled = [_time_imports(args.imports, empty, write=False)[0] for _ in range(args.repeats)]
+        first, files = _time_imports(args.imports, kept, write=True)  # fills the cache (the first command's cost)
+        warm = [_time_imports(args.imports, kept, write=True)[0] for _ in range(args.repeats)]
     row = {
         "compiled_s": compiled,
         "first_s": first,
@@ -67,13 +68,13 @@ def main(argv: list[str] | None = None) -> Path:
         "cores": os.cpu_count(),
         "commit": (git_commit() or "unknown")[:7],
         "versions": versions(),
-        "imports": IMPORTS,
+        "imports": args.imports,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     md = [
         f"# Bytecode kept or compiled at every command ({head['card']}, {head['cores']} cores, commit {head['commit']})",
         "",
-        f"`benchmarks/bytecode.py`: a fresh interpreter doing `{IMPORTS}`; median of {args.repeats}.",
+        f"`benchmarks/bytecode.py`: a fresh interpreter doing `{args.imports}`; median of {args.repeats}.",
         "",
         "| bytecode | wall s | .pyc files |",
         "|---|---:|---:|",

@@ -2,10 +2,10 @@
 
 On a GPU machine: training throughput on every path (``throughput.py``), attention alone
 (``attention.py``), the profiler breakdown (``profile_step.py``), the fused ranking against
-the reference (``rank_speed.py``); with 2+ GPUs also the DDP
-scaling benchmark (``ddp_scaling.py``). On a CPU-only machine: whole CPU epochs
-(``cpu_epoch.py``). Each benchmark runs in its own process, so one failure does not stop the
-others; the exit code is non-zero if any failed.
+the reference (``rank_speed.py``); with 2+ GPUs also the DDP scaling benchmark
+(``ddp_scaling.py``). On a CPU-only machine: whole CPU epochs (``cpu_epoch.py``). On both:
+what kept bytecode saves a command (``bytecode.py``). Each benchmark runs in its own process,
+so one failure does not stop the others; the exit code is non-zero if any failed.
 
     PYTHONPATH=src python benchmarks/run_all.py [--data-root ../shared/data] [--dry-run]
 """
@@ -26,7 +26,7 @@ def plan(gpus: int, data_root: str | None) -> list[list[str]]:
         cmd = [*py, str(HERE / "cpu_epoch.py")]
         if data_root:
             cmd += ["--data-path", str(Path(data_root) / "ml-1m")]
-        return [cmd]
+        return [cmd, [*py, str(HERE / "bytecode.py")]]
     runs = [
         [
             *py,
@@ -45,6 +45,7 @@ def plan(gpus: int, data_root: str | None) -> list[list[str]]:
         [*py, str(HERE / "attention.py"), "--shapes", "ml-20m", "ml-1m"],
         [*py, str(HERE / "profile_step.py"), "--paths", "default-bf16", "compiled-fast"],
         [*py, str(HERE / "rank_speed.py")],
+        [*py, str(HERE / "bytecode.py")],
     ]
     if gpus >= 2:
         runs.append([*py, str(HERE / "ddp_scaling.py")])

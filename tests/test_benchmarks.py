@@ -18,9 +18,9 @@ def names(cmds):
 
 
 def test_plan_per_machine():
-    assert names(plan(0, None)) == ["cpu_epoch.py"]
+    assert names(plan(0, None)) == ["cpu_epoch.py", "bytecode.py"]
     assert plan(0, "/data")[0][-2:] == ["--data-path", str(Path("/data") / "ml-1m")]
-    assert names(plan(1, None)) == ["throughput.py", "attention.py", "profile_step.py", "rank_speed.py"]
+    assert names(plan(1, None)) == ["throughput.py", "attention.py", "profile_step.py", "rank_speed.py", "bytecode.py"]
     from throughput import PATHS
 
     for cmd in plan(1, None):  # every path run_all asks for exists
@@ -275,3 +275,16 @@ def test_scale_log_parts_are_the_same_in_worker_processes(tmp_path, monkeypatch)
     assert one["parts"] == two["parts"] >= 4 and one["duplicates"] == two["duplicates"] > 0
     for p in sorted((tmp_path / "serial").glob("*.parquet")):
         pd.testing.assert_frame_equal(pd.read_parquet(p), pd.read_parquet(tmp_path / "parallel" / p.name))
+
+
+def test_bytecode_benchmark_times_compiled_against_kept(tmp_path):
+    """benchmarks/bytecode.py on a light import: the cold case leaves no bytecode, the cache
+    case fills one, and the results say so."""
+    import json
+
+    import bytecode
+
+    out = bytecode.main(["--imports", "import json.decoder, email.mime.text", "--repeats", "1", "--out", str(tmp_path / "b.json")])
+    got = json.loads(out.with_suffix(".json").read_text())
+    assert got["pyc_files"] > 0 and len(got["compiled_s"]) == len(got["kept_s"]) == 1
+    assert "every module compiled" in out.read_text()
