@@ -52,6 +52,18 @@ def test_explicit_settings_and_a_users_prefix(tmp_path):
     assert bytecode.default_folder({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "fuxi-mme" / "pycache"
 
 
+def test_keep_sets_the_prefix_for_this_process_and_its_children(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    env = {bytecode.ENV: str(tmp_path / "pc")}
+    assert bytecode.keep(env) == tmp_path / "pc" and (tmp_path / "pc").is_dir()
+    assert sys.pycache_prefix == env["PYTHONPYCACHEPREFIX"] == str(tmp_path / "pc") and not sys.dont_write_bytecode
+    assert bytecode.keep({bytecode.ENV: str(tmp_path / "other")}) is None  # a prefix in use stands
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    (tmp_path / "file").write_text("")
+    assert bytecode.keep({bytecode.ENV: str(tmp_path / "file" / "pc")}) is None and sys.pycache_prefix is None  # cannot be made
+
+
 def test_writable_probe(tmp_path):
     assert bytecode._writable(tmp_path) and not list((tmp_path / "__pycache__").iterdir())
     (tmp_path / "file").write_text("")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 
 ENV = "FUXI_MME_PYCACHE"
@@ -87,9 +87,11 @@ def decide(
     return default if default is not None else default_folder()
 
 
-def keep(environ: Mapping[str, str] = os.environ) -> Path | None:
-    """Apply :func:`decide` to this process (call before torch is imported); returns the folder
-    in use, or None. Never fails: a folder that cannot be made leaves Python as it is."""
+def keep(environ: MutableMapping[str, str] = os.environ) -> Path | None:
+    """Apply :func:`decide` to this process (call before torch is imported) and to the processes
+    it starts (``PYTHONPYCACHEPREFIX`` in ``environ``: Inductor's compile workers, the runs of
+    ``experiment``); returns the folder in use, or None. Never fails: a folder that cannot be
+    made leaves Python as it is."""
     folder = decide(environ.get(ENV, "auto"), _torch_folder(), sys.dont_write_bytecode, sys.pycache_prefix is not None)
     if folder is None:
         return None
@@ -97,6 +99,6 @@ def keep(environ: Mapping[str, str] = os.environ) -> Path | None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
-    sys.pycache_prefix = str(folder)
+    sys.pycache_prefix = environ["PYTHONPYCACHEPREFIX"] = str(folder)
     sys.dont_write_bytecode = False
     return folder
