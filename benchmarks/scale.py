@@ -275,6 +275,35 @@ def _trainer(n: int, args: argparse.Namespace):
     return tr, device, load_s, cfg
 
 
+def step_parts(tr, order, B: int, first: int, steps: int, sync) -> dict[str, float]:
+    """Where a training step's time goes, over ``steps`` more steps, each part synchronised
+    (so the parts add up to more than the overlapped step above): building the batch on the host
+    (gathering the rows from the mapped cache, drawing negatives, copying to the device),
+    forward + loss + backward, and the optimizer (AdamW over every parameter, the whole item
+    table included, then zeroing the gradients). Milliseconds a step."""
+    from fuxi_mme.train.step import loss_and_backward
+
+    per_epoch = max(1, len(order) // B)
+    parts = {"batch": 0.0, "forward_backward": 0.0, "optimizer": 0.0}
+    for i in range(first, first + steps):
+        j = i % per_epoch
+        t0 = time.perf_counter()
+        batches, normalizer = tr._batches(order[j * B : (j + 1) * B])
+        sync()
+        t1 = time.perf_counter()
+        loss_and_backward(tr.forward_module, tr.model, batches, normalizer, tr.settings)
+        sync()
+        t2 = time.perf_counter()
+        tr.opt.step()
+        tr.zero_grad()
+        sync()
+        t3 = time.perf_counter()
+        parts["batch"] += t1 - t0
+        parts["forward_backward"] += t2 - t1
+        parts["optimizer"] += t3 - t2
+    return {k: 1e3 * v / steps for k, v in parts.items()}
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One phase in this process: ``train`` or ``eval`` (the evaluator's progress lines on
     stderr)."""
@@ -307,6 +336,7 @@ def worker(args: argparse.Namespace) -> dict:
         sync()
         dt = (time.perf_counter() - t0) / args.steps
         out.update(step_s=dt, steps_per_epoch=tr.steps_per_epoch, epoch_s_extrapolated=dt * tr.steps_per_epoch, seq_per_s=B / dt)
+        out["step_parts_ms"] = step_parts(tr, order, B, args.warmup + args.steps, args.steps, sync)
     else:
         from fuxi_mme.eval.evaluator import model_scorer, resolve_ranking
 
@@ -370,6 +400,8 @@ def flatten(n: int, rec: dict) -> dict:
     if "train" in rec and "failed" not in rec["train"]:
         t = rec["train"]
         row.update(train_step_ms=t["step_s"] * 1e3, epoch_s=t["epoch_s_extrapolated"], train_gb=t["peak_host_gb"], train_gpu_gb=t.get("peak_gpu_gb"))
+        if "step_parts_ms" in t:
+            row["step_parts_ms"] = t["step_parts_ms"]
     if rec.get("eval") and "s" in rec["eval"] and "failed" not in rec["eval"]:
         e = rec["eval"]
         row.update(eval_s=e["s"], eval_gb=e["peak_host_gb"], eval_gpu_gb=e.get("peak_gpu_gb"))
@@ -392,6 +424,11 @@ def markdown(payload: dict) -> list[str]:
         lines.append(f"| {r['interactions']:.0e} | {r['users']:,} | {r['items']:,} | " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |")
     slopes = ", ".join(f"{h} {v:.2f}" for k, h in cols if (v := payload["exponents"].get(k)) is not None)
     lines += ["", f"Growth exponents (slope of log cost on log interactions): {slopes}"]
+    parts = [(r["interactions"], r["step_parts_ms"]) for r in rows if r.get("step_parts_ms")]
+    if parts:
+        lines += ["", "Training step, each part synchronised (ms): " + "; ".join(
+            f"{n:.0e}: batch {p['batch']:.1f}, forward + backward {p['forward_backward']:.1f}, optimizer {p['optimizer']:.1f}" for n, p in parts
+        )]  # fmt: skip
     notes = payload.get("notes", [])
     return lines + ([""] + [f"- {x}" for x in notes] if notes else [])
 

@@ -234,6 +234,7 @@ def test_scale_benchmark_generates_the_stated_log_and_measures_every_phase(tmp_p
     res = json.loads(out.read_text())
     row = res["rows"][0]
     assert row["users"] == 400 and row["prepare_s"] > 0 and row["train_step_ms"] > 0 and row["eval_s"] > 0
+    assert set(row["step_parts_ms"]) == {"batch", "forward_backward", "optimizer"} and min(row["step_parts_ms"].values()) > 0
     assert res["records"]["2e+04"]["eval"]["eval_users"] == 400  # every user
     assert 0 < info["duplicates"] < 600  # about 1%, dropped by the default --duplicates drop
     assert res["records"]["2e+04"]["prepare"]["stats"]["interactions"] == 20_000 - info["duplicates"]
