@@ -70,6 +70,18 @@ def test_fused_ranks_equal_the_reference(history, width):
     assert len(np.unique(ref.ranks)) > 5  # the ranks vary: the comparison is not vacuous
 
 
+@pytest.mark.parametrize("items", [256, 257, 383])
+def test_whole_and_partial_item_tiles(items):
+    """Catalogues of whole 128-item tiles only, and with a last tile of 1 or 127 items (the
+    kernel's loop over whole tiles has no bounds mask; the partial tile is scanned apart)."""
+    ds, arrs, sc = _case(seed=items, users=30, items=items, width=50, nan_rows=1)
+    assert rank_kernel.tiles(50)[1] == 128 and ds.num_items == items
+    ref = evaluator.rank_split(sc, arrs, ds, "mask", batch_size=32, ranking="scores")
+    got = evaluator.rank_split(sc, arrs, ds, "mask", batch_size=32, ranking="fused")
+    np.testing.assert_array_equal(got.nonfinite, ref.nonfinite)
+    np.testing.assert_array_equal(got.ranks, ref.ranks)
+
+
 def test_fused_ranks_split_the_catalogue_across_programs():
     """More items than one program scans (several item ranges add into one count)."""
     ds, arrs, sc = _case(seed=3, users=20, items=1500, width=16)

@@ -65,13 +65,22 @@ if HAVE_TRITON:
         tgt = tl.load(TGT + rows, mask=live, other=-1)
         start = 1 + tl.program_id(1) * PER_PROG
         stop = tl.minimum(start + PER_PROG, I1)
+        full = start + (stop - start) // BN * BN
         count = tl.zeros([BM], dtype=tl.int32)
-        for n0 in range(start, stop, BN):
+        # "above" is not (s <= thr): true where s > thr or s is NaN (one unordered comparison);
+        # a NaN threshold (a non-finite target) gets the worst rank whatever is counted
+        for n0 in range(start, full, BN):  # whole tiles: no bounds mask on the items
             cols = n0 + tl.arange(0, BN)
+            v = tl.load(V + cols.to(tl.int64)[:, None] * sv + dk[None, :], mask=dk[None, :] < D, other=0.0)
+            s = _tile_dot(u, v, IEEE)
+            above = ~(s <= thr[:, None]) & (cols[None, :] != tgt[:, None])
+            count += tl.sum(above.to(tl.int32), axis=1)
+        if full < stop:  # the last, partial tile
+            cols = full + tl.arange(0, BN)
             ok = cols < stop
             v = tl.load(V + cols.to(tl.int64)[:, None] * sv + dk[None, :], mask=ok[:, None] & (dk[None, :] < D), other=0.0)
             s = _tile_dot(u, v, IEEE)
-            above = ((s > thr[:, None]) | (s != s)) & ok[None, :] & (cols[None, :] != tgt[:, None])
+            above = ~(s <= thr[:, None]) & ok[None, :] & (cols[None, :] != tgt[:, None])
             count += tl.sum(above.to(tl.int32), axis=1)
         tl.atomic_add(OUT + rows, count, mask=live)
 
