@@ -35,6 +35,7 @@ def test_auto_leaves_an_install_that_keeps_or_can_write_its_bytecode(tmp_path):
     fresh = _package(tmp_path / "b", with_pyc=False)
     assert bytecode.decide("auto", fresh, dont_write=False, prefix_set=False, writable=lambda p: True, default=cache) is None
     assert bytecode.decide("auto", None, dont_write=True, prefix_set=False, default=cache) is None  # no torch found
+    assert bytecode.decide("auto", tmp_path / "empty", dont_write=True, prefix_set=False, default=cache) is None  # other layout
 
 
 def test_auto_uses_the_cache_where_bytecode_is_missing_and_not_kept(tmp_path):

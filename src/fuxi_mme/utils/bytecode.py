@@ -77,12 +77,12 @@ def decide(
         return None
     if setting != "auto":
         return Path(setting).expanduser()
-    if package is None:
-        return None
-    sources = [package / p for p in PROBES if (package / p).is_file()]
-    if sources and all(Path(importlib.util.cache_from_source(str(s))).is_file() for s in sources):
+    sources = [package / p for p in PROBES if (package / p).is_file()] if package is not None else []
+    if not sources:
+        return None  # no torch, or one laid out otherwise: nothing to judge by, Python as it is
+    if all(Path(importlib.util.cache_from_source(str(s))).is_file() for s in sources):
         return None  # the install keeps its bytecode
-    if not dont_write and sources and all(writable(s.parent) for s in sources):
+    if not dont_write and all(writable(s.parent) for s in sources):
         return None  # Python writes it beside the sources on the first import
     return default if default is not None else default_folder()
 
