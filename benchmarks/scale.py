@@ -277,7 +277,7 @@ def _trainer(n: int, args: argparse.Namespace):
 
 def step_parts(tr, order, B: int, first: int, steps: int, sync) -> dict[str, float]:
     """Where a training step's time goes, over ``steps`` more steps, each part synchronised
-    (so the parts add up to more than the overlapped step above): building the batch on the host
+    (so they need not add up to the overlapped step above): building the batch on the host
     (gathering the rows from the mapped cache, drawing negatives, copying to the device),
     forward + loss + backward, and the optimizer (AdamW over every parameter, the whole item
     table included, then zeroing the gradients). Milliseconds a step."""

@@ -46,9 +46,11 @@ def test_auto_uses_the_cache_where_bytecode_is_missing_and_not_kept(tmp_path):
 
 
 def test_explicit_settings_and_a_users_prefix(tmp_path):
-    kept = _package(tmp_path, with_pyc=True)
-    assert bytecode.decide("off", kept, dont_write=True, prefix_set=False) is None
+    kept = _package(tmp_path / "a", with_pyc=True)
+    fresh = _package(tmp_path / "b", with_pyc=False)  # where auto would act
+    assert bytecode.decide("off", fresh, dont_write=True, prefix_set=False, writable=lambda p: False) is None
     assert bytecode.decide(str(tmp_path / "mine"), kept, dont_write=False, prefix_set=False) == tmp_path / "mine"
+    assert bytecode.decide("auto", fresh, dont_write=True, prefix_set=True, default=tmp_path / "c") is None  # PYTHONPYCACHEPREFIX wins
     assert bytecode.decide(str(tmp_path / "mine"), kept, dont_write=False, prefix_set=True) is None  # PYTHONPYCACHEPREFIX wins
     assert bytecode.default_folder({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "fuxi-mme" / "pycache"
 
@@ -60,6 +62,11 @@ def test_keep_sets_the_prefix_for_this_process_and_its_children(tmp_path, monkey
     assert bytecode.keep(env) == tmp_path / "pc" and (tmp_path / "pc").is_dir()
     assert sys.pycache_prefix == env["PYTHONPYCACHEPREFIX"] == str(tmp_path / "pc") and not sys.dont_write_bytecode
     assert bytecode.keep({bytecode.ENV: str(tmp_path / "other")}) is None  # a prefix in use stands
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # keep() above turned it off
+    monkeypatch.setattr(bytecode, "_torch_folder", lambda: _package(tmp_path / "t", with_pyc=False))
+    xdg = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), bytecode.ENV: "auto"}  # auto acts (dont_write is on)
+    assert bytecode.keep(xdg) == tmp_path / "xdg" / "fuxi-mme" / "pycache" == Path(xdg["PYTHONPYCACHEPREFIX"])
     monkeypatch.setattr(sys, "pycache_prefix", None)
     (tmp_path / "file").write_text("")
     assert bytecode.keep({bytecode.ENV: str(tmp_path / "file" / "pc")}) is None and sys.pycache_prefix is None  # cannot be made
@@ -82,8 +89,3 @@ def test_the_program_writes_bytecode_to_the_cache_before_its_imports(tmp_path):
     written = {f.name.split(".")[0] for f in cache.rglob("*.pyc")}
     assert "cli" in written
     assert any(str(SRC.resolve()).lstrip(os.sep) in str(f) for f in cache.rglob("cli.*.pyc"))
-    env[bytecode.ENV] = "off"
-    other = tmp_path / "other"
-    env["XDG_CACHE_HOME"] = str(other)
-    p = subprocess.run([sys.executable, "-m", "fuxi_mme", "--version"], capture_output=True, text=True, env=env, timeout=120)
-    assert p.returncode == 0 and not other.exists()

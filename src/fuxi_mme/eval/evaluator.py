@@ -6,7 +6,6 @@ Legend: B users in a batch, I items (+1 padding column), D scoring width.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from ..data.prepared import PreparedDataset, flat_ranges, range_blocks
 from ..data.repeats import repeat_flags, repeat_summary
 from ..data.splits import EvalArrays, split_points
 from ..models.common import SequenceModel
+from ..utils.runtime import interpreting
 from .beyond import BeyondAccumulator, beyond_metrics, popularity_cached
 from .buckets import bucket_metrics
 from .metrics import metrics_from_ranks, ranks_from_scores
@@ -177,7 +177,7 @@ def resolve_ranking(setting: str, scorer: Scorer, device: torch.device | str, be
     why: str | None
     if beyond:
         why = "needs eval.beyond=false (the beyond-accuracy metrics read top-K lists of the scores)"
-    elif torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET", "") != "1":
+    elif torch.device(device).type != "cuda" and not interpreting():
         why = "needs a CUDA GPU"  # known without importing triton
     else:
         from . import rank_kernel

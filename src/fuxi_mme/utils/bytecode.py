@@ -92,7 +92,8 @@ def keep(environ: MutableMapping[str, str] = os.environ) -> Path | None:
     it starts (``PYTHONPYCACHEPREFIX`` in ``environ``: Inductor's compile workers, the runs of
     ``experiment``); returns the folder in use, or None. Never fails: a folder that cannot be
     made leaves Python as it is."""
-    folder = decide(environ.get(ENV, "auto"), _torch_folder(), sys.dont_write_bytecode, sys.pycache_prefix is not None)
+    prefix_set = sys.pycache_prefix is not None
+    folder = decide(environ.get(ENV, "auto"), _torch_folder(), sys.dont_write_bytecode, prefix_set, default=default_folder(environ))
     if folder is None:
         return None
     try:

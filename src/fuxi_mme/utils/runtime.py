@@ -57,6 +57,12 @@ def autocast_dtype(amp: str) -> torch.dtype | None:
 JOB_ID_PREFIX = "fuxi-mme-"
 
 
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``: how the tests run the kernels
+    without a GPU). Here, not in ``triton_support``, so it is known without importing triton."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
 def _torch_default_cache_dir() -> str | None:
     """Inductor's default cache folder (absolute), or None where this torch does not say."""
     try:

@@ -4,7 +4,7 @@ Triton's CPU interpreter (``TRITON_INTERPRET=1``, how the tests run them without
 
 from __future__ import annotations
 
-import os
+from .runtime import interpreting
 
 try:
     import triton
@@ -15,10 +15,6 @@ except ImportError:  # pragma: no cover - triton is optional
     triton = None
     tl = None
     HAVE_TRITON = False
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 __all__ = ["HAVE_TRITON", "interpreting", "tl", "triton"]
