@@ -40,6 +40,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--history", type=int, default=50, help="history items per user (masked)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tf32", default="on", choices=("on", "off"), help="TF32 products (train.tf32: on, the default) or strict fp32 (off)")
     ap.add_argument("--out", help="results file (default benchmarks/results/rank-speed-<card>.json)")
     return ap.parse_args(argv)
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     from fuxi_mme.utils.runinfo import run_info
 
     dev = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True  # the library's default (train.tf32)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"  # on: the library's default (train.tf32)
     info = run_info(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"# Ranking speed: reference against fused ({info['device'].get('gpu') or 'CPU'}, commit {info.get('commit', '?')})",
         "",
-        f"`benchmarks/rank_speed.py`: {args.users} users, width {args.width}, {args.history} masked history items each, TF32 on; "
+        f"`benchmarks/rank_speed.py`: {args.users} users, width {args.width}, {args.history} masked history items each, TF32 {args.tf32}; "
         f"best of {args.repeats}; the model's forward pass not timed.",
         "",
         "| items | reference s (users/s) | fused s (users/s) | speed-up | same rank | HR@10 reference / fused |",

@@ -64,6 +64,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--eval-batch", type=int, default=4096, help="users per evaluation batch (eval.batch_size)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--tf32", default="on", choices=("on", "off"), help="TF32 matmuls on a GPU (train.tf32: on, the library's default; off: strict fp32)"
+    )
     ap.add_argument("--cpu-eval-max", type=float, default=1e7, help="on a CPU, evaluate only logs up to this many interactions")
     ap.add_argument("--quick", action="store_true", help="small model and few steps (a smoke run)")
     ap.add_argument("--out", help="results file (default benchmarks/results/scale-<card>.json)")
@@ -243,7 +246,7 @@ def _trainer(n: int, args: argparse.Namespace):
     from fuxi_mme.models import build_model
     from fuxi_mme.presets import build_preset, preset_name
     from fuxi_mme.train.loop import Trainer
-    from fuxi_mme.utils.runtime import resolve_device
+    from fuxi_mme.utils.runtime import setup_device
 
     work = Path(args.work)
     dargs, over = _data_args(n, work, args.duplicates)
@@ -259,12 +262,13 @@ def _trainer(n: int, args: argparse.Namespace):
         "eval.batch_size": args.eval_batch,
         "eval.beyond": False,  # ranks only: the fused ranking where it runs (eval.ranking=auto)
         "train.device": args.device,
+        "train.tf32": args.tf32 == "on",
         "train.cuda_graphs": "off",
         "train.compile": False,
         "log.progress": False,
     }
     apply_overrides(cfg, [f"{k}={v}" for k, v in sets.items()])
-    device = resolve_device(cfg.train.device)
+    device = setup_device(cfg.train.device, num_threads=cfg.train.num_threads, tf32=cfg.train.tf32)  # as `fuxi-mme train` does
     t0 = time.perf_counter()
     ds = load_dataset(cfg.data)
     load_s = time.perf_counter() - t0
@@ -355,6 +359,7 @@ def run_worker(phase: str, n: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", phase, "--size", str(n), "--work", args.work, "--duplicates", args.duplicates]
     cmd += ["--model", args.model, "--dim", str(args.dim), "--max-len", str(args.max_len), "--batch-size", str(args.batch_size)]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--eval-batch", str(args.eval_batch)]
+    cmd += ["--tf32", args.tf32]
     err_path = Path(args.work) / f"{phase}-{n:.0e}.err"  # the worker's log, progress lines included, readable while it runs
     with open(err_path, "w") as err:
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -468,11 +473,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args)))
         return
     from fuxi_mme.utils.runinfo import run_info
-    from fuxi_mme.utils.runtime import resolve_device
+    from fuxi_mme.utils.runtime import setup_device
 
     if args.quick:
         args.dim, args.max_len, args.steps, args.warmup = 16, 50, min(args.steps, 3), 1
-    info = run_info(resolve_device(args.device))
+    info = run_info(setup_device(args.device, tf32=args.tf32 == "on"))  # the device record names the workers' TF32 setting
     phases = args.phases.split(",")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -487,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
         payload = {
             "info": info,
             "settings": f"{args.model} d {args.dim}, max_len {args.max_len}, batch {args.batch_size}, "
-            f"{args.steps} timed steps, duplicates {args.duplicates}, evaluation batch {args.eval_batch} users, "
+            f"{args.steps} timed steps, TF32 {args.tf32}, duplicates {args.duplicates}, evaluation batch {args.eval_batch} users, "
             f"ranking {_rankings(records)}",
             "records": records,
             "rows": rows,

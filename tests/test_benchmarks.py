@@ -242,6 +242,30 @@ def test_scale_benchmark_generates_the_stated_log_and_measures_every_phase(tmp_p
     assert not (tmp_path / "w" / "log-2e+04").exists()  # logs and caches removed unless --keep
 
 
+def test_scale_workers_set_up_the_device_as_train_does(tmp_path, monkeypatch):
+    """scale.py's train and eval workers apply train.tf32 as `fuxi-mme train` does (TF32 on by
+    default, strict fp32 with --tf32 off): before this, their GPU rows ran strict fp32, the
+    fused ranking included, while the library's runs use TF32."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fuxi_mme.utils.runtime as runtime
+    import scale
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def setup(device, local_rank=None, num_threads=None, tf32=True):
+        seen.append((device, tf32))
+        raise Stop
+
+    monkeypatch.setattr(runtime, "setup_device", setup)
+    for flag in ("on", "off"):
+        with pytest.raises(Stop):
+            scale._trainer(20_000, scale._parse_args(["--work", str(tmp_path), "--device", "cpu", "--tf32", flag]))
+    assert seen == [("cpu", True), ("cpu", False)]
+
+
 def test_runs_per_hour_runs_the_experiment_at_each_setting(tmp_path):
     """benchmarks/runs_per_hour.py --quick: the real experiment command once per --jobs setting,
     in fresh folders, every planned run finished and counted, rates against one at a time."""

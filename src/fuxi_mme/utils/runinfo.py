@@ -77,7 +77,11 @@ def device_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         info.update(
-            gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}", gpu_count=torch.cuda.device_count()
+            gpu=p.name,
+            gpu_memory_gb=round(p.total_memory / 2**30, 1),
+            capability=f"{p.major}.{p.minor}",
+            gpu_count=torch.cuda.device_count(),
+            tf32=torch.backends.cuda.matmul.allow_tf32,  # fp32 matmuls (and the fused ranking) on tensor cores, or strict fp32
         )
     return info
 
