@@ -23,6 +23,21 @@ from .suites import Suite
 from .tables import markdown
 
 METRICS = ("NDCG@10", "HR@10", "NDCG@50", "HR@50", "MRR")
+LOW_SEED_SHARE = 0.5  # a seed whose validation NDCG@10 is under this share of its row's median is flagged
+
+
+def low_seeds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The seeds of a row (3 or more) whose best validation NDCG@10 is under
+    :data:`LOW_SEED_SHARE` of the row's median: a run that stopped learning early (e.g. stuck
+    near its first epochs' level until early stopping). Flagged, never dropped: they stay in the
+    mean and std, and the tables say so."""
+    vals = [(float(v), r) for r in runs if isinstance(v := (r.get("valid_best") or {}).get("NDCG@10"), (int, float))]
+    if len(runs) < 3 or len(vals) < len(runs):
+        return []
+    median = float(np.median([v for v, _ in vals]))
+    return [{"seed": Path(r["run_dir"]).name, "valid NDCG@10": v, "median": median} for v, r in vals if v < LOW_SEED_SHARE * median]
+
+
 # beyond-accuracy metrics (a metrics record's "beyond" part; docs/training.md#beyond-accuracy-metrics),
 # aggregated where every seed of a row has them (runs from before them have none)
 BEYOND_METRICS = ("Coverage@10", "Gini@10", "Novelty@10", "ILD@10")
@@ -105,6 +120,9 @@ def _row(ds: str, variant: str, runs: list[dict[str, Any]], devices: list[tuple[
             entry[f"test/{b}/NDCG@10"] = _mean_std([float(c["NDCG@10"]) for c in cells])
             entry[f"test/{b}/users"] = sum(int(c.get("users", 0)) for c in cells) / len(cells)
     entry["epochs"] = [r.get("selected_epoch") for r in runs]
+    low = low_seeds(runs)
+    if low:
+        entry["low_seeds"] = low
     secs = [_seconds(d) for d in (dirs if dirs is not None else [Path(r["run_dir"]) for r in runs])]
     known = [x for x in secs if x is not None]
     if len(known) == len(secs):

@@ -19,6 +19,7 @@ from .tables import (
     diversity_comparison,
     equal_size_comparison,
     headline,
+    low_seeds_line,
     markdown,
     published_comparison,
     versus_table,
@@ -55,6 +56,8 @@ INTRO = [
     "per-epoch logs (for `fuxi-mme report` curves) are on the `results-logs` branch, one `results/<suite>/logs.tar.xz`",
     "per suite: `git checkout origin/results-logs -- results && git reset -q results` (or, from this branch's",
     "history, `git checkout 399b382 -- results && git reset -q results`, the last commit that carried them).",
+    "A row holding a seed far below its siblings (best validation NDCG@10 under half the row's median: a run that",
+    "stopped learning early) is marked † and the seed is named under its table; it stays in the mean and std.",
     "",
 ]
 HEADLINE_PROSE = [
@@ -166,6 +169,7 @@ def main_sections(res: dict[str, Any]) -> list[str]:
         *HEADLINE_PROSE,
         headline(base),
         "",
+        *([low, ""] if (low := low_seeds_line(base["results"])) else []),
         *([*BEYOND_PROSE, beyond, ""] if beyond else []),
         *([*DIVERSITY_PROSE, versus, diversity_answer(base), ""] if versus else []),
         *versus_section(base, SSM_PROSE, SSM_PAIRS, seconds=False),

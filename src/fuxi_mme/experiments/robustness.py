@@ -16,6 +16,7 @@ from typing import Any
 from ..eval.buckets import BUCKET_NAMES
 from .plots import pyplot, save_figure
 from .stats import reading, welch_contrast
+from .tables import low_seeds_line
 
 METRIC = "test/NDCG@10"
 MODELS = ("sasrec", "hstu", "fuxi-alpha", "fuxi-mme", "fuxi-mme filter", "fuxi-mme gate")
@@ -92,7 +93,8 @@ def degradation_table(res: dict[str, Any]) -> str:
             if (ds, model, CLEAN) not in cells:  # no clean row: nothing to compare against (or nothing run)
                 continue
             clean = cells[(ds, model, CLEAN)]
-            row = [f"{clean[METRIC]['mean']:.4f} ± {clean[METRIC]['std']:.4f} ({clean['seeds']})"]
+            mark = " †" if clean.get("low_seeds") else ""
+            row = [f"{clean[METRIC]['mean']:.4f} ± {clean[METRIC]['std']:.4f} ({clean['seeds']}){mark}"]
             for cond in CONDITIONS:
                 r = _ratio(cells, ds, model, cond)
                 row.append("-" if r is None else f"{r[0]:.2f} ({_pct(r[0])})")
@@ -332,6 +334,9 @@ def robustness_section(res: dict[str, Any], img_dir: Path | None = None) -> list
     if not table:
         return []
     lines = [*ROBUSTNESS_PROSE, table, ""]
+    low = low_seeds_line(res["results"])
+    if low:  # a clean figure with a stalled seed understates the model, so its ratios overstate robustness
+        lines += [low + " A † clean figure is lowered by such a seed, so that model's ratios read as more robust than it is.", ""]
     img = plot_robustness(res, img_dir / "robustness.png") if img_dir is not None else None
     if img is not None:
         lines += [*PLOT_PROSE, f"![robustness]({img.name})", ""]

@@ -65,9 +65,30 @@ def _table_row(e: dict[str, Any], extra: list[str] | tuple[str, ...] = ()) -> st
     )
 
 
+def low_seeds_line(results: list[dict[str, Any]]) -> str | None:
+    """The note on rows holding a seed far below its siblings (``aggregate.low_seeds``), or None."""
+    parts = [
+        f"{e['dataset']} / {e['variant']} {m['seed']} ({m['valid NDCG@10']:.4f} against a median of {m['median']:.4f})"
+        for e in results
+        for m in e.get("low_seeds", [])
+    ]
+    if not parts:
+        return None
+    return (
+        "Seeds far below their siblings (best validation NDCG@10 under half the row's median: runs that stopped "
+        "learning early; kept in the mean and std, marked † in the summary tables): " + "; ".join(parts) + "."
+    )
+
+
+def _low_mark(e: dict[str, Any]) -> str:
+    return " †" if e.get("low_seeds") else ""
+
+
 def _left_out(res: dict[str, Any]) -> list[str]:
-    """The notes under a suite's table: failed, not applicable, stale and missing rows."""
-    lines = []
+    """The notes under a suite's table: seeds far below their siblings, then failed, not
+    applicable, stale and missing rows."""
+    low = low_seeds_line(res.get("results", []))
+    lines = ["", low] if low else []
     if res.get("failed"):
         lines += ["", "Failed runs: " + ", ".join(res["failed"])]
     if res.get("not_applicable"):
@@ -226,7 +247,7 @@ def headline(res: dict[str, Any], metric: str = "test/NDCG@10") -> str:
             if e is None or metric not in e:
                 row.append("-")
                 continue
-            v = f"{e[metric]['mean']:.4f} ± {e[metric]['std']:.4f} ({e['seeds']})"
+            v = f"{e[metric]['mean']:.4f} ± {e[metric]['std']:.4f} ({e['seeds']}){_low_mark(e)}"
             row.append(f"**{v}**" if e[metric]["mean"] == best else v)
         label = ds + (" (not the published ML-1M)" if ds == "ml-1m-ts70" else "")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
@@ -238,6 +259,7 @@ def cross_domain(res: dict[str, Any], suffix: str = "", metric: str = "test/NDCG
     with the value, and its mean rank over the datasets: shipped defaults across domains.
     ``suffix``: " large" for the large presets' rows."""
     cells = {(e["dataset"], e["variant"]): e[metric]["mean"] for e in res["results"] if metric in e}
+    marks = {(e["dataset"], e["variant"]): _low_mark(e) for e in res["results"]}
     datasets = [d for d in dict.fromkeys(e["dataset"] for e in res["results"]) if any((d, m + suffix) in cells for m in HEADLINE_MODELS)]
     models = [m for m in HEADLINE_MODELS if any((d, m + suffix) in cells for d in datasets)]
     ranks: dict[tuple[str, str], int] = {}
@@ -246,7 +268,7 @@ def cross_domain(res: dict[str, Any], suffix: str = "", metric: str = "test/NDCG
         ranks.update({(d, m): i + 1 for i, m in enumerate(present)})
     lines = ["| model | " + " | ".join(datasets) + " | mean rank |", "|---" * (len(datasets) + 2) + "|"]
     for m in models:
-        row = [f"{ranks[(d, m)]} ({cells[(d, m + suffix)]:.4f})" if (d, m) in ranks else "-" for d in datasets]
+        row = [f"{ranks[(d, m)]} ({cells[(d, m + suffix)]:.4f}){marks[(d, m + suffix)]}" if (d, m) in ranks else "-" for d in datasets]
         mine = [ranks[(d, m)] for d in datasets if (d, m) in ranks]
         lines.append(f"| {m}{suffix} | " + " | ".join(row) + f" | {sum(mine) / len(mine):.1f} |")
     return "\n".join(lines) + "\n"
