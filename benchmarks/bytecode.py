@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import RESULTS, save  # noqa: E402
+from common import RESULTS, card, save  # noqa: E402
 
 IMPORTS = "import torch, torch._dynamo, torch._inductor.compile_fx, fuxi_mme.train.run, fuxi_mme.models, fuxi_mme.commands"
 
@@ -47,11 +47,10 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--imports", default=IMPORTS, help="the statement timed (default: a compiled training run's imports)")
     ap.add_argument("--out", help="results file (default benchmarks/results/bytecode-<card>.json)")
     args = ap.parse_args(argv)
-    import torch
+    from fuxi_mme.utils.runinfo import run_info
+    from fuxi_mme.utils.runtime import resolve_device
 
-    from fuxi_mme.utils.runinfo import git_commit, versions
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info = run_info(resolve_device("auto"))
     with tempfile.TemporaryDirectory() as empty, tempfile.TemporaryDirectory() as kept:
         compiled = [_time_imports(args.imports, empty, write=False)[0] for _ in range(args.repeats)]
         first, files = _time_imports(args.imports, kept, write=True)  # fills the cache (the first command's cost)
@@ -63,16 +62,10 @@ def main(argv: list[str] | None = None) -> Path:
         "pyc_files": files,
         "saved_s": statistics.median(compiled) - statistics.median(warm),
     }
-    head = {
-        "card": (gpu or "cpu").replace(" ", "_"),
-        "cores": os.cpu_count(),
-        "commit": (git_commit() or "unknown")[:7],
-        "versions": versions(),
-        "imports": args.imports,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    head = {"info": info, "imports": args.imports, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     md = [
-        f"# Bytecode kept or compiled at every command ({head['card']}, {head['cores']} cores, commit {head['commit']})",
+        f"# Bytecode kept or compiled at every command ({card(info)}, {info['device']['cpu_count']} cores, "
+        f"commit {(info['commit'] or 'unknown')[:7]})",
         "",
         f"`benchmarks/bytecode.py`: a fresh interpreter doing `{args.imports}`; median of {args.repeats}.",
         "",
@@ -84,7 +77,7 @@ def main(argv: list[str] | None = None) -> Path:
         "",
         f"Saved by kept bytecode: **{row['saved_s']:.2f} s** a command.",
     ]
-    out = Path(args.out) if args.out else RESULTS / f"bytecode-{head['card']}.json"
+    out = Path(args.out) if args.out else RESULTS / f"bytecode-{card(info)}.json"
     return save(out, {**head, **row}, md)
 
 

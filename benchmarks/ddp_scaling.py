@@ -42,14 +42,14 @@ def worker(args) -> None:
     from fuxi_mme.presets import build_preset, preset_name
     from fuxi_mme.train import distributed as D
     from fuxi_mme.train.loop import Trainer
-    from fuxi_mme.utils.runtime import setup_device
+    from fuxi_mme.utils.runtime import train_device
     from throughput import synthetic
 
     info = D.from_env()
     cfg = build_preset(preset_name("ml-1m", args.model, "base"))
     per_rank = args.batch if args.regime == "weak" else args.batch // max(info.world, 1)
     apply_overrides(cfg, [f"train.batch_size={per_rank * info.world}", f"train.amp={args.amp}", "log.progress=false", f"train.device={args.device}"])
-    device = setup_device(cfg.train.device, info.local_rank if info.enabled else None, cfg.train.num_threads, cfg.train.tf32)
+    device = train_device(cfg.train, info.local_rank if info.enabled else None)
     D.init(info, device, 300)
     ds = synthetic("ml-1m")
     torch.manual_seed(0)

@@ -86,7 +86,7 @@ def measure(args: argparse.Namespace) -> dict:
     from fuxi_mme.experiments.plan import DATA_FOLDERS
     from fuxi_mme.models import build_model
     from fuxi_mme.presets import build_preset
-    from fuxi_mme.utils.runtime import autocast_dtype, setup_device
+    from fuxi_mme.utils.runtime import autocast_dtype, train_device
 
     preset = "demo-fuxi-mme-base" if args.quick else args.preset
     cfg = build_preset(preset)
@@ -100,7 +100,7 @@ def measure(args: argparse.Namespace) -> dict:
             raise SystemExit(f"{path} is absent: pass --data-root (the folder holding {folder}/) or --quick")
         over = [f"data.path={path}", *over]
     apply_overrides(cfg, [*over, f"train.device={args.device}"])
-    dev = setup_device(cfg.train.device, num_threads=cfg.train.num_threads, tf32=cfg.train.tf32)  # as `fuxi-mme train` does
+    dev = train_device(cfg.train)  # as `fuxi-mme train` sets it up (TF32)
     ds = load_dataset(cfg.data)
     arrs = eval_arrays(ds, cfg.data.protocol, args.split, cfg.data.max_len)
     history, _ = resolve_history(cfg.eval.history, ds, cfg.data.protocol)

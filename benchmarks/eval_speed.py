@@ -93,12 +93,12 @@ def main() -> None:
     from fuxi_mme.eval.metrics import metrics_from_ranks
     from fuxi_mme.models import build_model
     from fuxi_mme.presets import build_preset
-    from fuxi_mme.utils.runtime import setup_device
+    from fuxi_mme.utils.runtime import train_device
 
     args = _parse_args()
     cfg = build_preset(args.preset)
     apply_overrides(cfg, [*([f"data.path={args.data_path}"] if args.data_path else []), f"train.device={args.device}", *args.overrides])
-    dev = setup_device(cfg.train.device, num_threads=cfg.train.num_threads, tf32=cfg.train.tf32)  # as `fuxi-mme train` does
+    dev = train_device(cfg.train)  # as `fuxi-mme train` sets it up (TF32)
     ds = load_dataset(cfg.data)
     arrs = eval_arrays(ds, cfg.data.protocol, args.split, cfg.data.max_len)
     torch.manual_seed(0)

@@ -246,7 +246,7 @@ def _trainer(n: int, args: argparse.Namespace):
     from fuxi_mme.models import build_model
     from fuxi_mme.presets import build_preset, preset_name
     from fuxi_mme.train.loop import Trainer
-    from fuxi_mme.utils.runtime import setup_device
+    from fuxi_mme.utils.runtime import train_device
 
     work = Path(args.work)
     dargs, over = _data_args(n, work, args.duplicates)
@@ -268,7 +268,7 @@ def _trainer(n: int, args: argparse.Namespace):
         "log.progress": False,
     }
     apply_overrides(cfg, [f"{k}={v}" for k, v in sets.items()])
-    device = setup_device(cfg.train.device, num_threads=cfg.train.num_threads, tf32=cfg.train.tf32)  # as `fuxi-mme train` does
+    device = train_device(cfg.train)  # as `fuxi-mme train` sets it up (TF32)
     t0 = time.perf_counter()
     ds = load_dataset(cfg.data)
     load_s = time.perf_counter() - t0

@@ -242,6 +242,18 @@ def test_scale_benchmark_generates_the_stated_log_and_measures_every_phase(tmp_p
     assert not (tmp_path / "w" / "log-2e+04").exists()  # logs and caches removed unless --keep
 
 
+def test_train_device_applies_the_runs_thread_and_tf32_settings(monkeypatch):
+    """utils/runtime.train_device: the one place a run's ``train`` settings become a device."""
+    import fuxi_mme.utils.runtime as runtime
+    from fuxi_mme.config import TrainConfig
+
+    seen = []
+    monkeypatch.setattr(runtime, "setup_device", lambda *a: seen.append(a) or "dev")
+    assert runtime.train_device(TrainConfig(device="cpu", num_threads=3, tf32=False), 1) == "dev"
+    assert runtime.train_device(TrainConfig(device="cpu")) == "dev"
+    assert seen == [("cpu", 1, 3, False), ("cpu", None, None, True)]
+
+
 def test_scale_workers_set_up_the_device_as_train_does(tmp_path, monkeypatch):
     """scale.py's train and eval workers apply train.tf32 as `fuxi-mme train` does (TF32 on by
     default, strict fp32 with --tf32 off): before this, their GPU rows ran strict fp32, the

@@ -26,7 +26,7 @@ from .models import build_model
 from .models.common import SequenceModel
 from .train.checkpoint import load_weights
 from .utils.runinfo import atomic_write_json
-from .utils.runtime import autocast_dtype, resolve_device, setup_device
+from .utils.runtime import autocast_dtype, resolve_device, train_device
 
 
 class Run:
@@ -103,7 +103,7 @@ def load_trained(run_dir: str | Path, checkpoint: str = "auto", device: str = "a
     run = Run.open(run_dir)
     cfg = run.config()
     cfg.train.device = device
-    dev = setup_device(device, num_threads=cfg.train.num_threads, tf32=cfg.train.tf32)
+    dev = train_device(cfg.train)
     ds = load_dataset(cfg.data)
     adapt_to_dataset(cfg, ds)
     if cfg.model.name == "popularity":

@@ -25,7 +25,7 @@ from ..runs import Run, adapt_to_dataset
 from ..utils.locks import held
 from ..utils.procs import seconds_since_process_start
 from ..utils.runinfo import process_cpu_seconds, run_info
-from ..utils.runtime import compile_settings, seed_everything, setup_device
+from ..utils.runtime import compile_settings, seed_everything, train_device
 from . import distributed as D
 from .loop import Trainer
 
@@ -59,7 +59,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     clock = _Phases(seconds_since_process_start())
     validate(cfg)
     dinfo = D.from_env()
-    device = setup_device(cfg.train.device, dinfo.local_rank if dinfo.enabled else None, cfg.train.num_threads, cfg.train.tf32)
+    device = train_device(cfg.train, dinfo.local_rank if dinfo.enabled else None)
     if dinfo.enabled:
         D.init(dinfo, device, cfg.train.dist_timeout)
         if not dinfo.main:

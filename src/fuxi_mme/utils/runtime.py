@@ -7,11 +7,15 @@ import contextlib
 import os
 import random
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .procs import restored_environ
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,6 +41,13 @@ def setup_device(device: str, local_rank: int | None = None, num_threads: int | 
         if dev.index is not None:
             torch.cuda.set_device(dev)
     return dev
+
+
+def train_device(t: TrainConfig, local_rank: int | None = None) -> torch.device:
+    """The device of a run's ``train`` settings, set up as every run sets it up: threads
+    (``train.num_threads``) and TF32 (``train.tf32``, on by default). Training, loading a run, and
+    the benchmarks that build a trainer themselves all go through here."""
+    return setup_device(t.device, local_rank, t.num_threads, t.tf32)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
