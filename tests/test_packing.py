@@ -64,6 +64,38 @@ def test_try_acquire_answers_without_waiting():
     assert unknown.try_acquire("0", "t") and unknown.try_acquire("0", "t")  # no reading: only --jobs bounds
 
 
+def test_runs_of_measured_kinds_start_without_waiting_their_needs_held_back_until_they_show():
+    """The readings (nvidia-smi's free memory, the idle cores) lag a start by up to the settle
+    time. Runs of measured kinds do not wait it out: each recent start's measured needs are taken
+    off the readings, so the GPU fills at once but never past what the readings leave. A kind not
+    measured yet (its needs a guess) still waits for the last start to settle."""
+    clock = Clock()
+    reading = {"free": 100.0, "idle": 10.0}
+    gate = PackingGate(free=lambda g: reading["free"], settle_s=15.0, poll_s=1.0, clock=clock, sleep=clock.sleep, idle=lambda: reading["idle"])
+    gate.acquire("0", "a")  # an empty GPU: at once
+    gate.learn("a", 20.0, 2.0)  # measured: 26.5 GiB, 2 cores
+    assert gate.try_acquire("0", "a")  # 100 - 26.5 free, 10 - 2 cores idle: at once, no settle
+    assert gate.try_acquire("0", "a")  # 100 - 53 >= 26.5
+    assert not gate.try_acquire("0", "a")  # 100 - 79.5 < 26.5: held back though the reading shows 100
+    assert not gate.try_acquire("0", "b")  # an unmeasured kind waits for the starts to settle
+    clock.t = 16  # settled: the readings now show the three runs
+    reading["free"] = 40.0
+    assert gate.try_acquire("0", "a")  # 40 free covers 26.5
+    assert not gate.try_acquire("0", "b")  # that start has not settled
+    clock.t = 32
+    reading["free"] = 12.0
+    assert gate.try_acquire("0", "b")  # settled; 12 covers b's assumed 8
+    # the host bound is held back the same way, across GPUs
+    host = PackingGate(free=lambda g: 100.0, settle_s=15.0, clock=clock, sleep=clock.sleep, idle=lambda: 5.0)
+    host.acquire("0", "c")
+    host.acquire("1", "c")
+    host.learn("c", 1.0, 2.0)
+    clock.t = 100  # both starts settled: 5 idle
+    assert host.try_acquire("0", "c")  # 5 idle >= 2
+    assert host.try_acquire("1", "c")  # 5 - 2 held for the start on GPU 0 = 3 >= 2
+    assert not host.try_acquire("0", "c")  # 5 - 4 = 1 < 2, though the reading shows 5
+
+
 def test_peaks_and_out_of_memory_ends_are_read_from_the_run(tmp_path):
     run = tmp_path / "seed0"
     run.mkdir()

@@ -155,8 +155,11 @@ class PackingGate:
     finished runs: memory from the peaks they logged, ``peak * 1.25 + 1.5`` GiB (the CUDA
     context, graph pools and the allocator's cache come on top of what PyTorch reports), unknown
     kinds ``default_gb``; host cores from the cores they kept busy on average (``host_cores``),
-    unknown kinds ``default_cores``. After a start, the gate waits ``settle_s`` before the next
-    decision, so a starting run's allocations and CPU use are seen by it. ``free`` answering
+    unknown kinds ``default_cores``. A run that started less than ``settle_s`` ago may not show
+    yet in the GPU's free memory or the host's idle cores: when it and the run asking are of
+    measured kinds, its measured needs are taken off what the readings show (it is counted as
+    if it had allocated everything already); when either kind is unmeasured the gate waits until
+    the last start has settled, so that the start shows in the readings. ``free`` answering
     None (no ``nvidia-smi``) leaves both bounds out (only ``--jobs`` bounds), ``idle``
     answering None (no ``/proc/stat``) the host's."""
 
@@ -178,7 +181,8 @@ class PackingGate:
         self.need: dict[Hashable, float] = {}
         self.cores: dict[Hashable, float] = {}
         self.running: dict[str, int] = {}
-        self.last_start = -1e9  # the last start on any GPU: the host's load is shared by all of them
+        # (time, GPU, kind) of the recent starts on any GPU: the host's load is shared by all of them
+        self.starts: list[tuple[float, str, Hashable]] = []
         self.lock = threading.Lock()  # the counters
         self.deciding = threading.Lock()  # one start decision at a time
 
@@ -197,16 +201,30 @@ class PackingGate:
     def _may_start(self, gpu: str, key: Hashable) -> bool:
         """With a run already on ``gpu``: whether one of ``key`` may join it now. Without a
         reading of the GPU's memory (no ``nvidia-smi``) only ``--jobs`` bounds; otherwise the
-        last start on any GPU must have settled (the host's idle cores are shared by all), then
-        the free memory and the host's idle cores must cover the kind's needs (no
-        ``/proc/stat``: memory alone)."""
+        free memory and the host's idle cores (shared by all GPUs; no ``/proc/stat``: memory
+        alone) must cover the kind's needs, less what the starts of the last ``settle_s`` will
+        take (:meth:`_unsettled`; None: wait for them to settle)."""
         free = self.free(gpu)
         if free is None:
             return True
-        if self.clock() - self.last_start < self.settle_s or free < self.expect(key):
+        unsettled = self._unsettled(key)
+        if unsettled is None:
+            return False
+        if free - sum(self.expect(k) for g, k in unsettled if g == gpu) < self.expect(key):
             return False
         idle = self.idle()
-        return idle is None or idle >= self.expect_cores(key)
+        return idle is None or idle - sum(self.expect_cores(k) for _, k in unsettled) >= self.expect_cores(key)
+
+    def _unsettled(self, key: Hashable) -> list[tuple[str, Hashable]] | None:
+        """(GPU, kind) of the starts of the last ``settle_s``, which the readings may not show
+        yet; None when one of them or ``key`` is of a kind not measured yet (its needs are a
+        guess), so the decision waits for them to settle."""
+        now = self.clock()
+        self.starts = [s for s in self.starts if now - s[0] < self.settle_s]
+        recent = [(g, k) for _, g, k in self.starts]
+        if recent and not all(k in self.need for k in [key, *(k for _, k in recent)]):
+            return None
+        return recent
 
     def raise_need(self, key: Hashable) -> None:
         """After an out-of-memory end: this kind needs more than was assumed."""
@@ -225,7 +243,7 @@ class PackingGate:
                 self.sleep(self.poll_s)
             with self.lock:
                 self.running[gpu] = self.running.get(gpu, 0) + 1
-            self.last_start = self.clock()
+            self._started(gpu, key)
 
     def try_acquire(self, gpu: str | None, key: Hashable) -> bool:
         """:meth:`acquire` without waiting for other runs: True (counted as running) when a run may
@@ -239,8 +257,11 @@ class PackingGate:
                 return False
             with self.lock:
                 self.running[gpu] = busy + 1
-            self.last_start = self.clock()
+            self._started(gpu, key)
             return True
+
+    def _started(self, gpu: str, key: Hashable) -> None:
+        self.starts.append((self.clock(), gpu, key))
 
     def release(self, gpu: str | None) -> None:
         if gpu is not None:
