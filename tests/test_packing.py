@@ -109,6 +109,52 @@ def test_peaks_and_out_of_memory_ends_are_read_from_the_run(tmp_path):
     assert not ended_out_of_memory(log) and not ended_out_of_memory(tmp_path / "missing.log")
 
 
+def test_a_resumed_suite_starts_with_the_needs_its_finished_gpu_runs_measured(tmp_path, monkeypatch):
+    """A suite resumed (a new command, e.g. after --time-budget) learns each kind's needs from its
+    finished seeds, loose or packed into runs.jsonl, before starting: the peak in run.json
+    (``peak_gpu_gb``, the whole run) and the cores from its CPU seconds. CPU runs teach nothing."""
+    from fuxi_mme.experiments import runner
+    from fuxi_mme.experiments.plan import Job
+    from fuxi_mme.experiments.store import RUNS, variant_runs
+
+    suite = tmp_path / "robustness"
+
+    def finished(variant: str, seed: int, device: str, peak: float | None, cpu: float, packed: bool = False) -> None:
+        info: dict = {"device": {"device": device}, "host_cpu_seconds": cpu, "phases": {"total": 10.0}}
+        if peak is not None:
+            info["peak_gpu_gb"] = peak
+        files = {"run.json": info, "metrics.json": {"test": {}}, "config.json": {}}
+        if packed:
+            with (suite / RUNS).open("a") as f:
+                f.write(json.dumps({"run": f"ds/{variant}/seed{seed}", **files}) + "\n")
+            return
+        d = suite / "ds" / variant / f"seed{seed}"
+        d.mkdir(parents=True)
+        for name, value in files.items():
+            (d / name).write_text(json.dumps(value))
+
+    suite.mkdir()
+    finished("gpu_kind", 0, "cuda", 10.0, 30.0)  # loose: 10 GiB, 3 cores
+    finished("gpu_kind", 1, "cuda", 12.0, 20.0, packed=True)  # packed: 12 GiB, 2 cores
+    (suite / "ds" / "gpu_kind" / "seed1.stale").mkdir()  # set aside: not a run of the variant
+    finished("cpu_kind", 0, "cpu", None, 20.0)
+    assert [d.name for d in variant_runs(suite / "ds" / "gpu_kind")] == ["seed0", "seed1"]
+    assert peak_memory_gb(suite / "ds" / "gpu_kind" / "seed1") == 12.0 and host_cores(suite / "ds" / "gpu_kind" / "seed1") == 2.0
+
+    seen = {}
+
+    def fake_run(job, env, stopping=None):
+        seen[job.variant] = (gate.expect((job.dataset, job.variant)), gate.expect_cores((job.dataset, job.variant)))
+        return job, 0, 0.0
+
+    monkeypatch.setattr(runner, "run_job", fake_run)
+    gate = PackingGate(free=lambda g: None, idle=lambda: None)
+    pending = [Job("ds", v, 2, [], suite / "ds" / v / "seed2") for v in ("gpu_kind", "cpu_kind")]
+    runner.run_jobs(pending, 1, {id(j): "robustness" for j in pending}, gate=gate)
+    assert seen["gpu_kind"] == (12.0 * 1.25 + 1.5, 3.0)  # the larger of each need over its seeds
+    assert seen["cpu_kind"] == (8.0, 1.0)  # the defaults: a CPU run's needs say nothing of a GPU run's
+
+
 def test_a_job_that_ran_out_of_gpu_memory_runs_again(tmp_path, monkeypatch, capsys):
     from fuxi_mme.experiments import runner
     from fuxi_mme.experiments.plan import Job

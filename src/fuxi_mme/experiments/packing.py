@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
 
+from .store import has_run_file, run_file
+
 log = logging.getLogger("fuxi_mme")
 
 OOM_RETRIES = 2
@@ -48,19 +50,33 @@ def free_memory_gb(gpu: str) -> float | None:
 
 
 def peak_memory_gb(run_dir: Path) -> float | None:
-    """The largest GPU memory a run logged (``gpu_mem_gb`` of its train records), or None."""
-    f = run_dir / "metrics.jsonl"
-    if not f.exists():
-        return None
+    """The largest GPU memory a run reached: ``peak_gpu_gb`` of its ``run.json`` (the whole
+    run, evaluations included; loose or packed into its suite's ``runs.jsonl``) and the
+    ``gpu_mem_gb`` of its train records in ``metrics.jsonl`` where that file is still loose;
+    None when neither says."""
     peaks = []
-    for line in f.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec.get("gpu_mem_gb"), (int, float)):
-            peaks.append(float(rec["gpu_mem_gb"]))
+    f = run_dir / "metrics.jsonl"
+    if f.exists():
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("gpu_mem_gb"), (int, float)):
+                peaks.append(float(rec["gpu_mem_gb"]))
+    info = _run_info(run_dir)
+    if isinstance(info.get("peak_gpu_gb"), (int, float)):
+        peaks.append(float(info["peak_gpu_gb"]))
     return max(peaks) if peaks else None
+
+
+def _run_info(run_dir: Path) -> dict:
+    """A run's ``run.json``, loose or packed; {} when there is none or it cannot be read."""
+    try:
+        info = run_file(run_dir, "run.json")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def ended_out_of_memory(log_file: Path) -> bool:
@@ -73,15 +89,23 @@ def ended_out_of_memory(log_file: Path) -> bool:
 
 def host_cores(run_dir: Path) -> float | None:
     """The host cores a finished run kept busy on average: its ``host_cpu_seconds`` (process and
-    compile workers) over its phases' total wall seconds, from ``run.json``; None when absent."""
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-        cpu, wall = info.get("host_cpu_seconds"), (info.get("phases") or {}).get("total")
-    except (OSError, ValueError, AttributeError):
-        return None
+    compile workers) over its phases' total wall seconds, from ``run.json`` (loose or packed);
+    None when absent."""
+    info = _run_info(run_dir)
+    cpu, wall = info.get("host_cpu_seconds"), (info.get("phases") or {}).get("total")
     if not isinstance(cpu, (int, float)) or not isinstance(wall, (int, float)) or wall <= 0:
         return None
     return float(cpu) / float(wall)
+
+
+def learn_from_finished(gate: PackingGate, key: Hashable, run_dirs: list[Path]) -> None:
+    """Teach ``gate`` the needs of kind ``key`` from finished GPU runs of that kind (a resumed
+    suite's other seeds), so its next runs need not wait as an unmeasured kind. CPU runs are
+    left out: their cores say nothing of a GPU run's."""
+    for d in run_dirs:
+        info = _run_info(d)
+        if (info.get("device") or {}).get("device") == "cuda" and has_run_file(d, "metrics.json"):
+            gate.learn(key, peak_memory_gb(d), host_cores(d))
 
 
 class HostLoad:

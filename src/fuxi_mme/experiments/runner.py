@@ -22,10 +22,10 @@ from ..utils.procs import sigterm_as_interrupt, stop_groups
 from ..utils.runinfo import git_commit
 from .aggregate import aggregate
 from .logs import pack_logs, source_snapshot, write_copy
-from .packing import OOM_RETRIES, PackingGate, ended_out_of_memory, host_cores, peak_memory_gb
+from .packing import OOM_RETRIES, PackingGate, ended_out_of_memory, host_cores, learn_from_finished, peak_memory_gb
 from .page import write_docs
 from .plan import GpuSlots, Job, aggregation_jobs, is_done, job_cost, plan, reusable_run, stale_changes, visible_gpus
-from .store import has_run_file, set_aside
+from .store import has_run_file, set_aside, variant_runs
 from .suites import Suite
 
 
@@ -141,6 +141,8 @@ def run_jobs(
     slots = GpuSlots(visible_gpus())
     stopping = Stopping()
     gate = gate or PackingGate()
+    for variant_dir, key in {j.run_dir.parent: (j.dataset, j.variant) for j in pending}.items():  # a resumed suite's other seeds
+        learn_from_finished(gate, key, variant_runs(variant_dir))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(jobs, 1))))
 

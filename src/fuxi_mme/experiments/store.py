@@ -55,6 +55,17 @@ def stored_runs(suite_dir: Path) -> dict[str, dict[str, Any]]:
     return hit[1]
 
 
+def variant_runs(variant_dir: Path) -> list[Path]:
+    """The run folders (``seed<k>``) of one variant folder ``<suite>/<dataset>/<variant>``, loose
+    or packed into the suite's ``runs.jsonl``; set-aside ones (``seed<k>.stale``) left out."""
+    names = {p.name for p in variant_dir.glob("seed*") if p.is_dir() and p.name[4:].isdigit()}
+    where = _where(variant_dir / "seed0")
+    if where is not None:
+        prefix = where[1].rsplit("/", 1)[0] + "/"
+        names |= {k[len(prefix) :] for k in stored_runs(where[0]) if k.startswith(prefix) and k[len(prefix) + 4 :].isdigit()}
+    return [variant_dir / n for n in sorted(names, key=lambda n: int(n[4:]))]
+
+
 def run_file(run_dir: Path, name: str) -> Any:
     """The JSON value of a run's ``name`` (config.json, run.json, metrics.json): the loose file
     when there is one, else the copy stored in its suite's ``runs.jsonl``; None if neither."""

@@ -148,7 +148,10 @@ def _train(
         run.write_metrics(result)
         clock.lap("write")
         if not resume:
-            run.write_info({**info, "phases": clock.breakdown(run.metrics_log), "host_cpu_seconds": process_cpu_seconds()})
+            done = {"phases": clock.breakdown(run.metrics_log), "host_cpu_seconds": process_cpu_seconds()}
+            if device.type == "cuda":  # the whole run's peak, evaluations included: what packing runs onto a GPU reads
+                done["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            run.write_info({**info, **done})
     return result
 
 
