@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", default=["fp32", "bf16", "fast"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--tf32", default="off", choices=("off", "on"), help="as throughput.py: off = strict fp32, on = as `fuxi-mme train` runs")
     ap.add_argument("--out")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -125,6 +126,7 @@ def main() -> None:
     from throughput import path_config
 
     dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     info = run_info(dev)
     rows = []
     for shape in args.shapes:
@@ -143,7 +145,8 @@ def main() -> None:
     out = Path(args.out or RESULTS / f"profile-{card(info)}")
     cat_names = [c for c, _ in CATEGORIES] + ["other"]
     md = [
-        f"Device: {info['device'].get('gpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`. "
+        f"Device: {info['device'].get('gpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`; "
+        f"TF32 {args.tf32}. "
         "Milliseconds per training step (GPU kernel time by category).",
         "",
         "| shape | model | path | wall ms | GPU busy ms | busy % | kernels | syncs | " + " | ".join(cat_names) + " |",

@@ -268,7 +268,8 @@ def write(results: list[dict], info: dict, out_arg: str | None) -> Path:
     """JSON + Markdown table of the results so far (rewritten after every measurement)."""
     out = Path(out_arg) if out_arg else RESULTS / f"throughput-{card(info)}.json"
     lines = [
-        f"Device: {info['device'].get('gpu', 'cpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`.",
+        f"Device: {info['device'].get('gpu', 'cpu')}; torch {info['versions']['torch']}, CUDA {info['versions']['cuda']}; commit `{info['commit']}`"
+        + (f"; TF32 {'on' if info['device']['tf32'] else 'off (strict fp32)'}." if "tf32" in info["device"] else "."),
         "",
         "| shape | model | path | seq/s | tokens/s | step ms (median) | projected epoch s | measured epoch s (seq/s) "
         "| warm-up s | peak GB | eval users/s | vs fp32 reference |",
@@ -303,6 +304,13 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--tf32",
+        default="off",
+        choices=("off", "on"),
+        help="fp32 matmuls on a GPU: off = strict fp32 (torch's default; every throughput figure so far), "
+        "on = TF32 on the tensor cores, as `fuxi-mme train` runs (train.tf32=true)",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--epoch", action="store_true", help="also time one whole training epoch (no syncs between steps)")
     ap.add_argument(
@@ -358,7 +366,8 @@ def main() -> None:
         inductor_config.triton.persistent_reductions = args.persistent_reductions == "on"
     launch = use_launch_tables(args.launch) if args.launch else None
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
-    info = run_info(dev)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    info = run_info(dev)  # its device record names the TF32 setting
     if launch is not None:
         info["launch_tables"] = {"from": args.launch, **launch}
     results: list[dict] = []

@@ -108,6 +108,24 @@ def test_speed_ups_name_what_they_compare_with():
     assert speedup_cell({"speedup_vs_reference": 1.5, "speedup_base": "graph-bf16"}) == "1.50x (vs graph-bf16, no fp32 run)"
 
 
+def test_throughput_table_names_the_tf32_setting_it_ran_with(tmp_path, monkeypatch):
+    """The fp32 paths run strict fp32 unless --tf32 on (how `fuxi-mme train` runs them): the
+    table's header says which, from the device record."""
+    import sys
+
+    from throughput import _parse_args, write
+
+    monkeypatch.setattr(sys, "argv", ["throughput.py"])
+    assert _parse_args().tf32 == "off"
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--tf32", "on"])
+    assert _parse_args().tf32 == "on"
+    info = {"device": {"gpu": "G", "tf32": False}, "versions": {"torch": "t", "cuda": "c"}, "commit": "abc"}
+    write([], info, str(tmp_path / "t.json"))
+    assert "TF32 off (strict fp32)." in (tmp_path / "t.md").read_text().splitlines()[0]
+    write([], {**info, "device": {"gpu": "G", "tf32": True}}, str(tmp_path / "t.json"))
+    assert (tmp_path / "t.md").read_text().splitlines()[0].endswith("TF32 on.")
+
+
 def test_attention_benchmark_times_fuxi_mme_at_its_real_shape():
     """Fuxi-MME's shared decoder calls the FuXi attention once per sequence with its M streams
     as extra heads of width d / M / H: the benchmark must time that shape, not FuXi-alpha's."""
