@@ -11,6 +11,8 @@ def test_overrides_are_typed():
     )
     assert cfg.model.moe.num_experts == 8 and cfg.train.lr == 3e-4
     assert cfg.train.betas == (0.9, 0.99) and cfg.eval.ks == (5, 10)
+    apply_overrides(cfg, ["eval.ks=[5, 20]"])  # the list as YAML or Python writes it
+    assert cfg.eval.ks == (5, 20)
     assert cfg.data.time_col is None and cfg.train.tf32 is False
 
 
@@ -23,6 +25,7 @@ def test_overrides_are_typed():
         ("train.tf32=maybe", "expected true/false"),
         ("model.dim", "section.field=value"),
         ("model.moe=3", "is a section"),
+        ("data.min_rating=abc", "cannot read 'abc' as a number or none"),
     ],
 )
 def test_bad_overrides_name_the_problem(item, needle):
@@ -39,6 +42,34 @@ def test_validate_catches_bad_values():
     cfg.data.protocol = "random"
     with pytest.raises(ConfigError, match="loo-val"):
         validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("train.epochs=0", "train.epochs=0 must be at least 1"),
+        ("train.epochs=-1", "train.epochs=-1 must be at least 1"),
+        ("train.eval_every=0", "train.eval_every=0 must be at least 1"),
+        ("train.lr=-1", "train.lr=-1.0 must be positive"),
+        ("train.lr=0", "train.lr=0.0 must be positive"),
+        ("train.weight_decay=-0.1", "train.weight_decay=-0.1 must be 0 or more"),
+        ("model.dropout=2", "model.dropout=2.0 must be in [0, 1)"),
+        ("model.dropout=1", "model.dropout=1.0 must be in [0, 1)"),
+        ("train.warmup_steps=-5", "train.warmup_steps=-5 must be 0 or more"),
+        ("train.patience=0", "train.patience=0 must be at least 1 (or null"),
+        ("model.num_embeddings=3", "divide model.dim=50 (set both; at this dim: 1, 2, 5)"),
+    ],
+)
+def test_training_settings_out_of_range_name_the_setting(setting, message):
+    """Checked before anything runs: a run of no epochs or a negative learning rate used to train
+    nothing (or reach the optimizer's own message without the setting's name)."""
+    cfg = Config()
+    apply_overrides(cfg, [setting])
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        validate(cfg)
+    ok = Config()
+    apply_overrides(ok, ["train.patience=none", "model.dropout=0", "train.warmup_steps=0"])
+    validate(ok)
 
 
 def test_yaml_and_json_round_trip(tmp_path):

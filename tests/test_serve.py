@@ -114,6 +114,27 @@ def test_cli_recommend_for_a_file_of_users(run_dir, rec, tmp_path, capsys, suffi
     assert res[res.user == "u1"]["item"].tolist() == [x["item"] for x in single["items"]]
 
 
+def test_cli_recommend_reads_the_column_names_training_reads_and_millisecond_times(run_dir, rec, tmp_path, capsys):
+    """A file with training's column names (user_id, item_id, ts) needs no --user-col; times in
+    milliseconds are read as training reads them (seconds), with a note; one request at a time."""
+    q = _hist(rec, 1, 6)
+    df = pd.DataFrame({"user_id": ["u1"] * 6, "item_id": q.history, "ts": q.timestamps})
+    inp, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    df.to_csv(inp, index=False)
+    assert main(["recommend", "--run", str(run_dir), "--input", str(inp), "--output", str(out), "-k", "4"]) == 0
+    single = rec.recommend([Query(q.history, q.timestamps, k=4)])[0]
+    assert pd.read_csv(out)["item"].tolist() == [x["item"] for x in single["items"]]
+    millis = rec.recommend([Query(q.history, [t * 1000 + 7 for t in q.timestamps], k=4)])[0]
+    assert [x["item"] for x in millis["items"]] == [x["item"] for x in single["items"]]
+    assert any("milliseconds" in n for n in millis["notes"])
+    capsys.readouterr()
+    argv = ["recommend", "--run", str(run_dir), "-k", "2"]
+    assert main([*argv, "--items", str(q.history[0]), "--user", str(rec.ds.user_raw[0])]) == 2
+    assert "--items and --user are each a whole request; give one of them" in capsys.readouterr().err
+    assert main([*argv, "--input", str(tmp_path / "nope.csv"), "--output", str(out)]) == 2
+    assert "--input" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- HTTP service
 
 

@@ -146,3 +146,29 @@ def test_ml_1m_ts70_measures_as_the_movielens_group(tmp_path):
     assert shape == DATASETS["ml-1m-ts70"].shape == "long"
     for model in ("fuxi-mme", "fuxi-alpha", "sasrec"):
         assert build_defaults(shape, model, "base", "ml-1m-ts70").to_dict() == build_preset(f"ml-1m-ts70-{model}-base").to_dict()
+
+
+def test_a_run_trained_from_a_relative_source_is_evaluated_from_another_folder(tmp_path, capsys, monkeypatch):
+    """The config keeps the --source as an absolute path, so `evaluate --run` works from any
+    folder; a run whose config still holds a relative path (older runs) finds the file it was
+    prepared from by the dataset's name."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    _write_sequences(work / "shop.txt", 40, 4, 12)
+    cache = ["--data-dir", str(tmp_path / "cache")]
+    run = tmp_path / "run"
+    monkeypatch.chdir(work)
+    tiny = ["--set", "model.dim=8", "--set", "model.qk_dim=8", "--set", "model.v_dim=8", "--set", "data.max_len=10"]
+    argv = ["train", "--source", "shop.txt", "--model", "fuxi-alpha", *cache, "--run-dir", str(run), "--epochs", "1", "--device", "cpu"]
+    argv += ["--no-progress", *tiny]
+    assert main(argv) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["path"] == str(work / "shop.txt")
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--device", "cpu"]) == 0
+    assert "NDCG@10" in capsys.readouterr().out
+    cfg["data"]["path"] = "shop.txt"  # as runs before this change wrote it
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main(["evaluate", "--run", str(run), "--device", "cpu"]) == 0

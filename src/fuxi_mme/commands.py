@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -81,8 +82,19 @@ def build_config(args: argparse.Namespace):
     if measured:
         cfg = build_defaults(_measured_shape(cfg), model, size, cfg.data.name)
         _apply_args(cfg, args)
+    _absolute_source(cfg)
     validate(cfg)
     return cfg
+
+
+def _absolute_source(cfg) -> None:
+    """A relative local ``data.path`` as an absolute one, so the run's config finds its data
+    from any folder (``evaluate --run``, ``recommend --run`` elsewhere)."""
+    from .data.download import is_url
+
+    path = cfg.data.path
+    if path and not is_url(path) and not Path(path).expanduser().is_absolute():
+        cfg.data.path = str(Path(path).expanduser().resolve())
 
 
 def _apply_args(cfg, args: argparse.Namespace) -> None:
@@ -186,7 +198,13 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
         apply_overrides(Config(data=cfg), args.overrides)  # edits cfg in place
         validate(Config(data=cfg))  # and spells data.sep as the readers take it
-    ds = load_dataset(cfg, rebuild=getattr(args, "rebuild", False))
+    data_log = logging.getLogger("fuxi_mme.data")
+    level = data_log.level
+    data_log.setLevel(logging.WARNING)  # its notes are printed below, once
+    try:
+        ds = load_dataset(cfg, rebuild=getattr(args, "rebuild", False))
+    finally:
+        data_log.setLevel(level)
     st = ds.stats
     print(f"dataset {ds.name}  (cache: {ds.cache_dir})")
     print(f"  users {st['users']:,}   items {st['items']:,}   interactions {st['interactions']:,}")
@@ -274,7 +292,6 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from .experiments import SUITES, aggregate, markdown, run_suites, write_docs
     from .experiments.logs import pack_logs
@@ -335,12 +352,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_recommend(args: argparse.Namespace) -> int:
     from .serve import Query, Recommender, RequestError
 
+    given = [flag for flag, v in (("--items", args.items), ("--user", args.user), ("--input", args.input)) if v]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} are each a whole request; give one of them")
     rec = Recommender.from_run(args.run, args.checkpoint, args.device or "cpu", args.unknown_items)
     if args.input:
         from .serve.batch import recommend_file
 
         if not args.output:
             raise ValueError("--input needs --output FILE (.csv, .tsv, .parquet or .jsonl)")
+        if not Path(args.input).exists():
+            raise ValueError(f"--input {args.input} does not exist; give the file of user histories to recommend for")
         st = recommend_file(
             rec, args.input, args.output, args.k, args.exclude_seen, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col
         )

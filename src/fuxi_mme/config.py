@@ -246,8 +246,14 @@ class Config:
 # --------------------------------------------------------------------------- coercion
 
 
+_PLAIN_TYPES = {int: "an integer", float: "a number", str: "text", bool: "true/false", type(None): "none"}
+
+
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    """A type as a user reads it in a message: ``float | None`` -> "a number or none"."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return _PLAIN_TYPES.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -280,9 +286,9 @@ def _coerce_union(value: Any, tp: Any, where: str) -> Any:
 
 
 def _coerce_tuple(value: Any, args: tuple[Any, ...], where: str) -> tuple:
-    """A list, tuple or ``"(a, b)"`` / ``"a,b"`` string as a fixed-length or ``tuple[X, ...]`` tuple."""
+    """A list, tuple or ``"(a, b)"`` / ``"[a, b]"`` / ``"a,b"`` string as a fixed-length or ``tuple[X, ...]`` tuple."""
     if isinstance(value, str):
-        value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        value = [v for v in value.translate(str.maketrans("", "", "()[]")).split(",") if v.strip()]
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{where}: expected a list, got {value!r}")
     if len(args) == 2 and args[1] is Ellipsis:
@@ -486,7 +492,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     m = cfg.model
     if m.num_embeddings < 1 or m.dim % m.num_embeddings:
-        raise ConfigError(f"model.num_embeddings={m.num_embeddings} must be >= 1 and divide model.dim={m.dim}")
+        fits = [k for k in range(2, 9) if m.dim % k == 0]
+        raise ConfigError(
+            f"model.num_embeddings={m.num_embeddings} must be >= 1 and divide model.dim={m.dim} "
+            f"(set both; at this dim: {', '.join(map(str, [1, *fits]))})"
+        )
     if m.moe.num_experts and not (1 <= m.moe.top_k <= m.moe.num_experts):
         raise ConfigError(f"model.moe.top_k={m.moe.top_k} must be in 1..model.moe.num_experts={m.moe.num_experts}")
     positive: dict[str, int] = {
@@ -497,10 +507,22 @@ def validate(cfg: Config) -> None:
         "model.dim": m.dim,
         "model.num_layers": m.num_layers,
         "model.num_heads": m.num_heads,
+        "train.epochs": cfg.train.epochs,
+        "train.eval_every": cfg.train.eval_every,
     }
     for key, n in positive.items():
         if n < 1:
             raise ConfigError(f"{key}={n} must be at least 1")
+    if not cfg.train.lr > 0:
+        raise ConfigError(f"train.lr={cfg.train.lr} must be positive (the presets use 1e-3)")
+    if cfg.train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay={cfg.train.weight_decay} must be 0 or more")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if cfg.train.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} must be 0 or more")
+    if cfg.train.patience is not None and cfg.train.patience < 1:
+        raise ConfigError(f"train.patience={cfg.train.patience} must be at least 1 (or null: never stop early)")
     if isinstance(cfg.train.compile, str) and cfg.train.compile != "auto":
         raise ConfigError(f"train.compile={cfg.train.compile!r} must be true, false or auto")
     lc = str(cfg.train.length_chunks)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, config_from_dict
-from .data import load_dataset
+from .data import find_run_source, load_dataset
 from .data.noise import evaluation_view, training_view
 from .data.prepared import PreparedDataset
 from .data.splits import eval_arrays
@@ -104,6 +104,7 @@ def load_trained(run_dir: str | Path, checkpoint: str = "auto", device: str = "a
     cfg = run.config()
     cfg.train.device = device
     dev = train_device(cfg.train)
+    find_run_source(cfg.data)
     ds = load_dataset(cfg.data)
     adapt_to_dataset(cfg, ds)
     if cfg.model.name == "popularity":

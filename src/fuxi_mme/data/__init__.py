@@ -33,7 +33,17 @@ from .table import DataError, plain
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataError", "PreparedDataset", "load_dataset", "resolve_source_path", "SOURCES", "check_expected", "is_own_data", "own_data_name"]
+__all__ = [
+    "DataError",
+    "PreparedDataset",
+    "find_run_source",
+    "load_dataset",
+    "resolve_source_path",
+    "SOURCES",
+    "check_expected",
+    "is_own_data",
+    "own_data_name",
+]
 
 
 def raw_dir(cfg: DataConfig) -> Path:
@@ -119,6 +129,21 @@ def _remember_source(cfg: DataConfig, path: Path) -> None:
     ``--source`` find it (``data prepare NAME --source X``, then ``train --dataset NAME``)."""
     if cfg.name != "file" and cfg.path and not is_url(cfg.path):  # own data under its own name too
         atomic_write_json(_source_note(cfg), {"source": str(Path(cfg.path).expanduser().resolve()), "resolved": str(path.resolve())})
+
+
+def find_run_source(cfg: DataConfig) -> None:
+    """A run's ``data.path`` relative to the folder it trained in (runs before paths were kept
+    absolute) that is not found from here: the file the dataset was prepared from, remembered
+    under its name, takes its place (logged). Anything else is left for the reader's errors."""
+    if not cfg.path or is_url(cfg.path):
+        return
+    p = Path(cfg.path).expanduser()
+    if p.is_absolute() or p.exists():
+        return
+    remembered = _remembered_source(cfg)
+    if remembered is not None:
+        log.info("%s: the run's source %s is not in this folder; using %s, the file it was prepared from", cfg.name, p, remembered)
+        cfg.path = str(remembered)
 
 
 def _remembered_source(cfg: DataConfig) -> Path | None:
@@ -249,8 +274,8 @@ def _load_or_prepare(cfg: DataConfig, path: Path | None, rebuild: bool) -> Prepa
         source=str(path) if path else cfg.name,
     )
     notes = read_notes + notes
-    for n in notes:
-        log.warning("%s: %s", cfg.name, n)
+    for n in notes:  # what preparation did or read the data as (data info prints them too)
+        log.info("%s: %s", cfg.name, n)
     ds.stats["notes"] = notes
     # a damaged or --rebuild cache is replaced
     save_prepared(ds, folder, {"key": key, "parts": _key_parts(cfg, path)}, replace=folder.exists())

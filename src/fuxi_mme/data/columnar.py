@@ -461,7 +461,7 @@ def prepare_columnar(
         os.rename(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
         for n_ in notes:
-            log.warning("%s: %s", name, n_)
+            log.info("%s: %s", name, n_)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

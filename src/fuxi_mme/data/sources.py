@@ -305,7 +305,6 @@ def _read_file(path: Path | None, cfg: Any):
     det = detect(path)
     if cfg.format != "auto":
         det = replace(det, format=cfg.format, reason=f"data.format={cfg.format} (detection found {det.format}: {det.reason})")
-    log.info("%s: %s (%s)", path, det.format, det.reason)
     df = read_layout(
         path, det, user_col=cfg.user_col, item_col=cfg.item_col, time_col=cfg.time_col, rating_col=cfg.rating_col, sep=cfg.sep, header=cfg.header
     )

@@ -71,7 +71,7 @@ def read_table_file(path: str | Path, sep: str | None = None) -> pd.DataFrame:
     """Read CSV / TSV / Parquet / JSON-lines by suffix (compressed text files too)."""
     p = Path(path)
     if not p.exists():
-        raise DataError(f"data file {p} does not exist; check the path given to --data-path")
+        raise DataError(f"data file {p} does not exist; check the path given to --source")
     if p.is_dir():
         raise DataError(f"{p} is a folder; pass the interactions file inside it (CSV, TSV, Parquet or JSONL)")
     sfx = _suffixes(p)

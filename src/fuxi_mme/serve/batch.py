@@ -3,7 +3,8 @@
 Input (CSV, TSV, Parquet or JSON lines), either layout:
 
 * long: one interaction per row, columns ``user``, ``item`` and optionally ``timestamp``
-  (other names with ``--user-col`` / ``--item-col`` / ``--time-col``); rows of a user are
+  (or the names training data are read by, e.g. ``user_id``, ``movieId``, ``ts``; other names
+  with ``--user-col`` / ``--item-col`` / ``--time-col``); rows of a user are
   taken oldest first (sorted by timestamp when given, ties in file order, else file order);
 * nested: one user per row with a list column ``history`` (and optionally ``timestamps``).
 
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..data.formats import _ALIASES
 from ..data.table import DataError, read_table_file
 from .recommender import Query, Recommender, RequestError
 
@@ -32,6 +34,7 @@ def read_queries(
     path: str | Path, k: int, exclude_seen: bool | None, user_col="user", item_col="item", time_col: str | None = "timestamp"
 ) -> list[tuple[Any, Query]]:
     df = read_table_file(path)
+    user_col, item_col, time_col = (_alias(df, c, role) for c, role in ((user_col, "user"), (item_col, "item"), (time_col, "time")))
     if "history" in df.columns:
         if user_col not in df.columns:
             raise DataError(f"{path}: nested input needs a {user_col!r} column next to 'history'")
@@ -56,6 +59,18 @@ def read_queries(
         ts = [int(t) for t in g[time_col]] if has_t else None
         out.append((user, Query(g[item_col].tolist(), ts, k, exclude_seen)))
     return out
+
+
+def _alias(df: pd.DataFrame, col: str | None, role: str) -> str | None:
+    """The default column name, or the column training data would read as it (``user_id``,
+    ``movieId``, ``ts``, ...: data/formats.py) when the default is absent; a name the user
+    gave stands."""
+    if col is None or col in df.columns or col != _DEFAULTS[role]:
+        return col
+    return next((str(c) for c in df.columns if str(c).lower() in _ALIASES[role]), col)
+
+
+_DEFAULTS = {"user": "user", "item": "item", "time": "timestamp"}
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> None:

@@ -77,6 +77,9 @@ def _py(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
+MILLIS_ABOVE = 1e11  # a timestamp above this is in milliseconds (1e11 s is the year 5138)
+
+
 def _checked_timestamps(timestamps: Any, n: int) -> list | None:
     """A query's timestamps as a list (None without): one per history item, integer unix
     seconds >= 0, non-decreasing; otherwise a RequestError saying which one is wrong."""
@@ -179,11 +182,17 @@ class Recommender:
             raise RequestError("history is empty: give at least one item id (oldest first)")
         history, codes = self._behaviors(history, q.behaviors)
         ts = _checked_timestamps(q.timestamps, len(history))
+        q_now = q.now
+        millis = ts is not None and max(ts) > MILLIS_ABOVE
+        if ts is not None and millis:  # as the training data's readers do: no unix time in seconds is that large
+            ts = [int(t) // 1000 for t in ts]
+            if isinstance(q_now, (int, np.integer)) and not isinstance(q_now, bool) and q_now > MILLIS_ABOVE:
+                q_now = int(q_now) // 1000
         policy = q.unknown_items or self.unknown_policy
         if policy not in UNKNOWN_POLICIES:
             raise RequestError(f"unknown_items must be one of {', '.join(UNKNOWN_POLICIES)}; got {policy!r}")
         ids, kept_ts, unknown = self._known_items(history, ts, policy)
-        notes = []
+        notes = ["timestamps above 1e11 read as milliseconds and converted to seconds, as training data are"] if millis else []
         beh_a = None
         if self.uses_behavior:
             known = [j for j, raw in enumerate(history) if self._index.get(str(raw)) is not None]
@@ -195,10 +204,10 @@ class Recommender:
         if ts is not None and not self.uses_time:
             notes.append("this model has no temporal channel: timestamps were ignored")
         now = kept_ts[-1]
-        if q.now is not None:
-            if isinstance(q.now, bool) or not isinstance(q.now, (int, np.integer)) or q.now < kept_ts[-1]:
-                raise RequestError(f"now = {q.now!r} must be an integer unix time >= the last timestamp ({kept_ts[-1]})")
-            now = int(q.now)
+        if q_now is not None:
+            if isinstance(q_now, bool) or not isinstance(q_now, (int, np.integer)) or q_now < kept_ts[-1]:
+                raise RequestError(f"now = {q_now!r} must be an integer unix time >= the last timestamp ({kept_ts[-1]})")
+            now = int(q_now)
         seen = np.unique(np.asarray(ids, dtype=np.int64))
         truncated = max(0, len(ids) - self.max_len)
         ids_a = np.asarray(ids[-self.max_len :], dtype=np.int64)
@@ -262,7 +271,10 @@ class Recommender:
             kept_ts.append(int(ts[j]) if ts is not None else 0)
         if unknown and policy == "reject":
             shown = ", ".join(map(repr, unknown[:10])) + (" ..." if len(unknown) > 10 else "")
-            raise RequestError(f"{len(unknown)} item id(s) are not in the model's catalogue: {shown}; remove them or pass unknown_items='ignore'")
+            raise RequestError(
+                f"{len(unknown)} item id(s) are not in the model's catalogue: {shown}; remove them, or ignore unknown items "
+                "(--unknown-items ignore on the command line, unknown_items='ignore' in Python)"
+            )
         if not ids:
             raise RequestError(
                 f"none of the history's {len(history)} item id(s) is in the model's catalogue (e.g. {history[0]!r}); "
