@@ -100,6 +100,25 @@ def test_own_data_prepared_once_is_found_by_its_name_later(tmp_path, capsys):
     assert main(["train", "--dataset", "shopp", *cache, "--print-config"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown dataset 'shopp'" in err and "ml-1m" in err and "--source FILE" in err and "\n" not in err
+    # own names are the file's stem in lower case: a capitalised one says so
+    assert main(["data", "info", "Shop", *cache]) == 2
+    assert "own data is known by its file's stem in lower case: 'shop'" in capsys.readouterr().err
+
+
+def test_a_name_prepared_from_another_file_says_so(tmp_path, caplog):
+    import logging
+
+    cache = ["--data-dir", str(tmp_path / "cache")]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = _write_sequences(tmp_path / "a" / "train.txt", 30, 3, 8)
+    second = _write_sequences(tmp_path / "b" / "train.txt", 30, 3, 8, seed=1)
+    assert main(["data", "prepare", "--source", str(first), *cache]) == 0
+    with caplog.at_level(logging.WARNING, logger="fuxi_mme.data"):
+        assert main(["data", "prepare", "--source", str(first), *cache]) == 0  # the same file again: nothing to say
+        assert not caplog.records
+        assert main(["data", "prepare", "--source", str(second), *cache]) == 0
+    assert f"train: this name now means {second} (it was prepared from {first} before)" in caplog.text
 
 
 @pytest.mark.parametrize(

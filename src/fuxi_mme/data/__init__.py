@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -82,6 +83,8 @@ def resolve_source_path(cfg: DataConfig, progress: bool = True) -> Path | None:
     if remembered is not None:
         log.info("%s: using %s, the --source it was prepared from before", cfg.name, remembered)
         return remembered
+    if own and cfg.name != cfg.name.lower() and _remembered_source(dataclasses.replace(cfg, name=cfg.name.lower())) is not None:
+        raise DataError(f"unknown dataset {cfg.name!r}; own data is known by its file's stem in lower case: {cfg.name.lower()!r}")
     if own:
         raise DataError(
             f"unknown dataset {cfg.name!r}: not a named dataset ({', '.join(n for n in SOURCES if n != 'file')}, amazon-<category>) "
@@ -128,7 +131,14 @@ def _remember_source(cfg: DataConfig, path: Path) -> None:
     """Record the ``--source`` a named dataset was prepared from, so later commands without
     ``--source`` find it (``data prepare NAME --source X``, then ``train --dataset NAME``)."""
     if cfg.name != "file" and cfg.path and not is_url(cfg.path):  # own data under its own name too
-        atomic_write_json(_source_note(cfg), {"source": str(Path(cfg.path).expanduser().resolve()), "resolved": str(path.resolve())})
+        source = str(Path(cfg.path).expanduser().resolve())
+        try:
+            before = json.loads(_source_note(cfg).read_text()).get("source")
+        except (OSError, ValueError, AttributeError):
+            before = None
+        if before is not None and before != source:
+            log.warning("%s: this name now means %s (it was prepared from %s before); --name NAME keeps the two apart", cfg.name, source, before)
+        atomic_write_json(_source_note(cfg), {"source": source, "resolved": str(path.resolve())})
 
 
 def find_run_source(cfg: DataConfig) -> None:

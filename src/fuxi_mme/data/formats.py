@@ -188,7 +188,10 @@ def _parquet_parts(folder: Path) -> list[Path]:
     for f in files:
         with f.open("rb") as fh:
             if fh.read(4) != _PARQUET:
-                raise _error(f"{folder} is a folder: only Parquet parts are read from one, but {f.name} is not Parquet; pass the data file itself")
+                raise _error(
+                    f"{folder} is a folder: only Parquet parts are read from one, but {f.name} is not Parquet; pass the data file itself, "
+                    "or for a named dataset's folder give its name too (fuxi-mme data info ml-100k --source FOLDER)"
+                )
     if not files:
         raise _error(f"{folder} is a folder with no Parquet files (only _SUCCESS, .crc or hidden ones are ignored); pass the data file itself")
     return files
