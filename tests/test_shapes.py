@@ -180,12 +180,14 @@ def test_a_run_trained_from_a_relative_source_is_evaluated_from_another_folder(t
     monkeypatch.chdir(work)
     tiny = ["--set", "model.dim=8", "--set", "model.qk_dim=8", "--set", "model.v_dim=8", "--set", "data.max_len=10"]
     argv = ["train", "--source", "shop.txt", "--model", "fuxi-alpha", *cache, "--run-dir", str(run), "--epochs", "1", "--device", "cpu"]
-    argv += ["--no-progress", *tiny]
+    argv += ["--no-progress", *tiny, "--set", "eval.ks=10,500"]
     assert main(argv) == 0
+    items = json.loads((run / "run.json").read_text())["dataset"]["items"]  # at most 300
+    # a cut-off at or above the catalogue's size gets a line: every item is in its top K
+    assert f"note: cut-off 500 reaches the catalogue's {items} items" in capsys.readouterr().out
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["data"]["path"] == str(work / "shop.txt")
     monkeypatch.chdir(elsewhere)
-    capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--device", "cpu"]) == 0
     assert "NDCG@10" in capsys.readouterr().out
     cfg["data"]["path"] = "shop.txt"  # as runs before this change wrote it

@@ -166,8 +166,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         rows.update(split_rows("test", res["test"]))
     title = f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, full ranking ({res.get('selection', 'no training')})"
     print(metrics_table(rows, title))
+    note = _whole_catalogue_note(res)
+    if note:
+        print(note)
     print(f"results: {res['run_dir']}/metrics.json")
     return 0
+
+
+def _whole_catalogue_note(res: dict[str, Any]) -> str | None:
+    """A line when a cut-off K reaches the catalogue's size: every item is in the top K there, so
+    HR@K is 1 by construction (a tiny catalogue, not a good model)."""
+    try:
+        items = json.loads((Path(res["run_dir"]) / "run.json").read_text())["dataset"]["items"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    metrics = res.get("test") or res.get("valid_best") or {}
+    ks = sorted({int(k.split("@")[1]) for k in metrics if "@" in k and k.split("@")[1].isdigit()})
+    over = [k for k in ks if k >= items]
+    if not over:
+        return None
+    return (
+        f"note: cut-off{'s' if len(over) > 1 else ''} {', '.join(map(str, over))} reach{'' if len(over) > 1 else 'es'} the catalogue's "
+        f"{items:,} items: every item is in the top K, so HR@K is 1 there (--set eval.ks=... sets the cut-offs)"
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
