@@ -70,10 +70,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     """``evaluate``: a trained run on one split."""
     e = sub.add_parser("evaluate", help="evaluate a trained run (full ranking)")
-    e.add_argument("--run", required=True, metavar="RUN_DIR")
-    e.add_argument("--split", default="test", choices=("test", "valid"))
+    e.add_argument("--run", required=True, metavar="RUN_DIR", help="a run folder written by fuxi-mme train (its config, data and weights)")
+    e.add_argument("--split", default="test", choices=("test", "valid"), help="which held-out targets to rank (default: test)")
     e.add_argument("--checkpoint", default="auto", help="best, last, or auto (best when the run kept one)")
-    e.add_argument("--device")
+    e.add_argument("--device", help="cpu, cuda, cuda:N (default: a GPU when one is visible)")
     e.add_argument("--json", action="store_true", help="also print the result as JSON")
     e.set_defaults(func=commands.cmd_evaluate)
 
