@@ -245,7 +245,7 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     from .data.repeats import repeat_summary
     from .eval.evaluator import resolve_history
 
-    proto = "loo-val" if ds.lengths.min() >= 3 else "paper"
+    proto = "loo-val"  # the default protocol (users too short for a validation target have a test target only)
     rep = repeat_summary(ds, proto)
     targets = ", ".join(f"{s} {rep[f'{s}_repeat_targets']:,} of {rep[f'{s}_targets']:,}" for s in ("valid", "test") if f"{s}_targets" in rep)
     print(f"  repeats: {rep['repeat_rate']:.2%} of events repeat an earlier item of the user; repeat targets ({proto}): {targets}")
