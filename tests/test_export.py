@@ -134,6 +134,13 @@ def test_cli_export_and_the_http_service_on_the_export(trained, tmp_path, capsys
         assert [x["item"] for x in r.json()["items"]] == [x["item"] for x in rec.recommend([Query(q.history, q.timestamps, k=7)])[0]["items"]]
         assert c.post("/recommend", json={"history": [], "k": 3}).status_code == 422
         assert c.get("/model").json()["model"] == rec.cfg.model.name
+    # an export stopped half-way (Ctrl-C after the program was saved) is replaced too
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "user_encoder.pt2").write_bytes(b"partial")
+    (half / ".tmp-user_encoder.pt2").write_bytes(b"partial")
+    assert main(["export", str(run), str(half), "--no-aoti", "--no-onnx"]) == 0
+    assert not (half / ".tmp-user_encoder.pt2").exists() and (half / "export.json").is_file()
     # user errors: one line, exit code 2
     assert main(["export", str(run), str(run), "--no-aoti"]) == 2
     assert "is not empty and holds no earlier export" in capsys.readouterr().err

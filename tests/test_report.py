@@ -79,3 +79,19 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/seq_per_s", "valid/NDCG@10", "test/NDCG@10"} <= tags
     assert len(acc.Scalars("train/loss")) == 2  # one per epoch
+
+
+def test_report_takes_a_run_without_test_metrics(two_runs, tmp_path):
+    """A tune trial (eval.final_test=false) has "test": null in metrics.json: reported with
+    dashes, not a traceback."""
+    import shutil
+
+    root, _, _ = two_runs
+    trial = tmp_path / "trial"
+    shutil.copytree(root / "alpha", trial)
+    m = json.loads((trial / "metrics.json").read_text())
+    m["test"] = None
+    (trial / "metrics.json").write_text(json.dumps(m))
+    out = tmp_path / "rep"
+    assert main(["report", str(root / "alpha"), str(trial), "--out", str(out)]) == 0
+    assert "| trial | demo | fuxi-alpha |" in (out / "report.md").read_text()

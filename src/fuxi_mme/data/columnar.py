@@ -43,6 +43,7 @@ import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.dataset as pads  # type: ignore[import-untyped]
 
 from ..utils.integrity import verify_manifest, write_manifest
+from ..utils.runinfo import as_created
 from .prepared import PreparedDataset, _remove_stale
 from .table import DataError, plain
 
@@ -303,6 +304,7 @@ def prepare_columnar(
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    as_created(tmp, folder=True)  # mkdtemp makes it owner-only
     clock: dict[str, float] = {}
     try:
         t0 = time.perf_counter()

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
+from ..utils.runinfo import as_created
 from .table import DataError
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,7 @@ def safe_extract(archive: Path, target: Path, *, fix: str = "delete it and run t
     archive, target = Path(archive), Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
+    as_created(tmp, folder=True)  # mkdtemp makes it owner-only
     try:
         kind = "zip" if _looks_zip(archive) else "tar"
         try:

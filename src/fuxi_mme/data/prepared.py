@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ..utils.integrity import verify_manifest, write_manifest
+from ..utils.runinfo import as_created
 from .behaviors import encode as encode_behaviors
 from .table import DataError
 
@@ -237,6 +238,7 @@ def save_prepared(ds: PreparedDataset, target: Path, meta: dict[str, Any], repla
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    as_created(tmp, folder=True)  # mkdtemp makes it owner-only
     try:
         arrays: dict[str, np.ndarray] = {"offsets": ds.offsets, "items": ds.items, "timestamps": ds.timestamps}
         if ds.behaviors is not None:

@@ -63,7 +63,7 @@ def table(runs: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         cfg, fin, info = r["config"], r["final"] or {}, r["info"]
-        test = fin.get("test", {})
+        test = fin.get("test") or {}  # None: validation only (eval.final_test=false, tune's trials)
         train_recs = [x for x in r["records"] if x.get("kind") == "train"]
         seq = sum(x.get("seq_per_s", 0.0) for x in train_recs) / len(train_recs) if train_recs else None
         d = info.get("device") or {}
@@ -137,7 +137,7 @@ def plot(runs: list[dict[str, Any]], out: Path) -> list[Path]:
     files.append(_save(fig, out / "curves.png"))
     plt.close(fig)
 
-    done = [r for r in runs if r["final"]]
+    done = [r for r in runs if (r["final"] or {}).get("test")]  # tune's trials have no test metrics
     if done:
         fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(done) + 2), 4))
         x = range(len(done))

@@ -27,6 +27,7 @@ import pandas as pd
 
 from ..data.formats import _ALIASES
 from ..data.table import DataError, read_table_file
+from ..utils.runinfo import as_created
 from .recommender import Query, Recommender, RequestError
 
 
@@ -88,6 +89,7 @@ def write_table(df: pd.DataFrame, path: str | Path) -> None:
             df.to_csv(tmp, index=False, sep="\t" if sfx.endswith(".tsv") else ",")
         else:
             raise DataError(f"{p}: unknown output type {sfx!r}; use .csv, .tsv, .parquet or .jsonl")
+        as_created(tmp)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -156,16 +156,21 @@ def export_run(rec: Recommender, out: str | Path, aoti: bool = True, onnx: bool 
 
 
 def _prepare_out(out: Path) -> Path:
-    """``out``, created; a folder that holds anything but an earlier export is refused (so a run
-    folder is never written into), and an earlier export's files are removed."""
+    """``out``, created; a folder that holds anything but an earlier export, finished or stopped
+    half-way (only the export's own files and temporaries), is refused (so a run folder is never
+    written into), and an earlier export's files are removed."""
     ours = {PROGRAM, AOTI, ONNX, ONNX + ".data", ITEMS, ITEM_IDS, META, MANIFEST}
+
+    def own(name: str) -> bool:  # a file of an export, or one of its temporaries (".tmp-x", ".x.tmp", ".x.<random>")
+        return name in ours or (name.startswith(".") and any(name.lstrip(".").removeprefix("tmp-").startswith(o) for o in ours))
+
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; give a folder for the export")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / META).is_file():
+        if not (out / META).is_file() and not all(own(p.name) and p.is_file() for p in out.iterdir()):
             raise FileExistsError(f"{out} is not empty and holds no earlier export ({META}); give a new or empty folder")
         for p in out.iterdir():
-            if p.name in ours:
+            if own(p.name):
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out

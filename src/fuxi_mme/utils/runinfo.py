@@ -130,6 +130,22 @@ def run_info(device: torch.device) -> dict[str, Any]:
     return {"commit": git_commit(), "versions": versions(), "device": device_info(device)}
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()  # read once, at import (os.umask can only be read by setting it)
+
+
+def as_created(path: str | Path, folder: bool = False) -> None:
+    """Give a temporary file or folder (``tempfile`` makes them owner-only) the permissions a
+    plainly created one gets under the user's umask, before it is renamed into place, so
+    reports, results and exports can be read by whoever could read the folder they are in."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~UMASK)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename over the target."""
     p = Path(path)
@@ -138,6 +154,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        as_created(tmp)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
