@@ -1218,3 +1218,12 @@ def test_experiment_rejects_a_non_positive_time_budget(capsys):
     assert main(["experiment", "ablation", "--time-budget", "0", "--root", "/nonexistent-root"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["fuxi-mme: error: --time-budget must be positive seconds, got 0.0"]
+
+
+def test_an_unknown_variant_is_refused_naming_the_known_ones(tmp_path, capsys):
+    from fuxi_mme.cli import main
+
+    assert main(["experiment", "ablation", "--datasets", "demo", "--variants", "bogus", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown variant 'bogus' of ablation; known:" in err and "fuxi-alpha" in err and "\n" not in err.strip()
+    assert not any(tmp_path.iterdir())  # nothing run, nothing written

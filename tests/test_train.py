@@ -196,3 +196,42 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     assert err.startswith("fuxi-mme: error: epoch 2: the training loss is nan") and "checkpoints/last still holds epoch 1" in err
     state = json.loads((tmp_path / "n" / "checkpoints" / "last" / "state.json").read_text())
     assert state["epoch"] == 1 and not (tmp_path / "n" / "metrics.json").exists()
+
+
+def test_evaluate_json_is_json_alone_and_resume_names_what_it_ignores(tmp_path, capsys, caplog, monkeypatch):
+    """`evaluate --json` prints only the JSON (scripts parse stdout); `train --resume` with
+    options it does not apply says which; `serve --port` out of range is one line."""
+    import logging
+
+    from fuxi_mme.train.run import train
+
+    monkeypatch.setenv("FUXI_MME_DATA", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    train(tiny_config("fuxi-alpha", **{"train.epochs": 1, "log.run_dir": str(run)}))
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--device", "cpu", "--json"]) == 0
+    assert "NDCG@10" in json.loads(capsys.readouterr().out)["test"]
+    with caplog.at_level(logging.WARNING, logger="fuxi_mme"):
+        assert main(["train", "--resume", str(run), "--epochs", "1", "--lr", "0.1", "--set", "model.dim=64", "--no-progress"]) == 0
+    assert "--lr, --set ignored (only --epochs, --device and --no-progress apply)" in caplog.text
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2  # the run folder says what it trained
+    assert main(["serve", "--run", str(run), "--port", "99999"]) == 2
+    assert "--port 99999 is not a TCP port" in capsys.readouterr().err
+
+
+def test_a_run_packed_by_an_experiment_suite_is_still_evaluated(tmp_path, capsys, monkeypatch):
+    """`experiment` packs a run's config.json, run.json and metrics.json into its suite's
+    runs.jsonl; the checkpoints stay. `evaluate --run` reads the packed config."""
+    from fuxi_mme.train.run import train
+
+    monkeypatch.setenv("FUXI_MME_DATA", str(tmp_path / "cache"))
+    run = tmp_path / "suite" / "demo" / "fuxi-alpha" / "seed0"
+    train(tiny_config("fuxi-alpha", **{"train.epochs": 1, "log.run_dir": str(run)}))
+    record = {"run": "demo/fuxi-alpha/seed0", **{n: json.loads((run / n).read_text()) for n in ("config.json", "run.json", "metrics.json")}}
+    (tmp_path / "suite" / "runs.jsonl").write_text(json.dumps(record) + "\n")
+    for n in ("config.json", "run.json", "metrics.json"):
+        (run / n).unlink()
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--device", "cpu", "--json"]) == 0
+    assert "NDCG@10" in json.loads(capsys.readouterr().out)["test"]

@@ -74,7 +74,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--split", default="test", choices=("test", "valid"), help="which held-out targets to rank (default: test)")
     e.add_argument("--checkpoint", default="auto", help="best, last, or auto (best when the run kept one)")
     e.add_argument("--device", help="cpu, cuda, cuda:N (default: a GPU when one is visible)")
-    e.add_argument("--json", action="store_true", help="also print the result as JSON")
+    e.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     e.set_defaults(func=commands.cmd_evaluate)
 
 

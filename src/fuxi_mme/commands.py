@@ -149,6 +149,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_run(args.resume)
         if args.epochs:
             cfg.train.epochs = args.epochs
+        if args.device:  # e.g. a GPU run continued on a CPU: the checkpoint loads onto it
+            cfg.train.device = args.device
+        ignored = _resume_ignores(args)
+        if ignored:
+            logging.getLogger("fuxi_mme").warning(
+                "--resume continues the run with its own settings: %s ignored (only --epochs, --device and --no-progress apply)",
+                ", ".join(ignored),
+            )
     else:
         cfg = build_config(args)
     if args.no_progress:
@@ -191,17 +199,33 @@ def _whole_catalogue_note(res: dict[str, Any]) -> str | None:
     )
 
 
+# options a resumed run takes from its own config (train --resume), with their "not given" values
+_RESUME_FIXED: dict[str, Any] = {
+    "preset": None, "dataset": None, "model": None, "size": None, "config": None, "data_path": None, "name": None,
+    "data_dir": None, "protocol": None, "seed": None, "run_dir": None, "batch_size": None, "lr": None, "amp": None,
+    "no_tf32": False, "compile": False, "grad_clip": None, "schedule": None, "warmup_steps": None, "grad_accum": None,
+    "patience": None, "deterministic": False, "tensorboard": False, "overrides": [], "shape": None,
+}  # fmt: skip
+
+
+def _resume_ignores(args: argparse.Namespace) -> list[str]:
+    """The options given with ``train --resume`` that it does not apply, as the user spelt them."""
+    spelt = {"data_path": "--source", "overrides": "--set"}
+    return [spelt.get(k, "--" + k.replace("_", "-")) for k, unset in _RESUME_FIXED.items() if getattr(args, k, unset) not in (unset, None)]
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .runs import evaluate_run
 
     res = evaluate_run(args.run, args.split, args.checkpoint, args.device or "auto")
+    if args.json:  # stdout is the JSON alone, for scripts
+        print(json.dumps(res, indent=2))
+        return 0
     print(
         metrics_table(
             split_rows(args.split, res[args.split]), f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, checkpoint {res['checkpoint']}"
         )
     )
-    if args.json:
-        print(json.dumps(res, indent=2))
     return 0
 
 
@@ -313,7 +337,6 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-
     from .experiments import SUITES, aggregate, markdown, run_suites, write_docs
     from .experiments.logs import pack_logs
     from .experiments.plan import aggregation_jobs
@@ -322,6 +345,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown suite {', '.join(map(repr, unknown))}; known: {', '.join(SUITES)}")
     suites = [SUITES[n] for n in dict.fromkeys(args.suite)]
+    if args.variants:
+        known = {v for s in suites for v in [*s.variants, *(v for _, more in s.extra for v in more)]}
+        bad = [v for v in args.variants if v not in known]
+        if bad:
+            raise ValueError(f"unknown variant {', '.join(map(repr, bad))} of {', '.join(args.suite)}; known: {', '.join(sorted(known))}")
     if args.seeds:  # these seeds for every variant, in the runs and in the tables (copies: SUITES stays as defined)
         suites = [dataclasses.replace(s, seeds=list(args.seeds), model_seeds={}) for s in suites]
     root = Path(args.root)
@@ -422,6 +450,8 @@ def _ids(values: list[str]) -> list:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.app import serve
 
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port; give one in 1-65535 (default 8000)")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("fuxi_mme").warning("binding to %s exposes the service beyond this machine; it has no authentication", args.host)
     if args.exported and (args.device or "cpu") != "cpu":

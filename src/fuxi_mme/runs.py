@@ -48,9 +48,19 @@ class Run:
     @classmethod
     def open(cls, path: str | Path) -> Run:
         run = cls(path)
-        if not (run.path / "config.json").is_file():
+        if not (run.path / "config.json").is_file() and run._packed("config.json") is None:
             raise FileNotFoundError(f"{run.path} is not a run directory (no config.json); pass the folder `fuxi-mme train` wrote")
         return run
+
+    def _packed(self, name: str) -> Any:
+        """``name`` of a run an experiment suite packed into its ``runs.jsonl`` (its checkpoints
+        stay in the folder), or None."""
+        from .experiments.store import run_file
+
+        try:
+            return run_file(self.path, name)
+        except (OSError, ValueError):
+            return None
 
     @property
     def metrics_log(self) -> Path:
@@ -61,7 +71,8 @@ class Run:
         return self.path / "checkpoints"
 
     def config(self) -> Config:
-        return config_from_dict(json.loads((self.path / "config.json").read_text()))
+        f = self.path / "config.json"
+        return config_from_dict(json.loads(f.read_text()) if f.is_file() else self._packed("config.json"))
 
     def write_config(self, cfg: Config) -> None:
         atomic_write_json(self.path / "config.json", cfg.to_dict())

@@ -125,6 +125,8 @@ def _train(
     if not resume and dinfo.main:
         run.write_config(cfg)
         run.write_info(info)
+    elif dinfo.main and run.config().to_dict() != cfg.to_dict():  # resumed with more epochs or another device
+        run.write_config(cfg)
     log.info("run directory: %s", run_dir)
 
     if cfg.model.name == "popularity":

@@ -24,7 +24,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but no CUDA GPU is visible; use --set train.device=cpu")
+        raise ValueError(f"device {name!r} asked for but no CUDA GPU is visible; use --device cpu (or --set train.device=cpu)")
     return dev
 
 
