@@ -58,6 +58,7 @@ def test_validate_catches_bad_values():
         ("train.warmup_steps=-5", "train.warmup_steps=-5 must be 0 or more"),
         ("train.patience=0", "train.patience=0 must be at least 1 (or null"),
         ("model.num_embeddings=3", "divide model.dim=50 (set both; at this dim: 1, 2, 5)"),
+        ("model.dim=-5", "model.dim=-5 must be at least 1"),
     ],
 )
 def test_training_settings_out_of_range_name_the_setting(setting, message):

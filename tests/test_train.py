@@ -218,6 +218,13 @@ def test_evaluate_json_is_json_alone_and_resume_names_what_it_ignores(tmp_path, 
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2  # the run folder says what it trained
     assert main(["serve", "--run", str(run), "--port", "99999"]) == 2
     assert "--port 99999 is not a TCP port" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(run), "--checkpoint", "foo"]) == 2
+    assert "--checkpoint 'foo': use best, last or auto" in capsys.readouterr().err
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "last")
+    assert main(["evaluate", "--run", str(run), "--checkpoint", "last"]) == 2
+    assert "has no last checkpoint; it kept best: use --checkpoint best" in capsys.readouterr().err
 
 
 def test_a_run_packed_by_an_experiment_suite_is_still_evaluated(tmp_path, capsys, monkeypatch):

@@ -308,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fuxi-mme: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fuxi-mme: interrupted", file=sys.stderr)
+        resume = getattr(args, "resume", None) or getattr(args, "run_dir", None)
+        where = resume or "RUN_DIR (the run directory logged above)"
+        hint = f"; continue with: fuxi-mme train --resume {where}" if args.command == "train" and not args.print_config else ""
+        print(f"fuxi-mme: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # the reader went away (`fuxi-mme presets | head`): stop quietly. Python flushes stdout

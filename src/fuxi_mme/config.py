@@ -491,6 +491,8 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     m = cfg.model
+    if m.dim < 1:
+        raise ConfigError(f"model.dim={m.dim} must be at least 1")
     if m.num_embeddings < 1 or m.dim % m.num_embeddings:
         fits = [k for k in range(2, 9) if m.dim % k == 0]
         raise ConfigError(

@@ -91,6 +91,14 @@ class Run:
         (also when a kill left only ``best.old``), else the last."""
         if which == "auto":
             which = "best" if any((self.checkpoints / t).exists() for t in ("best", "best.old")) else "last"
+        if which not in ("best", "last"):
+            raise ValueError(f"--checkpoint {which!r}: use best, last or auto")
+        if not any((self.checkpoints / t).exists() for t in (which, f"{which}.old")):
+            kept = sorted(p.name for p in self.checkpoints.glob("*") if p.name in ("best", "last")) if self.checkpoints.is_dir() else []
+            raise FileNotFoundError(
+                f"{self.path} has no {which} checkpoint"
+                + (f"; it kept {' and '.join(kept)}: use --checkpoint {kept[0]}" if kept else "; it did not finish an epoch")
+            )
         return self.checkpoints / which
 
 
