@@ -175,6 +175,15 @@ def test_optuna_sampler_learns_from_told_trials():
     assert 1e-4 <= p["train.lr"] <= 1e-2 and p["model.dim"] in (16, 32)
     s.tell(1, p, 0.2, "complete")
     assert len(s.study.trials) == 2 and s.study.best_value == 0.2
+    # trial 2 is drawn from (seed, 2) and the trials told, not from how many were asked before:
+    # a study resumed after trial 1 was interrupted (rerun from its record, not asked) draws the
+    # same trial 2 as one that ran through
+    through = OptunaSampler(space, seed=0)
+    through.tell(0, {"train.lr": 1e-3, "model.dim": 16}, 0.1, "complete")
+    first = through.ask(1)
+    resumed = OptunaSampler(space, seed=0)
+    resumed.tell(0, {"train.lr": 1e-3, "model.dim": 16}, 0.1, "complete")
+    assert through.ask(2) == resumed.ask(2) != first
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import zlib
 from typing import Any
 
 from .space import Param, Space
@@ -41,7 +42,11 @@ class RandomSampler:
 
 
 class OptunaSampler:
-    """Optuna's TPE sampler (seeded) over the same space, through its ask-and-tell interface."""
+    """Optuna's TPE sampler (seeded) over the same space, through its ask-and-tell interface.
+    Trial ``i`` is drawn by a sampler seeded with (seed, i), from the trials told so far: a
+    resumed study, which reruns an interrupted trial with its recorded parameters without asking,
+    draws the next trial as the uninterrupted study would (one sampler's stream would be one draw
+    behind and repeat the interrupted trial's parameters)."""
 
     name = "optuna-tpe"
 
@@ -51,6 +56,7 @@ class OptunaSampler:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna = optuna
         self.dists = {name: _distribution(optuna, p) for name, p in space.items()}
+        self.seed = seed
         self.study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
         self.pending: dict[int, Any] = {}
 
@@ -74,6 +80,7 @@ class OptunaSampler:
             )
 
     def ask(self, number: int) -> dict[str, Any]:
+        self.study.sampler = self.optuna.samplers.TPESampler(seed=zlib.crc32(f"{self.seed}:{number}".encode()))
         trial = self.study.ask(self.dists)
         self.pending[number] = trial
         return dict(trial.params)
