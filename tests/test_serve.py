@@ -188,6 +188,8 @@ def test_bad_inputs_get_clear_4xx(client, rec):
     _err(client.post("/recommend", json={"history": h, "k": "ten"}), 422, "k:")
     _err(client.post("/recommend", json={"history": "1,2,3"}), 422, "history")
     _err(client.post("/recommend", json={"k": 3}), 422, "history: field required")
+    _err(client.post("/recommend", json={"history": h, "top_k": 2}), 422, "top_k: unknown field (a request has history, timestamps")
+    _err(client.post("/recommend/batch", json={"requests": [{"history": h}], "k": 2}), 422, "k: unknown field")
     _err(client.post("/recommend", content=b'{"history": [1, 2,', headers={"content-type": "application/json"}), 400, "malformed JSON")
     _err(client.post("/recommend", content=b"\xff\xfe", headers={"content-type": "application/json"}), 400, "malformed JSON")
     _err(client.post("/recommend", json={"history": list(range(30_000))}), 413, "over the limit")

@@ -27,12 +27,14 @@ try:  # optional dependency
     from fastapi import Query as QueryParam
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, ConfigDict, Field
 except ImportError as exc:  # pragma: no cover - exercised when the extra is missing
     raise ImportError("the HTTP service needs FastAPI and uvicorn: pip install 'fuxi-mme[serve]'") from exc
 
 
 class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field ("top_k") is an error, not a silent default
+
     history: list[int | str | list[int | str]] = Field(
         ..., description='item ids of the original data, oldest first, or [item, "behaviour"] pairs', examples=[[1, 50, 181]]
     )
@@ -52,6 +54,8 @@ class RecommendRequest(BaseModel):
 
 
 class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     requests: list[RecommendRequest] = Field(..., description="up to max_batch_request queries")
 
 
@@ -208,7 +212,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     parts = []
     for e in errs[:5]:
         loc = ".".join(str(x) for x in e.get("loc", []) if x != "body")
-        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+        if e.get("type") == "extra_forbidden":
+            known = ", ".join(RecommendRequest.model_fields)
+            parts.append(f"{loc}: unknown field (a request has {known}; a batch has requests)")
+        else:
+            parts.append(f"{loc or 'body'}: {e.get('msg')}")
     return 422, "invalid request: " + "; ".join(parts)
 
 
