@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import RESULTS, card, save  # noqa: E402
 from fuxi_mme.utils.runinfo import run_info  # noqa: E402
+from fuxi_mme.utils.runtime import setup_device  # noqa: E402
 from throughput import make_trainer, path_label, synthetic, train_step, what_ran  # noqa: E402
 
 CATEGORIES = [  # first match wins
@@ -125,8 +126,7 @@ def main() -> None:
         sys.exit("profile_step.py profiles CUDA kernels; run it on a GPU machine")
     from throughput import path_config
 
-    dev = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    dev = setup_device("cuda", tf32=args.tf32 == "on")
     info = run_info(dev)
     rows = []
     for shape in args.shapes:

@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     from fuxi_mme.eval.evaluator import score_batch
     from fuxi_mme.utils.runinfo import run_info
+    from fuxi_mme.utils.runtime import setup_device
 
-    dev = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"  # on: the library's default (train.tf32)
+    dev = setup_device(args.device, tf32=args.tf32 == "on")  # on: the library's default (train.tf32)
     info = run_info(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.Generator(device=dev).manual_seed(0)

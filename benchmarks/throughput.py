@@ -37,6 +37,7 @@ from fuxi_mme.models.moe import PERSISTENT_REDUCTIONS, PERSISTENT_REDUCTIONS_ENV
 from fuxi_mme.presets import build_preset, preset_name  # noqa: E402
 from fuxi_mme.train.loop import Trainer  # noqa: E402
 from fuxi_mme.utils.runinfo import run_info  # noqa: E402
+from fuxi_mme.utils.runtime import setup_device  # noqa: E402
 
 # docs/models.md#dataset-statistics: users, items, interactions (mean length = interactions / users).
 SHAPES = {"ml-1m": (6040, 3706, 1_000_209), "ml-20m": (138_493, 26_744, 20_000_263)}
@@ -365,8 +366,7 @@ def main() -> None:
         os.environ[PERSISTENT_REDUCTIONS_ENV] = "1" if args.persistent_reductions == "on" else "0"
         inductor_config.triton.persistent_reductions = args.persistent_reductions == "on"
     launch = use_launch_tables(args.launch) if args.launch else None
-    dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    dev = setup_device(args.device, tf32=args.tf32 == "on")
     info = run_info(dev)  # its device record names the TF32 setting
     if launch is not None:
         info["launch_tables"] = {"from": args.launch, **launch}

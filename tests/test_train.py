@@ -213,7 +213,7 @@ def test_evaluate_json_is_json_alone_and_resume_names_what_it_ignores(tmp_path, 
     assert "NDCG@10" in json.loads(capsys.readouterr().out)["test"]
     with caplog.at_level(logging.WARNING, logger="fuxi_mme"):
         assert main(["train", "--resume", str(run), "--epochs", "1", "--lr", "0.1", "--set", "model.dim=64", "--no-progress"]) == 0
-    assert "--lr, --set ignored (only --epochs, --device and --no-progress apply)" in caplog.text
+    assert "--set, --lr ignored (only --epochs, --device and --no-progress apply)" in caplog.text
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2  # the run folder says what it trained
     assert main(["serve", "--run", str(run), "--port", "99999"]) == 2

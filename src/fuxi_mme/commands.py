@@ -199,19 +199,21 @@ def _whole_catalogue_note(res: dict[str, Any]) -> str | None:
     )
 
 
-# options a resumed run takes from its own config (train --resume), with their "not given" values
-_RESUME_FIXED: dict[str, Any] = {
-    "preset": None, "dataset": None, "model": None, "size": None, "config": None, "data_path": None, "name": None,
-    "data_dir": None, "protocol": None, "seed": None, "run_dir": None, "batch_size": None, "lr": None, "amp": None,
-    "no_tf32": False, "compile": False, "grad_clip": None, "schedule": None, "warmup_steps": None, "grad_accum": None,
-    "patience": None, "deterministic": False, "tensorboard": False, "overrides": [], "shape": None,
-}  # fmt: skip
+RESUME_APPLIES = ("resume", "epochs", "device", "no_progress", "print_config", "verbose")  # what train --resume takes from the command line
 
 
 def _resume_ignores(args: argparse.Namespace) -> list[str]:
-    """The options given with ``train --resume`` that it does not apply, as the user spelt them."""
+    """The options given with ``train --resume`` that it does not apply (every one set away from
+    its default but :data:`RESUME_APPLIES`), as the user spelt them."""
+    from .cli import make_parser
+
+    defaults = vars(make_parser().parse_args(["train"]))
     spelt = {"data_path": "--source", "overrides": "--set"}
-    return [spelt.get(k, "--" + k.replace("_", "-")) for k, unset in _RESUME_FIXED.items() if getattr(args, k, unset) not in (unset, None)]
+    return [
+        spelt.get(k, "--" + k.replace("_", "-"))
+        for k, default in defaults.items()
+        if k not in RESUME_APPLIES and getattr(args, k, default) not in (default, None)
+    ]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

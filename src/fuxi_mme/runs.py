@@ -48,19 +48,16 @@ class Run:
     @classmethod
     def open(cls, path: str | Path) -> Run:
         run = cls(path)
-        if not (run.path / "config.json").is_file() and run._packed("config.json") is None:
+        if run._file("config.json") is None:
             raise FileNotFoundError(f"{run.path} is not a run directory (no config.json); pass the folder `fuxi-mme train` wrote")
         return run
 
-    def _packed(self, name: str) -> Any:
-        """``name`` of a run an experiment suite packed into its ``runs.jsonl`` (its checkpoints
-        stay in the folder), or None."""
+    def _file(self, name: str) -> Any:
+        """The JSON of the run's ``name``: the loose file, or the copy an experiment suite packed
+        into its ``runs.jsonl`` (the checkpoints stay in the folder); None if neither."""
         from .experiments.store import run_file
 
-        try:
-            return run_file(self.path, name)
-        except (OSError, ValueError):
-            return None
+        return run_file(self.path, name)
 
     @property
     def metrics_log(self) -> Path:
@@ -71,8 +68,7 @@ class Run:
         return self.path / "checkpoints"
 
     def config(self) -> Config:
-        f = self.path / "config.json"
-        return config_from_dict(json.loads(f.read_text()) if f.is_file() else self._packed("config.json"))
+        return config_from_dict(self._file("config.json"))
 
     def write_config(self, cfg: Config) -> None:
         atomic_write_json(self.path / "config.json", cfg.to_dict())
@@ -89,16 +85,14 @@ class Run:
     def checkpoint(self, which: str = "auto") -> Path:
         """The folder of checkpoint ``which``; ``auto``: the best checkpoint when the run kept one
         (also when a kill left only ``best.old``), else the last."""
+        kept = [t for t in ("best", "last") if (self.checkpoints / t).exists() or (self.checkpoints / f"{t}.old").exists()]
         if which == "auto":
-            which = "best" if any((self.checkpoints / t).exists() for t in ("best", "best.old")) else "last"
+            which = "best" if "best" in kept else "last"
         if which not in ("best", "last"):
             raise ValueError(f"--checkpoint {which!r}: use best, last or auto")
-        if not any((self.checkpoints / t).exists() for t in (which, f"{which}.old")):
-            kept = sorted(p.name for p in self.checkpoints.glob("*") if p.name in ("best", "last")) if self.checkpoints.is_dir() else []
-            raise FileNotFoundError(
-                f"{self.path} has no {which} checkpoint"
-                + (f"; it kept {' and '.join(kept)}: use --checkpoint {kept[0]}" if kept else "; it did not finish an epoch")
-            )
+        if which not in kept:
+            why = f"; it kept {' and '.join(kept)}: use --checkpoint {kept[0]}" if kept else "; it did not finish an epoch"
+            raise FileNotFoundError(f"{self.path} has no {which} checkpoint{why}")
         return self.checkpoints / which
 
 

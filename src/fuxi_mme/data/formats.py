@@ -68,6 +68,14 @@ _ALIASES = {
     "item": {"itemid", "item_id", "movieid", "movie_id", "aid", "video_id", "product_id", "asin", "article_id"},
     "time": {"ts", "time", "datetime", "date", "unix_time", "unixreviewtime", "t_dat"},
 }
+
+
+def column_alias(names: list[str], role: str) -> str | None:
+    """The first of ``names`` that is a usual name of the ``role`` column ("user", "item",
+    "time"), e.g. ``user_id``, ``movieId``, ``ts``; None if none is."""
+    return next((c for c in names if c.lower() in _ALIASES[role]), None)
+
+
 _ML = "user::item::rating[::timestamp] (MovieLens ratings.dat)"
 _POSITIONS = {2: ["user", "item"], 3: ["user", "item", "timestamp"], 4: ["user", "item", "rating", "timestamp"]}
 

@@ -18,7 +18,6 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from .formats import (
-    _ALIASES,
     _ID,
     _PARQUET_ERRORS,
     _POSITIONS,
@@ -33,6 +32,7 @@ from .formats import (
     _parquet_parts,
     _show,
     _text,
+    column_alias,
 )
 
 
@@ -91,7 +91,7 @@ def _canonical(df: pd.DataFrame, src: str, cols: _Cols, where: Callable[[int], s
     notes = []
     for role, default in (("user", "user"), ("item", "item"), ("time", "timestamp")):
         if getattr(cols, role) == default and default not in df.columns:
-            alias = next((c for c in names if c.lower() in _ALIASES[role]), None)
+            alias = column_alias(names, role)
             if alias is not None:
                 cols = replace(cols, **{role: alias})
                 notes.append(f"{src}: column {alias!r} is the {role} (no {default!r} column)")

@@ -58,12 +58,13 @@ def stored_runs(suite_dir: Path) -> dict[str, dict[str, Any]]:
 def variant_runs(variant_dir: Path) -> list[Path]:
     """The run folders (``seed<k>``) of one variant folder ``<suite>/<dataset>/<variant>``, loose
     or packed into the suite's ``runs.jsonl``; set-aside ones (``seed<k>.stale``) left out."""
-    names = {p.name for p in variant_dir.glob("seed*") if p.is_dir() and p.name[4:].isdigit()}
+    names = {p.name for p in variant_dir.iterdir() if p.is_dir()} if variant_dir.is_dir() else set()
     where = _where(variant_dir / "seed0")
     if where is not None:
         prefix = where[1].rsplit("/", 1)[0] + "/"
-        names |= {k[len(prefix) :] for k in stored_runs(where[0]) if k.startswith(prefix) and k[len(prefix) + 4 :].isdigit()}
-    return [variant_dir / n for n in sorted(names, key=lambda n: int(n[4:]))]
+        names |= {k.removeprefix(prefix) for k in stored_runs(where[0]) if k.startswith(prefix)}
+    seeds = [n for n in names if n.startswith("seed") and n[4:].isdigit()]
+    return [variant_dir / n for n in sorted(seeds, key=lambda n: int(n[4:]))]
 
 
 def run_file(run_dir: Path, name: str) -> Any:

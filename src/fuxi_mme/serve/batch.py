@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..data.formats import _ALIASES
+from ..data.formats import column_alias
 from ..data.table import DataError, read_table_file
 from ..utils.runinfo import as_created
 from .recommender import Query, Recommender, RequestError
@@ -68,7 +68,7 @@ def _alias(df: pd.DataFrame, col: str | None, role: str) -> str | None:
     gave stands."""
     if col is None or col in df.columns or col != _DEFAULTS[role]:
         return col
-    return next((str(c) for c in df.columns if str(c).lower() in _ALIASES[role]), col)
+    return column_alias([str(c) for c in df.columns], role) or col
 
 
 _DEFAULTS = {"user": "user", "item": "item", "time": "timestamp"}
