@@ -343,3 +343,30 @@ def test_bytecode_benchmark_times_compiled_against_kept(tmp_path):
     got = json.loads(out.with_suffix(".json").read_text())
     assert got["pyc_files"] > 0 and len(got["compiled_s"]) == len(got["kept_s"]) == 1
     assert "every module compiled" in out.read_text()
+
+
+def test_throughput_and_rank_speed_set_tf32_through_setup_device(monkeypatch):
+    """`--tf32 on|off` reaches the device set-up that `fuxi-mme train` uses (its TF32 flags)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fuxi_mme.utils.runtime as runtime
+    import rank_speed
+    import throughput
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def setup(device, local_rank=None, num_threads=None, tf32=True):
+        seen.append(tf32)
+        raise Stop
+
+    monkeypatch.setattr(runtime, "setup_device", setup)
+    monkeypatch.setattr(throughput, "setup_device", setup)
+    for flag in ("on", "off"):
+        monkeypatch.setattr(sys, "argv", ["throughput.py", "--device", "cpu", "--tf32", flag])
+        with pytest.raises(Stop):
+            throughput.main()
+        with pytest.raises(Stop):
+            rank_speed.main(["--device", "cpu", "--tf32", flag])
+    assert seen == [True, True, False, False]
