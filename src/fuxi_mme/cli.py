@@ -64,7 +64,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    t.set_defaults(func=commands.cmd_train)
+    # every option's default, so `train --resume` can name the options given that it does not apply
+    t.set_defaults(func=commands.cmd_train, option_defaults=vars(t.parse_args([])))
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:

@@ -204,10 +204,8 @@ RESUME_APPLIES = ("resume", "epochs", "device", "no_progress", "print_config", "
 
 def _resume_ignores(args: argparse.Namespace) -> list[str]:
     """The options given with ``train --resume`` that it does not apply (every one set away from
-    its default but :data:`RESUME_APPLIES`), as the user spelt them."""
-    from .cli import make_parser
-
-    defaults = vars(make_parser().parse_args(["train"]))
+    its default, ``option_defaults`` from the parser, but :data:`RESUME_APPLIES`), as the user spelt them."""
+    defaults = getattr(args, "option_defaults", {})
     spelt = {"data_path": "--source", "overrides": "--set"}
     return [
         spelt.get(k, "--" + k.replace("_", "-"))
