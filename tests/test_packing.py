@@ -291,3 +291,62 @@ def test_a_runs_cpu_seconds_include_its_live_workers():
         assert process_cpu_seconds() - before >= 0.35
     finally:
         worker.communicate("")
+
+
+def test_an_unmeasured_variant_takes_the_needs_of_its_family():
+    """Runs of one model on one dataset that differ only in data-side settings (noise, sparsity)
+    are one family: once any of them is measured, the others start as measured kinds (no wait for
+    the last start to settle) with the family's needs; their own measurements then take over."""
+    clock = Clock()
+    gate = PackingGate(free=lambda g: 100.0, settle_s=15.0, clock=clock, sleep=clock.sleep, idle=lambda: 10.0)
+    gate.relate("noisy", "model-a")
+    gate.relate("clean", "model-a")
+    gate.acquire("0", "clean")
+    assert not gate.try_acquire("0", "noisy")  # nothing of the family measured: waits to settle
+    gate.learn("clean", 20.0, 2.0)
+    assert gate.expect("noisy") == 26.5 and gate.expect_cores("noisy") == 2.0 and gate.measured("noisy")
+    assert gate.try_acquire("0", "noisy") and gate.try_acquire("0", "noisy")  # at once: 100 - 26.5 * 2 >= 26.5 (the family's need)
+    assert not gate.try_acquire("0", "noisy")  # 100 - 26.5 * 3 < 26.5
+    assert gate.expect("other") == 8.0 and not gate.measured("other")  # no family: the defaults
+    gate.learn("noisy", 30.0)
+    assert gate.expect("noisy") == 39.0 and gate.expect("clean") == 26.5  # its own measurement; the family's need is the larger
+    gate.relate("sparse", "model-a")
+    assert gate.expect("sparse") == 39.0
+
+
+def test_job_family_puts_data_side_variants_of_one_model_together(tmp_path):
+    from fuxi_mme.experiments.plan import Job, job_family
+
+    def job(variant: str, model: dict, noise: float, dataset: str = "ds") -> Job:
+        planned = {"model": model, "data": {"max_len": 50, "noise": {"rate": noise}}, "train": {"batch_size": 128, "loss": "full", "seed": 0}}
+        return Job(dataset, variant, 0, [], tmp_path / variant, planned=planned)
+
+    a = {"name": "fuxi-mme", "dim": 64, "denoise": "none"}
+    assert job_family(job("clean", a, 0.0)) == job_family(job("insert 10%", a, 0.1))
+    assert job_family(job("gate", {**a, "denoise": "gate"}, 0.0)) != job_family(job("clean", a, 0.0))  # another model
+    assert job_family(job("clean", a, 0.0, dataset="other")) != job_family(job("clean", a, 0.0))
+    assert job_family(Job("ds", "v", 0, [], tmp_path / "v")) == ("ds", "v")  # no planned config: its own variant
+
+
+def test_a_suite_relates_each_variant_to_its_family(tmp_path, monkeypatch):
+    """run_jobs relates each pending job to its family: a noise variant whose model was measured
+    on the same data earlier in the command starts with that measurement, not the defaults."""
+    from fuxi_mme.experiments import runner
+    from fuxi_mme.experiments.plan import Job
+
+    seen: dict[str, tuple[bool, float]] = {}
+
+    def fake_run_job(job, env, stopping=None):
+        seen[job.variant] = (gate.measured((job.dataset, job.variant)), gate.expect((job.dataset, job.variant)))
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        (job.run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "gpu_mem_gb": 4.0}) + "\n")
+        return job, 0, 1.0
+
+    monkeypatch.setattr(runner, "run_job", fake_run_job)
+    monkeypatch.setattr(runner, "visible_gpus", lambda: ["0"])
+    monkeypatch.setattr(runner, "job_cost", lambda job: {"clean": 2.0, "insert 10%": 1.0}[job.variant])  # clean first
+    gate = PackingGate(free=lambda g: 100.0, settle_s=0, idle=lambda: None)
+    planned = {"model": {"name": "sasrec"}, "data": {"max_len": 50}, "train": {"batch_size": 128}}
+    jobs = [Job("ds", v, 0, [], tmp_path / "ds" / v / "seed0", planned=planned) for v in ("clean", "insert 10%")]
+    assert runner.run_jobs(jobs, 1, {id(j): "s" for j in jobs}, gate=gate) == {}
+    assert seen == {"clean": (False, 8.0), "insert 10%": (True, 4.0 * 1.25 + 1.5)}

@@ -179,7 +179,10 @@ class PackingGate:
     finished runs: memory from the peaks they logged, ``peak * 1.25 + 1.5`` GiB (the CUDA
     context, graph pools and the allocator's cache come on top of what PyTorch reports), unknown
     kinds ``default_gb``; host cores from the cores they kept busy on average (``host_cores``),
-    unknown kinds ``default_cores``. A run that started less than ``settle_s`` ago may not show
+    unknown kinds ``default_cores``. A kind not measured yet takes the needs of its family
+    (:meth:`relate`), so the noise variants of one model start as measured once any of them
+    finished (keyed by variant alone, each one's first seeds waited out the settle time: starts
+    came every 15-20 s, two or three runs at once, on an H100 in #30's measurements). A run that started less than ``settle_s`` ago may not show
     yet in the GPU's free memory or the host's idle cores: when it and the run asking are of
     measured kinds, its measured needs are taken off what the readings show (it is counted as
     if it had allocated everything already); when either kind is unmeasured the gate waits until
@@ -204,23 +207,47 @@ class PackingGate:
         self.default_cores = default_cores
         self.need: dict[Hashable, float] = {}
         self.cores: dict[Hashable, float] = {}
+        # kind -> its family (runs expected to need the same: the same model and shapes on the
+        # same data; :func:`plan.job_family`): an unmeasured kind takes its family's needs
+        self.family: dict[Hashable, Hashable] = {}
         self.running: dict[str, int] = {}
         # (time, GPU, kind) of the recent starts on any GPU: the host's load is shared by all of them
         self.starts: list[tuple[float, str, Hashable]] = []
         self.lock = threading.Lock()  # the counters
         self.deciding = threading.Lock()  # one start decision at a time
 
+    def relate(self, key: Hashable, family: Hashable) -> None:
+        """Runs of kind ``key`` are expected to need what runs of ``family`` were measured to need
+        until one of ``key`` itself is measured (e.g. the noise variants of one model)."""
+        self.family[key] = family
+
+    def _lookup(self, table: dict[Hashable, float], key: Hashable) -> float | None:
+        if key in table:
+            return table[key]
+        family = self.family.get(key)
+        return table.get(family) if family is not None else None
+
+    def measured(self, key: Hashable) -> bool:
+        return self._lookup(self.need, key) is not None
+
     def expect(self, key: Hashable) -> float:
-        return self.need.get(key, self.default_gb)
+        need = self._lookup(self.need, key)
+        return self.default_gb if need is None else need
 
     def expect_cores(self, key: Hashable) -> float:
-        return self.cores.get(key, self.default_cores)
+        cores = self._lookup(self.cores, key)
+        return self.default_cores if cores is None else cores
 
     def learn(self, key: Hashable, peak_gb: float | None, cores: float | None = None) -> None:
-        if peak_gb is not None:
-            self.need[key] = max(self.need.get(key, 0.0), peak_gb * 1.25 + 1.5)
-        if cores is not None:
-            self.cores[key] = max(self.cores.get(key, 0.0), cores)
+        """A finished run of kind ``key`` needed ``peak_gb`` GiB at its peak and kept ``cores``
+        busy: its kind's and its family's needs are at least that (with a margin for memory)."""
+        for k in (key, self.family.get(key)):
+            if k is None:
+                continue
+            if peak_gb is not None:
+                self.need[k] = max(self.need.get(k, 0.0), peak_gb * 1.25 + 1.5)
+            if cores is not None:
+                self.cores[k] = max(self.cores.get(k, 0.0), cores)
 
     def _may_start(self, gpu: str, key: Hashable) -> bool:
         """With a run already on ``gpu``: whether one of ``key`` may join it now. Without a
@@ -246,7 +273,7 @@ class PackingGate:
         now = self.clock()
         self.starts = [s for s in self.starts if now - s[0] < self.settle_s]
         recent = [(g, k) for _, g, k in self.starts]
-        if recent and not all(k in self.need for k in [key, *(k for _, k in recent)]):
+        if recent and not all(self.measured(k) for k in [key, *(k for _, k in recent)]):
             return None
         return recent
 

@@ -12,9 +12,11 @@ multiplier) and ``{qk_d<w>}`` (the head width at embedding width ``w``: w / head
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,6 +287,18 @@ DATASET_COST = {
     "demo": 0.1,
 }
 MODEL_COST = {"popularity": 0.01, "sasrec": 0.5, "hstu": 1.0, "llama": 1.0, "fuxi-alpha": 1.0, "fuxi-mme": 2.0}
+
+
+def job_family(job: Job) -> Hashable:
+    """The runs expected to need the same GPU memory and host cores as ``job``: the same dataset,
+    model, sequence length and batch (its data-side settings, such as noise or sparsity, and its
+    seed aside). Without a planned config: its own variant."""
+    if job.planned is None:
+        return (job.dataset, job.variant)
+    p = job.planned
+    shape = {"model": p.get("model"), "max_len": (p.get("data") or {}).get("max_len")}
+    shape["train"] = {k: (p.get("train") or {}).get(k) for k in ("batch_size", "loss", "num_negatives", "amp", "grad_accum")}
+    return (job.dataset, json.dumps(shape, sort_keys=True, default=str))
 
 
 def job_cost(job: Job) -> float:

@@ -24,7 +24,7 @@ from .aggregate import aggregate
 from .logs import pack_logs, source_snapshot, write_copy
 from .packing import OOM_RETRIES, PackingGate, ended_out_of_memory, host_cores, learn_from_finished, peak_memory_gb
 from .page import write_docs
-from .plan import GpuSlots, Job, aggregation_jobs, is_done, job_cost, plan, reusable_run, stale_changes, visible_gpus
+from .plan import GpuSlots, Job, aggregation_jobs, is_done, job_cost, job_family, plan, reusable_run, stale_changes, visible_gpus
 from .store import has_run_file, set_aside, variant_runs
 from .suites import Suite
 
@@ -141,6 +141,8 @@ def run_jobs(
     slots = GpuSlots(visible_gpus())
     stopping = Stopping()
     gate = gate or PackingGate()
+    for j in pending:  # a kind not measured yet takes its family's needs
+        gate.relate((j.dataset, j.variant), job_family(j))
     for variant_dir, key in {j.run_dir.parent: (j.dataset, j.variant) for j in pending}.items():  # a resumed suite's other seeds
         learn_from_finished(gate, key, variant_runs(variant_dir))
     env = dict(os.environ)
