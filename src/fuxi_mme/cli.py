@@ -141,6 +141,14 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
         help="the seeds of every variant, run and aggregated (default: the suite's, e.g. main: 5 for FuXi-alpha and Fuxi-MME, 3 for the others)",
     )
     x.add_argument("--datasets", nargs="+", help="the suite's datasets, or others (ml-1m, ml-20m, kuairand-pure, ... from --data-root or downloaded)")
+    x.add_argument(
+        "--source",
+        dest="sources",
+        nargs="+",
+        metavar="FILE",
+        help="your own interactions file(s) as datasets of the suite (alone, instead of its datasets; with --datasets, beside them): "
+        "each named and measured as `train --source FILE` does it, every run with the defaults of its shape",
+    )
     x.add_argument("--variants", nargs="+", help="a subset of the suite's variants (names as in its tables)")
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="applied to every run")
     x.add_argument(

@@ -130,13 +130,9 @@ def _apply_args(cfg, args: argparse.Namespace) -> None:
 
 def _measured_shape(cfg) -> str:
     """Prepare (or load) own data and pick its shape from what it looks like; logged."""
-    from .config import validate
-    from .data import load_dataset
-    from .shapes import choose_shape
+    from .shapes import measured_shape
 
-    validate(cfg)  # data.sep and friends spelled as the readers take them
-    ds = load_dataset(cfg.data)
-    shape, why = choose_shape(ds.stats)
+    shape, why = measured_shape(cfg)
     logging.getLogger("fuxi_mme").info("%s: shape %s: %s (--shape NAME to choose another)", cfg.data.name, shape, why)
     return shape
 
@@ -339,7 +335,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import SUITES, aggregate, markdown, run_suites, write_docs
     from .experiments.logs import pack_logs
-    from .experiments.plan import aggregation_jobs
+    from .experiments.plan import aggregation_jobs, own_data
 
     unknown = [n for n in args.suite if n not in SUITES]
     if unknown:
@@ -355,6 +351,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     root = Path(args.root)
     data_root = Path(args.data_root) if args.data_root else None
     docs = Path(args.docs) if args.docs else root / "results.md"
+    own = own_data(args.sources) if args.sources else {}
+    datasets = [*(args.datasets or []), *(n for n in own if n not in (args.datasets or []))] if own else args.datasets
     if args.aggregate_only:
         from .utils.runinfo import git_commit
 
@@ -363,7 +361,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 if (root / s.name).is_dir():
                     print(f"{root / s.name}: packed {pack_logs(root / s.name)} per-epoch log files into logs.tar.xz")
         commit = git_commit()
-        results = [aggregate(s, aggregation_jobs(s, root, data_root, args.overrides, args.datasets, args.variants), root, [], commit) for s in suites]
+        results = [aggregate(s, aggregation_jobs(s, root, data_root, args.overrides, datasets, args.variants, own), root, [], commit) for s in suites]
         write_docs(root, docs)
     else:
         from .utils.mps import mps_daemon
@@ -377,12 +375,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 data_root,
                 args.jobs,
                 args.overrides,
-                args.datasets,
+                datasets,
                 docs=docs,
                 variants=args.variants,
                 rerun=args.rerun,
                 time_budget=args.time_budget,
                 reuse=args.reuse,
+                own=own,
             )
     for res in results:
         print(markdown(res))

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, apply_overrides, validate
-from ..presets import build_preset, preset_name
+from ..presets import build_defaults, build_preset, preset_name
 from ..shapes import DATASETS
-from .store import RUN_DEPTH, has_run_file, run_file, stored_runs
+from .store import RUN_DEPTH, has_run_file, run_file, stored_runs, variant_runs
 from .suites import Suite, Variant
 
 # Where each dataset's files are, under the data root (plus the official archives' folder names
@@ -88,6 +88,52 @@ class Job:
     rerun: str | None = None  # --rerun: "all" or "without-beyond" (finished runs to train again)
 
 
+@dataclass(frozen=True)
+class OwnData:
+    """A user's own interactions file in a suite (``experiment --source FILE``): the name its
+    runs and table rows go by (the one ``train --source`` gives it), its path, and the shape
+    measured from it, whose defaults every run takes (docs/datasets.md#defaults-by-shape)."""
+
+    name: str
+    path: str
+    shape: str
+
+
+def own_data(paths: list[str]) -> dict[str, OwnData]:
+    """Each file of ``paths`` named and measured as ``train --source FILE`` does it (prepared once,
+    into the cache the runs then read): name -> :class:`OwnData`."""
+    import logging
+
+    from ..data import own_data_name
+    from ..shapes import measured_shape
+
+    out: dict[str, OwnData] = {}
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.exists():
+            raise ValueError(f"--source {p}: no such file or folder")
+        name = own_data_name(path)
+        if name in out and out[name].path != str(path.resolve()):
+            raise ValueError(f"--source {p}: another source is already named {name!r} (rename one of the files)")
+        cfg = build_defaults("long", "fuxi-alpha", "base", name)
+        cfg.data.path = str(path.resolve())
+        shape, why = measured_shape(cfg)
+        logging.getLogger("fuxi_mme").info("%s: shape %s: %s", name, shape, why)
+        out[name] = OwnData(name, cfg.data.path, shape)
+    return out
+
+
+def own_from_runs(name: str, run_dirs: list[Path]) -> OwnData | None:
+    """Own data a suite ran on, read back from a finished run's ``config.json`` (its path and
+    shape), so the tables keep its rows without ``--source``; None when no run says."""
+    for d in run_dirs:
+        cfg = run_file(d, "config.json") or {}
+        path, shape = (cfg.get("data") or {}).get("path"), cfg.get("shape")
+        if path and shape:
+            return OwnData(name, str(path), str(shape))
+    return None
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -144,20 +190,20 @@ def is_done(job: Job) -> bool:
     return has_run_file(job.run_dir, "metrics.json") and not stale_changes(job)
 
 
-def planned_config(preset: str, sets: list[str]) -> tuple[Config | None, str | None]:
-    """The config a run of ``preset`` with ``sets`` trains, or the configuration error it would
-    stop with (e.g. M=4 with a width of 50)."""
+def planned_config(preset: str, sets: list[str], base: Config | None = None) -> tuple[Config | None, str | None]:
+    """The config a run of ``preset`` (or of ``base``, own data's shape defaults) with ``sets``
+    trains, or the configuration error it would stop with (e.g. M=4 with a width of 50)."""
     try:
-        cfg = apply_overrides(build_preset(preset), sets)
+        cfg = apply_overrides(base if base is not None else build_preset(preset), sets)
         validate(cfg)
     except ConfigError as e:
         return None, str(e)
     return cfg, None
 
 
-def placeholders(dataset: str) -> dict[str, Any]:
-    """The values of the suite files' ``{...}`` placeholders on ``dataset``."""
-    base = build_preset(preset_name(dataset, "fuxi-alpha", "base")).model
+def placeholders(dataset: str, own: OwnData | None = None) -> dict[str, Any]:
+    """The values of the suite files' ``{...}`` placeholders on ``dataset`` (own data: from its shape's defaults)."""
+    base = (build_defaults(own.shape, "fuxi-alpha", "base", dataset) if own else build_preset(preset_name(dataset, "fuxi-alpha", "base"))).model
     return {
         "qk_full": base.qk_dim,
         "qk_half": max(1, base.qk_dim // 2),
@@ -182,16 +228,24 @@ def run_folder(root: Path, suite: str, dataset: str, variant: str, seed: int) ->
     return root / suite / dataset / safe / f"seed{seed}"
 
 
-def make_job(suite: Suite, name: str, v: Variant, dataset: str, seed: int, root: Path, data: list[str], extra: list[str]) -> Job:
-    """One run of variant ``name`` on ``dataset``: its CLI arguments and its planned config."""
-    fmt = placeholders(dataset)
+def make_job(
+    suite: Suite, name: str, v: Variant, dataset: str, seed: int, root: Path, data: list[str], extra: list[str], own: OwnData | None = None
+) -> Job:
+    """One run of variant ``name`` on ``dataset``: its CLI arguments and its planned config (own
+    data: its file, name and measured shape instead of a preset)."""
+    fmt = placeholders(dataset, own)
     preset, protocol = preset_name(dataset, v.model, v.size), suite.protocol_of(v)
     run_dir = run_folder(root, suite.name, dataset, name, seed)
     sets = [o.format(**fmt) for o in [*suite.sets, *suite.model_sets.get(v.model, []), *v.sets, *extra]]
-    args = ["train", "--preset", preset, "--seed", str(seed), "--protocol", protocol, "--run-dir", str(run_dir), "--no-progress", *data]
+    what = ["--preset", preset]
+    if own is not None:
+        what = ["--source", own.path, "--name", dataset, "--shape", own.shape, "--model", v.model, "--size", v.size]
+        data = []
+    args = ["train", *what, "--seed", str(seed), "--protocol", protocol, "--run-dir", str(run_dir), "--no-progress", *data]
     for o in sets:
         args += ["--set", o]
-    cfg, bad = planned_config(preset, [f"train.seed={seed}", f"data.protocol={protocol}", *sets])
+    base = build_defaults(own.shape, v.model, v.size, dataset) if own is not None else None
+    cfg, bad = planned_config(preset, [f"train.seed={seed}", f"data.protocol={protocol}", *sets], base)
     return Job(dataset, name, seed, args, run_dir, invalid=bad, planned=cfg.to_dict() if cfg is not None else None)
 
 
@@ -205,17 +259,19 @@ def plan(
     check_data: bool = True,
     variants: list[str] | None = None,
     rerun: str | None = None,
+    own: dict[str, OwnData] | None = None,
 ) -> list[Job]:
     """Every job of ``suite`` (its datasets, or ``datasets``; its seeds, or ``seeds``), ``extra``
     overrides applied last; ``variants`` keeps only those rows; ``rerun`` (:data:`RERUN`) marks
-    which finished runs train again."""
+    which finished runs train again; ``own``: the datasets that are a user's files (:func:`own_data`)."""
+    own = own or {}
     jobs = []
     for ds in datasets or suite.datasets:
-        data = data_args(ds, data_root, check_data)
+        data = [] if ds in own else data_args(ds, data_root, check_data)
         for name, v in suite.variants_for(ds).items():
             if variants and name not in variants:
                 continue
-            jobs += [make_job(suite, name, v, ds, seed, root, data, extra) for seed in seeds or suite.seeds_of(v)]
+            jobs += [make_job(suite, name, v, ds, seed, root, data, extra, own.get(ds)) for seed in seeds or suite.seeds_of(v)]
     for j in jobs:
         j.rerun = rerun
     return jobs
@@ -249,13 +305,21 @@ def reusable_run(job: Job, root: Path) -> Path | None:
 
 
 def aggregation_jobs(
-    suite: Suite, root: Path, data_root: Path | None, extra: list[str], datasets: list[str] | None = None, variants: list[str] | None = None
+    suite: Suite,
+    root: Path,
+    data_root: Path | None,
+    extra: list[str],
+    datasets: list[str] | None = None,
+    variants: list[str] | None = None,
+    own: dict[str, OwnData] | None = None,
 ) -> list[Job]:
     """The jobs ``--aggregate-only`` tabulates: those of ``plan`` (the suite's datasets, or
     ``datasets``) and, without ``datasets``, the variants that have runs on other datasets (a
-    command given ``--datasets``), so the tables show every finished run; on those other
-    datasets a variant's seeds count as planned only where the variant has started."""
-    jobs = plan(suite, root, data_root, extra, datasets, check_data=False, variants=variants)
+    command given ``--datasets`` or ``--source``; own data is read back from its runs' configs),
+    so the tables show every finished run; on those other datasets a variant's seeds count as
+    planned only where the variant has started."""
+    own = dict(own or {})
+    jobs = plan(suite, root, data_root, extra, datasets, check_data=False, variants=variants, own=own)
     if datasets is not None:
         return jobs
     suite_dir = root / suite.name
@@ -265,10 +329,16 @@ def aggregation_jobs(
     stored = {key.rsplit("/", 1)[0] for key in stored_runs(suite_dir) if seed.fullmatch(key.rsplit("/", 1)[-1])}
     loose = {f"{d.parent.parent.name}/{d.parent.name}" for d in suite_dir.glob("*/*/seed*") if d.is_dir() and seed.fullmatch(d.name)}
     started = stored | loose  # "<dataset>/<variant folder>"
-    others = sorted(({key.split("/", 1)[0] for key in started} - set(suite.datasets)) & set(DATASETS))
+    others = sorted({key.split("/", 1)[0] for key in started} - set(suite.datasets))
+    for ds in others:
+        if ds not in DATASETS and ds not in own:
+            found = own_from_runs(ds, [d for k in sorted(started) if k.split("/", 1)[0] == ds for d in variant_runs(suite_dir / k)])
+            if found is not None:
+                own[ds] = found
+    others = [ds for ds in others if ds in DATASETS or ds in own]
     if not others:
         return jobs
-    more = plan(suite, root, data_root, extra, others, check_data=False, variants=variants)
+    more = plan(suite, root, data_root, extra, others, check_data=False, variants=variants, own=own)
     return jobs + [j for j in more if f"{j.dataset}/{j.run_dir.parent.name}" in started]
 
 
@@ -306,8 +376,12 @@ def job_cost(job: Job) -> float:
     scaled by its depth and experts against the preset's own."""
     if job.planned is None:
         return 0.0
-    preset = build_preset(job.planned["preset"])
-    m, p = job.planned["model"], preset.model
+    m = job.planned["model"]
+    try:
+        preset = build_preset(job.planned["preset"])
+    except ConfigError:  # own data: its shape's defaults
+        preset = build_defaults(job.planned["shape"], m["name"], "large" if job.planned["preset"].endswith("-large") else "base", job.dataset)
+    p = preset.model
     cost = DATASET_COST.get(job.dataset, 5.0) * MODEL_COST.get(m["name"], 1.0) * (4.0 if preset.preset.endswith("-large") else 1.0)
     cost *= m["num_layers"] / p.num_layers
     return cost * (1 + m["moe"]["num_experts"] / 16) / (1 + p.moe.num_experts / 16)

@@ -24,7 +24,7 @@ from .aggregate import aggregate
 from .logs import pack_logs, source_snapshot, write_copy
 from .packing import OOM_RETRIES, PackingGate, ended_out_of_memory, host_cores, learn_from_finished, peak_memory_gb
 from .page import write_docs
-from .plan import GpuSlots, Job, aggregation_jobs, is_done, job_cost, job_family, plan, reusable_run, stale_changes, visible_gpus
+from .plan import GpuSlots, Job, OwnData, aggregation_jobs, is_done, job_cost, job_family, plan, reusable_run, stale_changes, visible_gpus
 from .store import has_run_file, set_aside, variant_runs
 from .suites import Suite
 
@@ -221,6 +221,7 @@ def run_suites(
     rerun: str | None = None,
     time_budget: float | None = None,
     reuse: bool = True,
+    own: dict[str, OwnData] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the missing jobs of one or more suites as one queue, ``jobs`` at a time; then pack
     each suite's logs and aggregate it (and write ``docs`` when given). Finished runs are
@@ -228,9 +229,10 @@ def run_suites(
     default, say) or that ``rerun`` asks for: those run again, the old folder kept as ``seed<k>.stale``.
     ``time_budget`` (seconds): start no run after it; the runs already started finish.
     ``reuse``: a job that another suite's finished run already trained (the same settings,
-    data and seed) takes that run's results instead of training again (:func:`reuse_identical`)."""
+    data and seed) takes that run's results instead of training again (:func:`reuse_identical`).
+    ``own``: the datasets that are a user's files (``plan.own_data``)."""
     deadline = None if time_budget is None else time.monotonic() + time_budget
-    todos = [plan(s, root, data_root, extra or [], datasets, seeds, variants=variants, rerun=rerun) for s in suites]
+    todos = [plan(s, root, data_root, extra or [], datasets, seeds, variants=variants, rerun=rerun, own=own) for s in suites]
     names = {id(j): s.name for s, todo in zip(suites, todos) for j in todo}
     pending = [j for todo in todos for j in todo if j.invalid is None and not is_done(j)]
     if reuse:
@@ -244,7 +246,7 @@ def run_suites(
     for s, todo in zip(suites, todos):
         if (root / s.name).is_dir():
             pack_logs(root / s.name, settle_s=LOG_WAIT_S)
-        out.append(aggregate(s, with_finished(s, todo, root, data_root, extra or []), root, failed.get(s.name, []), commit))
+        out.append(aggregate(s, with_finished(s, todo, root, data_root, extra or [], own), root, failed.get(s.name, []), commit))
     if docs is not None:
         write_docs(root, docs)
     return out
@@ -273,13 +275,16 @@ def reuse_identical(job: Job, root: Path, suite_name: str) -> bool:
     return True
 
 
-def with_finished(suite: Suite, todo: list[Job], root: Path, data_root: Path | None, extra: list[str]) -> list[Job]:
+def with_finished(
+    suite: Suite, todo: list[Job], root: Path, data_root: Path | None, extra: list[str], own: dict[str, OwnData] | None = None
+) -> list[Job]:
     """The jobs a suite's tables take after a command ran ``todo``: those, and every other
     finished run of the suite (what ``--aggregate-only`` shows), so a command run on a subset
     (``--datasets``, ``--variants``) keeps the other rows in the tables; what is listed as
     planned but missing stays the command's own selection."""
     mine = {j.run_dir for j in todo}
-    others = [j for j in aggregation_jobs(suite, root, data_root, extra) if j.run_dir not in mine and has_run_file(j.run_dir, "metrics.json")]
+    every = aggregation_jobs(suite, root, data_root, extra, own=own)
+    others = [j for j in every if j.run_dir not in mine and has_run_file(j.run_dir, "metrics.json")]
     return todo + others
 
 
