@@ -82,7 +82,11 @@ def test_yaml_and_json_round_trip(tmp_path):
     assert again == cfg
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        load_yaml(bad)
+    assert "\n" not in str(err.value) and "line 2, column 1" in str(err.value)  # one line, with where
+    bad.write_text("model:\n  dim: 64\n   bad: [\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: mapping values are not allowed here at line 3, column 7$"):
         load_yaml(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_yaml(tmp_path / "missing.yaml")

@@ -95,3 +95,21 @@ def test_report_takes_a_run_without_test_metrics(two_runs, tmp_path):
     out = tmp_path / "rep"
     assert main(["report", str(root / "alpha"), str(trial), "--out", str(out)]) == 0
     assert "| trial | demo | fuxi-alpha |" in (out / "report.md").read_text()
+
+
+def test_runs_of_one_folder_name_get_labels_that_tell_them_apart(two_runs, tmp_path):
+    """Suite runs are all `seed0`, `seed1`, ...: the report labels each with as many parent
+    folders as tell it from the others (it labelled them all `seed0`)."""
+    import shutil
+
+    from fuxi_mme.experiments.report import unique_labels
+
+    root, _, _ = two_runs
+    for model in ("alpha", "sasrec"):
+        shutil.copytree(root / model, tmp_path / "suite" / "demo" / model / "seed0")
+    out = tmp_path / "rep"
+    assert main(["report", str(tmp_path / "suite/demo/alpha/seed0"), str(tmp_path / "suite/demo/sasrec/seed0"), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| alpha/seed0 | demo | fuxi-alpha |" in md and "| sasrec/seed0 | demo | sasrec |" in md
+    paths = [tmp_path / "a/x/seed0", tmp_path / "b/x/seed0", tmp_path / "c/seed1"]
+    assert unique_labels(paths) == ["a/x/seed0", "b/x/seed0", "seed1"]

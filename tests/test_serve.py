@@ -203,6 +203,19 @@ def test_bad_inputs_get_clear_4xx(client, rec):
     _err(client.post("/recommend", content=chunked(), headers={"content-type": "application/json"}), 413, "over the limit")
     _err(client.post("/recommend/batch", json={"requests": [{"history": h}, {"history": []}]}), 422, "requests[1]: history is empty")
     _err(client.post("/recommend/batch", json={"requests": []}), 422, "requests is empty")
+    # errors="report": the bad query gets its own error, the others their answers, in order
+    r = client.post(
+        "/recommend/batch", json={"requests": [{"history": h, "k": 3}, {"history": []}, {"history": h, "k": 0}, {"history": h}], "errors": "report"}
+    )
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert [len(x["items"]) for x in res] == [3, 0, 0, 10] and "error" not in res[0] and "error" not in res[3]
+    assert res[1]["error"].startswith("history is empty") and "k must be between 1 and" in res[2]["error"]
+    alone = client.post("/recommend", json={"history": h, "k": 3}).json()["items"]
+    assert [x["item"] for x in res[0]["items"]] == [x["item"] for x in alone]  # scores agree to batching's rounding
+    r = client.post("/recommend/batch", json={"requests": [{"history": []}], "errors": "report"})
+    assert r.status_code == 200 and r.json()["results"][0]["items"] == []  # none answerable: nothing scored
+    _err(client.post("/recommend/batch", json={"requests": [{"history": h}], "errors": "skip"}), 422, "errors")
     _err(client.post("/recommend", json={"history": h, "timestamps": t, "now": 0}), 422, "now")
     # a history longer than max_len: the most recent items are used, and the response says so
     long_q = rec.history_of(rec.ds.user_raw[int(np.argmax(rec.ds.lengths))])

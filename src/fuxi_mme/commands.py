@@ -457,6 +457,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--exported serves on the CPU (the export is a CPU program); drop --device {args.device} or serve the run with --run")
     if args.runtime != "program" and not args.exported:
         raise ValueError("--runtime applies to --exported DIR; a run (--run) is served by the eager model")
+    _check_port_free(args.host, args.port)
     serve(
         args.run,
         args.host,
@@ -471,6 +472,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runtime=args.runtime,
     )
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse at once, before the model loads, a host and port this process cannot listen on (in
+    use, or a host name not of this machine), in one line; the server binds the same way."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ValueError(f"--host {host}: {e.strerror or e}; give an address of this machine (default 127.0.0.1)") from e
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closed socket's wait does not block
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}; stop what uses it or pass another --port") from e
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -161,10 +161,26 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def unique_labels(paths: list[Path]) -> list[str]:
+    """Each run's label: its folder's name, with as many parent folders as tell it from the
+    other runs' (a suite's ``seed0`` folders become ``sasrec/seed0``, ``fuxi-alpha/seed0``)."""
+    parts = [p.resolve().parts for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        labels = ["/".join(pp[-d:]) for pp, d in zip(parts, depth)]
+        clash = [i for i, lab in enumerate(labels) if labels.count(lab) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            return labels
+        for i in clash:
+            depth[i] += 1
+
+
 def report(run_dirs: list[str | Path], out: str | Path) -> dict[str, Any]:
     if not run_dirs:
         raise ReportError("give at least one run directory")
     runs = [read_run(d) for d in run_dirs]
+    for r, name in zip(runs, unique_labels([Path(r["dir"]) for r in runs])):
+        r["name"] = name
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     try:

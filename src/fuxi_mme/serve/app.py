@@ -57,6 +57,11 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     requests: list[RecommendRequest] = Field(..., description="up to max_batch_request queries")
+    errors: Literal["fail", "report"] = Field(
+        "fail",
+        description="a query that cannot be answered: fail the whole batch with a 422 naming it (default), "
+        "or report it in its own result (`error`, no items) and answer the others",
+    )
 
 
 class Item(BaseModel):
@@ -67,6 +72,7 @@ class Item(BaseModel):
 
 class RecommendResponse(BaseModel):
     items: list[Item]
+    error: str | None = None  # /recommend/batch with errors="report": why this query has no items
     unknown_items: list[int | str] | None = None
     truncated: int | None = None
     notes: list[str] | None = None
@@ -214,7 +220,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
         loc = ".".join(str(x) for x in e.get("loc", []) if x != "body")
         if e.get("type") == "extra_forbidden":
             known = ", ".join(RecommendRequest.model_fields)
-            parts.append(f"{loc}: unknown field (a request has {known}; a batch has requests)")
+            parts.append(f"{loc}: unknown field (a request has {known}; a batch has {', '.join(BatchRequest.model_fields)})")
         else:
             parts.append(f"{loc or 'body'}: {e.get('msg')}")
     return 422, "invalid request: " + "; ".join(parts)
@@ -298,13 +304,16 @@ def _add_recommend_routes(app: FastAPI, rec: Recommender, batcher: MicroBatcher,
             raise RequestError("requests is empty: give at least one query")
         if len(req.requests) > max_batch_request:
             raise RequestError(f"{len(req.requests)} queries in one batch is over the limit of {max_batch_request}; split it", 413)
-        preps = []
+        preps, failed = [], {}
         for i, r in enumerate(req.requests):
             try:
                 preps.append(rec.prepare(r.query()))
             except RequestError as exc:
-                raise RequestError(f"requests[{i}]: {exc}", exc.status) from exc
-        return {"results": await batcher.submit(preps)}
+                if req.errors == "fail":
+                    raise RequestError(f"requests[{i}]: {exc}", exc.status) from exc
+                failed[i] = str(exc)
+        answers = iter(await batcher.submit(preps) if preps else [])
+        return {"results": [{"items": [], "error": failed[i]} if i in failed else next(answers) for i in range(len(req.requests))]}
 
 
 def serve(
