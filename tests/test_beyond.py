@@ -312,6 +312,8 @@ def test_printed_block_and_table():
     assert lines[1].split() == ["valid", "@10", "0.5000", "0.2500", "-", "3.0000", "1234.5", "0.1000", "-"]
     assert lines[2].startswith("test @10") and lines[3] == "note: ILD skipped: x" and len(lines) == 4
     assert beyond_block({"test": {"NDCG@10": 0.2}}) == ""
+    small = {"AvgPop@10": 98.76, "Novelty@10": 3.0}  # AvgPop keeps one decimal below 100 too
+    assert beyond_block({"test": {"beyond": small}}).splitlines()[-1].split()[2:7] == ["-", "-", "-", "3.0000", "98.8"]
 
 
 def test_batch_size_changes_no_metric():

@@ -3,6 +3,7 @@ clear message), micro-batching and the demo page in headless Chromium (export: t
 
 import json
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -76,13 +77,18 @@ def test_recommender_scores_equal_the_evaluator(rec):
     assert [x["item"] for x in served] == [ds.item_raw[i].item() for i in top]
 
 
-def test_cli_recommend_for_items_and_for_a_dataset_user(run_dir, rec, capsys):
+def test_cli_recommend_for_items_and_for_a_dataset_user(run_dir, rec, capsys, monkeypatch):
     q = _hist(rec, 0, 5)
     assert main(["recommend", "--run", str(run_dir), "--items", *map(str, q.history), "-k", "5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["items"]) == 5
     assert main(["recommend", "--run", str(run_dir), "--user", str(rec.ds.user_raw[0]), "-k", "3"]) == 0
-    assert len([line for line in capsys.readouterr().out.splitlines() if line.strip()]) == 3
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.strip()]) == 3  # a pipe: the bare lines
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: a heading above them
+    assert main(["recommend", "--run", str(run_dir), "--user", str(rec.ds.user_raw[0]), "-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["rank", "item", "score", "title"] and len(lines) == 4 and lines[1].startswith("  1. ")
+    monkeypatch.undo()
     assert main(["recommend", "--run", str(run_dir), "--items", "no-such-item"]) == 2
     assert "is in the model's catalogue" in capsys.readouterr().err
 

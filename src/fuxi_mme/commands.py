@@ -433,6 +433,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, indent=2, default=str))
         return 0
+    if sys.stdout.isatty():  # a heading for a reader; a pipe or file gets the bare lines scripts parse
+        print(f"rank {'item':>10}  {'score':>7}  title")
     for r, it in enumerate(res["items"], start=1):
         print(f"{r:3d}. {it['item']!s:>10}  {it['score']:+.4f}  {it.get('title', '')}")
     if "unknown_items" in res:

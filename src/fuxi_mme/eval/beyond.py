@@ -221,12 +221,16 @@ def beyond_block(rows: dict[str, dict[str, Any]]) -> str:
     first = max(len("beyond accuracy"), *(len(n) for n, _ in lines))
     out = ["", "", "beyond accuracy".ljust(first) + "  " + "  ".join(c.rjust(8) for c in COLUMNS)]
     for label, cells in lines:
-        out.append(label.ljust(first) + "  " + "  ".join(_cell(v).rjust(8) for v in cells))
+        out.append(label.ljust(first) + "  " + "  ".join(_cell(v, c).rjust(8) for v, c in zip(cells, COLUMNS)))
     out += [f"note: {n}" for n in notes]
     return "\n".join(out)
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, column: str = "") -> str:
+    """One value of the block: AvgPop (a mean interaction count) with one decimal in every row,
+    so a column reads alike; the others with four, or one from 100 up."""
     if v is None:
         return "-"
+    if column == "AvgPop":
+        return f"{v:.1f}"
     return f"{v:.1f}" if abs(v) >= 100 else f"{v:.4f}"
