@@ -144,7 +144,7 @@ def test_a_resumed_suite_starts_with_the_needs_its_finished_gpu_runs_measured(tm
     seen = {}
 
     def fake_run(job, env, stopping=None):
-        seen[job.variant] = (gate.expect((job.dataset, job.variant)), gate.expect_cores((job.dataset, job.variant)))
+        seen[job.variant] = (gate.expect(("robustness", job.dataset, job.variant)), gate.expect_cores(("robustness", job.dataset, job.variant)))
         return job, 0, 0.0
 
     monkeypatch.setattr(runner, "run_job", fake_run)
@@ -181,7 +181,7 @@ def test_a_job_that_ran_out_of_gpu_memory_runs_again(tmp_path, monkeypatch, caps
     assert failed == {} and calls == ["0", "0"]
     assert "out of GPU memory, started again" in out and "seed 0: ok 12s" in out
     # raised to 8 * 1.5 after the out-of-memory end; the finished run's 2 GiB peak (need 4) stays below it
-    assert gate.expect(("demo", "sasrec")) == 12.0
+    assert gate.expect(("s", "demo", "sasrec")) == 12.0
     assert gate.running["0"] == 0
 
 
@@ -314,6 +314,45 @@ def test_an_unmeasured_variant_takes_the_needs_of_its_family():
     assert gate.expect("sparse") == 39.0
 
 
+def test_the_robustness_suites_families_are_its_models_and_batch_widths(tmp_path):
+    """On the real plan: a model's noise rows are one family, each sparsity protocol its own (a
+    last-20 run's rows are 21 wide, not 200), each denoising design its own model."""
+    from fuxi_mme.experiments import SUITES, plan
+    from fuxi_mme.experiments.plan import job_family
+
+    jobs = plan(SUITES["robustness"], tmp_path, None, [], ["ml-1m-ts70"], [0], check_data=False)
+    fam = {j.variant: job_family(j) for j in jobs}
+    assert fam["fuxi-mme, clean"] == fam["fuxi-mme, insert 10%"] == fam["fuxi-mme, insert 40%"]
+    assert len({fam["fuxi-mme, clean"], fam["fuxi-mme, last 20 events"], fam["fuxi-mme, drop 50%"]}) == 3
+    assert fam["fuxi-mme gate, clean"] != fam["fuxi-mme, clean"] != fam["fuxi-alpha, clean"]
+    assert len(set(fam.values())) == 6 * 3  # six models, each: noise rows, last 20, drop 50%
+
+
+def test_an_out_of_memory_end_raises_the_family_and_failed_runs_teach_nothing(tmp_path, monkeypatch):
+    from fuxi_mme.experiments import runner
+    from fuxi_mme.experiments.plan import Job
+
+    gate = PackingGate(free=lambda g: 100.0, settle_s=0, idle=lambda: None)
+    gate.relate("a", "fam")
+    gate.relate("b", "fam")
+    gate.learn("a", 4.0)
+    gate.raise_need("a")
+    assert gate.expect("b") == gate.expect("a") == (4.0 * 1.25 + 1.5) * 1.5  # a sibling does not start on the old need
+
+    def crashed(job, env, stopping=None):
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        (job.run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "gpu_mem_gb": 0.1}) + "\n")
+        (job.run_dir.parent / f"{job.run_dir.name}.log").write_text("fuxi-mme: error: bad setting\n")
+        return job, 2, 1.0
+
+    monkeypatch.setattr(runner, "run_job", crashed)
+    monkeypatch.setattr(runner, "visible_gpus", lambda: ["0"])
+    fresh = PackingGate(free=lambda g: 100.0, settle_s=0, idle=lambda: None)
+    job = Job("ds", "v", 0, [], tmp_path / "ds" / "v" / "seed0")
+    runner.run_jobs([job], 1, {id(job): "s"}, gate=fresh)
+    assert not fresh.measured(("s", "ds", "v"))  # its 0.1 GiB says nothing of the kind's need
+
+
 def test_job_family_puts_data_side_variants_of_one_model_together(tmp_path):
     from fuxi_mme.experiments.plan import Job, job_family
 
@@ -337,7 +376,7 @@ def test_a_suite_relates_each_variant_to_its_family(tmp_path, monkeypatch):
     seen: dict[str, tuple[bool, float]] = {}
 
     def fake_run_job(job, env, stopping=None):
-        seen[job.variant] = (gate.measured((job.dataset, job.variant)), gate.expect((job.dataset, job.variant)))
+        seen[job.variant] = (gate.measured(("s", job.dataset, job.variant)), gate.expect(("s", job.dataset, job.variant)))
         job.run_dir.mkdir(parents=True, exist_ok=True)
         (job.run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "gpu_mem_gb": 4.0}) + "\n")
         return job, 0, 1.0

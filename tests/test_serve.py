@@ -325,3 +325,25 @@ def test_demo_page_end_to_end_in_headless_chromium(rec, tmp_path):
         drv.quit()
         server.should_exit = True
         th.join(timeout=10)
+
+
+def test_serve_refuses_what_it_cannot_listen_on_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """A port another process listens on, an address not of this machine, or a host name that
+    does not resolve is one line naming the fix, before the model loads (it used to log
+    "serving ..." and then fail in the server's bind)."""
+    import socket
+
+    from fuxi_mme.serve import app
+
+    monkeypatch.setattr(app, "serve", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--run", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fuxi-mme: error: cannot listen on 127.0.0.1:{port}: ") and err.endswith("pass another --port") and "\n" not in err
+    assert main(["serve", "--run", str(tmp_path), "--host", "192.0.2.1"]) == 2  # TEST-NET-1: no machine's own address
+    assert "not an address of this machine" in capsys.readouterr().err
+    assert main(["serve", "--run", str(tmp_path), "--host", "no-such-host.invalid"]) == 2
+    assert "--host no-such-host.invalid:" in capsys.readouterr().err

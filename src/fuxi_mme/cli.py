@@ -144,10 +144,11 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     x.add_argument(
         "--source",
         dest="sources",
-        nargs="+",
+        action="append",
         metavar="FILE",
-        help="your own interactions file(s) as datasets of the suite (alone, instead of its datasets; with --datasets, beside them): "
-        "each named and measured as `train --source FILE` does it, every run with the defaults of its shape",
+        help="your own interactions file as a dataset of the suites (repeat for several; alone, instead of their datasets; with --datasets, "
+        "beside them): named and measured as `train --source FILE` does it, every run with the defaults of its shape (own data "
+        "prepared before is also found by its name in --datasets)",
     )
     x.add_argument("--variants", nargs="+", help="a subset of the suite's variants (names as in its tables)")
     x.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="applied to every run")

@@ -130,9 +130,11 @@ def _apply_args(cfg, args: argparse.Namespace) -> None:
 
 def _measured_shape(cfg) -> str:
     """Prepare (or load) own data and pick its shape from what it looks like; logged."""
-    from .shapes import measured_shape
+    from .config import validate
+    from .data import measured_shape
 
-    shape, why = measured_shape(cfg)
+    validate(cfg)  # data.sep and friends spelled as the readers take them
+    shape, why = measured_shape(cfg.data)
     logging.getLogger("fuxi_mme").info("%s: shape %s: %s (--shape NAME to choose another)", cfg.data.name, shape, why)
     return shape
 
@@ -335,7 +337,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import SUITES, aggregate, markdown, run_suites, write_docs
     from .experiments.logs import pack_logs
-    from .experiments.plan import aggregation_jobs, own_data
+    from .experiments.plan import aggregation_jobs
 
     unknown = [n for n in args.suite if n not in SUITES]
     if unknown:
@@ -351,8 +353,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     root = Path(args.root)
     data_root = Path(args.data_root) if args.data_root else None
     docs = Path(args.docs) if args.docs else root / "results.md"
-    own = own_data(args.sources) if args.sources else {}
-    datasets = [*(args.datasets or []), *(n for n in own if n not in (args.datasets or []))] if own else args.datasets
+    own, datasets = _experiment_data(args, suites)
     if args.aggregate_only:
         from .utils.runinfo import git_commit
 
@@ -362,7 +363,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                     print(f"{root / s.name}: packed {pack_logs(root / s.name)} per-epoch log files into logs.tar.xz")
         commit = git_commit()
         results = [aggregate(s, aggregation_jobs(s, root, data_root, args.overrides, datasets, args.variants, own), root, [], commit) for s in suites]
-        write_docs(root, docs)
+        write_docs(root, docs, _experiment_command(args))
     else:
         from .utils.mps import mps_daemon
 
@@ -382,10 +383,57 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 time_budget=args.time_budget,
                 reuse=args.reuse,
                 own=own,
+                command=_experiment_command(args),
             )
     for res in results:
         print(markdown(res))
     return 1 if any(res["failed"] for res in results) else 0
+
+
+def _experiment_command(args: argparse.Namespace) -> str:
+    """The experiment command as typed (its options in a fixed order), for the page it writes."""
+    import shlex
+
+    words = ["fuxi-mme", "experiment", *args.suite, "--root", args.root]
+    for flag, values in (("--data-root", [args.data_root] if args.data_root else []), ("--source", args.sources or [])):
+        for v in values:
+            words += [flag, v]
+    for flag, values in (("--datasets", args.datasets), ("--variants", args.variants), ("--seeds", args.seeds)):
+        if values:
+            words += [flag, *map(str, values)]
+    for o in args.overrides:
+        words += ["--set", o]
+    if args.docs:
+        words += ["--docs", args.docs]
+    return shlex.join(words)
+
+
+def _experiment_data(args: argparse.Namespace, suites: list) -> tuple[dict, list[str] | None]:
+    """The user's own files of an experiment command (``--source FILE``, and own data named in
+    ``--datasets``, found from the file it was prepared from), named and measured; and the
+    datasets it runs (None: each suite's own). A ``--variants`` entry that none of them offers
+    (an extra planned for named datasets only) is refused, naming where it runs."""
+    from .config import DataConfig
+    from .data import resolve_source_path
+    from .experiments.plan import own_data
+    from .shapes import DATASETS
+
+    paths: list[str] = list(args.sources or [])
+    names: list[str | None] = [None] * len(paths)
+    for d in args.datasets or []:
+        if d not in DATASETS:  # own data prepared before under this name: its remembered file
+            paths.append(str(resolve_source_path(DataConfig(name=d), progress=False)))
+            names.append(d)
+    own = own_data(paths, args.overrides, names) if paths else {}
+    datasets = [*(args.datasets or []), *(n for n in own if n not in (args.datasets or []))] if own else args.datasets
+    if args.variants:
+        chosen = datasets or [d for s in suites for d in s.datasets]
+        offered = {v for s in suites for d in chosen for v in s.variants_for(d)}
+        for v in args.variants:
+            if v not in offered:
+                where = sorted({d for s in suites for group, more in s.extra if v in more for d in group})
+                raise ValueError(f"variant {v!r} runs only on {', '.join(where)}, none of the datasets chosen; add one with --datasets, or drop it")
+    return own, datasets
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -450,6 +498,7 @@ def _ids(values: list[str]) -> list:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.app import serve
+    from .serve.listen import check_can_listen
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a TCP port; give one in 1-65535 (default 8000)")
@@ -459,7 +508,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--exported serves on the CPU (the export is a CPU program); drop --device {args.device} or serve the run with --run")
     if args.runtime != "program" and not args.exported:
         raise ValueError("--runtime applies to --exported DIR; a run (--run) is served by the eager model")
-    _check_port_free(args.host, args.port)
+    check_can_listen(args.host, args.port)
     serve(
         args.run,
         args.host,
@@ -474,24 +523,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runtime=args.runtime,
     )
     return 0
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Refuse at once, before the model loads, a host and port this process cannot listen on (in
-    use, or a host name not of this machine), in one line; the server binds the same way."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as e:
-        raise ValueError(f"--host {host}: {e.strerror or e}; give an address of this machine (default 127.0.0.1)") from e
-    family, _, _, _, addr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closed socket's wait does not block
-        try:
-            s.bind(addr)
-        except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}; stop what uses it or pass another --port") from e
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -424,10 +424,10 @@ def read_yaml(path: str | Path, what: str = "config file", hint: str = "pass the
     try:
         return yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {p} is not valid YAML: {_yaml_problem(exc)}") from exc
+        raise ConfigError(f"{what} {p} is not valid YAML: {yaml_problem(exc)}") from exc
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def yaml_problem(exc: yaml.YAMLError) -> str:
     """A YAML parse error in one line: what is wrong and where (``line L, column C``), without
     PyYAML's multi-line excerpt of the text."""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]

@@ -12,6 +12,7 @@ export and the experiments read it.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from .config import Config, config_from_dict
 from .data import find_run_source, load_dataset
 from .data.noise import evaluation_view, training_view
-from .data.prepared import PreparedDataset
+from .data.prepared import PreparedDataset, file_fingerprint
 from .data.splits import eval_arrays
 from .eval.evaluator import evaluate_run_split, model_scorer, popularity_scorer, resolve_history
 from .models import build_model
@@ -27,6 +28,8 @@ from .models.common import SequenceModel
 from .train.checkpoint import load_weights
 from .utils.runinfo import atomic_write_json
 from .utils.runtime import autocast_dtype, resolve_device, train_device
+
+log = logging.getLogger("fuxi_mme")
 
 
 class Run:
@@ -69,6 +72,10 @@ class Run:
 
     def config(self) -> Config:
         return config_from_dict(self._file("config.json"))
+
+    def info(self) -> dict[str, Any] | None:
+        """``run.json`` (loose or packed), or None."""
+        return self._file("run.json")
 
     def write_config(self, cfg: Config) -> None:
         atomic_write_json(self.path / "config.json", cfg.to_dict())
@@ -119,6 +126,7 @@ def load_trained(run_dir: str | Path, checkpoint: str = "auto", device: str = "a
     dev = train_device(cfg.train)
     find_run_source(cfg.data)
     ds = load_dataset(cfg.data)
+    _warn_if_source_changed(cfg, run.info())
     adapt_to_dataset(cfg, ds)
     if cfg.model.name == "popularity":
         return cfg, ds, None
@@ -126,6 +134,23 @@ def load_trained(run_dir: str | Path, checkpoint: str = "auto", device: str = "a
     load_weights(run.checkpoint(checkpoint), model, dev)
     model.eval()
     return cfg, ds, model
+
+
+def _warn_if_source_changed(cfg: Config, info: dict[str, Any] | None) -> None:
+    """Own data whose file is not the one the run trained on (``run.json``'s ``source``: another
+    size or modification time): said, since the metrics and recommendations are then of other data."""
+    was = (info or {}).get("source") or {}
+    if "size" not in was or not cfg.data.path or not Path(cfg.data.path).is_file():
+        return
+    now = file_fingerprint(cfg.data.path)
+    if (was.get("size"), was.get("mtime_ns")) != (now["size"], now["mtime_ns"]):
+        log.warning(
+            "%s: %s is not the file this run trained on (%s bytes then, %s now, or modified since): its results are of the changed data",
+            cfg.data.name,
+            cfg.data.path,
+            f"{was['size']:,}",
+            f"{now['size']:,}",
+        )
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "auto", device: str = "auto") -> dict[str, Any]:

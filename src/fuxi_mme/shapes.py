@@ -95,13 +95,3 @@ def choose_shape(stats: dict[str, Any]) -> tuple[str, str]:
     if inter >= MANY_INTERACTIONS:
         return "long-large", f"{seen}: long histories, {MANY_INTERACTIONS:,} interactions or more -> long-large (MovieLens-20M-like)"
     return "long", f"{seen}: long histories -> long (MovieLens-1M-like)"
-
-
-def measured_shape(cfg: Any) -> tuple[str, str]:
-    """Prepare (or load from the cache) the data of ``cfg`` (a :class:`~fuxi_mme.config.Config`)
-    and pick its shape from what it looks like: (shape, why)."""
-    from .config import validate
-    from .data import load_dataset
-
-    validate(cfg)  # data.sep and friends spelled as the readers take them
-    return choose_shape(load_dataset(cfg.data).stats)

@@ -39,6 +39,7 @@ __all__ = [
     "PreparedDataset",
     "find_run_source",
     "load_dataset",
+    "measured_shape",
     "resolve_source_path",
     "SOURCES",
     "check_expected",
@@ -142,18 +143,25 @@ def _remember_source(cfg: DataConfig, path: Path) -> None:
 
 
 def find_run_source(cfg: DataConfig) -> None:
-    """A run's ``data.path`` relative to the folder it trained in (runs before paths were kept
-    absolute) that is not found from here: the file the dataset was prepared from, remembered
-    under its name, takes its place (logged). Anything else is left for the reader's errors."""
+    """A run's ``data.path`` that is not found from here (relative to the folder it trained in,
+    as runs before paths were kept absolute; or a file since moved): the file the dataset was
+    last prepared from, remembered under its name, takes its place (logged); without one, own
+    data is a one-line error saying how to point the run at the file's new place. Anything
+    else is left for the reader's errors."""
     if not cfg.path or is_url(cfg.path):
         return
     p = Path(cfg.path).expanduser()
-    if p.is_absolute() or p.exists():
+    if p.exists():
         return
     remembered = _remembered_source(cfg)
     if remembered is not None:
-        log.info("%s: the run's source %s is not in this folder; using %s, the file it was prepared from", cfg.name, p, remembered)
+        log.info("%s: the run's source %s is not there; using %s, the file it was last prepared from", cfg.name, p, remembered)
         cfg.path = str(remembered)
+    elif is_own_data(cfg.name):
+        raise DataError(
+            f"the run's data file {p} does not exist; put it back, or prepare it from its new place "
+            f"(fuxi-mme data prepare {cfg.name} --source NEW_PATH) and the run finds it by its name"
+        )
 
 
 def _remembered_source(cfg: DataConfig) -> Path | None:
@@ -238,6 +246,14 @@ def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
     if path is not None:
         _remember_source(cfg, path)
     return ds
+
+
+def measured_shape(cfg: DataConfig) -> tuple[str, str]:
+    """Prepare (or load) the data of ``cfg`` and pick its shape from what it looks like
+    (:func:`fuxi_mme.shapes.choose_shape`): (shape, why)."""
+    from ..shapes import choose_shape
+
+    return choose_shape(load_dataset(cfg).stats)
 
 
 def _load_or_prepare(cfg: DataConfig, path: Path | None, rebuild: bool) -> PreparedDataset:

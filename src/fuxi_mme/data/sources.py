@@ -431,14 +431,14 @@ def is_own_data(name: str) -> bool:
 def own_data_name(path: str | Path) -> str:
     """The name own data is known by when ``--name`` is not given: its file's (or folder's) stem,
     lower-case, without compression and format suffixes; ``file-<stem>`` where that is a named
-    dataset's name (``ml-1m.csv`` is not the MovieLens-1M reader's input)."""
+    dataset's name (``ml-1m.csv`` is not the MovieLens-1M reader's input) or the generic ``file``."""
     stem = Path(str(path).rstrip("/\\")).name.lower()
     for _ in range(3):
         base, dot, ext = stem.rpartition(".")
         if dot and base and ext in ("gz", "zip", "csv", "tsv", "txt", "dat", "parquet", "pq", "jsonl", "json", "ndjson", "inter"):
             stem = base
     stem = re.sub(r"[^a-z0-9._-]+", "-", stem).strip("-.") or "data"
-    return stem if is_own_data(stem) else f"file-{stem}"
+    return stem if is_own_data(stem) and stem != "file" else f"file-{stem}"  # "file" is the generic name with a fixed shape
 
 
 def get_source(name: str) -> Source:

@@ -181,8 +181,7 @@ class PackingGate:
     kinds ``default_gb``; host cores from the cores they kept busy on average (``host_cores``),
     unknown kinds ``default_cores``. A kind not measured yet takes the needs of its family
     (:meth:`relate`), so the noise variants of one model start as measured once any of them
-    finished (keyed by variant alone, each one's first seeds waited out the settle time: starts
-    came every 15-20 s, two or three runs at once, on an H100 in #30's measurements). A run that started less than ``settle_s`` ago may not show
+    finished (docs/performance.md#many-runs-per-gpu). A run that started less than ``settle_s`` ago may not show
     yet in the GPU's free memory or the host's idle cores: when it and the run asking are of
     measured kinds, its measured needs are taken off what the readings show (it is counted as
     if it had allocated everything already); when either kind is unmeasured the gate waits until
@@ -278,8 +277,11 @@ class PackingGate:
         return recent
 
     def raise_need(self, key: Hashable) -> None:
-        """After an out-of-memory end: this kind needs more than was assumed."""
+        """After an out-of-memory end: this kind, and so its family, needs more than was assumed."""
         self.need[key] = self.expect(key) * 1.5
+        family = self.family.get(key)
+        if family is not None:
+            self.need[family] = max(self.need.get(family, 0.0), self.need[key])
 
     def acquire(self, gpu: str | None, key: Hashable) -> None:
         """Block until a run of kind ``key`` may start on ``gpu``; count it as running there."""

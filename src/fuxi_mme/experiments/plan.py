@@ -75,6 +75,28 @@ def _ignored(key: str, fields: tuple[str, ...]) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in fields)
 
 
+@dataclass(frozen=True)
+class OwnData:
+    """A user's own interactions file in a suite (``experiment --source FILE``): the name its
+    runs and table rows go by (the one ``train --source`` gives it), its path, and the shape
+    measured from it, whose defaults every run takes (docs/datasets.md#defaults-by-shape)."""
+
+    name: str
+    path: str
+    shape: str
+    stamp: tuple[int, int] | None = None  # the file's (size, mtime_ns) when measured; None: not known (read back from runs)
+
+    def changed_since(self, info: dict[str, Any] | None) -> str | None:
+        """Why a finished run's ``run.json`` (its ``source``: the file as it trained on it) is of
+        another version of the file, or None (the same, or not recorded)."""
+        src = (info or {}).get("source") or {}
+        if self.stamp is None or "size" not in src or "mtime_ns" not in src:
+            return None
+        if (src["size"], src["mtime_ns"]) == self.stamp:
+            return None
+        return f"{self.path} changed since this run ({src['size']:,} -> {self.stamp[0]:,} bytes, or modified)"
+
+
 @dataclass
 class Job:
     dataset: str
@@ -86,40 +108,33 @@ class Job:
     invalid: str | None = None  # why this variant cannot run on this dataset (never started)
     planned: dict[str, Any] | None = None  # the config the run trains (to tell a finished run made with other settings)
     rerun: str | None = None  # --rerun: "all" or "without-beyond" (finished runs to train again)
+    own: OwnData | None = None  # the user's file this job trains on (experiment --source), else None
 
 
-@dataclass(frozen=True)
-class OwnData:
-    """A user's own interactions file in a suite (``experiment --source FILE``): the name its
-    runs and table rows go by (the one ``train --source`` gives it), its path, and the shape
-    measured from it, whose defaults every run takes (docs/datasets.md#defaults-by-shape)."""
-
-    name: str
-    path: str
-    shape: str
-
-
-def own_data(paths: list[str]) -> dict[str, OwnData]:
-    """Each file of ``paths`` named and measured as ``train --source FILE`` does it (prepared once,
-    into the cache the runs then read): name -> :class:`OwnData`."""
+def own_data(paths: list[str], overrides: list[str] | None = None, names: list[str | None] | None = None) -> dict[str, OwnData]:
+    """Each file of ``paths`` named (``names``, else as ``train --source FILE`` names it) and
+    measured as ``train --source FILE --set ...`` does it, with the command's ``overrides``
+    (column names, filters) applied before measuring; prepared once, into the cache the runs then
+    read: name -> :class:`OwnData`."""
     import logging
 
-    from ..data import own_data_name
-    from ..shapes import measured_shape
+    from ..data import measured_shape, own_data_name
 
     out: dict[str, OwnData] = {}
-    for p in paths:
+    for p, given in zip(paths, names or [None] * len(paths)):
         path = Path(p).expanduser()
         if not path.exists():
             raise ValueError(f"--source {p}: no such file or folder")
-        name = own_data_name(path)
+        name = given or own_data_name(path)
         if name in out and out[name].path != str(path.resolve()):
             raise ValueError(f"--source {p}: another source is already named {name!r} (rename one of the files)")
-        cfg = build_defaults("long", "fuxi-alpha", "base", name)
-        cfg.data.path = str(path.resolve())
-        shape, why = measured_shape(cfg)
+        cfg = apply_overrides(build_defaults("long", "fuxi-alpha", "base", name), overrides or [])
+        cfg.data.name, cfg.data.path = name, str(path.resolve())
+        validate(cfg)
+        shape, why = measured_shape(cfg.data)
         logging.getLogger("fuxi_mme").info("%s: shape %s: %s", name, shape, why)
-        out[name] = OwnData(name, cfg.data.path, shape)
+        st = path.resolve().stat()
+        out[name] = OwnData(name, cfg.data.path, shape, (st.st_size, st.st_mtime_ns) if path.is_file() else None)
     return out
 
 
@@ -157,6 +172,9 @@ def config_changes(
     out = []
     if want.get("model.name") != have.get("model.name", defaults.get("model.name")):
         out.append(f"model.name: {have.get('model.name')!r} -> {want.get('model.name')!r}")
+    if want.get("data.path") and "data.path" in have and have["data.path"] != want["data.path"]:
+        # the plan names a file (own data, experiment --source): a run of another file of the same name is another dataset
+        out.append(f"data.path: {have['data.path']!r} -> {want['data.path']!r}")
     for key, value in want.items():
         if key in ("preset", "shape", "model.name") or _ignored(key, ignored) or (not trains and key.startswith(("model.", "train."))):
             continue
@@ -178,6 +196,8 @@ def stale_changes(job: Job) -> list[str]:
     if job.planned is None or saved is None or not has_run_file(job.run_dir, "metrics.json"):
         return []
     changes = config_changes(job.planned, saved)
+    if job.own is not None and (why := job.own.changed_since(run_file(job.run_dir, "run.json"))):
+        changes.append(why)
     if job.rerun == "all":
         changes.append("--rerun all")
     elif job.rerun == "without-beyond" and "beyond" not in ((run_file(job.run_dir, "metrics.json") or {}).get("test") or {}):
@@ -244,9 +264,12 @@ def make_job(
     args = ["train", *what, "--seed", str(seed), "--protocol", protocol, "--run-dir", str(run_dir), "--no-progress", *data]
     for o in sets:
         args += ["--set", o]
-    base = build_defaults(own.shape, v.model, v.size, dataset) if own is not None else None
+    base = None
+    if own is not None:
+        base = build_defaults(own.shape, v.model, v.size, dataset)
+        base.data.path = own.path
     cfg, bad = planned_config(preset, [f"train.seed={seed}", f"data.protocol={protocol}", *sets], base)
-    return Job(dataset, name, seed, args, run_dir, invalid=bad, planned=cfg.to_dict() if cfg is not None else None)
+    return Job(dataset, name, seed, args, run_dir, invalid=bad, planned=cfg.to_dict() if cfg is not None else None, own=own)
 
 
 def plan(
@@ -299,6 +322,8 @@ def reusable_run(job: Job, root: Path) -> Path | None:
             if saved is None or info is None or copied or "beyond" not in test or "buckets" not in test:
                 continue  # a copy (new, or older: its metrics.json names its source) is passed over: its original is a candidate
             no_timestamps = ((info.get("dataset") or {}).get("has_timestamps")) is False
+            if job.own is not None and job.own.changed_since(info):
+                continue  # trained on another version of the file
             if not config_changes(job.planned, saved, REUSE_IGNORED, no_timestamps):
                 return src
     return None
@@ -361,12 +386,16 @@ MODEL_COST = {"popularity": 0.01, "sasrec": 0.5, "hstu": 1.0, "llama": 1.0, "fux
 
 def job_family(job: Job) -> Hashable:
     """The runs expected to need the same GPU memory and host cores as ``job``: the same dataset,
-    model, sequence length and batch (its data-side settings, such as noise or sparsity, and its
-    seed aside). Without a planned config: its own variant."""
+    model, sequence length, sparsity protocol and batch (its noise and seed aside; inserted items
+    lengthen rows only up to the same length). Execution switches (compile, graphs, length
+    chunks, evaluation batch) are not in it: no suite varies them alone. Without a planned
+    config: its own variant."""
     if job.planned is None:
         return (job.dataset, job.variant)
     p = job.planned
-    shape = {"model": p.get("model"), "max_len": (p.get("data") or {}).get("max_len")}
+    data = p.get("data") or {}
+    # the batch width: the length, cut by the sparsity protocol's last-k (a "last 20 events" run's rows are 21 wide)
+    shape = {"model": p.get("model"), "max_len": data.get("max_len"), "sparsity": data.get("sparsity")}
     shape["train"] = {k: (p.get("train") or {}).get(k) for k in ("batch_size", "loss", "num_negatives", "amp", "grad_accum")}
     return (job.dataset, json.dumps(shape, sort_keys=True, default=str))
 
@@ -377,10 +406,10 @@ def job_cost(job: Job) -> float:
     if job.planned is None:
         return 0.0
     m = job.planned["model"]
-    try:
+    if job.own is not None:  # own data: its shape's defaults (the preset name is <name>-<model>-<size>)
+        preset = build_defaults(job.own.shape, m["name"], "large" if job.planned["preset"].endswith("-large") else "base", job.dataset)
+    else:
         preset = build_preset(job.planned["preset"])
-    except ConfigError:  # own data: its shape's defaults
-        preset = build_defaults(job.planned["shape"], m["name"], "large" if job.planned["preset"].endswith("-large") else "base", job.dataset)
     p = preset.model
     cost = DATASET_COST.get(job.dataset, 5.0) * MODEL_COST.get(m["name"], 1.0) * (4.0 if preset.preset.endswith("-large") else 1.0)
     cost *= m["num_layers"] / p.num_layers

@@ -141,15 +141,17 @@ def run_jobs(
     slots = GpuSlots(visible_gpus())
     stopping = Stopping()
     gate = gate or PackingGate()
+    # a kind: one suite's variant on one dataset (suites reuse variant names for other settings)
+    kinds = {id(j): (names[id(j)], j.dataset, j.variant) for j in pending}
     for j in pending:  # a kind not measured yet takes its family's needs
-        gate.relate((j.dataset, j.variant), job_family(j))
-    for variant_dir, key in {j.run_dir.parent: (j.dataset, j.variant) for j in pending}.items():  # a resumed suite's other seeds
+        gate.relate(kinds[id(j)], job_family(j))
+    for variant_dir, key in {j.run_dir.parent: kinds[id(j)] for j in pending}.items():  # a resumed suite's other seeds
         learn_from_finished(gate, key, variant_runs(variant_dir))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // max(jobs, 1))))
 
     def start(job: Job) -> tuple[Job, int, float]:
-        key = (job.dataset, job.variant)
+        key = kinds[id(job)]
         total, rc = 0.0, NOT_STARTED
         for attempt in range(OOM_RETRIES + 1):
             if stopping.event.is_set():
@@ -168,7 +170,8 @@ def run_jobs(
             if rc == BUSY:
                 return job, rc, total
             total += dt
-            gate.learn(key, peak_memory_gb(job.run_dir), host_cores(job.run_dir))
+            if rc == 0:  # a run that failed early logged a peak far below its kind's need
+                gate.learn(key, peak_memory_gb(job.run_dir), host_cores(job.run_dir))
             if rc == 0 or job.gpu is None or attempt == OOM_RETRIES or not ended_out_of_memory(job.run_dir.parent / f"{job.run_dir.name}.log"):
                 return job, rc, total
             gate.raise_need(key)
@@ -222,6 +225,7 @@ def run_suites(
     time_budget: float | None = None,
     reuse: bool = True,
     own: dict[str, OwnData] | None = None,
+    command: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run the missing jobs of one or more suites as one queue, ``jobs`` at a time; then pack
     each suite's logs and aggregate it (and write ``docs`` when given). Finished runs are
@@ -230,7 +234,8 @@ def run_suites(
     ``time_budget`` (seconds): start no run after it; the runs already started finish.
     ``reuse``: a job that another suite's finished run already trained (the same settings,
     data and seed) takes that run's results instead of training again (:func:`reuse_identical`).
-    ``own``: the datasets that are a user's files (``plan.own_data``)."""
+    ``own``: the datasets that are a user's files (``plan.own_data``); ``command``: the command
+    line, named at the top of ``docs``."""
     deadline = None if time_budget is None else time.monotonic() + time_budget
     todos = [plan(s, root, data_root, extra or [], datasets, seeds, variants=variants, rerun=rerun, own=own) for s in suites]
     names = {id(j): s.name for s, todo in zip(suites, todos) for j in todo}
@@ -248,7 +253,7 @@ def run_suites(
             pack_logs(root / s.name, settle_s=LOG_WAIT_S)
         out.append(aggregate(s, with_finished(s, todo, root, data_root, extra or [], own), root, failed.get(s.name, []), commit))
     if docs is not None:
-        write_docs(root, docs)
+        write_docs(root, docs, command)
     return out
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from ..config import yaml_problem
 from ..presets import MODEL_FAMILIES, SIZES
 
 SUITES_DIR = Path(__file__).with_name("suites")
@@ -146,7 +147,7 @@ def load_suite(path: str | Path) -> Suite:
     except OSError as exc:
         raise SuiteError(f"cannot read suite file {p}: {exc}") from exc
     except yaml.YAMLError as exc:
-        raise SuiteError(f"suite file {p} is not valid YAML: {exc}") from exc
+        raise SuiteError(f"suite file {p} is not valid YAML: {yaml_problem(exc)}") from exc
     return suite_from_dict(p.stem, raw, str(p))
 
 

@@ -96,7 +96,8 @@ def _left_out(res: dict[str, Any]) -> list[str]:
     if res.get("stale"):
         lines += [
             "",
-            "Left out, trained with settings the suite no longer asks for (running the suite again replaces them): "
+            "Left out, trained with settings the suite no longer asks for (running the suite again replaces them; "
+            "settings a command gave with --set must be given again, or they read as changed): "
             + "; ".join(f"{m['dataset']} / {m['variant']} ({', '.join(m['changes'])})" for m in res["stale"])
             + ".",
         ]

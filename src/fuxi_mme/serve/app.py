@@ -59,8 +59,9 @@ class BatchRequest(BaseModel):
     requests: list[RecommendRequest] = Field(..., description="up to max_batch_request queries")
     errors: Literal["fail", "report"] = Field(
         "fail",
-        description="a query that cannot be answered: fail the whole batch with a 422 naming it (default), "
-        "or report it in its own result (`error`, no items) and answer the others",
+        description="a query that cannot be answered (an empty history, a bad k, unknown items under reject, ...): fail the whole "
+        "batch with a 422 naming it (default), or report it in its own result (`error`, no items) and answer the others; a "
+        "query that is not a request (an unknown field, a wrong type) fails the batch either way",
     )
 
 

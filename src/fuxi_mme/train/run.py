@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from ..config import Config, validate
-from ..data import check_expected, load_dataset
+from ..data import check_expected, is_own_data, load_dataset
 from ..data.noise import evaluation_view, training_view
-from ..data.prepared import PreparedDataset, default_data_dir
+from ..data.prepared import PreparedDataset, default_data_dir, file_fingerprint
 from ..data.splits import eval_arrays
 from ..eval.evaluator import evaluate_run_split, popularity_scorer, resolve_history
 from ..models import build_model
@@ -120,6 +120,8 @@ def _train(
     run = Run(run_dir)
     clock.lap("data")
     info = {**run_info(device), "dataset": ds.stats, "notes": notes, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if cfg.data.path and is_own_data(cfg.data.name) and Path(cfg.data.path).exists():
+        info["source"] = file_fingerprint(cfg.data.path)  # own data: which file, as it was (experiment tells a changed one)
     if dinfo.enabled:
         info["distributed"] = {"world_size": dinfo.world, "backend": "nccl" if device.type == "cuda" else "gloo"}
     if not resume and dinfo.main:
