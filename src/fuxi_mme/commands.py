@@ -414,14 +414,14 @@ def _experiment_data(args: argparse.Namespace, suites: list) -> tuple[dict, list
     datasets it runs (None: each suite's own). A ``--variants`` entry that none of them offers
     (an extra planned for named datasets only) is refused, naming where it runs."""
     from .config import DataConfig
-    from .data import resolve_source_path
+    from .data import is_own_data, resolve_source_path
     from .experiments.plan import own_data
     from .shapes import DATASETS
 
     paths: list[str] = list(args.sources or [])
     names: list[str | None] = [None] * len(paths)
     for d in args.datasets or []:
-        if d not in DATASETS:  # own data prepared before under this name: its remembered file
+        if d not in DATASETS and is_own_data(d):  # own data prepared before under this name: its remembered file
             paths.append(str(resolve_source_path(DataConfig(name=d), progress=False)))
             names.append(d)
     own = own_data(paths, args.overrides, names) if paths else {}
