@@ -96,6 +96,20 @@ def test_movielens_rating_and_otto_behavior_columns(tmp_path):
     assert read(f, detect(f))["rating"].tolist() == [3.0, 1.0, 4.0]
 
 
+def test_a_headerless_third_column_of_ratings_is_not_read_as_time(tmp_path):
+    """`user,item,rating` without a header: a third column of 1-5 stars is a rating (no
+    timestamps: the file order is the sequence order), not a timestamp that would order each
+    history by its ratings; a third column of times stays the timestamp."""
+    f = _write(tmp_path / "uir.csv", b"1,10,5\n1,11,3\n2,10,4\n2,12,4.5\n")
+    df = read(f, detect(f))
+    assert df["rating"].tolist() == [5.0, 3.0, 4.0, 4.5] and df["item"].tolist() == [10, 11, 10, 12]  # file order kept
+    assert df.attrs["has_timestamps"] is False
+    assert any("read as a rating, not a timestamp" in n and "values 3 to 5 (4 distinct)" in n for n in df.attrs["notes"])
+    f = _write(tmp_path / "uit.csv", b"1,10,978300760\n1,11,978300761\n2,10,978300770\n")
+    df = read(f, detect(f))
+    assert "rating" not in df and df["timestamp"].tolist() == [978300760, 978300761, 978300770] and df.attrs["has_timestamps"] is not False
+
+
 def test_zip_with_one_member_and_hidden_files(tmp_path):
     f = tmp_path / "ml-1m.zip"
     with zipfile.ZipFile(f, "w") as z:

@@ -113,3 +113,11 @@ def test_runs_of_one_folder_name_get_labels_that_tell_them_apart(two_runs, tmp_p
     assert "| alpha/seed0 | demo | fuxi-alpha |" in md and "| sasrec/seed0 | demo | sasrec |" in md
     paths = [tmp_path / "a/x/seed0", tmp_path / "b/x/seed0", tmp_path / "c/seed1"]
     assert unique_labels(paths) == ["a/x/seed0", "b/x/seed0", "seed1"]
+
+
+def test_a_popularity_run_reads_as_counts_not_unfinished(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUXI_MME_DATA", str(tmp_path / "cache"))
+    train(tiny_config("popularity", **{"log.run_dir": str(tmp_path / "pop")}))
+    assert main(["report", str(tmp_path / "pop"), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "no training (item counts)" in md and "unfinished" not in md and "no per-epoch records" not in md

@@ -178,10 +178,33 @@ def _read_text_table(text: str, det: Detected, cols: _Cols, src: str) -> pd.Data
         width = df.shape[1]
         if width not in _POSITIONS:
             raise _error(f"{src} has {width} columns and no header row; add a header naming the user, item and timestamp columns")
-        positional = _POSITIONS[width]
+        positional = list(_POSITIONS[width])
+        looks_rating = width == 3 and _rating_like(df.iloc[:, 2])
+        if looks_rating:  # user,item,rating (no timestamps), not user,item,timestamp
+            positional[2] = "rating"
         df.columns = pd.Index(positional)
         cols = _Cols("user", "item", "timestamp" if "timestamp" in positional else None, "rating" if "rating" in positional else None)
+        if looks_rating:
+            out = _canonical(df, src, cols, _line_of(lines))
+            out.attrs["notes"] = out.attrs["notes"] + [
+                f"{src}: the third of its 3 unnamed columns holds only {_value_range(df['rating'])}: read as a rating, not a timestamp, "
+                "so the file order is the sequence order (add a header row naming the columns to read it otherwise)"
+            ]
+            return out
     return _canonical(df, src, cols, _line_of(lines))
+
+
+def _rating_like(col: pd.Series) -> bool:
+    """A headerless third column that is a rating, not a timestamp: numbers, all within 0-10,
+    of at most 21 distinct values (1-5 stars, 0.5 steps to 10); a time column of the same file
+    (seconds, milliseconds, or positions) runs far past that."""
+    v = pd.to_numeric(col, errors="coerce")
+    return bool(len(v)) and not v.isna().any() and bool(v.between(0, 10).all()) and v.nunique() <= 21
+
+
+def _value_range(col: pd.Series) -> str:
+    v = pd.to_numeric(col)
+    return f"values {v.min():g} to {v.max():g} ({v.nunique()} distinct)"
 
 
 def _read_sequences(p: Path, det: Detected, cols: _Cols, src: str) -> pd.DataFrame:

@@ -171,6 +171,8 @@ def main_sections(res: dict[str, Any]) -> list[str]:
     base = {**res, "results": [e for e in res["results"] if e["protocol"] == "loo-val"]}
     beyond = beyond_table(base)
     versus = diversity_comparison(base)
+    domains = [t for t in (cross_domain(base), cross_domain(base, " large")) if t]
+    published, equal = published_comparison(res), equal_size_comparison(res)
     return [
         *HEADLINE_PROSE,
         headline(base),
@@ -179,15 +181,9 @@ def main_sections(res: dict[str, Any]) -> list[str]:
         *([*BEYOND_PROSE, beyond, ""] if beyond else []),
         *([*DIVERSITY_PROSE, versus, diversity_answer(base), ""] if versus else []),
         *versus_section(base, SSM_PROSE, SSM_PAIRS, seconds=False),
-        *CROSS_DOMAIN_PROSE,
-        cross_domain(base),
-        cross_domain(base, " large"),
-        *PUBLISHED_PROSE,
-        published_comparison(res),
-        "",
-        *EQUAL_SIZE_PROSE,
-        equal_size_comparison(res),
-        "",
+        *([*CROSS_DOMAIN_PROSE, *domains] if domains else []),
+        *([*PUBLISHED_PROSE, published, ""] if published else []),  # sections with nothing run are left out
+        *([*EQUAL_SIZE_PROSE, equal, ""] if equal else []),
     ]
 
 

@@ -68,7 +68,12 @@ def table(runs: list[dict[str, Any]]) -> str:
         seq = sum(x.get("seq_per_s", 0.0) for x in train_recs) / len(train_recs) if train_recs else None
         d = info.get("device") or {}
         dev = d.get("gpu") or d.get("device", "-") if isinstance(d, dict) else d
-        sel = f"{fin.get('selection', 'unfinished')}, epoch {fin.get('selected_epoch', '-')}" if fin else "unfinished"
+        if not fin:
+            sel = "unfinished"
+        elif cfg["model"]["name"] == "popularity":
+            sel = "no training (item counts)"
+        else:
+            sel = f"{fin.get('selection', 'unfinished')}, epoch {fin.get('selected_epoch', '-')}"
         row = [
             r["name"],
             fin.get("dataset", cfg["data"]["name"]),
@@ -195,7 +200,7 @@ def report(run_dirs: list[str | Path], out: str | Path) -> dict[str, Any]:
         md += [f"![{img.stem}]({img.name})", ""]
     for r in runs:
         notes = [*((r["info"] or {}).get("notes") or []), *(((r["final"] or {}).get("test") or {}).get("beyond") or {}).get("notes", [])]
-        if not r["records"]:  # a suite run whose logs.tar.xz is not here: no curves for it
+        if not r["records"] and r["config"]["model"]["name"] != "popularity":  # a suite run whose logs.tar.xz is not here: no curves
             notes.append("no per-epoch records (an experiment suite's are on the results-logs branch: docs/results.md)")
         commit = (r["info"] or {}).get("commit")
         md.append(f"- `{r['name']}`: {r['dir']}" + (f", commit {commit}" if commit else "") + ("; " + "; ".join(notes) if notes else ""))

@@ -263,6 +263,8 @@ def cross_domain(res: dict[str, Any], suffix: str = "", metric: str = "test/NDCG
     marks = {(e["dataset"], e["variant"]): _low_mark(e) for e in res["results"]}
     datasets = [d for d in dict.fromkeys(e["dataset"] for e in res["results"]) if any((d, m + suffix) in cells for m in HEADLINE_MODELS)]
     models = [m for m in HEADLINE_MODELS if any((d, m + suffix) in cells for d in datasets)]
+    if not models:
+        return ""  # nothing of these rows ran (the large presets on own data, say)
     ranks: dict[tuple[str, str], int] = {}
     for d in datasets:
         present = sorted((m for m in models if (d, m + suffix) in cells), key=lambda m: -cells[(d, m + suffix)])
@@ -304,7 +306,7 @@ def equal_size_comparison(res: dict[str, Any], metric: str = "test/NDCG@10") -> 
             f"{m['mean']:.4f} ± {m['std']:.4f} ({mme['seeds']}) | "
             f"{m['mean'] - a['mean']:+.4f} | {t:.1f} ({df:.1f}) | {reading(t, df)} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""  # "": no dataset with both models
 
 
 def published_comparison(res: dict[str, Any]) -> str:
@@ -333,7 +335,7 @@ def published_comparison(res: dict[str, Any]) -> str:
             met = "yes, beyond seed noise" if n > 1 and reading(t, df) == "ahead" else "above, within seed noise" if m["mean"] > top else "no"
             quoted = " / ".join(f"{v:.4f}" for v in pub.values())
             lines.append(f"| {ds} | {quoted} | {size} | {m['mean']:.4f} ± {m['std']:.4f} | {best} {ours[best]:.4f} | {met} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""  # "": none of the Amazon sets ran
 
 
 def _welch_cells(first: dict[str, Any], second: dict[str, Any], metric: str) -> str:
