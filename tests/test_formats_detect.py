@@ -110,6 +110,14 @@ def test_a_headerless_third_column_of_ratings_is_not_read_as_time(tmp_path):
     assert "rating" not in df and df["timestamp"].tolist() == [978300760, 978300761, 978300770] and df.attrs["has_timestamps"] is not False
 
 
+def test_a_json_array_file_says_to_convert_it_to_json_lines(tmp_path):
+    for text in (b'[{"user": 1, "item": 2}, {"user": 1, "item": 3}]\n', b'[\n  {"user": 1, "item": 2}\n]\n'):
+        f = _write(tmp_path / "arr.json", text)
+        with pytest.raises(DataError, match=r"is one JSON array; the reader takes JSON lines, one object per line: convert it") as err:
+            detect(f)
+        assert "\n" not in str(err.value)
+
+
 def test_zip_with_one_member_and_hidden_files(tmp_path):
     f = tmp_path / "ml-1m.zip"
     with zipfile.ZipFile(f, "w") as z:

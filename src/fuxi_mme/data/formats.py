@@ -277,6 +277,11 @@ def _ml_fields(src: str, n: int, line: str, k: int, numbers: bool = True) -> lis
 
 def _detect_text(src: str, lines: list[tuple[int, str]]) -> Detected:
     n0, first = lines[0]
+    if first.lstrip().startswith("[") and ("{" in first or first.strip() == "["):
+        raise _error(
+            f"{src} is one JSON array; the reader takes JSON lines, one object per line: convert it "
+            '(python -c "import json,sys; [print(json.dumps(o)) for o in json.load(sys.stdin)]" < FILE > FILE.jsonl)'
+        )
     if first.lstrip().startswith("{"):
         fmt, why = _detect_json(src, lines)
         return Detected(fmt, header=fmt == "table" or None, reason=why, syntax="jsonl")
