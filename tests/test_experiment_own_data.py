@@ -34,7 +34,7 @@ def test_own_files_are_named_and_measured_as_train_does_it(tmp_path):
         "clicks": ("clicks", str(short.resolve()), "short"),
         "plays": ("plays", str(long.resolve()), "long-few-users"),
     }
-    assert own["clicks"].stamp == (short.stat().st_size, short.stat().st_mtime_ns)
+    assert own["clicks"].stamp == {"path": str(short.resolve()), "size": short.stat().st_size, "mtime_ns": short.stat().st_mtime_ns}
     with pytest.raises(ValueError, match="no such file"):
         own_data([str(tmp_path / "missing.csv")])
     # the command's --set (column names, filters) applies before measuring, as train --source's does
@@ -164,8 +164,10 @@ def test_a_run_of_own_data_after_its_file_moved_or_changed(tmp_path, capsys, cap
         "(fuxi-mme data prepare clicks --source NEW_PATH) and the run finds it by its name"
     )
     assert main(["data", "prepare", "clicks", "--source", str(moved)]) == 0
-    assert main(["evaluate", "--run", str(run)]) == 0  # found by name; the same bytes: no warning
+    with caplog.at_level(logging.WARNING, logger="fuxi_mme"):
+        assert main(["evaluate", "--run", str(run)]) == 0  # found by name; moved, not changed: no warning
+    assert "not the data this run trained on" not in caplog.text
     moved.write_text(moved.read_text() + "999,1,1700000000\n999,2,1700000100\n999,3,1700000200\n")
     with caplog.at_level(logging.WARNING, logger="fuxi_mme"):
         assert main(["evaluate", "--run", str(run)]) == 0
-    assert "is not the file this run trained on" in caplog.text
+    assert "is not the data this run trained on" in caplog.text

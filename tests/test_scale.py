@@ -300,3 +300,22 @@ def test_sort_workers_setting_is_checked(monkeypatch):
         columnar.sort_workers(3)
     monkeypatch.delenv("FUXI_MME_PREPARE_WORKERS")
     assert 1 <= columnar.sort_workers(3) <= 3
+
+
+def test_millisecond_times_are_read_as_seconds_by_both_engines_and_the_service(tmp_path):
+    """Unix times in milliseconds (above 1e11) become seconds in preparation, in-memory and
+    columnar alike, with a note; the service reads a request's milliseconds by the same rule,
+    so a model trained on such a log gets the times it trained on."""
+    from fuxi_mme.data.table import millis_to_seconds
+
+    path = _parquet_log(tmp_path, rows=3000)
+    df = pd.read_parquet(path)
+    df["ts"] = df["ts"] * 1000 + 1_600_000_000_000
+    df.to_parquet(path)
+    mem, col = _both(tmp_path, path, 1 << 26, 1 << 22)
+    assert np.asarray(mem.timestamps).max() < 1e11 and np.array_equal(np.asarray(mem.timestamps), np.asarray(col.timestamps))
+    assert np.asarray(mem.timestamps).min() >= 1_600_000_000
+    for ds in (mem, col):
+        assert any("milliseconds; converted to seconds" in n for n in ds.stats["notes"])
+    secs, n = millis_to_seconds(np.array([1_700_000_000, 1_700_000_000_123]))
+    assert secs.tolist() == [1_700_000_000, 1_700_000_000] and n == 1

@@ -27,7 +27,7 @@ Ambiguity rules (each stated in ``reason`` when it applies):
 * a first row is a header when a cell is not a number over a column of numbers, or when it
   names a known column (user, item, timestamp, userId, ...).
 * without a time column the file order is the sequence order: timestamp = position in the
-  file, ``has_timestamps`` False. Session ``ts`` above 1e11 are milliseconds and become seconds.
+  file, ``has_timestamps`` False. Times above 1e11 (any layout) are milliseconds and become seconds.
 
 Compression (gzip, a zip with one data member) and a folder of Parquet parts (Spark, DuckDB,
 Ray; ``_SUCCESS``, ``.crc`` and hidden files ignored) wrap any of these. Errors are one-line

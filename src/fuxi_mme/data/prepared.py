@@ -29,7 +29,7 @@ from ..utils.runinfo import as_created
 from .behaviors import encode as encode_behaviors
 from .table import DataError
 
-PREP_VERSION = 1
+PREP_VERSION = 2  # 2: timestamps in milliseconds read as seconds (data/table.millis_to_seconds)
 
 
 def default_data_dir() -> Path:
@@ -208,6 +208,12 @@ def compute_stats(ds: PreparedDataset) -> dict[str, Any]:
 def cache_key(parts: dict[str, Any]) -> str:
     blob = json.dumps({"v": PREP_VERSION, **parts}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def same_version(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Two :func:`file_fingerprint` readings are of the same version of the data (sizes and
+    modification times; the path aside, so a moved file is still the same)."""
+    return {k: v for k, v in recorded.items() if k != "path"} == {k: v for k, v in now.items() if k != "path"}
 
 
 def file_fingerprint(path: str | Path) -> dict[str, Any]:

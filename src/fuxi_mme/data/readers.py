@@ -34,6 +34,7 @@ from .formats import (
     _text,
     column_alias,
 )
+from .table import millis_note, millis_to_seconds
 
 
 def _ids(s: pd.Series, role: str, src: str, where: Callable[[int], str]) -> np.ndarray:
@@ -102,7 +103,9 @@ def _canonical(df: pd.DataFrame, src: str, cols: _Cols, where: Callable[[int], s
             raise _error(f"{src} has no column {col!r} for the {role} (columns: {', '.join(names[:12])}); name it with --set data.{key}_col=NAME")
     out = pd.DataFrame({"user": _ids(df[cols.user], "user", src, where), "item": _ids(df[cols.item], "item", src, where)})
     if cols.time is not None and cols.time in df.columns:
-        out["timestamp"] = _seconds(df[cols.time], src, where)
+        out["timestamp"], millis = millis_to_seconds(_seconds(df[cols.time], src, where))
+        if millis:
+            notes.append(millis_note(src, millis))
         has_ts = True
     else:
         out["timestamp"] = np.arange(len(out), dtype=np.int64)
@@ -184,14 +187,13 @@ def _read_text_table(text: str, det: Detected, cols: _Cols, src: str) -> pd.Data
             positional[2] = "rating"
         df.columns = pd.Index(positional)
         cols = _Cols("user", "item", "timestamp" if "timestamp" in positional else None, "rating" if "rating" in positional else None)
-        if looks_rating:
-            out = _canonical(df, src, cols, _line_of(lines))
-            out.attrs["notes"] = out.attrs["notes"] + [
-                f"{src}: the third of its 3 unnamed columns holds only {_value_range(df['rating'])}: read as a rating, not a timestamp, "
-                "so the file order is the sequence order (add a header row naming the columns to read it otherwise)"
-            ]
-            return out
-    return _canonical(df, src, cols, _line_of(lines))
+    out = _canonical(df, src, cols, _line_of(lines))
+    if not header and looks_rating:
+        out.attrs["notes"] = out.attrs["notes"] + [
+            f"{src}: the third of its 3 unnamed columns holds only {_value_range(df['rating'])}: read as a rating, not a timestamp, "
+            "so the file order is the sequence order (add a header row naming the columns to read it otherwise)"
+        ]
+    return out
 
 
 def _rating_like(col: pd.Series) -> bool:
@@ -273,9 +275,6 @@ def _read_sessions(p: Path, det: Detected, cols: _Cols, src: str) -> pd.DataFram
     raw = pd.DataFrame({"user": pd.Series(users, dtype=object), "item": pd.Series(items, dtype=object), "timestamp": pd.Series(ts, dtype=object)})
     raw["behavior"] = kinds
     out = _canonical(raw, src, _Cols("user", "item", "timestamp", None), _line_of(np.asarray(lines)), keep=("behavior",))
-    if out["timestamp"].max() > 1e11:
-        out["timestamp"] = out["timestamp"] // 1000
-        notes.append(f"{src}: event ts are milliseconds (above 1e11); converted to seconds, events keep their order")
     out.attrs["notes"] = notes + out.attrs["notes"]
     return out
 

@@ -22,6 +22,21 @@ class DataError(ValueError):
     """A user-facing data problem: the message names the input and the fix."""
 
 
+MILLIS_ABOVE = 1e11  # a unix time above this is in milliseconds (1e11 s is the year 5138)
+
+
+def millis_to_seconds(t: np.ndarray) -> tuple[np.ndarray, int]:
+    """Unix times in seconds: values above :data:`MILLIS_ABOVE` are milliseconds, divided by 1000
+    (the readers' and the service's one rule); and how many were."""
+    ms = t > MILLIS_ABOVE
+    n = int(ms.sum())
+    return (np.where(ms, t // 1000, t) if n else t), n
+
+
+def millis_note(source: str, n: int) -> str:
+    return f"{source}: {n:,} timestamp(s) above 1e11 are milliseconds; converted to seconds (events keep their order)"
+
+
 def plain(v: Any) -> str:
     """A value as a message shows it: numbers as numbers (never ``np.int64(5)``), text in
     quotes (cut at 60 characters), NaN and None as ``missing``."""

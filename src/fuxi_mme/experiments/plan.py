@@ -17,11 +17,12 @@ import os
 import re
 import threading
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, apply_overrides, validate
+from ..data.prepared import file_fingerprint, same_version
 from ..presets import build_defaults, build_preset, preset_name
 from ..shapes import DATASETS
 from .store import RUN_DEPTH, has_run_file, run_file, stored_runs, variant_runs
@@ -84,17 +85,15 @@ class OwnData:
     name: str
     path: str
     shape: str
-    stamp: tuple[int, int] | None = None  # the file's (size, mtime_ns) when measured; None: not known (read back from runs)
+    stamp: dict[str, Any] | None = field(default=None, compare=False)  # its file_fingerprint when measured; None: read back from runs
 
     def changed_since(self, info: dict[str, Any] | None) -> str | None:
-        """Why a finished run's ``run.json`` (its ``source``: the file as it trained on it) is of
-        another version of the file, or None (the same, or not recorded)."""
-        src = (info or {}).get("source") or {}
-        if self.stamp is None or "size" not in src or "mtime_ns" not in src:
+        """Why a finished run's ``run.json`` (its ``source``: the data as it trained on it) is of
+        another version of the data, or None (the same, or not recorded)."""
+        was = (info or {}).get("source")
+        if self.stamp is None or not was or same_version(was, self.stamp):
             return None
-        if (src["size"], src["mtime_ns"]) == self.stamp:
-            return None
-        return f"{self.path} changed since this run ({src['size']:,} -> {self.stamp[0]:,} bytes, or modified)"
+        return f"{self.path} changed since this run (its size or modification time)"
 
 
 @dataclass
@@ -133,8 +132,7 @@ def own_data(paths: list[str], overrides: list[str] | None = None, names: list[s
         validate(cfg)
         shape, why = measured_shape(cfg.data)
         logging.getLogger("fuxi_mme").info("%s: shape %s: %s", name, shape, why)
-        st = path.resolve().stat()
-        out[name] = OwnData(name, cfg.data.path, shape, (st.st_size, st.st_mtime_ns) if path.is_file() else None)
+        out[name] = OwnData(name, cfg.data.path, shape, file_fingerprint(path))
     return out
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..data.batches import Batch
+from ..data.table import MILLIS_ABOVE, millis_to_seconds
 from ..eval.evaluator import encode_last
 from ..utils.runtime import autocast_dtype
 
@@ -75,9 +76,6 @@ class Prepared:
 
 def _py(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
-
-
-MILLIS_ABOVE = 1e11  # a timestamp above this is in milliseconds (1e11 s is the year 5138)
 
 
 def _checked_timestamps(timestamps: Any, n: int) -> list | None:
@@ -184,8 +182,8 @@ class Recommender:
         ts = _checked_timestamps(q.timestamps, len(history))
         q_now = q.now
         millis = ts is not None and max(ts) > MILLIS_ABOVE
-        if ts is not None and millis:  # as the training data's readers do: no unix time in seconds is that large
-            ts = [int(t) // 1000 for t in ts]
+        if ts is not None and millis:  # the training data's readers' rule (data/table.millis_to_seconds)
+            ts = [int(t) for t in millis_to_seconds(np.asarray(ts, dtype=np.int64))[0]]
             if isinstance(q_now, (int, np.integer)) and not isinstance(q_now, bool) and q_now > MILLIS_ABOVE:
                 q_now = int(q_now) // 1000
         policy = q.unknown_items or self.unknown_policy

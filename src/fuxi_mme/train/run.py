@@ -121,7 +121,7 @@ def _train(
     clock.lap("data")
     info = {**run_info(device), "dataset": ds.stats, "notes": notes, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if cfg.data.path and is_own_data(cfg.data.name) and Path(cfg.data.path).exists():
-        info["source"] = file_fingerprint(cfg.data.path)  # own data: which file, as it was (experiment tells a changed one)
+        info["source"] = file_fingerprint(cfg.data.path)  # own data: which version (experiment, evaluate tell a changed one)
     if dinfo.enabled:
         info["distributed"] = {"world_size": dinfo.world, "backend": "nccl" if device.type == "cuda" else "gloo"}
     if not resume and dinfo.main:
