@@ -31,3 +31,13 @@ def test_a_prepared_cache_folder_gets_the_umask_permissions(tmp_path):
 
     ds = load_dataset(DataConfig(name="demo", demo_users=60, data_dir=str(tmp_path)))
     assert _mode(ds.cache_dir) == 0o777 & ~UMASK
+
+
+def test_temporary_folders_renamed_into_place_get_the_umask_permissions(tmp_path):
+    """temp_dir_beside is what the prepared cache, the columnar engine, archive extraction and
+    checkpoints make their folders with: beside the target, not owner-only."""
+    from fuxi_mme.utils.runinfo import temp_dir_beside
+
+    tmp = temp_dir_beside(tmp_path / "deep" / "target", "extract")
+    assert tmp.parent == tmp_path / "deep" and tmp.name.startswith(".target.extract-")
+    assert _mode(tmp) == 0o777 & ~UMASK

@@ -172,23 +172,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         rows.update(split_rows("test", res["test"]))
     title = f"{res['model']} on {res['dataset']}, protocol {res['protocol']}, full ranking ({res.get('selection', 'no training')})"
     print(metrics_table(rows, title))
-    note = _whole_catalogue_note(res)
+    note = _whole_catalogue_note(res, tuple(cfg.eval.ks))
     if note:
         print(note)
     print(f"results: {res['run_dir']}/metrics.json")
     return 0
 
 
-def _whole_catalogue_note(res: dict[str, Any]) -> str | None:
-    """A line when a cut-off K reaches the catalogue's size: every item is in the top K there, so
-    HR@K is 1 by construction (a tiny catalogue, not a good model)."""
+def _whole_catalogue_note(res: dict[str, Any], ks: tuple[int, ...]) -> str | None:
+    """A line when a cut-off K (``eval.ks``) reaches the catalogue's size: every item is in the
+    top K there, so HR@K is 1 by construction (a tiny catalogue, not a good model)."""
+    from .runs import Run
+
     try:
-        items = json.loads((Path(res["run_dir"]) / "run.json").read_text())["dataset"]["items"]
+        items = (Run(res["run_dir"]).info() or {})["dataset"]["items"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    metrics = res.get("test") or res.get("valid_best") or {}
-    ks = sorted({int(k.split("@")[1]) for k in metrics if "@" in k and k.split("@")[1].isdigit()})
-    over = [k for k in ks if k >= items]
+    over = sorted(k for k in ks if k >= items)
     if not over:
         return None
     return (
@@ -197,7 +197,7 @@ def _whole_catalogue_note(res: dict[str, Any]) -> str | None:
     )
 
 
-RESUME_APPLIES = ("resume", "epochs", "device", "no_progress", "print_config", "verbose")  # what train --resume takes from the command line
+RESUME_APPLIES = ("resume", "epochs", "device", "no_progress", "print_config")  # what train --resume takes from the command line
 
 
 def _resume_ignores(args: argparse.Namespace) -> list[str]:
@@ -241,13 +241,7 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
         apply_overrides(Config(data=cfg), args.overrides)  # edits cfg in place
         validate(Config(data=cfg))  # and spells data.sep as the readers take it
-    data_log = logging.getLogger("fuxi_mme.data")
-    level = data_log.level
-    data_log.setLevel(logging.WARNING)  # its notes are printed below, once
-    try:
-        ds = load_dataset(cfg, rebuild=getattr(args, "rebuild", False))
-    finally:
-        data_log.setLevel(level)
+    ds = load_dataset(cfg, rebuild=getattr(args, "rebuild", False), log_notes=False)  # its notes are printed below, once
     st = ds.stats
     print(f"dataset {ds.name}  (cache: {ds.cache_dir})")
     print(f"  users {st['users']:,}   items {st['items']:,}   interactions {st['interactions']:,}")

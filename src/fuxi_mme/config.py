@@ -500,16 +500,6 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
     m = cfg.model
-    if m.dim < 1:
-        raise ConfigError(f"model.dim={m.dim} must be at least 1")
-    if m.num_embeddings < 1 or m.dim % m.num_embeddings:
-        fits = [k for k in range(2, 9) if m.dim % k == 0]
-        raise ConfigError(
-            f"model.num_embeddings={m.num_embeddings} must be >= 1 and divide model.dim={m.dim} "
-            f"(set both; at this dim: {', '.join(map(str, [1, *fits]))})"
-        )
-    if m.moe.num_experts and not (1 <= m.moe.top_k <= m.moe.num_experts):
-        raise ConfigError(f"model.moe.top_k={m.moe.top_k} must be in 1..model.moe.num_experts={m.moe.num_experts}")
     positive: dict[str, int] = {
         "data.max_len": cfg.data.max_len,
         "train.batch_size": cfg.train.batch_size,
@@ -521,9 +511,17 @@ def validate(cfg: Config) -> None:
         "train.epochs": cfg.train.epochs,
         "train.eval_every": cfg.train.eval_every,
     }
-    for key, n in positive.items():
+    for key, n in positive.items():  # first: the checks below divide by some of these
         if n < 1:
             raise ConfigError(f"{key}={n} must be at least 1")
+    if m.num_embeddings < 1 or m.dim % m.num_embeddings:
+        fits = [k for k in range(2, 9) if m.dim % k == 0]
+        raise ConfigError(
+            f"model.num_embeddings={m.num_embeddings} must be >= 1 and divide model.dim={m.dim} "
+            f"(set both; at this dim: {', '.join(map(str, [1, *fits]))})"
+        )
+    if m.moe.num_experts and not (1 <= m.moe.top_k <= m.moe.num_experts):
+        raise ConfigError(f"model.moe.top_k={m.moe.top_k} must be in 1..model.moe.num_experts={m.moe.num_experts}")
     if not cfg.train.lr > 0:
         raise ConfigError(f"train.lr={cfg.train.lr} must be positive (the presets use 1e-3)")
     if cfg.train.weight_decay < 0:

@@ -236,13 +236,15 @@ def check_expected(ds: PreparedDataset) -> list[str]:
     ]
 
 
-def load_dataset(cfg: DataConfig, rebuild: bool = False) -> PreparedDataset:
+def load_dataset(cfg: DataConfig, rebuild: bool = False, log_notes: bool = True) -> PreparedDataset:
     """Prepared dataset for ``cfg``, from the cache when its key matches, else built and cached.
 
     The ``--source`` it came from is remembered only once it prepared (or loaded) without error:
-    a file that fails to read leaves nothing in the data folder."""
+    a file that fails to read leaves nothing in the data folder. Preparing logs its notes (what
+    it read the data as, what it dropped) unless ``log_notes`` is False (a caller that prints
+    ``ds.stats["notes"]`` itself)."""
     path = resolve_source_path(cfg)
-    ds = _load_or_prepare(cfg, path, rebuild)
+    ds = _load_or_prepare(cfg, path, rebuild, log_notes)
     if path is not None:
         _remember_source(cfg, path)
     return ds
@@ -256,7 +258,7 @@ def measured_shape(cfg: DataConfig) -> tuple[str, str]:
     return choose_shape(load_dataset(cfg).stats)
 
 
-def _load_or_prepare(cfg: DataConfig, path: Path | None, rebuild: bool) -> PreparedDataset:
+def _load_or_prepare(cfg: DataConfig, path: Path | None, rebuild: bool, log_notes: bool = True) -> PreparedDataset:
     src = get_source(cfg.name)
     columnar = choose_engine(cfg, path)
     parts = {**_key_parts(cfg, path), **({"engine": "columnar"} if columnar else {})}
@@ -276,7 +278,7 @@ def _load_or_prepare(cfg: DataConfig, path: Path | None, rebuild: bool) -> Prepa
         min_inter = cfg.min_user_interactions if cfg.min_user_interactions is not None else (src.min_user_interactions or 2)
         policy = src.duplicates if cfg.duplicates == "auto" else cfg.duplicates
         log.info("%s: preparing out of core (data.engine=columnar, docs/datasets.md#large-logs)", cfg.name)
-        prepare_columnar(path, cfg, cfg.name, folder, {"key": key, "parts": parts}, policy, min_inter)
+        prepare_columnar(path, cfg, cfg.name, folder, {"key": key, "parts": parts}, policy, min_inter, log_notes=log_notes)
         return _with_target(load_columnar(folder), cfg)
     df, titles = src.read(path, cfg)
     has_ts = bool(df.attrs.get("has_timestamps", src.has_timestamps))
@@ -300,7 +302,7 @@ def _load_or_prepare(cfg: DataConfig, path: Path | None, rebuild: bool) -> Prepa
         source=str(path) if path else cfg.name,
     )
     notes = read_notes + notes
-    for n in notes:  # what preparation did or read the data as (data info prints them too)
+    for n in notes if log_notes else []:  # what preparation did or read the data as
         log.info("%s: %s", cfg.name, n)
     ds.stats["notes"] = notes
     # a damaged or --rebuild cache is replaced

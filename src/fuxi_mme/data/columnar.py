@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.dataset as pads  # type: ignore[import-untyped]
 
 from ..utils.integrity import verify_manifest, write_manifest
-from ..utils.runinfo import as_created
+from ..utils.runinfo import temp_dir_beside
 from .prepared import PreparedDataset, _remove_stale
 from .table import DataError, millis_note, millis_to_seconds, plain
 
@@ -289,9 +288,11 @@ def prepare_columnar(
     min_user_interactions: int,
     part_events: int | None = None,
     batch_rows: int | None = None,
+    log_notes: bool = True,
 ) -> None:
     """Prepare the Parquet input ``path`` into the cache folder ``folder`` (written to a
-    temporary sibling and renamed into place). ``duplicates`` is keep, drop or error."""
+    temporary sibling and renamed into place). ``duplicates`` is keep, drop or error; its notes
+    are logged unless ``log_notes`` is False (they are in the stats either way)."""
     source = str(path)
     part_events = part_events or PART_EVENTS  # read at call time (tests shrink them)
     batch_rows = batch_rows or BATCH_ROWS
@@ -308,8 +309,7 @@ def prepare_columnar(
             )
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    as_created(tmp, folder=True)  # mkdtemp makes it owner-only
+    tmp = temp_dir_beside(folder)
     clock: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
@@ -467,7 +467,7 @@ def prepare_columnar(
             pass
         os.rename(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
-        for n_ in notes:
+        for n_ in notes if log_notes else []:
             log.info("%s: %s", name, n_)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

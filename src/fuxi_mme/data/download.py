@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -28,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
-from ..utils.runinfo import as_created
+from ..utils.runinfo import temp_dir_beside
 from .table import DataError
 
 log = logging.getLogger(__name__)
@@ -213,8 +212,7 @@ def safe_extract(archive: Path, target: Path, *, fix: str = "delete it and run t
     library downloaded; for a file the user gave, the caller says what to pass instead."""
     archive, target = Path(archive), Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
-    as_created(tmp, folder=True)  # mkdtemp makes it owner-only
+    tmp = temp_dir_beside(target, "extract")
     try:
         kind = "zip" if _looks_zip(archive) else "tar"
         try:

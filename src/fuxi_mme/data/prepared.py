@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..utils.integrity import verify_manifest, write_manifest
-from ..utils.runinfo import as_created
+from ..utils.runinfo import temp_dir_beside
 from .behaviors import encode as encode_behaviors
 from .table import DataError
 
@@ -243,8 +242,7 @@ def save_prepared(ds: PreparedDataset, target: Path, meta: dict[str, Any], repla
     ``replace``, an existing (damaged or outdated) ``target`` is renamed away first."""
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    as_created(tmp, folder=True)  # mkdtemp makes it owner-only
+    tmp = temp_dir_beside(target)
     try:
         arrays: dict[str, np.ndarray] = {"offsets": ds.offsets, "items": ds.items, "timestamps": ds.timestamps}
         if ds.behaviors is not None:

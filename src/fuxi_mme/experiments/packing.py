@@ -49,11 +49,11 @@ def free_memory_gb(gpu: str) -> float | None:
         return None
 
 
-def peak_memory_gb(run_dir: Path) -> float | None:
+def peak_memory_gb(run_dir: Path, info: dict | None = None) -> float | None:
     """The largest GPU memory a run reached: ``peak_gpu_gb`` of its ``run.json`` (the whole
     run, evaluations included; loose or packed into its suite's ``runs.jsonl``) and the
     ``gpu_mem_gb`` of its train records in ``metrics.jsonl`` where that file is still loose;
-    None when neither says."""
+    None when neither says. ``info``: its ``run.json`` when already read."""
     peaks = []
     f = run_dir / "metrics.jsonl"
     if f.exists():
@@ -64,7 +64,7 @@ def peak_memory_gb(run_dir: Path) -> float | None:
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("gpu_mem_gb"), (int, float)):
                 peaks.append(float(rec["gpu_mem_gb"]))
-    info = _run_info(run_dir)
+    info = _run_info(run_dir) if info is None else info
     if isinstance(info.get("peak_gpu_gb"), (int, float)):
         peaks.append(float(info["peak_gpu_gb"]))
     return max(peaks) if peaks else None
@@ -87,11 +87,11 @@ def ended_out_of_memory(log_file: Path) -> bool:
     return "out of memory" in tail.lower()
 
 
-def host_cores(run_dir: Path) -> float | None:
+def host_cores(run_dir: Path, info: dict | None = None) -> float | None:
     """The host cores a finished run kept busy on average: its ``host_cpu_seconds`` (process and
-    compile workers) over its phases' total wall seconds, from ``run.json`` (loose or packed);
-    None when absent."""
-    info = _run_info(run_dir)
+    compile workers) over its phases' total wall seconds, from ``run.json`` (loose or packed;
+    ``info`` when already read); None when absent."""
+    info = _run_info(run_dir) if info is None else info
     cpu, wall = info.get("host_cpu_seconds"), (info.get("phases") or {}).get("total")
     if not isinstance(cpu, (int, float)) or not isinstance(wall, (int, float)) or wall <= 0:
         return None
@@ -105,7 +105,7 @@ def learn_from_finished(gate: PackingGate, key: Hashable, run_dirs: list[Path]) 
     for d in run_dirs:
         info = _run_info(d)
         if (info.get("device") or {}).get("device") == "cuda" and has_run_file(d, "metrics.json"):
-            gate.learn(key, peak_memory_gb(d), host_cores(d))
+            gate.learn(key, peak_memory_gb(d, info), host_cores(d, info))
 
 
 class HostLoad:

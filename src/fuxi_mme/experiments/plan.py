@@ -258,7 +258,6 @@ def make_job(
     what = ["--preset", preset]
     if own is not None:
         what = ["--source", own.path, "--name", dataset, "--shape", own.shape, "--model", v.model, "--size", v.size]
-        data = []
     args = ["train", *what, "--seed", str(seed), "--protocol", protocol, "--run-dir", str(run_dir), "--no-progress", *data]
     for o in sets:
         args += ["--set", o]

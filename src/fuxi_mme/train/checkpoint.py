@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..utils.integrity import MANIFEST, IntegrityError, verify_manifest, write_manifest
-from ..utils.runinfo import as_created, atomic_write_text
+from ..utils.runinfo import atomic_write_text, temp_dir_beside
 
 log = logging.getLogger(__name__)
 FORMAT = 2  # state.json "format": 2 and later always have a checksums.json
@@ -150,8 +149,7 @@ def save_checkpoint(folder: Path, model: Model, state: dict[str, Any], optimizer
     _fault("begin", folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(folder.parent, folder.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    as_created(tmp, folder=True)  # mkdtemp makes it owner-only
+    tmp = temp_dir_beside(folder)
     try:
         model_sd, optim_sd = _state_dicts(model, optimizer)
         weights = {k: v.detach().contiguous().cpu() for k, v in model_sd.items()}

@@ -57,7 +57,7 @@ class OptunaSampler:
         self.optuna = optuna
         self.dists = {name: _distribution(optuna, p) for name, p in space.items()}
         self.seed = seed
-        self.study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+        self.study = optuna.create_study(direction="maximize")  # its sampler: set per trial by ask()
         self.pending: dict[int, Any] = {}
 
     def tell(self, number: int, params: dict[str, Any], value: float | None, state: str) -> None:

@@ -146,6 +146,16 @@ def as_created(path: str | Path, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~UMASK)
 
 
+def temp_dir_beside(target: str | Path, tag: str = "tmp") -> Path:
+    """A new temporary folder next to ``target`` (``.<name>.<tag>-XXXX``, on the same file system,
+    so it can be renamed into place), with the permissions a plainly made folder gets."""
+    t = Path(target)
+    t.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{t.name}.{tag}-", dir=t.parent))
+    as_created(tmp, folder=True)  # mkdtemp makes it owner-only
+    return tmp
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename over the target."""
     p = Path(path)
