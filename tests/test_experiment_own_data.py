@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from fuxi_mme.experiments import SUITES, plan
-from fuxi_mme.experiments.plan import OwnData, aggregation_jobs, own_data
+from fuxi_mme.experiments.own import OwnData, own_data
+from fuxi_mme.experiments.plan import aggregation_jobs
 
 
 def _log(path: Path, users: int, per_user: tuple[int, int]) -> Path:

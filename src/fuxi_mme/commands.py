@@ -331,6 +331,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import SUITES, aggregate, markdown, run_suites, write_docs
     from .experiments.logs import pack_logs
+    from .experiments.own import command_data
     from .experiments.plan import aggregation_jobs
 
     unknown = [n for n in args.suite if n not in SUITES]
@@ -347,7 +348,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     root = Path(args.root)
     data_root = Path(args.data_root) if args.data_root else None
     docs = Path(args.docs) if args.docs else root / "results.md"
-    own, datasets = _experiment_data(args, suites)
+    own, datasets = command_data(args.sources, args.datasets, args.overrides, args.variants, suites)
     if args.aggregate_only:
         from .utils.runinfo import git_commit
 
@@ -400,34 +401,6 @@ def _experiment_command(args: argparse.Namespace) -> str:
     if args.docs:
         words += ["--docs", args.docs]
     return shlex.join(words)
-
-
-def _experiment_data(args: argparse.Namespace, suites: list) -> tuple[dict, list[str] | None]:
-    """The user's own files of an experiment command (``--source FILE``, and own data named in
-    ``--datasets``, found from the file it was prepared from), named and measured; and the
-    datasets it runs (None: each suite's own). A ``--variants`` entry that none of them offers
-    (an extra planned for named datasets only) is refused, naming where it runs."""
-    from .config import DataConfig
-    from .data import is_own_data, resolve_source_path
-    from .experiments.plan import own_data
-    from .shapes import DATASETS
-
-    paths: list[str] = list(args.sources or [])
-    names: list[str | None] = [None] * len(paths)
-    for d in args.datasets or []:
-        if d not in DATASETS and is_own_data(d):  # own data prepared before under this name: its remembered file
-            paths.append(str(resolve_source_path(DataConfig(name=d), progress=False)))
-            names.append(d)
-    own = own_data(paths, args.overrides, names) if paths else {}
-    datasets = [*(args.datasets or []), *(n for n in own if n not in (args.datasets or []))] if own else args.datasets
-    if args.variants:
-        chosen = datasets or [d for s in suites for d in s.datasets]
-        offered = {v for s in suites for d in chosen for v in s.variants_for(d)}
-        for v in args.variants:
-            if v not in offered:
-                where = sorted({d for s in suites for group, more in s.extra if v in more for d in group})
-                raise ValueError(f"variant {v!r} runs only on {', '.join(where)}, none of the datasets chosen; add one with --datasets, or drop it")
-    return own, datasets
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ aggregated over seeds into results JSON, Markdown tables and the results page.
 job list and each job's config) -> :mod:`.runner` (subprocesses) -> :mod:`.logs` (per-epoch
 logs packed per suite) -> :mod:`.aggregate` (mean and std over seeds) -> :mod:`.stats` (Welch's
 test) -> :mod:`.tables`, :mod:`.plots`, :mod:`.page` (Markdown, plots, docs/results.md).
-:mod:`.report` draws one or more runs' curves and table (``fuxi-mme report``).
+:mod:`.report` draws one or more runs' curves and table (``fuxi-mme report``); :mod:`.own` holds a
+user's own files in the suites (``experiment --source``).
 """
 
 from .aggregate import aggregate

@@ -17,14 +17,14 @@ import os
 import re
 import threading
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, apply_overrides, validate
-from ..data.prepared import file_fingerprint, same_version
 from ..presets import build_defaults, build_preset, preset_name
 from ..shapes import DATASETS
+from .own import OwnData, own_from_runs
 from .store import RUN_DEPTH, has_run_file, run_file, stored_runs, variant_runs
 from .suites import Suite, Variant
 
@@ -76,26 +76,6 @@ def _ignored(key: str, fields: tuple[str, ...]) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in fields)
 
 
-@dataclass(frozen=True)
-class OwnData:
-    """A user's own interactions file in a suite (``experiment --source FILE``): the name its
-    runs and table rows go by (the one ``train --source`` gives it), its path, and the shape
-    measured from it, whose defaults every run takes (docs/datasets.md#defaults-by-shape)."""
-
-    name: str
-    path: str
-    shape: str
-    stamp: dict[str, Any] | None = field(default=None, compare=False)  # its file_fingerprint when measured; None: read back from runs
-
-    def changed_since(self, info: dict[str, Any] | None) -> str | None:
-        """Why a finished run's ``run.json`` (its ``source``: the data as it trained on it) is of
-        another version of the data, or None (the same, or not recorded)."""
-        was = (info or {}).get("source")
-        if self.stamp is None or not was or same_version(was, self.stamp):
-            return None
-        return f"{self.path} changed since this run (its size or modification time)"
-
-
 @dataclass
 class Job:
     dataset: str
@@ -108,43 +88,6 @@ class Job:
     planned: dict[str, Any] | None = None  # the config the run trains (to tell a finished run made with other settings)
     rerun: str | None = None  # --rerun: "all" or "without-beyond" (finished runs to train again)
     own: OwnData | None = None  # the user's file this job trains on (experiment --source), else None
-
-
-def own_data(paths: list[str], overrides: list[str] | None = None, names: list[str | None] | None = None) -> dict[str, OwnData]:
-    """Each file of ``paths`` named (``names``, else as ``train --source FILE`` names it) and
-    measured as ``train --source FILE --set ...`` does it, with the command's ``overrides``
-    (column names, filters) applied before measuring; prepared once, into the cache the runs then
-    read: name -> :class:`OwnData`."""
-    import logging
-
-    from ..data import measured_shape, own_data_name
-
-    out: dict[str, OwnData] = {}
-    for p, given in zip(paths, names or [None] * len(paths)):
-        path = Path(p).expanduser()
-        if not path.exists():
-            raise ValueError(f"--source {p}: no such file or folder")
-        name = given or own_data_name(path)
-        if name in out and out[name].path != str(path.resolve()):
-            raise ValueError(f"--source {p}: another source is already named {name!r} (rename one of the files)")
-        cfg = apply_overrides(build_defaults("long", "fuxi-alpha", "base", name), overrides or [])
-        cfg.data.name, cfg.data.path = name, str(path.resolve())
-        validate(cfg)
-        shape, why = measured_shape(cfg.data)
-        logging.getLogger("fuxi_mme").info("%s: shape %s: %s", name, shape, why)
-        out[name] = OwnData(name, cfg.data.path, shape, file_fingerprint(path))
-    return out
-
-
-def own_from_runs(name: str, run_dirs: list[Path]) -> OwnData | None:
-    """Own data a suite ran on, read back from a finished run's ``config.json`` (its path and
-    shape), so the tables keep its rows without ``--source``; None when no run says."""
-    for d in run_dirs:
-        cfg = run_file(d, "config.json") or {}
-        path, shape = (cfg.get("data") or {}).get("path"), cfg.get("shape")
-        if path and shape:
-            return OwnData(name, str(path), str(shape))
-    return None
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -22,9 +22,10 @@ from ..utils.procs import sigterm_as_interrupt, stop_groups
 from ..utils.runinfo import git_commit
 from .aggregate import aggregate
 from .logs import pack_logs, source_snapshot, write_copy
+from .own import OwnData
 from .packing import OOM_RETRIES, PackingGate, ended_out_of_memory, host_cores, learn_from_finished, peak_memory_gb
 from .page import write_docs
-from .plan import GpuSlots, Job, OwnData, aggregation_jobs, is_done, job_cost, job_family, plan, reusable_run, stale_changes, visible_gpus
+from .plan import GpuSlots, Job, aggregation_jobs, is_done, job_cost, job_family, plan, reusable_run, stale_changes, visible_gpus
 from .store import has_run_file, set_aside, variant_runs
 from .suites import Suite
 
@@ -234,7 +235,7 @@ def run_suites(
     ``time_budget`` (seconds): start no run after it; the runs already started finish.
     ``reuse``: a job that another suite's finished run already trained (the same settings,
     data and seed) takes that run's results instead of training again (:func:`reuse_identical`).
-    ``own``: the datasets that are a user's files (``plan.own_data``); ``command``: the command
+    ``own``: the datasets that are a user's files (``own.own_data``); ``command``: the command
     line, named at the top of ``docs``."""
     deadline = None if time_budget is None else time.monotonic() + time_budget
     todos = [plan(s, root, data_root, extra or [], datasets, seeds, variants=variants, rerun=rerun, own=own) for s in suites]
