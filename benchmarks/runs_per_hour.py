@@ -80,36 +80,8 @@ def _finished(root: Path, suite: str) -> tuple[int, dict]:
     return len(done), device
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = _parse_args(argv)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="rph-"))
-    data_dir = work / "data"
-    rows, device = [], {}
-    try:
-        from fuxi_mme.experiments.plan import data_args
-
-        for d in args.datasets:  # untimed: every setting finds the data prepared
-            cmd = [sys.executable, "-m", "fuxi_mme", "data", "prepare", d, "--data-dir", str(data_dir), *data_args(d, Path(args.data_root), False)]
-            for o in args.overrides:  # the runs' own data settings: the same cache entry
-                cmd += ["--set", o] if o.startswith("data.") else []
-            subprocess.run(cmd, capture_output=True)
-        modes = {"off": [False], "on": [True], "both": [False, True]}[args.mps]
-        for jobs in args.jobs:
-            for mps in modes if jobs > 1 else [False]:  # one at a time has nothing to share
-                root = work / f"jobs-{jobs}{'-mps' if mps else ''}"
-                shutil.rmtree(root, ignore_errors=True)
-                wall, out = _experiment(args, root, data_dir, jobs, mps)
-                done, dev = _finished(root, args.suite)
-                device = device or dev
-                planned = len(args.datasets) * len(args.variants) * len(args.seeds)
-                rph = round(done / wall * 3600, 1)
-                rows.append({"jobs": jobs, "mps": mps, "runs": done, "planned": planned, "wall_s": round(wall, 1), "runs_per_hour": rph})
-                print(f"--jobs {jobs}{' --mps' if mps else ''}: {done}/{planned} runs in {wall:.0f} s, {rph} runs/hour", flush=True)
-                if done < planned:
-                    print(out[-2000:], file=sys.stderr)
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
+def _write(args: argparse.Namespace, rows: list[dict], device: dict) -> Path:
+    """The results file and its table, rewritten after every setting (a run cut short keeps what it measured)."""
     base = next((r for r in rows if r["jobs"] == 1), None)
     for r in rows:
         r["vs_one_at_a_time"] = round(r["runs_per_hour"] / base["runs_per_hour"], 2) if base and base["runs_per_hour"] else None
@@ -133,6 +105,42 @@ def main(argv: list[str] | None = None) -> Path:
         lines.append(f"| {r['jobs']} | {mps} | {r['runs']} / {r['planned']} | {r['wall_s']:.0f} | {r['runs_per_hour']:.1f} | {vs} |")
     out = Path(args.out) if args.out else RESULTS / f"runs-per-hour-{head['card']}.json"
     return save(out, {**head, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "setup": setup, "rows": rows, "device": device}, lines)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = _parse_args(argv)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="rph-"))
+    data_dir = work / "data"
+    rows: list[dict] = []
+    device: dict = {}
+    out = None
+    try:
+        from fuxi_mme.experiments.plan import data_args
+
+        for d in args.datasets:  # untimed: every setting finds the data prepared
+            cmd = [sys.executable, "-m", "fuxi_mme", "data", "prepare", d, "--data-dir", str(data_dir), *data_args(d, Path(args.data_root), False)]
+            for o in args.overrides:  # the runs' own data settings: the same cache entry
+                cmd += ["--set", o] if o.startswith("data.") else []
+            subprocess.run(cmd, capture_output=True)
+        modes = {"off": [False], "on": [True], "both": [False, True]}[args.mps]
+        for jobs in args.jobs:
+            for mps in modes if jobs > 1 else [False]:  # one at a time has nothing to share
+                root = work / f"jobs-{jobs}{'-mps' if mps else ''}"
+                shutil.rmtree(root, ignore_errors=True)
+                wall, log = _experiment(args, root, data_dir, jobs, mps)
+                done, dev = _finished(root, args.suite)
+                device = device or dev
+                planned = len(args.datasets) * len(args.variants) * len(args.seeds)
+                rph = round(done / wall * 3600, 1)
+                rows.append({"jobs": jobs, "mps": mps, "runs": done, "planned": planned, "wall_s": round(wall, 1), "runs_per_hour": rph})
+                print(f"--jobs {jobs}{' --mps' if mps else ''}: {done}/{planned} runs in {wall:.0f} s, {rph} runs/hour", flush=True)
+                if done < planned:
+                    print(log[-2000:], file=sys.stderr)
+                out = _write(args, rows, device)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return out if out is not None else _write(args, rows, device)
 
 
 if __name__ == "__main__":
