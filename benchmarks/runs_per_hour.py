@@ -56,7 +56,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _experiment(args: argparse.Namespace, root: Path, data_dir: Path, jobs: int, mps: bool = False) -> tuple[float, str]:
+def _experiment(args: argparse.Namespace, root: Path, data_dir: Path, jobs: int, mps: bool = False) -> tuple[float, str, int]:
     cmd = [sys.executable, "-m", "fuxi_mme", "experiment", args.suite, "--root", str(root), "--data-root", args.data_root, "--jobs", str(jobs)]
     cmd += ["--mps"] if mps else []
     cmd += ["--datasets", *args.datasets, "--variants", *args.variants, "--seeds", *map(str, args.seeds)]
@@ -68,7 +68,7 @@ def _experiment(args: argparse.Namespace, root: Path, data_dir: Path, jobs: int,
     env.update(TORCHINDUCTOR_CACHE_DIR=str(root / "inductor-cache"), TRITON_CACHE_DIR=str(root / "triton-cache"))
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    return time.perf_counter() - t0, p.stdout + p.stderr
+    return time.perf_counter() - t0, p.stdout + p.stderr, p.returncode
 
 
 def _finished(root: Path, suite: str) -> tuple[int, dict]:
@@ -127,8 +127,10 @@ def main(argv: list[str] | None = None) -> Path:
             for mps in modes if jobs > 1 else [False]:  # one at a time has nothing to share
                 root = work / f"jobs-{jobs}{'-mps' if mps else ''}"
                 shutil.rmtree(root, ignore_errors=True)
-                wall, log = _experiment(args, root, data_dir, jobs, mps)
+                wall, log, rc = _experiment(args, root, data_dir, jobs, mps)
                 done, dev = _finished(root, args.suite)
+                if rc and not done:  # the command refused its arguments (an unknown variant, say): no setting would run
+                    raise SystemExit(f"runs_per_hour: the experiment command failed: {log.strip().splitlines()[-1] if log.strip() else rc}")
                 device = device or dev
                 planned = len(args.datasets) * len(args.variants) * len(args.seeds)
                 rph = round(done / wall * 3600, 1)

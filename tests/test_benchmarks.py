@@ -316,6 +316,20 @@ def test_runs_per_hour_runs_the_experiment_at_each_setting(tmp_path):
     assert "| 2 | off | 2 / 2 |" in md.read_text()
 
 
+def test_runs_per_hour_stops_when_the_command_refuses_its_arguments(tmp_path):
+    """An experiment command that fails before any run (an unknown variant) stops the benchmark with
+    the command's error, instead of timing every setting's refusal as zero runs an hour."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import runs_per_hour
+
+    with pytest.raises(SystemExit, match="unknown variant 'nope'"):
+        args = ["--datasets", "demo", "--variants", "nope", "--jobs", "1", "2"]
+        runs_per_hour.main([*args, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_scale_log_parts_are_the_same_in_worker_processes(tmp_path, monkeypatch):
     """Each part of the synthetic log draws from its own seed: written by two worker processes
     or one after another, the parts are byte for byte the same log."""
