@@ -330,6 +330,29 @@ def test_runs_per_hour_stops_when_the_command_refuses_its_arguments(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_flops_counts_the_training_step_of_each_model(tmp_path):
+    """benchmarks/flops.py on the ML-1M shape: FuXi-alpha is the unit, Fuxi-MME's dense experts
+    count more than each expert on its routed tokens only, and the first defaults' narrow shared
+    decoder less than the shipped wider one."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import flops
+
+    md = flops.main(["--shapes", "ml-1m", "--steps", "1", "--batch-size", "16", "--out", str(tmp_path / "f.json")])
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "f.json").read_text())["rows"]}
+    assert set(rows) == {"fuxi-alpha", "fuxi-mme", "fuxi-mme, routed tokens only", "fuxi-mme, first defaults"}
+    assert rows["fuxi-alpha"]["vs_fuxi_alpha"] == 1.0 and rows["fuxi-alpha"]["batch_size"] == 16
+    assert rows["fuxi-mme"]["moe_path"] == "dense" and rows["fuxi-mme, routed tokens only"]["moe_path"] == "loop"
+    assert rows["fuxi-mme"]["mflop_per_sequence"] > rows["fuxi-mme, routed tokens only"]["mflop_per_sequence"]
+    assert rows["fuxi-mme, first defaults"]["mflop_per_sequence"] < rows["fuxi-mme"]["mflop_per_sequence"]
+    for r in rows.values():
+        assert abs(r["gflop_per_step"] * 1e3 / 16 - r["mflop_per_sequence"]) < 1e-6 * r["mflop_per_sequence"]
+        assert abs(r["throughput_bound"] * r["vs_fuxi_alpha"] - 1) < 1e-9
+    assert "| ml-1m | fuxi-mme | 16 |" in md.read_text()
+
+
 def test_scale_log_parts_are_the_same_in_worker_processes(tmp_path, monkeypatch):
     """Each part of the synthetic log draws from its own seed: written by two worker processes
     or one after another, the parts are byte for byte the same log."""
