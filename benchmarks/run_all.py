@@ -3,8 +3,9 @@
 On a GPU machine: training throughput on every path (``throughput.py``), attention alone
 (``attention.py``), the profiler breakdown (``profile_step.py``), the fused ranking against
 the reference (``rank_speed.py``); with 2+ GPUs also the DDP scaling benchmark
-(``ddp_scaling.py``). On a CPU-only machine: whole CPU epochs (``cpu_epoch.py``). On both:
-what kept bytecode saves a command (``bytecode.py``). Each benchmark runs in its own process,
+(``ddp_scaling.py``). On a CPU-only machine: whole CPU epochs (``cpu_epoch.py``) and the
+models' step arithmetic (``flops.py``, device-independent). On both: what kept bytecode saves a
+command (``bytecode.py``). Each benchmark runs in its own process,
 so one failure does not stop the others; the exit code is non-zero if any failed.
 
     PYTHONPATH=src python benchmarks/run_all.py [--data-root ../shared/data] [--dry-run]
@@ -26,7 +27,7 @@ def plan(gpus: int, data_root: str | None) -> list[list[str]]:
         cmd = [*py, str(HERE / "cpu_epoch.py")]
         if data_root:
             cmd += ["--data-path", str(Path(data_root) / "ml-1m")]
-        return [cmd, [*py, str(HERE / "bytecode.py")]]
+        return [cmd, [*py, str(HERE / "flops.py")], [*py, str(HERE / "bytecode.py")]]
     runs = [
         [
             *py,

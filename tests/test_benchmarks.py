@@ -18,7 +18,7 @@ def names(cmds):
 
 
 def test_plan_per_machine():
-    assert names(plan(0, None)) == ["cpu_epoch.py", "bytecode.py"]
+    assert names(plan(0, None)) == ["cpu_epoch.py", "flops.py", "bytecode.py"]
     assert plan(0, "/data")[0][-2:] == ["--data-path", str(Path("/data") / "ml-1m")]
     assert names(plan(1, None)) == ["throughput.py", "attention.py", "profile_step.py", "rank_speed.py", "bytecode.py"]
     from throughput import PATHS
