@@ -139,15 +139,15 @@ def test_clearly_more_robust_and_level():
     assert robustness_answers(res) == [
         f"**ml-1m-ts70**: of the 5 conditions tested, Fuxi-MME is more robust than FuXi-alpha under 5 ({every}), "
         "less robust under none and level under none: Fuxi-MME is the more robust of the two here.",
-        "**ml-1m-ts70**: of the 5 conditions tested, Fuxi-MME with the noise filter is more robust than Fuxi-MME under none, "
+        "**ml-1m-ts70**: of the 5 conditions tested, Fuxi-MME with the noise filter is more robust than plain Fuxi-MME under none, "
         f"less robust under none and level under 5 ({every}): no difference in robustness beyond seed noise.",
-        "**ml-1m-ts70**: of the 1 condition tested, Fuxi-MME with the token gate is more robust than Fuxi-MME under none, "
-        "less robust under 1 (insert 40%) and level under none: Fuxi-MME is the more robust of the two here.",
+        "**ml-1m-ts70**: of the 1 condition tested, Fuxi-MME with the token gate is more robust than plain Fuxi-MME under none, "
+        "less robust under 1 (insert 40%) and level under none: plain Fuxi-MME is the more robust of the two here.",
         "**amazon-beauty**: of the 5 conditions tested, Fuxi-MME is more robust than FuXi-alpha under none, "
         f"less robust under none and level under 5 ({every}): no difference in robustness beyond seed noise.",
-        "**amazon-beauty**: of the 5 conditions tested, Fuxi-MME with the noise filter is more robust than Fuxi-MME under none, "
+        "**amazon-beauty**: of the 5 conditions tested, Fuxi-MME with the noise filter is more robust than plain Fuxi-MME under none, "
         "less robust under 1 (insert 40%) and level under 4 (insert 10%, insert 20%, last 20 events, drop 50%): "
-        "Fuxi-MME is more robust only under insert 40%, level elsewhere: weak evidence, since each of the 5 tests is at 5% "
+        "plain Fuxi-MME is more robust only under insert 40%, level elsewhere: weak evidence, since each of the 5 tests is at 5% "
         "without correction for testing several.",
     ]
 

@@ -213,6 +213,8 @@ def robustness_answers(res: dict[str, Any]) -> list[str]:
     out = []
     for (ds, first, second), by in found.items():
         a, b = NAMES.get(first, first), NAMES.get(second, second)
+        if second == "fuxi-mme" and first.startswith("fuxi-mme "):  # an option against the model without it
+            b = f"plain {b}"
         more, less, level, untested = (by.get(w, []) for w in ("more robust", "less robust", "level", "not tested"))
         n = len(more) + len(less) + len(level)
         if not n:
