@@ -167,18 +167,18 @@ def test_less_robust_mixed_and_one_seed():
     lines = robustness_comparison(res).splitlines()
     assert lines[2].endswith("| +0.0300 | 13.0 (8.0) | more robust |")
     assert lines[3].endswith("| -0.0400 | -17.3 (8.0) | less robust |")
-    assert lines[4].endswith("| +0.0300 | - | one seed: not tested |")
+    assert lines[4].endswith("| +0.0300 | - | not tested: one seed of fuxi-alpha, drop 50% |")
     assert robustness_answers(res) == [
         "**demo**: of the 2 conditions tested, Fuxi-MME is more robust than FuXi-alpha under 1 (insert 10%), less robust under 1 "
-        "(insert 20%) and level under none; 1 more with one seed, not tested: the answer depends on the condition."
+        "(insert 20%) and level under none; 1 more not tested (a row with one seed): the answer depends on the condition."
     ]
     del rows[4], rows[1]  # insert 10% gone: less robust only
     assert robustness_answers(res) == [
         "**demo**: of the 1 condition tested, Fuxi-MME is more robust than FuXi-alpha under none, less robust under 1 (insert 20%) "
-        "and level under none; 1 more with one seed, not tested: FuXi-alpha is the more robust of the two here."
+        "and level under none; 1 more not tested (a row with one seed): FuXi-alpha is the more robust of the two here."
     ]
     one_seed = {"results": [rows[0], rows[2], rows[4], rows[5]]}  # drop 50% only
-    assert robustness_answers(one_seed) == ["**demo**: Fuxi-MME against FuXi-alpha: 1 condition run with one seed only, not tested."]
+    assert robustness_answers(one_seed) == ["**demo**: Fuxi-MME against FuXi-alpha: 1 condition run, not tested: a row it needs has one seed."]
 
 
 def test_section_without_a_comparison_pair():

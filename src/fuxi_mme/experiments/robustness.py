@@ -160,8 +160,10 @@ def _comparison_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str,
                     continue
                 fc, fn, sc, sn = (r for r in rows if r is not None)
                 d, t, df = drop_difference((fc, fn), (sc, sn))
-                if min(r["seeds"] for r in (fc, fn, sc, sn)) < 2:  # no spread to test against
-                    word, test = "not tested", "- | one seed: not tested"
+                named = zip(((first, CLEAN), (first, cond), (second, CLEAN), (second, cond)), (fc, fn, sc, sn))
+                lone = [f"{m}, {c}" for (m, c), r in named if r["seeds"] < 2]
+                if lone:  # no spread to test against
+                    word, test = "not tested", f"- | not tested: one seed of {'; '.join(lone)}"
                 else:
                     word = WORDS[reading(t, df)]
                     test = f"{t:.1f} ({df:.1f}) | {word}"
@@ -218,7 +220,9 @@ def robustness_answers(res: dict[str, Any]) -> list[str]:
         more, less, level, untested = (by.get(w, []) for w in ("more robust", "less robust", "level", "not tested"))
         n = len(more) + len(less) + len(level)
         if not n:
-            out.append(f"**{ds}**: {a} against {b}: {len(untested)} condition{'s' if len(untested) > 1 else ''} run with one seed only, not tested.")
+            k = len(untested)
+            runs, need = ("conditions", "they need") if k > 1 else ("condition", "it needs")
+            out.append(f"**{ds}**: {a} against {b}: {k} {runs} run, not tested: a row {need} has one seed.")
             continue
         if more and not less:
             verdict = _one_sided(a, more, n)
@@ -228,7 +232,7 @@ def robustness_answers(res: dict[str, Any]) -> list[str]:
             verdict = "the answer depends on the condition"
         else:
             verdict = "no difference in robustness beyond seed noise"
-        skipped = f"; {len(untested)} more with one seed, not tested" if untested else ""
+        skipped = f"; {len(untested)} more not tested (a row with one seed)" if untested else ""
         out.append(
             f"**{ds}**: of the {n} condition{'s' if n > 1 else ''} tested, {a} is more robust than {b} under {_under(more)}, "
             f"less robust under {_under(less)} and level under {_under(level)}{skipped}: {verdict}."
