@@ -133,7 +133,7 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         help="runs at once, longest first, each on the visible GPU with the fewest running (several small runs share one GPU; "
-        "4 to 8 with --mps about doubled the runs per hour of small runs on one H100: docs/performance.md#many-runs-per-gpu)",
+        "4 to 8 with --mps gave 1.8-2.2x the runs per hour of small runs on one H100: docs/performance.md#many-runs-per-gpu)",
     )
     x.add_argument(
         "--seeds",
