@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import zip_bytes
@@ -264,6 +264,10 @@ def damaged(draw, seeds: list[bytes] = SEEDS) -> bytes:
 # the autouse cache fixture of conftest.py is function-scoped; it holds nothing the examples share
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(damaged())
+# found by the search: a zip whose central directory names a member with an empty name (zipfile's IndexError)
+@example(
+    b"PK\x03\x04\x14\x00\x00\x00\x00\x00\x0fb\x86]\xed\xf2\xc1\xcf\xb4\x00\x00\x00\xb4\x00\x00\x00\x11\x00\x00\x00ml-1m/ratings.dat1::10::5::978300760\n1::11::3::978302109\n2::10::4::978301968\n1::10::5::978300760\n1::11::3::978302109\n2::10::4::978301968\n1::10::5::978300760\n1::11::3::978302109\n2::10::4::978301968\nPK\x03\x04\x14\x00\x00\x00\x00\x00\x0fb\x86]9\x9c\xfb\x06\x04\x00\x00\x00\x04\x00\x00\x00\x1c\x00\x00\x00__MACOSX/ml-1m/._ratings.datjunkPK\x01\x02\x14\x03\x14\x00\x00\x00\x00\x00\x0fb\x86]\xed\xf2\xc1\xcf\xb4\x00\x00\x00\xb4\x00\x00\x00\x11\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x80\x01\x00\x00\x00\x00ml-1m/ratings.datPK\x01\x02\x14\x03\x14\x00\x00\x00\x00\x00\x0fb\x86]9\x9c\xfb\x06\x04\x00\x00\x00\x04\x00\x00\x00\x1c\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x80\x01\xe3\x00\x00\x00\x00_MACOSX/ml-1m/._ratings.datPK\x05\x06\x00\x00\x00\x00\x02\x00\x02\x00\x89\x00\x00\x00!\x01\x00\x00\x00\x00"
+)
 def test_damaged_inputs_end_in_data_error_or_a_canonical_table(raw):
     with tempfile.TemporaryDirectory() as d:
         f = _write(Path(d) / "input", raw)

@@ -57,7 +57,8 @@ FORMATS = ("table", "sequences", "pairs", "movielens", "sessions")
 _HEAD = 1 << 20  # bytes of (decompressed) content that detection reads
 _SAMPLE = 2000  # lines of that head that detection classifies
 _GZIP, _ZIPS, _PARQUET = b"\x1f\x8b", (b"PK\x03\x04", b"PK\x05\x06"), b"PAR1"
-_ARCHIVE_ERRORS = (OSError, EOFError, zlib.error, zipfile.BadZipFile, KeyError, NotImplementedError, RuntimeError, ValueError)
+# zipfile raises IndexError for a member whose name a damaged central directory left empty
+_ARCHIVE_ERRORS = (OSError, EOFError, zlib.error, zipfile.BadZipFile, KeyError, IndexError, NotImplementedError, RuntimeError, ValueError)
 _PARQUET_ERRORS = (pa.ArrowException, OSError, ValueError, TypeError, KeyError, IndexError, NotImplementedError, EOFError)
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _ID = re.compile(r"[0-9]{1,18}")
