@@ -191,9 +191,8 @@ def _int_column(b: pa.RecordBatch, name: str, what: str, source: str) -> np.ndar
     return col.to_numpy().astype(np.int64, copy=False)
 
 
-def _time_column(b: pa.RecordBatch, name: str | None, source: str, first_row: int, millis: list[int] | None = None) -> np.ndarray:
-    """A batch's times in unix seconds (milliseconds converted by the readers' rule, counted in
-    ``millis[0]``), or the file positions without a time column."""
+def _time_column(b: pa.RecordBatch, name: str | None, source: str, first_row: int) -> np.ndarray:
+    """A batch's times as the file holds them (checked), or the file positions without a time column."""
     if name is None:  # no time column: the position in the file is the time (as the memory engine)
         return np.arange(first_row, first_row + b.num_rows, dtype=np.int64)
     col = b.column(name)
@@ -206,9 +205,6 @@ def _time_column(b: pa.RecordBatch, name: str | None, source: str, first_row: in
     t = np.floor(col.to_numpy().astype(np.float64)).astype(np.int64) if pa.types.is_floating(col.type) else col.to_numpy().astype(np.int64)
     if len(t) and t.min() < 0:
         raise DataError(f"{source}: timestamp column {name!r} has a negative value ({plain(t.min())}); timestamps must be unix times >= 0")
-    t, n = millis_to_seconds(t)
-    if millis is not None:
-        millis[0] += n
     return t
 
 
@@ -342,12 +338,13 @@ def prepare_columnar(
         parts_dir = tmp / "partitions"
         parts_dir.mkdir()
         files = [{k: open(parts_dir / f"{p}.{k}", "wb") for k in ("u", "i", "t")} for p in range(len(bounds) - 1)]
-        seen, millis = 0, [0]
+        seen = millis = 0
         try:
             for b in _batches(data, cols, batch_rows):
                 u = users.codes(_int_column(b, cfg.user_col, "user", source))
                 i = items.codes(_int_column(b, cfg.item_col, "item", source))
-                t = _time_column(b, cfg.time_col, source, seen, millis)
+                t, n_ms = millis_to_seconds(_time_column(b, cfg.time_col, source, seen))  # the readers' rule
+                millis += n_ms
                 seen += b.num_rows
                 p = part_of[u]
                 order = np.argsort(p, kind="stable")
@@ -434,7 +431,7 @@ def prepare_columnar(
 
         lens = np.diff(offsets)
         has_ts = cfg.time_col is not None
-        notes = [millis_note(source, millis[0])] if millis[0] else []
+        notes = [millis_note(source, millis)] if millis else []
         if dropped["duplicates"]:
             notes.append(f"dropped {dropped['duplicates']:,} exact duplicate (user, item, timestamp) rows")
         if dropped["users"]:
