@@ -78,7 +78,6 @@ def count(shape: str, model: str, overrides: list[str], ds, steps: int, batch_si
 
 def main(argv: list[str] | None = None) -> Path:
     args = _parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     for shape in args.shapes:
         ds = synthetic(shape)

@@ -113,7 +113,6 @@ def main(argv: list[str] | None = None) -> Path:
     data_dir = work / "data"
     rows: list[dict] = []
     device: dict = {}
-    out = None
     try:
         from fuxi_mme.experiments.plan import data_args
 
@@ -138,11 +137,11 @@ def main(argv: list[str] | None = None) -> Path:
                 print(f"--jobs {jobs}{' --mps' if mps else ''}: {done}/{planned} runs in {wall:.0f} s, {rph} runs/hour", flush=True)
                 if done < planned:
                     print(log[-2000:], file=sys.stderr)
-                out = _write(args, rows, device)
+                _write(args, rows, device)  # after every setting: a run cut short keeps what it measured
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    return out if out is not None else _write(args, rows, device)
+    return _write(args, rows, device)
 
 
 if __name__ == "__main__":

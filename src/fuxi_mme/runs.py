@@ -20,7 +20,7 @@ from typing import Any
 from .config import Config, config_from_dict
 from .data import find_run_source, load_dataset
 from .data.noise import evaluation_view, training_view
-from .data.prepared import PreparedDataset, file_fingerprint, same_version
+from .data.prepared import PreparedDataset, file_fingerprint, source_changed
 from .data.splits import eval_arrays
 from .eval.evaluator import evaluate_run_split, model_scorer, popularity_scorer, resolve_history
 from .models import build_model
@@ -139,10 +139,9 @@ def load_trained(run_dir: str | Path, checkpoint: str = "auto", device: str = "a
 def _warn_if_source_changed(cfg: Config, info: dict[str, Any] | None) -> None:
     """Own data whose file is not the one the run trained on (``run.json``'s ``source``: another
     size or modification time): said, since the metrics and recommendations are then of other data."""
-    was = (info or {}).get("source")
-    if not was or not cfg.data.path or not Path(cfg.data.path).exists():
+    if not cfg.data.path or not Path(cfg.data.path).exists():
         return
-    if not same_version(was, file_fingerprint(cfg.data.path)):
+    if source_changed(info, file_fingerprint(cfg.data.path)):
         log.warning(
             "%s: %s is not the data this run trained on (its size or modification time changed since): its results are of the changed data",
             cfg.data.name,

@@ -215,6 +215,14 @@ def same_version(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
     return {k: v for k, v in recorded.items() if k != "path"} == {k: v for k, v in now.items() if k != "path"}
 
 
+def source_changed(info: dict[str, Any] | None, now: dict[str, Any] | None) -> bool:
+    """A run's ``run.json`` (``info``) recorded the file it trained on (``source``) and ``now``,
+    the file's :func:`file_fingerprint` today, is another version of it; False where either is
+    missing (nothing to compare)."""
+    was = (info or {}).get("source")
+    return bool(was) and now is not None and not same_version(was or {}, now)
+
+
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     p = Path(path).resolve()
     if p.is_dir():

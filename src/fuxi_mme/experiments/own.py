@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig, apply_overrides, validate
-from ..data.prepared import file_fingerprint, same_version
+from ..data.prepared import file_fingerprint, source_changed
 from ..presets import build_defaults
 from .store import run_file
 
@@ -29,10 +29,7 @@ class OwnData:
     def changed_since(self, info: dict[str, Any] | None) -> str | None:
         """Why a finished run's ``run.json`` (its ``source``: the data as it trained on it) is of
         another version of the data, or None (the same, or not recorded)."""
-        was = (info or {}).get("source")
-        if self.stamp is None or not was or same_version(was, self.stamp):
-            return None
-        return f"{self.path} changed since this run (its size or modification time)"
+        return f"{self.path} changed since this run (its size or modification time)" if source_changed(info, self.stamp) else None
 
 
 def own_data(paths: list[str], overrides: list[str] | None = None, names: list[str | None] | None = None) -> dict[str, OwnData]:
