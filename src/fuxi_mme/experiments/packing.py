@@ -105,7 +105,14 @@ def learn_from_finished(gate: PackingGate, key: Hashable, run_dirs: list[Path]) 
     for d in run_dirs:
         info = _run_info(d)
         if (info.get("device") or {}).get("device") == "cuda" and has_run_file(d, "metrics.json"):
-            gate.learn(key, peak_memory_gb(d, info), host_cores(d, info))
+            learn_run(gate, key, d, info)
+
+
+def learn_run(gate: PackingGate, key: Hashable, run_dir: Path, info: dict | None = None) -> None:
+    """Teach ``gate`` what a finished run of kind ``key`` needed (its ``run.json`` read once;
+    ``info`` when already read)."""
+    info = _run_info(run_dir) if info is None else info
+    gate.learn(key, peak_memory_gb(run_dir, info), host_cores(run_dir, info))
 
 
 class HostLoad:
@@ -226,6 +233,11 @@ class PackingGate:
         family = self.family.get(key)
         return table.get(family) if family is not None else None
 
+    def _kinds(self, key: Hashable) -> list[Hashable]:
+        """``key`` and its family (where it has one): what a run of ``key`` teaches."""
+        family = self.family.get(key)
+        return [key] if family is None else [key, family]
+
     def measured(self, key: Hashable) -> bool:
         return self._lookup(self.need, key) is not None
 
@@ -240,9 +252,7 @@ class PackingGate:
     def learn(self, key: Hashable, peak_gb: float | None, cores: float | None = None) -> None:
         """A finished run of kind ``key`` needed ``peak_gb`` GiB at its peak and kept ``cores``
         busy: its kind's and its family's needs are at least that (with a margin for memory)."""
-        for k in (key, self.family.get(key)):
-            if k is None:
-                continue
+        for k in self._kinds(key):
             if peak_gb is not None:
                 self.need[k] = max(self.need.get(k, 0.0), peak_gb * 1.25 + 1.5)
             if cores is not None:
@@ -278,10 +288,9 @@ class PackingGate:
 
     def raise_need(self, key: Hashable) -> None:
         """After an out-of-memory end: this kind, and so its family, needs more than was assumed."""
-        self.need[key] = self.expect(key) * 1.5
-        family = self.family.get(key)
-        if family is not None:
-            self.need[family] = max(self.need.get(family, 0.0), self.need[key])
+        more = self.expect(key) * 1.5
+        for k in self._kinds(key):
+            self.need[k] = max(self.need.get(k, 0.0), more)
 
     def acquire(self, gpu: str | None, key: Hashable) -> None:
         """Block until a run of kind ``key`` may start on ``gpu``; count it as running there."""

@@ -23,7 +23,7 @@ from ..utils.runinfo import git_commit
 from .aggregate import aggregate
 from .logs import pack_logs, source_snapshot, write_copy
 from .own import OwnData
-from .packing import OOM_RETRIES, PackingGate, ended_out_of_memory, host_cores, learn_from_finished, peak_memory_gb
+from .packing import OOM_RETRIES, PackingGate, ended_out_of_memory, learn_from_finished, learn_run
 from .page import write_docs
 from .plan import GpuSlots, Job, aggregation_jobs, is_done, job_cost, job_family, plan, reusable_run, stale_changes, visible_gpus
 from .store import has_run_file, set_aside, variant_runs
@@ -172,7 +172,7 @@ def run_jobs(
                 return job, rc, total
             total += dt
             if rc == 0:  # a run that failed early logged a peak far below its kind's need
-                gate.learn(key, peak_memory_gb(job.run_dir), host_cores(job.run_dir))
+                learn_run(gate, key, job.run_dir)
             if rc == 0 or job.gpu is None or attempt == OOM_RETRIES or not ended_out_of_memory(job.run_dir.parent / f"{job.run_dir.name}.log"):
                 return job, rc, total
             gate.raise_need(key)
