@@ -174,3 +174,14 @@ def test_a_run_of_own_data_after_its_file_moved_or_changed(tmp_path, capsys, cap
     with caplog.at_level(logging.WARNING, logger="fuxi_mme"):
         assert main(["evaluate", "--run", str(run)]) == 0
     assert "is not the data this run trained on" in caplog.text
+
+
+def test_the_projects_own_page_keeps_its_opening():
+    """This repository's results/ folder gets the project's opening (how its page is made, where
+    its logs are) whatever command rebuilt it; any other folder names the command."""
+    from fuxi_mme.experiments.page import INTRO, intro
+
+    repo_results = Path(__file__).resolve().parents[1] / "results"
+    assert intro(repo_results, "fuxi-mme experiment main --root results") == list(INTRO)
+    assert intro(repo_results / "..", "cmd") != list(INTRO)
+    assert intro(Path("elsewhere"), None) == list(INTRO)
