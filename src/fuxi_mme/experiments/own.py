@@ -84,9 +84,9 @@ def command_data(
             paths.append(str(resolve_source_path(DataConfig(name=d), progress=False)))
             names.append(d)
     own = own_data(paths, overrides, names) if paths else {}
-    chosen = [*(datasets or []), *(n for n in own if n not in (datasets or []))] if own else datasets
+    chosen = list(dict.fromkeys([*(datasets or []), *own])) if own else datasets
+    every = chosen or [d for s in suites for d in s.datasets]
     for v in variants or []:
-        every = chosen or [d for s in suites for d in s.datasets]
         if not any(v in s.variants_for(d) for s in suites for d in every):
             where = sorted({d for s in suites for group, more in s.extra if v in more for d in group})
             raise ValueError(f"variant {v!r} runs only on {', '.join(where)}, none of the datasets chosen; add one with --datasets, or drop it")

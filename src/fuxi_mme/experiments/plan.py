@@ -198,16 +198,14 @@ def make_job(
     preset, protocol = preset_name(dataset, v.model, v.size), suite.protocol_of(v)
     run_dir = run_folder(root, suite.name, dataset, name, seed)
     sets = [o.format(**fmt) for o in [*suite.sets, *suite.model_sets.get(v.model, []), *v.sets, *extra]]
-    what = ["--preset", preset]
-    if own is not None:
+    what, base = ["--preset", preset], None
+    if own is not None:  # the file, named and with its measured shape's defaults, instead of a preset
         what = ["--source", own.path, "--name", dataset, "--shape", own.shape, "--model", v.model, "--size", v.size]
+        base = build_defaults(own.shape, v.model, v.size, dataset)
+        base.data.path = own.path
     args = ["train", *what, "--seed", str(seed), "--protocol", protocol, "--run-dir", str(run_dir), "--no-progress", *data]
     for o in sets:
         args += ["--set", o]
-    base = None
-    if own is not None:
-        base = build_defaults(own.shape, v.model, v.size, dataset)
-        base.data.path = own.path
     cfg, bad = planned_config(preset, [f"train.seed={seed}", f"data.protocol={protocol}", *sets], base)
     return Job(dataset, name, seed, args, run_dir, invalid=bad, planned=cfg.to_dict() if cfg is not None else None, own=own)
 
