@@ -154,16 +154,20 @@ SSM_PROSE = [
 SSM_PAIRS = [("fuxi-alpha", "ssm"), ("fuxi-mme", "ssm"), ("sasrec", "ssm")]
 
 
+def _section(prose: list[str], table: str, *after: str) -> list[str]:
+    """A generated table with its prose (and lines after it), or nothing when nothing it compares has run."""
+    return [*prose, table, *after, ""] if table else []
+
+
 def versus_section(res: dict[str, Any], prose: list[str], pairs: list[tuple[str, str]], seconds: bool = True) -> list[str]:
     """A generated pair comparison with its prose, when a pair has finished."""
-    table = versus_table(res, pairs, seconds=seconds)
-    return [*prose, table, ""] if table else []
+    return _section(prose, versus_table(res, pairs, seconds=seconds))
 
 
 def behaviour_section(res: dict[str, Any]) -> list[str]:
     """The behaviour comparison above the behavior suite's table, when a pair has finished."""
     table = behaviour_comparison(res)
-    return [*BEHAVIOUR_PROSE, table, behaviour_answer(res), ""] if table else []
+    return _section(BEHAVIOUR_PROSE, table, behaviour_answer(res)) if table else []
 
 
 def main_sections(res: dict[str, Any]) -> list[str]:
@@ -178,12 +182,12 @@ def main_sections(res: dict[str, Any]) -> list[str]:
         headline(base),
         "",
         *([low, ""] if (low := low_seeds_line(base["results"])) else []),
-        *([*BEYOND_PROSE, beyond, ""] if beyond else []),
-        *([*DIVERSITY_PROSE, versus, diversity_answer(base), ""] if versus else []),
+        *_section(BEYOND_PROSE, beyond),
+        *(_section(DIVERSITY_PROSE, versus, diversity_answer(base)) if versus else []),
         *versus_section(base, SSM_PROSE, SSM_PAIRS, seconds=False),
         *([*CROSS_DOMAIN_PROSE, *domains] if domains else []),
-        *([*PUBLISHED_PROSE, published, ""] if published else []),  # sections with nothing run are left out
-        *([*EQUAL_SIZE_PROSE, equal, ""] if equal else []),
+        *_section(PUBLISHED_PROSE, published),  # sections with nothing run are left out
+        *_section(EQUAL_SIZE_PROSE, equal),
     ]
 
 
